@@ -1,0 +1,5 @@
+"""``python -m fixedram``: the command line."""
+
+from fixedram.cli import main
+
+main()

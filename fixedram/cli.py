@@ -1,0 +1,86 @@
+"""The ``fixedram`` command line: thin layers over the library.
+
+Every command reports a failure as one line on stderr (``fixedram: error: ...``)
+and exits non-zero (2 for bad input or a failed operation); no traceback reaches
+the user for errors fixedram anticipates.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+import click
+
+from fixedram.errors import FixedramError
+
+__all__ = ["main"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _one_line_errors(fn: F) -> F:
+    """Turn anticipated failures into one line on stderr and exit status 2."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except FixedramError as e:
+            _fail(str(e))
+        except OSError as e:
+            where = f": {e.filename}" if e.filename else ""
+            _fail(f"{e.strerror or e}{where}")
+        except KeyboardInterrupt:
+            _fail("interrupted", status=130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _fail(message: str, status: int = 2) -> None:
+    click.echo(f"fixedram: error: {message}", err=True)
+    sys.exit(status)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fixedram")
+def cli() -> None:
+    """Save and restore QEMU guest RAM in fixed-offset (mapped-ram) images."""
+
+
+@cli.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/analyze-schema.md).")
+@_one_line_errors
+def analyze(image: str, as_json: bool) -> None:
+    """Describe IMAGE: format, machine, RAM blocks, devices, sizes."""
+    from fixedram.analyze import analyze_image, format_report
+
+    report = analyze_image(image)
+    if as_json:
+        import json
+
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(format_report(report))
+
+
+@cli.command()
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--block", default="pc.ram", show_default=True, help="RAM block to write out.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Raw output file (sparse where pages are absent).")
+@_one_line_errors
+def extract(image: str, block: str, output: str) -> None:
+    """Write one RAM block of IMAGE as a raw memory file."""
+    from fixedram.analyze import extract_block
+
+    n = extract_block(image, block, output)
+    click.echo(f"{output}: {n} bytes of '{block}'", err=True)
+
+
+def main() -> None:
+    """Entry point of the ``fixedram`` console script."""
+    cli(prog_name="fixedram")

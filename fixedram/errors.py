@@ -1,0 +1,71 @@
+"""Exceptions raised by fixedram.
+
+Every error fixedram raises on purpose derives from :class:`FixedramError`, so a
+caller (the command line among them) can catch one class and print one line.
+
+Hierarchy::
+
+    FixedramError
+     +-- StreamError          malformed or unsupported migration stream
+     |    +-- UnsupportedRecord   a valid record fixedram does not handle
+     |    +-- TruncatedStream     the stream ended inside a record
+     +-- ImageError           an image file is malformed, incomplete or inconsistent
+     +-- EndpointError        a migration peer misbehaved or went away
+     +-- VMError              QEMU could not be started, reached or driven
+     +-- MismatchError        image and destination VM do not fit each other
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FixedramError",
+    "StreamError",
+    "UnsupportedRecord",
+    "TruncatedStream",
+    "ImageError",
+    "EndpointError",
+    "VMError",
+    "MismatchError",
+]
+
+
+class FixedramError(Exception):
+    """Root of every error fixedram raises deliberately."""
+
+
+class StreamError(FixedramError):
+    """A migration stream is malformed; ``offset`` is the byte where the problem starts."""
+
+    def __init__(self, message: str, offset: int | None = None) -> None:
+        self.message = message
+        self.offset = offset
+        super().__init__(message if offset is None else f"{message} (at byte {offset})")
+
+
+class UnsupportedRecord(StreamError):
+    """A well-formed record that fixedram does not handle (XBZRLE, compressed pages, ...)."""
+
+
+class TruncatedStream(StreamError):
+    """The input ended in the middle of a record."""
+
+
+class ImageError(FixedramError):
+    """An image file is malformed, incomplete or inconsistent."""
+
+    def __init__(self, message: str, offset: int | None = None) -> None:
+        self.message = message
+        self.offset = offset
+        super().__init__(message if offset is None else f"{message} (at byte {offset})")
+
+
+class EndpointError(FixedramError):
+    """A migration peer misbehaved, or the connection to it failed."""
+
+
+class VMError(FixedramError):
+    """QEMU could not be started, reached over QMP, or driven as asked."""
+
+
+class MismatchError(FixedramError):
+    """An image and a destination VM disagree (RAM blocks, sizes, machine type)."""

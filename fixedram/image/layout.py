@@ -1,0 +1,81 @@
+"""Geometry of QEMU's mapped-ram file layout, declared once.
+
+A mapped-ram file is a migration stream whose RAM setup record is followed, for
+each block, by the block's page bitmap and a pages region at fixed offsets::
+
+    header | config | START ram | MEM_SIZE | for each block:
+        name, used_length, 28-byte MappedRamHeader
+        bitmap  (at bitmap_offset = right after the header; ceil(pages/64) * 8 bytes)
+        padding (up to pages_offset, a 1 MiB boundary)
+        pages   (used_length bytes; page i at pages_offset + i * page_size)
+    EOS footer | PART/END ram | device state | EOF | vmdesc
+
+Bitmap bits are QEMU's in-memory ``unsigned long`` words dumped raw, so on the
+little-endian 64-bit hosts fixedram supports, page ``i`` is bit ``i & 7`` of byte
+``i >> 3``. A set bit means the page's data is in the file; a clear bit means the
+page was zero (or never sent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from fixedram.stream.format import MAPPED_RAM_ALIGN, MAPPED_RAM_HEADER, TARGET_PAGE_SIZE
+
+__all__ = [
+    "PAGE_SIZE",
+    "bitmap_bytes",
+    "align_up",
+    "block_geometry",
+    "bitmap_to_bools",
+    "bools_to_bitmap",
+    "runs",
+]
+
+PAGE_SIZE = TARGET_PAGE_SIZE
+
+
+def bitmap_bytes(npages: int) -> int:
+    """Size on disk of the bitmap of a block of ``npages`` pages (whole 64-bit words)."""
+    return (npages + 63) // 64 * 8
+
+
+def align_up(value: int, align: int) -> int:
+    """``value`` rounded up to a multiple of ``align``."""
+    return (value + align - 1) // align * align
+
+
+def block_geometry(header_pos: int, length: int) -> tuple[int, int, int]:
+    """Offsets QEMU uses for a block whose 28-byte header starts at ``header_pos``.
+
+    Returns ``(bitmap_offset, pages_offset, next_record_offset)``, all absolute.
+    """
+    bitmap_offset = header_pos + MAPPED_RAM_HEADER.size
+    npages = length // PAGE_SIZE
+    pages_offset = align_up(bitmap_offset + bitmap_bytes(npages), MAPPED_RAM_ALIGN)
+    return bitmap_offset, pages_offset, pages_offset + length
+
+
+def bitmap_to_bools(raw: bytes | memoryview, npages: int) -> np.ndarray:
+    """A raw on-disk bitmap as one bool per page."""
+    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+    return bits[:npages].astype(bool)
+
+
+def bools_to_bitmap(present: np.ndarray) -> bytes:
+    """One bool per page as a raw on-disk bitmap (padded to whole 64-bit words)."""
+    n = len(present)
+    packed = np.packbits(present.astype(np.uint8), bitorder="little").tobytes()
+    return packed + b"\x00" * (bitmap_bytes(n) - len(packed))
+
+
+def runs(present: np.ndarray) -> Iterator[tuple[int, int]]:
+    """Maximal runs of True as ``(first_page, npages)``, in order (vectorised)."""
+    if not len(present):
+        return iter(())
+    edges = np.diff(np.concatenate(([0], present.view(np.uint8), [0])).astype(np.int8))
+    starts = np.flatnonzero(edges == 1)
+    ends = np.flatnonzero(edges == -1)
+    return zip(starts.tolist(), (ends - starts).tolist(), strict=True)

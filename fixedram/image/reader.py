@@ -1,0 +1,374 @@
+"""Reading saved VM images: QEMU mapped-ram files and legacy stream files.
+
+:func:`open_image` recognises the format and returns an :class:`Image`. Both kinds
+answer the same questions: which RAM blocks there are, which pages hold data
+(:meth:`Image.present`), the data of runs of pages (:meth:`Image.iter_data`), the
+opaque device state and the VM description.
+
+A mapped-ram image is opened by reading its metadata only (stream prefix, block
+headers, tail); bitmaps are read when first asked for, pages only on demand, one
+positioned read per run of pages. A legacy stream has no index, so opening one
+walks the whole file once and remembers where the last copy of each page is;
+there a ZERO record makes the page zero again.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from fixedram.errors import ImageError, StreamError
+from fixedram.image.layout import PAGE_SIZE, bitmap_bytes, bitmap_to_bools, runs
+from fixedram.stream import (
+    CommandRecord,
+    Configuration,
+    DeviceState,
+    MappedRamHeader,
+    Page,
+    RamBlock,
+    SectionPart,
+    StreamDecoder,
+    VMDescription,
+    Zero,
+)
+from fixedram.stream.format import FILE_MAGIC
+
+__all__ = ["open_image", "Image", "MappedRamImage", "StreamImage", "BlockInfo", "READ_CHUNK"]
+
+#: Largest single read when streaming page data (bytes).
+READ_CHUNK = 1 << 20
+
+_ABSENT = -1
+
+
+@dataclass
+class BlockInfo:
+    """A RAM block of an image."""
+
+    name: str
+    length: int
+    mapped: MappedRamHeader | None = None
+    guest_addr: int | None = None
+
+    @property
+    def npages(self) -> int:
+        """Number of target pages in the block."""
+        return self.length // PAGE_SIZE
+
+
+@dataclass
+class Image:
+    """A saved VM: configuration, RAM blocks, device state, VM description."""
+
+    path: Path
+    format: Literal["mapped-ram", "stream"]
+    configuration: Configuration
+    blocks: dict[str, BlockInfo]
+    device_state: bytes
+    vmdesc: bytes | None
+    base_offset: int = 0
+    file_size: int = 0
+    commands: list[str] = field(default_factory=list)
+    sections: int = 0
+    _fd: int = -1
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the file descriptor."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> Image:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- common questions ------------------------------------------------------
+
+    @property
+    def machine(self) -> str:
+        """Machine type the image was saved from (``pc-q35-10.0``...)."""
+        return self.configuration.machine
+
+    @property
+    def capabilities(self) -> tuple[str, ...]:
+        """Capabilities declared in the configuration section."""
+        return self.configuration.capabilities or ()
+
+    @property
+    def ram_size(self) -> int:
+        """Total bytes of all RAM blocks."""
+        return sum(b.length for b in self.blocks.values())
+
+    def vmdesc_json(self) -> Any:
+        """The VM description parsed as JSON, or None."""
+        if not self.vmdesc:
+            return None
+        return VMDescription(self.vmdesc).json()
+
+    def device_names(self) -> list[str]:
+        """Device sections named by the VM description, in stream order."""
+        desc = self.vmdesc_json()
+        if not isinstance(desc, dict):
+            return []
+        names = []
+        for dev in desc.get("devices", []):
+            if isinstance(dev, dict) and "name" in dev:
+                inst = dev.get("instance_id", 0)
+                names.append(f"{dev['name']}" + (f"/{inst}" if inst else ""))
+        return names
+
+    def block(self, name: str) -> BlockInfo:
+        """The block called ``name``; ImageError if there is none."""
+        try:
+            return self.blocks[name]
+        except KeyError:
+            raise ImageError(f"no RAM block '{name}' in image (blocks: "
+                             f"{', '.join(self.blocks)})") from None
+
+    def present(self, name: str) -> np.ndarray:
+        """One bool per page of block ``name``: True where the image holds page data."""
+        raise NotImplementedError
+
+    def runs(self, name: str) -> Iterator[tuple[int, int]]:
+        """Maximal runs ``(first_page, npages)`` of pages with data in block ``name``."""
+        return runs(self.present(name))
+
+    def iter_data(self, name: str, chunk: int = READ_CHUNK) -> Iterator[tuple[int, memoryview]]:
+        """``(first_page, data)`` for every run of pages with data, in pieces of ``chunk``.
+
+        ``data`` is a view of a reused buffer, valid until the next iteration.
+        """
+        raise NotImplementedError
+
+    def read(self, name: str, first_page: int, npages: int) -> bytearray:
+        """Pages ``[first_page, first_page + npages)`` of block ``name``; zeros where absent."""
+        blk = self.block(name)
+        if first_page < 0 or first_page + npages > blk.npages:
+            raise ImageError(f"pages {first_page}..{first_page + npages} outside block '{name}'")
+        out = bytearray(npages * PAGE_SIZE)
+        pres = self.present(name)[first_page : first_page + npages]
+        for start, n in runs(pres):
+            self._read_into(blk, first_page + start, memoryview(out)[start * PAGE_SIZE :
+                                                                      (start + n) * PAGE_SIZE])
+        return out
+
+    def _read_into(self, blk: BlockInfo, first: int, dest: memoryview) -> None:
+        raise NotImplementedError
+
+    def allocated_bytes(self) -> int:
+        """Disk space the image file uses."""
+        return os.fstat(self._fd).st_blocks * 512
+
+
+def _pread_exact(fd: int, dest: memoryview, offset: int, what: str) -> None:
+    n = os.preadv(fd, [dest], offset)
+    while n < len(dest):
+        got = os.preadv(fd, [dest[n:]], offset + n)
+        if got <= 0:
+            raise ImageError(f"{what}: file ends at byte {offset + n}, expected "
+                             f"{len(dest) - n} more bytes", offset + n)
+        n += got
+
+
+class MappedRamImage(Image):
+    """A mapped-ram file: every page at ``pages_offset + index * page_size``."""
+
+    _bitmaps: dict[str, np.ndarray]
+
+    def present(self, name: str) -> np.ndarray:
+        cache = self.__dict__.setdefault("_bitmaps", {})
+        if name not in cache:
+            blk = self.block(name)
+            assert blk.mapped is not None
+            nb = bitmap_bytes(blk.npages)
+            raw = bytearray(nb)
+            _pread_exact(self._fd, memoryview(raw), blk.mapped.bitmap_offset,
+                         f"bitmap of RAM block '{name}'")
+            bools = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+            if bools[blk.npages :].any():
+                extra = int(np.flatnonzero(bools[blk.npages :])[0]) + blk.npages
+                raise ImageError(f"RAM block '{name}': bitmap bit {extra} is set beyond the "
+                                 f"block's {blk.npages} pages", blk.mapped.bitmap_offset)
+            cache[name] = bitmap_to_bools(raw, blk.npages)
+        return cache[name]
+
+    def _read_into(self, blk: BlockInfo, first: int, dest: memoryview) -> None:
+        assert blk.mapped is not None
+        _pread_exact(self._fd, dest, blk.mapped.pages_offset + first * PAGE_SIZE,
+                     f"pages of RAM block '{blk.name}'")
+
+    def iter_data(self, name: str, chunk: int = READ_CHUNK) -> Iterator[tuple[int, memoryview]]:
+        blk = self.block(name)
+        per = max(1, chunk // PAGE_SIZE)
+        buf = memoryview(bytearray(per * PAGE_SIZE))
+        for first, n in self.runs(name):
+            for p in range(first, first + n, per):
+                k = min(per, first + n - p)
+                view = buf[: k * PAGE_SIZE]
+                self._read_into(blk, p, view)
+                yield p, view
+
+
+class StreamImage(Image):
+    """A legacy migration stream file (``migrate file:`` without mapped-ram, ``exec:cat``)."""
+
+    _where: dict[str, np.ndarray]
+
+    def present(self, name: str) -> np.ndarray:
+        self.block(name)
+        return self._where[name] >= 0
+
+    def _read_into(self, blk: BlockInfo, first: int, dest: memoryview) -> None:
+        where = self._where[blk.name][first : first + len(dest) // PAGE_SIZE]
+        self._gather(where, dest)
+
+    def _gather(self, where: np.ndarray, dest: memoryview) -> None:
+        """Fill ``dest`` with the pages stored at file offsets ``where`` (-1: zero)."""
+        n = len(where)
+        i = 0
+        stride_ok = np.diff(where) == PAGE_SIZE + 8  # consecutive CONTINUE records
+        while i < n:
+            pos = int(where[i])
+            if pos < 0:
+                dest[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = bytes(PAGE_SIZE)
+                i += 1
+                continue
+            j = i
+            while j + 1 < n and stride_ok[j] and j - i < 255:
+                j += 1
+            span = (j - i) * (PAGE_SIZE + 8) + PAGE_SIZE
+            raw = bytearray(span)
+            _pread_exact(self._fd, memoryview(raw), pos, "stream page data")
+            for k in range(j - i + 1):
+                o = k * (PAGE_SIZE + 8)
+                dest[(i + k) * PAGE_SIZE : (i + k + 1) * PAGE_SIZE] = raw[o : o + PAGE_SIZE]
+            i = j + 1
+
+    def iter_data(self, name: str, chunk: int = READ_CHUNK) -> Iterator[tuple[int, memoryview]]:
+        blk = self.block(name)
+        per = max(1, chunk // PAGE_SIZE)
+        buf = memoryview(bytearray(per * PAGE_SIZE))
+        for first, n in self.runs(name):
+            for p in range(first, first + n, per):
+                k = min(per, first + n - p)
+                view = buf[: k * PAGE_SIZE]
+                self._read_into(blk, p, view)
+                yield p, view
+
+
+def _walk(fd: int, base: int, size: int, index: bool) -> tuple[StreamDecoder, dict[str, Any]]:
+    """Run the decoder over the file, seeking over mapped-ram regions."""
+    dec = StreamDecoder(base_offset=base)
+    info: dict[str, Any] = {"blocks": {}, "commands": [], "device": None, "vmdesc": None,
+                            "config": None, "where": {}, "sections": 0}
+    where: dict[str, np.ndarray] = info["where"]
+    pos = base
+    buf = bytearray(READ_CHUNK)
+    mv = memoryview(buf)
+    while True:
+        want = dec.next_offset
+        if want != pos:
+            if want > size:
+                raise ImageError(f"RAM block '{next(reversed(info['blocks']), '?')}': pages "
+                                 f"region ends at byte {want}, past the end of the file "
+                                 f"({size} bytes)", want)
+            dec.seek(want)
+            pos = want
+        n = os.preadv(fd, [mv], pos)
+        records = dec.feed(mv[:n]) if n else dec.feed_eof()
+        pos += n
+        for r in records:
+            if isinstance(r, Page):
+                w = where[r.block]
+                w[r.offset // PAGE_SIZE] = r.pos
+            elif isinstance(r, Zero):
+                if r.fill:
+                    raise ImageError(f"ZERO record with fill byte 0x{r.fill:02x} in block "
+                                     f"'{r.block}' is not supported")
+                where[r.block][r.offset // PAGE_SIZE] = _ABSENT
+            elif isinstance(r, RamBlock):
+                info["blocks"][r.name] = BlockInfo(r.name, r.length, r.mapped, r.guest_addr)
+                if index:
+                    where[r.name] = np.full(r.length // PAGE_SIZE, _ABSENT, dtype=np.int64)
+            elif isinstance(r, Configuration):
+                info["config"] = r
+            elif isinstance(r, CommandRecord):
+                info["commands"].append(r.name)
+            elif isinstance(r, SectionPart):
+                info["sections"] += 1
+            elif isinstance(r, DeviceState):
+                info["device"] = r.data
+            elif isinstance(r, VMDescription):
+                info["vmdesc"] = r.data
+        if not n:
+            return dec, info
+
+
+def open_image(path: str | os.PathLike[str], *, offset: int | None = None) -> Image:
+    """Open an image file of either format.
+
+    ``offset`` is where the stream starts inside the file (``file:PATH,offset=N``);
+    by default it is found by looking for the ``QEVM`` magic at 0 and then within
+    the first MiB.
+    """
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_RDONLY)
+    except OSError as e:
+        raise ImageError(f"cannot open {p}: {e.strerror}") from None
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            raise ImageError(f"{p} is empty")
+        base = _find_base(fd, size) if offset is None else offset
+        head = os.pread(fd, 4096, base)
+        cfg_probe = StreamDecoder(base_offset=base)
+        try:
+            recs = cfg_probe.feed(head)
+        except StreamError as e:
+            raise ImageError(e.message, e.offset) from None
+        mapped = any(isinstance(r, Configuration) and r.mapped_ram for r in recs)
+        try:
+            dec, info = _walk(fd, base, size, index=not mapped)
+        except StreamError as e:
+            raise ImageError(e.message, e.offset) from None
+        if not dec.done:
+            raise ImageError("image is incomplete: no end-of-stream marker", dec.next_offset)
+        if info["config"] is None:
+            raise ImageError("configuration section missing", base + 8)
+        if not info["blocks"]:
+            raise ImageError("no RAM section in the image", base)
+        cls = MappedRamImage if mapped else StreamImage
+        img = cls(path=p, format="mapped-ram" if mapped else "stream",
+                  configuration=info["config"], blocks=info["blocks"],
+                  device_state=info["device"] or b"", vmdesc=info["vmdesc"],
+                  base_offset=base, file_size=size, commands=info["commands"],
+                  sections=info["sections"], _fd=fd)
+        if isinstance(img, StreamImage):
+            img._where = info["where"]
+        return img
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _find_base(fd: int, size: int) -> int:
+    head = os.pread(fd, min(size, 1 << 20), 0)
+    magic = FILE_MAGIC.to_bytes(4, "big")
+    if head.startswith(magic):
+        return 0
+    at = head.find(magic + b"\x00\x00\x00\x03")
+    if at < 0:
+        got = head[:4].hex()
+        raise ImageError(f"not a QEMU migration image (no QEVM magic; file starts with {got})", 0)
+    return at
+

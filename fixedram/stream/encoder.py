@@ -1,0 +1,190 @@
+"""Encoding of migration-stream records into bytes.
+
+:func:`encode` turns one record into bytes. :class:`StreamEncoder` keeps the state a
+stream needs across records (the block that CONTINUE refers to) and encodes runs
+of pages as a list of buffers ready for ``os.writev``/``socket.sendmsg``, so page
+data is never copied into an intermediate bytes object.
+"""
+
+from __future__ import annotations
+
+from fixedram.stream.format import (
+    BE16,
+    BE32,
+    BE64,
+    CONFIG_CAPABILITIES,
+    CONFIG_PAGE_BITS,
+    CONFIG_UUID,
+    FILE_MAGIC,
+    MAPPED_RAM_HEADER,
+    TARGET_PAGE_SIZE,
+    Command,
+    RamFlag,
+    RecordType,
+)
+from fixedram.stream.records import (
+    CommandRecord,
+    Configuration,
+    DeviceState,
+    EndOfFile,
+    EndOfSection,
+    FileHeader,
+    MemSize,
+    MultifdFlush,
+    Packaged,
+    Page,
+    RamBlock,
+    Record,
+    SectionEnd,
+    SectionFooter,
+    SectionFull,
+    SectionPart,
+    SectionStart,
+    VMDescription,
+    Zero,
+)
+
+__all__ = ["encode", "StreamEncoder", "counted"]
+
+
+def counted(s: str) -> bytes:
+    """A one-byte-length-prefixed string."""
+    b = s.encode("latin-1")
+    if not 0 < len(b) < 256:
+        raise ValueError(f"name of {len(b)} bytes cannot be encoded: {s!r}")
+    return bytes((len(b),)) + b
+
+
+def _subsection(name: str, body: bytes) -> bytes:
+    return bytes((RecordType.SUBSECTION,)) + counted(name) + BE32.pack(1) + body
+
+
+def _configuration(r: Configuration) -> bytes:
+    name = r.machine.encode("latin-1")
+    out = bytes((RecordType.CONFIGURATION,)) + BE32.pack(len(name)) + name
+    if r.page_bits is not None:
+        out += _subsection(CONFIG_PAGE_BITS, BE32.pack(r.page_bits))
+    if r.capabilities:
+        body = BE32.pack(len(r.capabilities)) + b"".join(counted(c) for c in r.capabilities)
+        out += _subsection(CONFIG_CAPABILITIES, body)
+    if r.uuid is not None:
+        out += _subsection(CONFIG_UUID, r.uuid)
+    return out
+
+
+def _block(r: RamBlock) -> bytes:
+    out = counted(r.name) + BE64.pack(r.length)
+    if r.page_size is not None:
+        out += BE64.pack(r.page_size)
+    if r.guest_addr is not None:
+        out += BE64.pack(r.guest_addr)
+    if r.mapped is not None:
+        m = r.mapped
+        out += MAPPED_RAM_HEADER.pack(m.version, m.page_size, m.bitmap_offset, m.pages_offset)
+    return out
+
+
+def encode(r: Record, *, continued: bool = False) -> bytes:
+    """Encode one record. ``continued`` sets CONTINUE on a page record (block name omitted)."""
+    if isinstance(r, Page):
+        if continued:
+            return BE64.pack(r.offset | RamFlag.PAGE | RamFlag.CONTINUE) + r.data
+        return BE64.pack(r.offset | RamFlag.PAGE) + counted(r.block) + r.data
+    if isinstance(r, Zero):
+        if continued:
+            return BE64.pack(r.offset | RamFlag.ZERO | RamFlag.CONTINUE) + bytes((r.fill,))
+        return BE64.pack(r.offset | RamFlag.ZERO) + counted(r.block) + bytes((r.fill,))
+    if isinstance(r, FileHeader):
+        return BE32.pack(FILE_MAGIC) + BE32.pack(r.version)
+    if isinstance(r, Configuration):
+        return _configuration(r)
+    if isinstance(r, SectionStart | SectionFull):
+        kind = (RecordType.SECTION_START if isinstance(r, SectionStart)
+                else RecordType.SECTION_FULL)
+        return (bytes((kind,)) + BE32.pack(r.section_id) + counted(r.idstr)
+                + BE32.pack(r.instance_id) + BE32.pack(r.version_id))
+    if isinstance(r, SectionPart):
+        return bytes((RecordType.SECTION_PART,)) + BE32.pack(r.section_id)
+    if isinstance(r, SectionEnd):
+        return bytes((RecordType.SECTION_END,)) + BE32.pack(r.section_id)
+    if isinstance(r, SectionFooter):
+        return bytes((RecordType.SECTION_FOOTER,)) + BE32.pack(r.section_id)
+    if isinstance(r, CommandRecord):
+        return bytes((RecordType.COMMAND,)) + BE16.pack(r.cmd) + BE16.pack(len(r.data)) + r.data
+    if isinstance(r, Packaged):
+        return (bytes((RecordType.COMMAND,)) + BE16.pack(Command.PACKAGED) + BE16.pack(4)
+                + BE32.pack(len(r.data)) + r.data)
+    if isinstance(r, MemSize):
+        return BE64.pack(r.total | RamFlag.MEM_SIZE)
+    if isinstance(r, RamBlock):
+        return _block(r)
+    if isinstance(r, EndOfSection):
+        return BE64.pack(RamFlag.EOS)
+    if isinstance(r, MultifdFlush):
+        return BE64.pack(RamFlag.MULTIFD_FLUSH)
+    if isinstance(r, DeviceState):
+        return r.data
+    if isinstance(r, EndOfFile):
+        return bytes((RecordType.EOF,))
+    if isinstance(r, VMDescription):
+        return bytes((RecordType.VMDESCRIPTION,)) + BE32.pack(len(r.data)) + r.data
+    raise TypeError(f"cannot encode {type(r).__name__}")
+
+
+class StreamEncoder:
+    """Encodes a stream record by record, tracking the block CONTINUE refers to."""
+
+    def __init__(self) -> None:
+        self._last_block: str | None = None
+
+    def encode(self, r: Record) -> bytes:
+        """Encode ``r``; page and zero records use CONTINUE where they can."""
+        if isinstance(r, Page | Zero):
+            cont = r.block == self._last_block
+            self._last_block = r.block
+            return encode(r, continued=cont)
+        return encode(r)
+
+    def page_run(self, block: str, offset: int, data: memoryview | bytes) -> list[bytes | memoryview]:
+        """Buffers for PAGE records of consecutive pages starting at ``offset``.
+
+        ``data`` holds whole pages; the result alternates record headers and
+        page-sized views of ``data``, ready for a vectored write.
+        """
+        ps = TARGET_PAGE_SIZE
+        mv = memoryview(data)
+        n = len(mv) // ps
+        out: list[bytes | memoryview] = []
+        if not n:
+            return out
+        pack = BE64.pack
+        flag = int(RamFlag.PAGE)
+        cont = int(RamFlag.PAGE | RamFlag.CONTINUE)
+        i = 0
+        if block != self._last_block:
+            out.append(pack(offset | flag) + counted(block))
+            out.append(mv[:ps])
+            self._last_block = block
+            i = 1
+        for k in range(i, n):
+            out.append(pack((offset + k * ps) | cont))
+            out.append(mv[k * ps : (k + 1) * ps])
+        return out
+
+    def zero_run(self, block: str, offset: int, npages: int) -> bytes:
+        """ZERO records for ``npages`` consecutive pages starting at ``offset``."""
+        ps = TARGET_PAGE_SIZE
+        parts = []
+        pack = BE64.pack
+        i = 0
+        if npages and block != self._last_block:
+            parts.append(pack(offset | RamFlag.ZERO) + counted(block) + b"\x00")
+            self._last_block = block
+            i = 1
+        zc = int(RamFlag.ZERO | RamFlag.CONTINUE)
+        parts.extend(pack((offset + k * ps) | zc) + b"\x00" for k in range(i, npages))
+        return b"".join(parts)
+
+    def forget_block(self) -> None:
+        """Forget the CONTINUE block (the next page record names its block)."""
+        self._last_block = None

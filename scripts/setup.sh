@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Set up a Debian 12 machine for fixedram: QEMU 10 from bookworm-backports, the
+# toolchain for the test guest, QEMU 7.2 unpacked into a cache (for interop
+# tests), and the Python package with its dependencies in .venv.
+#
+#   bash scripts/setup.sh          # system packages + .venv with the package
+#   bash scripts/setup.sh --dev    # also the test and lint dependencies
+#
+# Idempotent: what is already present is left alone.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+dev=0
+for a in "$@"; do
+  case "$a" in
+    --dev) dev=1 ;;
+    *) echo "setup.sh: unknown option $a" >&2; exit 2 ;;
+  esac
+done
+
+sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+qemu_major() {
+  command -v qemu-system-x86_64 >/dev/null 2>&1 || { echo 0; return; }
+  qemu-system-x86_64 --version | sed -n 's/^QEMU emulator version \([0-9]*\)\..*/\1/p'
+}
+
+apt_updated=0
+apt_update() { [ "$apt_updated" = 1 ] || { sudo_ apt-get update -qq; apt_updated=1; }; }
+
+need_pkgs=()
+command -v gcc >/dev/null 2>&1 || need_pkgs+=(gcc)
+command -v ld >/dev/null 2>&1 || need_pkgs+=(binutils)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  apt_update
+  sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}"
+fi
+
+if [ "$(qemu_major)" -lt 10 ]; then
+  codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
+  if ! grep -rqs "${codename}-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    echo "deb http://deb.debian.org/debian ${codename}-backports main" |
+      sudo_ tee /etc/apt/sources.list.d/fixedram-backports.list >/dev/null
+    apt_updated=0
+  fi
+  apt_update
+  sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t "${codename}-backports" qemu-system-x86
+fi
+echo "setup: $(qemu-system-x86_64 --version | head -1)"
+
+# QEMU 7.2 (Debian bookworm), unpacked, not installed: interop tests use it.
+cache=${FIXEDRAM_CACHE:-$here/.cache}
+q72="$cache/qemu-7.2"
+if [ ! -x "$q72/usr/bin/qemu-system-x86_64" ]; then
+  apt_update
+  tmp=$(mktemp -d)
+  (cd "$tmp" && apt-get download -qq qemu-system-x86/bookworm qemu-system-common/bookworm)
+  mkdir -p "$q72"
+  for deb in "$tmp"/*.deb; do dpkg -x "$deb" "$q72"; done
+  rm -rf "$tmp"
+fi
+echo "setup: QEMU 7.2 in $q72"
+
+cd "$here"
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+if [ "$dev" = 1 ]; then
+  .venv/bin/python -m pip install -q -e ".[dev]"
+else
+  .venv/bin/python -m pip install -q -e .
+fi
+echo "setup: done (.venv)"
