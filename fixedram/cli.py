@@ -16,12 +16,12 @@ import click
 
 from fixedram.errors import FixedramError
 
-__all__ = ["main"]
+__all__ = ["main", "cli", "one_line_errors"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _one_line_errors(fn: F) -> F:
+def one_line_errors(fn: F) -> F:
     """Turn anticipated failures into one line on stderr and exit status 2."""
 
     @wraps(fn)
@@ -53,7 +53,7 @@ def cli() -> None:
 @cli.command()
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/analyze-schema.md).")
-@_one_line_errors
+@one_line_errors
 def analyze(image: str, as_json: bool) -> None:
     """Describe IMAGE: format, machine, RAM blocks, devices, sizes."""
     from fixedram.analyze import analyze_image, format_report
@@ -72,7 +72,7 @@ def analyze(image: str, as_json: bool) -> None:
 @click.option("--block", default="pc.ram", show_default=True, help="RAM block to write out.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Raw output file (sparse where pages are absent).")
-@_one_line_errors
+@one_line_errors
 def extract(image: str, block: str, output: str) -> None:
     """Write one RAM block of IMAGE as a raw memory file."""
     from fixedram.analyze import extract_block
@@ -81,6 +81,17 @@ def extract(image: str, block: str, output: str) -> None:
     click.echo(f"{output}: {n} bytes of '{block}'", err=True)
 
 
+def _load_commands() -> None:
+    import importlib
+    import pkgutil
+
+    import fixedram.commands as pkg
+
+    for mod in sorted(m.name for m in pkgutil.iter_modules(pkg.__path__)):
+        importlib.import_module(f"fixedram.commands.{mod}")
+
+
 def main() -> None:
     """Entry point of the ``fixedram`` console script."""
+    _load_commands()
     cli(prog_name="fixedram")

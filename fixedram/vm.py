@@ -50,6 +50,8 @@ __all__ = [
     "RamBlock",
     "choose_accel",
     "find_qemu",
+    "kvm_runs_guest",
+    "parse_heartbeats",
     "parse_info_ramblock",
     "parse_mem_size",
     "qemu_restore",
@@ -197,9 +199,10 @@ def choose_accel(qemu: QemuBinary, *, probe_seconds: float = 3.0) -> Literal["kv
     """Return ``"kvm"`` if the test guest really runs under KVM with ``qemu``, else ``"tcg"``.
 
     ``$FIXEDRAM_ACCEL`` (``kvm`` or ``tcg``) overrides. Otherwise, without a usable
-    ``/dev/kvm`` the answer is ``tcg``; with one, the bare guest is booted under ``-accel kvm``
-    for up to ``probe_seconds`` and KVM is chosen only if heartbeat ``HB 2`` appears. (On
-    kvm-pvm hosts ``/dev/kvm`` opens but the guest crashes or crawls.) Cached per binary.
+    ``/dev/kvm``, or when ``/dev/kvm`` is kvm-pvm (``/sys/module/kvm_pvm`` exists: it opens
+    but our guest crashes or crawls there), the answer is ``tcg``. Else the bare guest is booted
+    under ``-accel kvm`` for up to ``probe_seconds`` and KVM is chosen only if heartbeat
+    ``HB 2`` appears. Cached per binary for the life of the process.
     """
     env = os.environ.get("FIXEDRAM_ACCEL", "").strip().lower()
     if env:
@@ -209,18 +212,32 @@ def choose_accel(qemu: QemuBinary, *, probe_seconds: float = 3.0) -> Literal["kv
     if qemu.path in _accel_cache:
         return _accel_cache[qemu.path]  # type: ignore[return-value]
     accel: Literal["kvm", "tcg"] = "tcg"
-    if os.access("/dev/kvm", os.R_OK | os.W_OK):
-        from fixedram.guest import build_guest
+    if Path("/sys/module/kvm_pvm").exists():
+        pass  # kvm-pvm: /dev/kvm works only for PVM-aware guests; ours crashes there
+    elif os.access("/dev/kvm", os.R_OK | os.W_OK) and kvm_runs_guest(qemu, probe_seconds):
+        accel = "kvm"
+    _accel_cache[qemu.path] = accel
+    return accel
 
-        kernel = build_guest()
-        with tempfile.TemporaryDirectory(prefix="fixedram-probe-") as tmp:
-            log = Path(tmp) / "probe.log"
-            argv = qemu.argv(
-                *("-accel", "kvm", "-M", "q35", "-m", "64M", "-smp", "1"),
-                *("-nodefaults", "-no-user-config", "-display", "none"),
-                *("-kernel", str(kernel), "-append", "mib=8 hb=100"),
-                *("-serial", f"file:{log}"),
-            )
+
+def kvm_runs_guest(qemu: QemuBinary, seconds: float = 3.0) -> bool:
+    """Boot the bare guest under ``-accel kvm`` for up to ``seconds``; True if ``HB 2`` shows.
+
+    This is the probe behind :func:`choose_accel` (it always runs it, ignoring caches and
+    ``$FIXEDRAM_ACCEL``). QEMU is stopped before returning.
+    """
+    from fixedram.guest import build_guest
+
+    kernel = build_guest()
+    with tempfile.TemporaryDirectory(prefix="fixedram-probe-") as tmp:
+        log = Path(tmp) / "probe.log"
+        argv = qemu.argv(
+            *("-accel", "kvm", "-M", "q35", "-m", "64M", "-smp", "1"),
+            *("-nodefaults", "-no-user-config", "-display", "none"),
+            *("-kernel", str(kernel), "-append", "mib=8 hb=100"),
+            *("-serial", f"file:{log}"),
+        )
+        try:
             proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
@@ -229,17 +246,17 @@ def choose_accel(qemu: QemuBinary, *, probe_seconds: float = 3.0) -> Literal["kv
                 env=qemu.environ(),
                 start_new_session=True,
             )
-            try:
-                deadline = time.monotonic() + probe_seconds
-                while time.monotonic() < deadline and proc.poll() is None:
-                    if log.exists() and re.search(rb"^HB 2 ", log.read_bytes(), re.M):
-                        accel = "kvm"
-                        break
-                    time.sleep(0.05)
-            finally:
-                _terminate(proc)
-    _accel_cache[qemu.path] = accel
-    return accel
+        except OSError as e:
+            raise VMError(f"cannot run {argv[0]}: {e}") from e
+        try:
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline and proc.poll() is None:
+                if log.exists() and re.search(rb"^HB 2 ", log.read_bytes(), re.M):
+                    return True
+                time.sleep(0.05)
+            return log.exists() and re.search(rb"^HB 2 ", log.read_bytes(), re.M) is not None
+        finally:
+            _terminate(proc)
 
 
 def _terminate(proc: subprocess.Popen[Any], grace: float = 5.0) -> None:
@@ -307,8 +324,8 @@ def parse_mem_size(text: str) -> int:
 def parse_info_ramblock(text: str) -> list[RamBlock]:
     """Parse the output of HMP ``info ramblock`` (QEMU 7.2 and 10 print the same columns)::
 
-                  Block Name    PSize              Offset               Used              Total
-                      pc.ram    4 KiB  0x0000000000000000 0x0000000008000000 0x0000000008000000
+    Block Name    PSize              Offset               Used              Total
+        pc.ram    4 KiB  0x0000000000000000 0x0000000008000000 0x0000000008000000
     """
     blocks = []
     for line in text.splitlines():
@@ -349,9 +366,7 @@ class _Loop:
         with cls._lock:
             if cls._loop is None or cls._loop.is_closed():
                 loop = asyncio.new_event_loop()
-                t = threading.Thread(
-                    target=loop.run_forever, name="fixedram-qmp", daemon=True
-                )
+                t = threading.Thread(target=loop.run_forever, name="fixedram-qmp", daemon=True)
                 t.start()
                 cls._loop = loop
             return cls._loop
@@ -597,10 +612,8 @@ class Guest:
         if self._proc.poll() is None and self._qmp is not None:
             with contextlib.suppress(Exception):
                 self._qmp_call("quit", {}, timeout=5.0)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
         self.kill()
 
     def kill(self) -> None:
@@ -691,9 +704,7 @@ class Guest:
         """Resume the vCPUs."""
         self.cmd("cont")
 
-    def wait_status(
-        self, *wanted: str, timeout: float = 60.0, interval: float = 0.02
-    ) -> str:
+    def wait_status(self, *wanted: str, timeout: float = 60.0, interval: float = 0.02) -> str:
         """Poll ``query-status`` until it is one of ``wanted``; return it.
 
         Raises :class:`VMError` on timeout or if QEMU exits meanwhile.
@@ -925,9 +936,7 @@ def _tail(path: Path, lines: int) -> str:
 Transport = Literal["file", "exec"]
 
 
-def _migration_setup(
-    mode: str, multifd_channels: int
-) -> tuple[dict[str, bool], dict[str, Any]]:
+def _migration_setup(mode: str, multifd_channels: int) -> tuple[dict[str, bool], dict[str, Any]]:
     if mode not in ("legacy", "mapped-ram"):
         raise VMError(f"unknown save mode {mode!r} (legacy or mapped-ram)")
     caps: dict[str, bool] = {}
@@ -938,6 +947,15 @@ def _migration_setup(
         caps["multifd"] = True
         params["multifd-channels"] = multifd_channels
     return caps, params
+
+
+def _pick_transport(qemu: QemuBinary, transport: Transport | None) -> Transport:
+    """``file:`` exists since QEMU 8.2; older QEMUs save through ``exec:cat``."""
+    if transport is None:
+        return "file" if qemu.version >= (8, 2, 0) else "exec"
+    if transport == "file" and qemu.version < (8, 2, 0):
+        raise VMError(f"QEMU {qemu.version_str} has no file: migration (8.2+); use exec")
+    return transport
 
 
 def _uri(path: Path, transport: Transport, offset: int, incoming: bool) -> str:
@@ -959,7 +977,7 @@ def qemu_save(
     offset: int = 0,
     live: bool = True,
     *,
-    transport: Transport = "file",
+    transport: Transport | None = None,
     stop_after: float | None = 20.0,
     timeout: float = 180.0,
 ) -> dict[str, Any]:
@@ -968,12 +986,14 @@ def qemu_save(
     ``mode`` ``"mapped-ram"`` turns on the mapped-ram capability (``file:`` only);
     ``multifd_channels`` > 0 also turns on multifd with that many channels. ``offset`` writes
     the stream at that byte of the file (``file:PATH,offset=N``; QEMU keeps the bytes before
-    it). ``transport="exec"`` saves through ``exec:cat > PATH``. With ``live=False`` the VM is
+    it). ``transport="exec"`` saves through ``exec:cat > PATH``; the default is ``file`` on
+    QEMU 8.2+ and ``exec`` before (QEMU 7.2 has no ``file:``). With ``live=False`` the VM is
     paused first; a live save that has not converged after ``stop_after`` seconds is finished
     by pausing the VM. Afterwards the source is in ``postmigrate`` (paused).
     """
     p = Path(path).resolve()
     caps, params = _migration_setup(mode, multifd_channels)
+    transport = _pick_transport(guest.qemu, transport)
     if mode == "mapped-ram" and transport != "file":
         raise VMError("mapped-ram needs the file: transport")
     if not live:
@@ -989,7 +1009,7 @@ def qemu_restore(
     multifd_channels: int = 0,
     offset: int = 0,
     *,
-    transport: Transport = "file",
+    transport: Transport | None = None,
     name: str = "dst",
     workdir: str | os.PathLike[str] | None = None,
     qemu: QemuBinary | None = None,
@@ -999,13 +1019,15 @@ def qemu_restore(
 
     The destination starts with ``-incoming defer -S``, gets the capabilities that ``mode``
     and ``multifd_channels`` call for, and loads with ``migrate-incoming``. It is returned
-    started and **paused** (run state ``paused``), ready for :meth:`Guest.pmemsave` and
+    started and **paused** (run state ``paused``); ``transport`` defaults as in
+    :func:`qemu_save`. It is ready for :meth:`Guest.pmemsave` and
     :meth:`Guest.cont`; the caller closes it (it is a context manager). On failure it is killed
     and :class:`VMError` carries QEMU's message.
     """
     p = Path(path).resolve()
     caps, params = _migration_setup(mode, multifd_channels)
     dst = Guest.like(like, name=name, workdir=workdir, incoming=True, qemu=qemu)
+    transport = _pick_transport(dst.qemu, transport)
     dst.start()
     try:
         dst.migrate_incoming(_uri(p, transport, offset, incoming=True), caps=caps, params=params)
@@ -1015,4 +1037,3 @@ def qemu_restore(
         dst.kill()
         raise
     return dst
-

@@ -6,8 +6,9 @@ page index and a generation number, checks each page before overwriting it, keep
 block at physical ``STATUS_ADDR`` and prints ``HB <n> gen=<g> cur=<page> err=<e> KiBps=<k>``
 on the first serial port. See ``/work/shared/docs/test-guest.md``.
 
-Parameters go on the kernel command line (``-append``): ``mib=N`` or ``pct=P``, ``rate=MiB/s``,
-``fill=1|0`` and ``hb=ms``.
+Parameters go on the kernel command line (``-append``): ``mib=N`` or ``pct=P``, ``rate=MiB/s``
+(0 = as fast as possible), ``fill=1|0``, ``hb=ms`` and ``gens=G`` (stop dirtying once generation
+``G`` is reached and just idle; 0 = never).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ PAGE_SIZE = 4096
 _WORDS = PAGE_SIZE // 4
 _MUL_I = 0x9E3779B1
 _MUL_GEN = 0x85EBCA77
+_CHUNK = 4096  # pages per numpy pass in check_pages
 
 CFLAGS = [
     "-m32",
@@ -216,11 +218,18 @@ def check_pages(
     checked = np.ones(n, dtype=bool)
     if gen == 0:
         checked[idx >= cur] = False
-    ok = _pages_ok(pages, idx, want_gen, full)
+    ok = np.empty(n, dtype=bool)
+    for a in range(0, n, _CHUNK):  # bounded temporaries for big guests
+        b = min(n, a + _CHUNK)
+        ok[a:b] = _pages_ok(pages[a:b], idx[a:b], want_gen[a:b], full)
     if 0 <= cur < n:
         # The page being written may hold either generation, or a mix (then it fails both).
-        alt = _pages_ok(pages[cur : cur + 1], idx[cur : cur + 1], np.array([gen], np.uint32), full)
-        ok[cur] = True if gen == 0 else bool(ok[cur] or alt[0] or _half_written(pages[cur], cur, gen, full))
+        if gen == 0:
+            ok[cur] = True
+        else:
+            one = np.array([gen], np.uint32)
+            alt = bool(_pages_ok(pages[cur : cur + 1], idx[cur : cur + 1], one, full)[0])
+            ok[cur] = bool(ok[cur]) or alt or _half_written(pages[cur], cur, gen, full)
     bad_mask = checked & ~ok
     bad = np.flatnonzero(bad_mask)
     return {

@@ -9,6 +9,8 @@
  *   mib=N   dirty N MiB                  pct=P  dirty P % of the RAM above 4 MiB (default 50)
  *   rate=R  MiB/s from gen 1 on (0=max)  fill=1 whole-page pattern, fill=0 12-byte header only
  *   hb=MS   heartbeat period in ms (default 100)
+ *   gens=G  stop stamping once generation G is reached (pages hold G-1, then the guest only
+ *           idles and beats); 0 = never stop (default). gens=2: prefill plus one checked pass
  *
  * Page i (at physical 0x400000 + i*4096) holds, for generation g:
  *   w[0] = 0x54524944 ('DIRT'), w[1] = i, w[2] = g, w[k>=3] = (i*0x9E3779B1)^(g*0x85EBCA77)^k
@@ -321,6 +323,7 @@ void cmain(struct multiboot_info *mbi) {
     u32 rate = param(cmdline, "rate", 0, 0);
     u32 fill = param(cmdline, "fill", 1, 0) ? 1 : 0;
     u32 hb_ms = param(cmdline, "hb", 100, 0);
+    u32 gens = param(cmdline, "gens", 0, 0);
     if (hb_ms == 0) hb_ms = 100;
     u32 npages = have_mib ? mib * 256u : (u32)((u64)avail * pct / 100u);
     if (npages > avail) npages = avail;
@@ -343,6 +346,8 @@ void cmain(struct multiboot_info *mbi) {
     putu(fill);
     puts_(" hb=");
     putu(hb_ms);
+    puts_(" gens=");
+    putu(gens);
     puts_(" mem_top=");
     putx(top);
     puts_("\n");
@@ -394,6 +399,7 @@ void cmain(struct multiboot_info *mbi) {
             credit -= budget * 1000u;
         }
         last = now;
+        if (gens && gen >= gens) budget = 0; /* done: idle */
 
         if (budget == 0) {
             __asm__ volatile("sti; hlt"); /* wait for the next tick */

@@ -1,0 +1,292 @@
+"""Byte channels to and from QEMU: stdio (``exec:``), inherited fds, unix and tcp sockets.
+
+A channel moves bytes and nothing else; the migration protocol lives in
+:mod:`fixedram.stream`. Every channel is bidirectional because the return path
+runs back over the same connection: over ``exec:`` QEMU reads the command's stdout
+and writes its stdin (or the other way round on the incoming side).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+from fixedram.errors import EndpointError
+
+__all__ = [
+    "Channel",
+    "FdChannel",
+    "SocketChannel",
+    "Listener",
+    "parse_address",
+    "listen",
+    "connect",
+    "from_fd",
+    "stdio",
+]
+
+Buffer = bytes | bytearray | memoryview
+
+
+class Channel(Protocol):
+    """What the endpoints need from a connection."""
+
+    def recv_into(self, buf: memoryview) -> int:
+        """Read into ``buf``; 0 at end of stream."""
+        ...
+
+    def sendall(self, data: Buffer) -> None:
+        """Write all of ``data``."""
+        ...
+
+    def sendv(self, bufs: Sequence[Buffer]) -> None:
+        """Write all buffers, in order, with vectored writes."""
+        ...
+
+    def shutdown_write(self) -> None:
+        """Signal end of stream to the peer, keeping the read side open."""
+        ...
+
+    def fileno_read(self) -> int:
+        """File descriptor to poll for readability."""
+        ...
+
+    def close(self) -> None:
+        """Close both directions."""
+        ...
+
+
+_IOV_MAX = 1024
+
+
+def _writev_all(write_v, bufs: Sequence[Buffer]) -> None:  # type: ignore[no-untyped-def]
+    """Call ``write_v`` (os.writev-like) until every byte of ``bufs`` is written."""
+    views = [memoryview(b).cast("B") for b in bufs if len(b)]
+    i = 0
+    while i < len(views):
+        batch = views[i : i + _IOV_MAX]
+        n = write_v(batch)
+        # advance past fully written buffers, trim a partly written one
+        while n and i < len(views):
+            ln = len(views[i])
+            if n >= ln:
+                n -= ln
+                i += 1
+            else:
+                views[i] = views[i][n:]
+                n = 0
+
+
+class FdChannel:
+    """A channel over one or two plain file descriptors (pipes, stdio, a passed fd)."""
+
+    def __init__(self, read_fd: int, write_fd: int, *, owned: bool = True) -> None:
+        self.read_fd = read_fd
+        self.write_fd = write_fd
+        self._owned = owned
+        self._write_open = True
+
+    def recv_into(self, buf: memoryview) -> int:
+        return os.readv(self.read_fd, [buf])
+
+    def sendall(self, data: Buffer) -> None:
+        self.sendv([data])
+
+    def sendv(self, bufs: Sequence[Buffer]) -> None:
+        try:
+            _writev_all(lambda b: os.writev(self.write_fd, b), bufs)
+        except BrokenPipeError:
+            raise EndpointError("the peer closed the connection") from None
+
+    def shutdown_write(self) -> None:
+        if self._write_open and self.write_fd != self.read_fd:
+            self._write_open = False
+            if self._owned:
+                os.close(self.write_fd)
+
+    def fileno_read(self) -> int:
+        return self.read_fd
+
+    def close(self) -> None:
+        if not self._owned:
+            return
+        fds = {self.read_fd}
+        if self._write_open:
+            fds.add(self.write_fd)
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._owned = False
+
+
+class SocketChannel:
+    """A channel over a connected stream socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def recv_into(self, buf: memoryview) -> int:
+        try:
+            return self.sock.recv_into(buf)
+        except ConnectionResetError:
+            raise EndpointError("the peer reset the connection") from None
+
+    def sendall(self, data: Buffer) -> None:
+        try:
+            self.sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            raise EndpointError("the peer closed the connection") from None
+
+    def sendv(self, bufs: Sequence[Buffer]) -> None:
+        try:
+            _writev_all(self.sock.sendmsg, bufs)
+        except (BrokenPipeError, ConnectionResetError):
+            raise EndpointError("the peer closed the connection") from None
+
+    def shutdown_write(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def fileno_read(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def parse_address(spec: str) -> tuple[str, str | tuple[str, int]]:
+    """``unix:PATH`` or ``tcp:HOST:PORT`` as ``(family, address)``."""
+    kind, _, rest = spec.partition(":")
+    if kind == "unix" and rest:
+        return "unix", rest
+    if kind == "tcp" and rest:
+        host, _, port = rest.rpartition(":")
+        host = host.strip("[]")
+        if not host or not port.isdigit():
+            raise EndpointError(f"bad tcp address '{spec}' (expected tcp:HOST:PORT)")
+        return "tcp", (host, int(port))
+    raise EndpointError(f"bad address '{spec}' (expected unix:PATH or tcp:HOST:PORT)")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except socket.gaierror:
+        return False
+    import ipaddress
+
+    return all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
+
+
+class Listener:
+    """A listening socket; unix sockets are created mode 0600 and removed on close."""
+
+    def __init__(self, spec: str, *, allow_remote: bool = False, backlog: int = 16) -> None:
+        family, addr = parse_address(spec)
+        self.spec = spec
+        self._path: Path | None = None
+        if family == "unix":
+            assert isinstance(addr, str)
+            path = Path(addr)
+            if path.exists() and stat.S_ISSOCK(path.stat().st_mode):
+                path.unlink()
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            old = os.umask(0o177)
+            try:
+                sock.bind(str(path))
+            except OSError as e:
+                sock.close()
+                raise EndpointError(f"cannot listen on {spec}: {e.strerror}") from None
+            finally:
+                os.umask(old)
+            self._path = path
+        else:
+            assert isinstance(addr, tuple)
+            if not allow_remote and not _is_loopback(addr[0]):
+                raise EndpointError(f"refusing to listen on non-loopback address {addr[0]} "
+                                    "without --allow-remote")
+            fam = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+            sock = socket.socket(fam, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(addr)
+            except OSError as e:
+                sock.close()
+                raise EndpointError(f"cannot listen on {spec}: {e.strerror}") from None
+        sock.listen(backlog)
+        self.sock = sock
+
+    @property
+    def address(self) -> str:
+        """The address in ``unix:``/``tcp:`` form (with the real port for ``tcp:...:0``)."""
+        if self._path is not None:
+            return f"unix:{self._path}"
+        host, port = self.sock.getsockname()[:2]
+        return f"tcp:{host}:{port}"
+
+    def accept(self, timeout: float | None = None) -> SocketChannel:
+        """Wait for one connection."""
+        self.sock.settimeout(timeout)
+        try:
+            conn, _ = self.sock.accept()
+        except TimeoutError:
+            raise EndpointError(f"no connection on {self.spec} within {timeout} s") from None
+        conn.settimeout(None)
+        return SocketChannel(conn)
+
+    def close(self) -> None:
+        """Stop listening (and remove a unix socket file)."""
+        self.sock.close()
+        if self._path is not None:
+            try:
+                self._path.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def listen(spec: str, *, allow_remote: bool = False) -> Listener:
+    """Listen on ``unix:PATH`` or ``tcp:HOST:PORT``."""
+    return Listener(spec, allow_remote=allow_remote)
+
+
+def connect(spec: str, *, timeout: float = 30.0) -> SocketChannel:
+    """Connect to ``unix:PATH`` or ``tcp:HOST:PORT``."""
+    family, addr = parse_address(spec)
+    if family == "unix":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    else:
+        assert isinstance(addr, tuple)
+        sock = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET,
+                             socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(addr)
+    except OSError as e:
+        sock.close()
+        raise EndpointError(f"cannot connect to {spec}: {e.strerror or e}") from None
+    sock.settimeout(None)
+    return SocketChannel(sock)
+
+
+def from_fd(fd: int) -> Channel:
+    """A channel over an inherited file descriptor (socket, pipe or file)."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        raise EndpointError(f"file descriptor {fd} is not open") from None
+    if stat.S_ISSOCK(st.st_mode):
+        return SocketChannel(socket.socket(fileno=fd))
+    return FdChannel(fd, fd)
+
+
+def stdio() -> FdChannel:
+    """Standard input and output, as used by QEMU's ``exec:`` transport."""
+    return FdChannel(0, 1, owned=False)

@@ -1,0 +1,169 @@
+"""Positioned, vectored file I/O; O_DIRECT; hole punching; crash-safe replacement.
+
+Hot paths write or read one run of contiguous pages per system call
+(:func:`pwritev_all`, :func:`preadv_exact`). :class:`AtomicFile` writes a new file
+under a temporary name in the target's directory and renames it over the target
+only when :meth:`AtomicFile.commit` is called after an fsync of file and
+directory, so an existing good file is never replaced by a partial one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import mmap
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from fixedram.errors import FixedramError
+
+__all__ = [
+    "pwritev_all",
+    "preadv_exact",
+    "aligned_buffer",
+    "open_direct",
+    "punch_hole",
+    "fsync_dir",
+    "AtomicFile",
+    "IOV_MAX",
+]
+
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+Buffer = bytes | bytearray | memoryview
+
+
+def pwritev_all(fd: int, bufs: Sequence[Buffer], offset: int) -> int:
+    """Write every buffer at ``offset`` onwards; retries short writes. Returns bytes written."""
+    views = [memoryview(b).cast("B") for b in bufs if len(b)]
+    total = 0
+    i = 0
+    while i < len(views):
+        batch = views[i : i + IOV_MAX]
+        n = os.pwritev(fd, batch, offset + total)
+        if n <= 0:
+            raise OSError(errno.EIO, "short write")
+        total += n
+        while n and i < len(views):
+            ln = len(views[i])
+            if n >= ln:
+                n -= ln
+                i += 1
+            else:
+                views[i] = views[i][n:]
+                n = 0
+    return total
+
+
+def preadv_exact(fd: int, buf: memoryview, offset: int) -> None:
+    """Fill ``buf`` from ``offset``; raise FixedramError if the file is shorter."""
+    got = 0
+    while got < len(buf):
+        n = os.preadv(fd, [buf[got:]], offset + got)
+        if n <= 0:
+            raise FixedramError(f"file ends at byte {offset + got}, "
+                                f"{len(buf) - got} bytes short")
+        got += n
+
+
+def aligned_buffer(size: int) -> mmap.mmap:
+    """A page-aligned, zero-filled buffer of ``size`` bytes (anonymous mmap), for O_DIRECT."""
+    return mmap.mmap(-1, max(size, mmap.PAGESIZE))
+
+
+def open_direct(path: str | os.PathLike[str], flags: int, mode: int = 0o600) -> int | None:
+    """Open ``path`` with O_DIRECT added to ``flags``; None where the filesystem refuses it."""
+    try:
+        return os.open(path, flags | os.O_DIRECT, mode)
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return None
+        raise
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate ``[offset, offset+length)`` keeping the file size; False if unsupported.
+
+    Where holes cannot be punched the range is overwritten with zeros instead, so
+    old data never stays reachable.
+    """
+    if length <= 0:
+        return True
+    rc = _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+    if rc == 0:
+        return True
+    zeros = bytes(min(length, 1 << 20))
+    done = 0
+    while done < length:
+        n = min(len(zeros), length - done)
+        pwritev_all(fd, [memoryview(zeros)[:n]], offset + done)
+        done += n
+    return False
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync a directory so a rename or create inside it is durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AtomicFile:
+    """A file written under a temporary name and renamed over ``target`` on commit.
+
+    The temporary file lives in the target's directory (same filesystem) and is
+    named ``.<name>.fixedram-partial.<pid>``, so it is never mistaken for an image.
+    ``abort`` (or leaving a ``with`` block by an exception) removes it.
+    """
+
+    def __init__(self, target: str | os.PathLike[str], *, mode: int = 0o600) -> None:
+        self.target = Path(target).absolute()
+        if self.target.is_dir():
+            raise FixedramError(f"{self.target} is a directory")
+        parent = self.target.parent
+        if not parent.is_dir():
+            raise FixedramError(f"directory {parent} does not exist")
+        self.temp = parent / f".{self.target.name}.fixedram-partial.{os.getpid()}"
+        try:
+            self.fd = os.open(self.temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, mode)
+        except OSError as e:
+            raise FixedramError(f"cannot create a file in {parent}: {e.strerror}") from None
+        self.committed = False
+
+    def commit(self) -> None:
+        """fsync the file, rename it over the target, fsync the directory."""
+        os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        os.replace(self.temp, self.target)
+        fsync_dir(self.target.parent)
+        self.committed = True
+
+    def abort(self) -> None:
+        """Close and remove the temporary file (the target is untouched)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if not self.committed:
+            try:
+                self.temp.unlink()
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is not None or not self.committed:
+            self.abort()
