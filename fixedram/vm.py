@@ -656,6 +656,10 @@ class Guest:
             return b""
 
     def _died(self, what: str) -> VMError:
+        if self._proc is not None:
+            # QEMU prints its error and then exits: give it a moment, so the message is read.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(2.0)
         rc = self._proc.poll() if self._proc is not None else None
         state = f"QEMU ({self.name}) exited with status {rc}" if rc is not None else ""
         msg = f"{what}: {state}".rstrip(": ")
@@ -783,7 +787,8 @@ class Guest:
         self, path: str | os.PathLike[str], addr: int = 0, size: int | None = None
     ) -> Path:
         """Dump guest-physical memory ``[addr, addr+size)`` to ``path`` (default: all of
-        ``-m``, i.e. the whole of ``pc.ram`` below 4 GiB). Returns the absolute path."""
+        ``-m`` from physical 0, which is all of ``pc.ram`` while RAM fits below the PCI hole:
+        up to 2 GiB on q35, 3 GiB on pc). Returns the absolute path."""
         p = Path(path).resolve()
         n = self.mem_bytes - addr if size is None else size
         self.cmd("pmemsave", val=addr, size=n, filename=str(p))

@@ -54,11 +54,17 @@ q72="$cache/qemu-7.2"
 if [ ! -x "$q72/usr/bin/qemu-system-x86_64" ]; then
   apt_update
   tmp=$(mktemp -d)
+  chmod 755 "$tmp"  # apt's _apt user must be able to write there (else an "unsandboxed" warning)
   (cd "$tmp" && apt-get download -qq qemu-system-x86/bookworm qemu-system-common/bookworm)
   mkdir -p "$q72"
   for deb in "$tmp"/*.deb; do dpkg -x "$deb" "$q72"; done
   rm -rf "$tmp"
 fi
+# Unpacked, not installed: its modules (accel-tcg-i386.so) sit under $q72/usr/lib and its
+# firmware comes from the system's /usr/share/{seabios,qemu}; fixedram.vm.find_qemu("7.2")
+# passes QEMU_MODULE_DIR and -L for both.
+QEMU_MODULE_DIR="$q72/usr/lib/x86_64-linux-gnu/qemu" "$q72/usr/bin/qemu-system-x86_64" --version |
+  head -1 | sed 's/^/setup: /'
 echo "setup: QEMU 7.2 in $q72"
 
 cd "$here"

@@ -29,7 +29,7 @@ from fixedram.vm import (
 
 # Small guests keep the suite fast on 2 cores: 128 MiB of RAM, 32 MiB of it stamped.
 MEM = "128M"
-DIRTY_APPEND = "mib=32 rate=32 hb=100"  # keeps dirtying 32 MiB/s during the live save
+DIRTY_APPEND = "mib=32 rate=64 hb=100"  # keeps dirtying 64 MiB/s during the live save
 IDLE_APPEND = "mib=32 rate=0 gens=2 hb=100"  # prefill + one checked pass, then only hlt
 
 
@@ -91,7 +91,7 @@ class ImageCase:
     mem_bytes: int
     mode: Literal["legacy", "mapped-ram"]
     multifd_channels: int
-    transport: str
+    transport: Literal["file", "exec"]
     workload: str
     append: str
     qemu: QemuBinary
@@ -116,7 +116,7 @@ class ImageCase:
             self.mode,
             self.multifd_channels,
             self.offset,
-            transport=self.transport,  # type: ignore[arg-type]
+            transport=self.transport,
             name=name,
             workdir=workdir,
             **kw,
@@ -164,7 +164,9 @@ def make_image(
         status = src.status()
         dump = src.pmemsave(dump_dir / f"{name}.mem")
         blocks = src.ramblocks()
-        transport = spec.transport or ("file" if qemu.version >= (8, 2, 0) else "exec")
+        transport: Literal["file", "exec"] = spec.transport or (
+            "file" if qemu.version >= (8, 2, 0) else "exec"
+        )
     beats = src.heartbeats()
     with open(dump, "rb") as f:
         f.seek(0x3FF000)
