@@ -1,0 +1,485 @@
+"""The migration destination: receive QEMU's precopy stream into a mapped-ram image.
+
+QEMU migrates to fixedram as if to another QEMU (``exec:``, ``unix:``, ``tcp:``,
+``fd:``); :func:`receive` decodes the stream with
+:class:`~fixedram.stream.StreamDecoder` and writes every page in place at its fixed
+offset with :class:`~fixedram.image.MappedRamWriter`, so the image never grows
+beyond RAM size however often the guest re-dirties a page. The image appears
+under its name only once the whole stream (EOF and VM description) has been
+received, written and fsynced; until then it is an unnamed ``O_TMPFILE`` in the
+image's directory (or a hidden temporary name where the filesystem lacks
+``O_TMPFILE``), so a crash of either side leaves any previous image untouched.
+
+:class:`Receiver` is the core without a channel: bytes in, return-path replies
+out. ``fixedram convert`` feeds it from a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from fixedram.errors import (
+    EndpointError,
+    FixedramError,
+    StreamError,
+    TruncatedStream,
+    UnsupportedRecord,
+)
+from fixedram.image.layout import PAGE_SIZE
+from fixedram.image.writer import MappedRamWriter, mapped_configuration
+from fixedram.io.channel import Channel
+from fixedram.io.files import AtomicFile, aligned_buffer, open_direct
+from fixedram.stream import (
+    CommandRecord,
+    Configuration,
+    DeviceState,
+    EndOfSection,
+    MultifdFlush,
+    Packaged,
+    Page,
+    RamBlock,
+    Record,
+    SectionEnd,
+    SectionPart,
+    SectionStart,
+    StreamDecoder,
+    VMDescription,
+    Zero,
+)
+from fixedram.stream.format import Command
+from fixedram.stream.returnpath import encode_pong, encode_shut, encode_switchover_ack
+
+__all__ = ["RECV_CHUNK", "DirectIO", "ReceiveReport", "ReceiveStats", "Receiver", "receive"]
+
+DirectIO = bool | Literal["required"]
+
+#: Bytes read from the channel per call.
+RECV_CHUNK = 1 << 20
+#: Most pages written by one pwritev (1 MiB).
+MAX_RUN = 256
+#: Seconds between progress callbacks.
+PROGRESS_INTERVAL = 0.25
+
+_PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
+
+
+@dataclass(frozen=True)
+class ReceiveStats:
+    """Progress of a running receive."""
+
+    bytes_received: int
+    pages_written: int
+    sections: int
+
+
+@dataclass(frozen=True)
+class ReceiveReport:
+    """What a completed receive did."""
+
+    image: Path
+    bytes_received: int
+    pages_written: int  # page writes, rewrites of the same page included
+    pages_present: int  # distinct pages stored in the image (bits set)
+    zero_pages: int  # ZERO records received
+    sections: int  # RAM sections (START, PARTs, END): the source's passes
+    elapsed: float  # seconds
+    apparent_size: int  # st_size of the image
+    allocated_size: int  # disk space used by the image
+    ram_size: int  # total bytes of all RAM blocks
+    machine: str
+    direct_io: bool  # page data went through O_DIRECT
+    return_path: bool  # the source opened a return path
+
+    def summary(self) -> str:
+        """A one-line human summary."""
+        mib = 1 << 20
+        rate = self.bytes_received / self.elapsed / mib if self.elapsed > 0 else 0.0
+        return (f"{self.image}: {self.machine}, RAM {self.ram_size / mib:.1f} MiB; received "
+                f"{self.bytes_received / mib:.1f} MiB in {self.elapsed:.2f} s "
+                f"({rate:.1f} MiB/s), {self.sections} sections, {self.pages_written} page "
+                f"writes, {self.pages_present} pages stored, {self.zero_pages} zero; image "
+                f"{self.apparent_size / mib:.1f} MiB apparent, "
+                f"{self.allocated_size / mib:.1f} MiB allocated"
+                + ("; page data written with O_DIRECT" if self.direct_io else ""))
+
+
+class _ImageFile(AtomicFile):
+    """:class:`AtomicFile` on an unnamed ``O_TMPFILE`` where the filesystem has it.
+
+    The file gets a name only at :meth:`commit` (linked under the temporary name,
+    then renamed over the target), so even a SIGKILL leaves nothing behind.
+    """
+
+    def __init__(self, target: str | os.PathLike[str], *, mode: int = 0o600) -> None:
+        tgt = Path(target).absolute()
+        parent = tgt.parent
+        fd = -1
+        if not tgt.is_dir() and parent.is_dir() and hasattr(os, "O_TMPFILE"):
+            try:
+                fd = os.open(parent, os.O_TMPFILE | os.O_RDWR, mode)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise FixedramError(f"cannot create a file in {parent}: "
+                                        f"{e.strerror}") from None
+        if fd < 0:
+            super().__init__(target, mode=mode)
+            self.anonymous = False
+            return
+        self.target = tgt
+        self.temp = parent / f".{tgt.name}.fixedram-partial.{os.getpid()}"
+        self.fd = fd
+        self.committed = False
+        self.anonymous = True
+
+    def commit(self) -> None:
+        """fsync, give the file its temporary name, rename it over the target, fsync dir."""
+        if not self.anonymous:
+            super().commit()
+            return
+        os.fsync(self.fd)
+        dfd = os.open(self.target.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.temp.name, dir_fd=dfd)
+            # linkat(AT_SYMLINK_FOLLOW) through /proc names the unnamed file; a plain
+            # link() would try to link the /proc symlink itself (EXDEV)
+            os.link(f"/proc/self/fd/{self.fd}", self.temp.name, dst_dir_fd=dfd,
+                    follow_symlinks=True)
+            os.close(self.fd)
+            self.fd = -1
+            try:
+                os.replace(self.temp.name, self.target.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            except BaseException:
+                os.unlink(self.temp.name, dir_fd=dfd)
+                raise
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self.committed = True
+
+    def abort(self) -> None:
+        """Close (an unnamed file then simply vanishes) or remove the temporary file."""
+        if not self.anonymous:
+            super().abort()
+            return
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+_MACHINE_VERSION = re.compile(r"-(\d+)\.(\d+)$")
+
+
+def wants_switchover_ack(machine: str) -> bool:
+    """Whether to send SWITCHOVER_ACK when the source opens the return path.
+
+    QEMU 8.1+ needs it when capability ``switchover-ack`` is on and ignores it
+    otherwise, but QEMU before 8.1 aborts the migration on this unknown message. A
+    source running a machine type older than 8.1 may be such a QEMU, so it gets none.
+    """
+    m = _MACHINE_VERSION.search(machine)
+    return m is None or (int(m[1]), int(m[2])) >= (8, 1)
+
+
+class Receiver:
+    """Decodes a precopy stream into a mapped-ram image; sans channel.
+
+    ``reply`` is called with return-path bytes to send to the source. Feed bytes
+    with :meth:`feed` until :attr:`done`, then :meth:`commit`; :meth:`abort` (or an
+    exception inside a ``with`` block) discards the partial image.
+    """
+
+    def __init__(self, image: str | os.PathLike[str], *, direct_io: DirectIO = False,
+                 progress: Callable[[ReceiveStats], None] | None = None,
+                 reply: Callable[[bytes], None] | None = None,
+                 switchover_ack: bool | None = None) -> None:
+        self.image = Path(image).absolute()
+        self._progress = progress
+        self._reply = reply
+        self._switchover_ack = switchover_ack
+        self._t0 = time.monotonic()
+        self._last_progress = self._t0
+        self.dec = StreamDecoder()
+        self.file = _ImageFile(self.image)
+        self._direct_fd = -1
+        self._stage: memoryview | None = None
+        self._stage_map: mmap.mmap | None = None
+        try:
+            if direct_io:
+                self._open_direct(direct_io)
+            self.writer = MappedRamWriter(
+                self.file.fd, page_fd=self._direct_fd if self._direct_fd >= 0 else None)
+        except BaseException:
+            self.abort()
+            raise
+        self.bytes_received = 0
+        self.zero_records = 0
+        self.sections = 0
+        self.parts = 0
+        self.return_path = False
+        self.configuration: Configuration | None = None
+        self._ram_id: int | None = None
+        self._blocks: list[RamBlock] = []
+        self._begun = False
+        self._commands: list[CommandRecord] = []
+        self._device: bytes | None = None
+        self._vmdesc: bytes | None = None
+        self._ended = False
+        # the pending run: consecutive pages (or zero pages) of one block
+        self._kind = 0  # 0 none, 1 pages, 2 zeros
+        self._blk = ""
+        self._first = 0
+        self._n = 0
+        self._bufs: list[bytes] = []
+
+    # -- setup -------------------------------------------------------------------
+
+    def _open_direct(self, mode: DirectIO) -> None:
+        fd = open_direct(f"/proc/self/fd/{self.file.fd}", os.O_WRONLY)
+        if fd is None:
+            where = self.image.parent
+            if mode == "required":
+                raise FixedramError(f"the filesystem of {where} does not support O_DIRECT")
+            print(f"fixedram: warning: the filesystem of {where} does not support O_DIRECT; "
+                  "using buffered I/O", file=sys.stderr, flush=True)
+            return
+        self._direct_fd = fd
+        stage = aligned_buffer(MAX_RUN * PAGE_SIZE)
+        self._stage_map = stage
+        self._stage = memoryview(stage)
+
+    @property
+    def direct(self) -> bool:
+        """True when page data goes through an O_DIRECT descriptor."""
+        return self._direct_fd >= 0
+
+    @property
+    def done(self) -> bool:
+        """True once the whole stream (EOF and any VM description) has arrived."""
+        return self.dec.done
+
+    # -- input -------------------------------------------------------------------
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Process received bytes."""
+        self.bytes_received += len(data)
+        self._handle(self.dec.feed(data))
+        if self._progress is not None:
+            now = time.monotonic()
+            if now - self._last_progress >= PROGRESS_INTERVAL:
+                self._last_progress = now
+                self._progress(self.stats())
+
+    def feed_eof(self) -> None:
+        """The input ended; raises if the stream is incomplete."""
+        self._handle(self.dec.feed_eof())
+
+    def stats(self) -> ReceiveStats:
+        """Progress so far."""
+        return ReceiveStats(self.bytes_received, self.writer.pages_written + self._pending(),
+                            self.sections)
+
+    def _pending(self) -> int:
+        return self._n if self._kind == 1 else 0
+
+    def _handle(self, records: list[Record]) -> None:
+        for r in records:
+            if isinstance(r, Page):
+                pg = r.offset >> _PAGE_SHIFT
+                if (self._kind != 1 or r.block != self._blk or pg != self._first + self._n
+                        or self._n >= MAX_RUN):
+                    self._flush()
+                    self._kind, self._blk, self._first = 1, r.block, pg
+                stage = self._stage
+                if stage is not None:
+                    stage[self._n << _PAGE_SHIFT : (self._n + 1) << _PAGE_SHIFT] = r.data
+                else:
+                    self._bufs.append(r.data)
+                self._n += 1
+            elif isinstance(r, Zero):
+                if r.fill:
+                    raise UnsupportedRecord(f"ZERO record with fill byte 0x{r.fill:02x} "
+                                            f"(block '{r.block}')")
+                self.zero_records += 1
+                pg = r.offset >> _PAGE_SHIFT
+                if self._kind != 2 or r.block != self._blk or pg != self._first + self._n:
+                    self._flush()
+                    self._kind, self._blk, self._first = 2, r.block, pg
+                self._n += 1
+            else:
+                self._flush()
+                self._other(r)
+
+    def _flush(self) -> None:
+        n = self._n
+        if not n:
+            return
+        if self._kind == 1:
+            stage = self._stage
+            if stage is not None:
+                self.writer.write_pages(self._blk, self._first, [stage[: n << _PAGE_SHIFT]])
+            else:
+                self.writer.write_pages(self._blk, self._first, self._bufs)
+                self._bufs = []
+        else:
+            self.writer.zero_pages(self._blk, self._first, n)
+        self._kind = 0
+        self._n = 0
+
+    def _send(self, data: bytes) -> None:
+        if self._reply is not None:
+            self._reply(data)
+
+    def _other(self, r: object) -> None:
+        if isinstance(r, RamBlock):
+            self._blocks.append(r)
+        elif isinstance(r, EndOfSection):
+            if not self._begun:
+                if self.configuration is None:
+                    raise StreamError("RAM section before the configuration section")
+                if self._ram_id is None or not self._blocks:
+                    raise StreamError("RAM section without a RAM block list")
+                self.writer.begin(self.configuration, self._blocks, section_id=self._ram_id)
+                self._begun = True
+        elif isinstance(r, SectionPart):
+            self.sections += 1
+            self.parts += 1
+        elif isinstance(r, SectionEnd):
+            self.sections += 1
+            self._ended = True
+        elif isinstance(r, SectionStart):
+            self.sections += 1
+            self._ram_id = r.section_id
+        elif isinstance(r, CommandRecord):
+            self._command(r)
+        elif isinstance(r, Configuration):
+            if r.mapped_ram:
+                raise UnsupportedRecord("the source declares capability mapped-ram; "
+                                        "migrate with mapped-ram off")
+            mapped_configuration(r)  # refuses x-ignore-shared early
+            self.configuration = r
+        elif isinstance(r, MultifdFlush):
+            raise UnsupportedRecord("multifd not supported yet (turn capability multifd off)")
+        elif isinstance(r, Packaged):
+            raise UnsupportedRecord("postcopy not supported (PACKAGED command)")
+        elif isinstance(r, DeviceState):
+            self._device = r.data
+        elif isinstance(r, VMDescription):
+            self._vmdesc = r.data
+
+    def _command(self, r: CommandRecord) -> None:
+        cmd = r.cmd
+        if cmd == Command.OPEN_RETURN_PATH:
+            self.return_path = True
+            ack = self._switchover_ack
+            if ack is None:
+                ack = wants_switchover_ack(self.configuration.machine
+                                           if self.configuration else "")
+            if ack:
+                self._send(encode_switchover_ack())
+        elif cmd == Command.PING:
+            if not self.return_path:
+                raise StreamError("PING before the return path was opened")
+            self._send(encode_pong(int.from_bytes(r.data, "big")))
+        elif cmd == Command.SWITCHOVER_START:
+            self._commands.append(r)
+        elif cmd == Command.POSTCOPY_ADVISE:
+            pass  # harmless until postcopy actually starts (LISTEN/PACKAGED)
+        else:
+            raise UnsupportedRecord(f"migration command {r.name} (postcopy and COLO are not "
+                                    "supported)")
+
+    # -- completion --------------------------------------------------------------
+
+    def commit(self) -> ReceiveReport:
+        """Write the trailer, fsync, rename into place; answer SHUT(0) on a return path."""
+        if not self.dec.done:
+            raise StreamError("the migration stream is not complete", self.dec.next_offset)
+        self._flush()
+        if not self._begun or not self._ended or self._device is None:
+            raise StreamError("the migration stream has no complete RAM section")
+        w = self.writer
+        size = w.finish(self._device, self._vmdesc, commands=self._commands, parts=self.parts)
+        st = os.fstat(self.file.fd)
+        direct = self.direct
+        self._close_direct()
+        self.file.commit()
+        report = ReceiveReport(
+            image=self.image, bytes_received=self.bytes_received,
+            pages_written=w.pages_written, pages_present=w.pages_present,
+            zero_pages=self.zero_records, sections=self.sections,
+            elapsed=time.monotonic() - self._t0, apparent_size=size,
+            allocated_size=st.st_blocks * 512, ram_size=w.ram_size,
+            machine=self.configuration.machine if self.configuration else "",
+            direct_io=direct, return_path=self.return_path)
+        if self._progress is not None:
+            self._progress(self.stats())
+        if self.return_path:
+            self._send(encode_shut(False))
+        return report
+
+    def _close_direct(self) -> None:
+        if self._direct_fd >= 0:
+            os.close(self._direct_fd)
+            self._direct_fd = -1
+        if self._stage is not None:
+            self._stage.release()
+            self._stage = None
+        if self._stage_map is not None:
+            self._stage_map.close()
+            self._stage_map = None
+
+    def abort(self) -> None:
+        """Discard the partial image (a previous image stays as it was)."""
+        self._close_direct()
+        self.file.abort()
+
+    def __enter__(self) -> Receiver:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if not self.file.committed:
+            if exc_type is not None and self.return_path and self._reply is not None:
+                with contextlib.suppress(OSError, FixedramError):
+                    self._reply(encode_shut(True))
+            self.abort()
+
+
+def receive(channel: Channel, image: str | os.PathLike[str], *, direct_io: DirectIO = False,
+            progress: Callable[[ReceiveStats], None] | None = None,
+            switchover_ack: bool | None = None) -> ReceiveReport:
+    """Be the destination of a precopy migration and save it as a mapped-ram ``image``.
+
+    Reads the stream from ``channel`` until its end (EOF record plus VM description;
+    the connection may stay open when the source uses a return path), answering the
+    return path (SWITCHOVER_ACK, PONG, finally SHUT). ``direct_io`` writes page data
+    with O_DIRECT (``"required"``: fail where unsupported instead of falling back).
+    ``switchover_ack`` forces sending SWITCHOVER_ACK on or off (default: see
+    :func:`wants_switchover_ack`). The channel is not closed.
+    """
+    with Receiver(image, direct_io=direct_io, progress=progress, reply=channel.sendall,
+                  switchover_ack=switchover_ack) as rx:
+        buf = bytearray(RECV_CHUNK)
+        mv = memoryview(buf)
+        recv = channel.recv_into
+        while not rx.done:
+            n = recv(mv)
+            if not n:
+                try:
+                    rx.feed_eof()
+                except TruncatedStream as e:
+                    raise EndpointError(f"the source closed the connection before the end "
+                                        f"of the migration stream ({e})") from None
+                break
+            rx.feed(mv[:n])
+        return rx.commit()

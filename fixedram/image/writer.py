@@ -1,0 +1,246 @@
+"""Writing QEMU mapped-ram files, byte-compatible with QEMU 10.0.2's ``migrate file:``.
+
+:class:`MappedRamWriter` lays a file out exactly as QEMU does (see
+:mod:`fixedram.image.layout`)::
+
+    begin():   QEVM header | configuration (+ capabilities: mapped-ram) | START ram |
+               MEM_SIZE | per block: name, length, MappedRamHeader | EOS | footer
+    (pages are written in place at pages_offset + i * PAGE_SIZE while they arrive)
+    finish():  bitmaps | PART ram (EOS, footer) x n | [commands, e.g. SWITCHOVER_START] |
+               END ram (EOS, footer) | device state blob | EOF | [vmdesc]
+
+The per-page bitmaps live in memory (one numpy bool per page) and are written once,
+at :meth:`MappedRamWriter.finish`, as QEMU does. A page that is zeroed after it held
+data has its bit cleared and its file range deallocated (hole punched), so stale
+guest data is not left reachable in the file; QEMU leaves such data behind.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fixedram.errors import FixedramError, UnsupportedRecord
+from fixedram.image.layout import PAGE_SIZE, block_geometry, bools_to_bitmap, runs
+from fixedram.io.files import punch_hole, pwritev_all
+from fixedram.stream.encoder import encode
+from fixedram.stream.format import (
+    CAP_IGNORE_SHARED,
+    CAP_MAPPED_RAM,
+    MAPPED_RAM_HEADER,
+    MAPPED_RAM_VERSION,
+    RAM_SECTION,
+)
+from fixedram.stream.records import (
+    CommandRecord,
+    Configuration,
+    EndOfFile,
+    EndOfSection,
+    FileHeader,
+    MemSize,
+    RamBlock,
+    SectionEnd,
+    SectionFooter,
+    SectionPart,
+    SectionStart,
+    VMDescription,
+)
+
+__all__ = ["BlockLayout", "MappedRamWriter", "mapped_configuration"]
+
+Buffer = bytes | bytearray | memoryview
+
+
+@dataclass
+class BlockLayout:
+    """Where one RAM block lives in the file, plus its in-memory bitmap."""
+
+    name: str
+    length: int
+    header_offset: int
+    bitmap_offset: int
+    pages_offset: int
+    present: np.ndarray
+
+    @property
+    def npages(self) -> int:
+        """Number of target pages in the block."""
+        return self.length // PAGE_SIZE
+
+
+def mapped_configuration(cfg: Configuration) -> Configuration:
+    """``cfg`` with the capabilities a mapped-ram file declares (``mapped-ram`` added).
+
+    Refuses ``x-ignore-shared``: QEMU 10.0.2 cannot load such mapped-ram files.
+    """
+    caps = list(cfg.capabilities or ())
+    if CAP_IGNORE_SHARED in caps:
+        raise UnsupportedRecord("capability x-ignore-shared is not supported in mapped-ram "
+                                "images (QEMU 10.0 cannot load them)")
+    if CAP_MAPPED_RAM not in caps:
+        caps.append(CAP_MAPPED_RAM)
+    return Configuration(cfg.machine, tuple(caps), cfg.page_bits, cfg.uuid)
+
+
+class MappedRamWriter:
+    """Lays out a mapped-ram image in an open file.
+
+    ``fd`` receives the metadata (stream prefix, bitmaps, trailer) through buffered
+    positional writes; ``page_fd`` (default ``fd``) receives page data, e.g. an
+    ``O_DIRECT`` descriptor of the same file, in which case the buffers given to
+    :meth:`write_pages` must be page-aligned. ``base_offset`` is not supported: the
+    stream starts at byte 0.
+    """
+
+    def __init__(self, fd: int, *, page_fd: int | None = None) -> None:
+        self.fd = fd
+        self.page_fd = fd if page_fd is None else page_fd
+        self.blocks: dict[str, BlockLayout] = {}
+        self.configuration: Configuration | None = None
+        self.section_id = 0
+        self.end_offset = 0  # where finish() continues the main stream
+        self.pages_written = 0
+        self.holes_punched = 0
+        self._finished = False
+
+    # -- setup ---------------------------------------------------------------------
+
+    def begin(self, configuration: Configuration, blocks: Sequence[RamBlock | tuple[str, int]],
+              *, section_id: int = 1) -> None:
+        """Write the stream prefix and every block's header; reserve the pages regions.
+
+        ``blocks`` are in the source's order (QEMU's RAM list order); ``section_id`` is
+        the ``ram`` section id to use (the source's, so the device blob stays coherent).
+        """
+        if self.configuration is not None:
+            raise FixedramError("MappedRamWriter.begin called twice")
+        if not blocks:
+            raise FixedramError("no RAM blocks to write")
+        cfg = mapped_configuration(configuration)
+        self.configuration = cfg
+        self.section_id = section_id
+        norm = [(b.name, b.length) if isinstance(b, RamBlock) else b for b in blocks]
+        total = sum(n for _, n in norm)
+        head = bytearray()
+        for r in (FileHeader(), cfg, SectionStart(section_id, RAM_SECTION, 0, 4),
+                  MemSize(total)):
+            head += encode(r)
+        pos = 0
+        pieces: list[tuple[int, bytes]] = []
+        for name, length in norm:
+            if length <= 0 or length % PAGE_SIZE:
+                raise FixedramError(f"RAM block '{name}' has length {length}")
+            if name in self.blocks:
+                raise FixedramError(f"RAM block '{name}' listed twice")
+            head += encode(RamBlock(name, length))
+            hdr_pos = pos + len(head)
+            bm, pg, nxt = block_geometry(hdr_pos, length)
+            head += MAPPED_RAM_HEADER.pack(MAPPED_RAM_VERSION, PAGE_SIZE, bm, pg)
+            pieces.append((pos, bytes(head)))
+            self.blocks[name] = BlockLayout(name, length, hdr_pos, bm, pg,
+                                            np.zeros(length // PAGE_SIZE, dtype=bool))
+            pos = nxt
+            head = bytearray()
+        head += encode(EndOfSection()) + encode(SectionFooter(section_id))
+        pieces.append((pos, bytes(head)))
+        self.end_offset = pos + len(head)
+        for off, data in pieces:
+            pwritev_all(self.fd, [data], off)
+
+    # -- pages ---------------------------------------------------------------------
+
+    def _block(self, name: str) -> BlockLayout:
+        try:
+            return self.blocks[name]
+        except KeyError:
+            raise FixedramError(f"unknown RAM block '{name}'") from None
+
+    def write_pages(self, block: str, first_page: int, bufs: Sequence[Buffer]) -> int:
+        """Write consecutive pages of ``block`` from ``first_page`` with one ``pwritev``.
+
+        ``bufs`` hold whole pages (any split); returns the number of pages written.
+        A page written again simply overwrites its earlier copy.
+        """
+        blk = self._block(block)
+        nbytes = sum(len(b) for b in bufs)
+        npages, rest = divmod(nbytes, PAGE_SIZE)
+        if rest:
+            raise FixedramError(f"write of {nbytes} bytes to '{block}' is not whole pages")
+        if first_page < 0 or first_page + npages > blk.npages:
+            raise FixedramError(f"pages {first_page}..{first_page + npages} outside RAM "
+                                f"block '{block}' ({blk.npages} pages)")
+        if not npages:
+            return 0
+        pwritev_all(self.page_fd, bufs, blk.pages_offset + first_page * PAGE_SIZE)
+        blk.present[first_page : first_page + npages] = True
+        self.pages_written += npages
+        return npages
+
+    def zero_pages(self, block: str, first_page: int, npages: int = 1) -> int:
+        """Mark ``npages`` pages from ``first_page`` as zero (bits cleared).
+
+        Pages that held data are deallocated (hole punched, or overwritten with zeros
+        where the filesystem cannot punch) so the old bytes are not reachable. Returns
+        how many pages had data.
+        """
+        blk = self._block(block)
+        if first_page < 0 or npages < 0 or first_page + npages > blk.npages:
+            raise FixedramError(f"pages {first_page}..{first_page + npages} outside RAM "
+                                f"block '{block}' ({blk.npages} pages)")
+        sel = blk.present[first_page : first_page + npages]
+        if not sel.any():
+            return 0
+        had = 0
+        for start, n in runs(sel):
+            punch_hole(self.fd, blk.pages_offset + (first_page + start) * PAGE_SIZE,
+                       n * PAGE_SIZE)
+            had += n
+        sel[:] = False
+        self.holes_punched += had
+        return had
+
+    # -- completion ----------------------------------------------------------------
+
+    @property
+    def pages_present(self) -> int:
+        """Pages whose bit is set (data stored in the file), over all blocks."""
+        return sum(int(b.present.sum()) for b in self.blocks.values())
+
+    @property
+    def ram_size(self) -> int:
+        """Total bytes of all RAM blocks."""
+        return sum(b.length for b in self.blocks.values())
+
+    def finish(self, device_state: Buffer, vmdesc: Buffer | None, *,
+               commands: Sequence[CommandRecord] = (), parts: int = 1) -> int:
+        """Write the bitmaps and the trailer; return the file's final size.
+
+        The trailer is ``parts`` empty PART sections, ``commands`` (e.g. SWITCHOVER_START,
+        only if the source sent it), an empty END section, ``device_state`` verbatim,
+        EOF and, unless ``vmdesc`` is None, the VM description. The caller fsyncs.
+        """
+        if self.configuration is None:
+            raise FixedramError("MappedRamWriter.finish called before begin")
+        if self._finished:
+            raise FixedramError("MappedRamWriter.finish called twice")
+        for blk in self.blocks.values():
+            pwritev_all(self.fd, [bools_to_bitmap(blk.present)], blk.bitmap_offset)
+        sid = self.section_id
+        eos = encode(EndOfSection())
+        tail: list[Buffer] = []
+        part = encode(SectionPart(sid)) + eos + encode(SectionFooter(sid))
+        tail += [part] * max(0, parts)
+        tail += [encode(c) for c in commands]
+        tail.append(encode(SectionEnd(sid)) + eos + encode(SectionFooter(sid)))
+        tail.append(device_state)
+        tail.append(encode(EndOfFile()))
+        if vmdesc is not None:
+            tail.append(encode(VMDescription(bytes(vmdesc))))
+        n = pwritev_all(self.fd, tail, self.end_offset)
+        size = self.end_offset + n
+        os.ftruncate(self.fd, size)
+        self._finished = True
+        return size
