@@ -1,0 +1,320 @@
+"""Save/restore benchmark: fixedram against QEMU's own file migration and ``dd``, in one run.
+
+A paused guest holding ``--data-mib`` MiB of stamped pages is saved by every method
+into each target directory (root disk and tmpfs by default), then each image is
+restored into a fresh QEMU. Every figure comes from this one run on this machine,
+so the ratios compare like with like. Usage::
+
+    .venv/bin/python -m bench.run                       # 2 GiB guest, 1.5 GiB data
+    .venv/bin/python -m bench.run --mem 512M --data-mib 256 --targets tmpfs   # quick
+
+Writes ``bench/results/<stamp>.json`` and a PNG chart next to it, and prints tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from fixedram.guest import build_guest
+from fixedram.vm import Guest, choose_accel, find_qemu
+
+MIB = 1 << 20
+ROOT = Path(__file__).resolve().parent.parent
+FIXEDRAM = [sys.executable, "-m", "fixedram"]
+
+#: QEMU-native save methods: capabilities and parameters.
+QEMU_SAVES: dict[str, tuple[dict[str, bool], dict[str, Any]]] = {
+    "qemu legacy file:": ({}, {}),
+    "qemu mapped-ram": ({"mapped-ram": True}, {}),
+    "qemu mapped-ram multifd2": ({"mapped-ram": True, "multifd": True},
+                                 {"multifd-channels": 2}),
+    "qemu mapped-ram multifd2 dio": ({"mapped-ram": True, "multifd": True},
+                                     {"multifd-channels": 2, "direct-io": True}),
+}
+ALL_CAPS_OFF = {"mapped-ram": False, "multifd": False}
+
+
+def drop_caches() -> None:
+    """Flush dirty data and drop the page cache (root only; silently skipped otherwise)."""
+    subprocess.run(["sync"], check=False)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        pass
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tck = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / tck
+
+
+def run_fixedram(args: list[str]) -> dict[str, Any]:
+    """Run a fixedram command; return wall time, its CPU seconds and peak RSS, and its JSON."""
+    t = time.monotonic()
+    proc = subprocess.Popen([*FIXEDRAM, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = b"", b""
+    _, status, ru = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - t
+    assert proc.stdout is not None and proc.stderr is not None
+    out, err = proc.stdout.read(), proc.stderr.read()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(f"fixedram {' '.join(args)} failed: {err.decode().strip()}")
+    return {"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "rss_mib": ru.ru_maxrss / 1024,
+            "report": json.loads(out) if out.strip() else {}}
+
+
+def allocated(path: Path) -> int:
+    return path.stat().st_blocks * 512
+
+
+def bench_dd(target: Path, size_mib: int) -> dict[str, float]:
+    """dd write (O_DIRECT, and fsync'd) and read (O_DIRECT, and cold buffered) of the data size."""
+    f = target / "dd.bin"
+    res: dict[str, float] = {}
+
+    def timed(cmd: list[str]) -> float:
+        t = time.monotonic()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return time.monotonic() - t
+
+    count = size_mib // 4
+    for name, flags in (("write direct", ["oflag=direct"]), ("write fsync", ["conv=fsync"])):
+        f.unlink(missing_ok=True)
+        drop_caches()
+        try:
+            res[f"dd {name}"] = timed(["dd", "if=/dev/zero", f"of={f}", "bs=4M",
+                                       f"count={count}", *flags])
+        except subprocess.CalledProcessError:
+            res[f"dd {name}"] = float("nan")
+    for name, flags in (("read direct", ["iflag=direct"]), ("read cold", [])):
+        drop_caches()
+        try:
+            res[f"dd {name}"] = timed(["dd", f"if={f}", "of=/dev/null", "bs=4M", *flags])
+        except subprocess.CalledProcessError:
+            res[f"dd {name}"] = float("nan")
+    f.unlink(missing_ok=True)
+    return res
+
+
+def bench_target(name: str, target: Path, args: argparse.Namespace, qemu: Any, accel: str,
+                 kernel: Path) -> dict[str, Any]:
+    target.mkdir(parents=True, exist_ok=True)
+    socks = Path(tempfile.mkdtemp(prefix="frb-", dir="/tmp"))
+    runs = Path(tempfile.mkdtemp(prefix="fixedram-bench-"))
+    out: dict[str, Any] = {"target": name, "dir": str(target), "save": {}, "restore": {}}
+    is_disk = name == "disk"
+    images: dict[str, Path] = {}
+
+    def ctl(n: str) -> list[str]:
+        return ["-qmp", f"unix:{socks / n}.qmp,server=on,wait=off"]
+
+    src = Guest(qemu, runs, name="src", mem=args.mem, accel=accel, kernel=kernel,
+                append=f"mib={args.data_mib} rate=0 gens=1 hb=100", extra_args=ctl("src"))
+    try:
+        with src:
+            t = time.monotonic()
+            src.wait_heartbeat(gen_at_least=1, timeout=300)
+            out["prefill_s"] = time.monotonic() - t
+            src.stop()
+            for method, (caps, params) in QEMU_SAVES.items():
+                img = target / (method.replace(" ", "_").replace(":", "") + ".img")
+                img.unlink(missing_ok=True)
+                if is_disk:
+                    drop_caches()
+                src.set_migration(caps={**ALL_CAPS_OFF, **caps},
+                                  params={"multifd-channels": 2, "direct-io": False, **params})
+                cpu0 = cpu_seconds(src.pid or 0)
+                t = time.monotonic()
+                src.migrate(f"file:{img}")
+                info = src.wait_migration(600)
+                wall = time.monotonic() - t
+                cpu = cpu_seconds(src.pid or 0) - cpu0
+                t = time.monotonic()
+                subprocess.run(["sync"], check=True)
+                out["save"][method] = {"wall": wall, "wall_sync": wall + time.monotonic() - t,
+                                       "qemu_cpu": cpu, "total_time_ms": info.get("total-time"),
+                                       "apparent": img.stat().st_size, "allocated": allocated(img)}
+                images[method] = img
+                src.cont()
+                src.stop()
+            src.set_migration(caps=ALL_CAPS_OFF, params={"direct-io": False})
+            for method, via, extra in (("fixedram proxy", "proxy", []),
+                                       ("fixedram proxy dio", "proxy", ["--direct-io"]),
+                                       ("fixedram native", "native", [])):
+                img = target / (method.replace(" ", "_") + ".img")
+                img.unlink(missing_ok=True)
+                if is_disk:
+                    drop_caches()
+                cpu0 = cpu_seconds(src.pid or 0)
+                r = run_fixedram(["save", "--qmp", str(socks / "src.qmp"), "--via", via,
+                                  "--no-progress", "--json", *extra, str(img)])
+                cpu = cpu_seconds(src.pid or 0) - cpu0
+                out["save"][method] = {"wall": r["wall"], "wall_sync": r["wall"],
+                                       "qemu_cpu": cpu, "fixedram_cpu": r["cpu"],
+                                       "fixedram_rss_mib": r["rss_mib"],
+                                       "apparent": img.stat().st_size, "allocated": allocated(img)}
+                images[method] = img
+                src.cont()
+                src.stop()
+                src.set_migration(caps=ALL_CAPS_OFF, params={"direct-io": False})
+        restores = [
+            ("qemu load legacy", "qemu legacy file:", ({}, {})),
+            ("qemu load mapped-ram", "qemu mapped-ram", ({"mapped-ram": True}, {})),
+            ("qemu load mapped-ram multifd2 dio", "qemu mapped-ram multifd2 dio",
+             QEMU_SAVES["qemu mapped-ram multifd2 dio"]),
+            ("fixedram send (fixedram image)", "fixedram proxy", None),
+            ("fixedram send (qemu mapped-ram)", "qemu mapped-ram", None),
+            ("fixedram send (legacy stream)", "qemu legacy file:", None),
+        ]
+        for method, image_key, native in restores:
+            img = images[image_key]
+            if is_disk:
+                drop_caches()
+            dst = Guest.like(src, name="dst", incoming=True)
+            dst.extra_args = tuple(ctl("dst"))
+            with dst:
+                cpu0 = cpu_seconds(dst.pid or 0)
+                if native is not None:
+                    caps, params = native
+                    t = time.monotonic()
+                    dst.migrate_incoming(f"file:{img}", caps=caps or None, params=params or None)
+                    dst.wait_incoming(600)
+                    wall = time.monotonic() - t
+                    entry: dict[str, Any] = {"wall": wall}
+                else:
+                    r = run_fixedram(["restore", "--qmp", str(socks / "dst.qmp"), "--via",
+                                      "proxy", "--paused", "--no-progress", "--json", str(img)])
+                    entry = {"wall": r["wall"], "fixedram_cpu": r["cpu"],
+                             "fixedram_rss_mib": r["rss_mib"]}
+                entry["qemu_cpu"] = cpu_seconds(dst.pid or 0) - cpu0
+                entry["status"] = dst.status()
+                out["restore"][method] = entry
+        out["dd"] = bench_dd(target, args.data_mib)
+    finally:
+        src.kill()
+        shutil.rmtree(socks, ignore_errors=True)
+        shutil.rmtree(runs, ignore_errors=True)
+        if not args.keep:
+            for img in images.values():
+                img.unlink(missing_ok=True)
+    return out
+
+
+def table(res: dict[str, Any], data_mib: int) -> str:
+    """Ratios: each method's throughput against dd and against QEMU's best mapped-ram."""
+    lines = []
+    for t in res["targets"]:
+        dd = t["dd"]
+        saves = t["save"]
+        best_q = min(v["wall_sync"] for k, v in saves.items() if "mapped-ram" in k)
+        lines.append(f"\n## save, {t['target']} ({t['dir']}); {data_mib} MiB of data, "
+                     f"dd write direct {data_mib / dd['dd write direct']:.0f} MiB/s, "
+                     f"fsync {data_mib / dd['dd write fsync']:.0f} MiB/s")
+        lines.append("| method | wall s (durable) | MiB/s | vs dd direct | vs best QEMU mapped-ram "
+                     "| QEMU CPU s | fixedram CPU s | fixedram RSS MiB | apparent / allocated MiB |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
+        for k, v in saves.items():
+            w = v["wall_sync"]
+            lines.append(
+                f"| {k} | {w:.2f} | {data_mib / w:.0f} | {dd['dd write direct'] / w:.2f}x "
+                f"| {best_q / w:.2f}x | {v['qemu_cpu']:.2f} | {v.get('fixedram_cpu', 0):.2f} "
+                f"| {v.get('fixedram_rss_mib', 0):.0f} | {v['apparent'] / MIB:.0f} / "
+                f"{v['allocated'] / MIB:.0f} |")
+        rest = t["restore"]
+        best_l = min(v["wall"] for k, v in rest.items() if k.startswith("qemu load mapped"))
+        lines.append(f"\n## restore, {t['target']}; dd read direct "
+                     f"{data_mib / dd['dd read direct']:.0f} MiB/s, cold "
+                     f"{data_mib / dd['dd read cold']:.0f} MiB/s")
+        lines.append("| method | wall s | MiB/s | vs dd read direct | vs best QEMU mapped-ram load "
+                     "| QEMU CPU s | fixedram CPU s | fixedram RSS MiB |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for k, v in rest.items():
+            w = v["wall"]
+            lines.append(f"| {k} | {w:.2f} | {data_mib / w:.0f} | {dd['dd read direct'] / w:.2f}x "
+                         f"| {best_l / w:.2f}x | {v['qemu_cpu']:.2f} "
+                         f"| {v.get('fixedram_cpu', 0):.2f} | {v.get('fixedram_rss_mib', 0):.0f} |")
+    return "\n".join(lines)
+
+
+def chart(res: dict[str, Any], data_mib: int, path: Path) -> None:
+    """Throughput bars per method and target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(14, 6))
+    for ax, kind in zip(axes, ("save", "restore"), strict=True):
+        for i, t in enumerate(res["targets"]):
+            key = "wall_sync" if kind == "save" else "wall"
+            names = list(t[kind])
+            vals = [data_mib / t[kind][n][key] for n in names]
+            ys = [j + i * 0.4 for j in range(len(names))]
+            ax.barh(ys, vals, height=0.4, label=t["target"])
+            ax.set_yticks([j + 0.2 for j in range(len(names))], names, fontsize=8)
+        ax.set_xlabel("MiB/s of guest data (higher is better)")
+        ax.set_title(f"{kind} ({data_mib} MiB of data, {res['machine']['qemu']})")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--mem", default="2G")
+    ap.add_argument("--data-mib", type=int, default=1536)
+    ap.add_argument("--targets", default="disk,tmpfs", help="comma list of disk,tmpfs")
+    ap.add_argument("--disk-dir", default="/var/tmp/fixedram-bench")
+    ap.add_argument("--tmpfs-dir", default="/dev/shm/fixedram-bench")
+    ap.add_argument("--keep", action="store_true", help="keep the images")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = ap.parse_args()
+    qemu = find_qemu("10")
+    accel = choose_accel(qemu)
+    kernel = build_guest()
+    res: dict[str, Any] = {
+        "command": " ".join(["python -m bench.run", *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": {"cores": os.cpu_count(), "kernel": platform.release(),
+                    "qemu": qemu.version_str, "accel": accel,
+                    "disk": subprocess.run(["df", "-T", args.disk_dir if Path(args.disk_dir).exists()
+                                            else "/"], capture_output=True,
+                                           text=True).stdout.splitlines()[-1]},
+        "mem": args.mem, "data_mib": args.data_mib, "targets": [],
+    }
+    dirs = {"disk": Path(args.disk_dir), "tmpfs": Path(args.tmpfs_dir)}
+    for name in args.targets.split(","):
+        print(f"bench: {name} ...", file=sys.stderr)
+        res["targets"].append(bench_target(name, dirs[name], args, qemu, accel, kernel))
+        shutil.rmtree(dirs[name], ignore_errors=True)
+    outdir = Path(args.out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (outdir / f"{stamp}.json").write_text(json.dumps(res, indent=2))
+    text = table(res, args.data_mib)
+    (outdir / f"{stamp}.md").write_text(text + "\n")
+    try:
+        chart(res, args.data_mib, outdir / f"{stamp}.png")
+    except ImportError:
+        print("bench: matplotlib missing, no chart (pip install -e .[bench])", file=sys.stderr)
+    print(text)
+    print(f"\nbench: results in {outdir}/{stamp}.*  ({resource.getrusage(0).ru_maxrss // 1024}"
+          " MiB peak RSS of the driver)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
