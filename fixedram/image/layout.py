@@ -58,7 +58,7 @@ def block_geometry(header_pos: int, length: int) -> tuple[int, int, int]:
     return bitmap_offset, pages_offset, pages_offset + length
 
 
-def bitmap_to_bools(raw: bytes | memoryview, npages: int) -> np.ndarray:
+def bitmap_to_bools(raw: bytes | bytearray | memoryview, npages: int) -> np.ndarray:
     """A raw on-disk bitmap as one bool per page."""
     bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
     return bits[:npages].astype(bool)

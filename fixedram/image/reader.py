@@ -43,6 +43,9 @@ __all__ = ["open_image", "Image", "MappedRamImage", "StreamImage", "BlockInfo", 
 #: Largest single read when streaming page data (bytes).
 READ_CHUNK = 1 << 20
 
+#: Read size while walking the metadata of a mapped-ram file (bytes).
+METADATA_CHUNK = 16 << 10
+
 _ABSENT = -1
 
 
@@ -272,6 +275,7 @@ def _walk(fd: int, base: int, size: int, index: bool) -> tuple[StreamDecoder, di
                             "config": None, "where": {}, "sections": 0}
     where: dict[str, np.ndarray] = info["where"]
     pos = base
+    chunk = READ_CHUNK if index else METADATA_CHUNK
     buf = bytearray(READ_CHUNK)
     mv = memoryview(buf)
     while True:
@@ -283,7 +287,11 @@ def _walk(fd: int, base: int, size: int, index: bool) -> tuple[StreamDecoder, di
                                  f"({size} bytes)", want)
             dec.seek(want)
             pos = want
-        n = os.preadv(fd, [mv], pos)
+        # Never read across a 1 MiB boundary in one go: QEMU puts every pages region on
+        # such a boundary, so the decoder sees each block header (and skips the pages)
+        # before a read could reach page data. Opening a mapped-ram image thus reads
+        # metadata only, in small pieces since it is small and scattered.
+        n = os.preadv(fd, [mv[: min(chunk, READ_CHUNK - pos % READ_CHUNK)]], pos)
         records = dec.feed(mv[:n]) if n else dec.feed_eof()
         pos += n
         for r in records:
@@ -296,6 +304,8 @@ def _walk(fd: int, base: int, size: int, index: bool) -> tuple[StreamDecoder, di
                                      f"'{r.block}' is not supported")
                 where[r.block][r.offset // PAGE_SIZE] = _ABSENT
             elif isinstance(r, RamBlock):
+                if r.mapped is not None:
+                    _check_mapped(r, size)
                 info["blocks"][r.name] = BlockInfo(r.name, r.length, r.mapped, r.guest_addr)
                 if index:
                     where[r.name] = np.full(r.length // PAGE_SIZE, _ABSENT, dtype=np.int64)
@@ -311,6 +321,20 @@ def _walk(fd: int, base: int, size: int, index: bool) -> tuple[StreamDecoder, di
                 info["vmdesc"] = r.data
         if not n:
             return dec, info
+
+
+def _check_mapped(r: RamBlock, size: int) -> None:
+    """The bitmap and pages region of a mapped-ram block must lie inside the file."""
+    m = r.mapped
+    assert m is not None
+    bm_end = m.bitmap_offset + bitmap_bytes(r.length // PAGE_SIZE)
+    if bm_end > size:
+        raise ImageError(f"RAM block '{r.name}': bitmap at byte {m.bitmap_offset} ends at byte "
+                         f"{bm_end}, past the end of the file ({size} bytes)", m.bitmap_offset)
+    if m.pages_offset + r.length > size:
+        raise ImageError(f"RAM block '{r.name}': pages region at byte {m.pages_offset} ends at "
+                         f"byte {m.pages_offset + r.length}, past the end of the file "
+                         f"({size} bytes)", m.pages_offset)
 
 
 def open_image(path: str | os.PathLike[str], *, offset: int | None = None) -> Image:
@@ -362,11 +386,13 @@ def open_image(path: str | os.PathLike[str], *, offset: int | None = None) -> Im
 
 
 def _find_base(fd: int, size: int) -> int:
-    head = os.pread(fd, min(size, 1 << 20), 0)
     magic = FILE_MAGIC.to_bytes(4, "big")
-    if head.startswith(magic):
+    if os.pread(fd, 4, 0) == magic:
         return 0
+    head = os.pread(fd, min(size, 1 << 20), 0)
     at = head.find(magic + b"\x00\x00\x00\x03")
+    if at < 0:
+        at = head.find(magic)  # the decoder then names the unsupported version
     if at < 0:
         got = head[:4].hex()
         raise ImageError(f"not a QEMU migration image (no QEVM magic; file starts with {got})", 0)

@@ -114,6 +114,7 @@ class StreamDecoder:
         self._last_block: str | None = None
         self._blocks: dict[str, RamBlock] = {}
         self._memsize_left = 0
+        self._memsize_total = 0
         self._memsize_at = 0
         self._postcopy = False
         self._packaged = False
@@ -461,6 +462,13 @@ class StreamDecoder:
             flags = word & mask
             offset = word - flags
             base = flags & ~_CONT
+            if self._section_kind == "start" and self._memsize_total and word not in (
+                    _EOS, _FLUSH):
+                # QEMU's setup section holds only MEM_SIZE, the block list, [flush], EOS:
+                # anything else means the list ended before the bytes that follow it
+                raise StreamError(
+                    f"MEM_SIZE total 0x{self._memsize_total:x} does not match the RAM block "
+                    f"list (RAM record 0x{word:x} follows the last block)", self._memsize_at)
             if base == _PAGE or base == _ZERO:
                 if flags & _CONT:
                     name = self._last_block
@@ -512,6 +520,7 @@ class StreamDecoder:
                     raise StreamError("MEM_SIZE with a total of 0 bytes", b.base + s)
                 b.commit(s + 8)
                 self._memsize_left = offset
+                self._memsize_total = offset
                 self._memsize_at = b.base + s
                 out.append(MemSize(offset))
             else:
@@ -526,6 +535,12 @@ class StreamDecoder:
         at = b.base + s
         n = b.u8(s, s)
         if n == 0:
+            word = b.be64(s, s)
+            if word in (_EOS, _FLUSH):
+                # the block list ended (EOS/flush follows) before the total was reached
+                raise StreamError(
+                    f"MEM_SIZE total 0x{self._memsize_total:x} does not match the RAM block "
+                    f"list (it ends 0x{self._memsize_left:x} bytes short)", self._memsize_at)
             raise StreamError("RAM block with an empty name in MEM_SIZE", at)
         name = b.take(s, s + 1, n).decode("latin-1")
         p = s + 1 + n
@@ -535,8 +550,9 @@ class StreamDecoder:
             raise StreamError(f"RAM block '{name}' has length 0x{length:x}", at)
         if length > self._memsize_left:
             raise StreamError(
-                f"RAM block list exceeds the MEM_SIZE total (block '{name}' of 0x{length:x} "
-                f"bytes, 0x{self._memsize_left:x} left)", self._memsize_at)
+                f"MEM_SIZE total 0x{self._memsize_total:x} does not match the RAM block list "
+                f"(block '{name}' of 0x{length:x} bytes exceeds the 0x{self._memsize_left:x} "
+                "left)", self._memsize_at)
         if name in self._blocks:
             raise StreamError(f"RAM block '{name}' listed twice", at)
         cfg = self.configuration
@@ -636,11 +652,46 @@ class StreamDecoder:
         if dev and dev[-1] == RecordType.EOF and (len(dev) == 1 or (
                 len(dev) >= 6 and dev[-6] == RecordType.SECTION_FOOTER)):
             return self._device_done(len(dev) - 1, None)
+        bad = self._bad_vmdesc()
+        if bad is not None:
+            raise bad
         if dev and dev[-1] == 0x7D:
-            raise StreamError("stream ends in a VM description that does not parse or whose "
-                              "length does not match", self._device_at)
+            raise StreamError("stream ends in a VM description whose length does not match",
+                              self._device_at)
         raise TruncatedStream("stream ended inside the device state (no EOF marker)",
                               self._device_at + len(dev))
+
+    def _bad_vmdesc(self) -> StreamError | None:
+        """The error for a ``7e sid 00 06 len`` trailer that is cut short or is not JSON.
+
+        Looks for the last EOF + VMDESCRIPTION header that follows a section footer and
+        whose length reaches at least to the end of the input. None if there is none or
+        it is fine.
+        """
+        dev = self._device
+        p = len(dev)
+        while p > 0:
+            p = dev.rfind(b"\x00\x06", 0, p)
+            if p < 0 or p + 6 > len(dev):
+                continue
+            if p and (p < 5 or dev[p - 5] != RecordType.SECTION_FOOTER):
+                continue
+            n = BE32.unpack_from(dev, p + 2)[0]
+            have = len(dev) - p - 6
+            at = self._device_at + p + 1
+            if n > have and n <= MAX_VMDESC:
+                return TruncatedStream(f"stream ended inside the VM description ({have} of "
+                                       f"{n} bytes)", at)
+            if n != have:
+                continue
+            try:
+                parsed = json.loads(bytes(dev[p + 6 :]))
+            except ValueError as e:
+                return StreamError(f"VM description is not valid JSON ({e.args[0]})", at)
+            if not isinstance(parsed, dict):
+                return StreamError("VM description is not a JSON object", at)
+            return None
+        return None
 
 
 _BE64_FROM = BE64.unpack_from
