@@ -52,7 +52,8 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("image", type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (docs/analyze-schema.md).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Machine-readable output (docs/analyze-schema.md).")
 @one_line_errors
 def analyze(image: str, as_json: bool) -> None:
     """Describe IMAGE: format, machine, RAM blocks, devices, sizes."""

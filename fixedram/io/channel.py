@@ -252,9 +252,9 @@ class Listener:
                 pass
 
 
-def listen(spec: str, *, allow_remote: bool = False) -> Listener:
-    """Listen on ``unix:PATH`` or ``tcp:HOST:PORT``."""
-    return Listener(spec, allow_remote=allow_remote)
+def listen(spec: str, *, allow_remote: bool = False, backlog: int = 16) -> Listener:
+    """Listen on ``unix:PATH`` or ``tcp:HOST:PORT`` (``backlog``: pending connections kept)."""
+    return Listener(spec, allow_remote=allow_remote, backlog=backlog)
 
 
 def connect(spec: str, *, timeout: float = 30.0) -> SocketChannel:

@@ -26,8 +26,6 @@ from fixedram.stream.buffer import NeedData, ReceiveBuffer
 from fixedram.stream.format import (
     BE32,
     BE64,
-    CAP_IGNORE_SHARED,
-    CAP_MAPPED_RAM,
     COMMAND_LENGTHS,
     CONFIG_CAPABILITIES,
     CONFIG_PAGE_BITS,
@@ -469,7 +467,7 @@ class StreamDecoder:
                 raise StreamError(
                     f"MEM_SIZE total 0x{self._memsize_total:x} does not match the RAM block "
                     f"list (RAM record 0x{word:x} follows the last block)", self._memsize_at)
-            if base == _PAGE or base == _ZERO:
+            if base in (_PAGE, _ZERO):
                 if flags & _CONT:
                     name = self._last_block
                     if name is None:

@@ -145,7 +145,9 @@ class StreamEncoder:
             return encode(r, continued=cont)
         return encode(r)
 
-    def page_run(self, block: str, offset: int, data: memoryview | bytes) -> list[bytes | memoryview]:
+    def page_run(
+        self, block: str, offset: int, data: memoryview | bytes
+    ) -> list[bytes | memoryview]:
         """Buffers for PAGE records of consecutive pages starting at ``offset``.
 
         ``data`` holds whole pages; the result alternates record headers and
