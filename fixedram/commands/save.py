@@ -1,0 +1,92 @@
+"""``fixedram save``: save a running QEMU VM into a mapped-ram image over QMP (like
+``virsh save``)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import click
+
+from fixedram.cli import cli, one_line_errors
+
+__all__ = ["fmt_size", "parse_rate", "save_command"]
+
+
+def fmt_size(n: float) -> str:
+    """``1.5 MiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def parse_rate(text: str) -> int:
+    """``64M`` / ``1G`` / ``1048576`` (bytes) -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)(?:i?[bB])?(?:/s)?\s*", text)
+    if not m:
+        raise click.BadParameter(f"bad size {text!r} (e.g. 64M, 1G)")
+    return int(float(m[1]) * 1024 ** " kmgt".index(m[2].lower() or " "))
+
+
+def _ms(s: float | None) -> str:
+    return "?" if s is None else f"{s * 1000:.0f} ms"
+
+
+def _show_progress(flag: bool | None) -> bool:
+    return sys.stderr.isatty() if flag is None else flag
+
+
+@cli.command("save")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--qmp", "qmp_socket", required=True, metavar="SOCKET", type=click.Path(),
+              help="QMP unix socket of the running QEMU (a free monitor).")
+@click.option("--live", is_flag=True,
+              help="Keep the guest running while RAM is copied (default: pause it first).")
+@click.option("--via", type=click.Choice(["auto", "native", "proxy"]), default="auto",
+              show_default=True,
+              help="native: QEMU (>= 9.0) writes mapped-ram itself; proxy: QEMU migrates "
+                   "into fixedram, which writes the image (any QEMU).")
+@click.option("--resume", is_flag=True, help="Run the VM again after a successful save.")
+@click.option("--direct-io", is_flag=True, help="Write page data with O_DIRECT.")
+@click.option("--bandwidth", metavar="RATE", help="Limit the copy to RATE bytes/s (64M, 1G); "
+              "default unlimited.")
+@click.option("--live-timeout", type=float, metavar="SECONDS",
+              help="With --live: pause the guest if the copy has not converged after this long.")
+@click.option("--progress/--no-progress", "progress", default=None,
+              help="Progress bar on stderr (default: when stderr is a terminal).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@one_line_errors
+def save_command(image: str, qmp_socket: str, live: bool, via: str, resume: bool,
+                 direct_io: bool, bandwidth: str | None, live_timeout: float | None,
+                 progress: bool | None, as_json: bool) -> None:
+    """Save the RAM and device state of the VM behind --qmp into IMAGE (mapped-ram).
+
+    IMAGE is replaced atomically, and only by a complete, fsynced image. The VM stays paused
+    afterwards unless --resume; if the save fails, a VM that was running runs again.
+    """
+    from fixedram.qmp.client import QMP
+    from fixedram.qmp.progress import ProgressBar
+    from fixedram.qmp.save import MAX_BANDWIDTH, save
+
+    rate = parse_rate(bandwidth) if bandwidth else MAX_BANDWIDTH
+    with QMP.connect(qmp_socket) as qmp, \
+            ProgressBar("save", disable=not _show_progress(progress)) as bar:
+        r = save(qmp, image, live=live, via=via,  # type: ignore[arg-type]
+                 resume=resume, direct_io=direct_io, progress=bar, max_bandwidth=rate,
+                 stop_after=live_timeout)
+    if as_json:
+        click.echo(json.dumps(r.as_dict(), indent=2))
+        return
+    click.echo(
+        f"saved {r.machine} (QEMU {r.qemu_version}) to {r.image} via {r.via}"
+        f"{' (live)' if r.live else ''} in {r.total_time:.2f} s\n"
+        f"  migration {r.migration_time:.2f} s (QEMU total {_ms(r.qemu_total_time)}, "
+        f"downtime {_ms(r.downtime)}), {fmt_size(r.bytes_transferred)} transferred, "
+        f"{r.pages_transferred} pages, {r.dirty_passes} passes\n"
+        f"  image: {r.pages_in_image} pages, {fmt_size(r.image_apparent_size)} apparent, "
+        f"{fmt_size(r.image_allocated_size)} allocated; RAM {fmt_size(r.ram_size)}\n"
+        f"  VM {'resumed' if r.resumed else 'left paused'}"
+    )

@@ -1,0 +1,106 @@
+"""Progress bars (tqdm, on stderr) for saves and restores driven over QMP.
+
+The library functions in :mod:`fixedram.qmp.save` and :mod:`fixedram.qmp.restore` call a
+``progress`` callback with a :class:`Progress` snapshot; :class:`ProgressBar` is such a
+callback that draws one tqdm line.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+__all__ = ["Progress", "ProgressBar", "from_query_migrate"]
+
+
+@dataclass
+class Progress:
+    """One progress sample. Byte counts are of guest RAM; rates per second."""
+
+    phase: str  # "save" or "restore"
+    status: str  # QEMU's migration status ("active", "device", "completed", ...)
+    done_bytes: int
+    total_bytes: int | None = None  # best estimate of the final done_bytes
+    pages: int = 0  # normal pages transferred (or written) so far
+    mbps: float | None = None  # QEMU's throughput figure, megabits/s
+    remaining_bytes: int | None = None
+    dirty_pages_rate: int | None = None  # pages/s re-dirtied by a running guest
+    sync_pass: int | None = None  # dirty-bitmap sync count: the pass over RAM
+
+
+def from_query_migrate(info: dict[str, Any], phase: str = "save") -> Progress:
+    """A :class:`Progress` from a source's ``query-migrate`` answer."""
+    ram = info.get("ram") or {}
+    done = int(ram.get("transferred", 0))
+    remaining = ram.get("remaining")
+    total = done + int(remaining) if remaining is not None else ram.get("total")
+    return Progress(
+        phase=phase,
+        status=str(info.get("status", "")),
+        done_bytes=done,
+        total_bytes=int(total) if total is not None else None,
+        pages=int(ram.get("normal", 0)),
+        mbps=float(ram["mbps"]) if "mbps" in ram else None,
+        remaining_bytes=int(remaining) if remaining is not None else None,
+        dirty_pages_rate=int(ram["dirty-pages-rate"]) if "dirty-pages-rate" in ram else None,
+        sync_pass=int(ram["dirty-sync-count"]) if "dirty-sync-count" in ram else None,
+    )
+
+
+class ProgressBar:
+    """A tqdm bar (bytes, pages, MB/s, remaining, dirty rate, pass) fed by :class:`Progress`.
+
+    Use as the ``progress`` callback, and :meth:`close` (or ``with``) when done.
+    """
+
+    def __init__(self, desc: str, *, file: TextIO | None = None, disable: bool = False) -> None:
+        self._bar = tqdm(
+            desc=desc,
+            total=None,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            file=file or sys.stderr,
+            disable=disable,
+            dynamic_ncols=True,
+            leave=True,
+            mininterval=0.1,
+        )
+
+    def __call__(self, p: Progress) -> None:
+        bar = self._bar
+        if p.total_bytes is not None and p.total_bytes >= p.done_bytes:
+            bar.total = p.total_bytes
+        bar.n = p.done_bytes
+        post: dict[str, str] = {"pages": str(p.pages)}
+        if p.remaining_bytes is not None:
+            post["left"] = _size(p.remaining_bytes)
+        if p.mbps is not None:
+            post["MB/s"] = f"{p.mbps / 8:.0f}"
+        if p.dirty_pages_rate:
+            post["dirty"] = f"{_size(p.dirty_pages_rate * 4096)}/s"
+        if p.sync_pass is not None:
+            post["pass"] = str(p.sync_pass)
+        bar.set_postfix(post, refresh=False)
+        bar.refresh()
+
+    def close(self) -> None:
+        """Finish the line."""
+        self._bar.close()
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return f"{n:.1f}TiB"

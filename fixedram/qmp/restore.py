@@ -1,0 +1,247 @@
+"""Restore an image into a QEMU waiting with ``-incoming defer``, driven over QMP.
+
+Before QEMU sees a byte, the image is opened and checked, and compared with the destination:
+its machine type (``qom-get /machine type``) and RAM blocks (HMP ``info ramblock``) must match
+(:func:`fixedram.endpoint.send.validate`). A refused image leaves the destination untouched
+and still waiting. Then:
+
+``proxy``
+    one end of a socketpair goes to QEMU with ``getfd``, QEMU loads from it
+    (``migrate-incoming uri=fd:NAME``) and :func:`fixedram.endpoint.send.send` writes the
+    image into the other end in a thread. Works with any QEMU and any image format.
+``native``
+    QEMU ≥ 9.0 loads a mapped-ram image itself: capability ``mapped-ram`` (plus multifd
+    channels if asked) and ``migrate-incoming file:IMAGE[,offset=N]``.
+
+``auto`` picks ``native`` for a mapped-ram image and QEMU ≥ 9.0, else ``proxy``. Capabilities
+and parameters changed are put back after the load (a later outgoing migration of the VM must
+not inherit ``mapped-ram``). The VM is resumed (``cont``) unless ``paused``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from fixedram.errors import VMError
+from fixedram.qmp.client import QMP
+from fixedram.qmp.common import MigrationSettings, Worker
+from fixedram.qmp.progress import Progress
+
+__all__ = ["RestoreReport", "choose_restore_via", "restore"]
+
+Via = Literal["auto", "native", "proxy"]
+ProgressFn = Callable[[Progress], None]
+
+_FD_NAME = "fixedram-restore"
+_POLL = 0.02
+_PAGE = 4096
+
+
+@dataclass
+class RestoreReport:
+    """What a restore did. Sizes in bytes, times in seconds."""
+
+    image: str
+    via: str
+    qemu_version: str
+    machine: str
+    image_format: str
+    total_time: float  # wall time from the first QMP command to the VM resumed (or paused)
+    load_time: float  # wall time from ``migrate-incoming`` until QEMU left ``inmigrate``
+    bytes: int  # bytes of page data loaded (pages in the image x 4096)
+    bytes_sent: int | None  # stream bytes written to QEMU (proxy only)
+    pages: int  # pages with data loaded
+    zero_pages: int  # pages loaded as zero
+    ram_size: int
+    mb_per_s: float  # bytes / load_time, in MB/s (10^6)
+    status: str  # run state at the end: running or paused
+    caps_changed: dict[str, bool]
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+def choose_restore_via(version: tuple[int, int, int], image_format: str, via: Via) -> str:
+    """Resolve ``via`` for a destination QEMU of ``version`` and an image of ``image_format``."""
+    native_ok = version >= (9, 0, 0) and image_format == "mapped-ram"
+    if via == "auto":
+        return "native" if native_ok else "proxy"
+    if via == "native" and not native_ok:
+        if image_format != "mapped-ram":
+            raise VMError("--via native needs a mapped-ram image; this one is a legacy stream "
+                          "(use --via proxy)")
+        raise VMError(f"--via native needs QEMU >= 9.0; the destination is "
+                      f"{'.'.join(map(str, version))} (use --via proxy)")
+    if via not in ("native", "proxy"):
+        raise VMError(f"unknown --via {via!r} (auto, native or proxy)")
+    return via
+
+
+def _send_progress(progress: ProgressFn) -> Callable[[Any], None]:
+    def cb(s: Any) -> None:
+        mbps = s.bytes_sent * 8 / s.elapsed / 1e6 if s.elapsed > 0 else None
+        progress(Progress(
+            phase="restore", status="active", done_bytes=s.pages_done * _PAGE,
+            total_bytes=s.pages_total * _PAGE, pages=s.pages_sent, mbps=mbps,
+            remaining_bytes=(s.pages_total - s.pages_done) * _PAGE,
+        ))
+    return cb
+
+
+def _wait_loaded(qmp: QMP, worker: Worker | None, timeout: float | None) -> str:
+    """Wait until QEMU leaves ``inmigrate``; return the new run state."""
+    t0 = time.monotonic()
+    while True:
+        if worker is not None and worker.error is not None:
+            raise worker.error
+        try:
+            st = qmp.status()
+            mig = qmp.query_migrate()
+        except VMError:
+            if worker is not None:
+                worker.join(5.0)
+                if worker.error is not None:
+                    raise worker.error from None
+            raise VMError("the destination QEMU exited during the load (its stderr says why)") \
+                from None
+        mst = mig.get("status")
+        if mst == "failed":
+            desc = mig.get("error-desc", "")
+            raise VMError("the load failed" + (f": {desc}" if desc else ""))
+        if st != "inmigrate" and mst in (None, "none", "completed"):
+            return st
+        if timeout is not None and time.monotonic() - t0 > timeout:
+            raise VMError(f"the load did not finish within {timeout:.0f} s (status {st}/{mst})")
+        time.sleep(_POLL)
+
+
+def restore(
+    qmp: QMP,
+    image: str | os.PathLike[str],
+    *,
+    via: Via = "auto",
+    paused: bool = False,
+    progress: ProgressFn | None = None,
+    multifd_channels: int = 0,
+    readers: int = 1,
+    timeout: float | None = None,
+) -> RestoreReport:
+    """Load ``image`` into the QEMU behind ``qmp`` (started with ``-incoming defer``).
+
+    ``paused``: leave the VM paused after the load (else ``cont``). ``multifd_channels``:
+    reader threads for ``native`` (0 = none); ``readers``: read-ahead threads for ``proxy``.
+    ``progress`` gets a :class:`Progress` now and then (``proxy`` only). Raises
+    :class:`~fixedram.errors.MismatchError` / :class:`~fixedram.errors.ImageError` before
+    anything is sent when the image does not fit, :class:`VMError` when QEMU fails.
+    """
+    from fixedram.endpoint.send import dest_ramblocks_from_hmp, send, validate
+    from fixedram.image import open_image
+
+    t0 = time.monotonic()
+    path = Path(image).absolute()
+    status = qmp.status()
+    if status != "inmigrate":
+        raise VMError(f"QEMU at {qmp.path} is not waiting for an incoming migration (status "
+                      f"{status}); start it with -incoming defer")
+    mst = qmp.query_migrate().get("status")
+    if mst not in (None, "none"):
+        raise VMError(f"QEMU at {qmp.path} already has an incoming migration ({mst})")
+    machine = qmp.machine_type()
+    dest_blocks = dest_ramblocks_from_hmp(qmp.ramblocks_text())
+    if not dest_blocks:
+        raise VMError(f"cannot read the RAM blocks of QEMU at {qmp.path} (info ramblock)")
+    with open_image(path) as img:
+        validate(img, dest_machine=machine, dest_blocks=dest_blocks)
+        how = choose_restore_via(qmp.version, img.format, via)
+        pages = sum(int(img.present(n).sum()) for n in img.blocks)
+        ram_size = img.ram_size
+        settings = MigrationSettings(qmp)
+        worker: Worker | None = None
+        ours: socket.socket | None = None
+        try:
+            if how == "native":
+                caps = {"mapped-ram": True, "multifd": multifd_channels > 0}
+                params = {"multifd-channels": multifd_channels} if multifd_channels else {}
+                settings.set(caps, params)
+                uri = f"file:{path}" + (f",offset={img.base_offset}" if img.base_offset else "")
+                t_load = time.monotonic()
+                qmp.cmd("migrate-incoming", uri=uri)
+            else:
+                # a plain precopy stream: mapped-ram/multifd would make QEMU refuse fd:
+                settings.set({"mapped-ram": False, "multifd": False}, {})
+                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    qmp.send_fd(theirs.fileno(), _FD_NAME)
+                finally:
+                    theirs.close()
+                from fixedram.io.channel import SocketChannel
+
+                chan = SocketChannel(ours)
+                cb = _send_progress(progress) if progress is not None else None
+                t_load = time.monotonic()
+                try:
+                    qmp.cmd("migrate-incoming", uri=f"fd:{_FD_NAME}")
+                except BaseException:
+                    qmp.close_fd(_FD_NAME)
+                    raise
+
+                def run_send() -> Any:
+                    return send(img, chan, dest_machine=machine, dest_blocks=dest_blocks,
+                                readers=readers, progress=cb)
+
+                worker = Worker("fixedram-send", run_send)
+                worker.start()
+            st = _wait_loaded(qmp, worker, timeout)
+            t_load = time.monotonic() - t_load
+            if progress is not None and worker is None:  # native: QEMU reports no progress
+                progress(Progress(phase="restore", status="completed", done_bytes=pages * _PAGE,
+                                  total_bytes=pages * _PAGE, pages=pages))
+            report = None
+            if worker is not None:
+                worker.join(60.0)
+                if worker.error is not None:
+                    raise worker.error
+                report = worker.result
+        except BaseException:
+            if ours is not None:
+                with contextlib.suppress(OSError):
+                    ours.shutdown(socket.SHUT_RDWR)
+            if worker is not None:
+                worker.join(10.0)
+            raise
+        finally:
+            settings.restore()
+            if ours is not None:
+                ours.close()
+    if paused and st == "running":
+        qmp.cmd("stop")  # QEMU started without -S runs the guest as soon as it is loaded
+    elif not paused and st != "running":
+        qmp.cmd("cont")
+    final = qmp.status()
+    nbytes = pages * _PAGE
+    return RestoreReport(
+        image=str(path),
+        via=how,
+        qemu_version=qmp.version_str,
+        machine=machine,
+        image_format=img.format,
+        total_time=time.monotonic() - t0,
+        load_time=t_load,
+        bytes=nbytes,
+        bytes_sent=report.bytes_sent if report is not None else None,
+        pages=pages,
+        zero_pages=ram_size // _PAGE - pages,
+        ram_size=ram_size,
+        mb_per_s=nbytes / t_load / 1e6 if t_load > 0 else 0.0,
+        status=final,
+        caps_changed=dict(settings.caps),
+    )
+

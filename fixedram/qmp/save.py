@@ -1,0 +1,354 @@
+"""Save a running QEMU VM into a mapped-ram image, driven over QMP (``fixedram save``).
+
+Two ways to get the bytes out of QEMU:
+
+``proxy``
+    fixedram is the migration destination: one end of a socketpair goes to QEMU with
+    ``getfd``, QEMU migrates into it (``migrate uri=fd:NAME``), and the other end is fed to
+    :func:`fixedram.endpoint.receive.receive` in a thread, which writes the mapped-ram image
+    atomically. Works with any QEMU (7.2 included).
+``native``
+    QEMU ≥ 9.0 writes the mapped-ram file itself (capability ``mapped-ram``, ``migrate
+    file:TEMP``, multifd channels, optionally ``direct-io``); fixedram adds what QEMU omits:
+    the file is written under a temporary name next to IMAGE, fsynced, opened and checked for
+    completeness against the VM's RAM blocks, then renamed over IMAGE and the directory fsynced.
+
+``auto`` picks ``native`` when QEMU is ≥ 9.0 (≥ 9.1 with ``direct_io``), else ``proxy``.
+
+Policy:
+
+* The VM is paused first unless ``live``; ``max-bandwidth`` is raised to 1 TiB/s.
+* Every migration capability and parameter fixedram changed is put back afterwards, on success
+  and on failure (as far as QEMU still answers), so a later migration of the same VM behaves as
+  before.
+* On success the source is left paused (``postmigrate``) unless ``resume``.
+* On failure IMAGE is untouched, no temporary file is left, and a VM that was running before
+  the save is running again. The error is one :class:`~fixedram.errors.FixedramError` line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fixedram.errors import EndpointError, FixedramError, ImageError, VMError
+from fixedram.io.files import AtomicFile
+from fixedram.qmp.client import QMP
+from fixedram.qmp.common import MigrationSettings, Worker
+from fixedram.qmp.progress import Progress, from_query_migrate
+
+__all__ = ["MAX_BANDWIDTH", "SaveReport", "Via", "choose_save_via", "save"]
+
+#: max-bandwidth during a save: QEMU's 128 MiB/s default also throttles fd: and file:.
+MAX_BANDWIDTH = 1 << 40
+
+Via = Literal["auto", "native", "proxy"]
+ProgressFn = Callable[[Progress], None]
+
+_FD_NAME = "fixedram-save"
+_POLL = 0.02
+
+
+@dataclass
+class SaveReport:
+    """What a save did. Sizes in bytes, times in seconds."""
+
+    image: str
+    via: str
+    qemu_version: str
+    machine: str
+    live: bool
+    resumed: bool
+    total_time: float  # wall time, start to IMAGE renamed into place (durable)
+    migration_time: float  # wall time from ``migrate`` until QEMU said completed
+    qemu_total_time: float | None  # QEMU's own total-time
+    downtime: float | None  # QEMU's downtime (vCPUs stopped during the switchover)
+    bytes_transferred: int  # QEMU's ram.transferred
+    pages_transferred: int  # normal (non-zero) pages QEMU sent, re-sent ones included
+    dirty_passes: int | None  # dirty-sync-count
+    pages_in_image: int  # pages holding data in the image
+    ram_size: int  # total of the VM's RAM blocks
+    image_apparent_size: int
+    image_allocated_size: int
+    caps_changed: dict[str, bool] = field(default_factory=dict)
+    params_changed: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+def choose_save_via(version: tuple[int, int, int], via: Via, *, direct_io: bool = False) -> str:
+    """Resolve ``via`` for a source QEMU of ``version``; raise :class:`VMError` if impossible."""
+    native_ok = version >= (9, 0, 0) and (not direct_io or version >= (9, 1, 0))
+    if via == "auto":
+        return "native" if native_ok else "proxy"
+    if via == "native" and not native_ok:
+        need = "9.1 (direct-io)" if direct_io and version >= (9, 0, 0) else "9.0 (mapped-ram)"
+        raise VMError(
+            f"--via native needs QEMU >= {need}; this is {'.'.join(map(str, version))} "
+            "(use --via proxy)"
+        )
+    if via not in ("native", "proxy"):
+        raise VMError(f"unknown --via {via!r} (auto, native or proxy)")
+    return via
+
+
+def _ram_size(qmp: QMP) -> tuple[int, dict[str, int]]:
+    from fixedram.vm import parse_info_ramblock
+
+    blocks = {b.name: b.used_length for b in parse_info_ramblock(qmp.ramblocks_text())}
+    return sum(blocks.values()), blocks
+
+
+def _wait_migration(
+    qmp: QMP,
+    progress: ProgressFn | None,
+    *,
+    worker: Worker | None = None,
+    stop_after: float | None = None,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """Poll ``query-migrate`` until completed; raise on failure (cancelling what runs)."""
+    t0 = time.monotonic()
+    stopped = False
+    while True:
+        info = qmp.query_migrate()
+        st = info.get("status", "")
+        if progress is not None and info.get("ram"):
+            progress(from_query_migrate(info))
+        if st == "completed":
+            return info
+        if st in ("failed", "cancelled"):
+            if worker is not None:
+                worker.join(5.0)
+                # the writer's own failure (disk full...) says more than QEMU's; "the source
+                # closed the connection" says less
+                if worker.error is not None and not isinstance(worker.error, EndpointError):
+                    raise _writer_error(worker.error, worker.target)
+            desc = info.get("error-desc", "")
+            raise VMError(f"migration {st}" + (f": {desc}" if desc else ""))
+        if worker is not None and worker.error is not None:
+            with contextlib.suppress(FixedramError):
+                qmp.cmd("migrate_cancel")
+            raise _writer_error(worker.error, worker.target)
+        el = time.monotonic() - t0
+        if stop_after is not None and not stopped and el > stop_after and st == "active":
+            with contextlib.suppress(FixedramError):
+                qmp.cmd("stop")  # a live save that does not converge: finish it paused
+            stopped = True
+        if timeout is not None and el > timeout:
+            with contextlib.suppress(FixedramError):
+                qmp.cmd("migrate_cancel")
+            raise VMError(f"the save did not finish within {timeout:.0f} s (status {st})")
+        time.sleep(_POLL)
+
+
+def _check_image(path: Path, machine: str, blocks: dict[str, int]) -> int:
+    """Open a freshly written image; it must be complete and match the VM. Returns pages."""
+    from fixedram.image import open_image
+
+    with open_image(path) as img:
+        if img.format != "mapped-ram":
+            raise ImageError(f"{path}: QEMU wrote a {img.format} file, not mapped-ram")
+        if machine and img.machine != machine:
+            raise ImageError(f"{path}: machine {img.machine!r} in the image, VM is {machine!r}")
+        got = {n: b.length for n, b in img.blocks.items()}
+        if got != blocks:
+            raise ImageError(f"{path}: RAM blocks {got} do not match the VM's {blocks}")
+        return sum(int(img.present(n).sum()) for n in img.blocks)
+
+
+def _writer_error(e: BaseException, target: Path) -> BaseException:
+    """The image writer's exception, with the image named when it is a bare OSError."""
+    if isinstance(e, OSError) and not isinstance(e, FixedramError):
+        return FixedramError(f"writing {target}: {e.strerror or e}")
+    return e
+
+
+def _dir_check(image: Path) -> None:
+    parent = image.parent
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise FixedramError(f"{parent} {what}")
+    if image.is_dir():
+        raise FixedramError(f"{image} is a directory")
+    try:  # fail before the VM is touched (a read-only filesystem, for root too)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise FixedramError(f"cannot create a file in {parent}: {e.strerror}") from None
+
+
+def _migrate(qmp: QMP, uri: str, status: str) -> None:
+    try:
+        qmp.cmd("migrate", uri=uri)
+    except VMError as e:
+        if status == "postmigrate":
+            raise VMError(f"{e} (the VM is still paused after an earlier save or migration: "
+                          "resume it with QMP 'cont' first, or save with --resume)") from None
+        raise
+
+
+def save(
+    qmp: QMP,
+    image: str | os.PathLike[str],
+    *,
+    live: bool = False,
+    via: Via = "auto",
+    resume: bool = False,
+    direct_io: bool = False,
+    progress: ProgressFn | None = None,
+    max_bandwidth: int = MAX_BANDWIDTH,
+    multifd_channels: int = 2,
+    stop_after: float | None = None,
+    timeout: float | None = None,
+) -> SaveReport:
+    """Save the VM behind ``qmp`` into the mapped-ram file ``image`` (see the module doc).
+
+    ``live``: keep the guest running during the save (it is paused at the switchover; a save
+    still running after ``stop_after`` seconds is finished by pausing the VM). ``resume``:
+    run the VM again after a successful save. ``direct_io``: write pages with O_DIRECT.
+    ``multifd_channels``: writer threads for ``native`` (0 = none). ``progress`` is called with
+    a :class:`Progress` about every 20 ms. Raises :class:`FixedramError` (one line) on failure.
+    """
+    t0 = time.monotonic()
+    target = Path(image).absolute()
+    _dir_check(target)
+    version = qmp.version
+    how = choose_save_via(version, via, direct_io=direct_io)
+    status = qmp.status()
+    mig = qmp.query_migrate().get("status")
+    if mig in ("setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug"):
+        raise VMError(f"a migration is already in progress (status {mig})")
+    if status == "inmigrate":
+        raise VMError("this QEMU is waiting for an incoming migration; there is nothing to save")
+    machine = qmp.machine_type()
+    ram_size, blocks = _ram_size(qmp)
+    settings = MigrationSettings(qmp)
+    was_running = status == "running"
+    stopped_by_us = False
+    atomic: AtomicFile | None = None
+    worker: Worker | None = None
+    ours: socket.socket | None = None
+    done = False
+    try:
+        caps: dict[str, bool] = {}
+        params: dict[str, Any] = {"max-bandwidth": int(max_bandwidth)}
+        if how == "proxy":
+            # QEMU then completes only after receive() has fsynced and renamed the image and
+            # answered SHUT(0); a failure on our side makes QEMU fail (and resume) the source.
+            caps["return-path"] = True
+        else:
+            caps["mapped-ram"] = True
+            if multifd_channels or direct_io:
+                caps["multifd"] = True
+                params["multifd-channels"] = max(1, multifd_channels)
+            if direct_io:
+                params["direct-io"] = True
+        settings.set(caps, params)
+        if not live and was_running:
+            qmp.cmd("stop")
+            stopped_by_us = True
+        if how == "native":
+            # Created by us (mode 0600) so an unwritable directory fails before QEMU starts.
+            atomic = AtomicFile(target)
+            t_mig = time.monotonic()
+            _migrate(qmp, f"file:{atomic.temp}", status)
+            info = _wait_migration(qmp, progress, stop_after=stop_after if live else None,
+                                   timeout=timeout)
+            t_mig = time.monotonic() - t_mig
+            pages_in_image = _check_image(atomic.temp, machine, blocks)
+            atomic.commit()  # fsync file, rename over IMAGE, fsync directory
+        else:
+            from fixedram.endpoint.receive import receive
+
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                qmp.send_fd(theirs.fileno(), _FD_NAME)
+            finally:
+                theirs.close()
+            from fixedram.io.channel import SocketChannel
+
+            chan = SocketChannel(ours)
+
+            def run_receive() -> Any:
+                try:
+                    return receive(chan, target, direct_io=direct_io)
+                finally:
+                    chan.close()
+
+            worker = Worker("fixedram-receive", run_receive)
+            worker.target = target
+            worker.start()
+            t_mig = time.monotonic()
+            try:
+                _migrate(qmp, f"fd:{_FD_NAME}", status)
+            except BaseException:
+                qmp.close_fd(_FD_NAME)
+                raise
+            info = _wait_migration(qmp, progress, worker=worker,
+                                   stop_after=stop_after if live else None, timeout=timeout)
+            t_mig = time.monotonic() - t_mig
+            worker.join(timeout if timeout is not None else 600.0)
+            if worker.is_alive():
+                raise VMError("QEMU finished the migration but the image writer did not")
+            if worker.error is not None:
+                raise _writer_error(worker.error, target)
+            pages_in_image = _check_image(target, machine, blocks)
+        done = True
+    except BaseException:
+        if worker is not None and worker.is_alive():
+            with contextlib.suppress(FixedramError):
+                qmp.cmd("migrate_cancel")
+            if ours is not None:
+                with contextlib.suppress(OSError):
+                    ours.shutdown(socket.SHUT_RDWR)
+            worker.join(30.0)
+        if atomic is not None:
+            with contextlib.suppress(FixedramError):
+                st = qmp.query_migrate().get("status")
+                if st not in (None, "completed", "failed", "cancelled"):
+                    qmp.cmd("migrate_cancel")
+            atomic.abort()
+        raise
+    finally:
+        settings.restore()
+        if not done and (was_running or stopped_by_us):
+            with contextlib.suppress(FixedramError):
+                if qmp.status() != "running":
+                    qmp.cmd("cont")
+    resumed = False
+    if resume:
+        qmp.cmd("cont")
+        resumed = True
+    st = os.stat(target)
+    ram = info.get("ram") or {}
+    return SaveReport(
+        image=str(target),
+        via=how,
+        qemu_version=qmp.version_str,
+        machine=machine,
+        live=live,
+        resumed=resumed,
+        total_time=time.monotonic() - t0,
+        migration_time=t_mig,
+        qemu_total_time=info["total-time"] / 1000 if "total-time" in info else None,
+        downtime=info["downtime"] / 1000 if "downtime" in info else None,
+        bytes_transferred=int(ram.get("transferred", 0)),
+        pages_transferred=int(ram.get("normal", 0)),
+        dirty_passes=int(ram["dirty-sync-count"]) if "dirty-sync-count" in ram else None,
+        pages_in_image=pages_in_image,
+        ram_size=ram_size,
+        image_apparent_size=st.st_size,
+        image_allocated_size=st.st_blocks * 512,
+        caps_changed=settings.caps,
+        params_changed=settings.params,
+    )
