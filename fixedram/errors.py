@@ -12,6 +12,7 @@ Hierarchy::
      +-- ImageError           an image file is malformed, incomplete or inconsistent
      +-- EndpointError        a migration peer misbehaved or went away
      +-- VMError              QEMU could not be started, reached or driven
+ |    +-- QMPCommandError     QEMU answered a QMP command with an error
      +-- MismatchError        image and destination VM do not fit each other
 """
 
@@ -25,6 +26,7 @@ __all__ = [
     "ImageError",
     "EndpointError",
     "VMError",
+    "QMPCommandError",
     "MismatchError",
 ]
 
@@ -65,6 +67,10 @@ class EndpointError(FixedramError):
 
 class VMError(FixedramError):
     """QEMU could not be started, reached over QMP, or driven as asked."""
+
+
+class QMPCommandError(VMError):
+    """QEMU is alive and answered a QMP command with an error (its text is the message)."""
 
 
 class MismatchError(FixedramError):

@@ -1,9 +1,10 @@
 """Run real QEMU guests: locate QEMU, start and drive a VM over QMP, save and restore it.
 
 This is the harness shared by the test-suite and ``fixedram demo``. Everything here is
-synchronous; QMP runs on a private asyncio loop in a background thread, so callers may use it
-from plain code or from inside their own event loop. Failures raise
-:class:`fixedram.errors.VMError` with QEMU's own message (stderr tail) where there is one.
+synchronous; QMP goes through :class:`fixedram.qmp.client.QMP` (QEMU's ``qemu.qmp`` on a
+private loop thread), so callers may use it from plain code or from inside their own loop.
+Failures raise :class:`fixedram.errors.VMError` with QEMU's own message (stderr tail) where
+there is one.
 
 Typical use::
 
@@ -20,7 +21,6 @@ Typical use::
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import contextlib
 import os
@@ -30,17 +30,15 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 import time
 import weakref
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple
 
-from qemu.qmp import ExecuteError, QMPClient, QMPError
-
-from fixedram.errors import VMError
+from fixedram.errors import QMPCommandError, VMError
+from fixedram.qmp.client import QMP
 
 __all__ = [
     "DEFAULT_MAX_BANDWIDTH",
@@ -61,7 +59,6 @@ __all__ = [
 DEFAULT_MAX_BANDWIDTH = 1 << 40  # 1 TiB/s: QEMU's 128 MiB/s default also throttles file:
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 _SETUP_HINT = "scripts/setup.sh installs it"
-_T = TypeVar("_T")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,32 +352,6 @@ def parse_info_ramblock(text: str) -> list[RamBlock]:
 # ---------------------------------------------------------------------------------------------
 
 
-class _Loop:
-    """One asyncio loop in a daemon thread, shared by all guests of the process."""
-
-    _lock = threading.Lock()
-    _loop: asyncio.AbstractEventLoop | None = None
-
-    @classmethod
-    def get(cls) -> asyncio.AbstractEventLoop:
-        with cls._lock:
-            if cls._loop is None or cls._loop.is_closed():
-                loop = asyncio.new_event_loop()
-                t = threading.Thread(target=loop.run_forever, name="fixedram-qmp", daemon=True)
-                t.start()
-                cls._loop = loop
-            return cls._loop
-
-    @classmethod
-    def run(cls, coro: Coroutine[Any, Any, _T], timeout: float | None) -> _T:
-        fut = asyncio.run_coroutine_threadsafe(coro, cls.get())
-        try:
-            return fut.result(timeout)
-        except TimeoutError:
-            fut.cancel()
-            raise
-
-
 # ---------------------------------------------------------------------------------------------
 # Guest
 # ---------------------------------------------------------------------------------------------
@@ -450,7 +421,7 @@ class Guest:
         self.qmp_path = self.workdir / f"{name}.qmp"
         self._sockdir: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._qmp: QMPClient | None = None
+        self._qmp: QMP | None = None
         self._errfile: Any = None
         self.argv: list[str] = []
 
@@ -565,16 +536,10 @@ class Guest:
                     f"{self.last_error or '(no message)'}\ncommand: {shlex.join(self.argv)}"
                 )
             if sock.exists():
-
-                async def conn() -> QMPClient:
-                    c = QMPClient(self.name)
-                    await c.connect(str(sock))
-                    return c
-
                 try:
-                    self._qmp = _Loop.run(conn(), 10.0)
+                    self._qmp = QMP.connect(sock, timeout=self.qmp_timeout)
                     return
-                except (QMPError, OSError, TimeoutError) as e:
+                except VMError as e:
                     last = e
             time.sleep(0.02)
         raise VMError(
@@ -621,7 +586,7 @@ class Guest:
         if self._qmp is not None:
             qmp, self._qmp = self._qmp, None
             with contextlib.suppress(Exception):
-                _Loop.run(qmp.disconnect(), 5.0)
+                qmp.close()
         if self._proc is not None and self._proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self._proc.kill()
@@ -673,13 +638,11 @@ class Guest:
         if self._qmp is None:
             raise VMError(f"guest {self.name} is not started (QMP {name})")
         try:
-            return _Loop.run(self._qmp.execute(name, args or None), timeout or self.qmp_timeout)
-        except ExecuteError as e:
-            raise VMError(f"QMP {name} failed on {self.name}: {e}") from e
-        except TimeoutError as e:
-            raise self._died(f"QMP {name} timed out on {self.name}") from e
-        except (QMPError, OSError, EOFError) as e:
-            raise self._died(f"QMP {name} on {self.name} failed ({type(e).__name__}: {e})") from e
+            return self._qmp.cmd(name, args, timeout=timeout or self.qmp_timeout)
+        except QMPCommandError as e:
+            raise QMPCommandError(f"{e} (guest {self.name})") from e
+        except VMError as e:
+            raise self._died(f"QMP {name} on {self.name} failed") from e
 
     def cmd(self, name: str, args: Mapping[str, Any] | None = None, /, **kwargs: Any) -> Any:
         """Run QMP command ``name`` and return its ``return`` value.

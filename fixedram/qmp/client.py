@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
 
-from fixedram.errors import VMError
+from fixedram.errors import QMPCommandError, VMError
 
 __all__ = ["DEFAULT_TIMEOUT", "QMP"]
 
@@ -161,7 +161,7 @@ class QMP:
             try:
                 return self._run(client.execute(name, a or None), timeout or self.timeout)
             except ExecuteError as e:
-                raise VMError(f"QMP {name}: {e}") from None
+                raise QMPCommandError(f"QMP {name}: {e}") from None
             except TimeoutError:
                 raise VMError(
                     f"QMP {name}: QEMU did not answer within {timeout or self.timeout:.0f} s"
