@@ -6,6 +6,17 @@ is what QEMU's ``exec:`` transport provides::
     migrate uri=exec:/abs/path/to/fixedram receive /abs/path/vm.img
 
 Nothing but return-path bytes is ever written to stdout; messages go to stderr.
+
+Multifd: QEMU opens the main connection plus ``multifd-channels`` N more, and only
+over ``unix:``/``tcp:`` (it refuses ``exec:``/``fd:`` with multifd). The channel
+count is not on the wire, so it is given explicitly and must equal the source's::
+
+    fixedram receive --listen unix:/run/mig.sock --channels 4 /abs/path/vm.img
+    (QMP: migrate-set-capabilities multifd=on; migrate-set-parameters multifd-channels=4;
+     migrate uri=unix:/run/mig.sock)
+
+``--channels 0`` (the default) refuses a multifd source with a one-line error, as
+does a count that differs from the source's.
 """
 
 from __future__ import annotations
@@ -17,7 +28,7 @@ from types import FrameType
 import click
 
 from fixedram.cli import cli, one_line_errors
-from fixedram.endpoint.receive import DirectIO
+from fixedram.endpoint.receive import MAX_CHANNELS, DirectIO
 from fixedram.errors import EndpointError, FixedramError
 
 __all__ = ["receive_cmd"]
@@ -47,7 +58,10 @@ def _direct_mode(value: str | None) -> DirectIO:
 @cli.command("receive")
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--listen", "listen_spec", metavar="unix:PATH|tcp:HOST:PORT",
-              help="Accept one connection here instead of using stdin/stdout.")
+              help="Accept the migration here instead of using stdin/stdout.")
+@click.option("--channels", type=click.IntRange(0, MAX_CHANNELS), default=0, show_default=True,
+              metavar="N",
+              help="Expect N multifd channels (the source's multifd-channels; needs --listen).")
 @click.option("--fd", "fd", type=int, metavar="N",
               help="Use the inherited file descriptor N (a socket) as the channel.")
 @click.option("--direct-io", "direct_io", is_flag=False, flag_value="on", default=None,
@@ -59,38 +73,42 @@ def _direct_mode(value: str | None) -> DirectIO:
               help="Give up if nobody connects to --listen within this time.")
 @click.option("-q", "--quiet", is_flag=True, help="No report on stderr.")
 @one_line_errors
-def receive_cmd(image: str, listen_spec: str | None, fd: int | None, direct_io: str | None,
-                allow_remote: bool, accept_timeout: float | None, quiet: bool) -> None:
+def receive_cmd(image: str, listen_spec: str | None, channels: int, fd: int | None,
+                direct_io: str | None, allow_remote: bool, accept_timeout: float | None,
+                quiet: bool) -> None:
     """Receive a migration from QEMU and save it as the mapped-ram image IMAGE.
 
     IMAGE appears only once the whole migration has arrived and is on disk; a
     previous IMAGE stays untouched until then.
     """
-    from fixedram.endpoint.receive import receive
+    from fixedram.endpoint.receive import ReceiveReport, receive, receive_listening
     from fixedram.io.channel import Channel, from_fd, listen, stdio
 
     if listen_spec is not None and fd is not None:
         raise EndpointError("--listen and --fd exclude each other")
+    if channels and listen_spec is None:
+        raise EndpointError("--channels needs --listen unix:PATH or tcp:HOST:PORT (QEMU opens "
+                            "multifd channels only over unix: and tcp:, not exec: or fd:)")
     mode = _direct_mode(direct_io)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
-    channel: Channel
+    report: ReceiveReport
     if listen_spec is not None:
-        lst = listen(listen_spec, allow_remote=allow_remote)
+        # the main connection plus N channels may all be pending at once
+        lst = listen(listen_spec, allow_remote=allow_remote, backlog=max(16, channels + 2))
         try:
             if not quiet:
                 click.echo(f"fixedram: listening on {lst.address}", err=True)
-            channel = lst.accept(accept_timeout)
+            report = receive_listening(lst, image, channels=channels, direct_io=mode,
+                                       accept_timeout=accept_timeout)
         finally:
             lst.close()
-    elif fd is not None:
-        channel = from_fd(fd)
     else:
-        channel = stdio()
-    try:
-        report = receive(channel, image, direct_io=mode)
-    finally:
-        channel.close()
+        channel: Channel = from_fd(fd) if fd is not None else stdio()
+        try:
+            report = receive(channel, image, direct_io=mode)
+        finally:
+            channel.close()
     if not quiet:
         click.echo(f"fixedram: saved {report.summary()}", err=True)
     sys.stderr.flush()

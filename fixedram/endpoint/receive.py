@@ -12,6 +12,17 @@ image's directory (or a hidden temporary name where the filesystem lacks
 
 :class:`Receiver` is the core without a channel: bytes in, return-path replies
 out. ``fixedram convert`` feeds it from a file.
+
+Multifd (``stream-protocol.md`` section 5): the source opens the main connection
+plus N channel connections to one ``unix:``/``tcp:`` address, in no fixed order.
+:func:`receive_listening` accepts them in a thread, classifies each by its first
+4 bytes and hands the channels to a
+:class:`~fixedram.endpoint.multifd.MultifdReceiver` (one reader thread per
+channel, pages applied epoch by epoch) that writes into the same image. N is
+not on the wire, so the caller says how many channels to expect
+(``channels=N``, ``fixedram receive --listen ... --channels N``): the number
+must equal the source's ``multifd-channels``. With ``channels=0`` a multifd
+connection or a ``MULTIFD_FLUSH`` record is refused with a one-line error.
 """
 
 from __future__ import annotations
@@ -21,13 +32,17 @@ import errno
 import mmap
 import os
 import re
+import select
+import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from fixedram.endpoint.multifd import MultifdReceiver, MultifdStats
 from fixedram.errors import (
     EndpointError,
     FixedramError,
@@ -37,7 +52,7 @@ from fixedram.errors import (
 )
 from fixedram.image.layout import PAGE_SIZE
 from fixedram.image.writer import MappedRamWriter, mapped_configuration
-from fixedram.io.channel import Channel
+from fixedram.io.channel import Channel, Listener, SocketChannel
 from fixedram.io.files import AtomicFile, aligned_buffer, open_direct
 from fixedram.stream import (
     CommandRecord,
@@ -57,9 +72,21 @@ from fixedram.stream import (
     Zero,
 )
 from fixedram.stream.format import Command
+from fixedram.stream.multifd import classify
 from fixedram.stream.returnpath import encode_pong, encode_shut, encode_switchover_ack
 
-__all__ = ["RECV_CHUNK", "DirectIO", "ReceiveReport", "ReceiveStats", "Receiver", "receive"]
+__all__ = [
+    "CHANNEL_GRACE",
+    "CONNECT_TIMEOUT",
+    "MAX_CHANNELS",
+    "RECV_CHUNK",
+    "DirectIO",
+    "ReceiveReport",
+    "ReceiveStats",
+    "Receiver",
+    "receive",
+    "receive_listening",
+]
 
 DirectIO = bool | Literal["required"]
 
@@ -69,6 +96,15 @@ RECV_CHUNK = 1 << 20
 MAX_RUN = 256
 #: Seconds between progress callbacks.
 PROGRESS_INTERVAL = 0.25
+#: Most multifd channels (QEMU's ``multifd-channels`` limit).
+MAX_CHANNELS = 255
+#: Seconds the other connections of a migration may lag behind its first one, and a
+#: new connection may take to send its first 4 bytes.
+CONNECT_TIMEOUT = 30.0
+#: Seconds to wait at the first multifd sync point for channels not connected yet. The
+#: source writes that marker only after every channel sent its first SYNC packet, so
+#: all its channels are connected by then; missing ones mean a wrong channel count.
+CHANNEL_GRACE = 5.0
 
 _PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 
@@ -99,6 +135,7 @@ class ReceiveReport:
     machine: str
     direct_io: bool  # page data went through O_DIRECT
     return_path: bool  # the source opened a return path
+    multifd_channels: int = 0  # multifd channels the pages also came over
 
     def summary(self) -> str:
         """A one-line human summary."""
@@ -110,6 +147,8 @@ class ReceiveReport:
                 f"writes, {self.pages_present} pages stored, {self.zero_pages} zero; image "
                 f"{self.apparent_size / mib:.1f} MiB apparent, "
                 f"{self.allocated_size / mib:.1f} MiB allocated"
+                + (f"; main connection + {self.multifd_channels} multifd channels"
+                   if self.multifd_channels else "")
                 + ("; page data written with O_DIRECT" if self.direct_io else ""))
 
 
@@ -197,12 +236,24 @@ class Receiver:
     ``reply`` is called with return-path bytes to send to the source. Feed bytes
     with :meth:`feed` until :attr:`done`, then :meth:`commit`; :meth:`abort` (or an
     exception inside a ``with`` block) discards the partial image.
+
+    ``multifd_channels`` N > 0 makes :attr:`multifd`, a
+    :class:`~fixedram.endpoint.multifd.MultifdReceiver` writing into the same image:
+    give it the N channel connections with ``add_channel``. ``multifd_error`` is
+    called from a channel thread when a channel fails (so the caller can stop
+    reading the main connection); ``before_marker`` is called before the first
+    multifd sync point (e.g. to check that all N channels connected).
     """
 
     def __init__(self, image: str | os.PathLike[str], *, direct_io: DirectIO = False,
                  progress: Callable[[ReceiveStats], None] | None = None,
                  reply: Callable[[bytes], None] | None = None,
-                 switchover_ack: bool | None = None) -> None:
+                 switchover_ack: bool | None = None, multifd_channels: int = 0,
+                 multifd_error: Callable[[BaseException], None] | None = None,
+                 before_marker: Callable[[], None] | None = None) -> None:
+        if not 0 <= multifd_channels <= MAX_CHANNELS:
+            raise FixedramError(f"multifd channels must be 0..{MAX_CHANNELS}, not "
+                                f"{multifd_channels}")
         self.image = Path(image).absolute()
         self._progress = progress
         self._reply = reply
@@ -214,14 +265,26 @@ class Receiver:
         self._direct_fd = -1
         self._stage: memoryview | None = None
         self._stage_map: mmap.mmap | None = None
+        self.multifd: MultifdReceiver | None = None
+        self.multifd_stats: MultifdStats | None = None
+        self._before_marker = before_marker
         try:
             if direct_io:
                 self._open_direct(direct_io)
             self.writer = MappedRamWriter(
                 self.file.fd, page_fd=self._direct_fd if self._direct_fd >= 0 else None)
+            if multifd_channels:
+                # with O_DIRECT every page buffer must be page-aligned: each channel
+                # reads its packets into one aligned (anonymous mmap) buffer
+                payload = ((lambda n: memoryview(aligned_buffer(n))) if self.direct
+                           else None)
+                self.multifd = MultifdReceiver(self.writer, multifd_channels,
+                                               payload_buffer=payload, on_error=multifd_error)
         except BaseException:
             self.abort()
             raise
+        # main-channel pages share the channels' lock
+        self._sink: MultifdReceiver | MappedRamWriter = self.multifd or self.writer
         self.bytes_received = 0
         self.zero_records = 0
         self.sections = 0
@@ -285,9 +348,12 @@ class Receiver:
         self._handle(self.dec.feed_eof())
 
     def stats(self) -> ReceiveStats:
-        """Progress so far."""
-        return ReceiveStats(self.bytes_received, self.writer.pages_written + self._pending(),
-                            self.sections)
+        """Progress so far (bytes: the main connection plus multifd page data)."""
+        extra = 0
+        if self.multifd is not None:
+            extra = sum(c.bytes for c in self.multifd.stats().channels)
+        return ReceiveStats(self.bytes_received + extra,
+                            self.writer.pages_written + self._pending(), self.sections)
 
     def _pending(self) -> int:
         return self._n if self._kind == 1 else 0
@@ -327,12 +393,12 @@ class Receiver:
         if self._kind == 1:
             stage = self._stage
             if stage is not None:
-                self.writer.write_pages(self._blk, self._first, [stage[: n << _PAGE_SHIFT]])
+                self._sink.write_pages(self._blk, self._first, [stage[: n << _PAGE_SHIFT]])
             else:
-                self.writer.write_pages(self._blk, self._first, self._bufs)
+                self._sink.write_pages(self._blk, self._first, self._bufs)
                 self._bufs = []
         else:
-            self.writer.zero_pages(self._blk, self._first, n)
+            self._sink.zero_pages(self._blk, self._first, n)
         self._kind = 0
         self._n = 0
 
@@ -345,12 +411,9 @@ class Receiver:
             self._blocks.append(r)
         elif isinstance(r, EndOfSection):
             if not self._begun:
-                if self.configuration is None:
-                    raise StreamError("RAM section before the configuration section")
-                if self._ram_id is None or not self._blocks:
-                    raise StreamError("RAM section without a RAM block list")
-                self.writer.begin(self.configuration, self._blocks, section_id=self._ram_id)
-                self._begun = True
+                self._begin()
+            if self.multifd is not None:
+                self._marker(False)
         elif isinstance(r, SectionPart):
             self.sections += 1
             self.parts += 1
@@ -369,13 +432,43 @@ class Receiver:
             mapped_configuration(r)  # refuses x-ignore-shared early
             self.configuration = r
         elif isinstance(r, MultifdFlush):
-            raise UnsupportedRecord("multifd not supported yet (turn capability multifd off)")
+            if self.multifd is None:
+                raise UnsupportedRecord(
+                    "the source uses multifd (MULTIFD_FLUSH record) but no multifd channels "
+                    "are expected; receive with --listen and --channels N (N = the source's "
+                    "multifd-channels)")
+            if not self._begun:
+                self._begin()
+            self._marker(True)
         elif isinstance(r, Packaged):
             raise UnsupportedRecord("postcopy not supported (PACKAGED command)")
         elif isinstance(r, DeviceState):
             self._device = r.data
         elif isinstance(r, VMDescription):
             self._vmdesc = r.data
+
+    def _begin(self) -> None:
+        """The RAM block list is complete (first EOS or MULTIFD_FLUSH): lay out the image."""
+        if self.configuration is None:
+            raise StreamError("RAM section before the configuration section")
+        if self._ram_id is None or not self._blocks:
+            raise StreamError("RAM section without a RAM block list")
+        self.writer.begin(self.configuration, self._blocks, section_id=self._ram_id)
+        self._begun = True
+        if self.multifd is not None:
+            self.multifd.begin({b.name: b.length for b in self._blocks})
+
+    def _marker(self, flush: bool) -> None:
+        """A MULTIFD_FLUSH (``flush``) or a RAM EOS: maybe a multifd sync point."""
+        mf = self.multifd
+        assert mf is not None
+        if (self._before_marker is not None and mf.markers == 0
+                and (flush or mf.mode != "flush")):
+            self._before_marker()
+        if flush:
+            mf.on_flush()
+        else:
+            mf.on_eos()
 
     def _command(self, r: CommandRecord) -> None:
         cmd = r.cmd
@@ -408,6 +501,14 @@ class Receiver:
         self._flush()
         if not self._begun or not self._ended or self._device is None:
             raise StreamError("the migration stream has no complete RAM section")
+        zero = self.zero_records
+        nbytes = self.bytes_received
+        if self.multifd is not None:
+            # every channel has delivered its last SYNC; don't wait for the source to
+            # close them (with a return path it does so only after our SHUT)
+            mst = self.multifd_stats = self.multifd.finish(eof_timeout=0)
+            zero += mst.zero_pages
+            nbytes += sum(c.bytes for c in mst.channels)
         w = self.writer
         size = w.finish(self._device, self._vmdesc, commands=self._commands, parts=self.parts)
         st = os.fstat(self.file.fd)
@@ -415,13 +516,14 @@ class Receiver:
         self._close_direct()
         self.file.commit()
         report = ReceiveReport(
-            image=self.image, bytes_received=self.bytes_received,
+            image=self.image, bytes_received=nbytes,
             pages_written=w.pages_written, pages_present=w.pages_present,
-            zero_pages=self.zero_records, sections=self.sections,
+            zero_pages=zero, sections=self.sections,
             elapsed=time.monotonic() - self._t0, apparent_size=size,
             allocated_size=st.st_blocks * 512, ram_size=w.ram_size,
             machine=self.configuration.machine if self.configuration else "",
-            direct_io=direct, return_path=self.return_path)
+            direct_io=direct, return_path=self.return_path,
+            multifd_channels=self.multifd.channels if self.multifd is not None else 0)
         if self._progress is not None:
             self._progress(self.stats())
         if self.return_path:
@@ -440,7 +542,9 @@ class Receiver:
             self._stage_map = None
 
     def abort(self) -> None:
-        """Discard the partial image (a previous image stays as it was)."""
+        """Stop any multifd channel threads; discard the partial image."""
+        if self.multifd is not None:
+            self.multifd.abort()
         self._close_direct()
         self.file.abort()
 
@@ -455,6 +559,25 @@ class Receiver:
             self.abort()
 
 
+def _pump(rx: Receiver, channel: Channel, initial: bytes = b"") -> None:
+    """Feed ``rx`` from ``channel`` (after ``initial``, bytes already read) to the end."""
+    if initial:
+        rx.feed(initial)
+    buf = bytearray(RECV_CHUNK)
+    mv = memoryview(buf)
+    recv = channel.recv_into
+    while not rx.done:
+        n = recv(mv)
+        if not n:
+            try:
+                rx.feed_eof()
+            except TruncatedStream as e:
+                raise EndpointError(f"the source closed the connection before the end "
+                                    f"of the migration stream ({e})") from None
+            break
+        rx.feed(mv[:n])
+
+
 def receive(channel: Channel, image: str | os.PathLike[str], *, direct_io: DirectIO = False,
             progress: Callable[[ReceiveStats], None] | None = None,
             switchover_ack: bool | None = None) -> ReceiveReport:
@@ -465,21 +588,241 @@ def receive(channel: Channel, image: str | os.PathLike[str], *, direct_io: Direc
     return path (SWITCHOVER_ACK, PONG, finally SHUT). ``direct_io`` writes page data
     with O_DIRECT (``"required"``: fail where unsupported instead of falling back).
     ``switchover_ack`` forces sending SWITCHOVER_ACK on or off (default: see
-    :func:`wants_switchover_ack`). The channel is not closed.
+    :func:`wants_switchover_ack`). The channel is not closed. A multifd migration
+    needs :func:`receive_listening`.
     """
     with Receiver(image, direct_io=direct_io, progress=progress, reply=channel.sendall,
                   switchover_ack=switchover_ack) as rx:
-        buf = bytearray(RECV_CHUNK)
-        mv = memoryview(buf)
-        recv = channel.recv_into
-        while not rx.done:
-            n = recv(mv)
-            if not n:
-                try:
-                    rx.feed_eof()
-                except TruncatedStream as e:
-                    raise EndpointError(f"the source closed the connection before the end "
-                                        f"of the migration stream ({e})") from None
-                break
-            rx.feed(mv[:n])
+        _pump(rx, channel)
         return rx.commit()
+
+
+def _recv_exact(channel: SocketChannel, n: int) -> bytes:
+    buf = bytearray(n)
+    mv = memoryview(buf)
+    got = 0
+    while got < n:
+        k = channel.recv_into(mv[got:])
+        if not k:
+            raise EndpointError(f"a connection closed after {got} of its first {n} bytes")
+        got += k
+    return bytes(buf)
+
+
+class _Connections:
+    """Accepts the connections of one migration on a listener, in a thread of its own.
+
+    Each connection is classified by its first 4 bytes: the main one is handed to
+    :meth:`wait_main`, multifd ones go straight to the :class:`MultifdReceiver`.
+    The thread keeps accepting until :meth:`stop`, so a multifd channel nobody
+    expected (or one too many) is reported instead of stalling the source. A
+    failure here or in a channel thread is recorded in :attr:`error` and wakes the
+    main loop (read side of the main connection shut down, receiver aborted).
+    """
+
+    def __init__(self, listener: Listener, channels: int, *, accept_timeout: float | None,
+                 connect_timeout: float, channel_grace: float) -> None:
+        self.listener = listener
+        self.channels = channels
+        self.accept_timeout = accept_timeout
+        self.connect_timeout = connect_timeout
+        self.channel_grace = channel_grace
+        self.mf: MultifdReceiver | None = None
+        self.cond = threading.Condition()
+        self.main: SocketChannel | None = None
+        self.first4 = b""
+        self.connected = 0  # connections classified
+        self.multifd = 0  # multifd connections handed to the receiver
+        self.first_at: float | None = None
+        self.error: BaseException | None = None
+        self._stopping = False
+        self._current: SocketChannel | None = None  # being classified
+        self._thread: threading.Thread | None = None
+
+    def start(self, mf: MultifdReceiver | None) -> None:
+        self.mf = mf
+        self._thread = threading.Thread(target=self._run, name="fixedram-accept", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        lsock = self.listener.sock
+        t0 = time.monotonic()
+        try:
+            while not self._stopping:
+                ready, _, _ = select.select([lsock], [], [], 0.2)
+                if self._stopping:
+                    return
+                if not ready:
+                    if (self.first_at is None and self.accept_timeout is not None
+                            and time.monotonic() - t0 > self.accept_timeout):
+                        raise EndpointError(f"no connection on {self.listener.spec} within "
+                                            f"{self.accept_timeout:g} s")
+                    continue
+                ch = self.listener.accept(self.connect_timeout)
+                with self.cond:
+                    if self._stopping:
+                        ch.close()
+                        return
+                    self._current = ch
+                    if self.first_at is None:
+                        self.first_at = time.monotonic()
+                self._classify(ch)
+        except BaseException as e:  # reported by the main thread
+            self.fail(e, abort=True)
+
+    def _classify(self, ch: SocketChannel) -> None:
+        n = self.connected + 1
+        try:
+            ch.sock.settimeout(self.connect_timeout)
+            try:
+                first = _recv_exact(ch, 4)
+            except TimeoutError:
+                raise EndpointError(f"connection #{n} sent nothing within "
+                                    f"{self.connect_timeout:g} s") from None
+            except OSError as e:
+                raise EndpointError(f"connection #{n} failed: {e.strerror or e}") from None
+            ch.sock.settimeout(None)
+            kind = classify(first)
+            with self.cond:
+                self._current = None
+                self.connected = n
+                if kind == "main":
+                    if self.main is not None:
+                        raise EndpointError("a second migration stream connected (two sources "
+                                            "migrating to the same address?)")
+                    self.main, self.first4 = ch, first
+                    self.cond.notify_all()
+                    return
+            if self.mf is None:
+                raise UnsupportedRecord(
+                    "the source uses multifd (a multifd channel connected) but no multifd "
+                    "channels are expected; receive with --listen and --channels N (N = the "
+                    "source's multifd-channels)")
+            if self.multifd >= self.channels:
+                raise StreamError(f"more than {self.channels} multifd channels connected; "
+                                  f"--channels must equal the source's multifd-channels")
+            self.mf.add_channel(ch, first)
+        except BaseException:
+            with self.cond:
+                self._current = None
+            ch.close()
+            raise
+        with self.cond:
+            self.multifd += 1
+            self.cond.notify_all()
+
+    def fail(self, e: BaseException, abort: bool = False) -> None:
+        """Record ``e`` (the first error wins) and wake the main loop.
+
+        Also the ``on_error`` of the multifd receiver (called from a channel thread,
+        which must not abort the receiver: that joins the channel threads).
+        """
+        with self.cond:
+            if self._stopping:
+                return
+            if self.error is None:
+                self.error = e
+            self.cond.notify_all()
+            main = self.main
+        if main is not None:
+            # a blocked recv returns 0; the write side stays open for a SHUT(1)
+            with contextlib.suppress(OSError):
+                main.sock.shutdown(socket.SHUT_RD)
+        if abort and self.mf is not None:
+            self.mf.abort()  # wakes a main loop waiting at a sync point
+
+    def wait_main(self) -> tuple[SocketChannel, bytes]:
+        """The main connection and its first 4 bytes (it may connect after channels)."""
+        with self.cond:
+            while True:
+                if self.error is not None:
+                    raise self.error
+                if self.main is not None:
+                    return self.main, self.first4
+                left = None
+                if self.first_at is not None:
+                    left = self.first_at + self.connect_timeout - time.monotonic()
+                    if left <= 0:
+                        raise EndpointError(
+                            f"{self.multifd} multifd channels connected but no migration "
+                            f"stream within {self.connect_timeout:g} s")
+                self.cond.wait(left)
+
+    def wait_channels(self) -> None:
+        """Before the first sync point: every expected channel must have connected."""
+        deadline = time.monotonic() + self.channel_grace
+        with self.cond:
+            while self.multifd < self.channels:
+                if self.error is not None:
+                    raise self.error
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    hint = " (the source does not use multifd?)" if not self.multifd else ""
+                    raise StreamError(
+                        f"only {self.multifd} of {self.channels} multifd channels connected "
+                        f"by the first multifd sync point{hint}; --channels must equal the "
+                        f"source's multifd-channels")
+                self.cond.wait(left)
+
+    def stop(self) -> None:
+        """Stop accepting (idempotent); the listener itself stays the caller's."""
+        with self.cond:
+            self._stopping = True
+            self.cond.notify_all()
+            cur = self._current
+        if cur is not None:
+            with contextlib.suppress(OSError):
+                cur.sock.shutdown(socket.SHUT_RDWR)
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(10.0)
+
+
+def receive_listening(listener: Listener, image: str | os.PathLike[str], *, channels: int = 0,
+                      direct_io: DirectIO = False,
+                      progress: Callable[[ReceiveStats], None] | None = None,
+                      switchover_ack: bool | None = None, accept_timeout: float | None = None,
+                      connect_timeout: float = CONNECT_TIMEOUT,
+                      channel_grace: float = CHANNEL_GRACE) -> ReceiveReport:
+    """:func:`receive` for a source that connects to ``listener``, with or without multifd.
+
+    ``channels`` is the number of multifd channels to expect: the source's
+    ``multifd-channels`` (0: a plain migration, and any multifd channel is an
+    error). Connections are accepted and classified in a thread; the main one is
+    decoded here while each channel has its reader thread. ``accept_timeout``
+    bounds the wait for the first connection; the others must follow within
+    ``connect_timeout``, and all channels must be there ``channel_grace`` seconds
+    after the first sync point. The accepted connections are closed at the end;
+    the listener is not.
+    """
+    if not 0 <= channels <= MAX_CHANNELS:
+        raise FixedramError(f"multifd channels must be 0..{MAX_CHANNELS}, not {channels}")
+    conns = _Connections(listener, channels, accept_timeout=accept_timeout,
+                         connect_timeout=connect_timeout, channel_grace=channel_grace)
+    main: list[SocketChannel] = []
+
+    def reply(data: bytes) -> None:
+        main[0].sendall(data)
+
+    try:
+        with Receiver(image, direct_io=direct_io, progress=progress, reply=reply,
+                      switchover_ack=switchover_ack, multifd_channels=channels,
+                      multifd_error=conns.fail,
+                      before_marker=conns.wait_channels if channels else None) as rx:
+            conns.start(rx.multifd)
+            ch, first = conns.wait_main()
+            main.append(ch)
+            _pump(rx, ch, first)
+            conns.stop()
+            return rx.commit()
+    except (StreamError, EndpointError, OSError) as e:
+        conns.stop()
+        err = conns.error
+        if err is not None and err is not e:
+            # the failure elsewhere (a channel, the accept thread) caused this one
+            raise err from None
+        raise
+    finally:
+        conns.stop()
+        for c in main:
+            c.close()

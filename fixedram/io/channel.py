@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -63,7 +63,7 @@ class Channel(Protocol):
 _IOV_MAX = 1024
 
 
-def _writev_all(write_v, bufs: Sequence[Buffer]) -> None:  # type: ignore[no-untyped-def]
+def _writev_all(write_v: Callable[[list[memoryview]], int], bufs: Sequence[Buffer]) -> None:
     """Call ``write_v`` (os.writev-like) until every byte of ``bufs`` is written."""
     views = [memoryview(b).cast("B") for b in bufs if len(b)]
     i = 0
