@@ -68,9 +68,9 @@ def run_demo(
     """Run the demo (see the module doc) and return its report.
 
     ``mem`` is the guest's RAM (``-m``); a quarter of it (at least 8 MiB) is the workload,
-    re-dirtied as fast as the guest can. ``keep``: a directory that receives the image, the legacy file,
-    the memory dumps and the QEMU logs (default: a temporary directory, removed afterwards).
-    ``progress``: progress bars on stderr. Raises :class:`FixedramError` when something
+    re-dirtied as fast as the guest can. ``keep``: a directory that receives the image, the
+    legacy file, the memory dumps and the QEMU logs (default: a temporary directory, removed
+    afterwards). ``progress``: progress bars on stderr. Raises :class:`FixedramError` when something
     cannot run at all (no QEMU, a save that fails); failed checks only set ``ok`` false.
     """
     from fixedram.guest import build_guest, check_pages, read_status

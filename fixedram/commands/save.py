@@ -51,6 +51,9 @@ def _show_progress(flag: bool | None) -> bool:
                    "into fixedram, which writes the image (any QEMU).")
 @click.option("--resume", is_flag=True, help="Run the VM again after a successful save.")
 @click.option("--direct-io", is_flag=True, help="Write page data with O_DIRECT.")
+@click.option("--channels", type=click.IntRange(0, 64), default=None, metavar="N",
+              help="multifd channels: native, QEMU's writer threads (default 2); proxy, "
+                   "parallel connections into fixedram (default 0).")
 @click.option("--bandwidth", metavar="RATE", help="Limit the copy to RATE bytes/s (64M, 1G); "
               "default unlimited.")
 @click.option("--live-timeout", type=float, metavar="SECONDS",
@@ -60,8 +63,8 @@ def _show_progress(flag: bool | None) -> bool:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @one_line_errors
 def save_command(image: str, qmp_socket: str, live: bool, via: str, resume: bool,
-                 direct_io: bool, bandwidth: str | None, live_timeout: float | None,
-                 progress: bool | None, as_json: bool) -> None:
+                 direct_io: bool, channels: int | None, bandwidth: str | None,
+                 live_timeout: float | None, progress: bool | None, as_json: bool) -> None:
     """Save the RAM and device state of the VM behind --qmp into IMAGE (mapped-ram).
 
     IMAGE is replaced atomically, and only by a complete, fsynced image. The VM stays paused
@@ -76,7 +79,7 @@ def save_command(image: str, qmp_socket: str, live: bool, via: str, resume: bool
             ProgressBar("save", disable=not _show_progress(progress)) as bar:
         r = save(qmp, image, live=live, via=via,  # type: ignore[arg-type]
                  resume=resume, direct_io=direct_io, progress=bar, max_bandwidth=rate,
-                 stop_after=live_timeout)
+                 stop_after=live_timeout, multifd_channels=channels)
     if as_json:
         click.echo(json.dumps(r.as_dict(), indent=2))
         return

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fixedram.errors import EndpointError, FixedramError, ImageError, VMError
+from fixedram.io.channel import Listener
 from fixedram.io.files import AtomicFile
 from fixedram.qmp.client import QMP
 from fixedram.qmp.common import MigrationSettings, Worker
@@ -207,7 +209,7 @@ def save(
     direct_io: bool = False,
     progress: ProgressFn | None = None,
     max_bandwidth: int = MAX_BANDWIDTH,
-    multifd_channels: int = 2,
+    multifd_channels: int | None = None,
     stop_after: float | None = None,
     timeout: float | None = None,
 ) -> SaveReport:
@@ -216,7 +218,10 @@ def save(
     ``live``: keep the guest running during the save (it is paused at the switchover; a save
     still running after ``stop_after`` seconds is finished by pausing the VM). ``resume``:
     run the VM again after a successful save. ``direct_io``: write pages with O_DIRECT.
-    ``multifd_channels``: writer threads for ``native`` (0 = none). ``progress`` is called with
+    ``multifd_channels``: multifd channels (0 = none); ``native``: QEMU's writer threads
+    (default 2); ``proxy``: QEMU sends pages over that many extra connections to a private
+    unix socket that fixedram receives on in parallel (default 0: one fd channel). ``progress``
+    is called with
     a :class:`Progress` about every 20 ms. Raises :class:`FixedramError` (one line) on failure.
     """
     t0 = time.monotonic()
@@ -224,6 +229,10 @@ def save(
     _dir_check(target)
     version = qmp.version
     how = choose_save_via(version, via, direct_io=direct_io)
+    channels = multifd_channels if multifd_channels is not None else (
+        2 if how == "native" else 0)
+    if channels < 0 or channels > 64:
+        raise VMError(f"{channels} multifd channels requested (0 to 64)")
     status = qmp.status()
     mig = qmp.query_migrate().get("status")
     if mig in ("setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug"):
@@ -238,6 +247,7 @@ def save(
     atomic: AtomicFile | None = None
     worker: Worker | None = None
     ours: socket.socket | None = None
+    listener: Listener | None = None
     done = False
     try:
         caps: dict[str, bool] = {}
@@ -246,11 +256,14 @@ def save(
             # QEMU then completes only after receive() has fsynced and renamed the image and
             # answered SHUT(0); a failure on our side makes QEMU fail (and resume) the source.
             caps["return-path"] = True
+            if channels:
+                caps["multifd"] = True
+                params["multifd-channels"] = channels
         else:
             caps["mapped-ram"] = True
-            if multifd_channels or direct_io:
+            if channels or direct_io:
                 caps["multifd"] = True
-                params["multifd-channels"] = max(1, multifd_channels)
+                params["multifd-channels"] = max(1, channels)
             if direct_io:
                 params["direct-io"] = True
         settings.set(caps, params)
@@ -268,31 +281,49 @@ def save(
             pages_in_image = _check_image(atomic.temp, machine, blocks)
             atomic.commit()  # fsync file, rename over IMAGE, fsync directory
         else:
-            from fixedram.endpoint.receive import receive
+            from fixedram.endpoint.receive import receive, receive_listening
+            from fixedram.io.channel import SocketChannel, listen
 
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                qmp.send_fd(theirs.fileno(), _FD_NAME)
-            finally:
-                theirs.close()
-            from fixedram.io.channel import SocketChannel
+            if channels:
+                # multifd needs a socket QEMU can connect to 1 + N times
+                sockdir = tempfile.mkdtemp(prefix="fixedram-", dir="/tmp")
+                lst = listen(f"unix:{sockdir}/mig.sock", backlog=channels + 2)
+                listener = lst
+                uri = f"unix:{sockdir}/mig.sock"
 
-            chan = SocketChannel(ours)
-
-            def run_receive() -> Any:
+                def run_receive() -> Any:
+                    try:
+                        return receive_listening(lst, target, channels=channels,
+                                                 direct_io=direct_io, accept_timeout=60.0)
+                    finally:
+                        lst.close()
+                        shutil.rmtree(sockdir, ignore_errors=True)
+            else:
+                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
                 try:
-                    return receive(chan, target, direct_io=direct_io)
+                    qmp.send_fd(theirs.fileno(), _FD_NAME)
                 finally:
-                    chan.close()
+                    theirs.close()
+                chan = SocketChannel(ours)
+                uri = f"fd:{_FD_NAME}"
+
+                def run_receive() -> Any:
+                    try:
+                        return receive(chan, target, direct_io=direct_io)
+                    finally:
+                        chan.close()
 
             worker = Worker("fixedram-receive", run_receive)
             worker.target = target
             worker.start()
             t_mig = time.monotonic()
             try:
-                _migrate(qmp, f"fd:{_FD_NAME}", status)
+                _migrate(qmp, uri, status)
             except BaseException:
-                qmp.close_fd(_FD_NAME)
+                if listener is not None:
+                    listener.close()
+                else:
+                    qmp.close_fd(_FD_NAME)
                 raise
             info = _wait_migration(qmp, progress, worker=worker,
                                    stop_after=stop_after if live else None, timeout=timeout)
@@ -311,6 +342,8 @@ def save(
             if ours is not None:
                 with contextlib.suppress(OSError):
                     ours.shutdown(socket.SHUT_RDWR)
+            if listener is not None:
+                listener.close()
             worker.join(30.0)
         if atomic is not None:
             with contextlib.suppress(FixedramError):
