@@ -655,6 +655,12 @@ class Guest:
         a.update({k.replace("_", "-"): v for k, v in kwargs.items()})
         return self._qmp_call(name, a)
 
+    def send_fd(self, fd: int, name: str) -> None:
+        """Hand ``fd`` to QEMU (SCM_RIGHTS + ``getfd``) under ``name``, for ``fd:NAME`` URIs."""
+        if self._qmp is None:
+            raise VMError(f"guest {self.name} is not started (getfd)")
+        self._qmp.send_fd(fd, name)
+
     def hmp(self, cmdline: str) -> str:
         """Run a human-monitor command and return its output."""
         return str(self.cmd("human-monitor-command", {"command-line": cmdline}))

@@ -3,7 +3,9 @@
 The guest (``dirty.c`` + ``mb.ld`` next to this file) is a multiboot-v1 ELF32 program with no
 OS. It stamps ``npages`` pages starting at physical ``PAGE_BASE`` with a pattern that encodes the
 page index and a generation number, checks each page before overwriting it, keeps a status
-block at physical ``STATUS_ADDR`` and prints ``HB <n> gen=<g> cur=<page> err=<e> KiBps=<k>``
+block at physical ``STATUS_ADDR`` (the rest of that page holds its tick counter, its stack and
+a one-byte function it calls, so that TCG keeps tracking its writes there even in QEMU < 9.0; see
+"the hot page" in ``dirty.c``) and prints ``HB <n> gen=<g> cur=<page> err=<e> KiBps=<k>``
 on the first serial port. See ``/work/shared/docs/test-guest.md``.
 
 Parameters go on the kernel command line (``-append``): ``mib=N`` or ``pct=P``, ``rate=MiB/s``
