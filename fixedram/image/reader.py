@@ -24,6 +24,7 @@ import numpy as np
 
 from fixedram.errors import ImageError, StreamError
 from fixedram.image.layout import PAGE_SIZE, bitmap_bytes, bitmap_to_bools, runs
+from fixedram.io.files import preadv_exact
 from fixedram.stream import (
     CommandRecord,
     Configuration,
@@ -148,9 +149,18 @@ class Image:
     def iter_data(self, name: str, chunk: int = READ_CHUNK) -> Iterator[tuple[int, memoryview]]:
         """``(first_page, data)`` for every run of pages with data, in pieces of ``chunk``.
 
-        ``data`` is a view of a reused buffer, valid until the next iteration.
+        One read per piece; ``data`` is a view of a reused buffer, valid until the next
+        iteration.
         """
-        raise NotImplementedError
+        blk = self.block(name)
+        per = max(1, chunk // PAGE_SIZE)
+        buf = memoryview(bytearray(per * PAGE_SIZE))
+        for first, n in self.runs(name):
+            for p in range(first, first + n, per):
+                k = min(per, first + n - p)
+                view = buf[: k * PAGE_SIZE]
+                self._read_into(blk, p, view)
+                yield p, view
 
     def read(self, name: str, first_page: int, npages: int) -> bytearray:
         """Pages ``[first_page, first_page + npages)`` of block ``name``; zeros where absent."""
@@ -172,16 +182,6 @@ class Image:
         return os.fstat(self._fd).st_blocks * 512
 
 
-def _pread_exact(fd: int, dest: memoryview, offset: int, what: str) -> None:
-    n = os.preadv(fd, [dest], offset)
-    while n < len(dest):
-        got = os.preadv(fd, [dest[n:]], offset + n)
-        if got <= 0:
-            raise ImageError(f"{what}: file ends at byte {offset + n}, expected "
-                             f"{len(dest) - n} more bytes", offset + n)
-        n += got
-
-
 class MappedRamImage(Image):
     """A mapped-ram file: every page at ``pages_offset + index * page_size``."""
 
@@ -194,7 +194,7 @@ class MappedRamImage(Image):
             assert blk.mapped is not None
             nb = bitmap_bytes(blk.npages)
             raw = bytearray(nb)
-            _pread_exact(self._fd, memoryview(raw), blk.mapped.bitmap_offset,
+            preadv_exact(self._fd, memoryview(raw), blk.mapped.bitmap_offset,
                          f"bitmap of RAM block '{name}'")
             bools = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
             if bools[blk.npages :].any():
@@ -206,19 +206,8 @@ class MappedRamImage(Image):
 
     def _read_into(self, blk: BlockInfo, first: int, dest: memoryview) -> None:
         assert blk.mapped is not None
-        _pread_exact(self._fd, dest, blk.mapped.pages_offset + first * PAGE_SIZE,
+        preadv_exact(self._fd, dest, blk.mapped.pages_offset + first * PAGE_SIZE,
                      f"pages of RAM block '{blk.name}'")
-
-    def iter_data(self, name: str, chunk: int = READ_CHUNK) -> Iterator[tuple[int, memoryview]]:
-        blk = self.block(name)
-        per = max(1, chunk // PAGE_SIZE)
-        buf = memoryview(bytearray(per * PAGE_SIZE))
-        for first, n in self.runs(name):
-            for p in range(first, first + n, per):
-                k = min(per, first + n - p)
-                view = buf[: k * PAGE_SIZE]
-                self._read_into(blk, p, view)
-                yield p, view
 
 
 class StreamImage(Image):
@@ -250,22 +239,11 @@ class StreamImage(Image):
                 j += 1
             span = (j - i) * (PAGE_SIZE + 8) + PAGE_SIZE
             raw = bytearray(span)
-            _pread_exact(self._fd, memoryview(raw), pos, "stream page data")
+            preadv_exact(self._fd, memoryview(raw), pos, "stream page data")
             for k in range(j - i + 1):
                 o = k * (PAGE_SIZE + 8)
                 dest[(i + k) * PAGE_SIZE : (i + k + 1) * PAGE_SIZE] = raw[o : o + PAGE_SIZE]
             i = j + 1
-
-    def iter_data(self, name: str, chunk: int = READ_CHUNK) -> Iterator[tuple[int, memoryview]]:
-        blk = self.block(name)
-        per = max(1, chunk // PAGE_SIZE)
-        buf = memoryview(bytearray(per * PAGE_SIZE))
-        for first, n in self.runs(name):
-            for p in range(first, first + n, per):
-                k = min(per, first + n - p)
-                view = buf[: k * PAGE_SIZE]
-                self._read_into(blk, p, view)
-                yield p, view
 
 
 def _walk(fd: int, base: int, size: int, index: bool) -> tuple[StreamDecoder, dict[str, Any]]:
@@ -308,6 +286,14 @@ def _walk(fd: int, base: int, size: int, index: bool) -> tuple[StreamDecoder, di
                     _check_mapped(r, size)
                 info["blocks"][r.name] = BlockInfo(r.name, r.length, r.mapped, r.guest_addr)
                 if index:
+                    # the page index costs 8 bytes per claimed page: bound it by the file
+                    # (QEMU writes a record of >= 9 bytes for every page of the stream)
+                    claimed = sum(len(w) for w in where.values()) + r.length // PAGE_SIZE
+                    if claimed > size:
+                        raise ImageError(
+                            f"RAM block '{r.name}' of 0x{r.length:x} bytes: the RAM blocks "
+                            f"claim {claimed} pages, more than a {size}-byte stream file can "
+                            "describe", dec.next_offset)
                     where[r.name] = np.full(r.length // PAGE_SIZE, _ABSENT, dtype=np.int64)
             elif isinstance(r, Configuration):
                 info["config"] = r

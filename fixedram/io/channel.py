@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from fixedram.errors import EndpointError
+from fixedram.io.files import IOV_MAX, advance
 
 __all__ = [
     "Channel",
@@ -60,7 +61,6 @@ class Channel(Protocol):
         ...
 
 
-_IOV_MAX = 1024
 
 
 def _writev_all(write_v: Callable[[list[memoryview]], int], bufs: Sequence[Buffer]) -> None:
@@ -68,17 +68,7 @@ def _writev_all(write_v: Callable[[list[memoryview]], int], bufs: Sequence[Buffe
     views = [memoryview(b).cast("B") for b in bufs if len(b)]
     i = 0
     while i < len(views):
-        batch = views[i : i + _IOV_MAX]
-        n = write_v(batch)
-        # advance past fully written buffers, trim a partly written one
-        while n and i < len(views):
-            ln = len(views[i])
-            if n >= ln:
-                n -= ln
-                i += 1
-            else:
-                views[i] = views[i][n:]
-                n = 0
+        i = advance(views, i, write_v(views[i : i + IOV_MAX]))
 
 
 class FdChannel:

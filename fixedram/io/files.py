@@ -17,16 +17,18 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from fixedram.errors import FixedramError
+from fixedram.errors import FixedramError, ImageError
 
 __all__ = [
     "pwritev_all",
+    "advance",
     "preadv_exact",
     "aligned_buffer",
     "open_direct",
     "punch_hole",
     "fsync_dir",
     "AtomicFile",
+    "remove_stale_partials",
     "IOV_MAX",
 ]
 
@@ -35,36 +37,42 @@ IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 Buffer = bytes | bytearray | memoryview
 
 
+def advance(views: list[memoryview], i: int, n: int) -> int:
+    """After a vectored write of ``n`` bytes from ``views[i:]``, the index of the first
+    buffer not yet fully written (a partly written one is trimmed in place)."""
+    while n and i < len(views):
+        ln = len(views[i])
+        if n >= ln:
+            n -= ln
+            i += 1
+        else:
+            views[i] = views[i][n:]
+            n = 0
+    return i
+
+
 def pwritev_all(fd: int, bufs: Sequence[Buffer], offset: int) -> int:
     """Write every buffer at ``offset`` onwards; retries short writes. Returns bytes written."""
     views = [memoryview(b).cast("B") for b in bufs if len(b)]
     total = 0
     i = 0
     while i < len(views):
-        batch = views[i : i + IOV_MAX]
-        n = os.pwritev(fd, batch, offset + total)
+        n = os.pwritev(fd, views[i : i + IOV_MAX], offset + total)
         if n <= 0:
             raise OSError(errno.EIO, "short write")
         total += n
-        while n and i < len(views):
-            ln = len(views[i])
-            if n >= ln:
-                n -= ln
-                i += 1
-            else:
-                views[i] = views[i][n:]
-                n = 0
+        i = advance(views, i, n)
     return total
 
 
-def preadv_exact(fd: int, buf: memoryview, offset: int) -> None:
-    """Fill ``buf`` from ``offset``; raise FixedramError if the file is shorter."""
-    got = 0
+def preadv_exact(fd: int, buf: memoryview, offset: int, what: str = "file") -> None:
+    """Fill ``buf`` from ``offset``; ImageError naming ``what`` if the file is shorter."""
+    got = os.preadv(fd, [buf], offset)
     while got < len(buf):
         n = os.preadv(fd, [buf[got:]], offset + got)
         if n <= 0:
-            raise FixedramError(f"file ends at byte {offset + got}, "
-                                f"{len(buf) - got} bytes short")
+            raise ImageError(f"{what}: file ends at byte {offset + got}, expected "
+                             f"{len(buf) - got} more bytes", offset + got)
         got += n
 
 
@@ -119,6 +127,39 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def remove_stale_partials(target: str | os.PathLike[str]) -> list[Path]:
+    """Remove ``.<name>.fixedram-partial.<pid>`` files of ``target`` whose process is gone.
+
+    Such a file is left only if a writer was killed (SIGKILL, power cut) in the instant
+    between naming its finished temporary file and renaming it over ``target``. Files of
+    a running pid are left alone. Returns the paths removed.
+    """
+    tgt = Path(target).absolute()
+    removed: list[Path] = []
+    prefix = f".{tgt.name}.fixedram-partial."
+    try:
+        names = [n for n in os.listdir(tgt.parent) if n.startswith(prefix)]
+    except OSError:
+        return removed
+    for name in names:
+        pid = name[len(prefix) :]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # someone else's live process
+        try:
+            os.unlink(tgt.parent / name)
+            removed.append(tgt.parent / name)
+        except OSError:
+            pass
+    return removed
+
+
 class AtomicFile:
     """A file written under a temporary name and renamed over ``target`` on commit.
 
@@ -135,6 +176,7 @@ class AtomicFile:
         if not parent.is_dir():
             raise FixedramError(f"directory {parent} does not exist")
         self.temp = parent / f".{self.target.name}.fixedram-partial.{os.getpid()}"
+        remove_stale_partials(self.target)
         try:
             self.fd = os.open(self.temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, mode)
         except OSError as e:
