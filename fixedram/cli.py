@@ -16,7 +16,7 @@ import click
 
 from fixedram.errors import FixedramError
 
-__all__ = ["main", "cli", "one_line_errors"]
+__all__ = ["main", "cli", "one_line_errors", "printable"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -39,8 +39,20 @@ def one_line_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def printable(text: str) -> str:
+    """``text`` with control and other non-printable characters escaped (``\\x1b``...).
+
+    Names in error messages come from untrusted files (RAM block names, machine types):
+    escaping keeps every message on one line and terminal escapes out of the terminal.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 def _fail(message: str, status: int = 2) -> None:
-    click.echo(f"fixedram: error: {message}", err=True)
+    click.echo(f"fixedram: error: {printable(message)}", err=True)
     sys.exit(status)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from fixedram.cli import cli, one_line_errors
+from fixedram.cli import cli, one_line_errors, printable
 from fixedram.errors import FixedramError, ImageError
 from fixedram.image.layout import PAGE_SIZE, runs
 from fixedram.image.reader import Image, open_image
@@ -187,4 +187,4 @@ def convert_cmd(src: str, dst: str, to: str, quiet: bool) -> None:
     """Convert the image IN (legacy stream or mapped-ram) into OUT."""
     summary = convert(src, dst, to=to)
     if not quiet:
-        click.echo(f"fixedram: wrote {summary}", err=True)
+        click.echo(f"fixedram: wrote {printable(summary)}", err=True)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import click
 
@@ -28,17 +29,32 @@ __all__ = ["restore_command"]
 @click.option("--progress/--no-progress", "progress", default=None,
               help="Progress bar on stderr (default: when stderr is a terminal).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--lazy", is_flag=True,
+              help="Run the guest at once and serve its pages on demand (postcopy). If the "
+                   "image or fixedram fails after the guest started, the guest cannot "
+                   "continue and must be killed.")
+@click.option("--transport", type=click.Choice(["fd", "unix", "exec"]), default="fd",
+              show_default=True, help="--lazy: how the stream reaches QEMU.")
+@click.option("--push-rate", type=str, default=None, metavar="RATE",
+              help="--lazy: throttle the background push to RATE bytes/s (64M, 1G...).")
 @one_line_errors
 def restore_command(image: str, qmp_socket: str, via: str, paused: bool,
-                    multifd_channels: int, progress: bool | None, as_json: bool) -> None:
+                    multifd_channels: int, progress: bool | None, as_json: bool,
+                    lazy: bool = False, transport: str = "fd",
+                    push_rate: str | None = None) -> None:
     """Restore IMAGE into the waiting QEMU behind --qmp, then resume the VM.
 
     The image is checked against the destination's machine type and RAM blocks first; a
     mismatch is refused before QEMU receives anything, and QEMU stays usable.
     """
+    started = time.monotonic()
     from fixedram.qmp.client import QMP
     from fixedram.qmp.progress import ProgressBar
     from fixedram.qmp.restore import restore
+
+    if lazy:
+        _lazy(image, qmp_socket, paused, progress, as_json, transport, push_rate, started)
+        return
 
     with QMP.connect(qmp_socket) as qmp, \
             ProgressBar("restore", disable=not _show_progress(progress)) as bar:
@@ -52,5 +68,34 @@ def restore_command(image: str, qmp_socket: str, via: str, paused: bool,
         f"{r.via} in {r.total_time:.2f} s\n"
         f"  load {r.load_time:.2f} s: {r.pages} pages, {fmt_size(r.bytes)}"
         f" ({r.mb_per_s:.0f} MB/s), {r.zero_pages} zero pages; RAM {fmt_size(r.ram_size)}\n"
+        f"  VM {r.status}"
+    )
+
+
+def _lazy(image: str, qmp_socket: str, paused: bool, progress: bool | None, as_json: bool,
+          transport: str, push_rate: str | None, started: float) -> None:
+    """``restore --lazy``: :func:`fixedram.qmp.lazy.lazy_restore` and its report."""
+    from fixedram.commands.save import parse_rate
+    from fixedram.qmp.client import QMP
+    from fixedram.qmp.lazy import lazy_restore
+    from fixedram.qmp.progress import ProgressBar
+
+    rate = parse_rate(push_rate) if push_rate else None
+    with QMP.connect(qmp_socket) as qmp, \
+            ProgressBar("lazy restore", disable=not _show_progress(progress)) as bar:
+        r = lazy_restore(qmp, image, transport=transport,  # type: ignore[arg-type]
+                         paused=paused, progress=bar, push_rate=rate,
+                         started=started)
+    if as_json:
+        click.echo(json.dumps(r.as_dict(), indent=2))
+        return
+    click.echo(
+        f"lazily restored {r.image} ({r.image_format}) into {r.machine} (QEMU "
+        f"{r.qemu_version}) over {r.transport}\n"
+        f"  time to running {r.time_to_running * 1000:.0f} ms"
+        f"{' (paused)' if paused else ''}; total {r.total_time:.2f} s\n"
+        f"  {r.pages} pages: {r.pages_on_demand} served on demand ({r.requests} requests), "
+        f"{r.pages_pushed} pushed; {r.zero_on_demand} zero pages on demand; RAM "
+        f"{fmt_size(r.ram_size)}\n"
         f"  VM {r.status}"
     )

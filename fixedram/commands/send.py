@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -65,21 +66,48 @@ def _fmt_bytes(n: float) -> str:
 @click.option("--readers", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Keep READERS-1 pieces of a mapped-ram image in kernel read-ahead.")
 @click.option("-q", "--quiet", is_flag=True, help="No summary or progress on stderr.")
+@click.option("--verify", "verify_first", is_flag=True,
+              help="Check every page against the image's checksums before the first byte "
+                   "(one extra read of the image). Without it pages are checked as they are "
+                   "sent, and a bad one stops the stream before the device state.")
+@click.option("--postcopy", is_flag=True,
+              help="Lazy restore: the guest runs at once and its pages are served on demand "
+                   "(the destination needs capability postcopy-ram). If the image or fixedram "
+                   "fails after the guest started, the guest cannot continue.")
+@click.option("--push-rate", type=str, default=None, metavar="RATE",
+              help="--postcopy: throttle the background push to RATE bytes/s (64M, 1G...); "
+                   "requested pages are always served at once.")
+@click.option("--report-json", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Write the report as JSON to FILE.")
 @one_line_errors
 def send_command(image: str, address: str | None, fd: int | None, qmp_socket: str | None,
-                 readers: int, quiet: bool) -> None:
+                 readers: int, quiet: bool, postcopy: bool = False,
+                 push_rate: str | None = None, report_json: str | None = None,
+                 verify_first: bool = False) -> None:
     """Restore IMAGE into a waiting QEMU (stream on stdout unless --connect/--fd)."""
     from fixedram.endpoint.send import query_destination, send, validate
     from fixedram.image import open_image
 
     if address is not None and fd is not None:
         raise click.UsageError("--connect and --fd exclude each other")
+    if postcopy and verify_first:  # a lazily restored guest runs before all pages are sent
+        from fixedram.verify import require_checksums
+
+        with open_image(image) as vimg:
+            require_checksums(vimg)
+    if postcopy:
+        _send_postcopy(image, address, fd, qmp_socket, quiet, push_rate, report_json)
+        return
     with open_image(image) as img:
         dest_machine = dest_blocks = None
         if qmp_socket is not None:
             dest_machine, dest_blocks = query_destination(qmp_socket)
         # Refuse before connecting: QEMU cannot be reused after a failed load.
         validate(img, dest_machine=dest_machine, dest_blocks=dest_blocks)
+        if verify_first:
+            from fixedram.verify import require_checksums
+
+            require_checksums(img)
         channel: Channel
         if address is not None:
             channel = connect(address)
@@ -111,3 +139,62 @@ def send_command(image: str, address: str | None, fd: int | None, qmp_socket: st
             f"{report.zero_pages} zero pages, {_fmt_bytes(report.bytes_sent)} in "
             f"{report.elapsed:.2f} s ({_fmt_bytes(report.rate)}/s), "
             f"{report.preadv_calls} reads", err=True)
+
+
+def _send_postcopy(image: str, address: str | None, fd: int | None, qmp_socket: str | None,
+                   quiet: bool, push_rate: str | None, report_json: str | None) -> None:
+    """``send --postcopy``: serve IMAGE lazily (see :mod:`fixedram.endpoint.postcopy`)."""
+    import json
+    from dataclasses import asdict
+
+    from fixedram.commands.save import parse_rate
+    from fixedram.endpoint.postcopy import send_postcopy
+    from fixedram.endpoint.send import query_destination, validate
+    from fixedram.image import open_image
+
+    rate = parse_rate(push_rate) if push_rate else None
+    with open_image(image) as img:
+        dest_machine = dest_blocks = None
+        if qmp_socket is not None:
+            from fixedram.qmp.client import QMP
+
+            with QMP.connect(qmp_socket) as q:
+                if not q.capabilities().get("postcopy-ram", False):
+                    raise EndpointError("the destination has capability postcopy-ram off "
+                                        "(migrate-set-capabilities postcopy-ram=on first)")
+            dest_machine, dest_blocks = query_destination(qmp_socket)
+        validate(img, dest_machine=dest_machine, dest_blocks=dest_blocks)
+        channel: Channel
+        if address is not None:
+            channel = connect(address)
+        elif fd is not None:
+            channel = from_fd(fd)
+        else:
+            channel = _stdio_channel()
+        bar: Any = None
+        progress = None
+        if not quiet and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            total = sum(int(img.present(n).sum()) for n in img.blocks)
+            bar = tqdm(total=total, unit="page", unit_scale=True, file=sys.stderr,
+                       desc="lazy restore", leave=False)
+
+            def progress(s: Any) -> None:
+                bar.update(s.pages_done - bar.n)
+        try:
+            report = send_postcopy(img, channel, dest_machine=dest_machine,
+                                   dest_blocks=dest_blocks, progress=progress, push_rate=rate)
+        finally:
+            if bar is not None:
+                bar.close()
+            channel.close()
+    if report_json is not None:
+        Path(report_json).write_text(json.dumps({**asdict(report),
+                                                 "pages_sent": report.pages_sent}))
+    if not quiet:
+        click.echo(
+            f"fixedram: lazily restored {image} ({report.machine}): guest started after "
+            f"{report.time_to_run * 1000:.0f} ms; {report.pages_on_demand} pages on demand "
+            f"({report.requests} requests), {report.pages_pushed} pushed, "
+            f"{_fmt_bytes(report.bytes_sent)} in {report.elapsed:.2f} s", err=True)

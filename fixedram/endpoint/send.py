@@ -25,9 +25,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fixedram import faults
 from fixedram.errors import EndpointError, ImageError, MismatchError
 from fixedram.image import Image, open_image
 from fixedram.image.layout import bitmap_bytes
@@ -57,6 +59,9 @@ from fixedram.stream.format import (
     Command,
     RamFlag,
 )
+
+if TYPE_CHECKING:
+    from fixedram.verify import PageCheck
 
 __all__ = [
     "SendReport",
@@ -269,6 +274,11 @@ def _validate_image(img: Image) -> None:
             if end > size:
                 raise ImageError(f"RAM block '{name}': page {last} ends at byte {end}, past the "
                                  f"end of the file ({size} bytes)")
+    # the checksum extension (if any) and the digests of headers, bitmaps and device state:
+    # cheap, so always, before the first byte; page data is checked while it is read
+    from fixedram.verify import check_metadata
+
+    check_metadata(img)
 
 
 def _validate_dest(img: Image, dest_machine: str | None,
@@ -369,6 +379,7 @@ class _Sender:
 
     def flush(self) -> None:
         if self.pending:
+            faults.point("send-pages")
             self.channel.sendv(self.pending)
             self.bytes_sent += self.pending_bytes
             self.pending = []
@@ -436,6 +447,14 @@ def send(image: str | os.PathLike[str] | Image, channel: Channel, *,
             img.close()
 
 
+def _page_check(img: Image) -> PageCheck | None:
+    """Checks pages against the image's checksum extension as they are read (or None)."""
+    from fixedram.verify import PageCheck, check_metadata
+
+    cs = check_metadata(img)
+    return PageCheck(img, cs) if cs is not None else None
+
+
 def _send(img: Image, channel: Channel, readers: int,
           progress: Callable[[SendStats], None] | None) -> SendReport:
     blocks = list(img.blocks.values())
@@ -454,17 +473,21 @@ def _send(img: Image, channel: Channel, readers: int,
         encode(SectionFooter(sid)),
     ]
     out = _Sender(channel, total // PS, progress)
+    check = _page_check(img)
     drain = _Drain(channel)
     hint_fd = -1
     if readers > 1 and img.format == "mapped-ram" and hasattr(os, "posix_fadvise"):
         hint_fd = os.open(img.path, os.O_RDONLY)
     try:
+        faults.point("send-setup")
         out.add(head)
         for blk in blocks:
             out.add([encode(SectionPart(sid))])
             cursor = 0
             for first, data in _pieces(img, blk.name, hint_fd, readers - 1):
                 out.reads += 1
+                if check is not None:
+                    check.piece(blk.name, first, data)
                 if first > cursor:
                     out.add([_zero_records(enc, blk.name, cursor, first - cursor)])
                     out.zero_pages += first - cursor
@@ -481,6 +504,8 @@ def _send(img: Image, channel: Channel, readers: int,
                     out.maybe_flush()
                 else:
                     out.flush()  # the read buffer is reused by the next piece
+            if check is not None:  # a bad extent stops the stream before the device state
+                check.block_done(blk.name)
             if cursor < blk.npages:
                 out.add([_zero_records(enc, blk.name, cursor, blk.npages - cursor)])
                 out.zero_pages += blk.npages - cursor
@@ -492,11 +517,13 @@ def _send(img: Image, channel: Channel, readers: int,
         tail += [encode(SectionEnd(sid)), encode(EndOfSection()), encode(SectionFooter(sid)),
                  img.device_state, encode(EndOfFile()),
                  encode(VMDescription(img.vmdesc or b""))]
+        faults.point("send-device")
         out.add(tail)
         out.flush()
     finally:
         if hint_fd >= 0:
             os.close(hint_fd)
+    faults.point("send-end")
     channel.shutdown_write()
     drain.wait(LINGER_SECONDS)
     elapsed = time.monotonic() - out.t0

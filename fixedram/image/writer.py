@@ -13,6 +13,11 @@ The per-page bitmaps live in memory (one numpy bool per page) and are written on
 at :meth:`MappedRamWriter.finish`, as QEMU does. A page that is zeroed after it held
 data has its bit cleared and its file range deallocated (hole punched), so stale
 guest data is not left reachable in the file; QEMU leaves such data behind.
+
+By default the writer also keeps one xxh3 digest per page (8 bytes per page) and, at
+:meth:`MappedRamWriter.finish`, stores the checksum extension in the padding before a
+pages region, where QEMU never looks (``docs/checksums.md``); ``checksums=False`` turns
+this off.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fixedram.errors import FixedramError, UnsupportedRecord
+from fixedram.image.checksum import BlockGeometry, Checksums, Geometry, PageDigests, write_new
 from fixedram.image.layout import PAGE_SIZE, block_geometry, bools_to_bitmap, runs
 from fixedram.io.files import punch_hole, pwritev_all
 from fixedram.stream.encoder import encode
@@ -95,8 +101,13 @@ class MappedRamWriter:
     stream starts at byte 0.
     """
 
-    def __init__(self, fd: int, *, page_fd: int | None = None) -> None:
+    def __init__(self, fd: int, *, page_fd: int | None = None, checksums: bool = True) -> None:
         self.fd = fd
+        # checksums: keep one digest per page and store the checksum extension at finish
+        # (fixedram.image.checksum; 8 bytes of memory per page)
+        self.checksums = checksums
+        self.digests: PageDigests | None = None
+        self.checksum_info: Checksums | None = None
         self.page_fd = fd if page_fd is None else page_fd
         self.blocks: dict[str, BlockLayout] = {}
         self.configuration: Configuration | None = None
@@ -146,6 +157,8 @@ class MappedRamWriter:
             head = bytearray()
         head += encode(EndOfSection()) + encode(SectionFooter(section_id))
         pieces.append((pos, bytes(head)))
+        if self.checksums:
+            self.digests = PageDigests(dict(norm))
         self.end_offset = pos + len(head)
         for off, data in pieces:
             pwritev_all(self.fd, [data], off)
@@ -175,6 +188,8 @@ class MappedRamWriter:
         if not npages:
             return 0
         pwritev_all(self.page_fd, bufs, blk.pages_offset + first_page * PAGE_SIZE)
+        if self.digests is not None:
+            self.digests.write(block, first_page, bufs)
         blk.present[first_page : first_page + npages] = True
         self.pages_written += npages
         return npages
@@ -190,6 +205,8 @@ class MappedRamWriter:
         if first_page < 0 or npages < 0 or first_page + npages > blk.npages:
             raise FixedramError(f"pages {first_page}..{first_page + npages} outside RAM "
                                 f"block '{block}' ({blk.npages} pages)")
+        if self.digests is not None:
+            self.digests.zero(block, first_page, npages)
         sel = blk.present[first_page : first_page + npages]
         if not sel.any():
             return 0
@@ -242,5 +259,9 @@ class MappedRamWriter:
         n = pwritev_all(self.fd, tail, self.end_offset)
         size = self.end_offset + n
         os.ftruncate(self.fd, size)
+        if self.digests is not None:
+            geom = Geometry(tuple(BlockGeometry(b.name, b.length, b.bitmap_offset, b.pages_offset)
+                                  for b in self.blocks.values()), 0, size)
+            self.checksum_info = write_new(self.fd, geom, self.digests)
         self._finished = True
         return size

@@ -1,0 +1,595 @@
+"""Lazy restore: fixedram as a postcopy *source*, serving pages out of an image on demand.
+
+:func:`send_postcopy` makes a QEMU started with ``-incoming`` (capability ``postcopy-ram``
+on) run the saved guest at once, before any page of RAM has been sent, and then feeds it the
+pages: those the guest touches first (QEMU asks for them on the return path), the others in
+the background. The stream (``docs/`` stream-protocol §4.2, §4.3)::
+
+    QEVM 3 | CONFIGURATION (no mapped-ram) | OPEN_RETURN_PATH | PING(1)
+    | POSTCOPY_ADVISE(4096, 4096) | START ram: MEM_SIZE, blocks, EOS
+    | POSTCOPY_RAM_DISCARD per block, covering the whole block | PING(2)
+      -- wait for PONG(2): the destination accepted everything so far --
+    | PACKAGED{ LISTEN | device state | PING(3) | RUN }          <- the guest runs from here
+    | PART ram: requested pages first, else a batch of unsent pages, EOS  (repeated)
+    | END ram: EOS | EOF                                         -- wait for SHUT
+
+Pages are read at their fixed offset in the image (one positional read per run of pages;
+adjacent requests merged into one run). Every page with data is sent exactly once, as a PAGE
+record; a page already sent is never sent again, even when QEMU asks for it (it is on its way).
+
+**Absent pages** (zero in the image) are not pushed. The whole-block DISCARD sent before
+LISTEN drops every page of every block on the destination, firmware ROM blocks included, so
+a page that never arrives reads as zero once the postcopy ends, which is exactly the image's
+content; pushing ZERO records would cost the destination one ``UFFDIO_ZEROPAGE`` per page
+for nothing. Only when QEMU *asks* for an absent page (the guest touched it while the
+postcopy was running) is it answered, with a ZERO record.
+
+**The discard is required**, not an optimisation: QEMU 7.2 and 10.0 prepare the postcopy
+state at the first DISCARD; if LISTEN comes first, the destination's listen thread loads
+pages into userfault-protected RAM and deadlocks.
+
+**Failure after RUN cannot be undone.** Everything that can refuse the image runs before
+RUN: :func:`~fixedram.endpoint.send.validate` (image consistency, machine type, RAM blocks),
+the package size, a bidirectional channel, and a PING/PONG round trip proving the destination
+accepted the configuration, the postcopy advice, the block list and the discards. After RUN,
+the only copy of the guest's not-yet-sent memory is the image: if the image cannot be read,
+fixedram dies, or the connection breaks, the guest cannot continue. QEMU then stops in
+``postcopy-paused`` with vCPUs blocked on missing pages; the VM must be killed and restored
+again. :class:`PostcopyFailed` says so in its message. (QEMU's postcopy recovery,
+POSTCOPY_RESUME, is not implemented.)
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fixedram.endpoint.send import RAM_SECTION_ID, validate
+from fixedram.errors import EndpointError, FixedramError, ImageError
+from fixedram.image import Image, open_image
+from fixedram.image.layout import runs
+from fixedram.io.channel import Buffer, Channel
+from fixedram.stream import (
+    CommandRecord,
+    Configuration,
+    EndOfFile,
+    EndOfSection,
+    FileHeader,
+    MemSize,
+    Packaged,
+    RamBlock,
+    SectionEnd,
+    SectionFooter,
+    SectionPart,
+    SectionStart,
+    StreamEncoder,
+    encode,
+)
+from fixedram.stream.encoder import counted
+from fixedram.stream.format import (
+    BE32,
+    BE64,
+    MAX_PACKAGED,
+    RAM_SECTION,
+    RAM_SECTION_VERSION,
+    TARGET_PAGE_SIZE,
+    Command,
+    RamFlag,
+    ReturnPathMsg,
+)
+from fixedram.stream.returnpath import ReturnPathDecoder
+
+__all__ = [
+    "PostcopyFailed",
+    "PostcopyReport",
+    "PostcopyStats",
+    "send_postcopy",
+    "postcopy_package",
+    "discard_command",
+]
+
+PS = TARGET_PAGE_SIZE
+#: Pages pushed per background PART section (1 MiB): bounds how long a request waits
+#: behind the push.
+PUSH_BATCH_PAGES = 256
+#: Most requested pages answered in one PART section.
+REQUEST_BATCH_PAGES = 1024
+#: How long to wait for the destination to accept the stream before RUN (PONG 2).
+ACCEPT_TIMEOUT = 60.0
+#: How long to wait for SHUT after EOF.
+SHUT_TIMEOUT = 120.0
+#: Minimum interval between two progress callbacks.
+_PROGRESS_INTERVAL = 0.2
+
+_PING_OPENED, _PING_ACCEPTED, _PING_RUNNING = 1, 2, 3
+_PAGE_CONT = int(RamFlag.PAGE | RamFlag.CONTINUE)
+
+
+class PostcopyFailed(EndpointError):
+    """The lazy restore failed after the guest started running: the guest cannot continue."""
+
+
+@dataclass(frozen=True)
+class PostcopyStats:
+    """Progress of a running :func:`send_postcopy`. Page counts are of pages with data."""
+
+    pages_on_demand: int  # sent because QEMU asked (PAGE records)
+    pages_pushed: int  # sent in the background
+    pages_total: int  # pages with data in the image
+    zero_on_demand: int  # absent pages QEMU asked for, answered with ZERO records
+    requests: int  # REQ_PAGES(_ID) messages received
+    bytes_sent: int
+    elapsed: float
+    running: bool  # RUN has been sent
+
+    @property
+    def pages_done(self) -> int:
+        """Pages with data sent so far."""
+        return self.pages_on_demand + self.pages_pushed
+
+
+@dataclass(frozen=True)
+class PostcopyReport:
+    """What :func:`send_postcopy` did. Times in seconds from the call."""
+
+    bytes_sent: int
+    pages_on_demand: int
+    pages_pushed: int
+    zero_on_demand: int
+    requests: int
+    reads: int  # positional reads of page data
+    time_to_run: float  # RUN written (the guest may run from now on)
+    time_run_acked: float | None  # PONG(3) received: the destination processed the package
+    elapsed: float  # SHUT received
+    machine: str
+    blocks: tuple[tuple[str, int], ...]
+    bytes_received: int
+
+    @property
+    def pages_sent(self) -> int:
+        """Pages with data sent (on demand + pushed)."""
+        return self.pages_on_demand + self.pages_pushed
+
+
+# ---------------------------------------------------------------------------------------------
+# Stream pieces
+# ---------------------------------------------------------------------------------------------
+
+
+def _command(cmd: Command, data: bytes = b"") -> bytes:
+    return encode(CommandRecord(int(cmd), data))
+
+
+def discard_command(block: str, ranges: Sequence[tuple[int, int]]) -> bytes:
+    """POSTCOPY_RAM_DISCARD for byte ranges ``(start, length)`` of ``block``."""
+    body = b"\x00" + counted(block) + b"\x00" + b"".join(
+        BE64.pack(s) + BE64.pack(n) for s, n in ranges)
+    return _command(Command.POSTCOPY_RAM_DISCARD, body)
+
+
+def postcopy_package(device_state: bytes) -> bytes:
+    """The PACKAGED command: LISTEN, the device state, PING(3), RUN."""
+    inner = (_command(Command.POSTCOPY_LISTEN) + device_state
+             + _command(Command.PING, BE32.pack(_PING_RUNNING)) + _command(Command.POSTCOPY_RUN))
+    if len(inner) > MAX_PACKAGED:
+        raise ImageError(f"device state of {len(device_state)} bytes does not fit in a postcopy "
+                         f"package (QEMU's limit is {MAX_PACKAGED} bytes)")
+    return encode(Packaged(inner))
+
+
+def _preamble(img: Image) -> bytes:
+    """Everything up to and including PING(2), before which the guest cannot run."""
+    cfg = img.configuration
+    blocks = list(img.blocks.values())
+    out = [
+        encode(FileHeader()),
+        encode(Configuration(cfg.machine, None, cfg.page_bits, cfg.uuid)),
+        _command(Command.OPEN_RETURN_PATH),
+        _command(Command.PING, BE32.pack(_PING_OPENED)),
+        _command(Command.POSTCOPY_ADVISE, BE64.pack(PS) + BE64.pack(PS)),
+        encode(SectionStart(RAM_SECTION_ID, RAM_SECTION, 0, RAM_SECTION_VERSION)),
+        encode(MemSize(sum(b.length for b in blocks))),
+        *(encode(RamBlock(b.name, b.length)) for b in blocks),
+        encode(EndOfSection()),
+        encode(SectionFooter(RAM_SECTION_ID)),
+        # at least one DISCARD before LISTEN, or QEMU deadlocks (see the module docstring)
+        *(discard_command(b.name, [(0, b.length)]) for b in blocks),
+        _command(Command.PING, BE32.pack(_PING_ACCEPTED)),
+    ]
+    return b"".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The return path
+# ---------------------------------------------------------------------------------------------
+
+
+class _ReturnPath:
+    """Reads the destination's messages in a thread: page requests, PONGs, SHUT."""
+
+    def __init__(self, channel: Channel, blocks: dict[str, int]) -> None:
+        self.cond = threading.Condition()
+        self.requests: collections.deque[tuple[str, int, int]] = collections.deque()
+        self.pongs: dict[int, float] = {}
+        self.shut: int | None = None
+        self.closed = False
+        self.error: str | None = None
+        self.received = 0
+        self.nrequests = 0
+        self.bad_requests = 0
+        self._blocks = blocks
+        self._last_block: str | None = None
+        self._channel = channel
+        self._thread = threading.Thread(target=self._run, name="fixedram-postcopy-rp",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        dec = ReturnPathDecoder()
+        buf = memoryview(bytearray(65536))
+        try:
+            while True:
+                n = self._channel.recv_into(buf)
+                if n <= 0:
+                    break
+                self.received += n
+                msgs = dec.feed(bytes(buf[:n]))
+                if msgs:
+                    with self.cond:
+                        for kind, payload in msgs:
+                            self._handle(kind, payload)
+                        self.cond.notify_all()
+        except (OSError, FixedramError, ValueError) as e:
+            self.error = str(e) or type(e).__name__
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def _handle(self, kind: int, payload: bytes) -> None:
+        now = time.monotonic()
+        if kind == ReturnPathMsg.PONG and len(payload) == 4:
+            self.pongs[BE32.unpack(payload)[0]] = now
+        elif kind == ReturnPathMsg.SHUT and len(payload) == 4:
+            self.shut = BE32.unpack(payload)[0]
+        elif kind in (ReturnPathMsg.REQ_PAGES, ReturnPathMsg.REQ_PAGES_ID) and len(payload) >= 12:
+            start = BE64.unpack_from(payload, 0)[0]
+            length = BE32.unpack_from(payload, 8)[0]
+            if kind == ReturnPathMsg.REQ_PAGES_ID:
+                n = payload[12] if len(payload) > 12 else 0
+                self._last_block = payload[13 : 13 + n].decode("latin-1")
+            self.nrequests += 1
+            blk = self._last_block
+            if blk is None or blk not in self._blocks or start % PS or length <= 0 \
+                    or start + length > self._blocks[blk]:
+                self.bad_requests += 1
+                return
+            first = start // PS
+            self.requests.append((blk, first, -(-length // PS)))
+
+    def take_requests(self) -> list[tuple[str, int, int]]:
+        """Every request queued so far (caller holds no lock)."""
+        with self.cond:
+            out = list(self.requests)
+            self.requests.clear()
+        return out
+
+    def wait(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
+        """Wait until ``predicate`` (checked under the lock) holds or the path closes."""
+        with self.cond:
+            return self.cond.wait_for(lambda: predicate() or self.closed, timeout)
+
+    def join(self, timeout: float) -> None:
+        """Wait for the reader thread to end."""
+        self._thread.join(timeout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sending
+# ---------------------------------------------------------------------------------------------
+
+
+def _merge(requests: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+    """Requests as sorted, merged page runs ``(block, first, npages)``."""
+    out: list[tuple[str, int, int]] = []
+    for blk, first, n in sorted(requests):
+        if out and out[-1][0] == blk and first <= out[-1][1] + out[-1][2]:
+            b, f, m = out[-1]
+            out[-1] = (b, f, max(m, first + n - f))
+        else:
+            out.append((blk, first, n))
+    return out
+
+
+class _Server:
+    """Serves one lazy restore over ``channel`` once the guest runs."""
+
+    def __init__(self, img: Image, channel: Channel, rp: _ReturnPath,
+                 progress: Callable[[PostcopyStats], None] | None,
+                 push_rate: float | None, t0: float) -> None:
+        self.img = img
+        self.channel = channel
+        self.rp = rp
+        self.enc = StreamEncoder()
+        self.present = {n: img.present(n) for n in img.blocks}
+        self.sent = {n: np.zeros(b.npages, dtype=bool) for n, b in img.blocks.items()}
+        self.pages_total = sum(int(p.sum()) for p in self.present.values())
+        self.pages_on_demand = 0
+        self.pages_pushed = 0
+        self.zero_on_demand = 0
+        self.reads = 0
+        self.bytes_sent = 0
+        self.running = False
+        self.push_rate = push_rate
+        self.t0 = t0
+        self._progress = progress
+        self._last_progress = 0.0
+        self._named: str | None = None  # block named in the current pushed section
+
+    # -- output --------------------------------------------------------------------------
+
+    def write(self, bufs: Sequence[Buffer]) -> None:
+        self.channel.sendv(bufs)
+        self.bytes_sent += sum(len(b) for b in bufs)
+
+    def stats(self) -> PostcopyStats:
+        return PostcopyStats(self.pages_on_demand, self.pages_pushed, self.pages_total,
+                             self.zero_on_demand, self.rp.nrequests, self.bytes_sent,
+                             time.monotonic() - self.t0, self.running)
+
+    def tick(self, force: bool = False) -> None:
+        if self._progress is None:
+            return
+        now = time.monotonic()
+        if force or now - self._last_progress >= _PROGRESS_INTERVAL:
+            self._last_progress = now
+            self._progress(self.stats())
+
+    def _read(self, name: str, first: int, view: memoryview) -> None:
+        """Pages ``first...`` of ``name`` (all present) into ``view``: one positional read."""
+        self.reads += 1
+        self.img._read_into(self.img.blocks[name], first, view)
+
+    def _section(self, body: list[Buffer]) -> None:
+        """One PART section around ``body``; its first record names its block."""
+        self.write([encode(SectionPart(RAM_SECTION_ID)), *body, encode(EndOfSection()),
+                    encode(SectionFooter(RAM_SECTION_ID))])
+
+    # -- requests ------------------------------------------------------------------------
+
+    def serve_requests(self) -> None:
+        """Answer every queued request, merged into runs, in PART sections."""
+        reqs = self.rp.take_requests()
+        if not reqs:
+            return
+        body: list[Buffer] = []
+        npages = 0
+        self.enc.forget_block()
+        for name, first, n in _merge(reqs):
+            sent = self.sent[name][first : first + n]
+            pres = self.present[name][first : first + n]
+            for off, k in runs(~sent):
+                a = first + off
+                for poff, pk in runs(pres[off : off + k]):  # with data: one read per run
+                    buf = memoryview(bytearray(pk * PS))
+                    self._read(name, a + poff, buf)
+                    body += self.enc.page_run(name, (a + poff) * PS, buf)
+                    self.pages_on_demand += pk
+                for zoff, zk in runs(~pres[off : off + k]):  # absent: ZERO records
+                    body.append(self.enc.zero_run(name, (a + zoff) * PS, zk))
+                    self.zero_on_demand += zk
+                self.sent[name][a : a + k] = True
+                npages += k
+            if npages >= REQUEST_BATCH_PAGES:
+                self._section(body)
+                body, npages = [], 0
+                self.enc.forget_block()
+        if body:
+            self._section(body)
+        self.tick()
+
+    # -- background push -----------------------------------------------------------------
+
+    def _pieces(self) -> list[tuple[str, int, int]]:
+        """``(block, first, npages)`` pieces of at most a batch, covering every present page."""
+        out = []
+        for name in self.img.blocks:
+            for first, n in runs(self.present[name]):
+                for p in range(first, first + n, PUSH_BATCH_PAGES):
+                    out.append((name, p, min(PUSH_BATCH_PAGES, first + n - p)))
+        return out
+
+    def _records(self, rows: np.ndarray, name: str, first: int, data: memoryview,
+                 ) -> list[Buffer]:
+        """PAGE records for the pages in ``data`` (from page ``first`` of ``name``).
+
+        Records that can use CONTINUE are laid out header+page after header+page in ``rows``
+        (one contiguous buffer, vectorised), instead of two small buffers per page.
+        """
+        out: list[Buffer] = []
+        if name != self._named:  # the section's first record of a block names it
+            out += self.enc.page_run(name, first * PS, data[:PS])
+            self._named = name
+            data, first = data[PS:], first + 1
+        k = len(data) // PS
+        if k:
+            words = (np.arange(first, first + k, dtype=np.uint64) * np.uint64(PS)) \
+                | np.uint64(_PAGE_CONT)
+            rows[:k, :8] = words.astype(">u8").view(np.uint8).reshape(k, 8)
+            rows[:k, 8:] = np.frombuffer(data, dtype=np.uint8).reshape(k, PS)
+            out.append(rows[:k].data.cast("B"))
+        return out
+
+    def push_all(self) -> None:
+        """Push every unsent page, in bounded batches; requests always go first."""
+        buf = memoryview(bytearray(PUSH_BATCH_PAGES * PS))
+        rows = np.empty((PUSH_BATCH_PAGES, PS + 8), dtype=np.uint8)
+        pieces = self._pieces()
+        pushed_bytes = 0
+        t_push = time.monotonic()
+        i = 0
+        while i < len(pieces):
+            self.serve_requests()
+            if self.push_rate:  # throttled (tests, benchmarks): wait, serving requests
+                due = t_push + pushed_bytes / self.push_rate
+                while (delay := due - time.monotonic()) > 0:
+                    self.rp.wait(lambda: bool(self.rp.requests), delay)
+                    self.serve_requests()
+                    self._check_alive()
+            # one batch: up to PUSH_BATCH_PAGES unsent pages, from one or more pieces
+            body: list[Buffer] = []
+            used = 0
+            self.enc.forget_block()
+            self._named = None
+            while i < len(pieces):
+                name, first, n = pieces[i]
+                if used and used + n > PUSH_BATCH_PAGES:
+                    break
+                i += 1
+                for off, k in runs(~self.sent[name][first : first + n]):
+                    view = buf[used * PS : (used + k) * PS]
+                    self._read(name, first + off, view)
+                    body += self._records(rows[used : used + k], name, first + off, view)
+                    self.sent[name][first + off : first + off + k] = True
+                    self.pages_pushed += k
+                    used += k
+            if body:
+                self._section(body)
+                pushed_bytes += used * PS
+            self.tick()
+        self.serve_requests()
+
+    def _check_alive(self) -> None:
+        if self.rp.closed:
+            raise EndpointError("the destination closed the return path"
+                                + (f" ({self.rp.error})" if self.rp.error else ""))
+
+
+def _bidirectional(channel: Channel) -> bool:
+    try:
+        mode = os.fstat(channel.fileno_read()).st_mode
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISSOCK(mode) or stat.S_ISFIFO(mode)
+
+
+def _hang_up(channel: Channel) -> None:
+    """End the stream, so QEMU notices at once (it pauses the postcopy) instead of waiting."""
+    with contextlib.suppress(OSError, FixedramError):
+        channel.shutdown_write()
+
+
+def _failed_after_run(why: str) -> PostcopyFailed:
+    return PostcopyFailed(
+        f"lazy restore failed after the guest started running: {why}. The guest cannot "
+        "continue: its remaining memory exists only in the image. The destination QEMU is "
+        "stuck (postcopy-paused) and must be killed; restore the image again.")
+
+
+def send_postcopy(image: str | os.PathLike[str] | Image, channel: Channel, *,
+                  dest_machine: str | None = None,
+                  dest_blocks: Sequence[tuple[str, int]] | None = None,
+                  progress: Callable[[PostcopyStats], None] | None = None,
+                  on_running: Callable[[], None] | None = None,
+                  push_rate: float | None = None,
+                  accept_timeout: float = ACCEPT_TIMEOUT,
+                  shut_timeout: float = SHUT_TIMEOUT) -> PostcopyReport:
+    """Restore ``image`` lazily: a postcopy migration into the QEMU at the end of ``channel``.
+
+    The destination must wait with ``-incoming`` and capability ``postcopy-ram`` on, and
+    ``channel`` must be bidirectional (socket, or ``exec:`` stdin/stdout pipes): page
+    requests come back on it. Every check runs before RUN (see the module docstring);
+    failures then raise :class:`~fixedram.errors.ImageError`,
+    :class:`~fixedram.errors.MismatchError` or :class:`~fixedram.errors.EndpointError` and
+    the guest never started. ``on_running`` is called right after RUN is written;
+    ``progress`` gets :class:`PostcopyStats` now and then. ``push_rate`` (bytes/s) throttles
+    the background push (requests are always served at once). A failure after RUN raises
+    :class:`PostcopyFailed`. The channel's write side is shut down at the end; the channel is
+    not closed.
+    """
+    t0 = time.monotonic()
+    owned = not isinstance(image, Image)
+    img = image if isinstance(image, Image) else open_image(Path(image))
+    try:
+        validate(img, dest_machine=dest_machine, dest_blocks=dest_blocks)
+        package = postcopy_package(img.device_state)
+        preamble = _preamble(img)
+        if not _bidirectional(channel):
+            raise EndpointError("a lazy (postcopy) restore needs a bidirectional channel for "
+                                "QEMU's page requests (a socket, or exec: with stdin)")
+        for name in img.blocks:  # read every bitmap now: a bad one must fail before RUN
+            img.present(name)
+        return _run(img, channel, preamble, package, progress, on_running, push_rate,
+                    accept_timeout, shut_timeout, t0)
+    finally:
+        if owned:
+            img.close()
+
+
+def _run(img: Image, channel: Channel, preamble: bytes, package: bytes,
+         progress: Callable[[PostcopyStats], None] | None,
+         on_running: Callable[[], None] | None, push_rate: float | None,
+         accept_timeout: float, shut_timeout: float, t0: float) -> PostcopyReport:
+    rp = _ReturnPath(channel, {n: b.length for n, b in img.blocks.items()})
+    srv = _Server(img, channel, rp, progress, push_rate, t0)
+    # -- before RUN: any failure leaves a destination that simply failed its load ----------
+    try:
+        srv.write([preamble])
+    except EndpointError as e:
+        raise EndpointError(f"the destination refused the lazy restore before the guest "
+                            f"started ({e}); is capability postcopy-ram on?") from None
+    if not rp.wait(lambda: _PING_ACCEPTED in rp.pongs, accept_timeout):
+        raise EndpointError(f"the destination did not accept the postcopy setup within "
+                            f"{accept_timeout:.0f} s; the guest was not started")
+    if _PING_ACCEPTED not in rp.pongs:
+        raise EndpointError("the destination refused the lazy restore before the guest started "
+                            "(is capability postcopy-ram on? QEMU's stderr says why)")
+    # -- RUN: from here on the guest depends on us ---------------------------------------
+    try:
+        srv.write([package])
+        t_run = time.monotonic() - t0
+        srv.running = True
+        srv.tick(force=True)
+        if on_running is not None:
+            on_running()
+        srv.push_all()
+        srv.write([encode(SectionEnd(RAM_SECTION_ID)), encode(EndOfSection()),
+                   encode(SectionFooter(RAM_SECTION_ID)), encode(EndOfFile())])
+    except (OSError, ImageError) as e:
+        _hang_up(channel)
+        raise _failed_after_run(f"reading the image failed: {e}") from e
+    except FixedramError as e:
+        _hang_up(channel)
+        raise _failed_after_run(str(e)) from e
+    srv.tick(force=True)
+    rp.wait(lambda: rp.shut is not None, shut_timeout)
+    channel.shutdown_write()
+    if rp.shut is None:
+        raise EndpointError(f"every page was sent but the destination did not confirm the end "
+                            f"of the restore (no SHUT within {shut_timeout:.0f} s)")
+    if rp.shut != 0:
+        raise EndpointError("the destination reported an error at the end of the lazy restore "
+                            "(QEMU's stderr says why)")
+    acked = rp.pongs.get(_PING_RUNNING)
+    return PostcopyReport(
+        bytes_sent=srv.bytes_sent,
+        pages_on_demand=srv.pages_on_demand,
+        pages_pushed=srv.pages_pushed,
+        zero_on_demand=srv.zero_on_demand,
+        requests=rp.nrequests,
+        reads=srv.reads,
+        time_to_run=t_run,
+        time_run_acked=acked - t0 if acked is not None else None,
+        elapsed=time.monotonic() - t0,
+        machine=img.machine,
+        blocks=tuple((b.name, b.length) for b in img.blocks.values()),
+        bytes_received=rp.received,
+    )

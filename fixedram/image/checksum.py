@@ -1,0 +1,541 @@
+"""The fixedram checksum extension of a mapped-ram image (``docs/checksums.md``).
+
+Per-extent checksums of every RAM block, plus digests of the metadata QEMU reads
+(stream prefix, block headers, bitmaps, device state, VM description), stored in
+the **padding** between one block's bitmap and its 1 MiB-aligned pages region.
+QEMU never reads that padding (it reads the bitmap, then only runs of set bits
+from ``pages_offset``), the file keeps its exact size and layout, and QEMU 10
+loads the image natively.
+
+Two levels of xxh3-64 (the maintained ``xxhash`` package):
+
+* every page of a block gets ``xxh3_64(page)``; a page without data (bit clear)
+  counts as a zero page, the RAM ``send``/``extract`` (and a fresh destination)
+  give it;
+* every extent of ``2**extent_shift`` bytes (1 MiB by default, 256 pages; the last
+  one may be shorter) gets ``xxh3_64`` of its pages' digests as big-endian u64.
+
+The receiver can therefore keep one 8-byte digest per page while pages are
+(re)written during a live save, and combine them per extent at the end, without
+reading the image back. The stored extension costs 8 bytes per extent (8 KiB per
+GiB of RAM at 1 MiB extents); the extent size doubles until the extension fits in
+the largest padding (about 1 MiB: 128 GiB of RAM at 1 MiB extents).
+
+The extension becomes visible only through its 8-byte magic, written last (after
+the rest is durable, for :func:`store`'s in-place update), so an interrupted update
+leaves either no extension or a complete one.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from fixedram.errors import FixedramError, ImageError
+from fixedram.image.layout import PAGE_SIZE, align_up, bitmap_bytes
+
+__all__ = [
+    "MAGIC",
+    "VERSION",
+    "ALG_XXH3_PAGES",
+    "DEFAULT_EXTENT_SHIFT",
+    "ZERO_PAGE_DIGEST",
+    "BlockGeometry",
+    "Geometry",
+    "BlockSums",
+    "Checksums",
+    "Found",
+    "ChecksumError",
+    "PageDigests",
+    "page_digest_array",
+    "digest_pages",
+    "extent_digests",
+    "image_page_digests",
+    "compute",
+    "encode",
+    "decode",
+    "find",
+    "store",
+    "hash_range",
+]
+
+#: First 8 bytes of the extension; written last, it is what makes an extension exist.
+MAGIC = b"FXRAMCK\x00"
+#: Format version this module writes and reads.
+VERSION = 1
+#: Algorithm 1: xxh3-64 of each page, xxh3-64 of each extent's page digests (big-endian u64).
+ALG_XXH3_PAGES = 1
+ALGORITHMS = {ALG_XXH3_PAGES: "xxh3-64/page+extent"}
+#: 1 MiB extents unless the extension would not fit.
+DEFAULT_EXTENT_SHIFT = 20
+#: Largest extent (1 TiB): beyond that the block has one extent anyway.
+MAX_EXTENT_SHIFT = 40
+#: Slots start 64-byte aligned, so the magic never straddles a sector.
+SLOT_ALIGN = 64
+HEADER = struct.Struct(">8sHHBBBBII5Q")  # 64 bytes
+#: Per-block entry before its extent digests: name (u8 len + bytes) then this.
+ENTRY = struct.Struct(">QQQQI")
+#: Caps applied while parsing (the extension lives in < 1 MiB of padding anyway).
+MAX_BLOCKS = 4096
+MAX_BODY = 64 << 20
+
+_PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
+_h = xxhash.xxh3_64_intdigest
+
+#: Digest of a page of zeros (a page without data in the image).
+ZERO_PAGE_DIGEST: int = _h(bytes(PAGE_SIZE))
+
+Buffer = bytes | bytearray | memoryview
+
+assert HEADER.size == 64
+
+
+class ChecksumError(FixedramError):
+    """The checksum extension is damaged, unsupported, or cannot be written."""
+
+
+# -- geometry --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockGeometry:
+    """Where a block's header, bitmap and pages lie (absolute file offsets)."""
+
+    name: str
+    length: int
+    bitmap_offset: int
+    pages_offset: int
+
+    @property
+    def npages(self) -> int:
+        return self.length // PAGE_SIZE
+
+    @property
+    def bitmap_end(self) -> int:
+        return self.bitmap_offset + bitmap_bytes(self.npages)
+
+    @property
+    def slot(self) -> int:
+        """Where an extension may start in this block's padding."""
+        return align_up(self.bitmap_end, SLOT_ALIGN)
+
+    @property
+    def room(self) -> int:
+        """Bytes available for an extension in this block's padding."""
+        return max(0, self.pages_offset - self.slot)
+
+    @property
+    def pages_end(self) -> int:
+        return self.pages_offset + self.length
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The file layout an extension describes: blocks in stream order and the stream span."""
+
+    blocks: tuple[BlockGeometry, ...]
+    base: int  # first byte of the stream
+    stream_end: int  # size of the stream (the file size)
+
+    @classmethod
+    def of_image(cls, img: object) -> Geometry:
+        """The geometry of an opened mapped-ram :class:`~fixedram.image.Image`."""
+        from fixedram.image.reader import Image
+
+        assert isinstance(img, Image)
+        if img.format != "mapped-ram":
+            raise ChecksumError("checksums are only supported in mapped-ram images "
+                                f"(this is a {img.format} image)")
+        blocks = []
+        for b in img.blocks.values():
+            assert b.mapped is not None
+            blocks.append(BlockGeometry(b.name, b.length, b.mapped.bitmap_offset,
+                                        b.mapped.pages_offset))
+        return cls(tuple(blocks), img.base_offset, img.file_size)
+
+    def meta_regions(self) -> list[tuple[str, str, int, int]]:
+        """``(block, what, start, end)`` of every byte range QEMU reads besides page data.
+
+        Per block: ``header`` (from the end of the previous pages region, or the stream
+        start, to the bitmap: stream prefix, block record, MappedRamHeader) and
+        ``bitmap`` (up to the 64-byte aligned slot); then ``tail`` (block ``""``): from
+        the end of the last pages region to the end of the stream (EOS, PART/END ram,
+        device state, EOF, VM description). Padding after the slot is not covered.
+        """
+        out: list[tuple[str, str, int, int]] = []
+        start = self.base
+        for b in self.blocks:
+            out.append((b.name, "header", start, b.bitmap_offset))
+            out.append((b.name, "bitmap", b.bitmap_offset, b.slot))
+            start = b.pages_end
+        out.append(("", "tail", start, self.stream_end))
+        return out
+
+    def check(self) -> None:
+        """Regions must be in order and inside the stream (else checksums make no sense)."""
+        pos = self.base
+        for b in self.blocks:
+            if not pos <= b.bitmap_offset <= b.bitmap_end <= b.pages_offset:
+                raise ChecksumError(f"RAM block '{b.name}': header, bitmap and pages are not "
+                                    "in file order")
+            pos = b.pages_end
+        if pos > self.stream_end:
+            raise ChecksumError("pages regions run past the end of the stream")
+
+
+# -- digests -----------------------------------------------------------------------------
+
+
+def page_digest_array(npages: int) -> np.ndarray:
+    """Digests of ``npages`` pages without data (zero pages)."""
+    return np.full(npages, ZERO_PAGE_DIGEST, dtype=np.uint64)
+
+
+def digest_pages(out: np.ndarray, first: int, bufs: Sequence[Buffer]) -> int:
+    """Set ``out[first:]`` to the digests of the whole pages in ``bufs``; returns pages."""
+    views = [memoryview(b).cast("B") for b in bufs]
+    if any(len(v) % PAGE_SIZE for v in views):
+        views = [memoryview(b"".join(views))]
+    i = first
+    for v in views:
+        n = len(v) >> _PAGE_SHIFT
+        if n == 1:
+            out[i] = _h(v)
+        elif n:
+            out[i : i + n] = [_h(v[k << _PAGE_SHIFT : (k + 1) << _PAGE_SHIFT])
+                              for k in range(n)]
+        i += n
+    return i - first
+
+
+def extent_digests(pages: np.ndarray, extent_shift: int) -> np.ndarray:
+    """Per-extent digests from per-page digests."""
+    per = 1 << (extent_shift - _PAGE_SHIFT)
+    raw = pages.astype(">u8").tobytes()
+    step = per * 8
+    return np.array([_h(raw[i : i + step]) for i in range(0, len(raw), step)],
+                    dtype=np.uint64)
+
+
+class PageDigests:
+    """One digest per page of every block, kept while pages are written (8 bytes/page).
+
+    :class:`~fixedram.image.writer.MappedRamWriter` updates it in ``write_pages`` and
+    ``zero_pages`` (under the multifd lock when channels write), so at the end the
+    digests describe the final content however often a page was rewritten.
+    """
+
+    def __init__(self, blocks: Mapping[str, int]) -> None:
+        self.pages = {name: page_digest_array(length // PAGE_SIZE)
+                      for name, length in blocks.items()}
+
+    def write(self, block: str, first_page: int, bufs: Sequence[Buffer]) -> None:
+        digest_pages(self.pages[block], first_page, bufs)
+
+    def zero(self, block: str, first_page: int, npages: int) -> None:
+        self.pages[block][first_page : first_page + npages] = ZERO_PAGE_DIGEST
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held (bytes)."""
+        return sum(a.nbytes for a in self.pages.values())
+
+
+def image_page_digests(img: object, name: str) -> np.ndarray:
+    """Per-page digests of block ``name`` of an open image (reads the pages with data)."""
+    from fixedram.image.reader import Image
+
+    assert isinstance(img, Image)
+    out = page_digest_array(img.block(name).npages)
+    for first, data in img.iter_data(name):
+        digest_pages(out, first, [data])
+    return out
+
+
+def hash_range(fd: int, start: int, end: int) -> int:
+    """xxh3-64 of file bytes ``[start, end)`` (reads 1 MiB at a time; short file: error)."""
+    h = xxhash.xxh3_64()
+    pos = start
+    while pos < end:
+        data = os.pread(fd, min(1 << 20, end - pos), pos)
+        if not data:
+            raise ImageError(f"file ends at byte {pos}, expected data up to byte {end}", pos)
+        h.update(data)
+        pos += len(data)
+    return h.intdigest()
+
+
+# -- the extension -------------------------------------------------------------------------
+
+
+@dataclass
+class BlockSums:
+    """Checksums of one block."""
+
+    name: str
+    length: int
+    pages_offset: int
+    header_digest: int
+    bitmap_digest: int
+    extents: np.ndarray  # uint64, one per extent
+
+
+@dataclass
+class Checksums:
+    """A decoded (or computed) checksum extension."""
+
+    extent_shift: int
+    stream_end: int
+    tail_digest: int
+    blocks: list[BlockSums]
+    algorithm: int = ALG_XXH3_PAGES
+    version: int = VERSION
+    slot: int = -1  # where it was found (-1: not stored)
+    size: int = 0  # bytes it occupies
+
+    @property
+    def extent_size(self) -> int:
+        return 1 << self.extent_shift
+
+    def by_name(self) -> dict[str, BlockSums]:
+        return {b.name: b for b in self.blocks}
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-friendly summary."""
+        return {"version": self.version, "algorithm": ALGORITHMS.get(self.algorithm, "?"),
+                "extent_size": self.extent_size, "file_offset": self.slot, "size": self.size,
+                "extents": int(sum(len(b.extents) for b in self.blocks)),
+                "blocks": [b.name for b in self.blocks]}
+
+
+def _entry_size(name: str, length: int, shift: int) -> int:
+    return 1 + len(name.encode()) + ENTRY.size + 8 * (-(-length >> shift))
+
+
+def encoded_size(geom: Geometry, shift: int) -> int:
+    """Bytes of the extension for ``geom`` at extents of ``2**shift`` bytes."""
+    return HEADER.size + sum(_entry_size(b.name, b.length, shift) for b in geom.blocks)
+
+
+def encode(cs: Checksums) -> bytes:
+    """The extension as stored (magic included)."""
+    body = bytearray()
+    for b in cs.blocks:
+        name = b.name.encode()
+        body += bytes([len(name)]) + name
+        body += ENTRY.pack(b.length, b.pages_offset, b.header_digest, b.bitmap_digest,
+                           len(b.extents))
+        body += b.extents.astype(">u8").tobytes()
+    head = HEADER.pack(MAGIC, cs.version, HEADER.size, cs.algorithm, _PAGE_SHIFT,
+                       cs.extent_shift, 0, len(cs.blocks), 0, len(body), cs.stream_end,
+                       cs.tail_digest, _h(bytes(body)), 0)
+    head = head[:56] + _h(head[8:56]).to_bytes(8, "big")
+    return head + bytes(body)
+
+
+def decode(head: bytes, read_body: Callable[[int], bytes], *, room: int) -> Checksums:
+    """Parse an extension whose 64-byte header is ``head``; ``read_body(n)`` reads the rest.
+
+    Every length is checked against the header's own caps and ``room`` before anything
+    is read or allocated. Raises :class:`ChecksumError` when damaged or unsupported.
+    """
+    (magic, version, hsize, alg, pshift, eshift, _flags, nblocks, _r, body_size, stream_end,
+     tail, body_digest, header_digest) = HEADER.unpack(head)
+    if magic != MAGIC:
+        raise ChecksumError("no checksum extension magic")
+    if _h(head[8:56]) != header_digest:
+        raise ChecksumError("checksum extension header is damaged (its own digest differs)")
+    if version != VERSION:
+        raise ChecksumError(f"checksum extension version {version} is not supported "
+                            f"(this fixedram reads version {VERSION})")
+    if hsize != HEADER.size or alg not in ALGORITHMS or pshift != _PAGE_SHIFT:
+        raise ChecksumError(f"checksum extension has an unsupported header (size {hsize}, "
+                            f"algorithm {alg}, page shift {pshift})")
+    if not _PAGE_SHIFT <= eshift <= MAX_EXTENT_SHIFT:
+        raise ChecksumError(f"checksum extension extent shift {eshift} out of range")
+    if nblocks > MAX_BLOCKS or body_size > min(MAX_BODY, room - HEADER.size):
+        raise ChecksumError(f"checksum extension claims {nblocks} blocks in {body_size} "
+                            f"bytes (room: {room - HEADER.size})")
+    body = read_body(body_size)
+    if len(body) != body_size or _h(body) != body_digest:
+        raise ChecksumError("checksum extension is damaged (body digest differs)")
+    blocks: list[BlockSums] = []
+    p = 0
+    try:
+        for _ in range(nblocks):
+            n = body[p]
+            name = body[p + 1 : p + 1 + n].decode()
+            p += 1 + n
+            length, poff, hd, bd, next_ = ENTRY.unpack_from(body, p)
+            p += ENTRY.size
+            if next_ != -(-length >> eshift) or p + 8 * next_ > body_size:
+                raise ChecksumError(f"checksum extension: block '{name}' has {next_} extents "
+                                    f"for {length} bytes")
+            ext = np.frombuffer(body, dtype=">u8", count=next_, offset=p).astype(np.uint64)
+            p += 8 * next_
+            blocks.append(BlockSums(name, length, poff, hd, bd, ext))
+    except (IndexError, struct.error, UnicodeDecodeError):
+        raise ChecksumError("checksum extension: block entries are malformed") from None
+    if p != body_size:
+        raise ChecksumError("checksum extension: block entries do not fill its body")
+    return Checksums(eshift, stream_end, tail, blocks, alg, version,
+                     size=HEADER.size + body_size)
+
+
+@dataclass
+class Found:
+    """What :func:`find` saw: an extension, a damaged one, or none."""
+
+    checksums: Checksums | None = None
+    error: str | None = None  # set when an extension magic was found but it is unusable
+    slots: list[int] = field(default_factory=list)  # every slot holding the magic
+
+
+def find(fd: int, geom: Geometry) -> Found:
+    """Look for the extension in each block's padding slot (one 8-byte read per block)."""
+    found = Found()
+    for b in geom.blocks:
+        if b.room < HEADER.size or b.slot + HEADER.size > geom.stream_end:
+            continue
+        head = os.pread(fd, HEADER.size, b.slot)
+        if head[: len(MAGIC)] != MAGIC:
+            # all-zero magic: never committed, or cleared (no extension). A different magic
+            # on a header whose own digest holds: the magic itself was damaged.
+            if (len(head) == HEADER.size and any(head[: len(MAGIC)])
+                    and head[8:56] != bytes(48) and _h(head[8:56]) == int.from_bytes(
+                        head[56:], "big")):
+                found.slots.append(b.slot)
+                if found.checksums is None:
+                    found.error = found.error or (f"checksum extension magic is damaged "
+                                                  f"(at byte {b.slot})")
+            continue
+        found.slots.append(b.slot)
+        if found.checksums is not None:
+            continue
+        body_at = b.slot + HEADER.size
+
+        def read_body(n: int, at: int = body_at) -> bytes:
+            return os.pread(fd, n, at)
+
+        try:
+            cs = decode(head, read_body, room=b.room)
+        except ChecksumError as e:
+            found.error = found.error or f"{e} (at byte {b.slot})"
+            continue
+        cs.slot = b.slot
+        found.checksums = cs
+        found.error = None
+    return found
+
+
+def _meta_digests(fd: int, geom: Geometry) -> tuple[dict[str, tuple[int, int]], int]:
+    per: dict[str, list[int]] = {}
+    tail = 0
+    for name, what, start, end in geom.meta_regions():
+        d = hash_range(fd, start, end)
+        if what == "tail":
+            tail = d
+        else:
+            per.setdefault(name, []).append(d)
+    return {k: (v[0], v[1]) for k, v in per.items()}, tail
+
+
+def compute(fd: int, geom: Geometry, page_digests: Mapping[str, np.ndarray]) -> Checksums:
+    """The extension for the file behind ``fd`` (metadata read back, pages from digests).
+
+    The extent size is the smallest (from 1 MiB up) whose extension fits in the largest
+    padding slot; :class:`ChecksumError` if even one extent per block does not fit.
+    """
+    geom.check()
+    room = max((b.room for b in geom.blocks), default=0)
+    shift = DEFAULT_EXTENT_SHIFT
+    while encoded_size(geom, shift) > room:
+        if shift >= MAX_EXTENT_SHIFT:
+            raise ChecksumError(f"no room for checksums: the largest padding between a "
+                                f"bitmap and its pages is {room} bytes")
+        shift += 1
+    meta, tail = _meta_digests(fd, geom)
+    blocks = [BlockSums(b.name, b.length, b.pages_offset, *meta[b.name],
+                        extent_digests(page_digests[b.name], shift)) for b in geom.blocks]
+    return Checksums(shift, geom.stream_end, tail, blocks)
+
+
+def _fdatasync(fd: int) -> None:
+    os.fdatasync(fd)
+
+
+def store(fd: int, geom: Geometry, cs: Checksums, *, durable: bool = True,
+          clear: Iterable[int] = ()) -> int:
+    """Write ``cs`` into the padding slot with the most room; returns its offset.
+
+    ``clear`` are slots holding an older extension: their magic is zeroed first. With
+    ``durable`` (updating an existing image in place) each step is synced before the
+    next: clear old magics, write everything but the magic, write the magic. A crash
+    at any point leaves no extension or a complete one (the magic is 8 bytes inside
+    one 64-byte aligned slot, so it is never torn across sectors). Without ``durable``
+    (a new image that is fsynced and renamed afterwards) it is one plain write.
+    """
+    data = encode(cs)
+    slot_blk = max(geom.blocks, key=lambda b: b.room)
+    if len(data) > slot_blk.room:
+        raise ChecksumError(f"checksum extension of {len(data)} bytes does not fit in "
+                            f"{slot_blk.room} bytes of padding")
+    at = slot_blk.slot
+    if not durable:
+        for old in clear:
+            if old != at:
+                os.pwrite(fd, bytes(len(MAGIC)), old)
+        _pwrite_all(fd, data, at)
+        cs.slot, cs.size = at, len(data)
+        return at
+    olds = list(clear)
+    if olds:
+        for old in olds:
+            os.pwrite(fd, bytes(len(MAGIC)), old)
+        _fdatasync(fd)
+    _pwrite_all(fd, data[len(MAGIC):], at + len(MAGIC))
+    _fdatasync(fd)
+    _pwrite_all(fd, data[: len(MAGIC)], at)
+    _fdatasync(fd)
+    cs.slot, cs.size = at, len(data)
+    return at
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    mv = memoryview(data)
+    while mv:
+        n = os.pwrite(fd, mv, offset)
+        if n <= 0:
+            raise OSError("short write")
+        mv, offset = mv[n:], offset + n
+
+
+
+def write_new(fd: int, geom: Geometry, digests: PageDigests) -> Checksums | None:
+    """Checksum a freshly written image (the writer's :meth:`finish`), not synced.
+
+    Metadata is read back through ``fd`` (or a read-only reopen if ``fd`` is
+    write-only); page digests come from ``digests``. Returns None, writing nothing,
+    when no padding has room for the extension (never seen with QEMU's layouts): the
+    image is still valid, just without checksums.
+    """
+    rfd = fd
+    try:
+        os.pread(fd, 1, 0)
+    except OSError:
+        rfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
+    try:
+        cs = compute(rfd, geom, digests.pages)
+    except ChecksumError:
+        return None
+    finally:
+        if rfd != fd:
+            os.close(rfd)
+    store(fd, geom, cs, durable=False)
+    return cs

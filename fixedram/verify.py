@@ -1,0 +1,425 @@
+"""``fixedram verify``: check an image's structure and, where it carries them, its checksums.
+
+:func:`verify_image` returns a :class:`VerifyReport`; its ``status`` is
+
+* ``"unreadable"`` (exit 2): the file cannot be read as an image at all (missing,
+  not a migration stream, truncated so that no end marker or a pages region is
+  missing, offsets past the end of the file ...: everything :func:`open_image`
+  refuses);
+* ``"corrupt"`` (exit 1): it opens, but a check failed: bitmap bits beyond a block,
+  overlapping or misplaced regions, no device state, a VM description that does
+  not parse, a damaged checksum extension, or data that does not match its
+  checksums (one problem per bad extent, with block and offset in the block);
+* ``"ok"`` (exit 0), possibly with notes (e.g. no checksum extension).
+
+:func:`add_checksums` writes the extension into an existing mapped-ram image in
+place (QEMU's own included; see :func:`fixedram.image.checksum.store` for why an
+interrupted update leaves no extension or a complete one).
+:func:`check_metadata` and :class:`PageCheck` are what ``send`` uses.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from collections.abc import Collection
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from fixedram.errors import FixedramError, ImageError, StreamError
+from fixedram.image.checksum import (
+    PAGE_SIZE,
+    ChecksumError,
+    Checksums,
+    Geometry,
+    compute,
+    digest_pages,
+    extent_digests,
+    find,
+    hash_range,
+    image_page_digests,
+    page_digest_array,
+    store,
+)
+from fixedram.image.layout import bitmap_bytes
+from fixedram.image.reader import Image, open_image
+from fixedram.stream.format import MAPPED_RAM_VERSION
+
+__all__ = [
+    "Problem",
+    "VerifyReport",
+    "verify_image",
+    "add_checksums",
+    "check_metadata",
+    "verify_pages",
+    "PageCheck",
+    "require_checksums",
+    "EXIT_OK",
+    "EXIT_CORRUPT",
+    "EXIT_UNREADABLE",
+]
+
+EXIT_OK, EXIT_CORRUPT, EXIT_UNREADABLE = 0, 1, 2
+
+Status = Literal["ok", "corrupt", "unreadable"]
+
+
+@dataclass
+class Problem:
+    """One finding. ``block``/``offset``/``length`` locate page data (offset in the block)."""
+
+    kind: str
+    message: str
+    block: str | None = None
+    offset: int | None = None
+    length: int | None = None
+    file_offset: int | None = None
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify_image` found."""
+
+    image: str
+    status: Status = "ok"
+    format: str | None = None
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    checksums: dict[str, Any] | None = None
+    extents_checked: int = 0
+    pages_read: int = 0
+    elapsed: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return {"ok": EXIT_OK, "corrupt": EXIT_CORRUPT, "unreadable": EXIT_UNREADABLE}[
+            self.status]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def lines(self) -> list[str]:
+        """Human output: one line per problem, then a summary."""
+        out = [f"{self.image}: {p.message}" for p in self.problems]
+        out += [f"{self.image}: note: {n}" for n in self.notes]
+        if self.status == "ok":
+            what = (f"{self.extents_checked} extents match their checksums"
+                    if self.checksums else "structure ok, no checksums")
+            out.append(f"{self.image}: OK ({self.format}; {what}; {self.elapsed:.2f} s)")
+        elif self.status == "corrupt":
+            out.append(f"{self.image}: CORRUPT ({len(self.problems)} problem"
+                       f"{'s' if len(self.problems) != 1 else ''})")
+        return out
+
+
+def _bad_extent(img_name: str, b_name: str, e: int, shift: int, length: int,
+                pages_offset: int) -> Problem:
+    off = e << shift
+    n = min(1 << shift, length - off)
+    p0, p1 = off // PAGE_SIZE, (off + n) // PAGE_SIZE - 1
+    return Problem("page-checksum",
+                   f"RAM block '{b_name}' offset 0x{off:x}-0x{off + n - 1:x} (pages {p0}-{p1}, "
+                   f"file bytes 0x{pages_offset + off:x}-0x{pages_offset + off + n - 1:x}): "
+                   "page data does not match its checksum",
+                   block=b_name, offset=off, length=n, file_offset=pages_offset + off)
+
+
+# -- structure ------------------------------------------------------------------------------
+
+
+def _structure(img: Image, rep: VerifyReport) -> set[str]:
+    """Structural checks; returns the names of blocks whose bitmap is unusable."""
+    bad_bitmaps: set[str] = set()
+    end = img.file_size
+    cfg = img.configuration
+    if cfg.page_bits is not None and (1 << cfg.page_bits) != PAGE_SIZE:
+        rep.problems.append(Problem("structure", f"target pages of {1 << cfg.page_bits} bytes "
+                                    f"(fixedram supports {PAGE_SIZE})"))
+    spans: list[tuple[int, int, str]] = []
+    for name, blk in img.blocks.items():
+        if blk.length <= 0 or blk.length % PAGE_SIZE:
+            rep.problems.append(Problem("structure", f"RAM block '{name}': length "
+                                        f"{blk.length} is not a positive multiple of "
+                                        f"{PAGE_SIZE}", block=name))
+            bad_bitmaps.add(name)
+            continue
+        m = blk.mapped
+        if m is not None:
+            if m.version != MAPPED_RAM_VERSION or m.page_size != PAGE_SIZE:
+                rep.problems.append(Problem("structure", f"RAM block '{name}': mapped-ram "
+                                            f"header version {m.version}, page size "
+                                            f"{m.page_size}", block=name))
+            bm_end = m.bitmap_offset + bitmap_bytes(blk.npages)
+            if m.pages_offset % PAGE_SIZE:
+                rep.problems.append(Problem("structure", f"RAM block '{name}': pages region "
+                                            f"at byte {m.pages_offset} is not page-aligned",
+                                            block=name, file_offset=m.pages_offset))
+            if bm_end > m.pages_offset:
+                rep.problems.append(Problem("structure", f"RAM block '{name}': bitmap "
+                                            f"(bytes {m.bitmap_offset}-{bm_end}) overlaps "
+                                            "its pages region", block=name))
+            if bm_end > end or m.pages_offset + blk.length > end:
+                rep.problems.append(Problem("structure", f"RAM block '{name}': bitmap or "
+                                            f"pages past the end of the file ({end} bytes)",
+                                            block=name))
+                bad_bitmaps.add(name)
+            spans.append((m.bitmap_offset - 28, m.pages_offset + blk.length, name))
+        try:
+            img.present(name)
+        except ImageError as e:
+            rep.problems.append(Problem("bitmap", e.message, block=name,
+                                        file_offset=e.offset))
+            bad_bitmaps.add(name)
+    spans.sort()
+    for (_, a_end, a), (b_start, _, b) in itertools.pairwise(spans):
+        if b_start < a_end:
+            rep.problems.append(Problem("structure", f"RAM blocks '{a}' and '{b}' overlap "
+                                        f"(byte {b_start} < {a_end})", block=b))
+    if not img.device_state:
+        rep.problems.append(Problem("structure", "no device state (image incomplete)"))
+    if img.vmdesc is None:
+        if img.format == "mapped-ram":
+            rep.problems.append(Problem("structure", "no VM description after the "
+                                        "end-of-stream marker (image incomplete)"))
+    else:
+        try:
+            desc = img.vmdesc_json()
+            if not isinstance(desc, dict) or not isinstance(desc.get("devices", []), list):
+                raise ValueError("not a JSON object with a device list")
+        except (ValueError, UnicodeDecodeError) as e:
+            rep.problems.append(Problem("vmdesc", f"VM description does not parse: {e}"))
+    return bad_bitmaps
+
+
+# -- checksums ------------------------------------------------------------------------------
+
+
+def _extension(img: Image, rep: VerifyReport | None) -> tuple[Checksums | None, Geometry]:
+    geom = Geometry.of_image(img)
+    found = find(img._fd, geom)
+    if found.error is not None:
+        msg = f"checksum extension unusable: {found.error}"
+        if rep is None:
+            raise ImageError(msg)
+        rep.problems.append(Problem("extension", msg))
+    return found.checksums, geom
+
+
+def _meta_problems(img: Image, cs: Checksums, geom: Geometry) -> list[Problem]:
+    out: list[Problem] = []
+    if cs.stream_end != geom.stream_end:
+        out.append(Problem("extension", f"file is {geom.stream_end} bytes but was "
+                           f"{cs.stream_end} when checksummed (appended to or truncated?)"))
+        return out
+    sums = cs.by_name()
+    names = [b.name for b in geom.blocks]
+    if names != [b.name for b in cs.blocks]:
+        out.append(Problem("extension", f"checksums describe blocks {[b.name for b in cs.blocks]}"
+                           f", the image has {names}"))
+        return out
+    for b in geom.blocks:
+        s = sums[b.name]
+        if (s.length, s.pages_offset) != (b.length, b.pages_offset):
+            out.append(Problem("extension", f"RAM block '{b.name}': checksummed as "
+                               f"{s.length} bytes at {s.pages_offset}, image has {b.length} "
+                               f"bytes at {b.pages_offset}", block=b.name))
+    if out:
+        return out
+    what_of = {"header": "stream prefix / block record and header",
+               "bitmap": "page bitmap", "tail": "device state / VM description (stream tail)"}
+    for name, what, start, end in geom.meta_regions():
+        want = cs.tail_digest if what == "tail" else (
+            sums[name].header_digest if what == "header" else sums[name].bitmap_digest)
+        if hash_range(img._fd, start, end) != want:
+            where = f"RAM block '{name}': " if name else ""
+            out.append(Problem(f"{what}-checksum", f"{where}{what_of[what]} (file bytes "
+                               f"0x{start:x}-0x{end - 1:x}) does not match its checksum",
+                               block=name or None, file_offset=start, length=end - start))
+    return out
+
+
+def check_metadata(img: Image) -> Checksums | None:
+    """Before sending: raise :class:`ImageError` if the extension or metadata digests fail.
+
+    Returns the extension (None when the image has none). Cheap: reads headers,
+    bitmaps and the stream tail only.
+    """
+    if img.format != "mapped-ram":
+        return None
+    cs, geom = _extension(img, None)
+    if cs is None:
+        return None
+    bad = _meta_problems(img, cs, geom)
+    if bad:
+        raise ImageError(f"image fails its checksums: {bad[0].message}"
+                         + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+    return cs
+
+
+def verify_pages(img: Image, cs: Checksums,
+                 skip: Collection[str] = ()) -> tuple[list[Problem], int, int]:
+    """Compare every block's pages with ``cs``: ``(problems, extents checked, pages read)``."""
+    probs: list[Problem] = []
+    checked = read = 0
+    for s in cs.blocks:
+        if s.name in skip or s.name not in img.blocks:
+            continue
+        pd = image_page_digests(img, s.name)
+        read += int(img.present(s.name).sum())
+        got = extent_digests(pd, cs.extent_shift)
+        checked += len(got)
+        for e in np.flatnonzero(got != s.extents).tolist():
+            probs.append(_bad_extent(str(img.path), s.name, e, cs.extent_shift, s.length,
+                                     s.pages_offset))
+    return probs, checked, read
+
+
+def verify_image(path: str | os.PathLike[str], *, pages: bool = True) -> VerifyReport:
+    """Check ``path``: structure, and the checksums it carries (``pages``: page data too)."""
+    t0 = time.monotonic()
+    rep = VerifyReport(image=str(path))
+    try:
+        img = open_image(path)
+    except (ImageError, StreamError) as e:
+        rep.status = "unreadable"
+        rep.problems.append(Problem("unreadable", str(e)))
+        return rep
+    except OSError as e:
+        rep.status = "unreadable"
+        rep.problems.append(Problem("unreadable", f"{e.strerror or e}"))
+        return rep
+    with img:
+        rep.format = img.format
+        try:
+            skip = _structure(img, rep)
+            if img.format != "mapped-ram":
+                rep.notes.append("legacy stream image: no checksum extension possible "
+                                 "(structure checked by a full walk)")
+            else:
+                cs, geom = _extension(img, rep)
+                if cs is None and not rep.problems:
+                    rep.notes.append("no checksum extension: page data not verified "
+                                     "(`fixedram verify --add` adds one)")
+                if cs is not None:
+                    rep.checksums = cs.describe()
+                    rep.problems += _meta_problems(img, cs, geom)
+                    if pages:
+                        probs, rep.extents_checked, rep.pages_read = verify_pages(img, cs, skip)
+                        rep.problems += probs
+        except (ImageError, StreamError) as e:
+            rep.problems.append(Problem("unreadable", str(e)))
+        except OSError as e:
+            rep.problems.append(Problem("io", f"read error: {e.strerror or e}"))
+    if rep.problems:
+        rep.status = "corrupt"
+    rep.elapsed = time.monotonic() - t0
+    return rep
+
+
+@dataclass
+class AddReport:
+    """What :func:`add_checksums` did."""
+
+    image: str
+    checksums: dict[str, Any]
+    replaced: bool
+    pages_read: int
+    elapsed: float
+
+
+def add_checksums(path: str | os.PathLike[str], *, force: bool = False) -> AddReport:
+    """Checksum an existing mapped-ram image in place (QEMU-written ones included).
+
+    Refuses (:class:`ImageError`) an image with structural problems, and, unless
+    ``force``, one whose existing checksums do not match (that would bless the damage).
+    """
+    t0 = time.monotonic()
+    rep = verify_image(path, pages=not force)
+    if rep.status == "unreadable":
+        raise ImageError(rep.problems[0].message)
+    if rep.format != "mapped-ram":
+        raise ChecksumError(f"{path}: checksums are only supported in mapped-ram images "
+                            f"(this is a {rep.format} image; `fixedram convert` makes one)")
+    blocking = [p for p in rep.problems
+                if not (force and p.kind in ("page-checksum", "header-checksum",
+                                             "bitmap-checksum", "tail-checksum", "extension"))]
+    if blocking:
+        raise ImageError(f"{blocking[0].message}; not checksumming a damaged image"
+                         + (f" ({len(blocking) - 1} more problems)" if len(blocking) > 1
+                            else ""))
+    p = Path(path)
+    with open_image(p) as img:
+        geom = Geometry.of_image(img)
+        digests = {name: image_page_digests(img, name) for name in img.blocks}
+        pages_read = sum(int(img.present(n).sum()) for n in img.blocks)
+        try:
+            fd = os.open(p, os.O_RDWR)
+        except OSError as e:
+            raise FixedramError(f"cannot open {p} for writing: {e.strerror}") from None
+        try:
+            old = find(fd, geom)
+            cs = compute(fd, geom, digests)
+            store(fd, geom, cs, durable=True, clear=old.slots)
+        finally:
+            os.close(fd)
+    return AddReport(str(p), cs.describe(), bool(old.slots), pages_read,
+                     time.monotonic() - t0)
+
+
+class PageCheck:
+    """Checks page data as ``send`` reads it, block by block, against the extension.
+
+    :meth:`piece` is given every piece of page data read; :meth:`block_done` compares the
+    block's extents (pages never given count as zero pages) and raises :class:`ImageError`
+    naming the first bad extent. Memory: 8 bytes per page of the current block.
+    """
+
+    def __init__(self, img: Image, cs: Checksums) -> None:
+        self.img = img
+        self.cs = cs
+        self.sums = cs.by_name()
+        self._name = ""
+        self._pd = page_digest_array(0)
+
+    def piece(self, name: str, first_page: int, data: memoryview) -> None:
+        if name != self._name:
+            self._name = name
+            self._pd = page_digest_array(self.img.block(name).npages)
+        digest_pages(self._pd, first_page, [data])
+
+    def block_done(self, name: str) -> None:
+        s = self.sums.get(name)
+        if s is None:
+            return
+        if name != self._name:
+            self._name = name
+            self._pd = page_digest_array(self.img.block(name).npages)
+        got = extent_digests(self._pd, self.cs.extent_shift)
+        bad = np.flatnonzero(got != s.extents).tolist()
+        self._name = ""
+        if bad:
+            p = _bad_extent(str(self.img.path), name, bad[0], self.cs.extent_shift, s.length,
+                            s.pages_offset)
+            raise ImageError(f"{p.message}" + (f" (and {len(bad) - 1} more extents)"
+                                                if len(bad) > 1 else "")
+                             + "; refusing to complete the restore")
+
+
+def require_checksums(img: Image) -> Checksums | None:
+    """``send --verify``: raise :class:`ImageError` unless every checksum matches.
+
+    Returns the extension, or None when the image carries none (nothing to check).
+    """
+    cs = check_metadata(img)
+    if cs is None:
+        return None
+    probs, _, _ = verify_pages(img, cs)
+    if probs:
+        raise ImageError(f"image fails its checksums: {probs[0].message}"
+                         + (f" (and {len(probs) - 1} more)" if len(probs) > 1 else ""))
+    return cs
