@@ -207,25 +207,31 @@ def format_report(report: dict[str, Any]) -> str:
     v = r["vmdesc"]
     vd = f"present, {v['bytes']} bytes" if v["present"] else "absent"
     lines.append(f"vmdesc:        {vd}")
-    return "\n".join(lines)
+    from fixedram.cli import printable  # names come from the file: no control characters
+
+    return "\n".join(printable(line) for line in lines)
 
 
 def extract_block(path: str | os.PathLike[str], block: str, out: str | os.PathLike[str]) -> int:
     """Write RAM block ``block`` of the image at ``path`` to ``out`` as raw memory.
 
     The output is exactly the block's length; pages the image holds no data for are left
-    as holes (they read as zero). Returns the number of bytes of the block.
+    as holes (they read as zero). It appears under its name only once complete. Returns
+    the number of bytes of the block.
     """
+    from fixedram.io.files import AtomicFile
+
     with open_image(path) as img:
         blk = img.block(block)
-        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
+        # written under a temporary name and renamed when complete: a bad image (or a full
+        # disk) half way through leaves no partial output behind
+        with AtomicFile(out, mode=0o644) as f:
+            fd = f.fd
             os.ftruncate(fd, blk.length)
             for first, data in img.iter_data(block, chunk=READ_CHUNK):
                 off = first * PAGE_SIZE
                 done = 0
                 while done < len(data):
                     done += os.pwrite(fd, data[done:], off + done)
-        finally:
-            os.close(fd)
+            f.commit()
         return blk.length

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from fixedram import faults
 from fixedram.endpoint.multifd import MultifdReceiver, MultifdStats
 from fixedram.errors import (
     EndpointError,
@@ -53,7 +54,7 @@ from fixedram.errors import (
 from fixedram.image.layout import PAGE_SIZE
 from fixedram.image.writer import MappedRamWriter, mapped_configuration
 from fixedram.io.channel import Channel, Listener, SocketChannel
-from fixedram.io.files import AtomicFile, aligned_buffer, open_direct
+from fixedram.io.files import AtomicFile, aligned_buffer, open_direct, remove_stale_partials
 from fixedram.stream import (
     CommandRecord,
     Configuration,
@@ -176,6 +177,7 @@ class _ImageFile(AtomicFile):
             return
         self.target = tgt
         self.temp = parent / f".{tgt.name}.fixedram-partial.{os.getpid()}"
+        remove_stale_partials(tgt)  # of a writer killed between naming and renaming
         self.fd = fd
         self.committed = False
         self.anonymous = True
@@ -194,6 +196,7 @@ class _ImageFile(AtomicFile):
             # link() would try to link the /proc symlink itself (EXDEV)
             os.link(f"/proc/self/fd/{self.fd}", self.temp.name, dst_dir_fd=dfd,
                     follow_symlinks=True)
+            faults.point("receive-linked")
             os.close(self.fd)
             self.fd = -1
             try:
@@ -390,6 +393,7 @@ class Receiver:
         n = self._n
         if not n:
             return
+        faults.point("receive-pages")
         if self._kind == 1:
             stage = self._stage
             if stage is not None:
@@ -415,6 +419,7 @@ class Receiver:
             if self.multifd is not None:
                 self._marker(False)
         elif isinstance(r, SectionPart):
+            faults.point("receive-part")
             self.sections += 1
             self.parts += 1
         elif isinstance(r, SectionEnd):
@@ -443,6 +448,7 @@ class Receiver:
         elif isinstance(r, Packaged):
             raise UnsupportedRecord("postcopy not supported (PACKAGED command)")
         elif isinstance(r, DeviceState):
+            faults.point("receive-device")
             self._device = r.data
         elif isinstance(r, VMDescription):
             self._vmdesc = r.data
@@ -453,6 +459,7 @@ class Receiver:
             raise StreamError("RAM section before the configuration section")
         if self._ram_id is None or not self._blocks:
             raise StreamError("RAM section without a RAM block list")
+        faults.point("receive-setup")
         self.writer.begin(self.configuration, self._blocks, section_id=self._ram_id)
         self._begun = True
         if self.multifd is not None:
@@ -514,6 +521,7 @@ class Receiver:
         st = os.fstat(self.file.fd)
         direct = self.direct
         self._close_direct()
+        faults.point("receive-commit")
         self.file.commit()
         report = ReceiveReport(
             image=self.image, bytes_received=nbytes,

@@ -8,6 +8,7 @@ and writes its stdin (or the other way round on the incoming side).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import stat
@@ -189,11 +190,20 @@ class Listener:
             if path.exists() and stat.S_ISSOCK(path.stat().st_mode):
                 path.unlink()
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            # bound under a temporary name and renamed once listening: a peer that
+            # connects as soon as PATH appears is never refused (bind..listen window)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             old = os.umask(0o177)
             try:
-                sock.bind(str(path))
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+                sock.bind(str(tmp))
+                sock.listen(backlog)
+                os.rename(tmp, path)
             except OSError as e:
                 sock.close()
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
                 raise EndpointError(f"cannot listen on {spec}: {e.strerror}") from None
             finally:
                 os.umask(old)

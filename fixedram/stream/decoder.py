@@ -36,6 +36,7 @@ from fixedram.stream.format import (
     MAPPED_RAM_VERSION,
     MAX_DEVICE_STATE,
     MAX_PACKAGED,
+    MAX_RAM,
     MAX_VMDESC,
     RAM_SECTION,
     RAM_SECTION_VERSION,
@@ -516,6 +517,9 @@ class StreamDecoder:
                     raise StreamError("MEM_SIZE outside the RAM setup section", b.base + s)
                 if offset == 0:
                     raise StreamError("MEM_SIZE with a total of 0 bytes", b.base + s)
+                if offset > MAX_RAM:
+                    raise StreamError(f"MEM_SIZE claims 0x{offset:x} bytes of RAM (limit "
+                                      f"0x{MAX_RAM:x})", b.base + s)
                 b.commit(s + 8)
                 self._memsize_left = offset
                 self._memsize_total = offset

@@ -27,6 +27,7 @@ __all__ = [
     "MAX_PACKAGED",
     "MAX_VMDESC",
     "MAX_DEVICE_STATE",
+    "MAX_RAM",
     "MULTIFD_MAGIC",
     "MULTIFD_VERSION",
     "MULTIFD_INIT",
@@ -49,6 +50,10 @@ RAM_SECTION_VERSION = 4
 MAX_PACKAGED = 1 << 24
 MAX_VMDESC = 64 << 20
 MAX_DEVICE_STATE = 1 << 30
+#: Most guest RAM (MEM_SIZE total) fixedram accepts: 16 TiB, beyond any x86 guest QEMU
+#: runs on common hosts and ext4's largest file. Readers and the receiver keep per-page
+#: state (1 to 8 bytes per 4 KiB page), so a claimed size must be capped before use.
+MAX_RAM = 1 << 44
 
 
 class RecordType(IntEnum):
