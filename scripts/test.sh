@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --dev
-.venv/bin/ruff check fixedram tests bench
+.venv/bin/ruff check fixedram tests bench fuzz
 .venv/bin/mypy
 set +e
 .venv/bin/pytest -q -ra --durations=15 "$@"
