@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,24 +109,9 @@ def send_command(image: str, address: str | None, fd: int | None, qmp_socket: st
             from fixedram.verify import require_checksums
 
             require_checksums(img)
-        channel: Channel
-        if address is not None:
-            channel = connect(address)
-        elif fd is not None:
-            channel = from_fd(fd)
-        else:
-            channel = _stdio_channel()
-        bar: Any = None
-        progress = None
-        if not quiet and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            total = sum(b.npages for b in img.blocks.values())
-            bar = tqdm(total=total, unit="page", unit_scale=True, file=sys.stderr,
-                       desc="send", leave=False)
-
-            def progress(s: Any) -> None:
-                bar.update(s.pages_done - bar.n)
+        channel = _open_channel(address, fd)
+        bar, progress = _page_bar(quiet, lambda: sum(b.npages for b in img.blocks.values()),
+                                  "send")
         try:
             report = send(img, channel, dest_machine=dest_machine, dest_blocks=dest_blocks,
                           readers=readers, progress=progress)
@@ -139,6 +125,30 @@ def send_command(image: str, address: str | None, fd: int | None, qmp_socket: st
             f"{report.zero_pages} zero pages, {_fmt_bytes(report.bytes_sent)} in "
             f"{report.elapsed:.2f} s ({_fmt_bytes(report.rate)}/s), "
             f"{report.preadv_calls} reads", err=True)
+
+
+def _open_channel(address: str | None, fd: int | None) -> Channel:
+    """The channel toward QEMU: ``--connect``, ``--fd``, or stdout (``exec:``)."""
+    if address is not None:
+        return connect(address)
+    if fd is not None:
+        return from_fd(fd)
+    return _stdio_channel()
+
+
+def _page_bar(quiet: bool, total: Callable[[], int], desc: str) -> tuple[Any, Any]:
+    """A tqdm page counter on a terminal stderr, and the progress callback feeding it."""
+    if quiet or not sys.stderr.isatty():
+        return None, None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total(), unit="page", unit_scale=True, file=sys.stderr, desc=desc,
+               leave=False)
+
+    def progress(s: Any) -> None:
+        bar.update(s.pages_done - bar.n)
+
+    return bar, progress
 
 
 def _send_postcopy(image: str, address: str | None, fd: int | None, qmp_socket: str | None,
@@ -164,24 +174,9 @@ def _send_postcopy(image: str, address: str | None, fd: int | None, qmp_socket: 
                                         "(migrate-set-capabilities postcopy-ram=on first)")
             dest_machine, dest_blocks = query_destination(qmp_socket)
         validate(img, dest_machine=dest_machine, dest_blocks=dest_blocks)
-        channel: Channel
-        if address is not None:
-            channel = connect(address)
-        elif fd is not None:
-            channel = from_fd(fd)
-        else:
-            channel = _stdio_channel()
-        bar: Any = None
-        progress = None
-        if not quiet and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            total = sum(int(img.present(n).sum()) for n in img.blocks)
-            bar = tqdm(total=total, unit="page", unit_scale=True, file=sys.stderr,
-                       desc="lazy restore", leave=False)
-
-            def progress(s: Any) -> None:
-                bar.update(s.pages_done - bar.n)
+        channel = _open_channel(address, fd)
+        bar, progress = _page_bar(
+            quiet, lambda: sum(int(img.present(n).sum()) for n in img.blocks), "lazy restore")
         try:
             report = send_postcopy(img, channel, dest_machine=dest_machine,
                                    dest_blocks=dest_blocks, progress=progress, push_rate=rate)
