@@ -38,6 +38,9 @@ pytestmark = pytest.mark.qemu
 
 MEM = "64M"
 APPEND = "mib=16 rate=16 hb=100"  # 16 MiB re-dirtied at 16 MiB/s: a few passes per save
+#: Saves run at this bandwidth, so QEMU splits each pass into many SECTION_PARTs (with no
+#: limit a whole pass can be one PART and the migration may converge before a point).
+SAVE_BANDWIDTH = 32 << 20
 PREVIOUS = b"previous image, must survive\n" * 1000
 PY = sys.executable
 
@@ -147,7 +150,7 @@ def test_receiver_killed(point: str, shared_source: Guest, tmp_path: Path,
     sock = sockdir / "mig.sock"
     proc = start_receive(img, sock, env_with(FIXEDRAM_FAULT=point))
     try:
-        src.migrate(f"unix:{sock}")
+        src.migrate(f"unix:{sock}", max_bandwidth=SAVE_BANDWIDTH)
         proc.wait(60)
     finally:
         proc.kill()
@@ -183,7 +186,7 @@ def test_source_qemu_killed(point: str, qemu10: QemuBinary, accel: str, tmp_path
         proc = start_receive(img, sock, env_with(FIXEDRAM_FAULT=point,
                                                  FIXEDRAM_FAULT_PID=str(src.pid)))
         try:
-            src.migrate(f"unix:{sock}")
+            src.migrate(f"unix:{sock}", max_bandwidth=SAVE_BANDWIDTH)
             _, err = proc.communicate(timeout=60)
         finally:
             proc.kill()
