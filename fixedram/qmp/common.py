@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -61,3 +62,19 @@ class Worker(threading.Thread):
             self.result = self._fn()
         except BaseException as e:
             self.error = e
+
+    def outcome(self, timeout: float = 60.0) -> Any:
+        """Wait for the function; return its result, or raise its exception."""
+        self.join(timeout)
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def abandon(worker: Worker | None, sock: socket.socket | None) -> None:
+    """After a failure: cut the worker's connection so it stops, and give it time to."""
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+    if worker is not None:
+        worker.join(10.0)

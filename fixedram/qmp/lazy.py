@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 from fixedram.errors import EndpointError, VMError
 from fixedram.qmp.client import QMP
-from fixedram.qmp.common import MigrationSettings, Worker
+from fixedram.qmp.common import MigrationSettings, Worker, abandon
 from fixedram.qmp.progress import Progress
 
 __all__ = ["LazyRestoreReport", "lazy_restore"]
@@ -223,10 +223,7 @@ def lazy_restore(
                                   f"(status {mig.get('status')})")
                 time.sleep(0.02)
             if worker is not None:
-                worker.join(60.0)
-                if worker.error is not None:
-                    raise worker.error
-                rep = worker.result
+                rep = worker.outcome()
                 counts = {"pages_on_demand": rep.pages_on_demand,
                           "pages_pushed": rep.pages_pushed,
                           "zero_on_demand": rep.zero_on_demand, "requests": rep.requests,
@@ -238,11 +235,7 @@ def lazy_restore(
                     raise EndpointError("the exec: child left no report (QEMU's stderr says "
                                         "why)") from None
         except BaseException:
-            if ours is not None:
-                with contextlib.suppress(OSError):
-                    ours.shutdown(socket.SHUT_RDWR)
-            if worker is not None:
-                worker.join(10.0)
+            abandon(worker, ours)
             raise
         finally:
             settings.restore()

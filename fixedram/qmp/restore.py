@@ -20,7 +20,6 @@ not inherit ``mapped-ram``). The VM is resumed (``cont``) unless ``paused``.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import time
@@ -31,7 +30,7 @@ from typing import Any, Literal
 
 from fixedram.errors import VMError
 from fixedram.qmp.client import QMP
-from fixedram.qmp.common import MigrationSettings, Worker
+from fixedram.qmp.common import MigrationSettings, Worker, abandon
 from fixedram.qmp.progress import Progress
 
 __all__ = ["RestoreReport", "choose_restore_via", "restore"]
@@ -206,16 +205,9 @@ def restore(
                                   total_bytes=pages * _PAGE, pages=pages))
             report = None
             if worker is not None:
-                worker.join(60.0)
-                if worker.error is not None:
-                    raise worker.error
-                report = worker.result
+                report = worker.outcome()
         except BaseException:
-            if ours is not None:
-                with contextlib.suppress(OSError):
-                    ours.shutdown(socket.SHUT_RDWR)
-            if worker is not None:
-                worker.join(10.0)
+            abandon(worker, ours)
             raise
         finally:
             settings.restore()
