@@ -18,14 +18,13 @@ one input and raises :class:`Violation` when a property fails:
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 import shutil
 import time
 import traceback
 import tracemalloc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,6 @@ __all__ = [
     "run_image",
     "run_multifd",
     "run_stream",
-    "NullChannel",
 ]
 
 #: Seconds one input may take, all paths together.
@@ -59,58 +57,6 @@ def alloc_limit(nbytes: int) -> int:
 
 class Violation(AssertionError):
     """A fuzz property failed for one input."""
-
-
-class NullChannel:
-    """A :class:`~fixedram.io.channel.Channel` that discards what is sent (send's sink)."""
-
-    def __init__(self) -> None:
-        self.sent = 0
-
-    def recv_into(self, buf: memoryview) -> int:
-        return 0
-
-    def sendall(self, data: Any) -> None:
-        self.sent += len(data)
-
-    def sendv(self, bufs: Sequence[Any]) -> None:
-        self.sent += sum(len(memoryview(b).cast("B")) for b in bufs)
-
-    def shutdown_write(self) -> None:
-        pass
-
-    def fileno_read(self) -> int:
-        raise ValueError("no descriptor")
-
-    def close(self) -> None:
-        pass
-
-
-def _verify_fn() -> Callable[[Path], Any] | None:
-    """``fixedram.verify``'s entry point once that module exists (issue 6, item 2)."""
-    if importlib.util.find_spec("fixedram.verify") is None:
-        return None
-    try:
-        import fixedram.verify as v
-    except Exception:  # being written concurrently: fuzz what exists
-        return None
-
-    for name in ("verify_image", "verify"):
-        fn = getattr(v, name, None)
-        if callable(fn):
-            return fn
-    return None
-
-
-_VERIFY: Callable[[Path], Any] | None = None
-_VERIFY_LOOKED = False
-
-
-def _verify() -> Callable[[Path], Any] | None:
-    global _VERIFY, _VERIFY_LOOKED
-    if not _VERIFY_LOOKED:
-        _VERIFY, _VERIFY_LOOKED = _verify_fn(), True
-    return _VERIFY
 
 
 def _timed(what: str, t0: float) -> None:
@@ -197,6 +143,8 @@ def run_image(data: bytes, workdir: Path, *, heavy: bool = True, trace: bool = T
     """
     from fixedram.endpoint.send import _send, validate
     from fixedram.image import open_image
+    from fixedram.io.channel import SinkChannel
+    from fixedram.verify import verify_image
 
     inp = workdir / "in"
     out = workdir / "out"
@@ -209,16 +157,14 @@ def run_image(data: bytes, workdir: Path, *, heavy: bool = True, trace: bool = T
     outcome = "refused"
     with _Measure("image", len(data), trace=trace):
         _cli(runner, ["analyze", "--json", str(src)])
-        verify = _verify()
-        if verify is not None:
-            _clean("verify", lambda: verify(src))
+        _clean("verify", lambda: verify_image(src))
 
         def send_all() -> None:
             nonlocal outcome
             with open_image(src) as img:
                 validate(img)
                 outcome = "ok"
-                _send(img, NullChannel(), 1, None)
+                _send(img, SinkChannel(lambda bufs: None), 1, None)
 
         _clean("validate/send", send_all)
         if heavy:

@@ -23,6 +23,7 @@ __all__ = [
     "Channel",
     "FdChannel",
     "SocketChannel",
+    "SinkChannel",
     "Listener",
     "parse_address",
     "listen",
@@ -151,6 +152,34 @@ class SocketChannel:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class SinkChannel:
+    """A write-only channel handing every batch of buffers to ``write`` (a file, a decoder).
+
+    It never receives anything: :meth:`recv_into` answers end of stream at once.
+    """
+
+    def __init__(self, write: Callable[[Sequence[Buffer]], object]) -> None:
+        self._write = write
+
+    def recv_into(self, buf: memoryview) -> int:
+        return 0
+
+    def sendall(self, data: Buffer) -> None:
+        self._write([data])
+
+    def sendv(self, bufs: Sequence[Buffer]) -> None:
+        self._write(bufs)
+
+    def shutdown_write(self) -> None:
+        pass
+
+    def fileno_read(self) -> int:
+        raise ValueError("a sink channel has no read side")
+
+    def close(self) -> None:
+        pass
 
 
 def parse_address(spec: str) -> tuple[str, str | tuple[str, int]]:
