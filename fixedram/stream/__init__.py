@@ -19,6 +19,7 @@ from fixedram.stream.records import (
     MultifdFlush,
     Packaged,
     Page,
+    PageRun,
     RamBlock,
     Record,
     SectionEnd,
@@ -28,6 +29,7 @@ from fixedram.stream.records import (
     SectionStart,
     VMDescription,
     Zero,
+    ZeroRun,
 )
 
 __all__ = [
@@ -49,6 +51,8 @@ __all__ = [
     "MappedRamHeader",
     "Page",
     "Zero",
+    "PageRun",
+    "ZeroRun",
     "MultifdFlush",
     "EndOfSection",
     "DeviceState",

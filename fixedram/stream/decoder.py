@@ -10,6 +10,11 @@ most once more (see :mod:`fixedram.stream.buffer`); a record that arrives split
 across reads is retried only once enough bytes for it have arrived. Device state
 is scanned once for the end-of-stream trailer, new bytes only.
 
+With ``runs=True`` a stretch of CONTINUE page (or zero) records already in the
+buffer is decoded in one vectorised step (numpy over the fixed-size records) into
+:class:`~fixedram.stream.records.PageRun` / :class:`~fixedram.stream.records.ZeroRun`
+records: one copy of the page bytes, no Python work per page.
+
 Mapped-ram files place each block's bitmap and pages between the block's header
 and the next record. After such a header the decoder skips to
 ``pages_offset + length``; a caller that can seek reads :attr:`next_offset` and
@@ -20,6 +25,9 @@ from __future__ import annotations
 
 import json
 from enum import Enum, auto
+from itertools import pairwise
+
+import numpy as np
 
 from fixedram.errors import StreamError, TruncatedStream, UnsupportedRecord
 from fixedram.stream.buffer import NeedData, ReceiveBuffer
@@ -57,6 +65,7 @@ from fixedram.stream.records import (
     MultifdFlush,
     Packaged,
     Page,
+    PageRun,
     RamBlock,
     Record,
     SectionEnd,
@@ -65,6 +74,7 @@ from fixedram.stream.records import (
     SectionStart,
     VMDescription,
     Zero,
+    ZeroRun,
 )
 
 __all__ = ["StreamDecoder"]
@@ -96,11 +106,18 @@ class StreamDecoder:
     """Turns a migration stream, fed in pieces of any size, into records.
 
     ``base_offset`` is the absolute offset of the first byte fed (the ``offset=``
-    of a ``file:`` URI): error messages and mapped-ram offsets use it.
+    of a ``file:`` URI): error messages and mapped-ram offsets use it. ``runs``
+    collapses stretches of CONTINUE page and zero records into ``PageRun`` and
+    ``ZeroRun`` records (the pages and their order are the same either way); a
+    ``PageRun``'s data is a view of a buffer the decoder reuses at the next
+    :meth:`feed`, so it must be consumed (or copied) before then.
     """
 
-    def __init__(self, *, base_offset: int = 0) -> None:
+    def __init__(self, *, base_offset: int = 0, runs: bool = False) -> None:
         self._buf = ReceiveBuffer(base_offset)
+        self._runs = runs
+        self._scratch_buf = memoryview(b"")
+        self._scratch_used = 0
         self._state = _State.HEADER
         self._need = 1  # bytes needed from the current record start before a retry
         self._skip_to: int | None = None
@@ -150,9 +167,13 @@ class StreamDecoder:
         return self._state is _State.DEVICE
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Record]:
-        """Add received bytes; return every record they complete."""
+        """Add received bytes; return every record they complete.
+
+        The data of ``PageRun`` records (``runs=True``) is valid until the next call.
+        """
         if not data:
             return []
+        self._scratch_used = 0
         if self._state is _State.DEVICE:
             self._device += data
             return self._device_scan()
@@ -474,6 +495,11 @@ class StreamDecoder:
                     if name is None:
                         raise StreamError("CONTINUE page record with no previous block",
                                           b.base + s)
+                    if self._runs and avail >= 2 * (8 + psize if base == _PAGE else 9):
+                        end = self._bulk(s, name, base == _PAGE, out)
+                        if end:
+                            b.commit(end)
+                            continue
                     p = s + 8
                 else:
                     if avail < 9:
@@ -531,6 +557,62 @@ class StreamDecoder:
                         raise UnsupportedRecord(f"{what} record (RAM flags 0x{flags:x})",
                                                 b.base + s)
                 raise StreamError(f"unknown RAM record flags 0x{flags:x}", b.base + s)
+
+    def _bulk(self, s: int, name: str, pages: bool, out: list[Record]) -> int:
+        """Decode the CONTINUE page (``pages``) or zero records of ``name`` from index ``s``.
+
+        Takes every whole record of that kind in the buffer, up to the first record of
+        another kind, a bad offset or a non-zero fill byte (those go through the
+        per-record path, which reports them). Returns the index after the last record
+        taken, or 0 when none was.
+        """
+        buf = self._buf.view()
+        psize = self._page_size
+        stride = 8 + psize if pages else 9
+        want = (_PAGE if pages else _ZERO) | _CONT
+        k = (len(buf) - s) // stride
+        raw = np.ndarray((k,), dtype=">u8", buffer=buf, offset=s, strides=(stride,))
+        words = raw.astype(np.uint64)
+        ok = (words & np.uint64(self._page_mask)) == want
+        offsets = words - np.uint64(want)
+        ok &= offsets < np.uint64(self._blocks[name].length)
+        if not pages:
+            fill = np.ndarray((k,), dtype=np.uint8, buffer=buf, offset=s + 8, strides=(stride,))
+            ok &= fill == 0
+            del fill
+        del raw
+        n = k if ok.all() else int(ok.argmin())
+        if not n:
+            return 0
+        offsets = offsets[:n]
+        cuts = [0, *(np.flatnonzero(np.diff(offsets) != psize) + 1).tolist(), n]
+        base = self._buf.base + s
+        if pages:
+            src = np.ndarray((n, psize), dtype=np.uint8, buffer=buf, offset=s + 8,
+                             strides=(stride, 1))
+            data = self._scratch(n * psize)
+            np.copyto(np.frombuffer(data, dtype=np.uint8).reshape(n, psize), src)
+            del src
+            for a, z in pairwise(cuts):
+                out.append(PageRun(name, int(offsets[a]), data[a * psize : z * psize],
+                                   base + a * stride + 8))
+        else:
+            for a, z in pairwise(cuts):
+                out.append(ZeroRun(name, int(offsets[a]), z - a))
+        return s + n * stride
+
+    def _scratch(self, n: int) -> memoryview:
+        """``n`` bytes of the run buffer, after those already handed out since the last feed.
+
+        The buffer is reused from the start at every :meth:`feed`, so ``PageRun`` data
+        stays valid until then; it grows (a new buffer) when one feed needs more.
+        """
+        at = self._scratch_used
+        if at + n > len(self._scratch_buf):
+            self._scratch_buf = memoryview(bytearray(max(2 * (at + n), 1 << 20)))
+            at = 0
+        self._scratch_used = at + n
+        return self._scratch_buf[at : at + n]
 
     def _parse_block(self, s: int, out: list[Record]) -> None:
         b = self._buf

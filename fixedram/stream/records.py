@@ -10,7 +10,10 @@ bytes; nothing here does I/O. A stream is, in order::
     SectionEnd  Page|Zero...  EndOfSection  SectionFooter
     DeviceState  EndOfFile  [VMDescription]
 
-``Page`` and ``Zero`` carry ``offset`` as a byte offset inside their RAM block.
+``Page`` and ``Zero`` carry ``offset`` as a byte offset inside their RAM block. A
+decoder made with ``runs=True`` also gives ``PageRun`` and ``ZeroRun``: stretches of
+consecutive CONTINUE page (or zero) records of one block, collapsed into one record
+each, so a consumer handles a megabyte of pages with one Python step.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ __all__ = [
     "RamBlock",
     "Page",
     "Zero",
+    "PageRun",
+    "ZeroRun",
     "MultifdFlush",
     "EndOfSection",
     "DeviceState",
@@ -194,6 +199,34 @@ class Zero(Record):
     block: str
     offset: int
     fill: int = 0
+
+
+@dataclass(slots=True)
+class PageRun(Record):
+    """Consecutive pages of ``block`` from byte ``offset``, as one record.
+
+    ``data`` holds ``len(data) // page size`` whole pages (from a decoder, a view valid
+    until its next ``feed``); ``pos`` is the absolute stream offset of the first page's
+    data.
+    """
+
+    block: str
+    offset: int
+    data: memoryview
+    pos: int = -1
+
+    @property
+    def npages(self) -> int:
+        return len(self.data) // TARGET_PAGE_SIZE
+
+
+@dataclass(slots=True)
+class ZeroRun(Record):
+    """``npages`` consecutive zero pages of ``block`` from byte ``offset``, as one record."""
+
+    block: str
+    offset: int
+    npages: int
 
 
 @dataclass(slots=True)

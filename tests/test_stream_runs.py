@@ -1,0 +1,194 @@
+"""The decoder's run mode (``StreamDecoder(runs=True)``) against its per-record mode.
+
+Run mode collapses stretches of CONTINUE page and zero records into ``PageRun`` and
+``ZeroRun``. Expanded back page by page, it must give exactly the records of the
+per-record mode, for any chunking, on real QEMU streams and on hostile ones (the
+same error at the same offset).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fixedram.errors import StreamError
+from fixedram.stream import (
+    Configuration,
+    DeviceState,
+    EndOfFile,
+    EndOfSection,
+    FileHeader,
+    MemSize,
+    Page,
+    PageRun,
+    RamBlock,
+    Record,
+    SectionFooter,
+    SectionPart,
+    SectionStart,
+    StreamDecoder,
+    StreamEncoder,
+    VMDescription,
+    Zero,
+    ZeroRun,
+)
+from fixedram.stream.format import TARGET_PAGE_SIZE as PS
+
+BLOCKS = [RamBlock("pc.ram", 64 * PS), RamBlock("/rom@etc/acpi/tables", 8 * PS)]
+
+
+def _page(i: int) -> bytes:
+    return (i + 0x5A000000).to_bytes(4, "big") * (PS // 4)
+
+
+def _expand(records: list[Record]) -> list[Record]:
+    """Runs back into single Page/Zero records (data copied: a run's view is reused)."""
+    out: list[Record] = []
+    for r in records:
+        if isinstance(r, PageRun):
+            data = bytes(r.data)
+            out += [Page(r.block, r.offset + i * PS, data[i * PS : (i + 1) * PS],
+                         r.pos + i * (PS + 8)) for i in range(r.npages)]
+        elif isinstance(r, ZeroRun):
+            out += [Zero(r.block, r.offset + i * PS) for i in range(r.npages)]
+        else:
+            out.append(r)
+    return out
+
+
+def _decode(data: bytes, sizes: Callable[[], int], runs: bool) -> tuple[list[Record], Any]:
+    """All records (expanded when ``runs``) and the error that stopped decoding, if any."""
+    dec = StreamDecoder(runs=runs)
+    out: list[Record] = []
+    p = 0
+    try:
+        while p < len(data):
+            n = sizes()
+            got = dec.feed(data[p : p + n])
+            out += _expand(got) if runs else got
+            p += n
+        out += dec.feed_eof()
+    except StreamError as e:
+        return out, (type(e), str(e))
+    return out, None
+
+
+def _stream(ops: list[tuple[int, int, bool]]) -> bytes:
+    """A stream whose one RAM part holds ``ops``: (block index, page, is_zero)."""
+    enc = StreamEncoder()
+    recs: list[Record] = [
+        FileHeader(3), Configuration("pc-q35-10.0"), SectionStart(2, "ram", 0, 4),
+        MemSize(sum(b.length for b in BLOCKS)), *BLOCKS, EndOfSection(), SectionFooter(2),
+        SectionPart(2),
+    ]
+    for k, (bi, pg, zero) in enumerate(ops):
+        blk = BLOCKS[bi]
+        pg %= blk.length // PS
+        recs.append(Zero(blk.name, pg * PS) if zero else Page(blk.name, pg * PS, _page(k)))
+    recs += [EndOfSection(), SectionFooter(2), DeviceState(b""), EndOfFile(),
+             VMDescription(b'{"page_size": 4096, "devices": []}')]
+    return b"".join(enc.encode(r) for r in recs)
+
+
+def _chunker(sizes: list[int]) -> Callable[[], int]:
+    it = iter(range(1 << 62))
+    return lambda: sizes[next(it) % len(sizes)]
+
+
+ops_strategy = st.lists(
+    st.one_of(
+        # runs of consecutive pages (the common case) ...
+        st.tuples(st.integers(0, 1), st.integers(0, 63), st.integers(1, 40), st.booleans()).map(
+            lambda t: [(t[0], t[1] + i, t[3]) for i in range(t[2])]),
+        # ... and scattered single records
+        st.tuples(st.integers(0, 1), st.integers(0, 63), st.booleans()).map(lambda t: [t]),
+    ),
+    max_size=12,
+).map(lambda xs: [o for x in xs for o in x])
+
+
+@settings(max_examples=120, deadline=None)
+@given(ops=ops_strategy, sizes=st.lists(st.integers(1, 70000), min_size=1, max_size=6))
+def test_runs_equal_records(ops: list[tuple[int, int, bool]], sizes: list[int]) -> None:
+    data = _stream(ops)
+    want = _decode(data, _chunker(sizes), runs=False)
+    assert want[1] is None
+    assert _decode(data, _chunker(sizes), runs=True) == want
+
+
+def test_runs_collapse_whole_stretches() -> None:
+    """Fed at once, 40 consecutive CONTINUE pages become one run, 23 zeros one more."""
+    ops = [(0, i, False) for i in range(41)] + [(0, i, True) for i in range(41, 64)]
+    data = _stream(ops)
+    dec = StreamDecoder(runs=True)
+    recs = dec.feed(data) + dec.feed_eof()
+    runs = [r for r in recs if isinstance(r, PageRun | ZeroRun)]
+    assert [(type(r).__name__, r.offset // PS, r.npages) for r in runs] == [
+        ("PageRun", 1, 40), ("ZeroRun", 41, 23)]
+    assert _expand(recs) == _decode(data, _chunker([len(data)]), runs=False)[0]
+
+
+@pytest.mark.parametrize("where", ["offset", "flags", "fill", "truncated"])
+def test_runs_hostile_same_error(where: str) -> None:
+    """A bad record inside a stretch fails exactly as in per-record mode."""
+    ops = [(0, i, False) for i in range(20)] + [(0, i, True) for i in range(20, 40)]
+    data = bytearray(_stream(ops))
+    first = data.index(_page(0))  # data of page 0; page 1's CONTINUE header follows
+    rec = first + PS + 5 * (PS + 8)  # header of page 6
+    zeros = first + PS + 19 * (PS + 8)  # header of the first zero record
+    if where == "offset":
+        data[rec : rec + 8] = (0x7777000 | 0x28).to_bytes(8, "big")
+    elif where == "flags":
+        data[rec : rec + 8] = (6 * PS | 0x28 | 0x40).to_bytes(8, "big")  # + XBZRLE
+    elif where == "fill":
+        data[zeros + 5 * 9 + 8] = 0xAA
+    else:
+        del data[rec + 100 :]
+    for sizes in ([len(data)], [4096], [1, 70000]):
+        want = _decode(bytes(data), _chunker(sizes), runs=False)
+        got = _decode(bytes(data), _chunker(sizes), runs=True)
+        assert got == want
+        if where != "fill":  # a fill byte is the consumer's business (it is decoded)
+            assert want[1] is not None
+
+
+@pytest.mark.parametrize("kind", ["legacy", "legacy-7.2"])
+def test_runs_on_qemu_stream(qemu_image: Any, kind: str) -> None:
+    """A real QEMU stream decodes to the same pages either way, mostly through runs."""
+    case = qemu_image(kind)
+    data = case.path.read_bytes()
+    step = _chunker([1 << 20, 65536, 4103, 1 << 20])
+    want, err = _decode(data, step, runs=False)
+    assert err is None
+    dec = StreamDecoder(runs=True)
+    got: list[Record] = []
+    run_pages = 0
+    p = 0
+    while p < len(data):
+        n = step()
+        recs = dec.feed(data[p : p + n])
+        run_pages += sum(r.npages for r in recs if isinstance(r, PageRun | ZeroRun))
+        got += _expand(recs)
+        p += n
+    got += dec.feed_eof()
+    assert got == want
+    pages = sum(isinstance(r, Page | Zero) for r in want)
+    assert run_pages > 0.9 * pages, (run_pages, pages)
+
+
+def test_run_data_is_reused_only_after_next_feed() -> None:
+    """A run's data stays intact until the next feed (the documented lifetime)."""
+    ops = [(0, i, False) for i in range(30)]
+    data = _stream(ops)
+    dec = StreamDecoder(runs=True)
+    cut = len(data) // 2
+    first = [r for r in dec.feed(data[:cut]) if isinstance(r, PageRun)]
+    snapshot = [bytes(r.data) for r in first]
+    assert snapshot and all(bytes(r.data) == s for r, s in zip(first, snapshot, strict=True))
+    for r in first:
+        k = r.offset // PS
+        assert bytes(r.data[:PS]) == _page(k)
