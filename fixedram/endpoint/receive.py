@@ -38,6 +38,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -52,7 +53,7 @@ from fixedram.errors import (
     UnsupportedRecord,
 )
 from fixedram.image.layout import PAGE_SIZE
-from fixedram.image.writer import MappedRamWriter, mapped_configuration
+from fixedram.image.writer import Buffer, MappedRamWriter, mapped_configuration
 from fixedram.io.channel import Channel, Listener, SocketChannel
 from fixedram.io.files import AtomicFile, aligned_buffer, open_direct, remove_stale_partials
 from fixedram.stream import (
@@ -110,6 +111,7 @@ CONNECT_TIMEOUT = 30.0
 CHANNEL_GRACE = 5.0
 
 _PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
+_FADVISE = hasattr(os, "posix_fadvise")
 
 
 @dataclass(frozen=True)
@@ -266,6 +268,11 @@ class Receiver:
         self._t0 = time.monotonic()
         self._last_progress = self._t0
         self.dec = StreamDecoder(runs=True)
+        # queued writes (block, first page, buffers, zero pages), handed per feed to one
+        # writer thread, in order
+        self._ops: list[tuple[str, int, list[Buffer], int]] = []
+        self._inflight: list[Future[None]] = []
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="fixedram-write")
         self.file = _ImageFile(self.image)
         self._direct_fd = -1
         self._stage: memoryview | None = None
@@ -308,7 +315,7 @@ class Receiver:
         self._blk = ""
         self._first = 0
         self._n = 0
-        self._bufs: list[bytes] = []
+        self._bufs: list[Buffer] = []
 
     # -- setup -------------------------------------------------------------------
 
@@ -339,9 +346,17 @@ class Receiver:
     # -- input -------------------------------------------------------------------
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        """Process received bytes."""
+        """Process received bytes.
+
+        Page writes go to a writer thread and overlap with receiving the next bytes;
+        the writes of one feed are done before the feed after next (the decoder's run
+        buffers live that long) and before any other record is handled.
+        """
         self.bytes_received += len(data)
+        self._wait(1)
         self._handle(self.dec.feed(data))
+        self._flush()
+        self._submit()
         if self._progress is not None:
             now = time.monotonic()
             if now - self._last_progress >= PROGRESS_INTERVAL:
@@ -351,6 +366,7 @@ class Receiver:
     def feed_eof(self) -> None:
         """The input ended; raises if the stream is incomplete."""
         self._handle(self.dec.feed_eof())
+        self._sync()
 
     def stats(self) -> ReceiveStats:
         """Progress so far (bytes: the main connection plus multifd page data)."""
@@ -365,71 +381,97 @@ class Receiver:
 
     def _handle(self, records: list[Record]) -> None:
         for r in records:
-            if isinstance(r, Page):
+            if isinstance(r, PageRun):
+                self._flush()
+                self._ops.append((r.block, r.offset >> _PAGE_SHIFT, [r.data], 0))
+            elif isinstance(r, ZeroRun):
+                self.zero_records += r.npages
+                self._zeros(r.block, r.offset >> _PAGE_SHIFT, r.npages)
+            elif isinstance(r, Page):
                 pg = r.offset >> _PAGE_SHIFT
                 if (self._kind != 1 or r.block != self._blk or pg != self._first + self._n
                         or self._n >= MAX_RUN):
                     self._flush()
                     self._kind, self._blk, self._first = 1, r.block, pg
-                stage = self._stage
-                if stage is not None:
-                    stage[self._n << _PAGE_SHIFT : (self._n + 1) << _PAGE_SHIFT] = r.data
-                else:
-                    self._bufs.append(r.data)
+                self._bufs.append(r.data)
                 self._n += 1
-            elif isinstance(r, PageRun):
-                self._flush()
-                self._write_run(r.block, r.offset >> _PAGE_SHIFT, r.data)
-            elif isinstance(r, ZeroRun):
-                self.zero_records += r.npages
-                pg = r.offset >> _PAGE_SHIFT
-                if self._kind != 2 or r.block != self._blk or pg != self._first + self._n:
-                    self._flush()
-                    self._kind, self._blk, self._first = 2, r.block, pg
-                self._n += r.npages
             elif isinstance(r, Zero):
                 if r.fill:
                     raise UnsupportedRecord(f"ZERO record with fill byte 0x{r.fill:02x} "
                                             f"(block '{r.block}')")
                 self.zero_records += 1
-                pg = r.offset >> _PAGE_SHIFT
-                if self._kind != 2 or r.block != self._blk or pg != self._first + self._n:
-                    self._flush()
-                    self._kind, self._blk, self._first = 2, r.block, pg
-                self._n += 1
+                self._zeros(r.block, r.offset >> _PAGE_SHIFT, 1)
             else:
                 self._flush()
+                self._sync()
                 self._other(r)
 
+    def _zeros(self, block: str, first: int, n: int) -> None:
+        if self._kind != 2 or block != self._blk or first != self._first + self._n:
+            self._flush()
+            self._kind, self._blk, self._first = 2, block, first
+        self._n += n
+
     def _flush(self) -> None:
+        """Queue the pending run (pages or zeros) as one write operation."""
         n = self._n
         if not n:
             return
-        faults.point("receive-pages")
         if self._kind == 1:
-            stage = self._stage
-            if stage is not None:
-                self._sink.write_pages(self._blk, self._first, [stage[: n << _PAGE_SHIFT]])
-            else:
-                self._sink.write_pages(self._blk, self._first, self._bufs)
-                self._bufs = []
+            self._ops.append((self._blk, self._first, self._bufs, 0))
+            self._bufs = []
         else:
-            self._sink.zero_pages(self._blk, self._first, n)
+            self._ops.append((self._blk, self._first, [], n))
         self._kind = 0
         self._n = 0
 
-    def _write_run(self, block: str, first: int, data: memoryview) -> None:
-        """Write a decoded run of pages (through the aligned stage with O_DIRECT)."""
-        faults.point("receive-pages")
+    def _submit(self) -> None:
+        """Hand this feed's write operations to the writer thread."""
+        if self._ops:
+            ops, self._ops = self._ops, []
+            self._inflight.append(self._io.submit(self._apply, ops))
+
+    def _wait(self, keep: int) -> None:
+        """Wait until at most ``keep`` submitted batches are still being written."""
+        q = self._inflight
+        while len(q) > keep:
+            q.pop(0).result()  # re-raises the writer's error here
+
+    def _sync(self) -> None:
+        """Everything queued is written (before records that depend on it)."""
+        self._flush()
+        self._submit()
+        self._wait(0)
+
+    def _apply(self, ops: list[tuple[str, int, list[Buffer], int]]) -> None:
+        """Writer thread: perform queued writes in order (stage copy for O_DIRECT)."""
+        sink = self._sink
         stage = self._stage
-        if stage is None:
-            self._sink.write_pages(block, first, [data])
-            return
-        step = len(stage)
-        for at in range(0, len(data), step):
-            piece = data[at : at + step]
-            stage[: len(piece)] = piece
-            self._sink.write_pages(block, first + (at >> _PAGE_SHIFT), [stage[: len(piece)]])
+        lo, hi = -1, -1
+        for block, first, bufs, zeros in ops:
+            faults.point("receive-pages")
+            if zeros:
+                sink.zero_pages(block, first, zeros)
+                continue
+            if stage is None:
+                n = sink.write_pages(block, first, bufs)
+            else:
+                n = 0
+                for buf in bufs:
+                    data = memoryview(buf)
+                    for at in range(0, len(data), len(stage)):
+                        piece = data[at : at + len(stage)]
+                        stage[: len(piece)] = piece
+                        n += sink.write_pages(block, first + n, [stage[: len(piece)]])
+            blk = self.writer.blocks.get(block)
+            if blk is not None:
+                a = blk.pages_offset + first * PAGE_SIZE
+                b = a + n * PAGE_SIZE
+                lo = a if lo < 0 else min(lo, a)
+                hi = max(hi, b)
+        if lo >= 0 and stage is None and _FADVISE:
+            # start writeback now instead of at the final fsync (buffered writes only)
+            os.posix_fadvise(self.file.fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
 
     def _send(self, data: bytes) -> None:
         if self._reply is not None:
@@ -530,7 +572,8 @@ class Receiver:
         """Write the trailer, fsync, rename into place; answer SHUT(0) on a return path."""
         if not self.dec.done:
             raise StreamError("the migration stream is not complete", self.dec.next_offset)
-        self._flush()
+        self._sync()
+        self._io.shutdown()
         if not self._begun or not self._ended or self._device is None:
             raise StreamError("the migration stream has no complete RAM section")
         zero = self.zero_records
@@ -544,6 +587,11 @@ class Receiver:
         w = self.writer
         size = w.finish(self._device, self._vmdesc, commands=self._commands, parts=self.parts)
         st = os.fstat(self.file.fd)
+        if _FADVISE and not self.direct:
+            # durable now, then out of the page cache: a save does not evict the host's
+            # working set (commit's own fsync then has nothing left to write)
+            os.fsync(self.file.fd)
+            os.posix_fadvise(self.file.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         direct = self.direct
         self._close_direct()
         faults.point("receive-commit")
@@ -576,6 +624,8 @@ class Receiver:
 
     def abort(self) -> None:
         """Stop any multifd channel threads; discard the partial image."""
+        self._io.shutdown(cancel_futures=True)
+        self._inflight = []
         if self.multifd is not None:
             self.multifd.abort()
         self._close_direct()

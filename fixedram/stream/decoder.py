@@ -109,14 +109,15 @@ class StreamDecoder:
     of a ``file:`` URI): error messages and mapped-ram offsets use it. ``runs``
     collapses stretches of CONTINUE page and zero records into ``PageRun`` and
     ``ZeroRun`` records (the pages and their order are the same either way); a
-    ``PageRun``'s data is a view of a buffer the decoder reuses at the next
-    :meth:`feed`, so it must be consumed (or copied) before then.
+    ``PageRun``'s data is a view of a buffer the decoder reuses two
+    :meth:`feed` calls later, so it must be consumed (or copied) before then.
     """
 
     def __init__(self, *, base_offset: int = 0, runs: bool = False) -> None:
         self._buf = ReceiveBuffer(base_offset)
         self._runs = runs
-        self._scratch_buf = memoryview(b"")
+        self._scratch_bufs = [memoryview(b""), memoryview(b"")]
+        self._scratch_idx = 0
         self._scratch_used = 0
         self._state = _State.HEADER
         self._need = 1  # bytes needed from the current record start before a retry
@@ -169,10 +170,12 @@ class StreamDecoder:
     def feed(self, data: bytes | bytearray | memoryview) -> list[Record]:
         """Add received bytes; return every record they complete.
 
-        The data of ``PageRun`` records (``runs=True``) is valid until the next call.
+        The data of ``PageRun`` records (``runs=True``) stays valid through the next
+        call and is overwritten by the one after.
         """
         if not data:
             return []
+        self._scratch_idx ^= 1
         self._scratch_used = 0
         if self._state is _State.DEVICE:
             self._device += data
@@ -602,17 +605,20 @@ class StreamDecoder:
         return s + n * stride
 
     def _scratch(self, n: int) -> memoryview:
-        """``n`` bytes of the run buffer, after those already handed out since the last feed.
+        """``n`` bytes of run buffer, after those already handed out in this feed.
 
-        The buffer is reused from the start at every :meth:`feed`, so ``PageRun`` data
-        stays valid until then; it grows (a new buffer) when one feed needs more.
+        Two buffers alternate, one per :meth:`feed`: ``PageRun`` data stays valid through
+        the next feed (so a consumer may write one feed's runs while the next is decoded)
+        and is overwritten by the one after. A buffer grows (a new one) when one feed
+        needs more; each is at most twice the page data of one feed.
         """
         at = self._scratch_used
-        if at + n > len(self._scratch_buf):
-            self._scratch_buf = memoryview(bytearray(max(2 * (at + n), 1 << 20)))
+        i = self._scratch_idx
+        if at + n > len(self._scratch_bufs[i]):
+            self._scratch_bufs[i] = memoryview(bytearray(max(2 * (at + n), 1 << 20)))
             at = 0
         self._scratch_used = at + n
-        return self._scratch_buf[at : at + n]
+        return self._scratch_bufs[i][at : at + n]
 
     def _parse_block(self, s: int, out: list[Record]) -> None:
         b = self._buf

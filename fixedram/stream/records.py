@@ -206,8 +206,8 @@ class PageRun(Record):
     """Consecutive pages of ``block`` from byte ``offset``, as one record.
 
     ``data`` holds ``len(data) // page size`` whole pages (from a decoder, a view valid
-    until its next ``feed``); ``pos`` is the absolute stream offset of the first page's
-    data.
+    through its next ``feed``, reused by the one after); ``pos`` is the absolute stream
+    offset of the first page's data.
     """
 
     block: str
