@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import subprocess
@@ -43,6 +44,36 @@ QEMU_SAVES: dict[str, tuple[dict[str, bool], dict[str, Any]]] = {
                                      {"multifd-channels": 2, "direct-io": True}),
 }
 ALL_CAPS_OFF = {"mapped-ram": False, "multifd": False}
+
+#: fixedram save methods: ``fixedram save`` options.
+FIXEDRAM_SAVES: dict[str, list[str]] = {
+    "fixedram proxy": ["--via", "proxy"],
+    "fixedram proxy dio": ["--via", "proxy", "--direct-io"],
+    "fixedram proxy multifd2": ["--via", "proxy", "--channels", "2"],
+    "fixedram proxy multifd2 dio": ["--via", "proxy", "--channels", "2", "--direct-io"],
+    "fixedram proxy multifd4": ["--via", "proxy", "--channels", "4"],
+    "fixedram proxy multifd4 dio": ["--via", "proxy", "--channels", "4", "--direct-io"],
+    "fixedram native multifd2": ["--via", "native", "--channels", "2"],
+    "fixedram native multifd2 dio": ["--via", "native", "--channels", "2", "--direct-io"],
+}
+
+#: restore methods: (image saved by, QEMU-native load settings or fixedram restore options).
+RESTORES: dict[str, tuple[str, tuple[dict[str, bool], dict[str, Any]] | list[str]]] = {
+    "qemu load legacy": ("qemu legacy file:", ({}, {})),
+    "qemu load mapped-ram": ("qemu mapped-ram", ({"mapped-ram": True}, {})),
+    "qemu load mapped-ram multifd2 dio": ("qemu mapped-ram multifd2 dio",
+                                          QEMU_SAVES["qemu mapped-ram multifd2 dio"]),
+    "fixedram restore proxy": ("fixedram proxy", ["--via", "proxy"]),
+    "fixedram restore proxy dio": ("fixedram proxy", ["--via", "proxy", "--direct-io"]),
+    "fixedram restore proxy multifd2": ("fixedram proxy", ["--via", "proxy", "--channels", "2"]),
+    "fixedram restore proxy multifd2 dio": ("fixedram proxy", ["--via", "proxy", "--channels",
+                                                               "2", "--direct-io"]),
+    "fixedram restore proxy multifd4": ("fixedram proxy", ["--via", "proxy", "--channels", "4"]),
+    "fixedram restore proxy (qemu mapped-ram)": ("qemu mapped-ram", ["--via", "proxy"]),
+    "fixedram restore proxy (legacy stream)": ("qemu legacy file:", ["--via", "proxy"]),
+    "fixedram restore native multifd2 dio": ("fixedram proxy", ["--via", "native", "--channels",
+                                                                "2", "--direct-io"]),
+}
 
 
 def drop_caches() -> None:
@@ -119,6 +150,13 @@ def bench_target(name: str, target: Path, args: argparse.Namespace, qemu: Any, a
     is_disk = name == "disk"
     images: dict[str, Path] = {}
 
+    def wanted(method: str) -> bool:
+        return args.only is None or re.search(args.only, method) is not None
+
+    def needed(save: str) -> bool:
+        """A save runs when it is wanted or a wanted restore loads its image."""
+        return wanted(save) or any(wanted(m) for m, (k, _) in RESTORES.items() if k == save)
+
     def ctl(n: str) -> list[str]:
         return ["-qmp", f"unix:{socks / n}.qmp,server=on,wait=off"]
 
@@ -131,6 +169,8 @@ def bench_target(name: str, target: Path, args: argparse.Namespace, qemu: Any, a
             out["prefill_s"] = time.monotonic() - t
             src.stop()
             for method, (caps, params) in QEMU_SAVES.items():
+                if not needed(method):
+                    continue
                 img = target / (method.replace(" ", "_").replace(":", "") + ".img")
                 img.unlink(missing_ok=True)
                 if is_disk:
@@ -152,16 +192,16 @@ def bench_target(name: str, target: Path, args: argparse.Namespace, qemu: Any, a
                 src.cont()
                 src.stop()
             src.set_migration(caps=ALL_CAPS_OFF, params={"direct-io": False})
-            for method, via, extra in (("fixedram proxy", "proxy", []),
-                                       ("fixedram proxy dio", "proxy", ["--direct-io"]),
-                                       ("fixedram native", "native", [])):
+            for method, opts in FIXEDRAM_SAVES.items():
+                if not needed(method):
+                    continue
                 img = target / (method.replace(" ", "_") + ".img")
                 img.unlink(missing_ok=True)
                 if is_disk:
                     drop_caches()
                 cpu0 = cpu_seconds(src.pid or 0)
-                r = run_fixedram(["save", "--qmp", str(socks / "src.qmp"), "--via", via,
-                                  "--no-progress", "--json", *extra, str(img)])
+                r = run_fixedram(["save", "--qmp", str(socks / "src.qmp"), *opts,
+                                  "--no-progress", "--json", str(img)])
                 cpu = cpu_seconds(src.pid or 0) - cpu0
                 out["save"][method] = {"wall": r["wall"], "wall_sync": r["wall"],
                                        "qemu_cpu": cpu, "fixedram_cpu": r["cpu"],
@@ -171,16 +211,9 @@ def bench_target(name: str, target: Path, args: argparse.Namespace, qemu: Any, a
                 src.cont()
                 src.stop()
                 src.set_migration(caps=ALL_CAPS_OFF, params={"direct-io": False})
-        restores = [
-            ("qemu load legacy", "qemu legacy file:", ({}, {})),
-            ("qemu load mapped-ram", "qemu mapped-ram", ({"mapped-ram": True}, {})),
-            ("qemu load mapped-ram multifd2 dio", "qemu mapped-ram multifd2 dio",
-             QEMU_SAVES["qemu mapped-ram multifd2 dio"]),
-            ("fixedram send (fixedram image)", "fixedram proxy", None),
-            ("fixedram send (qemu mapped-ram)", "qemu mapped-ram", None),
-            ("fixedram send (legacy stream)", "qemu legacy file:", None),
-        ]
-        for method, image_key, native in restores:
+        for method, (image_key, how) in RESTORES.items():
+            if not wanted(method) or image_key not in images:
+                continue
             img = images[image_key]
             if is_disk:
                 drop_caches()
@@ -188,16 +221,16 @@ def bench_target(name: str, target: Path, args: argparse.Namespace, qemu: Any, a
             dst.extra_args = tuple(ctl("dst"))
             with dst:
                 cpu0 = cpu_seconds(dst.pid or 0)
-                if native is not None:
-                    caps, params = native
+                if isinstance(how, tuple):
+                    caps, params = how
                     t = time.monotonic()
                     dst.migrate_incoming(f"file:{img}", caps=caps or None, params=params or None)
                     dst.wait_incoming(600)
                     wall = time.monotonic() - t
                     entry: dict[str, Any] = {"wall": wall}
                 else:
-                    r = run_fixedram(["restore", "--qmp", str(socks / "dst.qmp"), "--via",
-                                      "proxy", "--paused", "--no-progress", "--json", str(img)])
+                    r = run_fixedram(["restore", "--qmp", str(socks / "dst.qmp"), *how,
+                                      "--paused", "--no-progress", "--json", str(img)])
                     entry = {"wall": r["wall"], "fixedram_cpu": r["cpu"],
                              "fixedram_rss_mib": r["rss_mib"]}
                 entry["qemu_cpu"] = cpu_seconds(dst.pid or 0) - cpu0
@@ -220,7 +253,8 @@ def table(res: dict[str, Any], data_mib: int) -> str:
     for t in res["targets"]:
         dd = t["dd"]
         saves = t["save"]
-        best_q = min(v["wall_sync"] for k, v in saves.items() if "mapped-ram" in k)
+        best_q = min((v["wall_sync"] for k, v in saves.items() if k.startswith("qemu mapped")),
+                     default=float("nan"))
         lines.append(f"\n## save, {t['target']} ({t['dir']}); {data_mib} MiB of data, "
                      f"dd write direct {data_mib / dd['dd write direct']:.0f} MiB/s, "
                      f"fsync {data_mib / dd['dd write fsync']:.0f} MiB/s")
@@ -236,7 +270,8 @@ def table(res: dict[str, Any], data_mib: int) -> str:
                 f"| {v.get('fixedram_rss_mib', 0):.0f} | {v['apparent'] / MIB:.0f} / "
                 f"{v['allocated'] / MIB:.0f} |")
         rest = t["restore"]
-        best_l = min(v["wall"] for k, v in rest.items() if k.startswith("qemu load mapped"))
+        best_l = min((v["wall"] for k, v in rest.items() if k.startswith("qemu load mapped")),
+                     default=float("nan"))
         lines.append(f"\n## restore, {t['target']}; dd read direct "
                      f"{data_mib / dd['dd read direct']:.0f} MiB/s, cold "
                      f"{data_mib / dd['dd read cold']:.0f} MiB/s")
@@ -283,6 +318,8 @@ def main() -> None:
     ap.add_argument("--disk-dir", default="/var/tmp/fixedram-bench")
     ap.add_argument("--tmpfs-dir", default="/dev/shm/fixedram-bench")
     ap.add_argument("--keep", action="store_true", help="keep the images")
+    ap.add_argument("--only", metavar="REGEX", help="run only the methods matching REGEX "
+                    "(restores also save the image they load)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
     qemu = find_qemu("10")

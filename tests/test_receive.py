@@ -10,9 +10,11 @@ from __future__ import annotations
 import filecmp
 import importlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -524,3 +526,33 @@ def test_replayed_stream_and_no_previous(legacy_stream: bytes, tmp_path: Path,
         dump = f.read()
     low = 1 << 20  # below 1 MiB the dump shows ROM/VGA windows, not pc.ram
     assert bytes(ram[low:]) == dump[low:]
+
+
+def _resident(path: Path) -> int:
+    """Bytes of ``path`` in the page cache (util-linux fincore)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("direct", [False, True])
+def test_receive_leaves_page_cache_alone(direct: bool, legacy_stream: bytes) -> None:
+    """A saved image does not stay in the page cache (on a disk filesystem: /var/tmp)."""
+    fs = subprocess.run(["stat", "-f", "-c", "%T", "/var/tmp"], capture_output=True,
+                        text=True, check=True).stdout.strip()
+    assert fs != "tmpfs", "this test needs /var/tmp on a disk filesystem"
+    d = Path(tempfile.mkdtemp(prefix="fixedram-test-", dir="/var/tmp"))
+    try:
+        img = d / "vm.img"
+        args = ["receive", "-q", *(["--direct-io=on"] if direct else []), str(img)]
+        r = subprocess.run(fixedram_cmd(*args), input=legacy_stream, capture_output=True,
+                           timeout=120)
+        assert r.returncode == 0, r.stderr.decode()
+        allocated = img.stat().st_blocks * 512
+        assert allocated > 16 << 20  # the stream holds real pages
+        assert _resident(img) < allocated // 20, (_resident(img), allocated)
+        with open_image(img) as im:  # and it is complete
+            assert im.format == "mapped-ram"
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -55,7 +55,13 @@ from fixedram.errors import (
 from fixedram.image.layout import PAGE_SIZE
 from fixedram.image.writer import Buffer, MappedRamWriter, mapped_configuration
 from fixedram.io.channel import Channel, Listener, SocketChannel
-from fixedram.io.files import AtomicFile, aligned_buffer, open_direct, remove_stale_partials
+from fixedram.io.files import (
+    AtomicFile,
+    aligned_buffer,
+    drop_cached,
+    open_direct,
+    remove_stale_partials,
+)
 from fixedram.stream import (
     CommandRecord,
     Configuration,
@@ -111,7 +117,6 @@ CONNECT_TIMEOUT = 30.0
 CHANNEL_GRACE = 5.0
 
 _PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
-_FADVISE = hasattr(os, "posix_fadvise")
 
 
 @dataclass(frozen=True)
@@ -186,12 +191,14 @@ class _ImageFile(AtomicFile):
         self.committed = False
         self.anonymous = True
 
-    def commit(self) -> None:
+    def commit(self, *, drop_cache: bool = False) -> None:
         """fsync, give the file its temporary name, rename it over the target, fsync dir."""
         if not self.anonymous:
-            super().commit()
+            super().commit(drop_cache=drop_cache)
             return
         os.fsync(self.fd)
+        if drop_cache:
+            drop_cached(self.fd)
         dfd = os.open(self.target.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
             with contextlib.suppress(FileNotFoundError):
@@ -469,9 +476,8 @@ class Receiver:
                 b = a + n * PAGE_SIZE
                 lo = a if lo < 0 else min(lo, a)
                 hi = max(hi, b)
-        if lo >= 0 and stage is None and _FADVISE:
-            # start writeback now instead of at the final fsync (buffered writes only)
-            os.posix_fadvise(self.file.fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
+        if lo >= 0 and stage is None:
+            drop_cached(self.file.fd, lo, hi - lo)  # writeback starts now, not at fsync
 
     def _send(self, data: bytes) -> None:
         if self._reply is not None:
@@ -587,15 +593,10 @@ class Receiver:
         w = self.writer
         size = w.finish(self._device, self._vmdesc, commands=self._commands, parts=self.parts)
         st = os.fstat(self.file.fd)
-        if _FADVISE and not self.direct:
-            # durable now, then out of the page cache: a save does not evict the host's
-            # working set (commit's own fsync then has nothing left to write)
-            os.fsync(self.file.fd)
-            os.posix_fadvise(self.file.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         direct = self.direct
         self._close_direct()
         faults.point("receive-commit")
-        self.file.commit()
+        self.file.commit(drop_cache=True)
         report = ReceiveReport(
             image=self.image, bytes_received=nbytes,
             pages_written=w.pages_written, pages_present=w.pages_present,

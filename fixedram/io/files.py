@@ -9,6 +9,7 @@ directory, so an existing good file is never replaced by a partial one.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -26,6 +27,7 @@ __all__ = [
     "aligned_buffer",
     "open_direct",
     "punch_hole",
+    "drop_cached",
     "fsync_dir",
     "AtomicFile",
     "remove_stale_partials",
@@ -91,11 +93,24 @@ def open_direct(path: str | os.PathLike[str], flags: int, mode: int = 0o600) -> 
         raise
 
 
+_FADVISE = hasattr(os, "posix_fadvise")
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def drop_cached(fd: int, offset: int = 0, length: int = 0) -> None:
+    """Ask the kernel to write back and forget the cached pages of a file range.
+
+    Dirty pages are queued for writeback at once (so a later fsync has less to do);
+    clean ones leave the page cache, so a large image does not evict the host's
+    working set. ``length`` 0 means to the end. A no-op where unsupported.
+    """
+    if _FADVISE:
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 def punch_hole(fd: int, offset: int, length: int) -> bool:
@@ -183,9 +198,14 @@ class AtomicFile:
             raise FixedramError(f"cannot create a file in {parent}: {e.strerror}") from None
         self.committed = False
 
-    def commit(self) -> None:
-        """fsync the file, rename it over the target, fsync the directory."""
+    def commit(self, *, drop_cache: bool = False) -> None:
+        """fsync the file, rename it over the target, fsync the directory.
+
+        ``drop_cache``: once durable, the file's pages leave the page cache.
+        """
         os.fsync(self.fd)
+        if drop_cache:
+            drop_cached(self.fd)
         os.close(self.fd)
         self.fd = -1
         os.replace(self.temp, self.target)

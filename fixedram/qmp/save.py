@@ -279,7 +279,8 @@ def save(
                                    timeout=timeout)
             t_mig = time.monotonic() - t_mig
             pages_in_image = _check_image(atomic.temp, machine, blocks)
-            atomic.commit()  # fsync file, rename over IMAGE, fsync directory
+            # fsync file, drop it from the page cache, rename over IMAGE, fsync directory
+            atomic.commit(drop_cache=True)
         else:
             from fixedram.endpoint.receive import receive, receive_listening
             from fixedram.io.channel import SocketChannel, listen
