@@ -10,13 +10,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from functools import wraps
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import click
 
 from fixedram.errors import FixedramError
 
-__all__ = ["main", "cli", "one_line_errors", "printable"]
+__all__ = ["main", "cli", "one_line_errors", "direct_io_options", "direct_mode", "printable"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -37,6 +37,27 @@ def one_line_errors(fn: F) -> F:
             _fail("interrupted", status=130)
 
     return wrapper  # type: ignore[return-value]
+
+
+def direct_io_options(what: str) -> Callable[[F], F]:
+    """``--direct-io`` and ``--require-direct-io`` flags; ``what``: "Read" or "Write"."""
+
+    def deco(fn: F) -> F:
+        fn = click.option(
+            "--require-direct-io", is_flag=True,
+            help="Like --direct-io, but fail where the filesystem does not support O_DIRECT "
+                 "(instead of warning and using buffered I/O).")(fn)
+        return click.option(
+            "--direct-io", is_flag=True,
+            help=f"{what} page data with O_DIRECT (aligned buffers), keeping the page cache "
+                 "clean.")(fn)
+
+    return deco
+
+
+def direct_mode(direct_io: bool, require_direct_io: bool) -> bool | Literal["required"]:
+    """The ``direct_io`` argument of the library from the two flags."""
+    return "required" if require_direct_io else direct_io
 
 
 def printable(text: str) -> str:

@@ -545,7 +545,7 @@ def test_receive_leaves_page_cache_alone(direct: bool, legacy_stream: bytes) -> 
     d = Path(tempfile.mkdtemp(prefix="fixedram-test-", dir="/var/tmp"))
     try:
         img = d / "vm.img"
-        args = ["receive", "-q", *(["--direct-io=on"] if direct else []), str(img)]
+        args = ["receive", "-q", *(["--direct-io"] if direct else []), str(img)]
         r = subprocess.run(fixedram_cmd(*args), input=legacy_stream, capture_output=True,
                            timeout=120)
         assert r.returncode == 0, r.stderr.decode()

@@ -228,7 +228,7 @@ def test_multifd_receive_and_restore(version: str, nchan: int, direct: bool,
     sock = tmp_path / "mig.sock"
     src_dump = shm_dir / f"{tmp_path.name}-src.mem"
     dst_dump = shm_dir / f"{tmp_path.name}-dst.mem"
-    extra = ["--direct-io=required"] if direct else []
+    extra = ["--require-direct-io"] if direct else []
     with Guest(qemu, tmp_path, append=APPEND, mem="128M", machine=machine,
                accel=accel) as src:
         src.wait_heartbeat(gen_at_least=1)

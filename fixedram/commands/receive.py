@@ -27,8 +27,8 @@ from types import FrameType
 
 import click
 
-from fixedram.cli import cli, one_line_errors
-from fixedram.endpoint.receive import MAX_CHANNELS, DirectIO
+from fixedram.cli import cli, direct_io_options, direct_mode, one_line_errors
+from fixedram.endpoint.receive import MAX_CHANNELS
 from fixedram.errors import EndpointError, FixedramError
 
 __all__ = ["receive_cmd"]
@@ -42,19 +42,6 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
     raise _Terminated(f"terminated by {signal.Signals(signum).name}")
 
 
-def _direct_mode(value: str | None) -> DirectIO:
-    if value is None:
-        return False
-    if value in ("on", "yes", "true", "1"):
-        return True
-    if value == "required":
-        return "required"
-    if value in ("off", "no", "false", "0"):
-        return False
-    raise EndpointError(f"bad --direct-io value '{value}' (expected --direct-io or "
-                        "--direct-io=required)")
-
-
 @cli.command("receive")
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--listen", "listen_spec", metavar="unix:PATH|tcp:HOST:PORT",
@@ -64,9 +51,7 @@ def _direct_mode(value: str | None) -> DirectIO:
               help="Expect N multifd channels (the source's multifd-channels; needs --listen).")
 @click.option("--fd", "fd", type=int, metavar="N",
               help="Use the inherited file descriptor N (a socket) as the channel.")
-@click.option("--direct-io", "direct_io", is_flag=False, flag_value="on", default=None,
-              metavar="[=required]",
-              help="Write page data with O_DIRECT (=required: fail if unsupported).")
+@direct_io_options("Write")
 @click.option("--allow-remote", is_flag=True,
               help="Allow --listen on a non-loopback tcp address.")
 @click.option("--accept-timeout", type=float, default=None, metavar="SECONDS",
@@ -74,8 +59,8 @@ def _direct_mode(value: str | None) -> DirectIO:
 @click.option("-q", "--quiet", is_flag=True, help="No report on stderr.")
 @one_line_errors
 def receive_cmd(image: str, listen_spec: str | None, channels: int, fd: int | None,
-                direct_io: str | None, allow_remote: bool, accept_timeout: float | None,
-                quiet: bool) -> None:
+                direct_io: bool, require_direct_io: bool, allow_remote: bool,
+                accept_timeout: float | None, quiet: bool) -> None:
     """Receive a migration from QEMU and save it as the mapped-ram image IMAGE.
 
     IMAGE appears only once the whole migration has arrived and is on disk; a
@@ -89,7 +74,7 @@ def receive_cmd(image: str, listen_spec: str | None, channels: int, fd: int | No
     if channels and listen_spec is None:
         raise EndpointError("--channels needs --listen unix:PATH or tcp:HOST:PORT (QEMU opens "
                             "multifd channels only over unix: and tcp:, not exec: or fd:)")
-    mode = _direct_mode(direct_io)
+    mode = direct_mode(direct_io, require_direct_io)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
     report: ReceiveReport

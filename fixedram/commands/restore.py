@@ -8,7 +8,7 @@ import time
 
 import click
 
-from fixedram.cli import cli, one_line_errors
+from fixedram.cli import cli, direct_io_options, direct_mode, one_line_errors
 from fixedram.commands.save import _show_progress, fmt_size
 
 __all__ = ["restore_command"]
@@ -24,8 +24,6 @@ __all__ = ["restore_command"]
               help="native: QEMU (>= 9.0) loads the mapped-ram file itself; proxy: fixedram "
                    "streams the image into QEMU (any QEMU, any image).")
 @click.option("--paused", is_flag=True, help="Leave the VM paused after the load.")
-@click.option("--multifd-channels", type=click.IntRange(0, 64), default=0, show_default=True,
-              help="native: load with this many multifd channels.")
 @click.option("--progress/--no-progress", "progress", default=None,
               help="Progress bar on stderr (default: when stderr is a terminal).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -37,11 +35,19 @@ __all__ = ["restore_command"]
               show_default=True, help="--lazy: how the stream reaches QEMU.")
 @click.option("--push-rate", type=str, default=None, metavar="RATE",
               help="--lazy: throttle the background push to RATE bytes/s (64M, 1G...).")
+@direct_io_options("Read")
+@click.option("--channels", type=click.IntRange(0, 255), default=0, show_default=True,
+              metavar="N",
+              help="multifd channels (sets capability multifd and multifd-channels on the "
+                   "destination): native, QEMU's reader threads; proxy, fixedram sends the "
+                   "pages over N connections.")
 @one_line_errors
 def restore_command(image: str, qmp_socket: str, via: str, paused: bool,
-                    multifd_channels: int, progress: bool | None, as_json: bool,
+                    progress: bool | None, as_json: bool,
                     lazy: bool = False, transport: str = "fd",
-                    push_rate: str | None = None) -> None:
+                    push_rate: str | None = None, direct_io: bool = False,
+                    require_direct_io: bool = False,
+                    channels: int = 0) -> None:
     """Restore IMAGE into the waiting QEMU behind --qmp, then resume the VM.
 
     The image is checked against the destination's machine type and RAM blocks first; a
@@ -52,20 +58,24 @@ def restore_command(image: str, qmp_socket: str, via: str, paused: bool,
     from fixedram.qmp.progress import ProgressBar
     from fixedram.qmp.restore import restore
 
+    direct = direct_mode(direct_io, require_direct_io)
     if lazy:
+        if channels or direct:
+            raise click.UsageError("--lazy takes neither --channels nor --direct-io")
         _lazy(image, qmp_socket, paused, progress, as_json, transport, push_rate, started)
         return
 
     with QMP.connect(qmp_socket) as qmp, \
             ProgressBar("restore", disable=not _show_progress(progress)) as bar:
         r = restore(qmp, image, via=via, paused=paused,  # type: ignore[arg-type]
-                    progress=bar, multifd_channels=multifd_channels)
+                    progress=bar, channels=channels, direct_io=direct)
     if as_json:
         click.echo(json.dumps(r.as_dict(), indent=2))
         return
     click.echo(
         f"restored {r.image} ({r.image_format}) into {r.machine} (QEMU {r.qemu_version}) via "
-        f"{r.via} in {r.total_time:.2f} s\n"
+        f"{r.via}" + (f", {r.channels} channels" if r.channels else "")
+        + (", O_DIRECT" if r.direct_io else "") + f" in {r.total_time:.2f} s\n"
         f"  load {r.load_time:.2f} s: {r.pages} pages, {fmt_size(r.bytes)}"
         f" ({r.mb_per_s:.0f} MB/s), {r.zero_pages} zero pages; RAM {fmt_size(r.ram_size)}\n"
         f"  VM {r.status}"

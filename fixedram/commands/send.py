@@ -20,7 +20,7 @@ from typing import Any
 
 import click
 
-from fixedram.cli import cli, one_line_errors
+from fixedram.cli import cli, direct_io_options, direct_mode, one_line_errors
 from fixedram.errors import EndpointError
 from fixedram.io.channel import Channel, FdChannel, connect, from_fd
 
@@ -80,14 +80,25 @@ def _fmt_bytes(n: float) -> str:
                    "requested pages are always served at once.")
 @click.option("--report-json", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Write the report as JSON to FILE.")
+@direct_io_options("Read")
+@click.option("--channels", type=click.IntRange(0, 255), default=0, show_default=True,
+              help="Be a multifd source with this many channels (the destination's "
+                   "multifd-channels, capability multifd on); needs --connect.")
+@click.option("--uuid", "uuid_text", default=None, metavar="UUID",
+              help="--channels: the destination's -uuid (default: from --qmp, else the "
+                   "image's, else zeros).")
 @one_line_errors
 def send_command(image: str, address: str | None, fd: int | None, qmp_socket: str | None,
                  readers: int, quiet: bool, postcopy: bool = False,
                  push_rate: str | None = None, report_json: str | None = None,
-                 verify_first: bool = False) -> None:
+                 verify_first: bool = False, direct_io: bool = False,
+                 require_direct_io: bool = False,
+                 channels: int = 0, uuid_text: str | None = None) -> None:
     """Restore IMAGE into a waiting QEMU (stream on stdout unless --connect/--fd)."""
     from fixedram.endpoint.send import query_destination, send, validate
     from fixedram.image import open_image
+
+    direct = direct_mode(direct_io, require_direct_io)
 
     if address is not None and fd is not None:
         raise click.UsageError("--connect and --fd exclude each other")
@@ -96,6 +107,16 @@ def send_command(image: str, address: str | None, fd: int | None, qmp_socket: st
 
         with open_image(image) as vimg:
             require_checksums(vimg)
+    if channels:
+        if postcopy or fd is not None or address is None or direct:
+            raise EndpointError("--channels needs --connect unix:PATH or tcp:HOST:PORT (one "
+                                "connection per channel), without --fd, --postcopy or "
+                                "--direct-io")
+        _send_multifd(image, address, channels, qmp_socket, quiet, uuid_text, verify_first,
+                      report_json)
+        return
+    if uuid_text is not None:
+        raise EndpointError("--uuid is for --channels (multifd)")
     if postcopy:
         _send_postcopy(image, address, fd, qmp_socket, quiet, push_rate, report_json)
         return
@@ -109,12 +130,13 @@ def send_command(image: str, address: str | None, fd: int | None, qmp_socket: st
             from fixedram.verify import require_checksums
 
             require_checksums(img)
+        img.open_direct(direct)  # =required fails here, before connecting
         channel = _open_channel(address, fd)
         bar, progress = _page_bar(quiet, lambda: sum(b.npages for b in img.blocks.values()),
                                   "send")
         try:
             report = send(img, channel, dest_machine=dest_machine, dest_blocks=dest_blocks,
-                          readers=readers, progress=progress)
+                          readers=readers, progress=progress, direct_io=direct)
         finally:
             if bar is not None:
                 bar.close()
@@ -124,7 +146,8 @@ def send_command(image: str, address: str | None, fd: int | None, qmp_socket: st
             f"fixedram: sent {image} ({report.machine}): {report.pages_sent} pages + "
             f"{report.zero_pages} zero pages, {_fmt_bytes(report.bytes_sent)} in "
             f"{report.elapsed:.2f} s ({_fmt_bytes(report.rate)}/s), "
-            f"{report.preadv_calls} reads", err=True)
+            f"{report.preadv_calls} reads" + (" (O_DIRECT)" if report.direct_io else ""),
+            err=True)
 
 
 def _open_channel(address: str | None, fd: int | None) -> Channel:
@@ -193,3 +216,45 @@ def _send_postcopy(image: str, address: str | None, fd: int | None, qmp_socket: 
             f"{report.time_to_run * 1000:.0f} ms; {report.pages_on_demand} pages on demand "
             f"({report.requests} requests), {report.pages_pushed} pushed, "
             f"{_fmt_bytes(report.bytes_sent)} in {report.elapsed:.2f} s", err=True)
+
+
+def _send_multifd(image: str, address: str, channels: int, qmp_socket: str | None, quiet: bool,
+                  uuid_text: str | None, verify_first: bool, report_json: str | None) -> None:
+    """``send --channels N``: be a multifd source (see :mod:`fixedram.endpoint.multifd_send`)."""
+    import json
+    from dataclasses import asdict
+
+    from fixedram.endpoint.multifd_send import parse_uuid, query_multifd_dest, send_multifd
+    from fixedram.image import open_image
+
+    uuid = parse_uuid(uuid_text) if uuid_text is not None else None
+    with open_image(image) as img:
+        dest = None
+        if qmp_socket is not None:
+            dest = query_multifd_dest(qmp_socket, channels)
+            if uuid is None:
+                uuid = dest.uuid
+        if verify_first:
+            from fixedram.verify import require_checksums
+
+            require_checksums(img)
+        bar, progress = _page_bar(quiet, lambda: sum(b.npages for b in img.blocks.values()),
+                                  "send")
+        try:
+            report = send_multifd(
+                img, address, channels, uuid=uuid,
+                dest_machine=dest.machine if dest else None,
+                dest_blocks=dest.blocks if dest else None,
+                dest_version=dest.version if dest else None, progress=progress)
+        finally:
+            if bar is not None:
+                bar.close()
+    if report_json is not None:
+        Path(report_json).write_text(json.dumps(asdict(report)))
+    if not quiet:
+        click.echo(
+            f"fixedram: sent {image} ({report.machine}) over {channels} multifd channels: "
+            f"{report.pages_sent} pages + {report.zero_pages} zero pages "
+            f"({report.packets} packets, {report.sync} syncs, zero pages {report.zero}), "
+            f"{_fmt_bytes(report.bytes_sent)} in {report.elapsed:.2f} s "
+            f"({_fmt_bytes(report.rate)}/s), {report.preadv_calls} reads", err=True)

@@ -8,9 +8,13 @@ the stream a QEMU started with ``-incoming`` loads, QEMU 7.2 and 10 alike::
     | [SWITCHOVER_START: machine types >= 10.0 only] | END ram: EOS
     | device state (stored blob, verbatim) | EOF | VMDESCRIPTION (stored, or empty)
 
-Every page is sent: pages with data as PAGE records (one read per run of pages, at most
-1 MiB each, sent as vectored writes straight from the read buffer), the others as ZERO
-records, so the destination ends with exactly the image's RAM whatever it held before.
+Every page is sent: pages with data as PAGE records, the others as ZERO records, so the
+destination ends with exactly the image's RAM whatever it held before. A run of pages is
+sent in pieces of at most 1 MiB: one ``preadv`` puts a piece's pages straight into the page
+slots of a buffer laid out as ``header|page|header|page…``, one numpy assignment writes the
+headers (:class:`~fixedram.stream.encoder.PageRecords`), and the piece goes out as one
+buffer; runs of zero pages are encoded as one numpy array. No Python runs per page.
+With ``direct_io`` pages are read through an O_DIRECT descriptor (no page cache).
 :func:`validate` makes every check that can refuse the image before the first byte goes
 out: QEMU stops at the first inconsistency and cannot be reused after a failed load.
 """
@@ -33,7 +37,7 @@ from fixedram import faults
 from fixedram.errors import EndpointError, ImageError, MismatchError
 from fixedram.image import Image, open_image
 from fixedram.image.layout import bitmap_bytes
-from fixedram.image.reader import READ_CHUNK
+from fixedram.image.reader import READ_CHUNK, DirectIO, PageSlots
 from fixedram.io.channel import Buffer, Channel
 from fixedram.stream import (
     CommandRecord,
@@ -51,6 +55,7 @@ from fixedram.stream import (
     VMDescription,
     encode,
 )
+from fixedram.stream.encoder import PageRecords
 from fixedram.stream.format import (
     MAPPED_RAM_VERSION,
     RAM_SECTION,
@@ -115,8 +120,9 @@ class SendReport:
 
     ``pages_sent`` pages went out as PAGE records and ``zero_pages`` as ZERO records;
     ``preadv_calls`` counts the positioned reads of page data (one per piece of at most
-    1 MiB of a run of pages); ``bytes_received`` is what the destination sent back
-    (nothing, in plain precopy).
+    1 MiB of a run of pages; a legacy stream image needs one more wherever the file breaks
+    a piece's records apart); ``bytes_received`` is what the destination sent back
+    (nothing, in plain precopy); ``direct_io``: page data was read with O_DIRECT.
     """
 
     bytes_sent: int
@@ -128,6 +134,7 @@ class SendReport:
     blocks: tuple[tuple[str, int], ...]
     switchover_start: bool
     bytes_received: int = 0
+    direct_io: bool = False
 
     @property
     def rate(self) -> float:
@@ -310,15 +317,17 @@ def _validate_dest(img: Image, dest_machine: str | None,
 # ---------------------------------------------------------------------------------------------
 
 
-def _zero_records(enc: StreamEncoder, block: str, first_page: int, npages: int) -> bytes:
+def _zero_records(enc: StreamEncoder, block: str, first_page: int, npages: int) -> list[Buffer]:
     """ZERO records for ``npages`` pages from ``first_page``; vectorised past the first."""
     head = enc.zero_run(block, first_page * PS, 1)
     if npages == 1:
-        return head
+        return [head]
     recs = np.zeros(npages - 1, dtype=_ZERO_REC)
-    pages = np.arange(first_page + 1, first_page + npages, dtype=np.uint64)
-    recs["word"] = (pages * np.uint64(PS)) | np.uint64(_ZERO_CONT)
-    return head + recs.tobytes()
+    words = np.arange(first_page + 1, first_page + npages, dtype=np.uint64)
+    words *= np.uint64(PS)
+    words |= np.uint64(_ZERO_CONT)
+    recs["word"] = words
+    return [head, recs.data.cast("B")]
 
 
 class _Drain:
@@ -399,25 +408,24 @@ class _Sender:
                          self.reads, time.monotonic() - self.t0)
 
 
-def _pieces(img: Image, name: str, hint_fd: int, depth: int) -> Iterator[tuple[int, memoryview]]:
-    """``(first_page, data)`` for every ≤1 MiB piece of every run of pages of ``name``.
+def _pieces(img: Image, name: str, hint_fd: int, depth: int) -> Iterator[tuple[int, int]]:
+    """``(first_page, npages)`` of every ≤1 MiB piece of every run of pages of ``name``.
 
-    ``data`` is valid until the next piece. With ``hint_fd`` >= 0 (mapped-ram only), the
-    kernel is asked to read the ``depth`` pieces after the current one ahead
-    (``POSIX_FADV_WILLNEED``), so disk reads overlap with sending without reader threads
-    fighting the sender for the GIL.
+    With ``hint_fd`` >= 0 (mapped-ram only), the kernel is asked to read the ``depth``
+    pieces after the current one ahead (``POSIX_FADV_WILLNEED``), so disk reads overlap
+    with sending without reader threads fighting the sender for the GIL.
     """
     blk = img.block(name)
-    if hint_fd < 0 or blk.mapped is None or depth <= 0:
-        yield from img.iter_data(name, READ_CHUNK)
-        return
     per = READ_CHUNK // PS
-    base = blk.mapped.pages_offset
     plan = [(p, min(per, first + n - p)) for first, n in img.runs(name)
             for p in range(first, first + n, per)]
+    if hint_fd < 0 or blk.mapped is None or depth <= 0:
+        yield from plan
+        return
+    base = blk.mapped.pages_offset
     for p, k in plan[:depth]:
         os.posix_fadvise(hint_fd, base + p * PS, k * PS, os.POSIX_FADV_WILLNEED)
-    for i, piece in enumerate(img.iter_data(name, READ_CHUNK)):
+    for i, piece in enumerate(plan):
         if i + depth < len(plan):
             p, k = plan[i + depth]
             os.posix_fadvise(hint_fd, base + p * PS, k * PS, os.POSIX_FADV_WILLNEED)
@@ -428,20 +436,24 @@ def send(image: str | os.PathLike[str] | Image, channel: Channel, *,
          dest_machine: str | None = None,
          dest_blocks: Sequence[tuple[str, int]] | None = None,
          readers: int = 1,
-         progress: Callable[[SendStats], None] | None = None) -> SendReport:
+         progress: Callable[[SendStats], None] | None = None,
+         direct_io: DirectIO = False) -> SendReport:
     """Send ``image`` over ``channel`` as a precopy stream a QEMU ``-incoming`` loads.
 
     Everything is validated (:func:`validate`, against ``dest_machine``/``dest_blocks``
     when given) before the first byte is written. ``readers`` > 1 keeps ``readers - 1``
     pieces of a mapped-ram image in kernel read-ahead while the current one is sent (one
     thread reads; measured: threads reading ahead only slowed a cached image down, by GIL
-    contention). ``progress`` is called with :class:`SendStats` now and then. The write
-    side of ``channel`` is shut down at the end; the channel is not closed.
+    contention). ``progress`` is called with :class:`SendStats` now and then.
+    ``direct_io`` reads page data with O_DIRECT (:meth:`Image.open_direct`: where the
+    filesystem refuses, a warning and buffered reads, or with ``"required"`` an error
+    before anything is sent). The write side of ``channel`` is shut down at the end; the
+    channel is not closed.
     """
     img, owned = _open(image)
     try:
         validate(img, dest_machine=dest_machine, dest_blocks=dest_blocks)
-        return _send(img, channel, readers, progress)
+        return _send(img, channel, readers, progress, direct_io)
     finally:
         if owned:
             img.close()
@@ -456,7 +468,8 @@ def _page_check(img: Image) -> PageCheck | None:
 
 
 def _send(img: Image, channel: Channel, readers: int,
-          progress: Callable[[SendStats], None] | None) -> SendReport:
+          progress: Callable[[SendStats], None] | None,
+          direct_io: DirectIO = False) -> SendReport:
     blocks = list(img.blocks.values())
     switchover = wants_switchover_start(img.machine, img.commands)
     cfg = img.configuration
@@ -474,9 +487,13 @@ def _send(img: Image, channel: Channel, readers: int,
     ]
     out = _Sender(channel, total // PS, progress)
     check = _page_check(img)
+    opened_direct = not img.direct and img.open_direct(direct_io)
+    recs = PageRecords(READ_CHUNK // PS)
+    slots = PageSlots(recs.buf, recs.slot_offset, recs.stride, recs.capacity)
     drain = _Drain(channel)
     hint_fd = -1
-    if readers > 1 and img.format == "mapped-ram" and hasattr(os, "posix_fadvise"):
+    if (readers > 1 and img.format == "mapped-ram" and not img.direct
+            and hasattr(os, "posix_fadvise")):
         hint_fd = os.open(img.path, os.O_RDONLY)
     try:
         faults.point("send-setup")
@@ -484,30 +501,28 @@ def _send(img: Image, channel: Channel, readers: int,
         for blk in blocks:
             out.add([encode(SectionPart(sid))])
             cursor = 0
-            for first, data in _pieces(img, blk.name, hint_fd, readers - 1):
-                out.reads += 1
+            for first, npages in _pieces(img, blk.name, hint_fd, readers - 1):
+                out.reads += img.read_slots(blk.name, first, npages, slots)
                 if check is not None:
-                    check.piece(blk.name, first, data)
+                    check.pages(blk.name, first, slots.views[:npages])
                 if first > cursor:
-                    out.add([_zero_records(enc, blk.name, cursor, first - cursor)])
+                    out.add(_zero_records(enc, blk.name, cursor, first - cursor))
                     out.zero_pages += first - cursor
-                npages = len(data) // PS
+                data: Buffer = enc.page_records(blk.name, first * PS, npages, recs)
                 small = len(data) < _SMALL_PIECE
                 if small:  # copy, to batch it with the next pieces into one write
-                    data = memoryview(bytes(data))
-                bufs = enc.page_run(blk.name, first * PS, data)
-                # headers are 8 bytes, but the first names the block when it changes
-                out.add(bufs, npages * (PS + 8) + len(bufs[0]) - 8)
+                    data = bytes(data)
+                out.add([data])
                 out.pages_sent += npages
                 cursor = first + npages
                 if small:
                     out.maybe_flush()
                 else:
-                    out.flush()  # the read buffer is reused by the next piece
+                    out.flush()  # the record buffer is reused by the next piece
             if check is not None:  # a bad extent stops the stream before the device state
                 check.block_done(blk.name)
             if cursor < blk.npages:
-                out.add([_zero_records(enc, blk.name, cursor, blk.npages - cursor)])
+                out.add(_zero_records(enc, blk.name, cursor, blk.npages - cursor))
                 out.zero_pages += blk.npages - cursor
             out.add([encode(EndOfSection()), encode(SectionFooter(sid))])
             out.maybe_flush()
@@ -523,6 +538,9 @@ def _send(img: Image, channel: Channel, readers: int,
     finally:
         if hint_fd >= 0:
             os.close(hint_fd)
+        was_direct = img.direct
+        if opened_direct:
+            img.close_direct()
     faults.point("send-end")
     channel.shutdown_write()
     drain.wait(LINGER_SECONDS)
@@ -539,4 +557,5 @@ def _send(img: Image, channel: Channel, readers: int,
         blocks=tuple((b.name, b.length) for b in blocks),
         switchover_start=switchover,
         bytes_received=drain.received,
+        direct_io=was_direct,
     )

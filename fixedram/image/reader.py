@@ -14,7 +14,10 @@ there a ZERO record makes the page zero again.
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +25,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from fixedram.errors import ImageError, StreamError
+from fixedram.errors import FixedramError, ImageError, StreamError
 from fixedram.image.layout import PAGE_SIZE, bitmap_bytes, bitmap_to_bools, runs
-from fixedram.io.files import preadv_exact
+from fixedram.io.files import IOV_MAX, aligned_buffer, open_direct, preadv_exact
 from fixedram.stream import (
     CommandRecord,
     Configuration,
@@ -39,7 +42,8 @@ from fixedram.stream import (
 )
 from fixedram.stream.format import FILE_MAGIC
 
-__all__ = ["open_image", "Image", "MappedRamImage", "StreamImage", "BlockInfo", "READ_CHUNK"]
+__all__ = ["open_image", "Image", "MappedRamImage", "StreamImage", "BlockInfo", "PageSlots",
+           "READ_CHUNK", "DirectIO"]
 
 #: Largest single read when streaming page data (bytes).
 READ_CHUNK = 1 << 20
@@ -48,6 +52,52 @@ READ_CHUNK = 1 << 20
 METADATA_CHUNK = 16 << 10
 
 _ABSENT = -1
+#: Bytes from one page's data to the next in a run of CONTINUE PAGE records of a stream.
+_REC = PAGE_SIZE + 8
+#: Alignment of O_DIRECT file offsets and lengths (the largest logical block size in use).
+_DIO_ALIGN = 4096
+
+#: ``--direct-io``: False (buffered), True (O_DIRECT where the filesystem allows it, else
+#: buffered with a warning) or ``"required"`` (fail where it does not).
+DirectIO = bool | Literal["required"]
+
+
+class PageSlots:
+    """Page-sized slots at a fixed stride in one buffer, where pages are read to.
+
+    Slot ``i`` is ``buf[first + i * stride : first + i * stride + PAGE_SIZE]``; with a
+    stride of ``PAGE_SIZE + 8`` they are the page parts of ``header|page|header|page…``
+    PAGE records. The slot views (one iovec each for ``preadv``) and a 2-D numpy view of
+    the slots are made once, so filling and digesting a piece costs no per-page Python.
+    """
+
+    def __init__(self, buf: memoryview | bytearray | mmap.mmap, first: int, stride: int,
+                 count: int) -> None:
+        if stride < PAGE_SIZE or count > IOV_MAX:
+            raise ValueError(f"bad page slots: stride {stride}, count {count}")
+        self.buf = memoryview(buf).cast("B")
+        if first + (count - 1) * stride + PAGE_SIZE > len(self.buf):
+            raise ValueError("page slots past the end of the buffer")
+        self.first = first
+        self.stride = stride
+        self.count = count
+        self.array = np.ndarray((count, PAGE_SIZE), dtype=np.uint8, buffer=self.buf,
+                                offset=first, strides=(stride, 1))
+        self._views: list[memoryview] | None = None
+
+    @property
+    def views(self) -> list[memoryview]:
+        """One view per slot (made on first use)."""
+        if self._views is None:
+            f, st = self.first, self.stride
+            self._views = [self.buf[f + i * st : f + i * st + PAGE_SIZE]
+                           for i in range(self.count)]
+        return self._views
+
+    def span(self, i: int, n: int) -> memoryview:
+        """Bytes from the start of slot ``i`` to the end of slot ``i + n - 1``."""
+        start = self.first + i * self.stride
+        return self.buf[start : start + (n - 1) * self.stride + PAGE_SIZE]
 
 
 @dataclass
@@ -80,14 +130,78 @@ class Image:
     commands: list[str] = field(default_factory=list)
     sections: int = 0
     _fd: int = -1
+    _dfd: int = -1
+    _dmode: DirectIO | Literal["refused"] = False
+    _stage: mmap.mmap | None = None
 
     # -- lifecycle -------------------------------------------------------------
 
     def close(self) -> None:
-        """Release the file descriptor."""
+        """Release the file descriptors."""
+        self.close_direct()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+    def open_direct(self, mode: DirectIO = True) -> bool:
+        """Read page data through an O_DIRECT descriptor from now on (:meth:`read_slots`).
+
+        The page cache is then neither filled nor trashed by the pages read. Where the
+        filesystem refuses O_DIRECT (tmpfs), ``mode`` ``"required"`` raises
+        :class:`FixedramError`; otherwise one warning goes to stderr and reads stay
+        buffered. Returns whether reads are direct.
+        """
+        if not mode or self._dfd >= 0 or self._dmode == "refused":
+            return self._dfd >= 0
+        fd = open_direct(f"/proc/self/fd/{self._fd}", os.O_RDONLY)
+        if fd is None:
+            self._no_direct(mode, "does not support O_DIRECT")
+            self._dmode = "refused"  # warned once; later calls stay buffered quietly
+            return False
+        stage = aligned_buffer(_stage_size())
+        try:  # some filesystems take O_DIRECT at open but refuse the reads: probe one
+            os.preadv(fd, [memoryview(stage)[:_DIO_ALIGN]], 0)
+        except OSError as e:
+            os.close(fd)
+            stage.close()
+            if e.errno != errno.EINVAL:
+                raise
+            self._no_direct(mode, "refused an O_DIRECT read")
+            self._dmode = "refused"
+            return False
+        self._dfd = fd
+        self._dmode = mode
+        self._stage = stage
+        return True
+
+    def _direct_refused(self) -> None:
+        """An O_DIRECT read failed with EINVAL: fail, or warn and read buffered from now on."""
+        mode = self._dmode
+        self.close_direct()
+        self._dmode = "refused"
+        self._no_direct("required" if mode == "required" else True,
+                        "refused an O_DIRECT read")
+
+    def _no_direct(self, mode: DirectIO, why: str) -> None:
+        where = self.path.parent
+        if mode == "required":
+            raise FixedramError(f"the filesystem of {where} {why}")
+        print(f"fixedram: warning: the filesystem of {where} {why}; using buffered I/O",
+              file=sys.stderr, flush=True)
+
+    def close_direct(self) -> None:
+        """Go back to buffered reads."""
+        if self._dfd >= 0:
+            os.close(self._dfd)
+            self._dfd = -1
+        if self._stage is not None:
+            self._stage.close()
+            self._stage = None
+
+    @property
+    def direct(self) -> bool:
+        """True when page data is read with O_DIRECT."""
+        return self._dfd >= 0
 
     def __enter__(self) -> Image:
         return self
@@ -177,6 +291,41 @@ class Image:
     def _read_into(self, blk: BlockInfo, first: int, dest: memoryview) -> None:
         raise NotImplementedError
 
+    def read_slots(self, name: str, first_page: int, npages: int, slots: PageSlots) -> int:
+        """Read pages ``[first_page, first_page + npages)`` of ``name`` into slots ``0..``.
+
+        Pages must all hold data (a piece of a run, as :meth:`runs` gives them);
+        ``npages`` is at most ``slots.count``. Bytes between slots may be overwritten.
+        Returns the number of read system calls made.
+        """
+        raise NotImplementedError
+
+    def _pread_direct(self, offset: int, length: int) -> memoryview:
+        """``length`` bytes at ``offset`` read with O_DIRECT: a view into the stage buffer.
+
+        The read is widened to aligned offsets. EINVAL (a filesystem refusing the
+        alignment after all) raises :class:`_DirectRefused`.
+        """
+        assert self._stage is not None
+        a0 = offset - offset % _DIO_ALIGN
+        a1 = -(-(offset + length) // _DIO_ALIGN) * _DIO_ALIGN
+        if a1 - a0 > len(self._stage):
+            raise ValueError(f"direct read of {a1 - a0} bytes exceeds the stage buffer")
+        view = memoryview(self._stage)[: a1 - a0]
+        got = 0
+        try:
+            while got < offset + length - a0:
+                n = os.preadv(self._dfd, [view[got:]], a0 + got)
+                if n <= 0:
+                    raise ImageError(f"pages of the image: file ends at byte {a0 + got}, "
+                                     f"expected data up to byte {offset + length}", a0 + got)
+                got += n
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            raise _DirectRefused from None
+        return view[offset - a0 : offset - a0 + length]
+
     def allocated_bytes(self) -> int:
         """Disk space the image file uses."""
         return os.fstat(self._fd).st_blocks * 512
@@ -209,6 +358,33 @@ class MappedRamImage(Image):
         preadv_exact(self._fd, dest, blk.mapped.pages_offset + first * PAGE_SIZE,
                      f"pages of RAM block '{blk.name}'")
 
+    def read_slots(self, name: str, first_page: int, npages: int, slots: PageSlots) -> int:
+        blk = self.block(name)
+        assert blk.mapped is not None and 0 < npages <= slots.count
+        pos = blk.mapped.pages_offset + first_page * PAGE_SIZE
+        what = f"pages of RAM block '{name}'"
+        if self._dfd >= 0:
+            try:
+                data = self._pread_direct(pos, npages * PAGE_SIZE)
+            except _DirectRefused:
+                self._direct_refused()
+            else:
+                slots.array[:npages] = np.frombuffer(data, np.uint8).reshape(npages, PAGE_SIZE)
+                return 1
+        if slots.stride == PAGE_SIZE:
+            preadv_exact(self._fd, slots.span(0, npages), pos, what)
+            return 1
+        views = slots.views[:npages]
+        got = os.preadv(self._fd, views, pos)
+        if got < npages * PAGE_SIZE:  # short read (end of file or a signal): finish page-wise
+            k, part = divmod(got, PAGE_SIZE)
+            if part:
+                preadv_exact(self._fd, views[k][part:], pos + got, what)
+                k += 1
+            for i in range(k, npages):
+                preadv_exact(self._fd, views[i], pos + i * PAGE_SIZE, what)
+        return 1
+
 
 class StreamImage(Image):
     """A legacy migration stream file (``migrate file:`` without mapped-ram, ``exec:cat``)."""
@@ -221,29 +397,76 @@ class StreamImage(Image):
 
     def _read_into(self, blk: BlockInfo, first: int, dest: memoryview) -> None:
         where = self._where[blk.name][first : first + len(dest) // PAGE_SIZE]
-        self._gather(where, dest)
-
-    def _gather(self, where: np.ndarray, dest: memoryview) -> None:
-        """Fill ``dest`` with the pages stored at file offsets ``where`` (-1: zero)."""
         n = len(where)
-        i = 0
-        stride_ok = np.diff(where) == PAGE_SIZE + 8  # consecutive CONTINUE records
-        while i < n:
-            pos = int(where[i])
+        per = READ_CHUNK // PAGE_SIZE
+        for i in range(0, n, per):  # PageSlots hold at most IOV_MAX slots
+            k = min(per, n - i)
+            slots = PageSlots(dest[i * PAGE_SIZE : (i + k) * PAGE_SIZE], 0, PAGE_SIZE, k)
+            self._gather(where[i : i + k], slots)
+
+    def read_slots(self, name: str, first_page: int, npages: int, slots: PageSlots) -> int:
+        self.block(name)
+        assert 0 < npages <= slots.count
+        return self._gather(self._where[name][first_page : first_page + npages], slots)
+
+    def _gather(self, where: np.ndarray, slots: PageSlots) -> int:
+        """Fill slots with the pages stored at file offsets ``where`` (-1: zero page).
+
+        Pages stored as consecutive CONTINUE records (``_REC`` bytes apart) are read in one
+        go: straight into the slots when their stride is ``_REC`` (the file's record
+        headers land between the slots), else into a stage buffer and copied with one
+        strided numpy copy. Returns the number of reads.
+        """
+        n = len(where)
+        if not n:
+            return 0
+        absent = where < 0
+        brk = np.ones(n, dtype=bool)
+        if n > 1:
+            brk[1:] = (np.diff(where) != _REC) | absent[1:] | absent[:-1]
+        starts = np.flatnonzero(brk).tolist()
+        reads = 0
+        for s, e in zip(starts, [*starts[1:], n], strict=True):
+            pos = int(where[s])
             if pos < 0:
-                dest[i * PAGE_SIZE : (i + 1) * PAGE_SIZE] = bytes(PAGE_SIZE)
-                i += 1
+                slots.array[s:e] = 0
                 continue
-            j = i
-            while j + 1 < n and stride_ok[j] and j - i < 255:
-                j += 1
-            span = (j - i) * (PAGE_SIZE + 8) + PAGE_SIZE
-            raw = bytearray(span)
-            preadv_exact(self._fd, memoryview(raw), pos, "stream page data")
-            for k in range(j - i + 1):
-                o = k * (PAGE_SIZE + 8)
-                dest[(i + k) * PAGE_SIZE : (i + k + 1) * PAGE_SIZE] = raw[o : o + PAGE_SIZE]
-            i = j + 1
+            m = e - s
+            span = (m - 1) * _REC + PAGE_SIZE
+            reads += 1
+            if self._dfd >= 0:
+                try:
+                    raw = self._pread_direct(pos, span)
+                except _DirectRefused:
+                    self._direct_refused()
+                else:
+                    slots.array[s:e] = _strided(raw, m)
+                    continue
+            if slots.stride == _REC:
+                preadv_exact(self._fd, slots.span(s, m), pos, "stream page data")
+            else:
+                scratch = self.__dict__.get("_scratch")
+                if scratch is None or len(scratch) < span:
+                    scratch = self.__dict__["_scratch"] = memoryview(bytearray(span))
+                raw = scratch[:span]
+                preadv_exact(self._fd, raw, pos, "stream page data")
+                slots.array[s:e] = _strided(raw, m)
+        return reads
+
+
+class _DirectRefused(Exception):
+    """An O_DIRECT read failed with EINVAL (alignment the filesystem does not accept)."""
+
+
+def _strided(raw: memoryview, m: int) -> np.ndarray:
+    """The ``m`` pages of ``m`` consecutive CONTINUE PAGE records in ``raw`` (a 2-D view)."""
+    return np.ndarray((m, PAGE_SIZE), dtype=np.uint8, buffer=raw, strides=(_REC, 1))
+
+
+def _stage_size() -> int:
+    """Stage buffer for O_DIRECT reads: the widest read (a 1 MiB piece of a stream's records)
+    plus alignment slack on both sides."""
+    return (READ_CHUNK // PAGE_SIZE) * _REC + 2 * _DIO_ALIGN
 
 
 def _walk(fd: int, base: int, size: int, index: bool) -> tuple[StreamDecoder, dict[str, Any]]:

@@ -21,7 +21,10 @@ not inherit ``mapped-ram``). The VM is resumed (``cont``) unless ``paused``.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -29,6 +32,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fixedram.errors import VMError
+from fixedram.image.reader import DirectIO
+from fixedram.io.files import open_direct
 from fixedram.qmp.client import QMP
 from fixedram.qmp.common import MigrationSettings, Worker, abandon
 from fixedram.qmp.progress import Progress
@@ -62,6 +67,8 @@ class RestoreReport:
     mb_per_s: float  # bytes / load_time, in MB/s (10^6)
     status: str  # run state at the end: running or paused
     caps_changed: dict[str, bool]
+    channels: int = 0  # multifd channels (native: QEMU's; proxy: fixedram's connections)
+    direct_io: bool = False  # page data read with O_DIRECT (by fixedram or by QEMU)
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -129,15 +136,21 @@ def restore(
     via: Via = "auto",
     paused: bool = False,
     progress: ProgressFn | None = None,
-    multifd_channels: int = 0,
+    channels: int = 0,
     readers: int = 1,
     timeout: float | None = None,
+    direct_io: DirectIO = False,
 ) -> RestoreReport:
     """Load ``image`` into the QEMU behind ``qmp`` (started with ``-incoming defer``).
 
-    ``paused``: leave the VM paused after the load (else ``cont``). ``multifd_channels``:
-    reader threads for ``native`` (0 = none); ``readers``: read-ahead threads for ``proxy``.
-    ``progress`` gets a :class:`Progress` now and then (``proxy`` only). Raises
+    ``paused``: leave the VM paused after the load (else ``cont``). ``channels``: multifd
+    channels (0 = none); ``native``: QEMU's reader threads; ``proxy``: fixedram is a multifd
+    source with that many connections, over a unix socket it owns (:func:`_start_multifd`).
+    ``readers``: read-ahead depth of a single-stream ``proxy``. ``direct_io``: page data is
+    read with O_DIRECT, by fixedram (``proxy``) or by QEMU (``native``, which then needs
+    multifd: at least one channel); ``"required"`` refuses, before QEMU sees a byte, where
+    the filesystem does not support it, else fixedram warns and reads buffered. ``progress``
+    gets a :class:`Progress` now and then (``proxy`` only). Raises
     :class:`~fixedram.errors.MismatchError` / :class:`~fixedram.errors.ImageError` before
     anything is sent when the image does not fit, :class:`VMError` when QEMU fails.
     """
@@ -160,19 +173,32 @@ def restore(
     with open_image(path) as img:
         validate(img, dest_machine=machine, dest_blocks=dest_blocks)
         how = choose_restore_via(qmp.version, img.format, via)
+        if how == "proxy":
+            img.open_direct(direct_io)
+        elif direct_io and not _direct_ok(path, direct_io):
+            direct_io = False
         pages = sum(int(img.present(n).sum()) for n in img.blocks)
         ram_size = img.ram_size
         settings = MigrationSettings(qmp)
         worker: Worker | None = None
         ours: socket.socket | None = None
+        sockdir: str | None = None
         try:
             if how == "native":
-                caps = {"mapped-ram": True, "multifd": multifd_channels > 0}
-                params = {"multifd-channels": multifd_channels} if multifd_channels else {}
+                if direct_io:
+                    channels = max(1, channels)  # QEMU reads with O_DIRECT only under multifd
+                caps = {"mapped-ram": True, "multifd": channels > 0}
+                params: dict[str, Any] = {"multifd-channels": channels} if channels else {}
+                if direct_io:
+                    params["direct-io"] = True
                 settings.set(caps, params)
                 uri = f"file:{path}" + (f",offset={img.base_offset}" if img.base_offset else "")
                 t_load = time.monotonic()
                 qmp.cmd("migrate-incoming", uri=uri)
+            elif channels:
+                sockdir = tempfile.mkdtemp(prefix="fixedram-restore-")
+                worker, t_load = _start_multifd(qmp, img, settings, channels, sockdir, machine,
+                                                dest_blocks, progress)
             else:
                 # a plain precopy stream: mapped-ram/multifd would make QEMU refuse fd:
                 settings.set({"mapped-ram": False, "multifd": False}, {})
@@ -194,7 +220,7 @@ def restore(
 
                 def run_send() -> Any:
                     return send(img, chan, dest_machine=machine, dest_blocks=dest_blocks,
-                                readers=readers, progress=cb)
+                                readers=readers, progress=cb, direct_io=direct_io)
 
                 worker = Worker("fixedram-send", run_send)
                 worker.start()
@@ -213,6 +239,8 @@ def restore(
             settings.restore()
             if ours is not None:
                 ours.close()
+            if sockdir is not None:
+                shutil.rmtree(sockdir, ignore_errors=True)
     if paused and st == "running":
         qmp.cmd("stop")  # QEMU started without -S runs the guest as soon as it is loaded
     elif not paused and st != "running":
@@ -235,5 +263,45 @@ def restore(
         mb_per_s=nbytes / t_load / 1e6 if t_load > 0 else 0.0,
         status=final,
         caps_changed=dict(settings.caps),
+        channels=channels,
+        direct_io=bool(direct_io) and (how == "native" or img.direct),
     )
 
+def _direct_ok(path: Path, mode: DirectIO) -> bool:
+    """Whether ``path``'s filesystem takes O_DIRECT (checked before QEMU is asked to)."""
+    fd = open_direct(path, os.O_RDONLY)
+    if fd is not None:
+        os.close(fd)
+        return True
+    if mode == "required":
+        raise VMError(f"the filesystem of {path.parent} does not support O_DIRECT")
+    print(f"fixedram: warning: the filesystem of {path.parent} does not support O_DIRECT; "
+          "QEMU reads buffered", file=sys.stderr, flush=True)
+    return False
+
+
+def _start_multifd(qmp: QMP, img: Any, settings: MigrationSettings, channels: int,
+                   sockdir: str, machine: str, dest_blocks: list[tuple[str, int]],
+                   progress: ProgressFn | None) -> tuple[Worker, float]:
+    """Start a multifd load: capability multifd and ``multifd-channels`` on the destination,
+    ``migrate-incoming`` on a unix socket in ``sockdir``, and
+    :func:`~fixedram.endpoint.multifd_send.send_multifd` in a thread. Returns the thread and
+    the time the load started."""
+    from fixedram.endpoint.multifd_send import parse_uuid, send_multifd
+
+    settings.set({"mapped-ram": False, "postcopy-ram": False, "multifd": True},
+                 {"multifd-channels": channels, "multifd-compression": "none"})
+    uuid = parse_uuid(str(qmp.cmd("query-uuid").get("UUID", "")))
+    version = qmp.version
+    address = f"unix:{sockdir}/mig.sock"
+    cb = _send_progress(progress) if progress is not None else None
+    t_load = time.monotonic()
+    qmp.cmd("migrate-incoming", uri=address)
+
+    def run_send() -> Any:
+        return send_multifd(img, address, channels, uuid=uuid, dest_machine=machine,
+                            dest_blocks=dest_blocks, dest_version=version, progress=cb)
+
+    worker = Worker("fixedram-send-multifd", run_send)
+    worker.start()
+    return worker, t_load

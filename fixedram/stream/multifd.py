@@ -28,6 +28,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
+
 from fixedram.errors import StreamError, TruncatedStream, UnsupportedRecord
 from fixedram.stream.format import (
     BE32,
@@ -50,6 +52,7 @@ __all__ = [
     "classify",
     "encode_init",
     "encode_packet",
+    "packet_header_into",
 ]
 
 #: Size of every packet header on the wire: fixed part plus 128 offsets (1344 bytes).
@@ -331,7 +334,7 @@ class MultifdChannelDecoder:
         return pkt
 
 
-# -- encoding (tests, and a future multifd source) -----------------------------------
+# -- encoding (tests, and fixedram as a multifd source) -------------------------------
 
 
 def encode_init(channel_id: int, uuid: bytes = bytes(16)) -> bytes:
@@ -373,3 +376,43 @@ def encode_packet(
         MULTIFD_MAGIC, MULTIFD_VERSION, flags | (_SYNC if sync else 0), pages_alloc, nn,
         next_packet_size, packet_num, nz, name)
     return head + struct.pack(f">{len(offs)}Q", *offs) + bytes(data)
+
+
+_OFFSETS_AT = MULTIFD_PACKET_HEADER.size
+
+
+def packet_header_into(
+    out: bytearray | memoryview,
+    *,
+    block: bytes,
+    normal: np.ndarray,
+    zero: np.ndarray | None = None,
+    packet_num: int,
+    sync: bool = False,
+) -> None:
+    """Fill ``out`` (:data:`MULTIFD_PACKET_SIZE` bytes) with one nocomp packet header.
+
+    ``normal`` and ``zero`` are byte offsets in RAM block ``block`` (latin-1 bytes, at most
+    255), as integer arrays; they are written with one numpy assignment each, so building a
+    header costs the same for 1 page or 128. Unused offset slots are zeroed. ``pages_alloc``
+    is 128 when the packet lists pages and 0 otherwise (as QEMU 10 writes it; QEMU 7.2 accepts
+    both), ``next_packet_size`` is ``len(normal)`` pages. The data (``len(normal)`` x 4 KiB,
+    in the order of ``normal``) is not part of the header: send it right after.
+    """
+    nn = len(normal)
+    nz = 0 if zero is None else len(zero)
+    if nn + nz > MULTIFD_PAGES_PER_PACKET:
+        raise ValueError(f"{nn} + {nz} pages in one multifd packet (at most "
+                         f"{MULTIFD_PAGES_PER_PACKET})")
+    if len(block) >= _BLOCK_NAME:
+        raise ValueError("RAM block name longer than 255 bytes")
+    MULTIFD_PACKET_HEADER.pack_into(
+        out, 0, MULTIFD_MAGIC, MULTIFD_VERSION, _SYNC if sync else 0,
+        MULTIFD_PAGES_PER_PACKET if nn + nz else 0, nn, nn * TARGET_PAGE_SIZE, packet_num, nz,
+        block)
+    offs = np.frombuffer(out, dtype=">u8", count=MULTIFD_PAGES_PER_PACKET, offset=_OFFSETS_AT)
+    offs[:nn] = normal
+    if nz:
+        assert zero is not None
+        offs[nn : nn + nz] = zero
+    offs[nn + nz :] = 0

@@ -1,0 +1,735 @@
+"""Restore an image into a waiting QEMU as a *multifd* migration source.
+
+Why: the single-stream :func:`fixedram.endpoint.send.send` puts an 8-byte header before
+every page and QEMU parses the whole stream in one thread. With multifd the page data
+travels in 512 KiB packets over N extra connections, which QEMU reads with one thread
+each straight into guest RAM, and fixedram fills each packet with one positioned read
+per run of pages (``stream-protocol.md`` section 5).
+
+What goes where (QEMU started with ``-incoming`` and capability ``multifd`` on,
+``multifd-channels`` = N; :func:`send_multifd` connects 1 + N times to the same
+address, main connection first)::
+
+    main       QEVM 3 | CONFIGURATION | START ram: MEM_SIZE, blocks, [MULTIFD_FLUSH] EOS
+               | PART ram: [ZERO records] [MULTIFD_FLUSH] EOS
+               | (every channel drained) [SWITCHOVER_START] | END ram: EOS
+               | device state | EOF | VMDESCRIPTION
+    channel i  init packet (uuid, id i) | SYNC | packets of <= 128 pages... | SYNC [| SYNC]
+
+Two destination behaviours decide the shape (both follow from the machine type, and from
+the destination's QEMU version when known):
+
+* sync markers: ``flush`` (QEMU >= 8.1 with machine >= 8.1) syncs the channels only at a
+  MULTIFD_FLUSH record; ``eos`` (QEMU 7.2, and machine types <= 8.0) at every RAM EOS.
+  The destination's main thread waits at each marker until every channel delivered one
+  SYNC packet, so each channel sends exactly one SYNC per marker.
+* zero pages: ``packet`` (QEMU >= 9.0) lists them in the packets' zero-page list;
+  ``main`` sends them as ZERO records on the main connection (QEMU 7.2 ignores the list).
+
+The device state is written only after every channel's data (and its last SYNC) has
+been read by the destination (the socket's output queue is empty): a QEMU that does not
+read the channels (multifd off, another channel count) must not get a device state
+without RAM. Everything :func:`~fixedram.endpoint.send.send` checks is checked before
+the first connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import socket
+import struct
+import termios
+import threading
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from fixedram.endpoint.send import (
+    LINGER_SECONDS,
+    RAM_SECTION_ID,
+    SendStats,
+    _open,
+    validate,
+    wants_switchover_start,
+)
+from fixedram.errors import EndpointError, FixedramError, MismatchError
+from fixedram.image import Image
+from fixedram.image.reader import BlockInfo
+from fixedram.io.channel import connect
+from fixedram.io.files import IOV_MAX, advance
+from fixedram.stream import (
+    CommandRecord,
+    Configuration,
+    EndOfFile,
+    EndOfSection,
+    FileHeader,
+    MemSize,
+    RamBlock,
+    SectionEnd,
+    SectionFooter,
+    SectionPart,
+    SectionStart,
+    VMDescription,
+    encode,
+)
+from fixedram.stream.format import (
+    MULTIFD_PAGES_PER_PACKET,
+    RAM_SECTION,
+    RAM_SECTION_VERSION,
+    TARGET_PAGE_SIZE,
+    Command,
+    RamFlag,
+)
+from fixedram.stream.multifd import MULTIFD_PACKET_SIZE, encode_init, packet_header_into
+from fixedram.stream.records import MultifdFlush
+
+if TYPE_CHECKING:
+    from fixedram.verify import PageCheck
+
+__all__ = [
+    "MultifdDestination",
+    "MultifdSendReport",
+    "SyncMode",
+    "ZeroMode",
+    "check_multifd_settings",
+    "choose_sync_mode",
+    "choose_zero_mode",
+    "parse_uuid",
+    "query_multifd_dest",
+    "send_multifd",
+]
+
+PS = TARGET_PAGE_SIZE
+PER_PACKET = MULTIFD_PAGES_PER_PACKET
+SyncMode = Literal["auto", "flush", "eos"]
+ZeroMode = Literal["auto", "packet", "main"]
+#: Most channels QEMU accepts (the channel id is one byte; ``multifd-channels`` <= 255).
+MAX_CHANNELS = 255
+#: Seconds without any byte accepted by the destination before giving up.
+STALL_SECONDS = 60.0
+
+_MACHINE_VERSION = re.compile(r"-(\d+)\.(\d+)$")
+_ZERO_CONT = int(RamFlag.ZERO | RamFlag.CONTINUE)
+_ZERO_REC = np.dtype([("word", ">u8"), ("fill", "u1")])  # packed: 9 bytes
+_PROGRESS_INTERVAL = 0.2
+
+
+@dataclass(frozen=True)
+class MultifdSendReport:
+    """What :func:`send_multifd` did.
+
+    ``pages_sent`` pages travelled in packets as data, ``zero_pages`` as zero (in the
+    packets' zero list or as ZERO records on the main connection, see ``zero``);
+    ``preadv_calls`` counts reads of page data (one per run of pages in a packet);
+    ``bytes_sent`` sums every connection, ``main_bytes`` is the main connection's share.
+    """
+
+    bytes_sent: int
+    main_bytes: int
+    pages_sent: int
+    zero_pages: int
+    packets: int
+    sync_packets: int
+    preadv_calls: int
+    elapsed: float
+    machine: str
+    blocks: tuple[tuple[str, int], ...]
+    channels: int
+    sync: str
+    zero: str
+    switchover_start: bool
+    channel_bytes: tuple[int, ...] = ()
+    bytes_received: int = 0
+
+    @property
+    def rate(self) -> float:
+        """Bytes per second over all connections."""
+        return self.bytes_sent / self.elapsed if self.elapsed > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# What the destination expects
+# ---------------------------------------------------------------------------------------------
+
+
+def _machine_version(machine: str) -> tuple[int, int] | None:
+    m = _MACHINE_VERSION.search(machine)
+    return (int(m[1]), int(m[2])) if m else None
+
+
+def choose_sync_mode(machine: str, dest_version: tuple[int, int, int] | None = None,
+                     sync: SyncMode = "auto") -> Literal["flush", "eos"]:
+    """Where the destination syncs its channels: at MULTIFD_FLUSH records or at every EOS.
+
+    QEMU < 8.1 knows only EOS syncs; QEMU >= 8.1 uses MULTIFD_FLUSH unless the machine type
+    is 8.0 or older (property ``multifd-flush-after-each-section``, set by ``hw_compat_8_0``).
+    A versioned machine type >= 8.1 implies a QEMU >= 8.1.
+    """
+    if sync != "auto":
+        if sync not in ("flush", "eos"):
+            raise ValueError(f"unknown sync mode {sync!r}")
+        return sync
+    if dest_version is not None and dest_version[:2] < (8, 1):
+        return "eos"
+    mv = _machine_version(machine)
+    if mv is not None and mv <= (8, 0):
+        return "eos"
+    return "flush"
+
+
+def choose_zero_mode(machine: str, dest_version: tuple[int, int, int] | None = None,
+                     zero: ZeroMode = "auto") -> Literal["packet", "main"]:
+    """How zero pages travel: in the packets' zero list (QEMU >= 9.0) or on the main channel.
+
+    Without the destination's version, a versioned machine type >= 9.0 proves QEMU >= 9.0;
+    anything else gets ZERO records, which every QEMU loads.
+    """
+    if zero != "auto":
+        if zero not in ("packet", "main"):
+            raise ValueError(f"unknown zero-page mode {zero!r}")
+        return zero
+    if dest_version is not None:
+        return "packet" if dest_version[:2] >= (9, 0) else "main"
+    mv = _machine_version(machine)
+    return "packet" if mv is not None and mv >= (9, 0) else "main"
+
+
+def parse_uuid(text: str) -> bytes:
+    """The 16 bytes of a UUID as QEMU prints it (``query-uuid``, ``-uuid``)."""
+    try:
+        return uuidlib.UUID(text).bytes
+    except ValueError:
+        raise EndpointError(f"bad UUID '{text}'") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Packet plan
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Packet:
+    """One packet to send: page indices with data (``normal``) and without (``zero``)."""
+
+    block: BlockInfo
+    name: bytes
+    normal: np.ndarray
+    zero: np.ndarray
+
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+def _plan(img: Image, blocks: Sequence[BlockInfo], zero_in_packets: bool) -> Iterator[_Packet]:
+    """Packets for every block: its data pages 128 at a time, then (optionally) its zero
+    pages 128 at a time. Page indices come from the image's bitmap, in numpy."""
+    for blk in blocks:
+        name = blk.name.encode("latin-1")
+        present = img.present(blk.name)
+        data = np.flatnonzero(present)
+        for k in range(0, len(data), PER_PACKET):
+            yield _Packet(blk, name, data[k : k + PER_PACKET], _EMPTY)
+        if zero_in_packets:
+            absent = np.flatnonzero(~present)
+            for k in range(0, len(absent), PER_PACKET):
+                yield _Packet(blk, name, _EMPTY, absent[k : k + PER_PACKET])
+
+
+def _runs_of(pages: np.ndarray) -> Iterator[tuple[int, int, int]]:
+    """``(slot, first_page, npages)`` for each run of consecutive page indices."""
+    if len(pages) == 0:
+        return
+    cuts = np.flatnonzero(np.diff(pages) != 1) + 1
+    starts = [0, *cuts.tolist()]
+    ends = [*cuts.tolist(), len(pages)]
+    for s, e in zip(starts, ends, strict=True):
+        yield s, int(pages[s]), e - s
+
+
+def _zero_records(block: str, pages: np.ndarray) -> bytes:
+    """ZERO records (fill 0) for ``pages`` of ``block``: the first names the block."""
+    if len(pages) == 0:
+        return b""
+    name = block.encode("latin-1")
+    head = (struct.pack(">Q", int(pages[0]) * PS | int(RamFlag.ZERO)) + bytes((len(name),))
+            + name + b"\0")
+    recs = np.zeros(len(pages) - 1, dtype=_ZERO_REC)
+    recs["word"] = (pages[1:].astype(np.uint64) * np.uint64(PS)) | np.uint64(_ZERO_CONT)
+    return head + recs.tobytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# Channels
+# ---------------------------------------------------------------------------------------------
+
+
+def _sendmsg_all(sock: socket.socket, bufs: Sequence[bytes | bytearray | memoryview]) -> int:
+    """Write every buffer with vectored sends; returns the bytes written."""
+    views = [memoryview(b).cast("B") for b in bufs if len(b)]
+    total = sum(len(v) for v in views)
+    i = 0
+    while i < len(views):
+        i = advance(views, i, sock.sendmsg(views[i : i + IOV_MAX]))
+    return total
+
+
+def _outq(sock: socket.socket) -> int:
+    """Bytes written to ``sock`` that the peer has not consumed yet (``SIOCOUTQ``).
+
+    On a unix socket that is data the destination has not *read*; on TCP, data its kernel
+    has not acknowledged.
+    """
+    buf = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    return int(struct.unpack("i", buf)[0])
+
+
+class _State:
+    """What the channel threads share: the packet plan, counters, the first error."""
+
+    def __init__(self, plan: Iterator[_Packet], nchan: int,
+                 checks: Callable[[str], PageCheck | None]) -> None:
+        self.lock = threading.Lock()
+        self.plan = plan
+        self.packet_num = 0
+        self.error: BaseException | None = None
+        self.failed = threading.Event()
+        self.checks = checks
+        self.check_lock = threading.Lock()
+        self.pages = 0
+        self.zero_pages = 0
+        self.packets = 0
+        self.syncs = 0
+        self.reads = 0
+        self.chan_bytes = [0] * nchan
+        #: Held around reads of images whose reader keeps per-image scratch buffers (legacy
+        #: streams); a mapped-ram read is one ``preadv`` and needs no lock.
+        self.read_lock: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+
+    def take(self) -> tuple[_Packet | None, int]:
+        """The next packet of the plan (None at the end) and its packet number."""
+        with self.lock:
+            if self.failed.is_set():
+                return None, 0
+            pkt = next(self.plan, None)
+            num = self.packet_num
+            self.packet_num += 1
+            return pkt, num
+
+    def number(self) -> int:
+        with self.lock:
+            num = self.packet_num
+            self.packet_num += 1
+            return num
+
+    def fail(self, e: BaseException) -> None:
+        with self.lock:
+            if self.error is None:
+                self.error = e
+        self.failed.set()
+
+
+class _ChannelThread(threading.Thread):
+    """Sends packets on one multifd connection until the plan is exhausted, then SYNCs."""
+
+    def __init__(self, index: int, sock: socket.socket, img: Image, state: _State,
+                 syncs_first: int, syncs_last: int) -> None:
+        super().__init__(name=f"fixedram-multifd-{index}", daemon=True)
+        self.index = index
+        self.sock = sock
+        self.img = img
+        self.state = state
+        self.syncs_first = syncs_first
+        self.syncs_last = syncs_last
+        self.hdr = bytearray(MULTIFD_PACKET_SIZE)
+        self.payload = memoryview(bytearray(PER_PACKET * PS))
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except TimeoutError:
+            self.state.fail(EndpointError(
+                f"multifd channel {self.index}: the destination read nothing for "
+                f"{self.sock.gettimeout():.0f} s (does it expect this many channels: "
+                "multifd-channels?)"))
+        except (BrokenPipeError, ConnectionResetError):
+            self.state.fail(EndpointError(
+                f"multifd channel {self.index}: the destination closed the connection"))
+        except OSError as e:
+            if self.state.failed.is_set():  # our own shutdown after another failure
+                return
+            self.state.fail(EndpointError(f"multifd channel {self.index}: {e.strerror or e}"))
+        except BaseException as e:
+            self.state.fail(e)
+
+    def _sync(self) -> None:
+        st = self.state
+        packet_header_into(self.hdr, block=b"", normal=_EMPTY, packet_num=st.number(),
+                           sync=True)
+        n = _sendmsg_all(self.sock, [self.hdr])
+        with st.lock:
+            st.syncs += 1
+            st.chan_bytes[self.index] += n
+
+    def _run(self) -> None:
+        st = self.state
+        for _ in range(self.syncs_first):
+            self._sync()
+        while True:
+            pkt, num = st.take()
+            if pkt is None:
+                break
+            blk = pkt.block
+            nn = len(pkt.normal)
+            packet_header_into(self.hdr, block=pkt.name, normal=pkt.normal * PS,
+                               zero=pkt.zero * PS, packet_num=num)
+            reads = 0
+            data = self.payload[: nn * PS]
+            check = st.checks(blk.name) if nn else None
+            for slot, first, k in _runs_of(pkt.normal):
+                view = data[slot * PS : (slot + k) * PS]
+                with st.read_lock:
+                    self.img._read_into(blk, first, view)
+                reads += 1
+                if check is not None:
+                    with st.check_lock:
+                        check.piece(blk.name, first, view)
+            n = _sendmsg_all(self.sock, [self.hdr, data])
+            with st.lock:
+                st.packets += 1
+                st.pages += nn
+                st.zero_pages += len(pkt.zero)
+                st.reads += reads
+                st.chan_bytes[self.index] += n
+        if st.failed.is_set():
+            return
+        for _ in range(self.syncs_last):
+            self._sync()
+
+
+def _shutdown(socks: Sequence[socket.socket]) -> None:
+    for s in socks:
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sending
+# ---------------------------------------------------------------------------------------------
+
+
+def send_multifd(
+    image: str | os.PathLike[str] | Image,
+    address: str,
+    channels: int,
+    *,
+    uuid: bytes | None = None,
+    dest_machine: str | None = None,
+    dest_blocks: Sequence[tuple[str, int]] | None = None,
+    dest_version: tuple[int, int, int] | None = None,
+    sync: SyncMode = "auto",
+    zero: ZeroMode = "auto",
+    stall_timeout: float = STALL_SECONDS,
+    connect_timeout: float = 30.0,
+    progress: Callable[[SendStats], None] | None = None,
+) -> MultifdSendReport:
+    """Send ``image`` to the QEMU listening on ``address`` as a multifd source, ``channels``
+    page connections plus the main one.
+
+    The destination needs capability ``multifd`` and ``multifd-channels`` = ``channels``.
+    ``uuid`` must equal the destination's ``query-uuid`` (its ``-uuid``; default: the uuid
+    stored in the image's configuration, else all zeros, QEMU's default). ``sync``/``zero``
+    choose the marker and zero-page styles (see the module docstring; ``auto`` decides from
+    the machine type and ``dest_version``). Everything is validated (:func:`validate`,
+    against ``dest_machine``/``dest_blocks`` when given) before connecting. ``stall_timeout``
+    bounds how long the destination may read nothing. Raises
+    :class:`~fixedram.errors.EndpointError` when a connection fails or stalls.
+    """
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise EndpointError(f"multifd needs 1 to {MAX_CHANNELS} channels, not {channels}")
+    if uuid is not None and len(uuid) != 16:
+        raise EndpointError("the uuid of a multifd source must be 16 bytes")
+    img, owned = _open(image)
+    try:
+        validate(img, dest_machine=dest_machine, dest_blocks=dest_blocks)
+        return _send(img, address, channels, uuid, dest_version, sync, zero, stall_timeout,
+                     connect_timeout, progress)
+    finally:
+        if owned:
+            img.close()
+
+
+def _page_checks(img: Image) -> Callable[[str], PageCheck | None]:
+    """A per-block :class:`PageCheck` factory (None where the image has no checksums)."""
+    from fixedram.verify import PageCheck, check_metadata
+
+    cs = check_metadata(img)
+    made: dict[str, PageCheck] = {}
+    lock = threading.Lock()
+
+    def get(name: str) -> PageCheck | None:
+        if cs is None:
+            return None
+        with lock:
+            if name not in made:
+                made[name] = PageCheck(img, cs)
+            return made[name]
+
+    return get
+
+
+def _send(img: Image, address: str, nchan: int, uuid: bytes | None,
+          dest_version: tuple[int, int, int] | None, sync_opt: SyncMode, zero_opt: ZeroMode,
+          stall: float, connect_timeout: float,
+          progress: Callable[[SendStats], None] | None) -> MultifdSendReport:
+    t0 = time.monotonic()
+    blocks = list(img.blocks.values())
+    cfg = img.configuration
+    machine = img.machine
+    sync = choose_sync_mode(machine, dest_version, sync_opt)
+    zero = choose_zero_mode(machine, dest_version, zero_opt)
+    switchover = wants_switchover_start(machine, img.commands)
+    if uuid is None:
+        uuid = cfg.uuid if cfg.uuid is not None and len(cfg.uuid) == 16 else bytes(16)
+    sid = RAM_SECTION_ID
+    total = sum(b.length for b in blocks)
+    pages_total = total // PS
+    head = [
+        encode(FileHeader()),
+        encode(Configuration(cfg.machine, None, cfg.page_bits, cfg.uuid)),
+        encode(SectionStart(sid, RAM_SECTION, 0, RAM_SECTION_VERSION)),
+        encode(MemSize(total)),
+        *(encode(RamBlock(b.name, b.length)) for b in blocks),
+        # the first sync point: QEMU's channel threads write pages as soon as they read
+        # them, and only the setup of the load (done before this marker) allocates what they
+        # write into: a page read earlier crashes QEMU 10 (SIGSEGV, observed)
+        *([encode(MultifdFlush())] if sync == "flush" else []),
+        encode(EndOfSection()),
+        encode(SectionFooter(sid)),
+    ]
+    checks = _page_checks(img)
+    state = _State(_plan(img, blocks, zero == "packet"), nchan, checks)
+    if img.format != "mapped-ram":
+        state.read_lock = threading.Lock()
+
+    socks: list[socket.socket] = []
+    main_bytes = 0
+    threads: list[_ChannelThread] = []
+    try:
+        # main first (QEMU 7.2 takes the first connection as the main one), its header at
+        # once (QEMU 10 peeks at the first bytes of every connection to classify it)
+        main = connect(address, timeout=connect_timeout)
+        msock = main.sock
+        socks.append(msock)
+        msock.settimeout(stall)
+        main_bytes += _sendmsg_all(msock, head)
+        for i in range(nchan):
+            try:
+                ch = connect(address, timeout=connect_timeout)
+            except EndpointError as e:
+                raise EndpointError(
+                    f"multifd channel {i + 1} of {nchan}: {e} (the destination needs "
+                    f"capability multifd on and multifd-channels {nchan})") from None
+            socks.append(ch.sock)
+            ch.sock.settimeout(stall)
+            _sendmsg_all(ch.sock, [encode_init(i, uuid)])
+            state.chan_bytes[i] += 64
+        # one SYNC per marker: START's (flush or EOS) first; then PART's, and END's EOS
+        first, last = 1, (2 if sync == "eos" else 1)
+        threads = [_ChannelThread(i, socks[i + 1], img, state, first, last)
+                   for i in range(nchan)]
+        for t in threads:
+            t.start()
+
+        # the rest of the main stream up to the last sync marker
+        mid = [encode(SectionPart(sid))]
+        zero_main = 0
+        if zero == "main":
+            for blk in blocks:
+                absent = np.flatnonzero(~img.present(blk.name))
+                zero_main += len(absent)
+                if len(absent):
+                    mid.append(_zero_records(blk.name, absent))
+        if sync == "flush":
+            mid.append(encode(MultifdFlush()))
+        mid += [encode(EndOfSection()), encode(SectionFooter(sid))]
+        main_bytes += _sendmsg_all(msock, mid)
+
+        _wait_threads(threads, state, progress, t0, pages_total, zero_main, main_bytes)
+        _wait_drained(socks[1:], state, stall)
+        for blk in blocks:  # a bad extent stops the stream before the device state
+            check = checks(blk.name)
+            if check is not None:
+                check.block_done(blk.name)
+        tail: list[bytes] = []
+        if switchover:
+            tail.append(encode(CommandRecord(Command.SWITCHOVER_START)))
+        tail += [encode(SectionEnd(sid)), encode(EndOfSection()), encode(SectionFooter(sid)),
+                 img.device_state, encode(EndOfFile()),
+                 encode(VMDescription(img.vmdesc or b""))]
+        main_bytes += _sendmsg_all(msock, tail)
+        with contextlib.suppress(OSError):
+            msock.shutdown(socket.SHUT_WR)
+        received = _linger(msock)
+    except TimeoutError:
+        _shutdown(socks)
+        raise EndpointError(f"the destination at {address} read nothing on the main "
+                            f"connection for {stall:.0f} s (is it waiting for more multifd "
+                            "channels?)") from None
+    except (BrokenPipeError, ConnectionResetError):
+        _shutdown(socks)
+        err = state.error
+        if isinstance(err, FixedramError):
+            raise err from None
+        raise EndpointError(f"the destination at {address} closed the main connection (is "
+                            f"capability multifd on, with multifd-channels {nchan}? QEMU's "
+                            "log says why)") from None
+    except OSError as e:
+        _shutdown(socks)
+        raise EndpointError(f"multifd send to {address}: {e.strerror or e}") from None
+    except BaseException:
+        state.fail(EndpointError("stopped"))
+        _shutdown(socks)
+        raise
+    finally:
+        for t in threads:
+            t.join(10.0)
+        for s in socks:
+            s.close()
+    elapsed = time.monotonic() - t0
+    stats = SendStats(main_bytes + sum(state.chan_bytes), state.pages,
+                      state.zero_pages + zero_main, pages_total, state.reads, elapsed)
+    if progress is not None:
+        progress(stats)
+    return MultifdSendReport(
+        bytes_sent=stats.bytes_sent,
+        main_bytes=main_bytes,
+        pages_sent=state.pages,
+        zero_pages=state.zero_pages + zero_main,
+        packets=state.packets,
+        sync_packets=state.syncs,
+        preadv_calls=state.reads,
+        elapsed=elapsed,
+        machine=machine,
+        blocks=tuple((b.name, b.length) for b in blocks),
+        channels=nchan,
+        sync=sync,
+        zero=zero,
+        switchover_start=switchover,
+        channel_bytes=tuple(state.chan_bytes),
+        bytes_received=received,
+    )
+
+
+def _wait_threads(threads: Sequence[_ChannelThread], state: _State,
+                  progress: Callable[[SendStats], None] | None, t0: float, pages_total: int,
+                  zero_main: int, main_bytes: int) -> None:
+    """Join the channel threads (reporting progress); raise the first error of any."""
+    for t in threads:
+        while t.is_alive():
+            t.join(_PROGRESS_INTERVAL)
+            if state.failed.is_set():
+                break
+            if progress is not None:
+                with state.lock:
+                    s = SendStats(main_bytes + sum(state.chan_bytes), state.pages,
+                                  state.zero_pages + zero_main, pages_total, state.reads,
+                                  time.monotonic() - t0)
+                progress(s)
+        if state.failed.is_set():
+            break
+    if state.error is not None:
+        raise state.error
+
+
+def _wait_drained(socks: Sequence[socket.socket], state: _State, stall: float) -> None:
+    """Wait until the destination has read everything sent on every channel."""
+    last = -1
+    since = time.monotonic()
+    while True:
+        left = sum(_outq(s) for s in socks)
+        if left == 0:
+            return
+        now = time.monotonic()
+        if left != last:
+            last, since = left, now
+        elif now - since > stall:
+            raise EndpointError(
+                f"the destination stopped reading the multifd channels ({left} bytes unread "
+                f"for {stall:.0f} s): does it have capability multifd on and multifd-channels "
+                f"= {len(socks)}?")
+        time.sleep(0.005)
+
+
+def _linger(sock: socket.socket) -> int:
+    """Read (and drop) what the destination sends until it closes; returns the byte count."""
+    n = 0
+    sock.settimeout(LINGER_SECONDS)
+    buf = bytearray(4096)
+    with contextlib.suppress(OSError):
+        while True:
+            k = sock.recv_into(buf)
+            if k <= 0:
+                break
+            n += k
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# The destination, over QMP
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MultifdDestination:
+    """What a multifd source must know of its destination (from :func:`query_multifd_dest`)."""
+
+    machine: str
+    blocks: list[tuple[str, int]]
+    version: tuple[int, int, int]
+    uuid: bytes
+
+
+def check_multifd_settings(caps: dict[str, bool], params: dict[str, object],
+                           channels: int) -> None:
+    """Refuse a destination whose migration settings do not take ``channels`` channels."""
+    if not caps.get("multifd", False):
+        raise MismatchError("the destination has capability multifd off "
+                            "(migrate-set-capabilities multifd=on before migrate-incoming)")
+    for cap in ("mapped-ram", "postcopy-ram"):
+        if caps.get(cap, False):
+            raise MismatchError(f"the destination has capability {cap} on; a multifd stream "
+                                "over sockets needs it off")
+    comp = params.get("multifd-compression", "none")
+    if comp not in (None, "none"):
+        raise MismatchError(f"the destination expects multifd-compression {comp}; fixedram "
+                            "sends uncompressed (none) packets")
+    want = params.get("multifd-channels")
+    if want != channels:
+        raise MismatchError(f"the destination expects {want} multifd channels "
+                            f"(multifd-channels), not {channels}")
+
+
+def query_multifd_dest(qmp_socket: str | os.PathLike[str], channels: int, *,
+                       timeout: float = 10.0) -> MultifdDestination:
+    """Machine type, RAM blocks, version and uuid of the QEMU behind ``qmp_socket``, after
+    checking that it waits for a multifd migration with ``channels`` channels."""
+    from fixedram.endpoint.send import dest_ramblocks_from_hmp, machine_from_qom_type
+    from fixedram.qmp.client import QMP
+
+    with QMP.connect(qmp_socket, timeout=timeout, greeting_timeout=timeout) as q:
+        check_multifd_settings(q.capabilities(), q.parameters(), channels)
+        machine = q.machine_type()
+        text = q.ramblocks_text()
+        version = q.version
+        uuid = parse_uuid(str(q.cmd("query-uuid").get("UUID", "")))
+    blocks = dest_ramblocks_from_hmp(text)
+    if not blocks:
+        raise EndpointError(f"cannot parse 'info ramblock' from {qmp_socket}: {text!r}")
+    return MultifdDestination(machine_from_qom_type(machine), blocks, version, uuid)

@@ -1,0 +1,291 @@
+"""``fixedram send --channels N`` / ``restore --channels N``: fixedram as a multifd source.
+
+Restores go into real QEMU 10 (2 and 4 channels) and QEMU 7.2 (2 channels), from images
+fixedram wrote (``convert`` of a QEMU stream: mapped-ram with checksums) and images QEMU
+wrote itself (mapped-ram). Each is checked like ``test_send.py`` checks single-stream
+restores: the destination's RAM (paused, before ``cont``) equals the source's ``pmemsave``
+byte for byte, and after ``cont`` the guest's heartbeat carries on with ``err=0``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from qemu_images import ImageSpec
+
+from fixedram.commands.convert import convert
+from fixedram.endpoint.multifd_send import (
+    _zero_records,
+    check_multifd_settings,
+    choose_sync_mode,
+    choose_zero_mode,
+    send_multifd,
+)
+from fixedram.errors import EndpointError, MismatchError
+from fixedram.stream.multifd import (
+    MULTIFD_PACKET_SIZE,
+    MultifdChannelDecoder,
+    MultifdPacket,
+    encode_init,
+    encode_packet,
+    packet_header_into,
+)
+from fixedram.vm import Guest, QemuBinary, find_qemu
+
+REPO = Path(__file__).resolve().parent.parent
+PY = str(Path(sys.executable).absolute())
+PS = 4096
+
+# QEMU 10 saving a pc-i440fx-7.2 machine, for restoring into QEMU 7.2.
+MAPPED_RAM_AS_72 = ImageSpec(mode="mapped-ram", machine="pc-i440fx-7.2")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure tests
+# ---------------------------------------------------------------------------------------------
+
+
+def test_packet_header_matches_encoder_and_decoder() -> None:
+    normal = np.array([0, 1, 2, 7, 9], dtype=np.int64) * PS
+    zero = np.array([3, 4], dtype=np.int64) * PS
+    hdr = bytearray(MULTIFD_PACKET_SIZE)
+    hdr[:] = b"\xff" * len(hdr)  # stale bytes must be overwritten
+    packet_header_into(hdr, block=b"pc.ram", normal=normal, zero=zero, packet_num=42)
+    data = bytes(range(256)) * (len(normal) * PS // 256)
+    want = encode_packet(block="pc.ram", normal_offsets=normal.tolist(),
+                         zero_offsets=zero.tolist(), data=data, packet_num=42)
+    assert bytes(hdr) + data == want
+    dec = MultifdChannelDecoder()
+    evs = dec.feed(encode_init(3, b"u" * 16) + bytes(hdr) + data)
+    pkt = evs[1]
+    assert isinstance(pkt, MultifdPacket)
+    assert pkt.block == "pc.ram" and pkt.packet_num == 42 and not pkt.sync
+    assert pkt.normal_offsets == tuple(normal.tolist())
+    assert pkt.zero_offsets == tuple(zero.tolist())
+    assert bytes(pkt.data) == data
+    # a SYNC packet: no pages, pages_alloc 0 (as QEMU 10 writes it)
+    packet_header_into(hdr, block=b"", normal=np.zeros(0, np.int64), packet_num=43, sync=True)
+    assert bytes(hdr) == encode_packet(packet_num=43, sync=True)
+    with pytest.raises(ValueError, match="at most 128"):
+        packet_header_into(hdr, block=b"x", normal=np.arange(129) * PS, packet_num=0)
+
+
+def test_modes_follow_machine_and_version() -> None:
+    assert choose_sync_mode("pc-q35-10.0") == "flush"
+    assert choose_sync_mode("pc-i440fx-8.1") == "flush"
+    assert choose_sync_mode("pc-i440fx-8.0") == "eos"
+    assert choose_sync_mode("pc-i440fx-7.2") == "eos"
+    assert choose_sync_mode("microvm", (7, 2, 22)) == "eos"
+    assert choose_sync_mode("microvm") == "flush"
+    assert choose_zero_mode("pc-q35-10.0") == "packet"
+    assert choose_zero_mode("pc-i440fx-8.2") == "main"
+    assert choose_zero_mode("pc-i440fx-8.2", (10, 0, 2)) == "packet"
+    assert choose_zero_mode("pc-i440fx-7.2", (7, 2, 22)) == "main"
+    assert choose_zero_mode("pc-q35-10.0", zero="main") == "main"
+
+
+def test_zero_records_layout() -> None:
+    raw = _zero_records("pc.ram", np.array([5, 6, 9], dtype=np.int64))
+    # one record naming the block, then CONTINUE records of 9 bytes (be64 word, fill 0)
+    assert int.from_bytes(raw[:8], "big") == 5 * PS | 0x2
+    assert raw[8] == len("pc.ram") and raw[9:15] == b"pc.ram" and raw[15] == 0
+    recs = np.frombuffer(raw[16:], dtype=[("w", ">u8"), ("f", "u1")])
+    assert (recs["w"] & 0xFFF).tolist() == [0x22, 0x22]
+    assert (recs["w"] >> 12).tolist() == [6, 9]
+    assert recs["f"].tolist() == [0, 0]
+
+
+def test_settings_checks() -> None:
+    ok = {"multifd": True}
+    check_multifd_settings(ok, {"multifd-channels": 2, "multifd-compression": "none"}, 2)
+    with pytest.raises(MismatchError, match="multifd off"):
+        check_multifd_settings({}, {"multifd-channels": 2}, 2)
+    with pytest.raises(MismatchError, match="expects 4 multifd channels"):
+        check_multifd_settings(ok, {"multifd-channels": 4}, 2)
+    with pytest.raises(MismatchError, match="zstd"):
+        check_multifd_settings(ok, {"multifd-channels": 2, "multifd-compression": "zstd"}, 2)
+    with pytest.raises(MismatchError, match="mapped-ram"):
+        check_multifd_settings({**ok, "mapped-ram": True}, {"multifd-channels": 2}, 2)
+
+
+def test_bad_channel_counts(tmp_path: Path) -> None:
+    with pytest.raises(EndpointError, match="1 to 255"):
+        send_multifd(tmp_path / "nope.img", "unix:/nonexistent", 0)
+
+
+def _cli(cmd: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PY, "-m", "fixedram", cmd, *args], cwd=REPO, text=True,
+                          capture_output=True, timeout=timeout, check=False)
+
+
+def test_cli_needs_a_socket(tmp_path: Path) -> None:
+    img = tmp_path / "x.img"
+    img.write_bytes(b"")
+    for extra in ([], ["--fd", "5"], ["--connect", "unix:/x", "--postcopy"]):
+        r = _cli("send", "--channels", "2", *extra, str(img))
+        assert r.returncode == 2, r
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "--channels needs --connect" in lines[0], r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Real QEMU
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    """A short directory for unix sockets (sun_path is 108 bytes)."""
+    d = Path(tempfile.mkdtemp(prefix="frm-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def fixedram_image(qemu_image: Callable[[Any], Any],
+                   tmp_path_factory: pytest.TempPathFactory) -> Callable[[Any], tuple[Path, Any]]:
+    """Factory: a QEMU image kind converted by fixedram into its own mapped-ram image (with
+    checksums), and the QEMU case (source RAM, command line) it came from."""
+    root = tmp_path_factory.mktemp("multifd-fixedram")
+    cache: dict[Any, tuple[Path, Any]] = {}
+
+    def make(kind: Any) -> tuple[Path, Any]:
+        if kind not in cache:
+            case = qemu_image(kind)
+            out = root / f"{len(cache)}.img"
+            convert(case.path, out)
+            cache[kind] = (out, case)
+        return cache[kind]
+
+    return make
+
+
+def _dest(case: Any, workdir: Path, sockdir: Path, qemu: QemuBinary, name: str,
+          channels: int) -> tuple[Guest, Path, Path]:
+    """A destination like the source, waiting on a unix socket with multifd on; plus a
+    second QMP socket for ``send --qmp``."""
+    dst = Guest.like(case.source, name=name, workdir=workdir, qemu=qemu)
+    qmp2 = sockdir / f"{name}.qmp"
+    dst.extra_args = ("-qmp", f"unix:{qmp2},server=on,wait=off")
+    dst.start()
+    sock = sockdir / f"{name}.sock"
+    if channels:
+        dst.migrate_incoming(f"unix:{sock}", caps={"multifd": True},
+                             params={"multifd-channels": channels})
+    return dst, qmp2, sock
+
+
+def _compare_ram(dst: Guest, case: Any, shm_dir: Path, tag: str) -> None:
+    got = dst.pmemsave(shm_dir / f"{tag}.mfd.mem")
+    try:
+        a = np.fromfile(got, dtype=np.uint8).reshape(-1, PS)
+        b = np.fromfile(case.mem_dump_path, dtype=np.uint8).reshape(-1, PS)
+        pages = np.flatnonzero((a != b).any(axis=1))
+        if dst.accel == "kvm":  # KVM rewrites SeaBIOS data at 0xe8000 (docs/test-guest.md)
+            pages = pages[pages != 0xE8000 // PS]
+        assert pages.size == 0, f"{pages.size} pages differ, first at {pages[:8] * PS}"
+    finally:
+        got.unlink(missing_ok=True)
+
+
+def _check_runs_on(dst: Guest, case: Any) -> None:
+    last = case.last_heartbeat
+    assert last is not None
+    dst.cont()
+    hb = dst.wait_heartbeat(gen_at_least=last.gen + 2, timeout=90)
+    assert hb.n > last.n
+    beats = dst.heartbeats()
+    assert beats and all(b.err == 0 for b in beats), beats[-3:]
+    assert not dst.bad_lines()
+
+
+RESTORES = [
+    pytest.param("fixedram", "legacy", "10", 2, id="10-fixedram-2ch"),
+    pytest.param("qemu", "mapped-ram", "10", 4, id="10-qemu-mapped-ram-4ch"),
+    pytest.param("fixedram", "legacy-7.2", "7.2", 2, id="72-fixedram-2ch"),
+    pytest.param("qemu", MAPPED_RAM_AS_72, "7.2", 2, id="72-qemu-mapped-ram-2ch"),
+]
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize(("source", "kind", "dest", "channels"), RESTORES)
+def test_send_channels(qemu_image: Callable[[Any], Any],
+                       fixedram_image: Callable[[Any], tuple[Path, Any]], shm_dir: Path,
+                       tmp_path: Path, sockdir: Path, source: str, kind: Any, dest: str,
+                       channels: int) -> None:
+    if source == "fixedram":
+        img, case = fixedram_image(kind)
+    else:
+        case = qemu_image(kind)
+        img = case.path
+    qemu = find_qemu(dest)
+    dst, qmp2, sock = _dest(case, tmp_path, sockdir, qemu, f"mfd{channels}", channels)
+    with dst:
+        rj = tmp_path / "report.json"
+        r = _cli("send", "--channels", str(channels), "--connect", f"unix:{sock}", "--qmp",
+                 str(qmp2), "--report-json", str(rj), str(img))
+        assert r.returncode == 0, r.stderr
+        assert f"over {channels} multifd channels" in r.stderr
+        rep = json.loads(rj.read_text())
+        assert rep["channels"] == channels and rep["pages_sent"] > 0
+        assert rep["sync"] == ("flush" if dest == "10" else "eos")
+        assert rep["zero"] == ("packet" if dest == "10" else "main")
+        assert rep["main_bytes"] < rep["bytes_sent"] // 4  # the pages went over the channels
+        dst.wait_incoming(60)
+        assert dst.status() == "paused"
+        assert dst.query_migrate().get("status") == "completed"
+        _compare_ram(dst, case, shm_dir, f"send-{dest}-{channels}")
+        _check_runs_on(dst, case)
+
+
+@pytest.mark.qemu
+def test_restore_cli_channels(fixedram_image: Callable[[Any], tuple[Path, Any]],
+                              shm_dir: Path, tmp_path: Path, sockdir: Path) -> None:
+    img, case = fixedram_image("legacy")
+    dst, qmp2, _ = _dest(case, tmp_path, sockdir, find_qemu("10"), "rst", 0)
+    with dst:
+        r = _cli("restore", "--qmp", str(qmp2), "--via", "proxy", "--channels", "2",
+                 "--paused", "--json", str(img))
+        assert r.returncode == 0, r.stderr
+        rep = json.loads(r.stdout)
+        assert rep["via"] == "proxy" and rep["status"] == "paused"
+        assert rep["caps_changed"].get("multifd") is True
+        # the settings are put back: a later migration of the VM must not inherit multifd
+        assert not dst.cmd("query-migrate-capabilities") or not any(
+            c["state"] for c in dst.cmd("query-migrate-capabilities")
+            if c["capability"] == "multifd")
+        _compare_ram(dst, case, shm_dir, "restore-2")
+        _check_runs_on(dst, case)
+
+
+@pytest.mark.qemu
+def test_refusals(fixedram_image: Callable[[Any], tuple[Path, Any]], tmp_path: Path,
+                  sockdir: Path) -> None:
+    """A channel-count mismatch seen over QMP is refused before connecting (QEMU keeps
+    waiting); a destination without multifd fails at once; both with one line."""
+    img, case = fixedram_image("legacy")
+    dst, qmp2, sock = _dest(case, tmp_path, sockdir, find_qemu("10"), "ref", 4)
+    with dst:
+        r = _cli("send", "--channels", "2", "--connect", f"unix:{sock}", "--qmp", str(qmp2),
+                 str(img))
+        assert r.returncode == 2
+        assert "expects 4 multifd channels" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert dst.status() == "inmigrate"
+        assert dst.query_migrate().get("status") in ("setup", None, "none")
+    dst, _, sock = _dest(case, tmp_path, sockdir, find_qemu("10"), "off", 0)
+    with dst:
+        dst.migrate_incoming(f"unix:{sock}")  # multifd off
+        r = _cli("send", "--channels", "2", "--connect", f"unix:{sock}", str(img))
+        assert r.returncode == 2
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "multifd" in r.stderr and "Traceback" not in r.stderr
