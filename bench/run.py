@@ -153,6 +153,14 @@ def bench_target(name: str, target: Path, args: argparse.Namespace, qemu: Any, a
     def wanted(method: str) -> bool:
         return args.only is None or re.search(args.only, method) is not None
 
+    def keep(method: str, img: Path) -> None:
+        """Keep a saved image for the restores that load it; delete the others at once (on
+        tmpfs a dozen 1.5 GiB images would otherwise fill RAM and slow every later step)."""
+        if any(k == method and wanted(m) for m, (k, _) in RESTORES.items()):
+            images[method] = img
+        elif not args.keep:
+            img.unlink(missing_ok=True)
+
     def needed(save: str) -> bool:
         """A save runs when it is wanted or a wanted restore loads its image."""
         return wanted(save) or any(wanted(m) for m, (k, _) in RESTORES.items() if k == save)
@@ -188,7 +196,7 @@ def bench_target(name: str, target: Path, args: argparse.Namespace, qemu: Any, a
                 out["save"][method] = {"wall": wall, "wall_sync": wall + time.monotonic() - t,
                                        "qemu_cpu": cpu, "total_time_ms": info.get("total-time"),
                                        "apparent": img.stat().st_size, "allocated": allocated(img)}
-                images[method] = img
+                keep(method, img)
                 src.cont()
                 src.stop()
             src.set_migration(caps=ALL_CAPS_OFF, params={"direct-io": False})
@@ -207,7 +215,7 @@ def bench_target(name: str, target: Path, args: argparse.Namespace, qemu: Any, a
                                        "qemu_cpu": cpu, "fixedram_cpu": r["cpu"],
                                        "fixedram_rss_mib": r["rss_mib"],
                                        "apparent": img.stat().st_size, "allocated": allocated(img)}
-                images[method] = img
+                keep(method, img)
                 src.cont()
                 src.stop()
                 src.set_migration(caps=ALL_CAPS_OFF, params={"direct-io": False})

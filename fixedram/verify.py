@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import xxhash
 
 from fixedram.errors import FixedramError, ImageError, StreamError
 from fixedram.image.checksum import (
@@ -40,6 +39,7 @@ from fixedram.image.checksum import (
     Geometry,
     compute,
     digest_pages,
+    digest_views,
     extent_digests,
     find,
     hash_range,
@@ -372,11 +372,6 @@ def add_checksums(path: str | os.PathLike[str], *, force: bool = False) -> AddRe
                      time.monotonic() - t0)
 
 
-_xxh3 = xxhash.xxh3_64_intdigest
-#: Page slices of a 1 MiB piece, made once (``map(view.__getitem__, ...)`` slices in C).
-_SLICES = [slice(i * PAGE_SIZE, (i + 1) * PAGE_SIZE) for i in range(256)]
-
-
 class PageCheck:
     """Checks page data as ``send`` reads it, block by block, against the extension.
 
@@ -394,23 +389,14 @@ class PageCheck:
 
     def piece(self, name: str, first_page: int, data: memoryview) -> None:
         """Digest the whole pages of ``data``, pages ``first_page…`` of block ``name``."""
-        mv = memoryview(data).cast("B")
-        n = len(mv) // PAGE_SIZE
-        if len(mv) % PAGE_SIZE or n > len(_SLICES):
-            self._block(name)
-            digest_pages(self._pd, first_page, [mv])
-            return
-        self.pages(name, first_page, list(map(mv.__getitem__, _SLICES[:n])))
+        self._block(name)
+        digest_pages(self._pd, first_page, [data])
 
     def pages(self, name: str, first_page: int, views: Sequence[memoryview]) -> None:
-        """Digest pages given as one view each (``send``'s page slots).
-
-        The digests are taken by ``map`` in C: no Python runs per page.
-        """
+        """Digest pages given as one view each (``send``'s page slots)."""
         self._block(name)
         n = len(views)
-        self._pd[first_page : first_page + n] = np.fromiter(map(_xxh3, views),
-                                                             dtype=np.uint64, count=n)
+        self._pd[first_page : first_page + n] = digest_views(views, n)
 
     def _block(self, name: str) -> None:
         if name != self._name:

@@ -644,12 +644,18 @@ class Receiver:
 
 
 def _pump(rx: Receiver, channel: Channel, initial: bytes = b"") -> None:
-    """Feed ``rx`` from ``channel`` (after ``initial``, bytes already read) to the end."""
+    """Feed ``rx`` from ``channel`` (after ``initial``, bytes already read) to the end.
+
+    A socket or pipe read returns what is queued, often 200 KiB or less: while more is
+    already waiting (a zero-timeout poll says so) it is read too, so each feed (and each
+    batch of page writes) covers up to :data:`RECV_CHUNK` bytes.
+    """
     if initial:
         rx.feed(initial)
     buf = bytearray(RECV_CHUNK)
     mv = memoryview(buf)
     recv = channel.recv_into
+    ready = _ready_probe(channel)
     while not rx.done:
         n = recv(mv)
         if not n:
@@ -659,7 +665,25 @@ def _pump(rx: Receiver, channel: Channel, initial: bytes = b"") -> None:
                 raise EndpointError(f"the source closed the connection before the end "
                                     f"of the migration stream ({e})") from None
             break
+        while n < len(mv) and ready():
+            k = recv(mv[n:])
+            if not k:
+                break  # end of stream: the next read says so again
+            n += k
         rx.feed(mv[:n])
+
+
+def _ready_probe(channel: Channel) -> Callable[[], bool]:
+    """A function telling, without waiting, whether ``channel`` has bytes to read."""
+    try:
+        fd = channel.fileno_read()
+    except (OSError, ValueError, AttributeError):
+        fd = -1
+    if fd < 0:
+        return lambda: False
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return lambda: bool(poller.poll(0))
 
 
 def receive(channel: Channel, image: str | os.PathLike[str], *, direct_io: DirectIO = False,

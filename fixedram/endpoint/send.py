@@ -26,7 +26,8 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -432,6 +433,38 @@ def _pieces(img: Image, name: str, hint_fd: int, depth: int) -> Iterator[tuple[i
         yield piece
 
 
+def _record_buffer() -> tuple[PageRecords, PageSlots]:
+    """A buffer of PAGE records for one piece, and the page slots reads fill in it."""
+    recs = PageRecords(READ_CHUNK // PS)
+    return recs, PageSlots(recs.buf, recs.slot_offset, recs.stride, recs.capacity)
+
+
+def _read(img: Image, name: str, pieces: Iterable[tuple[int, int]],
+          pairs: Sequence[tuple[PageRecords, PageSlots]], pool: ThreadPoolExecutor | None,
+          ) -> Iterator[tuple[int, int, tuple[PageRecords, PageSlots], int]]:
+    """``(first, npages, (records, slots), reads)`` per piece, its pages read into the slots.
+
+    With ``pool`` the next piece is read in its thread while the caller sends this one;
+    the two buffers of ``pairs`` alternate, so a piece's buffer is reused only after the
+    caller asked for the piece after next.
+    """
+    if pool is None:
+        for first, n in pieces:
+            yield first, n, pairs[0], img.read_slots(name, first, n, pairs[0][1])
+        return
+    it = iter(pieces)
+    nxt = next(it, None)
+    fut = pool.submit(img.read_slots, name, nxt[0], nxt[1], pairs[0][1]) if nxt else None
+    k = 0
+    while nxt is not None and fut is not None:
+        cur, reads = nxt, fut.result()
+        nxt = next(it, None)
+        if nxt is not None:
+            fut = pool.submit(img.read_slots, name, nxt[0], nxt[1], pairs[(k + 1) % 2][1])
+        yield cur[0], cur[1], pairs[k % 2], reads
+        k += 1
+
+
 def send(image: str | os.PathLike[str] | Image, channel: Channel, *,
          dest_machine: str | None = None,
          dest_blocks: Sequence[tuple[str, int]] | None = None,
@@ -488,8 +521,10 @@ def _send(img: Image, channel: Channel, readers: int,
     out = _Sender(channel, total // PS, progress)
     check = _page_check(img)
     opened_direct = not img.direct and img.open_direct(direct_io)
-    recs = PageRecords(READ_CHUNK // PS)
-    slots = PageSlots(recs.buf, recs.slot_offset, recs.stride, recs.capacity)
+    # O_DIRECT reads wait for the disk: read the next piece in a thread meanwhile, into a
+    # second record buffer (a buffered image has kernel read-ahead instead)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="fixedram-read") if img.direct else None
+    pairs = [_record_buffer() for _ in range(2 if pool is not None else 1)]
     drain = _Drain(channel)
     hint_fd = -1
     if (readers > 1 and img.format == "mapped-ram" and not img.direct
@@ -501,8 +536,10 @@ def _send(img: Image, channel: Channel, readers: int,
         for blk in blocks:
             out.add([encode(SectionPart(sid))])
             cursor = 0
-            for first, npages in _pieces(img, blk.name, hint_fd, readers - 1):
-                out.reads += img.read_slots(blk.name, first, npages, slots)
+            pieces = _pieces(img, blk.name, hint_fd, readers - 1)
+            for first, npages, (recs, slots), nreads in _read(img, blk.name, pieces, pairs,
+                                                             pool):
+                out.reads += nreads
                 if check is not None:
                     check.pages(blk.name, first, slots.views[:npages])
                 if first > cursor:
@@ -536,6 +573,8 @@ def _send(img: Image, channel: Channel, readers: int,
         out.add(tail)
         out.flush()
     finally:
+        if pool is not None:
+            pool.shutdown()
         if hint_fd >= 0:
             os.close(hint_fd)
         was_direct = img.direct

@@ -55,6 +55,7 @@ __all__ = [
     "PageDigests",
     "page_digest_array",
     "digest_pages",
+    "digest_views",
     "extent_digests",
     "image_page_digests",
     "compute",
@@ -198,20 +199,36 @@ def page_digest_array(npages: int) -> np.ndarray:
 
 
 def digest_pages(out: np.ndarray, first: int, bufs: Sequence[Buffer]) -> int:
-    """Set ``out[first:]`` to the digests of the whole pages in ``bufs``; returns pages."""
+    """Set ``out[first:]`` to the digests of the whole pages in ``bufs``; returns pages.
+
+    The pages are sliced and hashed by ``map`` in C: no Python runs per page.
+    """
     views = [memoryview(b).cast("B") for b in bufs]
     if any(len(v) % PAGE_SIZE for v in views):
         views = [memoryview(b"".join(views))]
     i = first
     for v in views:
         n = len(v) >> _PAGE_SHIFT
-        if n == 1:
-            out[i] = _h(v)
-        elif n:
-            out[i : i + n] = [_h(v[k << _PAGE_SHIFT : (k + 1) << _PAGE_SHIFT])
-                              for k in range(n)]
+        if n:
+            out[i : i + n] = digest_views(map(v.__getitem__, _page_slices(n)), n)
         i += n
     return i - first
+
+
+def digest_views(views: Iterable[Buffer], n: int) -> np.ndarray:
+    """The digests of ``n`` one-page views, as an array (hashed by ``map`` in C)."""
+    return np.fromiter(map(_h, views), dtype=np.uint64, count=n)
+
+
+_SLICES: list[slice] = []
+
+
+def _page_slices(n: int) -> list[slice]:
+    """Slices of pages ``0..n-1`` of a buffer (made once, reused)."""
+    if n > len(_SLICES):
+        _SLICES.extend(slice(k << _PAGE_SHIFT, (k + 1) << _PAGE_SHIFT)
+                       for k in range(len(_SLICES), max(n, 256)))
+    return _SLICES[:n]
 
 
 def extent_digests(pages: np.ndarray, extent_shift: int) -> np.ndarray:

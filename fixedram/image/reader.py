@@ -34,11 +34,13 @@ from fixedram.stream import (
     DeviceState,
     MappedRamHeader,
     Page,
+    PageRun,
     RamBlock,
     SectionPart,
     StreamDecoder,
     VMDescription,
     Zero,
+    ZeroRun,
 )
 from fixedram.stream.format import FILE_MAGIC
 
@@ -471,7 +473,7 @@ def _stage_size() -> int:
 
 def _walk(fd: int, base: int, size: int, index: bool) -> tuple[StreamDecoder, dict[str, Any]]:
     """Run the decoder over the file, seeking over mapped-ram regions."""
-    dec = StreamDecoder(base_offset=base)
+    dec = StreamDecoder(base_offset=base, runs=True)
     info: dict[str, Any] = {"blocks": {}, "commands": [], "device": None, "vmdesc": None,
                             "config": None, "where": {}, "sections": 0}
     where: dict[str, np.ndarray] = info["where"]
@@ -496,7 +498,14 @@ def _walk(fd: int, base: int, size: int, index: bool) -> tuple[StreamDecoder, di
         records = dec.feed(mv[:n]) if n else dec.feed_eof()
         pos += n
         for r in records:
-            if isinstance(r, Page):
+            if isinstance(r, PageRun):
+                first = r.offset // PAGE_SIZE
+                where[r.block][first : first + r.npages] = np.arange(
+                    r.pos, r.pos + r.npages * (PAGE_SIZE + 8), PAGE_SIZE + 8, dtype=np.int64)
+            elif isinstance(r, ZeroRun):
+                first = r.offset // PAGE_SIZE
+                where[r.block][first : first + r.npages] = _ABSENT
+            elif isinstance(r, Page):
                 w = where[r.block]
                 w[r.offset // PAGE_SIZE] = r.pos
             elif isinstance(r, Zero):

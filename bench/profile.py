@@ -1,0 +1,84 @@
+"""Where fixedram's CPU time goes: receive a stream file, or send an image, under pyinstrument.
+
+The two endpoint hot paths without QEMU or sockets in the way, so the profile shows
+fixedram's own work (decoding, page writes, digests, framing, reads)::
+
+    .venv/bin/python -m bench.run --keep --targets disk     # leaves images in /var/tmp/...
+    .venv/bin/python -m bench.profile receive /var/tmp/fixedram-bench/qemu_legacy_file.img
+    .venv/bin/python -m bench.profile send /var/tmp/fixedram-bench/fixedram_proxy.img
+
+``receive`` feeds the stream file to :class:`~fixedram.endpoint.receive.Receiver` in 1 MiB
+reads (as from a socket) and writes the image into ``--dir``; ``send`` streams the image
+into a sink that discards it. Prints the profile, then wall and CPU seconds per GiB of
+page data. Needs ``pip install -e '.[bench]'`` (pyinstrument).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from pyinstrument import Profiler
+
+from fixedram.endpoint.receive import RECV_CHUNK, Receiver
+from fixedram.endpoint.send import send
+from fixedram.io.channel import SinkChannel
+
+GIB = 1 << 30
+
+
+def profile_receive(stream: Path, workdir: Path) -> int:
+    """Receive ``stream`` into an image in ``workdir``; returns the page bytes stored."""
+    fd = os.open(stream, os.O_RDONLY)
+    buf = memoryview(bytearray(RECV_CHUNK))
+    try:
+        with Receiver(workdir / "profile.img") as rx:
+            while not rx.done:
+                n = os.readv(fd, [buf])
+                if not n:
+                    rx.feed_eof()
+                    break
+                rx.feed(buf[:n])
+            report = rx.commit()
+    finally:
+        os.close(fd)
+        (workdir / "profile.img").unlink(missing_ok=True)
+    return report.pages_present * 4096
+
+
+def profile_send(image: Path) -> int:
+    """Send ``image`` into a sink; returns the page bytes sent."""
+    report = send(image, SinkChannel(lambda bufs: None))
+    return report.pages_sent * 4096
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("what", choices=["receive", "send"])
+    ap.add_argument("path", type=Path, help="stream file (receive) or image (send)")
+    ap.add_argument("--dir", type=Path, default=None,
+                    help="receive: directory for the image (default: next to the stream)")
+    args = ap.parse_args()
+    prof = Profiler(interval=0.001)
+    t0, c0 = time.monotonic(), os.times()
+    with tempfile.TemporaryDirectory(dir=args.dir or args.path.parent) as tmp:
+        prof.start()
+        if args.what == "receive":
+            nbytes = profile_receive(args.path, Path(tmp))
+        else:
+            nbytes = profile_send(args.path)
+        prof.stop()
+    wall, c1 = time.monotonic() - t0, os.times()
+    print(prof.output_text(unicode=True, color=False, show_all=False))
+    gib = nbytes / GIB
+    user, system = c1.user - c0.user, c1.system - c0.system
+    print(f"{args.what}: {nbytes / (1 << 20):.0f} MiB of pages in {wall:.2f} s "
+          f"({nbytes / (1 << 20) / wall:.0f} MiB/s); CPU user {user / gib:.2f} + sys "
+          f"{system / gib:.2f} s per GiB")
+
+
+if __name__ == "__main__":
+    main()
