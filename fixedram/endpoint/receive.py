@@ -278,7 +278,7 @@ class Receiver:
         # queued writes (block, first page, buffers, zero pages), handed per feed to one
         # writer thread, in order
         self._ops: list[tuple[str, int, list[Buffer], int]] = []
-        self._inflight: list[Future[None]] = []
+        self._inflight: list[Future[None] | None] = []
         self._io = ThreadPoolExecutor(1, thread_name_prefix="fixedram-write")
         self.file = _ImageFile(self.image)
         self._direct_fd = -1
@@ -433,16 +433,24 @@ class Receiver:
         self._n = 0
 
     def _submit(self) -> None:
-        """Hand this feed's write operations to the writer thread."""
+        """Hand the queued write operations to the writer thread, as one batch.
+
+        Every feed ends with exactly one entry (None when it had nothing to write), so
+        :meth:`_wait` counts feeds: the decoder's run buffers are reused by feed.
+        """
+        fut = None
         if self._ops:
             ops, self._ops = self._ops, []
-            self._inflight.append(self._io.submit(self._apply, ops))
+            fut = self._io.submit(self._apply, ops)
+        self._inflight.append(fut)
 
     def _wait(self, keep: int) -> None:
-        """Wait until at most ``keep`` submitted batches are still being written."""
+        """Wait until the batches of all but the last ``keep`` feeds are written."""
         q = self._inflight
         while len(q) > keep:
-            q.pop(0).result()  # re-raises the writer's error here
+            fut = q.pop(0)
+            if fut is not None:
+                fut.result()  # re-raises the writer's error here
 
     def _sync(self) -> None:
         """Everything queued is written (before records that depend on it)."""
