@@ -7,6 +7,7 @@ so the ratios compare like with like. Usage::
 
     .venv/bin/python -m bench.run                       # 2 GiB guest, 1.5 GiB data
     .venv/bin/python -m bench.run --mem 512M --data-mib 256 --targets tmpfs   # quick
+    .venv/bin/python -m bench.run --repeat 3            # medians of 3 runs (the README's)
 
 Writes ``bench/results/<stamp>.json`` and a PNG chart next to it, and prints tables.
 """
@@ -20,6 +21,7 @@ import platform
 import re
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -255,9 +257,29 @@ def bench_target(name: str, target: Path, args: argparse.Namespace, qemu: Any, a
     return out
 
 
+def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One target's result from repeated runs: the median of every number (all runs kept)."""
+    if len(runs) == 1:
+        return runs[0]
+
+    def merge(items: list[Any]) -> Any:
+        first = items[0]
+        if isinstance(first, dict):
+            return {k: merge([it[k] for it in items if k in it]) for k in first}
+        if isinstance(first, int | float) and not isinstance(first, bool):
+            return statistics.median(items)
+        return first
+
+    out = merge(runs)
+    out["runs"] = runs
+    return out
+
+
 def table(res: dict[str, Any], data_mib: int) -> str:
     """Ratios: each method's throughput against dd and against QEMU's best mapped-ram."""
-    lines = []
+    lines = [f"`{res['command']}` on {res['date']}: {res['machine']['cores']} cores, "
+             f"QEMU {res['machine']['qemu']} ({res['machine']['accel']}), guest {res['mem']}; "
+             + (f"medians of {res['repeat']} runs" if res.get("repeat", 1) > 1 else "one run")]
     for t in res["targets"]:
         dd = t["dd"]
         saves = t["save"]
@@ -326,6 +348,8 @@ def main() -> None:
     ap.add_argument("--disk-dir", default="/var/tmp/fixedram-bench")
     ap.add_argument("--tmpfs-dir", default="/dev/shm/fixedram-bench")
     ap.add_argument("--keep", action="store_true", help="keep the images")
+    ap.add_argument("--repeat", type=int, default=1, metavar="N",
+                    help="run every method N times per target and report medians")
     ap.add_argument("--only", metavar="REGEX", help="run only the methods matching REGEX "
                     "(restores also save the image they load)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -340,13 +364,16 @@ def main() -> None:
                     "qemu": qemu.version_str, "accel": accel,
                     "disk": subprocess.run(["df", "-T", "/"], capture_output=True,
                                            text=True).stdout.splitlines()[-1]},
-        "mem": args.mem, "data_mib": args.data_mib, "targets": [],
+        "mem": args.mem, "data_mib": args.data_mib, "repeat": args.repeat, "targets": [],
     }
     dirs = {"disk": Path(args.disk_dir), "tmpfs": Path(args.tmpfs_dir)}
     for name in args.targets.split(","):
-        print(f"bench: {name} ...", file=sys.stderr)
-        res["targets"].append(bench_target(name, dirs[name], args, qemu, accel, kernel))
-        shutil.rmtree(dirs[name], ignore_errors=True)
+        runs = []
+        for i in range(args.repeat):
+            print(f"bench: {name} ({i + 1}/{args.repeat}) ...", file=sys.stderr)
+            runs.append(bench_target(name, dirs[name], args, qemu, accel, kernel))
+            shutil.rmtree(dirs[name], ignore_errors=True)
+        res["targets"].append(median_of(runs))
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
