@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 from qemu_images import ImageSpec
+from test_send import _check_runs_on, _compare_ram
 
 from fixedram.commands.convert import convert
 from fixedram.endpoint.multifd_send import (
@@ -182,30 +183,6 @@ def _dest(case: Any, workdir: Path, sockdir: Path, qemu: QemuBinary, name: str,
         dst.migrate_incoming(f"unix:{sock}", caps={"multifd": True},
                              params={"multifd-channels": channels})
     return dst, qmp2, sock
-
-
-def _compare_ram(dst: Guest, case: Any, shm_dir: Path, tag: str) -> None:
-    got = dst.pmemsave(shm_dir / f"{tag}.mfd.mem")
-    try:
-        a = np.fromfile(got, dtype=np.uint8).reshape(-1, PS)
-        b = np.fromfile(case.mem_dump_path, dtype=np.uint8).reshape(-1, PS)
-        pages = np.flatnonzero((a != b).any(axis=1))
-        if dst.accel == "kvm":  # KVM rewrites SeaBIOS data at 0xe8000 (docs/test-guest.md)
-            pages = pages[pages != 0xE8000 // PS]
-        assert pages.size == 0, f"{pages.size} pages differ, first at {pages[:8] * PS}"
-    finally:
-        got.unlink(missing_ok=True)
-
-
-def _check_runs_on(dst: Guest, case: Any) -> None:
-    last = case.last_heartbeat
-    assert last is not None
-    dst.cont()
-    hb = dst.wait_heartbeat(gen_at_least=last.gen + 2, timeout=90)
-    assert hb.n > last.n
-    beats = dst.heartbeats()
-    assert beats and all(b.err == 0 for b in beats), beats[-3:]
-    assert not dst.bad_lines()
 
 
 RESTORES = [

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -647,3 +648,19 @@ def test_real_qemu_postcopy_advise(qemu10: QemuBinary, accel: str, tmp_path: Pat
     adv = [r for r in recs if isinstance(r, CommandRecord) and r.cmd == Command.POSTCOPY_ADVISE]
     assert len(adv) == 1 and struct.unpack(">QQ", adv[0].data) == (PS, PS)
     assert {"Page", "Zero", "CommandRecord/OPEN_RETURN_PATH", "VMDescription"} <= _kinds(recs)
+
+
+@pytest.mark.parametrize("last", [None, "pc.ram", "other"])
+def test_zero_pages_equal_record_encoding(last: str | None) -> None:
+    """The vectorised ZERO records equal ``encode`` of each Zero record, CONTINUE included."""
+    pages = [7, 3, 4, 5, 900, 0]
+    vec, one = StreamEncoder(), StreamEncoder()
+    if last is not None:
+        vec.encode(Zero(last, 0))
+        one.encode(Zero(last, 0))
+    got = vec.zero_pages("pc.ram", np.array(pages))
+    want = b"".join(one.encode(Zero("pc.ram", p * PS)) for p in pages)
+    assert got == want
+    assert vec.zero_pages("pc.ram", np.array([], dtype=np.uint64)) == b""
+    assert vec.zero_run("pc.ram", 10 * PS, 3) == b"".join(
+        one.encode(Zero("pc.ram", p * PS)) for p in (10, 11, 12))

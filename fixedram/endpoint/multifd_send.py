@@ -76,6 +76,7 @@ from fixedram.stream import (
     SectionFooter,
     SectionPart,
     SectionStart,
+    StreamEncoder,
     VMDescription,
     encode,
 )
@@ -85,7 +86,6 @@ from fixedram.stream.format import (
     RAM_SECTION_VERSION,
     TARGET_PAGE_SIZE,
     Command,
-    RamFlag,
 )
 from fixedram.stream.multifd import MULTIFD_PACKET_SIZE, encode_init, packet_header_into
 from fixedram.stream.records import MultifdFlush
@@ -116,8 +116,6 @@ MAX_CHANNELS = 255
 STALL_SECONDS = 60.0
 
 _MACHINE_VERSION = re.compile(r"-(\d+)\.(\d+)$")
-_ZERO_CONT = int(RamFlag.ZERO | RamFlag.CONTINUE)
-_ZERO_REC = np.dtype([("word", ">u8"), ("fill", "u1")])  # packed: 9 bytes
 _PROGRESS_INTERVAL = 0.2
 
 
@@ -255,14 +253,7 @@ def _runs_of(pages: np.ndarray) -> Iterator[tuple[int, int, int]]:
 
 def _zero_records(block: str, pages: np.ndarray) -> bytes:
     """ZERO records (fill 0) for ``pages`` of ``block``: the first names the block."""
-    if len(pages) == 0:
-        return b""
-    name = block.encode("latin-1")
-    head = (struct.pack(">Q", int(pages[0]) * PS | int(RamFlag.ZERO)) + bytes((len(name),))
-            + name + b"\0")
-    recs = np.zeros(len(pages) - 1, dtype=_ZERO_REC)
-    recs["word"] = (pages[1:].astype(np.uint64) * np.uint64(PS)) | np.uint64(_ZERO_CONT)
-    return head + recs.tobytes()
+    return StreamEncoder().zero_pages(block, pages)
 
 
 # ---------------------------------------------------------------------------------------------

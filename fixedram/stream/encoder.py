@@ -144,6 +144,11 @@ def encode(r: Record, *, continued: bool = False) -> bytes:
     raise TypeError(f"cannot encode {type(r).__name__}")
 
 
+#: A ZERO record in CONTINUE form: the big-endian word, then the fill byte (9 bytes, packed).
+_ZERO_REC = np.dtype([("word", ">u8"), ("fill", "u1")])
+_ZERO_CONT = int(RamFlag.ZERO | RamFlag.CONTINUE)
+
+
 class StreamEncoder:
     """Encodes a stream record by record, tracking the block CONTINUE refers to."""
 
@@ -210,17 +215,26 @@ class StreamEncoder:
 
     def zero_run(self, block: str, offset: int, npages: int) -> bytes:
         """ZERO records for ``npages`` consecutive pages starting at ``offset``."""
-        ps = TARGET_PAGE_SIZE
-        parts = []
-        pack = BE64.pack
-        i = 0
-        if npages and block != self._last_block:
-            parts.append(pack(offset | RamFlag.ZERO) + counted(block) + b"\x00")
+        first = offset // TARGET_PAGE_SIZE
+        return self.zero_pages(block, np.arange(first, first + npages, dtype=np.uint64))
+
+    def zero_pages(self, block: str, pages: np.ndarray) -> bytes:
+        """ZERO records (fill 0) for the pages numbered ``pages`` of ``block``, in that order.
+
+        One numpy step for all records; the first names the block unless it is the one
+        CONTINUE refers to.
+        """
+        idx = np.asarray(pages, dtype=np.uint64)
+        if not len(idx):
+            return b""
+        recs = np.zeros(len(idx), dtype=_ZERO_REC)
+        recs["word"] = idx * np.uint64(TARGET_PAGE_SIZE) | np.uint64(_ZERO_CONT)
+        out = recs.tobytes()
+        if block != self._last_block:
             self._last_block = block
-            i = 1
-        zc = int(RamFlag.ZERO | RamFlag.CONTINUE)
-        parts.extend(pack((offset + k * ps) | zc) + b"\x00" for k in range(i, npages))
-        return b"".join(parts)
+            word = int(idx[0]) * TARGET_PAGE_SIZE | int(RamFlag.ZERO)
+            out = BE64.pack(word) + counted(block) + b"\x00" + out[_ZERO_REC.itemsize :]
+        return out
 
     def forget_block(self) -> None:
         """Forget the CONTINUE block (the next page record names its block)."""
