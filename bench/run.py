@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -275,6 +276,11 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _ratio(best: float, wall: float) -> str:
+    """``best / wall`` as "1.23x", or "-" when the reference method did not run (--only)."""
+    return "-" if math.isnan(best) else f"{best / wall:.2f}x"
+
+
 def table(res: dict[str, Any], data_mib: int) -> str:
     """Ratios: each method's throughput against dd and against QEMU's best mapped-ram."""
     lines = [f"`{res['command']}` on {res['date']}: {res['machine']['cores']} cores, "
@@ -296,7 +302,7 @@ def table(res: dict[str, Any], data_mib: int) -> str:
             w = v["wall_sync"]
             lines.append(
                 f"| {k} | {w:.2f} | {data_mib / w:.0f} | {dd['dd write direct'] / w:.2f}x "
-                f"| {best_q / w:.2f}x | {v['qemu_cpu']:.2f} | {v.get('fixedram_cpu', 0):.2f} "
+                f"| {_ratio(best_q, w)} | {v['qemu_cpu']:.2f} | {v.get('fixedram_cpu', 0):.2f} "
                 f"| {v.get('fixedram_rss_mib', 0):.0f} | {v['apparent'] / MIB:.0f} / "
                 f"{v['allocated'] / MIB:.0f} |")
         rest = t["restore"]
@@ -312,7 +318,7 @@ def table(res: dict[str, Any], data_mib: int) -> str:
         for k, v in rest.items():
             w = v["wall"]
             lines.append(f"| {k} | {w:.2f} | {data_mib / w:.0f} | {dd['dd read direct'] / w:.2f}x "
-                         f"| {best_l / w:.2f}x | {v['qemu_cpu']:.2f} "
+                         f"| {_ratio(best_l, w)} | {v['qemu_cpu']:.2f} "
                          f"| {v.get('fixedram_cpu', 0):.2f} | {v.get('fixedram_rss_mib', 0):.0f} |")
     return "\n".join(lines)
 
