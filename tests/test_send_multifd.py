@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from qemu_images import ImageSpec
 from test_send import _check_runs_on, _compare_ram
+from test_send_fast import _cached_fraction, _drop_from_cache
 
 from fixedram.commands.convert import convert
 from fixedram.endpoint.multifd_send import (
@@ -266,3 +267,28 @@ def test_refusals(fixedram_image: Callable[[Any], tuple[Path, Any]], tmp_path: P
         assert r.returncode == 2
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert "multifd" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.qemu
+def test_send_channels_direct_io(qemu_image: Callable[[Any], Any], shm_dir: Path,
+                                 tmp_path: Path, sockdir: Path) -> None:
+    """``send --channels 2 --require-direct-io`` from a disk directory: each channel reads
+    pages with O_DIRECT into its packet; RAM equal, guest runs, the image stays out of the
+    page cache."""
+    case = qemu_image("mapped-ram")
+    disk = Path(tempfile.mkdtemp(prefix="frs-mfd-", dir="/var/tmp"))
+    try:
+        img = disk / "vm.img"
+        subprocess.run(["cp", "--sparse=always", str(case.path), str(img)], check=True)
+        _drop_from_cache(img)
+        dst, qmp2, sock = _dest(case, tmp_path, sockdir, find_qemu("10"), "mfddio", 2)
+        with dst:
+            r = _cli("send", "--channels", "2", "--connect", f"unix:{sock}", "--qmp",
+                     str(qmp2), "--require-direct-io", str(img))
+            assert r.returncode == 0, r.stderr
+            dst.wait_incoming(60)
+            assert _cached_fraction(img) < 0.25
+            _compare_ram(dst, case, shm_dir, "send-dio")
+            _check_runs_on(dst, case)
+    finally:
+        shutil.rmtree(disk, ignore_errors=True)

@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 
@@ -108,12 +108,11 @@ def send_command(image: str, address: str | None, fd: int | None, qmp_socket: st
         with open_image(image) as vimg:
             require_checksums(vimg)
     if channels:
-        if postcopy or fd is not None or address is None or direct:
+        if postcopy or fd is not None or address is None:
             raise EndpointError("--channels needs --connect unix:PATH or tcp:HOST:PORT (one "
-                                "connection per channel), without --fd, --postcopy or "
-                                "--direct-io")
+                                "connection per channel), without --fd or --postcopy")
         _send_multifd(image, address, channels, qmp_socket, quiet, uuid_text, verify_first,
-                      report_json)
+                      report_json, direct)
         return
     if uuid_text is not None:
         raise EndpointError("--uuid is for --channels (multifd)")
@@ -219,7 +218,8 @@ def _send_postcopy(image: str, address: str | None, fd: int | None, qmp_socket: 
 
 
 def _send_multifd(image: str, address: str, channels: int, qmp_socket: str | None, quiet: bool,
-                  uuid_text: str | None, verify_first: bool, report_json: str | None) -> None:
+                  uuid_text: str | None, verify_first: bool, report_json: str | None,
+                  direct: bool | Literal["required"] = False) -> None:
     """``send --channels N``: be a multifd source (see :mod:`fixedram.endpoint.multifd_send`)."""
     import json
     from dataclasses import asdict
@@ -245,7 +245,8 @@ def _send_multifd(image: str, address: str, channels: int, qmp_socket: str | Non
                 img, address, channels, uuid=uuid,
                 dest_machine=dest.machine if dest else None,
                 dest_blocks=dest.blocks if dest else None,
-                dest_version=dest.version if dest else None, progress=progress)
+                dest_version=dest.version if dest else None, progress=progress,
+                direct_io=direct)
         finally:
             if bar is not None:
                 bar.close()

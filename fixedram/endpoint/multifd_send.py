@@ -61,9 +61,9 @@ from fixedram.endpoint.send import (
 )
 from fixedram.errors import EndpointError, FixedramError, MismatchError
 from fixedram.image import Image
-from fixedram.image.reader import BlockInfo
+from fixedram.image.reader import BlockInfo, DirectIO
 from fixedram.io.channel import connect
-from fixedram.io.files import IOV_MAX, advance
+from fixedram.io.files import IOV_MAX, advance, aligned_buffer
 from fixedram.stream import (
     CommandRecord,
     Configuration,
@@ -339,7 +339,10 @@ class _ChannelThread(threading.Thread):
         self.syncs_first = syncs_first
         self.syncs_last = syncs_last
         self.hdr = bytearray(MULTIFD_PACKET_SIZE)
-        self.payload = memoryview(bytearray(PER_PACKET * PS))
+        # page-aligned when the image reads with O_DIRECT: pages then go from the disk
+        # straight into the packet
+        self.payload = memoryview(aligned_buffer(PER_PACKET * PS) if img.direct
+                                  else bytearray(PER_PACKET * PS))
 
     def run(self) -> None:
         try:
@@ -429,6 +432,7 @@ def send_multifd(
     stall_timeout: float = STALL_SECONDS,
     connect_timeout: float = 30.0,
     progress: Callable[[SendStats], None] | None = None,
+    direct_io: DirectIO = False,
 ) -> MultifdSendReport:
     """Send ``image`` to the QEMU listening on ``address`` as a multifd source, ``channels``
     page connections plus the main one.
@@ -439,7 +443,10 @@ def send_multifd(
     choose the marker and zero-page styles (see the module docstring; ``auto`` decides from
     the machine type and ``dest_version``). Everything is validated (:func:`validate`,
     against ``dest_machine``/``dest_blocks`` when given) before connecting. ``stall_timeout``
-    bounds how long the destination may read nothing. Raises
+    bounds how long the destination may read nothing. ``direct_io`` reads the pages of a
+    mapped-ram image with O_DIRECT, each channel into its own aligned packet buffer (see
+    :meth:`~fixedram.image.Image.open_direct` for the fallback; a legacy stream image is
+    read buffered). Raises
     :class:`~fixedram.errors.EndpointError` when a connection fails or stalls.
     """
     if not 1 <= channels <= MAX_CHANNELS:
@@ -449,8 +456,13 @@ def send_multifd(
     img, owned = _open(image)
     try:
         validate(img, dest_machine=dest_machine, dest_blocks=dest_blocks)
-        return _send(img, address, channels, uuid, dest_version, sync, zero, stall_timeout,
-                     connect_timeout, progress)
+        opened = not img.direct and img.format == "mapped-ram" and img.open_direct(direct_io)
+        try:
+            return _send(img, address, channels, uuid, dest_version, sync, zero,
+                         stall_timeout, connect_timeout, progress)
+        finally:
+            if opened:
+                img.close_direct()
     finally:
         if owned:
             img.close()

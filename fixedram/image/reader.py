@@ -356,8 +356,13 @@ class MappedRamImage(Image):
         return cache[name]
 
     def _read_into(self, blk: BlockInfo, first: int, dest: memoryview) -> None:
+        """Read pages into ``dest``; with O_DIRECT on and ``dest`` page-aligned in memory,
+        straight through the O_DIRECT descriptor (no stage: several threads may read)."""
         assert blk.mapped is not None
-        preadv_exact(self._fd, dest, blk.mapped.pages_offset + first * PAGE_SIZE,
+        fd = self._fd
+        if self._dfd >= 0 and _aligned(dest):
+            fd = self._dfd
+        preadv_exact(fd, dest, blk.mapped.pages_offset + first * PAGE_SIZE,
                      f"pages of RAM block '{blk.name}'")
 
     def read_slots(self, name: str, first_page: int, npages: int, slots: PageSlots) -> int:
@@ -463,6 +468,13 @@ class _DirectRefused(Exception):
 def _strided(raw: memoryview, m: int) -> np.ndarray:
     """The ``m`` pages of ``m`` consecutive CONTINUE PAGE records in ``raw`` (a 2-D view)."""
     return np.ndarray((m, PAGE_SIZE), dtype=np.uint8, buffer=raw, strides=(_REC, 1))
+
+
+def _aligned(buf: memoryview) -> bool:
+    """Whether ``buf`` starts on an O_DIRECT boundary in memory and is a whole number of them."""
+    if len(buf) % _DIO_ALIGN:
+        return False
+    return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data) % _DIO_ALIGN == 0
 
 
 def _stage_size() -> int:
