@@ -56,6 +56,8 @@ from fixedram.endpoint.send import (
     RAM_SECTION_ID,
     SendStats,
     _open,
+    _stream_head,
+    _stream_tail,
     validate,
     wants_switchover_start,
 )
@@ -65,27 +67,15 @@ from fixedram.image.reader import BlockInfo, DirectIO
 from fixedram.io.channel import connect
 from fixedram.io.files import IOV_MAX, advance, aligned_buffer
 from fixedram.stream import (
-    CommandRecord,
-    Configuration,
-    EndOfFile,
     EndOfSection,
-    FileHeader,
-    MemSize,
-    RamBlock,
-    SectionEnd,
     SectionFooter,
     SectionPart,
-    SectionStart,
     StreamEncoder,
-    VMDescription,
     encode,
 )
 from fixedram.stream.format import (
     MULTIFD_PAGES_PER_PACKET,
-    RAM_SECTION,
-    RAM_SECTION_VERSION,
     TARGET_PAGE_SIZE,
-    Command,
 )
 from fixedram.stream.multifd import MULTIFD_PACKET_SIZE, encode_init, packet_header_into
 from fixedram.stream.records import MultifdFlush
@@ -503,19 +493,10 @@ def _send(img: Image, address: str, nchan: int, uuid: bytes | None,
     sid = RAM_SECTION_ID
     total = sum(b.length for b in blocks)
     pages_total = total // PS
-    head = [
-        encode(FileHeader()),
-        encode(Configuration(cfg.machine, None, cfg.page_bits, cfg.uuid)),
-        encode(SectionStart(sid, RAM_SECTION, 0, RAM_SECTION_VERSION)),
-        encode(MemSize(total)),
-        *(encode(RamBlock(b.name, b.length)) for b in blocks),
-        # the first sync point: QEMU's channel threads write pages as soon as they read
-        # them, and only the setup of the load (done before this marker) allocates what they
-        # write into: a page read earlier crashes QEMU 10 (SIGSEGV, observed)
-        *([encode(MultifdFlush())] if sync == "flush" else []),
-        encode(EndOfSection()),
-        encode(SectionFooter(sid)),
-    ]
+    # the first sync point: QEMU's channel threads write pages as soon as they read them,
+    # and only the setup of the load (done before this marker) allocates what they write
+    # into: a page read earlier crashes QEMU 10 (SIGSEGV, observed)
+    head = _stream_head(img, flush=sync == "flush")
     checks = _page_checks(img)
     state = _State(_plan(img, blocks, zero == "packet"), nchan, checks)
     if img.format != "mapped-ram":
@@ -570,13 +551,7 @@ def _send(img: Image, address: str, nchan: int, uuid: bytes | None,
             check = checks(blk.name)
             if check is not None:
                 check.block_done(blk.name)
-        tail: list[bytes] = []
-        if switchover:
-            tail.append(encode(CommandRecord(Command.SWITCHOVER_START)))
-        tail += [encode(SectionEnd(sid)), encode(EndOfSection()), encode(SectionFooter(sid)),
-                 img.device_state, encode(EndOfFile()),
-                 encode(VMDescription(img.vmdesc or b""))]
-        main_bytes += _sendmsg_all(msock, tail)
+        main_bytes += _sendmsg_all(msock, _stream_tail(img, switchover))
         with contextlib.suppress(OSError):
             msock.shutdown(socket.SHUT_WR)
         received = _linger(msock)

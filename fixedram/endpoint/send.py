@@ -47,6 +47,7 @@ from fixedram.stream import (
     EndOfSection,
     FileHeader,
     MemSize,
+    MultifdFlush,
     RamBlock,
     SectionEnd,
     SectionFooter,
@@ -315,9 +316,33 @@ def _validate_dest(img: Image, dest_machine: str | None,
 # ---------------------------------------------------------------------------------------------
 
 
-def _zero_records(enc: StreamEncoder, block: str, first_page: int, npages: int) -> list[Buffer]:
-    """ZERO records for ``npages`` pages from ``first_page`` (one numpy step)."""
-    return [enc.zero_run(block, first_page * PS, npages)]
+def _stream_head(img: Image, *, flush: bool = False) -> list[bytes]:
+    """The stream up to the end of the RAM setup section: header, configuration, RAM block
+    list (``flush``: a MULTIFD_FLUSH before its EOS, a multifd sync point)."""
+    cfg = img.configuration
+    blocks = list(img.blocks.values())
+    sid = RAM_SECTION_ID
+    return [
+        encode(FileHeader()),
+        encode(Configuration(cfg.machine, None, cfg.page_bits, cfg.uuid)),
+        encode(SectionStart(sid, RAM_SECTION, 0, RAM_SECTION_VERSION)),
+        encode(MemSize(sum(b.length for b in blocks))),
+        *(encode(RamBlock(b.name, b.length)) for b in blocks),
+        *([encode(MultifdFlush())] if flush else []),
+        encode(EndOfSection()),
+        encode(SectionFooter(sid)),
+    ]
+
+
+def _stream_tail(img: Image, switchover: bool) -> list[Buffer]:
+    """From the last RAM section to the end: [SWITCHOVER_START], the END section, the
+    stored device state, EOF and the VM description."""
+    sid = RAM_SECTION_ID
+    tail: list[Buffer] = []
+    if switchover:
+        tail.append(encode(CommandRecord(Command.SWITCHOVER_START)))
+    return [*tail, encode(SectionEnd(sid)), encode(EndOfSection()), encode(SectionFooter(sid)),
+            img.device_state, encode(EndOfFile()), encode(VMDescription(img.vmdesc or b""))]
 
 
 class _Drain:
@@ -494,19 +519,10 @@ def _send(img: Image, channel: Channel, readers: int,
           direct_io: DirectIO = False) -> SendReport:
     blocks = list(img.blocks.values())
     switchover = wants_switchover_start(img.machine, img.commands)
-    cfg = img.configuration
     enc = StreamEncoder()
     sid = RAM_SECTION_ID
     total = sum(b.length for b in blocks)
-    head = [
-        encode(FileHeader()),
-        encode(Configuration(cfg.machine, None, cfg.page_bits, cfg.uuid)),
-        encode(SectionStart(sid, RAM_SECTION, 0, RAM_SECTION_VERSION)),
-        encode(MemSize(total)),
-        *(encode(RamBlock(b.name, b.length)) for b in blocks),
-        encode(EndOfSection()),
-        encode(SectionFooter(sid)),
-    ]
+    head = _stream_head(img)
     out = _Sender(channel, total // PS, progress)
     check = _page_check(img)
     opened_direct = not img.direct and img.open_direct(direct_io)
@@ -532,7 +548,7 @@ def _send(img: Image, channel: Channel, readers: int,
                 if check is not None:
                     check.pages(blk.name, first, slots.views[:npages])
                 if first > cursor:
-                    out.add(_zero_records(enc, blk.name, cursor, first - cursor))
+                    out.add([enc.zero_run(blk.name, cursor * PS, first - cursor)])
                     out.zero_pages += first - cursor
                 data: Buffer = enc.page_records(blk.name, first * PS, npages, recs)
                 small = len(data) < _SMALL_PIECE
@@ -548,18 +564,12 @@ def _send(img: Image, channel: Channel, readers: int,
             if check is not None:  # a bad extent stops the stream before the device state
                 check.block_done(blk.name)
             if cursor < blk.npages:
-                out.add(_zero_records(enc, blk.name, cursor, blk.npages - cursor))
+                out.add([enc.zero_run(blk.name, cursor * PS, blk.npages - cursor)])
                 out.zero_pages += blk.npages - cursor
             out.add([encode(EndOfSection()), encode(SectionFooter(sid))])
             out.maybe_flush()
-        tail: list[Buffer] = []
-        if switchover:
-            tail.append(encode(CommandRecord(Command.SWITCHOVER_START)))
-        tail += [encode(SectionEnd(sid)), encode(EndOfSection()), encode(SectionFooter(sid)),
-                 img.device_state, encode(EndOfFile()),
-                 encode(VMDescription(img.vmdesc or b""))]
         faults.point("send-device")
-        out.add(tail)
+        out.add(_stream_tail(img, switchover))
         out.flush()
     finally:
         if pool is not None:
