@@ -3,7 +3,7 @@
 A multifd migration sends normal pages over N extra connections while the main
 connection carries the block list, sync markers and (in some modes) ZERO records.
 Pages of one RAM page can travel on different channels in different rounds, so
-they must be applied in order of *epochs* (``stream-protocol.md`` section 5.3):
+they must be applied in order of *epochs* (``docs/multifd.md`` §4):
 
 * On every channel, epoch ``e`` is the packets after its ``e``-th SYNC packet, up
   to and including its next one (a SYNC packet's own pages belong to the epoch it

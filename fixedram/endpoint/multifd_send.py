@@ -4,7 +4,7 @@ Why: the single-stream :func:`fixedram.endpoint.send.send` puts an 8-byte header
 every page and QEMU parses the whole stream in one thread. With multifd the page data
 travels in 512 KiB packets over N extra connections, which QEMU reads with one thread
 each straight into guest RAM, and fixedram fills each packet with one positioned read
-per run of pages (``stream-protocol.md`` section 5).
+per run of pages (``docs/multifd.md`` §6).
 
 What goes where (QEMU started with ``-incoming`` and capability ``multifd`` on,
 ``multifd-channels`` = N; :func:`send_multifd` connects 1 + N times to the same

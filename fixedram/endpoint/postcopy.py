@@ -3,7 +3,7 @@
 :func:`send_postcopy` makes a QEMU started with ``-incoming`` (capability ``postcopy-ram``
 on) run the saved guest at once, before any page of RAM has been sent, and then feeds it the
 pages: those the guest touches first (QEMU asks for them on the return path), the others in
-the background. The stream (``docs/`` stream-protocol §4.2, §4.3)::
+the background. The stream (``docs/protocol.md`` §8)::
 
     QEVM 3 | CONFIGURATION (no mapped-ram) | OPEN_RETURN_PATH | PING(1)
     | POSTCOPY_ADVISE(4096, 4096) | START ram: MEM_SIZE, blocks, EOS

@@ -13,7 +13,7 @@ image's directory (or a hidden temporary name where the filesystem lacks
 :class:`Receiver` is the core without a channel: bytes in, return-path replies
 out. ``fixedram convert`` feeds it from a file.
 
-Multifd (``stream-protocol.md`` section 5): the source opens the main connection
+Multifd (``docs/multifd.md`` §1, §7): the source opens the main connection
 plus N channel connections to one ``unix:``/``tcp:`` address, in no fixed order.
 :func:`receive_listening` accepts them in a thread, classifies each by its first
 4 bytes and hands the channels to a

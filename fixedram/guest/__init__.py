@@ -6,7 +6,7 @@ page index and a generation number, checks each page before overwriting it, keep
 block at physical ``STATUS_ADDR`` (the rest of that page holds its tick counter, its stack and
 a one-byte function it calls, so that TCG keeps tracking its writes there even in QEMU < 9.0; see
 "the hot page" in ``dirty.c``) and prints ``HB <n> gen=<g> cur=<page> err=<e> KiBps=<k>``
-on the first serial port. See ``/work/shared/docs/test-guest.md``.
+on the first serial port. See ``docs/test-guest.md``.
 
 Parameters go on the kernel command line (``-append``): ``mib=N`` or ``pct=P``, ``rate=MiB/s``
 (0 = as fast as possible), ``fill=1|0``, ``hb=ms`` and ``gens=G`` (stop dirtying once generation

@@ -3,7 +3,7 @@
  *
  * It stamps a region of RAM with verifiable page patterns at an exact rate, checks every
  * page before it overwrites it, keeps a status block at a fixed physical address and prints
- * a heartbeat line on the first serial port.  See /work/shared/docs/test-guest.md.
+ * a heartbeat line on the first serial port.  See docs/test-guest.md.
  *
  * Parameters (multiboot command line, key=value words):
  *   mib=N   dirty N MiB                  pct=P  dirty P % of the RAM above 4 MiB (default 50)

@@ -3,7 +3,7 @@
 Every constant and fixed-size structure of the precopy stream, the return path and
 multifd packets lives here; the decoder, the encoder and the image code import
 them rather than spelling numbers out. Integers on the wire are big-endian.
-Facts come from QEMU 7.2 and 10.0 (see ``docs/`` of the project).
+Facts from QEMU 7.2 and 10.0: ``docs/protocol.md``, ``docs/multifd.md``, ``docs/mapped-ram.md``.
 """
 
 from __future__ import annotations

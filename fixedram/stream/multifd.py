@@ -5,7 +5,7 @@ A multifd migration opens one main connection (the ordinary stream, starting wit
 them apart by their first four bytes. Each multifd connection carries one 64-byte
 init packet, then packets of a fixed 1344-byte header (flags, page counts, the
 RAM block name and up to 128 page offsets) followed by ``normal_pages`` x 4 KiB of
-page data. See ``stream-protocol.md`` section 5.
+page data. See ``docs/multifd.md`` §1-§3.
 
 :class:`MultifdChannelDecoder` decodes one connection. It can be driven two ways:
 
