@@ -46,6 +46,7 @@ __all__ = [
     "Heartbeat",
     "QemuBinary",
     "RamBlock",
+    "cache_roots",
     "choose_accel",
     "find_qemu",
     "kvm_runs_guest",
@@ -120,7 +121,9 @@ def _matches(version: tuple[int, int, int], want: str) -> bool:
     return list(version[: len(parts)]) == parts
 
 
-def _cache_roots() -> list[Path]:
+def cache_roots() -> list[Path]:
+    """Where downloaded and built test artefacts are looked for, in order: ``$FIXEDRAM_CACHE``,
+    the repository's ``.cache``, ``~/.cache/fixedram``."""
     roots = []
     if os.environ.get("FIXEDRAM_CACHE"):
         roots.append(Path(os.environ["FIXEDRAM_CACHE"]))
@@ -150,7 +153,7 @@ def find_qemu(version: str = "10") -> QemuBinary:
     on_path = shutil.which("qemu-system-x86_64")
     if on_path:
         candidates.append((Path(on_path), False))
-    for root in _cache_roots():
+    for root in cache_roots():
         candidates.append((root / f"qemu-{version}" / "usr" / "bin" / "qemu-system-x86_64", True))
 
     for path, unpacked in candidates:
@@ -275,16 +278,19 @@ def _terminate(proc: subprocess.Popen[Any], grace: float = 5.0) -> None:
 
 
 class Heartbeat(NamedTuple):
-    """One ``HB <n> gen=<g> cur=<page> err=<e> KiBps=<k>`` line of the guest."""
+    """One ``HB <n> gen=<g> cur=<page> err=<e> KiBps=<k>`` line of the guest; the Linux guest
+    adds ``data=<digest>`` (its known data's digest as it just computed it)."""
 
     n: int
     gen: int
     cur: int
     err: int
     kibps: int
+    data: str = ""
 
 
-_HB_RE = re.compile(rb"^HB (\d+) gen=(\d+) cur=(\d+) err=(\d+) KiBps=(\d+)\r?$", re.M)
+_HB_RE = re.compile(
+    rb"^HB (\d+) gen=(\d+) cur=(\d+) err=(\d+) KiBps=(\d+)(?: data=([0-9a-f]+))?\r?$", re.M)
 
 
 def parse_heartbeats(text: bytes | str) -> list[Heartbeat]:
@@ -292,7 +298,8 @@ def parse_heartbeats(text: bytes | str) -> list[Heartbeat]:
     data = text.encode() if isinstance(text, str) else text
     end = data.rfind(b"\n")
     data = data[: end + 1] if end >= 0 else b""
-    return [Heartbeat(*map(int, m.groups())) for m in _HB_RE.finditer(data)]
+    return [Heartbeat(*map(int, m.groups()[:5]), (m[6] or b"").decode())
+            for m in _HB_RE.finditer(data)]
 
 
 class RamBlock(NamedTuple):
@@ -374,8 +381,8 @@ class Guest:
 
     The command line is the one from ``docs/test-guest.md``::
 
-        <qemu> -M <machine> -accel <accel> -m <mem> -smp 1 -nodefaults -no-user-config
-               -display none -kernel <kernel> -append <append>
+        <qemu> -M <machine> -accel <accel> -m <mem> -smp <smp> [-nodefaults] -no-user-config
+               -display none -kernel <kernel> -append <append> [-initrd <initrd>]
                -serial file:<workdir>/<name>.log -qmp unix:<workdir>/<name>.qmp,server=on,wait=off
                [-incoming defer -S] [-S] <extra_args>
 
@@ -385,7 +392,10 @@ class Guest:
     as its working directory; its stderr goes to ``<workdir>/<name>.err``.
 
     ``kernel`` defaults to the bare guest from :func:`fixedram.guest.build_guest`; ``accel``
-    defaults to :func:`choose_accel`.
+    defaults to :func:`choose_accel`. ``defaults=True`` leaves out ``-nodefaults``: QEMU then
+    adds its default devices (a NIC with user networking, VGA, ...); ``initrd`` is passed as
+    ``-initrd`` (the Linux guest of :mod:`fixedram.guest.linux`). Devices and memory
+    backends go in ``extra_args``, which :meth:`like` copies.
     """
 
     def __init__(
@@ -403,6 +413,9 @@ class Guest:
         paused: bool = False,
         extra_args: Sequence[str] = (),
         qmp_timeout: float = 60.0,
+        smp: int = 1,
+        defaults: bool = False,
+        initrd: str | os.PathLike[str] | None = None,
     ) -> None:
         self.qemu = qemu
         self.workdir = Path(workdir).resolve()
@@ -416,6 +429,9 @@ class Guest:
         self.paused = paused
         self.extra_args = tuple(extra_args)
         self.qmp_timeout = qmp_timeout
+        self.smp = smp
+        self.defaults = defaults
+        self.initrd = Path(initrd).resolve() if initrd is not None else None
         self.log_path = self.workdir / f"{name}.log"
         self.err_path = self.workdir / f"{name}.err"
         self.qmp_path = self.workdir / f"{name}.qmp"
@@ -457,6 +473,9 @@ class Guest:
             paused=paused,
             extra_args=other.extra_args,
             qmp_timeout=other.qmp_timeout,
+            smp=other.smp,
+            defaults=other.defaults,
+            initrd=other.initrd,
         )
 
     def vm_args(self) -> list[str]:
@@ -468,9 +487,11 @@ class Guest:
         if self.accel is None:
             self.accel = choose_accel(self.qemu)
         return [
-            *("-M", self.machine, "-accel", self.accel, "-m", self.mem, "-smp", "1"),
-            *("-nodefaults", "-no-user-config", "-display", "none"),
+            *("-M", self.machine, "-accel", self.accel, "-m", self.mem, "-smp", str(self.smp)),
+            *(() if self.defaults else ("-nodefaults",)),
+            *("-no-user-config", "-display", "none"),
             *("-kernel", str(self.kernel), "-append", self.append),
+            *(("-initrd", str(self.initrd)) if self.initrd is not None else ()),
         ]
 
     @property

@@ -39,6 +39,7 @@ from fixedram.errors import EndpointError, ImageError, MismatchError
 from fixedram.image import Image, open_image
 from fixedram.image.layout import bitmap_bytes
 from fixedram.image.reader import READ_CHUNK, DirectIO, PageSlots
+from fixedram.image.sections import ram_section_id
 from fixedram.io.channel import Buffer, Channel
 from fixedram.stream import (
     CommandRecord,
@@ -81,8 +82,6 @@ __all__ = [
 ]
 
 PS = TARGET_PAGE_SIZE
-#: Section id of ``ram`` in the streams fixedram writes (QEMU binds ids by name at START).
-RAM_SECTION_ID = 1
 #: Machine-type version from which QEMU sends (and expects) SWITCHOVER_START.
 SWITCHOVER_START_SINCE = (10, 0)
 #: Pieces smaller than this are copied and batched with their neighbours into one write.
@@ -321,7 +320,7 @@ def _stream_head(img: Image, *, flush: bool = False) -> list[bytes]:
     list (``flush``: a MULTIFD_FLUSH before its EOS, a multifd sync point)."""
     cfg = img.configuration
     blocks = list(img.blocks.values())
-    sid = RAM_SECTION_ID
+    sid = ram_section_id(img)
     return [
         encode(FileHeader()),
         encode(Configuration(cfg.machine, None, cfg.page_bits, cfg.uuid)),
@@ -337,7 +336,7 @@ def _stream_head(img: Image, *, flush: bool = False) -> list[bytes]:
 def _stream_tail(img: Image, switchover: bool) -> list[Buffer]:
     """From the last RAM section to the end: [SWITCHOVER_START], the END section, the
     stored device state, EOF and the VM description."""
-    sid = RAM_SECTION_ID
+    sid = ram_section_id(img)
     tail: list[Buffer] = []
     if switchover:
         tail.append(encode(CommandRecord(Command.SWITCHOVER_START)))
@@ -520,7 +519,7 @@ def _send(img: Image, channel: Channel, readers: int,
     blocks = list(img.blocks.values())
     switchover = wants_switchover_start(img.machine, img.commands)
     enc = StreamEncoder()
-    sid = RAM_SECTION_ID
+    sid = ram_section_id(img)
     total = sum(b.length for b in blocks)
     head = _stream_head(img)
     out = _Sender(channel, total // PS, progress)
