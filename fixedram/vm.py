@@ -298,8 +298,8 @@ def parse_heartbeats(text: bytes | str) -> list[Heartbeat]:
     data = text.encode() if isinstance(text, str) else text
     end = data.rfind(b"\n")
     data = data[: end + 1] if end >= 0 else b""
-    return [Heartbeat(*map(int, m.groups()[:5]), (m[6] or b"").decode())
-            for m in _HB_RE.finditer(data)]
+    return [Heartbeat(int(m[1]), int(m[2]), int(m[3]), int(m[4]), int(m[5]),
+                      (m[6] or b"").decode()) for m in _HB_RE.finditer(data)]
 
 
 class RamBlock(NamedTuple):
