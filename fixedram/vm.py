@@ -416,6 +416,7 @@ class Guest:
         smp: int = 1,
         defaults: bool = False,
         initrd: str | os.PathLike[str] | None = None,
+        control: bool = False,
     ) -> None:
         self.qemu = qemu
         self.workdir = Path(workdir).resolve()
@@ -432,6 +433,8 @@ class Guest:
         self.smp = smp
         self.defaults = defaults
         self.initrd = Path(initrd).resolve() if initrd is not None else None
+        self.control = control
+        self.control_path: Path | None = None
         self.log_path = self.workdir / f"{name}.log"
         self.err_path = self.workdir / f"{name}.err"
         self.qmp_path = self.workdir / f"{name}.qmp"
@@ -476,6 +479,7 @@ class Guest:
             smp=other.smp,
             defaults=other.defaults,
             initrd=other.initrd,
+            control=other.control,
         )
 
     def vm_args(self) -> list[str]:
@@ -523,6 +527,11 @@ class Guest:
             args += ["-incoming", "defer", "-S"]
         elif self.paused:
             args += ["-S"]
+        if self.control:
+            if self._sockdir is None:
+                self._sockdir = tempfile.mkdtemp(prefix="fr-", dir="/tmp")
+            self.control_path = Path(self._sockdir) / f"{self.name}-ctl.qmp"
+            args += ["-qmp", f"unix:{self.control_path},server=on,wait=off"]
         args += self.extra_args
         self.argv = self.qemu.argv(*args)
         self._errfile = open(self.err_path, "wb")  # noqa: SIM115 - closed in close()
@@ -783,6 +792,52 @@ class Guest:
         n = self.mem_bytes - addr if size is None else size
         self.cmd("pmemsave", val=addr, size=n, filename=str(p))
         return p
+
+    def ram_ranges(self) -> list[tuple[int, int]]:
+        """Guest-physical ``(address, size)`` ranges of all of ``-m``'s RAM, less the legacy
+        VGA/ROM window at 0xa0000-0xfffff (device memory whose reads have side effects).
+
+        RAM above the PCI hole (q35: ``-m`` of 2.75 GiB or more keeps 2 GiB below 4 GiB; pc:
+        3.5 GiB or more keeps 3 GiB) is mapped from 4 GiB up.
+        """
+        mem = self.mem_bytes
+        q35 = "q35" in self.machine
+        if q35:
+            low = 0x80000000 if mem >= 0xB0000000 else mem
+        else:
+            low = 0xC0000000 if mem >= 0xE0000000 else mem
+        out = [(0, min(low, 0xA0000))]
+        if low > 0x100000:
+            out.append((0x100000, low - 0x100000))
+        if mem > low:
+            out.append((1 << 32, mem - low))
+        return out
+
+    def ram_digests(self, scratch: str | os.PathLike[str],
+                    chunk: int = 256 << 20) -> dict[int, str]:
+        """xxh3-128 digest of every ``chunk`` of :meth:`ram_ranges`, keyed by address.
+
+        Each chunk is dumped with ``pmemsave`` into a file in ``scratch`` (best on tmpfs),
+        hashed and deleted, so a guest of many GiB needs ``chunk`` bytes of scratch space.
+        Compare two guests' digests to compare their RAM.
+        """
+        import xxhash
+
+        out: dict[int, str] = {}
+        tmp = Path(scratch).resolve() / f"{self.name}-{os.getpid()}.chunk"
+        try:
+            for addr, size in self.ram_ranges():
+                for a in range(addr, addr + size, chunk):
+                    n = min(chunk, addr + size - a)
+                    self.pmemsave(tmp, a, n)
+                    h = xxhash.xxh3_128()
+                    with open(tmp, "rb") as f:
+                        while blk := f.read(16 << 20):
+                            h.update(blk)
+                    out[a] = h.hexdigest()
+        finally:
+            tmp.unlink(missing_ok=True)
+        return out
 
     def ramblocks(self) -> list[RamBlock]:
         """The RAM blocks from HMP ``info ramblock``."""

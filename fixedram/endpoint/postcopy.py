@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 
 from fixedram.endpoint.send import validate
-from fixedram.errors import EndpointError, FixedramError, ImageError
+from fixedram.errors import EndpointError, FixedramError, ImageError, MismatchError
 from fixedram.image import Image, open_image
 from fixedram.image.layout import runs
 from fixedram.image.sections import ram_section_id
@@ -94,6 +94,7 @@ __all__ = [
     "PostcopyReport",
     "PostcopyStats",
     "send_postcopy",
+    "check_page_sizes",
     "postcopy_package",
     "discard_command",
 ]
@@ -185,6 +186,23 @@ def postcopy_package(device_state: bytes) -> bytes:
         raise ImageError(f"device state of {len(device_state)} bytes does not fit in a postcopy "
                          f"package (QEMU's limit is {MAX_PACKAGED} bytes)")
     return encode(Packaged(inner))
+
+
+def check_page_sizes(page_sizes: dict[str, int]) -> None:
+    """Refuse a destination whose RAM blocks use pages larger than 4 KiB (hugetlbfs).
+
+    A postcopy source for such a block must advertise its page size, name it in the block
+    list and send every huge page whole, all its 4 KiB pieces in one run, zero ones
+    included, before the destination can place it; fixedram's postcopy source sends 4 KiB
+    pages (``docs/section-ids.md``, "Lazy restore and huge pages"). QEMU would refuse the
+    stream at POSTCOPY_ADVISE; this says why before anything is sent.
+    """
+    huge = {n: ps for n, ps in page_sizes.items() if ps != PS}
+    if huge:
+        name, ps = next(iter(huge.items()))
+        raise MismatchError(f"lazy restore of RAM backed by huge pages is not supported "
+                            f"(RAM block '{name}' has {ps >> 10} KiB pages); restore it in full "
+                            "(without --lazy)")
 
 
 def _preamble(img: Image) -> bytes:

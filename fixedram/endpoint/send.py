@@ -73,6 +73,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SendReport",
     "SendStats",
+    "dest_page_sizes_from_hmp",
     "dest_ramblocks_from_hmp",
     "machine_from_qom_type",
     "query_destination",
@@ -146,9 +147,10 @@ class SendReport:
 
 _MACHINE_VERSION = re.compile(r"-(\d+)\.(\d+)$")
 _RAMBLOCK_LINE = re.compile(
-    r"^\s*(\S+)\s+\d+(?:\.\d+)?\s*[KMGT]?i?B\s+0x([0-9a-fA-F]+)\s+0x([0-9a-fA-F]+)"
-    r"\s+0x([0-9a-fA-F]+)"
+    r"^\s*(\S+)\s+(?P<psize>\d+(?:\.\d+)?)\s*(?P<unit>[KMGT]?)i?B\s+0x([0-9a-fA-F]+)"
+    r"\s+0x([0-9a-fA-F]+)\s+0x([0-9a-fA-F]+)"
 )
+_PSIZE_UNIT = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def dest_ramblocks_from_hmp(text: str) -> list[tuple[str, int]]:
@@ -163,8 +165,19 @@ def dest_ramblocks_from_hmp(text: str) -> list[tuple[str, int]]:
     for line in text.splitlines():
         m = _RAMBLOCK_LINE.match(line)
         if m:
-            blocks.append((m[1], int(m[3], 16)))
+            blocks.append((m[1], int(m[5], 16)))
     return blocks
+
+
+def dest_page_sizes_from_hmp(text: str) -> dict[str, int]:
+    """Host page size (bytes) of every RAM block in HMP ``info ramblock`` output (the PSize
+    column: 4 KiB, or the huge page size of a hugetlbfs-backed block)."""
+    sizes = {}
+    for line in text.splitlines():
+        m = _RAMBLOCK_LINE.match(line)
+        if m:
+            sizes[m[1]] = int(float(m["psize"]) * _PSIZE_UNIT[m["unit"]])
+    return sizes
 
 
 def machine_from_qom_type(qom_type: str) -> str:
