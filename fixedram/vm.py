@@ -395,7 +395,10 @@ class Guest:
     defaults to :func:`choose_accel`. ``defaults=True`` leaves out ``-nodefaults``: QEMU then
     adds its default devices (a NIC with user networking, VGA, ...); ``initrd`` is passed as
     ``-initrd`` (the Linux guest of :mod:`fixedram.guest.linux`). Devices and memory
-    backends go in ``extra_args``, which :meth:`like` copies.
+    backends go in ``extra_args``, which :meth:`like` copies; ``{guest}`` in them becomes the
+    guest's name, so that each QEMU gets its own file (``mem-path=/x/{guest}.ram``).
+    ``control=True`` adds a second QMP monitor at :attr:`control_path` for ``fixedram`` to
+    use while the harness keeps its own.
     """
 
     def __init__(
@@ -532,7 +535,7 @@ class Guest:
                 self._sockdir = tempfile.mkdtemp(prefix="fr-", dir="/tmp")
             self.control_path = Path(self._sockdir) / f"{self.name}-ctl.qmp"
             args += ["-qmp", f"unix:{self.control_path},server=on,wait=off"]
-        args += self.extra_args
+        args += [a.replace("{guest}", self.name) for a in self.extra_args]
         self.argv = self.qemu.argv(*args)
         self._errfile = open(self.err_path, "wb")  # noqa: SIM115 - closed in close()
         try:
