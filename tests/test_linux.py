@@ -91,3 +91,6 @@ def test_ram_section_id_avoids_device_ids(tmp_path: Path) -> None:
     assert ram_section_id(img) == 7  # type: ignore[arg-type]
     img.ram_section_id = 1
     assert ram_section_id(img) == 3  # type: ignore[arg-type]
+    img.ram_section_id = 0  # every handler starts with id 0 in QEMU's loader
+    img.device_state = b""
+    assert ram_section_id(img) == 1  # type: ignore[arg-type]

@@ -50,11 +50,12 @@ def ram_section_id(img: Image) -> int:
 
     The id RAM had in the image's own stream where the image records one and no device
     section could carry it; else the smallest id from 1 up that no device section could
-    carry (:func:`device_section_ids`).
+    carry (:func:`device_section_ids`). Never 0: QEMU's loader starts every handler with
+    id 0, so a PART or END section with id 0 can reach a handler no section named.
     """
     taken = device_section_ids(img.device_state)
     own = img.ram_section_id
-    if own is not None and own not in taken:
+    if own and own not in taken:
         return own
     sid = PREFERRED_ID
     while sid in taken:
