@@ -222,7 +222,14 @@ def image_allocated(path: Path) -> int:
 
 
 def iter_ops(cfg: Config) -> Iterator[str]:
-    """The operations run on a configuration (test ids): ``<save>><restore>[@<qemu>]``."""
+    """The operations run on a configuration (test ids): ``<save>><restore>[@<qemu>]``.
+
+    ``<save>``: ``proxy``, ``native``, ``proxy-mf`` (``fixedram save`` that way),
+    ``convert`` (the proxy image converted to a legacy stream), ``reconvert`` (that stream
+    converted back to mapped-ram). ``<restore>``: ``native``, ``proxy``, ``proxy-mf``,
+    ``lazy`` (paused until complete), ``lazy-run`` (the guest runs at once). ``<qemu>``: the
+    destination's QEMU (default 10).
+    """
     if cfg.qemu == "7.2":  # no native mapped-ram in 7.2
         yield from ("proxy>proxy@7.2", "proxy>lazy@7.2", "proxy-mf>proxy-mf@7.2",
                     "proxy>native@10", "proxy>proxy@10", "proxy>lazy-run@10")
@@ -232,7 +239,8 @@ def iter_ops(cfg: Config) -> Iterator[str]:
                     "native>proxy@7.2", "convert>proxy@7.2", "proxy>native@10")
         return
     yield from ("proxy>native", "proxy>proxy", "proxy>proxy-mf", "proxy>lazy",
-                "proxy>lazy-run", "native>proxy", "proxy-mf>native", "convert>proxy")
+                "proxy>lazy-run", "native>proxy", "proxy-mf>native", "convert>proxy",
+                "reconvert>native")
 
 
 def run_op(src: Source, op: str) -> None:
@@ -241,12 +249,18 @@ def run_op(src: Source, op: str) -> None:
     how, _, qemu = rest.partition("@")
     qemu = qemu or "10"
     image = None
-    if save_how == "convert":  # the proxy image re-written as a legacy stream
+    if save_how in ("convert", "reconvert"):
+        # the proxy image re-written as a legacy stream (and that back into mapped-ram)
         saved = src.save("proxy")
         image = src.workdir / "converted.stream"
         if not image.exists():
             r = fixedram("convert", "-q", "--to", "stream", str(saved.path), str(image))
             assert r.returncode == 0, r.stderr
+        if save_how == "reconvert":
+            stream, image = image, src.workdir / "reconverted.img"
+            if not image.exists():
+                r = fixedram("convert", "-q", str(stream), str(image))
+                assert r.returncode == 0, r.stderr
     else:
         saved = src.save(save_how)
     if how == "lazy-run":

@@ -10,6 +10,10 @@
  *     fast as possible) with the pattern of the bare guest (dirty.c): page i, generation g:
  *     w[0]='DIRT', w[1]=i, w[2]=g, w[k>=3]=(i*0x9E3779B1)^(g*0x85EBCA77)^k; before writing
  *     generation g the page must hold g-1, else "BAD page=..." and err+1.
+ *   - devices: where the guest has them, every heartbeat reads 4 KiB of the virtio disk
+ *     /dev/vda (O_DIRECT, a different block each time) and 16 bytes of /dev/hwrng (virtio-rng);
+ *     a failed read prints "BAD device ..." and counts in err (a broken device hangs the
+ *     heartbeat instead).
  * Every `hb=MS` ms (default 1000) it prints on stdout (the serial console):
  *   HB <n> gen=<g> cur=<page> err=<e> KiBps=<k> data=<16 hex digits of the digest>
  * Parameters are key=value words of the kernel command line (/proc/cmdline).
@@ -17,6 +21,7 @@
  * Build: gcc -static -O2 -o lxguest linux.c
  */
 #define _GNU_SOURCE
+#include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -33,6 +38,31 @@
 
 static char cmdline[4096];
 static uint32_t err, bad_lines;
+static int disk_fd = -1, rng_fd = -1;
+static void *disk_buf;
+
+static void say(const char *s);
+
+/* One read from each device the guest has; failures count as errors. */
+static void poke_devices(uint32_t hb) {
+    char line[120];
+    if (disk_fd >= 0) {
+        off_t at = (off_t)(hb % 16384u) * 4096;
+        if (pread(disk_fd, disk_buf, 4096, at) != 4096) {
+            err++;
+            snprintf(line, sizeof line, "BAD device vda read at %lld\n", (long long)at);
+            say(line);
+        }
+    }
+    if (rng_fd >= 0) {
+        char b[16];
+        if (read(rng_fd, b, sizeof b) <= 0) {
+            err++;
+            snprintf(line, sizeof line, "BAD device hwrng read: %s\n", strerror(errno));
+            say(line);
+        }
+    }
+}
 
 static uint32_t param(const char *key, uint32_t dflt) {
     size_t n = strlen(key);
@@ -152,8 +182,17 @@ int main(void) {
         say("lxguest: cannot map the dirty region\n");
         return 1;
     }
-    snprintf(line, sizeof line, "fixedram lxguest: data=%u MiB digest=%016llx mib=%u rate=%u hb=%u\n",
-             data_mib, (unsigned long long)want, mib, rate, hb_ms);
+    disk_fd = open("/dev/vda", O_RDONLY | O_DIRECT);
+    if (disk_fd >= 0 && posix_memalign(&disk_buf, 4096, 4096) != 0) disk_fd = -1;
+    rng_fd = open("/dev/hwrng", O_RDONLY);
+    char probe[16];
+    if (rng_fd >= 0 && read(rng_fd, probe, sizeof probe) <= 0) { /* no rng device bound */
+        close(rng_fd);
+        rng_fd = -1;
+    }
+    snprintf(line, sizeof line,
+             "fixedram lxguest: data=%u MiB digest=%016llx mib=%u rate=%u hb=%u vda=%d hwrng=%d\n",
+             data_mib, (unsigned long long)want, mib, rate, hb_ms, disk_fd >= 0, rng_fd >= 0);
     say(line);
 
     uint64_t pps = (uint64_t)rate * 256u, credit = 0, cap = pps * 100u;
@@ -162,6 +201,7 @@ int main(void) {
     for (;;) {
         uint64_t now = now_ms();
         if (now >= next_hb) {
+            poke_devices(hb);
             uint64_t got = data ? digest(data, dlen / 8) : 0;
             if (got != want) {
                 err++;

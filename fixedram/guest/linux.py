@@ -8,7 +8,8 @@ and the sources next to this file:
 * ``vmlinux``: the kernel decompressed out of the package's ``vmlinuz``; QEMU boots this ELF
   through its PVH entry point, seconds faster under TCG than the bzImage.
 * ``initrd``: an uncompressed newc cpio (made with busybox ``cpio``) holding busybox,
-  ``/init`` (``init.sh``) and ``/lxguest``, ``linux.c`` built with ``gcc -static``.
+  ``/init`` (``init.sh``), the virtio drivers (:data:`MODULES`, loaded by ``/init``) and
+  ``/lxguest``, ``linux.c`` built with ``gcc -static``.
 
 The guest's kernel command line takes ``console=ttyS0`` plus the workload's parameters
 (``data=``, ``mib=``, ``rate=``, ``hb=``; see ``linux.c``): :func:`linux_append`. Its
@@ -33,6 +34,11 @@ from fixedram.errors import VMError
 __all__ = ["LinuxGuest", "build_linux_guest", "find_debs", "linux_append"]
 
 _SOURCES = ("linux.c", "init.sh")
+#: Kernel modules put in the initramfs, in load order (init.sh loads them): the drivers of
+#: the virtio devices the tests attach (Debian's cloud kernel builds them as modules).
+MODULES = ("virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev",
+           "virtio_pci", "virtio_blk", "failover", "net_failover", "virtio_net",
+           "virtio_balloon", "virtio-rng")
 _SETUP_HINT = "bash scripts/setup.sh downloads them"
 
 
@@ -124,6 +130,22 @@ def _vmlinux(vmlinuz: Path, dest: Path) -> None:
     dest.write_bytes(elf)
 
 
+def _modules(deb: Path, dest: Path) -> None:
+    """Extract :data:`MODULES` from the kernel package into ``dest`` (flat, ``<name>.ko``)."""
+    dest.mkdir(parents=True)
+    tar = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
+    assert tar.stdout is not None
+    r = subprocess.run(["tar", "-x", "-C", str(dest), "--wildcards", "--no-anchored",
+                        "--transform", "s,.*/,,", *(f"*/{m}.ko" for m in MODULES)],
+                       stdin=tar.stdout, stderr=subprocess.PIPE, check=False)
+    tar.stdout.close()
+    tar.wait()
+    missing = [m for m in MODULES if not (dest / f"{m}.ko").is_file()]
+    if r.returncode != 0 or missing:
+        raise VMError(f"cannot extract kernel modules {missing} from {deb}: "
+                      f"{r.stderr.decode().strip()}")
+
+
 def build_linux_guest(cache_dir: Path | None = None) -> LinuxGuest:
     """Build (or find already built) the Linux test guest and return its two files.
 
@@ -148,10 +170,11 @@ def build_linux_guest(cache_dir: Path | None = None) -> LinuxGuest:
         t = Path(tmp)
         _vmlinux(_extract(kdeb, "./boot/vmlinuz-*", t / "vmlinuz"), t / "vmlinux")
         root = t / "root"
-        for d in ("bin", "dev", "proc", "data"):
+        for d in ("bin", "dev", "proc", "sys", "data"):
             (root / d).mkdir(parents=True)
         busybox = _extract(bdeb, "./bin/busybox", root / "bin" / "busybox")
         busybox.chmod(0o755)
+        _modules(kdeb, root / "lib" / "modules")
         (root / "linux.c").write_bytes((pkg / "linux.c").read_bytes())
         r = subprocess.run(["gcc", "-static", "-O2", "-Wall", "-o", str(root / "lxguest"),
                             str(root / "linux.c")], capture_output=True, text=True, check=False)
