@@ -139,7 +139,8 @@ def find_qemu(version: str = "10") -> QemuBinary:
     ``qemu-system-x86_64`` on ``PATH``, and a Debian package unpacked by ``scripts/setup.sh`` in
     ``<cache>/qemu-<version>/usr/bin`` where ``<cache>`` is ``$FIXEDRAM_CACHE``, the repository's
     ``.cache`` or ``~/.cache/fixedram``. An unpacked QEMU gets ``-L /usr/share/seabios -L
-    /usr/share/qemu`` and ``QEMU_MODULE_DIR``. Results are cached per process.
+    /usr/share/qemu -L /usr/lib/ipxe/qemu`` (the last holds the NICs' option ROMs, which
+    QEMU's default devices need) and ``QEMU_MODULE_DIR``. Results are cached per process.
 
     Raises :class:`VMError` naming what is missing.
     """
@@ -169,7 +170,7 @@ def find_qemu(version: str = "10") -> QemuBinary:
                 env["QEMU_MODULE_DIR"] = str(moddir)
             extra = tuple(
                 a
-                for d in ("/usr/share/seabios", "/usr/share/qemu")
+                for d in ("/usr/share/seabios", "/usr/share/qemu", "/usr/lib/ipxe/qemu")
                 if Path(d).is_dir()
                 for a in ("-L", d)
             )

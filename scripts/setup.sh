@@ -61,8 +61,8 @@ if [ ! -x "$q72/usr/bin/qemu-system-x86_64" ]; then
   rm -rf "$tmp"
 fi
 # Unpacked, not installed: its modules (accel-tcg-i386.so) sit under $q72/usr/lib and its
-# firmware comes from the system's /usr/share/{seabios,qemu}; fixedram.vm.find_qemu("7.2")
-# passes QEMU_MODULE_DIR and -L for both.
+# firmware comes from the system's /usr/share/{seabios,qemu} and /usr/lib/ipxe/qemu (NIC
+# option ROMs); fixedram.vm.find_qemu("7.2") passes QEMU_MODULE_DIR and -L for them.
 QEMU_MODULE_DIR="$q72/usr/lib/x86_64-linux-gnu/qemu" "$q72/usr/bin/qemu-system-x86_64" --version |
   head -1 | sed 's/^/setup: /'
 echo "setup: QEMU 7.2 in $q72"
