@@ -227,12 +227,13 @@ def iter_ops(cfg: Config) -> Iterator[str]:
     ``<save>``: ``proxy``, ``native``, ``proxy-mf`` (``fixedram save`` that way),
     ``convert`` (the proxy image converted to a legacy stream), ``reconvert`` (that stream
     converted back to mapped-ram). ``<restore>``: ``native``, ``proxy``, ``proxy-mf``,
-    ``lazy`` (paused until complete), ``lazy-run`` (the guest runs at once). ``<qemu>``: the
-    destination's QEMU (default 10).
+    ``lazy`` (paused until complete), ``lazy-run`` (the guest runs at once), ``none`` (only
+    the save). ``<qemu>``: the destination's QEMU (default 10).
     """
     if cfg.qemu == "7.2":  # no native mapped-ram in 7.2
         yield from ("proxy>proxy@7.2", "proxy>lazy@7.2", "proxy-mf>proxy-mf@7.2",
-                    "proxy>native@10", "proxy>proxy@10", "proxy>lazy-run@10")
+                    "proxy>native@10", "proxy>proxy@10", "proxy>lazy-run@10",
+                    "native>none", "proxy>native@7.2")
         return
     if cfg.machine.endswith("7.2"):  # a 10 source with a 7.2 machine: into both
         yield from ("proxy>proxy@7.2", "proxy>lazy@7.2", "proxy>proxy-mf@7.2",
