@@ -40,11 +40,13 @@ def test_device_section_takes_low_id(source: Source) -> None:
     fixed choice would give RAM, and the chosen RAM id is none of the device sections'."""
     saved = source.save("proxy")
     with open_image(saved.path) as img:
-        taken = device_section_ids(img.device_state)
+        names = [d["name"] for d in img.vmdesc_json()["devices"]]
+        taken = device_section_ids(img.device_state, names)
         assert 1 in taken
         sid = ram_section_id(img)
         assert sid not in taken
-        assert img.ram_section_id is not None
+        # the VM description lets the blob be walked exactly: RAM keeps its own id
+        assert img.ram_section_id is not None and sid == img.ram_section_id
 
 
 @pytest.mark.qemu
@@ -65,32 +67,54 @@ def test_proxy_restore(source: Source) -> None:
     check_restore(source.save("proxy"), source, "proxy", paused=True)
 
 
-def test_ram_section_id_avoids_device_ids(tmp_path: Path) -> None:
-    """The id the image names is kept unless a device section could carry it; then the
-    smallest free one."""
-    from fixedram.stream import EndOfSection, SectionFooter, encode
+def _full(sid: int, name: bytes, data: bytes = b"\x00" * 7) -> bytes:
+    """A FULL section with its footer, as QEMU writes a device's state."""
+    from fixedram.stream import SectionFooter, encode
     from fixedram.stream.format import RecordType
 
-    def full(sid: int, name: bytes) -> bytes:
-        return (bytes([RecordType.SECTION_FULL]) + sid.to_bytes(4, "big") + bytes([len(name)])
-                + name + (0).to_bytes(4, "big") + (1).to_bytes(4, "big") + b"\x00" * 7
-                + encode(SectionFooter(sid)))
+    return (bytes([RecordType.SECTION_FULL]) + sid.to_bytes(4, "big") + bytes([len(name)])
+            + name + (0).to_bytes(4, "big") + (1).to_bytes(4, "big") + data
+            + encode(SectionFooter(sid)))
 
-    blob = full(0, b"timer") + full(1, b"slirp") + full(2, b"cpu")
-    assert {0, 1, 2} <= device_section_ids(blob)
+
+class _Img:
+    """What ram_section_id reads of an image."""
+
+    def __init__(self, blob: bytes, names: list[str] | None, own: int | None) -> None:
+        self.device_state = blob
+        self.ram_section_id = own
+        self._names = names
+
+    def vmdesc_json(self) -> object:
+        return None if self._names is None else {"devices": [{"name": n} for n in self._names]}
+
+
+def test_device_section_ids_exact_with_the_vm_description() -> None:
+    """With the VM description the blob is walked section by section: exact ids, even
+    where device data holds bytes that look like a footer."""
+    # slirp's own footer inside its data, another id's footer and a PART look-alike
+    tricky = b"\x7e\x00\x00\x00\x01\x99\x7e\x00\x00\x00\x02\x02\x00\x00\x00\x05"
+    blob = _full(0, b"timer") + _full(1, b"slirp", tricky) + _full(7, b"cpu")
+    assert device_section_ids(blob, ["timer", "slirp", "cpu"]) == {0, 1, 7}
+    # without it (or when it does not describe the blob) every look-alike counts too
+    loose = device_section_ids(blob)
+    assert {0, 1, 2, 5, 7} <= loose
+    assert device_section_ids(blob, ["timer", "cpu"]) == loose
+    assert device_section_ids(blob[:-1], ["timer", "slirp", "cpu"]) == device_section_ids(
+        blob[:-1])
     assert device_section_ids(b"") == frozenset()
-    assert encode(EndOfSection())  # the encoder is the one the stream uses
 
-    class Img:
-        device_state = blob
-        ram_section_id: int | None = None
 
-    img = Img()
-    assert ram_section_id(img) == 3  # type: ignore[arg-type]
-    img.ram_section_id = 7
-    assert ram_section_id(img) == 7  # type: ignore[arg-type]
-    img.ram_section_id = 1
-    assert ram_section_id(img) == 3  # type: ignore[arg-type]
-    img.ram_section_id = 0  # every handler starts with id 0 in QEMU's loader
-    img.device_state = b""
-    assert ram_section_id(img) == 1  # type: ignore[arg-type]
+def test_ram_section_id_avoids_device_ids() -> None:
+    """The id the image names is kept unless a device section could carry it (or it is 0);
+    then the smallest free one."""
+    blob = _full(0, b"timer") + _full(1, b"slirp") + _full(2, b"cpu")
+    names = ["timer", "slirp", "cpu"]
+    assert ram_section_id(_Img(blob, names, None)) == 3  # type: ignore[arg-type]
+    assert ram_section_id(_Img(blob, names, 7)) == 7  # type: ignore[arg-type]
+    assert ram_section_id(_Img(blob, names, 1)) == 3  # type: ignore[arg-type]
+    # every handler starts with id 0 in QEMU's loader: never 0
+    assert ram_section_id(_Img(b"", None, 0)) == 1  # type: ignore[arg-type]
+    # no VM description: the loose set; the chosen id is still none of the real ones
+    sid = ram_section_id(_Img(blob, None, 1))  # type: ignore[arg-type]
+    assert sid not in (0, 1, 2)
