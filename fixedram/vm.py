@@ -46,6 +46,7 @@ __all__ = [
     "Heartbeat",
     "QemuBinary",
     "RamBlock",
+    "cache_roots",
     "choose_accel",
     "find_qemu",
     "kvm_runs_guest",
@@ -120,7 +121,9 @@ def _matches(version: tuple[int, int, int], want: str) -> bool:
     return list(version[: len(parts)]) == parts
 
 
-def _cache_roots() -> list[Path]:
+def cache_roots() -> list[Path]:
+    """Where downloaded and built test artefacts are looked for, in order: ``$FIXEDRAM_CACHE``,
+    the repository's ``.cache``, ``~/.cache/fixedram``."""
     roots = []
     if os.environ.get("FIXEDRAM_CACHE"):
         roots.append(Path(os.environ["FIXEDRAM_CACHE"]))
@@ -136,7 +139,8 @@ def find_qemu(version: str = "10") -> QemuBinary:
     ``qemu-system-x86_64`` on ``PATH``, and a Debian package unpacked by ``scripts/setup.sh`` in
     ``<cache>/qemu-<version>/usr/bin`` where ``<cache>`` is ``$FIXEDRAM_CACHE``, the repository's
     ``.cache`` or ``~/.cache/fixedram``. An unpacked QEMU gets ``-L /usr/share/seabios -L
-    /usr/share/qemu`` and ``QEMU_MODULE_DIR``. Results are cached per process.
+    /usr/share/qemu -L /usr/lib/ipxe/qemu`` (the last holds the NICs' option ROMs, which
+    QEMU's default devices need) and ``QEMU_MODULE_DIR``. Results are cached per process.
 
     Raises :class:`VMError` naming what is missing.
     """
@@ -150,7 +154,7 @@ def find_qemu(version: str = "10") -> QemuBinary:
     on_path = shutil.which("qemu-system-x86_64")
     if on_path:
         candidates.append((Path(on_path), False))
-    for root in _cache_roots():
+    for root in cache_roots():
         candidates.append((root / f"qemu-{version}" / "usr" / "bin" / "qemu-system-x86_64", True))
 
     for path, unpacked in candidates:
@@ -166,7 +170,7 @@ def find_qemu(version: str = "10") -> QemuBinary:
                 env["QEMU_MODULE_DIR"] = str(moddir)
             extra = tuple(
                 a
-                for d in ("/usr/share/seabios", "/usr/share/qemu")
+                for d in ("/usr/share/seabios", "/usr/share/qemu", "/usr/lib/ipxe/qemu")
                 if Path(d).is_dir()
                 for a in ("-L", d)
             )
@@ -275,16 +279,19 @@ def _terminate(proc: subprocess.Popen[Any], grace: float = 5.0) -> None:
 
 
 class Heartbeat(NamedTuple):
-    """One ``HB <n> gen=<g> cur=<page> err=<e> KiBps=<k>`` line of the guest."""
+    """One ``HB <n> gen=<g> cur=<page> err=<e> KiBps=<k>`` line of the guest; the Linux guest
+    adds ``data=<digest>`` (its known data's digest as it just computed it)."""
 
     n: int
     gen: int
     cur: int
     err: int
     kibps: int
+    data: str = ""
 
 
-_HB_RE = re.compile(rb"^HB (\d+) gen=(\d+) cur=(\d+) err=(\d+) KiBps=(\d+)\r?$", re.M)
+_HB_RE = re.compile(
+    rb"^HB (\d+) gen=(\d+) cur=(\d+) err=(\d+) KiBps=(\d+)(?: data=([0-9a-f]+))?\r?$", re.M)
 
 
 def parse_heartbeats(text: bytes | str) -> list[Heartbeat]:
@@ -292,7 +299,8 @@ def parse_heartbeats(text: bytes | str) -> list[Heartbeat]:
     data = text.encode() if isinstance(text, str) else text
     end = data.rfind(b"\n")
     data = data[: end + 1] if end >= 0 else b""
-    return [Heartbeat(*map(int, m.groups())) for m in _HB_RE.finditer(data)]
+    return [Heartbeat(int(m[1]), int(m[2]), int(m[3]), int(m[4]), int(m[5]),
+                      (m[6] or b"").decode()) for m in _HB_RE.finditer(data)]
 
 
 class RamBlock(NamedTuple):
@@ -374,8 +382,8 @@ class Guest:
 
     The command line is the one from ``docs/test-guest.md``::
 
-        <qemu> -M <machine> -accel <accel> -m <mem> -smp 1 -nodefaults -no-user-config
-               -display none -kernel <kernel> -append <append>
+        <qemu> -M <machine> -accel <accel> -m <mem> -smp <smp> [-nodefaults] -no-user-config
+               -display none -kernel <kernel> -append <append> [-initrd <initrd>]
                -serial file:<workdir>/<name>.log -qmp unix:<workdir>/<name>.qmp,server=on,wait=off
                [-incoming defer -S] [-S] <extra_args>
 
@@ -385,7 +393,13 @@ class Guest:
     as its working directory; its stderr goes to ``<workdir>/<name>.err``.
 
     ``kernel`` defaults to the bare guest from :func:`fixedram.guest.build_guest`; ``accel``
-    defaults to :func:`choose_accel`.
+    defaults to :func:`choose_accel`. ``defaults=True`` leaves out ``-nodefaults``: QEMU then
+    adds its default devices (a NIC with user networking, VGA, ...); ``initrd`` is passed as
+    ``-initrd`` (the Linux guest of :mod:`fixedram.guest.linux`). Devices and memory
+    backends go in ``extra_args``, which :meth:`like` copies; ``{guest}`` in them becomes the
+    guest's name, so that each QEMU gets its own file (``mem-path=/x/{guest}.ram``).
+    ``control=True`` adds a second QMP monitor at :attr:`control_path` for ``fixedram`` to
+    use while the harness keeps its own.
     """
 
     def __init__(
@@ -403,6 +417,10 @@ class Guest:
         paused: bool = False,
         extra_args: Sequence[str] = (),
         qmp_timeout: float = 60.0,
+        smp: int = 1,
+        defaults: bool = False,
+        initrd: str | os.PathLike[str] | None = None,
+        control: bool = False,
     ) -> None:
         self.qemu = qemu
         self.workdir = Path(workdir).resolve()
@@ -416,6 +434,11 @@ class Guest:
         self.paused = paused
         self.extra_args = tuple(extra_args)
         self.qmp_timeout = qmp_timeout
+        self.smp = smp
+        self.defaults = defaults
+        self.initrd = Path(initrd).resolve() if initrd is not None else None
+        self.control = control
+        self.control_path: Path | None = None
         self.log_path = self.workdir / f"{name}.log"
         self.err_path = self.workdir / f"{name}.err"
         self.qmp_path = self.workdir / f"{name}.qmp"
@@ -457,6 +480,10 @@ class Guest:
             paused=paused,
             extra_args=other.extra_args,
             qmp_timeout=other.qmp_timeout,
+            smp=other.smp,
+            defaults=other.defaults,
+            initrd=other.initrd,
+            control=other.control,
         )
 
     def vm_args(self) -> list[str]:
@@ -468,9 +495,11 @@ class Guest:
         if self.accel is None:
             self.accel = choose_accel(self.qemu)
         return [
-            *("-M", self.machine, "-accel", self.accel, "-m", self.mem, "-smp", "1"),
-            *("-nodefaults", "-no-user-config", "-display", "none"),
+            *("-M", self.machine, "-accel", self.accel, "-m", self.mem, "-smp", str(self.smp)),
+            *(() if self.defaults else ("-nodefaults",)),
+            *("-no-user-config", "-display", "none"),
             *("-kernel", str(self.kernel), "-append", self.append),
+            *(("-initrd", str(self.initrd)) if self.initrd is not None else ()),
         ]
 
     @property
@@ -502,7 +531,12 @@ class Guest:
             args += ["-incoming", "defer", "-S"]
         elif self.paused:
             args += ["-S"]
-        args += self.extra_args
+        if self.control:
+            if self._sockdir is None:
+                self._sockdir = tempfile.mkdtemp(prefix="fr-", dir="/tmp")
+            self.control_path = Path(self._sockdir) / f"{self.name}-ctl.qmp"
+            args += ["-qmp", f"unix:{self.control_path},server=on,wait=off"]
+        args += [a.replace("{guest}", self.name) for a in self.extra_args]
         self.argv = self.qemu.argv(*args)
         self._errfile = open(self.err_path, "wb")  # noqa: SIM115 - closed in close()
         try:
@@ -762,6 +796,52 @@ class Guest:
         n = self.mem_bytes - addr if size is None else size
         self.cmd("pmemsave", val=addr, size=n, filename=str(p))
         return p
+
+    def ram_ranges(self) -> list[tuple[int, int]]:
+        """Guest-physical ``(address, size)`` ranges of all of ``-m``'s RAM, less the legacy
+        VGA/ROM window at 0xa0000-0xfffff (device memory whose reads have side effects).
+
+        RAM above the PCI hole (q35: ``-m`` of 2.75 GiB or more keeps 2 GiB below 4 GiB; pc:
+        3.5 GiB or more keeps 3 GiB) is mapped from 4 GiB up.
+        """
+        mem = self.mem_bytes
+        q35 = "q35" in self.machine
+        if q35:
+            low = 0x80000000 if mem >= 0xB0000000 else mem
+        else:
+            low = 0xC0000000 if mem >= 0xE0000000 else mem
+        out = [(0, min(low, 0xA0000))]
+        if low > 0x100000:
+            out.append((0x100000, low - 0x100000))
+        if mem > low:
+            out.append((1 << 32, mem - low))
+        return out
+
+    def ram_digests(self, scratch: str | os.PathLike[str],
+                    chunk: int = 256 << 20) -> dict[int, str]:
+        """xxh3-128 digest of every ``chunk`` of :meth:`ram_ranges`, keyed by address.
+
+        Each chunk is dumped with ``pmemsave`` into a file in ``scratch`` (best on tmpfs),
+        hashed and deleted, so a guest of many GiB needs ``chunk`` bytes of scratch space.
+        Compare two guests' digests to compare their RAM.
+        """
+        import xxhash
+
+        out: dict[int, str] = {}
+        tmp = Path(scratch).resolve() / f"{self.name}-{os.getpid()}.chunk"
+        try:
+            for addr, size in self.ram_ranges():
+                for a in range(addr, addr + size, chunk):
+                    n = min(chunk, addr + size - a)
+                    self.pmemsave(tmp, a, n)
+                    h = xxhash.xxh3_128()
+                    with open(tmp, "rb") as f:
+                        while blk := f.read(16 << 20):
+                            h.update(blk)
+                    out[a] = h.hexdigest()
+        finally:
+            tmp.unlink(missing_ok=True)
+        return out
 
     def ramblocks(self) -> list[RamBlock]:
         """The RAM blocks from HMP ``info ramblock``."""

@@ -61,11 +61,32 @@ if [ ! -x "$q72/usr/bin/qemu-system-x86_64" ]; then
   rm -rf "$tmp"
 fi
 # Unpacked, not installed: its modules (accel-tcg-i386.so) sit under $q72/usr/lib and its
-# firmware comes from the system's /usr/share/{seabios,qemu}; fixedram.vm.find_qemu("7.2")
-# passes QEMU_MODULE_DIR and -L for both.
+# firmware comes from the system's /usr/share/{seabios,qemu} and /usr/lib/ipxe/qemu (NIC
+# option ROMs); fixedram.vm.find_qemu("7.2") passes QEMU_MODULE_DIR and -L for them.
 QEMU_MODULE_DIR="$q72/usr/lib/x86_64-linux-gnu/qemu" "$q72/usr/bin/qemu-system-x86_64" --version |
   head -1 | sed 's/^/setup: /'
 echo "setup: QEMU 7.2 in $q72"
+
+# The Linux test guest (fixedram/guest/linux.py) is built at test time from Debian's cloud
+# kernel and busybox-static: download the two packages (not installed) into $cache/debs.
+debs="$cache/debs"
+if ! ls "$debs"/linux-image-*-cloud-amd64_*_amd64.deb >/dev/null 2>&1 ||
+   ! ls "$debs"/busybox-static_*_amd64.deb >/dev/null 2>&1; then
+  apt_update
+  command -v dpkg-deb >/dev/null 2>&1 || { echo "setup: dpkg-deb is needed" >&2; exit 1; }
+  # the meta package names the current ABI's image: linux-image-<abi>-cloud-amd64
+  kpkg=$(apt-cache depends linux-image-cloud-amd64 | sed -n 's/^ *Depends: \(linux-image-[0-9].*-cloud-amd64\)$/\1/p' | head -1)
+  [ -n "$kpkg" ] || { echo "setup: cannot resolve linux-image-cloud-amd64" >&2; exit 1; }
+  tmp=$(mktemp -d)
+  chmod 755 "$tmp"
+  (cd "$tmp" && apt-get download -qq "$kpkg" busybox-static)
+  mkdir -p "$debs"
+  mv "$tmp"/*.deb "$debs"/
+  rm -rf "$tmp"
+fi
+[ -e /usr/lib/x86_64-linux-gnu/libc.a ] || {
+  apt_update; sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libc6-dev; }
+echo "setup: Linux guest packages in $debs"
 
 cd "$here"
 [ -x .venv/bin/python ] || python3 -m venv .venv

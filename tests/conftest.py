@@ -17,6 +17,7 @@ import pytest
 from qemu_images import KINDS, ImageCase, ImageSpec, make_image
 
 from fixedram.guest import build_guest
+from fixedram.guest.linux import LinuxGuest, build_linux_guest
 from fixedram.vm import QemuBinary, choose_accel, find_qemu
 
 
@@ -80,3 +81,10 @@ def qemu_image(
         return cache[kind]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def linux_guest() -> LinuxGuest:
+    """The Linux test guest (kernel + initramfs), built once from the packages
+    ``scripts/setup.sh`` downloaded, and cached (see :mod:`fixedram.guest.linux`)."""
+    return build_linux_guest()

@@ -30,11 +30,12 @@ from test_send import (
     sockdir,  # noqa: F401  (fixture)
 )
 
-from fixedram.endpoint.send import RAM_SECTION_ID, send, wants_switchover_start
+from fixedram.endpoint.send import send, wants_switchover_start
 from fixedram.errors import FixedramError
 from fixedram.image import Image, open_image
 from fixedram.image import reader as reader_mod
 from fixedram.image.reader import PageSlots
+from fixedram.image.sections import ram_section_id
 from fixedram.qmp.client import QMP
 from fixedram.qmp.restore import restore
 from fixedram.stream import (
@@ -70,7 +71,7 @@ PS = 4096
 def reference_stream(img: Image) -> bytes:
     """The stream ``send()`` must write, framed record by record with ``StreamEncoder.encode``."""
     enc = StreamEncoder()
-    sid = RAM_SECTION_ID
+    sid = ram_section_id(img)
     blocks = list(img.blocks.values())
     cfg = img.configuration
     out = [encode(FileHeader()), encode(Configuration(cfg.machine, None, cfg.page_bits, cfg.uuid)),
@@ -123,7 +124,7 @@ def _legacy_stream(path: Path) -> dict[str, dict[int, bytes]]:
     """A legacy stream file with runs, re-sent pages, pages zeroed again and block switches;
     returns the final content (block -> page -> data) it describes."""
     blocks = {"pc.ram": 600 * PS, "pc.rom": 16 * PS}
-    sid = RAM_SECTION_ID
+    sid = 1
     enc = StreamEncoder()
     recs: list[bytes] = [
         encode(FileHeader()), encode(Configuration("pc-q35-10.0", None, 12, None)),

@@ -53,7 +53,6 @@ import numpy as np
 
 from fixedram.endpoint.send import (
     LINGER_SECONDS,
-    RAM_SECTION_ID,
     SendStats,
     _open,
     _stream_head,
@@ -64,6 +63,7 @@ from fixedram.endpoint.send import (
 from fixedram.errors import EndpointError, FixedramError, MismatchError
 from fixedram.image import Image
 from fixedram.image.reader import BlockInfo, DirectIO
+from fixedram.image.sections import ram_section_id
 from fixedram.io.channel import connect
 from fixedram.io.files import IOV_MAX, advance, aligned_buffer
 from fixedram.stream import (
@@ -490,7 +490,7 @@ def _send(img: Image, address: str, nchan: int, uuid: bytes | None,
     switchover = wants_switchover_start(machine, img.commands)
     if uuid is None:
         uuid = cfg.uuid if cfg.uuid is not None and len(cfg.uuid) == 16 else bytes(16)
-    sid = RAM_SECTION_ID
+    sid = ram_section_id(img)
     total = sum(b.length for b in blocks)
     pages_total = total // PS
     # the first sync point: QEMU's channel threads write pages as soon as they read them,

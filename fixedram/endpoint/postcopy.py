@@ -53,10 +53,11 @@ from pathlib import Path
 
 import numpy as np
 
-from fixedram.endpoint.send import RAM_SECTION_ID, validate
-from fixedram.errors import EndpointError, FixedramError, ImageError
+from fixedram.endpoint.send import validate
+from fixedram.errors import EndpointError, FixedramError, ImageError, MismatchError
 from fixedram.image import Image, open_image
 from fixedram.image.layout import runs
+from fixedram.image.sections import ram_section_id
 from fixedram.io.channel import Buffer, Channel
 from fixedram.stream import (
     CommandRecord,
@@ -93,6 +94,7 @@ __all__ = [
     "PostcopyReport",
     "PostcopyStats",
     "send_postcopy",
+    "check_page_sizes",
     "postcopy_package",
     "discard_command",
 ]
@@ -186,21 +188,39 @@ def postcopy_package(device_state: bytes) -> bytes:
     return encode(Packaged(inner))
 
 
+def check_page_sizes(page_sizes: dict[str, int]) -> None:
+    """Refuse a destination whose RAM blocks use pages larger than 4 KiB (hugetlbfs).
+
+    A postcopy source for such a block must advertise its page size, name it in the block
+    list and send every huge page whole, all its 4 KiB pieces in one run, zero ones
+    included, before the destination can place it; fixedram's postcopy source sends 4 KiB
+    pages (``docs/section-ids.md``, "Lazy restore and huge pages"). QEMU would refuse the
+    stream at POSTCOPY_ADVISE; this says why before anything is sent.
+    """
+    huge = {n: ps for n, ps in page_sizes.items() if ps != PS}
+    if huge:
+        name, ps = next(iter(huge.items()))
+        raise MismatchError(f"lazy restore of RAM backed by huge pages is not supported "
+                            f"(RAM block '{name}' has {ps >> 10} KiB pages); restore it in full "
+                            "(without --lazy)")
+
+
 def _preamble(img: Image) -> bytes:
     """Everything up to and including PING(2), before which the guest cannot run."""
     cfg = img.configuration
     blocks = list(img.blocks.values())
+    sid = ram_section_id(img)
     out = [
         encode(FileHeader()),
         encode(Configuration(cfg.machine, None, cfg.page_bits, cfg.uuid)),
         _command(Command.OPEN_RETURN_PATH),
         _command(Command.PING, BE32.pack(_PING_OPENED)),
         _command(Command.POSTCOPY_ADVISE, BE64.pack(PS) + BE64.pack(PS)),
-        encode(SectionStart(RAM_SECTION_ID, RAM_SECTION, 0, RAM_SECTION_VERSION)),
+        encode(SectionStart(sid, RAM_SECTION, 0, RAM_SECTION_VERSION)),
         encode(MemSize(sum(b.length for b in blocks))),
         *(encode(RamBlock(b.name, b.length)) for b in blocks),
         encode(EndOfSection()),
-        encode(SectionFooter(RAM_SECTION_ID)),
+        encode(SectionFooter(sid)),
         # at least one DISCARD before LISTEN, or QEMU deadlocks (see the module docstring)
         *(discard_command(b.name, [(0, b.length)]) for b in blocks),
         _command(Command.PING, BE32.pack(_PING_ACCEPTED)),
@@ -316,6 +336,7 @@ class _Server:
                  progress: Callable[[PostcopyStats], None] | None,
                  push_rate: float | None, t0: float) -> None:
         self.img = img
+        self.sid = ram_section_id(img)
         self.channel = channel
         self.rp = rp
         self.enc = StreamEncoder()
@@ -360,8 +381,8 @@ class _Server:
 
     def _section(self, body: list[Buffer]) -> None:
         """One PART section around ``body``; its first record names its block."""
-        self.write([encode(SectionPart(RAM_SECTION_ID)), *body, encode(EndOfSection()),
-                    encode(SectionFooter(RAM_SECTION_ID))])
+        self.write([encode(SectionPart(self.sid)), *body, encode(EndOfSection()),
+                    encode(SectionFooter(self.sid))])
 
     # -- requests ------------------------------------------------------------------------
 
@@ -561,8 +582,8 @@ def _run(img: Image, channel: Channel, preamble: bytes, package: bytes,
         if on_running is not None:
             on_running()
         srv.push_all()
-        srv.write([encode(SectionEnd(RAM_SECTION_ID)), encode(EndOfSection()),
-                   encode(SectionFooter(RAM_SECTION_ID)), encode(EndOfFile())])
+        srv.write([encode(SectionEnd(srv.sid)), encode(EndOfSection()),
+                   encode(SectionFooter(srv.sid)), encode(EndOfFile())])
     except (OSError, ImageError) as e:
         _hang_up(channel)
         raise _failed_after_run(f"reading the image failed: {e}") from e

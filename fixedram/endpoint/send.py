@@ -39,6 +39,7 @@ from fixedram.errors import EndpointError, ImageError, MismatchError
 from fixedram.image import Image, open_image
 from fixedram.image.layout import bitmap_bytes
 from fixedram.image.reader import READ_CHUNK, DirectIO, PageSlots
+from fixedram.image.sections import ram_section_id
 from fixedram.io.channel import Buffer, Channel
 from fixedram.stream import (
     CommandRecord,
@@ -72,6 +73,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SendReport",
     "SendStats",
+    "dest_page_sizes_from_hmp",
     "dest_ramblocks_from_hmp",
     "machine_from_qom_type",
     "query_destination",
@@ -81,8 +83,6 @@ __all__ = [
 ]
 
 PS = TARGET_PAGE_SIZE
-#: Section id of ``ram`` in the streams fixedram writes (QEMU binds ids by name at START).
-RAM_SECTION_ID = 1
 #: Machine-type version from which QEMU sends (and expects) SWITCHOVER_START.
 SWITCHOVER_START_SINCE = (10, 0)
 #: Pieces smaller than this are copied and batched with their neighbours into one write.
@@ -147,9 +147,10 @@ class SendReport:
 
 _MACHINE_VERSION = re.compile(r"-(\d+)\.(\d+)$")
 _RAMBLOCK_LINE = re.compile(
-    r"^\s*(\S+)\s+\d+(?:\.\d+)?\s*[KMGT]?i?B\s+0x([0-9a-fA-F]+)\s+0x([0-9a-fA-F]+)"
-    r"\s+0x([0-9a-fA-F]+)"
+    r"^\s*(\S+)\s+(?P<psize>\d+(?:\.\d+)?)\s*(?P<unit>[KMGT]?)i?B\s+0x([0-9a-fA-F]+)"
+    r"\s+0x([0-9a-fA-F]+)\s+0x([0-9a-fA-F]+)"
 )
+_PSIZE_UNIT = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def dest_ramblocks_from_hmp(text: str) -> list[tuple[str, int]]:
@@ -164,8 +165,19 @@ def dest_ramblocks_from_hmp(text: str) -> list[tuple[str, int]]:
     for line in text.splitlines():
         m = _RAMBLOCK_LINE.match(line)
         if m:
-            blocks.append((m[1], int(m[3], 16)))
+            blocks.append((m[1], int(m[5], 16)))
     return blocks
+
+
+def dest_page_sizes_from_hmp(text: str) -> dict[str, int]:
+    """Host page size (bytes) of every RAM block in HMP ``info ramblock`` output (the PSize
+    column: 4 KiB, or the huge page size of a hugetlbfs-backed block)."""
+    sizes = {}
+    for line in text.splitlines():
+        m = _RAMBLOCK_LINE.match(line)
+        if m:
+            sizes[m[1]] = int(float(m["psize"]) * _PSIZE_UNIT[m["unit"]])
+    return sizes
 
 
 def machine_from_qom_type(qom_type: str) -> str:
@@ -321,7 +333,7 @@ def _stream_head(img: Image, *, flush: bool = False) -> list[bytes]:
     list (``flush``: a MULTIFD_FLUSH before its EOS, a multifd sync point)."""
     cfg = img.configuration
     blocks = list(img.blocks.values())
-    sid = RAM_SECTION_ID
+    sid = ram_section_id(img)
     return [
         encode(FileHeader()),
         encode(Configuration(cfg.machine, None, cfg.page_bits, cfg.uuid)),
@@ -337,7 +349,7 @@ def _stream_head(img: Image, *, flush: bool = False) -> list[bytes]:
 def _stream_tail(img: Image, switchover: bool) -> list[Buffer]:
     """From the last RAM section to the end: [SWITCHOVER_START], the END section, the
     stored device state, EOF and the VM description."""
-    sid = RAM_SECTION_ID
+    sid = ram_section_id(img)
     tail: list[Buffer] = []
     if switchover:
         tail.append(encode(CommandRecord(Command.SWITCHOVER_START)))
@@ -520,7 +532,7 @@ def _send(img: Image, channel: Channel, readers: int,
     blocks = list(img.blocks.values())
     switchover = wants_switchover_start(img.machine, img.commands)
     enc = StreamEncoder()
-    sid = RAM_SECTION_ID
+    sid = ram_section_id(img)
     total = sum(b.length for b in blocks)
     head = _stream_head(img)
     out = _Sender(channel, total // PS, progress)

@@ -37,6 +37,7 @@ from fixedram.stream import (
     PageRun,
     RamBlock,
     SectionPart,
+    SectionStart,
     StreamDecoder,
     VMDescription,
     Zero,
@@ -131,6 +132,8 @@ class Image:
     file_size: int = 0
     commands: list[str] = field(default_factory=list)
     sections: int = 0
+    #: The id the RAM section had in the image's stream (see fixedram.image.sections).
+    ram_section_id: int | None = None
     _fd: int = -1
     _dfd: int = -1
     _dmode: DirectIO | Literal["refused"] = False
@@ -487,7 +490,7 @@ def _walk(fd: int, base: int, size: int, index: bool) -> tuple[StreamDecoder, di
     """Run the decoder over the file, seeking over mapped-ram regions."""
     dec = StreamDecoder(base_offset=base, runs=True)
     info: dict[str, Any] = {"blocks": {}, "commands": [], "device": None, "vmdesc": None,
-                            "config": None, "where": {}, "sections": 0}
+                            "config": None, "where": {}, "sections": 0, "ram_id": None}
     where: dict[str, np.ndarray] = info["where"]
     pos = base
     chunk = READ_CHUNK if index else METADATA_CHUNK
@@ -545,6 +548,8 @@ def _walk(fd: int, base: int, size: int, index: bool) -> tuple[StreamDecoder, di
                 info["commands"].append(r.name)
             elif isinstance(r, SectionPart):
                 info["sections"] += 1
+            elif isinstance(r, SectionStart):
+                info["ram_id"] = r.section_id
             elif isinstance(r, DeviceState):
                 info["device"] = r.data
             elif isinstance(r, VMDescription):
@@ -606,7 +611,7 @@ def open_image(path: str | os.PathLike[str], *, offset: int | None = None) -> Im
                   configuration=info["config"], blocks=info["blocks"],
                   device_state=info["device"] or b"", vmdesc=info["vmdesc"],
                   base_offset=base, file_size=size, commands=info["commands"],
-                  sections=info["sections"], _fd=fd)
+                  sections=info["sections"], ram_section_id=info["ram_id"], _fd=fd)
         if isinstance(img, StreamImage):
             img._where = info["where"]
         return img

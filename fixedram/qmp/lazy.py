@@ -133,8 +133,12 @@ def lazy_restore(
     anything is sent, :class:`~fixedram.endpoint.postcopy.PostcopyFailed` when the restore
     broke after the guest started.
     """
-    from fixedram.endpoint.postcopy import send_postcopy
-    from fixedram.endpoint.send import dest_ramblocks_from_hmp, validate
+    from fixedram.endpoint.postcopy import check_page_sizes, send_postcopy
+    from fixedram.endpoint.send import (
+        dest_page_sizes_from_hmp,
+        dest_ramblocks_from_hmp,
+        validate,
+    )
     from fixedram.image import open_image
     from fixedram.io.channel import Channel, SocketChannel, connect
 
@@ -149,9 +153,11 @@ def lazy_restore(
     if qmp.query_migrate().get("status") not in (None, "none"):
         raise VMError(f"QEMU at {qmp.path} already has an incoming migration")
     machine = qmp.machine_type()
-    dest_blocks = dest_ramblocks_from_hmp(qmp.ramblocks_text())
+    ramblocks = qmp.ramblocks_text()
+    dest_blocks = dest_ramblocks_from_hmp(ramblocks)
     if not dest_blocks:
         raise VMError(f"cannot read the RAM blocks of QEMU at {qmp.path} (info ramblock)")
+    check_page_sizes(dest_page_sizes_from_hmp(ramblocks))
     with open_image(path) as img:
         validate(img, dest_machine=machine, dest_blocks=dest_blocks)
         pages = sum(int(img.present(n).sum()) for n in img.blocks)
