@@ -425,6 +425,13 @@ class MultifdReceiver:
         with self._lock:
             return self.sink.write_pages(block, first_page, bufs)
 
+    def write_page_views(self, block: str, first_page: int, pages: list[memoryview]) -> Any:
+        """Main-channel pages as one-page views: written now (by the sink's
+        ``write_page_views`` where it has one)."""
+        write = getattr(self.sink, "write_page_views", None) or self.sink.write_pages
+        with self._lock:
+            return write(block, first_page, pages)
+
     def zero_pages(self, block: str, first_page: int, npages: int = 1) -> Any:
         """Main-channel ZERO records: applied now (they belong to the current epoch)."""
         with self._lock:
