@@ -37,7 +37,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any, Literal, Protocol
+
+import numpy as np
 
 from fixedram.errors import EndpointError, FixedramError, StreamError, UnsupportedRecord
 from fixedram.io.channel import Channel
@@ -130,15 +133,14 @@ class _Conn:
 
 
 def _runs(offsets: Sequence[int]) -> Iterator[tuple[int, int, int]]:
-    """``(first_page, index, count)`` for each run of consecutive page offsets."""
-    i, n = 0, len(offsets)
-    while i < n:
-        first = offsets[i] >> _SHIFT
-        j = i + 1
-        while j < n and offsets[j] >> _SHIFT == first + (j - i):
-            j += 1
-        yield first, i, j - i
-        i = j
+    """``(first_page, index, count)`` for each run of consecutive page offsets (numpy)."""
+    n = len(offsets)
+    if not n:
+        return iter(())
+    pages = np.array(offsets, dtype=np.uint64) >> np.uint64(_SHIFT)
+    cuts = [0, *(np.flatnonzero(np.diff(pages) != 1) + 1).tolist(), n]
+    firsts = pages[cuts[:-1]].tolist()
+    return ((f, a, z - a) for f, (a, z) in zip(firsts, pairwise(cuts), strict=True))
 
 
 def _wake(channel: Channel) -> None:
@@ -308,6 +310,7 @@ class MultifdReceiver:
                                   f"'{pkt.block}' (length 0x{length:x})", pkt.offset + 320)
             data = memoryview(pkt.data)
             with self._lock:
+                # one write per run of consecutive pages, straight from the payload
                 for first, i, n in _runs(pkt.normal_offsets):
                     self.sink.write_pages(pkt.block, first, [
                         data[i * TARGET_PAGE_SIZE : (i + n) * TARGET_PAGE_SIZE]])

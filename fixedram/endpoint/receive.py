@@ -316,12 +316,13 @@ class Receiver:
                 # reads its packets into one aligned (anonymous mmap) buffer
                 payload = ((lambda n: memoryview(aligned_buffer(n))) if self.direct
                            else None)
-                self.multifd = MultifdReceiver(self.writer, multifd_channels,
+                # the writer takes page writes of several threads (for disjoint pages,
+                # which an epoch guarantees): channels write in parallel
+                self.multifd = MultifdReceiver(self.writer, multifd_channels, serialize=False,
                                                payload_buffer=payload, on_error=multifd_error)
         except BaseException:
             self.abort()
             raise
-        # main-channel pages share the channels' lock
         self._sink: MultifdReceiver | MappedRamWriter = self.multifd or self.writer
         self.bytes_received = 0
         self.zero_records = 0

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -40,6 +41,7 @@ from fixedram.image.checksum import (
     Checksums,
     Geometry,
     PageDigests,
+    digest_pages,
     digest_views,
     write_new,
 )
@@ -179,7 +181,8 @@ class MappedRamWriter:
     ``fd`` receives the metadata (stream prefix, bitmaps, trailer) through buffered
     positional writes; ``page_fd`` (default ``fd``) receives page data, e.g. an
     ``O_DIRECT`` descriptor of the same file, in which case the buffers given to
-    :meth:`write_pages` must be page-aligned. ``base_offset`` is not supported: the
+    :meth:`write_pages` must be page-aligned. Page writes and zeroing may be called
+    from several threads at once for disjoint pages. ``base_offset`` is not supported: the
     stream starts at byte 0.
     """
 
@@ -198,6 +201,9 @@ class MappedRamWriter:
         self.pages_written = 0
         self.holes_punched = 0
         self._finished = False
+        # page writes may come from several threads (multifd channels) for disjoint
+        # pages: data is written and hashed outside this lock, bits and digests inside
+        self._lock = threading.Lock()
 
     # -- setup ---------------------------------------------------------------------
 
@@ -276,12 +282,22 @@ class MappedRamWriter:
                                 f"block '{block}' ({blk.npages} pages)")
         if not npages:
             return 0
-        pwritev_all(self.page_fd, bufs, blk.pages_offset + first_page * PAGE_SIZE)
+        digests = None
         if self.digests is not None:
-            self.digests.write(block, first_page, bufs)
-        blk.present.set(first_page, npages)
-        self.pages_written += npages
+            digests = np.empty(npages, dtype=np.uint64)
+            digest_pages(digests, 0, bufs)
+        pwritev_all(self.page_fd, bufs, blk.pages_offset + first_page * PAGE_SIZE)
+        self._written(blk, first_page, npages, digests)
         return npages
+
+    def _written(self, blk: BlockLayout, first_page: int, npages: int,
+                 digests: np.ndarray | None) -> None:
+        """Record pages written: bits, digests, counters (under the bookkeeping lock)."""
+        with self._lock:
+            if self.digests is not None and digests is not None:
+                self.digests.store(blk.name, first_page, digests)
+            blk.present.set(first_page, npages)
+            self.pages_written += npages
 
     def write_page_views(self, block: str, first_page: int, pages: list[memoryview]) -> int:
         """:meth:`write_pages` for a list of one-page views (e.g. of received records).
@@ -296,8 +312,7 @@ class MappedRamWriter:
                                 f"block '{block}' ({blk.npages} pages)")
         if not npages:
             return 0
-        if self.digests is not None:
-            self.digests.store(block, first_page, digest_views(pages, npages))
+        digests = digest_views(pages, npages) if self.digests is not None else None
         fd = self.page_fd
         at = blk.pages_offset + first_page * PAGE_SIZE
         for i in range(0, npages, IOV_MAX):
@@ -309,8 +324,7 @@ class MappedRamWriter:
                 rest: list[Buffer] = [group[done][part:], *group[done + 1 :]]
                 pwritev_all(fd, rest, at + n)
             at += want
-        blk.present.set(first_page, npages)
-        self.pages_written += npages
+        self._written(blk, first_page, npages, digests)
         return npages
 
     def zero_pages(self, block: str, first_page: int, npages: int = 1) -> int:
@@ -324,13 +338,16 @@ class MappedRamWriter:
         if first_page < 0 or npages < 0 or first_page + npages > blk.npages:
             raise FixedramError(f"pages {first_page}..{first_page + npages} outside RAM "
                                 f"block '{block}' ({blk.npages} pages)")
-        if self.digests is not None:
-            self.digests.zero(block, first_page, npages)
+        with self._lock:
+            if self.digests is not None:
+                self.digests.zero(block, first_page, npages)
+            cleared = blk.present.clear_runs(first_page, npages)
         had = 0
-        for start, n in blk.present.clear_runs(first_page, npages):
+        for start, n in cleared:
             punch_hole(self.fd, blk.pages_offset + start * PAGE_SIZE, n * PAGE_SIZE)
             had += n
-        self.holes_punched += had
+        with self._lock:
+            self.holes_punched += had
         return had
 
     # -- completion ----------------------------------------------------------------

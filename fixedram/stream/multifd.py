@@ -305,11 +305,13 @@ class MultifdChannelDecoder:
         count = normal + nzero
         if count and not block:
             raise StreamError("multifd packet with pages but no RAM block name", at + 64)
-        offs: tuple[int, ...] = struct.unpack_from(f">{count}Q", hdr, MULTIFD_PACKET_HEADER.size)
-        for i, o in enumerate(offs):
-            if o & _PAGE_MASK:
-                raise StreamError(f"multifd packet page offset 0x{o:x} is not page-aligned",
-                                  at + MULTIFD_PACKET_HEADER.size + 8 * i)
+        raw = np.frombuffer(hdr, dtype=">u8", count=count, offset=MULTIFD_PACKET_HEADER.size)
+        bad = np.flatnonzero(raw & np.uint64(_PAGE_MASK))
+        if len(bad):
+            i = int(bad[0])
+            raise StreamError(f"multifd packet page offset 0x{int(raw[i]):x} is not "
+                              "page-aligned", at + MULTIFD_PACKET_HEADER.size + 8 * i)
+        offs: tuple[int, ...] = tuple(raw.tolist())
         flags = self._flags
         pkt = MultifdPacket(flags, packet_num, block, offs[:normal], offs[normal:], b"",
                             bool(flags & _SYNC), at)
