@@ -35,7 +35,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any, Literal, Protocol
@@ -132,15 +132,17 @@ class _Conn:
         return f"multifd channel {cid}" if cid is not None else f"multifd connection #{self.index}"
 
 
-def _runs(offsets: Sequence[int]) -> Iterator[tuple[int, int, int]]:
+def _runs(offsets: Sequence[int] | np.ndarray) -> list[tuple[int, int, int]]:
     """``(first_page, index, count)`` for each run of consecutive page offsets (numpy)."""
     n = len(offsets)
     if not n:
-        return iter(())
-    pages = np.array(offsets, dtype=np.uint64) >> np.uint64(_SHIFT)
+        return []
+    pages = np.asarray(offsets, dtype=np.uint64) >> np.uint64(_SHIFT)
+    if n == 1 or (int(pages[-1]) - int(pages[0]) == n - 1 and (np.diff(pages) == 1).all()):
+        return [(int(pages[0]), 0, n)]
     cuts = [0, *(np.flatnonzero(np.diff(pages) != 1) + 1).tolist(), n]
     firsts = pages[cuts[:-1]].tolist()
-    return ((f, a, z - a) for f, (a, z) in zip(firsts, pairwise(cuts), strict=True))
+    return [(f, a, z - a) for f, (a, z) in zip(firsts, pairwise(cuts), strict=True)]
 
 
 def _wake(channel: Channel) -> None:
@@ -304,17 +306,21 @@ class MultifdReceiver:
             if length is None:
                 raise StreamError(f"{conn.name}: packet for unknown RAM block '{pkt.block}'",
                                   pkt.offset + 64)
-            top = max(max(pkt.normal_offsets, default=0), max(pkt.zero_offsets, default=0))
+            offs = pkt.offsets
+            if offs is None:
+                offs = np.array(pkt.normal_offsets + pkt.zero_offsets, dtype=np.uint64)
+            top = int(offs.max())
             if top + TARGET_PAGE_SIZE > length:
                 raise StreamError(f"{conn.name}: page offset 0x{top:x} outside RAM block "
                                   f"'{pkt.block}' (length 0x{length:x})", pkt.offset + 320)
             data = memoryview(pkt.data)
             with self._lock:
                 # one write per run of consecutive pages, straight from the payload
-                for first, i, n in _runs(pkt.normal_offsets):
+                nn = len(pkt.normal_offsets)
+                for first, i, n in _runs(offs[:nn]):
                     self.sink.write_pages(pkt.block, first, [
                         data[i * TARGET_PAGE_SIZE : (i + n) * TARGET_PAGE_SIZE]])
-                for first, _, n in _runs(pkt.zero_offsets):
+                for first, _, n in _runs(offs[nn:]):
                     self.sink.zero_pages(pkt.block, first, n)
         with cond:
             st = conn.stats

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -97,6 +97,8 @@ class MultifdPacket:
     data: memoryview | bytes
     sync: bool
     offset: int = -1
+    #: the offsets as one array (normal, then zero), from a decoder
+    offsets: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def pages(self) -> int:
@@ -232,8 +234,9 @@ class MultifdChannelDecoder:
     def _step(self) -> MultifdEvent | None:
         st = self._state
         if st == _PREFIX_ST:
+            # the whole fixed-size header was read in one go: prefix, then the rest
             self._parse_prefix()
-            return None
+            return self._parse_header()
         if st == _HEADER:
             return self._parse_header()
         if st == _DATA:
@@ -254,7 +257,7 @@ class MultifdChannelDecoder:
                               f"{MULTIFD_VERSION})", at + 4)
         self.init = MultifdInit(bytes(uuid), cid)
         self._at = self._pos
-        self._next(_PREFIX_ST, _PREFIX.size)
+        self._next(_PREFIX_ST, MULTIFD_PACKET_SIZE)
         return self.init
 
     def _parse_prefix(self) -> None:
@@ -305,16 +308,16 @@ class MultifdChannelDecoder:
         count = normal + nzero
         if count and not block:
             raise StreamError("multifd packet with pages but no RAM block name", at + 64)
-        raw = np.frombuffer(hdr, dtype=">u8", count=count, offset=MULTIFD_PACKET_HEADER.size)
-        bad = np.flatnonzero(raw & np.uint64(_PAGE_MASK))
-        if len(bad):
-            i = int(bad[0])
-            raise StreamError(f"multifd packet page offset 0x{int(raw[i]):x} is not "
+        arr = np.frombuffer(hdr, dtype=">u8", count=count,
+                            offset=MULTIFD_PACKET_HEADER.size).astype(np.uint64)
+        if (arr & np.uint64(_PAGE_MASK)).any():
+            i = int(np.flatnonzero(arr & np.uint64(_PAGE_MASK))[0])
+            raise StreamError(f"multifd packet page offset 0x{int(arr[i]):x} is not "
                               "page-aligned", at + MULTIFD_PACKET_HEADER.size + 8 * i)
-        offs: tuple[int, ...] = tuple(raw.tolist())
+        offs: tuple[int, ...] = tuple(arr.tolist())
         flags = self._flags
         pkt = MultifdPacket(flags, packet_num, block, offs[:normal], offs[normal:], b"",
-                            bool(flags & _SYNC), at)
+                            bool(flags & _SYNC), at, arr)
         if not size:
             return self._done(pkt)
         buf = self._alloc(size)
@@ -332,7 +335,7 @@ class MultifdChannelDecoder:
         self.syncs += pkt.sync
         self.data_bytes += len(pkt.data)
         self._at = self._pos
-        self._next(_PREFIX_ST, _PREFIX.size)
+        self._next(_PREFIX_ST, MULTIFD_PACKET_SIZE)
         return pkt
 
 
