@@ -46,6 +46,7 @@ from fixedram.errors import EndpointError, FixedramError, StreamError, Unsupport
 from fixedram.io.channel import Channel
 from fixedram.stream.format import MULTIFD_PAGES_PER_PACKET, TARGET_PAGE_SIZE
 from fixedram.stream.multifd import (
+    MULTIFD_PACKET_SIZE,
     MultifdChannelDecoder,
     MultifdInit,
     MultifdPacket,
@@ -58,6 +59,8 @@ Buffer = bytes | bytearray | memoryview
 SyncMode = Literal["auto", "flush", "eos"]
 _SHIFT = TARGET_PAGE_SIZE.bit_length() - 1
 _PAYLOAD = MULTIFD_PAGES_PER_PACKET * TARGET_PAGE_SIZE
+#: Bytes of packet headers read at once after a packet without page data.
+_STAGE = 48 * MULTIFD_PACKET_SIZE
 
 
 class PageSink(Protocol):
@@ -247,11 +250,18 @@ class MultifdReceiver:
         for first in dec.feed(conn.initial):
             self._event(conn, first)
         recv = conn.channel.recv_into
+        # After a packet without page data, the next bytes are read into ``stage``, many
+        # packet headers at once, decoded together (feed_batch): a large guest's zero pages
+        # come as hundreds of thousands of such packets. Otherwise each read goes straight
+        # to where the decoder wants it (a packet's pages into ``buf``).
+        stage = memoryview(bytearray(_STAGE))
+        batch = False
         while True:
             if self._closing:
                 raise _Stop
+            batch = batch and dec.at_boundary
             try:
-                n = recv(dec.get_buffer())
+                n = recv(stage if batch else dec.get_buffer())
             except (OSError, EndpointError) as e:
                 if self._closing:
                     raise _Stop from None
@@ -263,9 +273,26 @@ class MultifdReceiver:
                 with self._cond:
                     conn.stats.eof = True
                 return
-            ev = dec.buffer_updated(n)
-            if ev is not None:
-                self._event(conn, ev)
+            if not batch:
+                ev = dec.buffer_updated(n)
+                if ev is not None:
+                    self._event(conn, ev)
+                    batch = isinstance(ev, MultifdPacket) and not ev.data
+                continue
+            pkt, used = dec.feed_batch(stage[:n])
+            if pkt is not None:
+                self._event(conn, pkt)
+            # the rest packet by packet, each applied before the next is decoded (they
+            # share the payload buffer)
+            while used < n:
+                dst = dec.get_buffer()
+                k = min(len(dst), n - used)
+                dst[:k] = stage[used : used + k]
+                used += k
+                ev = dec.buffer_updated(k)
+                if ev is not None:
+                    self._event(conn, ev)
+                    batch = isinstance(ev, MultifdPacket) and not ev.data
 
     def _event(self, conn: _Conn, ev: MultifdInit | MultifdPacket) -> None:
         if isinstance(ev, MultifdInit):
@@ -324,9 +351,9 @@ class MultifdReceiver:
                     self.sink.zero_pages(pkt.block, first, n)
         with cond:
             st = conn.stats
-            st.packets += 1
+            st.packets += pkt.packets
             st.pages += len(pkt.normal_offsets)
-            st.zero_pages += len(pkt.zero_offsets)
+            st.zero_pages += pkt.pages - len(pkt.normal_offsets)
             st.bytes += len(pkt.data)
             if pkt.sync:
                 st.sync_packets += 1
