@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from synth_images import device_blob, vmdesc
@@ -45,19 +46,26 @@ RSS_BOUND = 100 << 20
 TIB = 1 << 40
 
 
-def _run(argv: list[str], stdin: bytes | None = None,
+#: Runs a command from a small process and writes the command's peak RSS (KiB) to a file. A
+#: child forked straight from pytest would count pytest's own pages in its peak RSS.
+_WRAP = ("import resource, subprocess, sys\n"
+         "r = subprocess.run(sys.argv[2:])\n"
+         "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN)"
+         ".ru_maxrss))\n"
+         "sys.exit(r.returncode)\n")
+
+
+def _spawn(argv: list[str], rss_file: Path, **kw: Any) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", _WRAP, str(rss_file), *argv], **kw)
+
+
+def _run(argv: list[str], rss_file: Path, stdin: bytes | None = None,
          timeout: float = 300) -> tuple[int, str, int]:
     """Run ``argv``; return (exit status, stderr, peak RSS in bytes)."""
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    assert proc.stdin is not None and proc.stderr is not None
-    if stdin is not None:
-        proc.stdin.write(stdin)
-    proc.stdin.close()
-    err = proc.stderr.read().decode()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, err, usage.ru_maxrss * 1024
+    proc = _spawn(argv, rss_file, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                  stderr=subprocess.PIPE)
+    _, err = proc.communicate(stdin, timeout=timeout)
+    return proc.returncode, err.decode(), int(rss_file.read_text()) * 1024
 
 
 def _head(size: int) -> bytes:
@@ -73,7 +81,8 @@ def test_huge_claim_without_data(where: str, tmp_path: Path, shm_dir: Path) -> N
     stream = _head(16 * TIB)
     assert len(stream) == 77
     img = (tmp_path if where == "tmp" else shm_dir) / f"{tmp_path.name}-claim.img"
-    code, err, rss = _run([sys.executable, "-m", "fixedram", "receive", str(img)], stream)
+    code, err, rss = _run([sys.executable, "-m", "fixedram", "receive", str(img)],
+                          tmp_path / "rss", stream)
     assert code == 2, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert err.startswith("fixedram: error: ")
@@ -101,7 +110,7 @@ def test_huge_claim_little_data(tmp_path: Path) -> None:
             + device_blob() + encode(EndOfFile()) + encode(VMDescription(vmdesc())))
     img = tmp_path / "big.img"
     code, err, rss = _run([sys.executable, "-m", "fixedram", "receive", str(img)],
-                          _head(size) + body + tail)
+                          tmp_path / "rss", _head(size) + body + tail)
     assert code == 0, err
     assert rss < RSS_BOUND, rss
     # the image's own layout: bitmap right after the block header, pages 1 MiB aligned
@@ -144,7 +153,8 @@ def _big_guest_receive(tmp_path: Path, ram: str, channels: int) -> None:
     with src:
         src.wait_heartbeat(gen_at_least=1)
         src.cmd("stop")
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = _spawn(argv, tmp_path / "rss", stdout=subprocess.DEVNULL,
+                      stderr=subprocess.PIPE)
         try:
             deadline = time.monotonic() + 30
             while not sock.exists() and time.monotonic() < deadline and proc.poll() is None:
@@ -154,16 +164,14 @@ def _big_guest_receive(tmp_path: Path, ram: str, channels: int) -> None:
             src.migrate(f"unix:{sock}", caps=caps, params=params)
             info = src.wait_migration(900)
             assert info["status"] == "completed", info
-            assert proc.stderr is not None
-            err = proc.stderr.read().decode()
-            _, status, usage = os.wait4(proc.pid, 0)
-            proc.returncode = os.waitstatus_to_exitcode(status)
+            _, errb = proc.communicate(timeout=300)
+            err = errb.decode()
         finally:
             if proc.returncode is None:
                 proc.kill()
                 proc.wait()
     assert proc.returncode == 0, err
-    rss = usage.ru_maxrss * 1024
+    rss = int((tmp_path / "rss").read_text()) * 1024
     assert rss < RSS_BOUND, f"peak RSS {rss >> 20} MiB"
     r = subprocess.run([sys.executable, "-m", "fixedram", "verify", "--json", str(image)],
                        capture_output=True, text=True, timeout=900)

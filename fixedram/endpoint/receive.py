@@ -375,9 +375,10 @@ class Receiver:
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Process received bytes.
 
-        Page writes go to a writer thread and overlap with receiving the next bytes;
-        the writes of one feed are done before the feed after next (the decoder's run
-        buffers live that long) and before any other record is handled.
+        Page writes are done before the feed returns (with O_DIRECT: by a writer thread,
+        overlapping with receiving the next bytes; the writes of one feed are done before
+        the feed after next, as the decoder's buffers live that long, and before any
+        other record is handled).
         """
         self.bytes_received += len(data)
         self._wait(1)
@@ -470,15 +471,23 @@ class Receiver:
         self._n = 0
 
     def _submit(self) -> None:
-        """Hand the queued write operations to the writer thread, as one batch.
+        """Perform the queued write operations: buffered, at once; with O_DIRECT, in the
+        writer thread (as one batch, overlapping the next receive).
 
-        Every feed ends with exactly one entry (None when it had nothing to write), so
-        :meth:`_wait` counts feeds: the decoder's run buffers are reused by feed.
+        Buffered writes only copy into the page cache, work the writer thread would do
+        on the same (shared) cores plus a hand-over per feed: measured with QEMU on 2
+        cores, inline writes save ~20 % of the wall time. O_DIRECT writes wait for the
+        device, which the thread overlaps. Every feed ends with exactly one entry (None
+        when nothing is in flight), so :meth:`_wait` counts feeds: the decoder's buffers
+        are reused by feed.
         """
         fut = None
         if self._ops:
             ops, self._ops = self._ops, []
-            fut = self._io.submit(self._apply, ops)
+            if self._stage is None:
+                self._apply(ops)
+            else:
+                fut = self._io.submit(self._apply, ops)
         self._inflight.append(fut)
 
     def _wait(self, keep: int) -> None:
