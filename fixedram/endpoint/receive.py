@@ -106,7 +106,7 @@ DirectIO = bool | Literal["required"]
 RECV_CHUNK = 1 << 20
 #: A feed waits up to FILL_WAIT ms for more bytes while it holds less than FILL bytes:
 #: a source writes its stream in pieces of tens of KiB, and every feed has a fixed
-#: cost (decoding set-up, a hand-over to the writer thread), so feeds of a few KiB
+#: cost (decoding set-up, system calls, Python), so feeds of a few KiB
 #: would cost several times the data's own handling. The wait ends as soon as bytes
 #: arrive; a source that stops (e.g. waiting for a reply) costs one FILL_WAIT.
 FILL = 256 << 10
@@ -295,7 +295,8 @@ class Receiver:
         # page runs are views of the records as received (no copy of page data)
         self.dec = StreamDecoder(views=True)
         # queued writes (block, first page, buffers, zero pages, stride of a run of
-        # received records or 0), handed per feed to one writer thread, in order
+        # received records or 0), performed in order at the end of each feed (by the
+        # writer thread with O_DIRECT)
         self._ops: list[tuple[str, int, list[Buffer], int, int]] = []
         self._inflight: list[Future[None] | None] = []
         self._io = ThreadPoolExecutor(1, thread_name_prefix="fixedram-write")
