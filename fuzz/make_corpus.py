@@ -190,6 +190,24 @@ def synthetic() -> list[Record]:
     ]
 
 
+def claims() -> dict[str, list[Record]]:
+    """Large claims with little data: the synthetic stream's block grown to 1 TiB (its
+    page moved to the top) and a 16 TiB block list with no pages at all."""
+    big = 1 << 40
+    recs: list[Record] = []
+    for r in synthetic():
+        if isinstance(r, MemSize):
+            r = MemSize(big)
+        elif isinstance(r, RamBlock):
+            r = RamBlock(r.name, big)
+        elif isinstance(r, Page):
+            r = Page(r.block, big - PAGE_SIZE, r.data, 0)
+        recs.append(r)
+    empty = [FileHeader(), Configuration("pc-q35-10.0"), SectionStart(1, "ram", 0, 4),
+             MemSize(1 << 44), RamBlock("pc.ram", 1 << 44), EndOfSection(), SectionFooter(1)]
+    return {"claim-1t": recs, "claim-16t-empty": empty}
+
+
 def multifd_seeds() -> dict[str, bytes]:
     page = bytes(range(256)) * 16
     return {
@@ -244,6 +262,9 @@ def make(out: Path, *, qemu: bool = True) -> dict[str, int]:
         put("stream", f"{name}.mapped", mapped)
         cut = next(i for i, r in enumerate(recs) if isinstance(r, DeviceState))
         put("stream", f"{name}.no-device", to_stream(recs[:cut]))
+    for name, recs in claims().items():  # receive paths only (not images: see claims)
+        put("stream", f"{name}.stream", to_stream(recs) if name == "claim-1t" else b"".join(
+            encode(r) for r in recs))
     for name, data in multifd_seeds().items():
         put("multifd", name, data)
     return sizes

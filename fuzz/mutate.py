@@ -3,7 +3,9 @@
 Mutations are the ones that matter for a length-prefixed big-endian format: bit flips,
 random bytes, "interesting" big-endian integers written over 1/2/4/8 bytes (0, 1, -1,
 2^31, 2^60, page-size multiples...), truncation, deletion, duplication and insertion of
-spans, and splicing with another seed.
+spans, splicing with another seed, and *claims*: a RAM block's length and the MEM_SIZE
+total raised together (consistently, so the parser accepts them) to up to 16 TiB while
+the data stays as small as it was.
 """
 
 from __future__ import annotations
@@ -35,13 +37,33 @@ def _int(rnd: random.Random, buf: bytearray) -> None:
     struct.pack_into(fmt, buf, at, v)
 
 
+def _claim(rnd: random.Random, buf: bytearray) -> None:
+    """Raise one block length and the MEM_SIZE total by the same amount (little data,
+    a huge claim). Looks in the first 8 KiB for a MEM_SIZE word (``total | 4``) followed
+    by a be64 length that is a page multiple no larger than the total."""
+    head = bytes(buf[:8192])
+    words = [(i, int.from_bytes(head[i : i + 8], "big")) for i in range(len(head) - 7)]
+    mem = next(((i, w) for i, w in words if w & 0xFFF == 4 and 0 < w >> 12 < 1 << 32), None)
+    if mem is None:
+        return
+    mi, total = mem[0], mem[1] - 4
+    lens = [(i, w) for i, w in words if i >= mi + 8 and w and not w % 4096 and w <= total]
+    if not lens:
+        return
+    li, length = rnd.choice(lens)
+    new = min(length << rnd.choice((4, 12, 20, 28, 36)), 1 << 44)
+    new = max(new - (total - length), length) if total - length + new > 1 << 44 else new
+    struct.pack_into(">Q", buf, li, new)
+    struct.pack_into(">Q", buf, mi, (total - length + new) | 4)
+
+
 def mutate(data: bytes, rnd: random.Random, other: bytes = b"") -> bytes:
     """One mutant of ``data`` (1 to 4 stacked mutations)."""
     buf = bytearray(data)
     for _ in range(rnd.choice((1, 1, 1, 2, 2, 3, 4))):
         if not buf:
             buf += bytes(rnd.randrange(1, 64))
-        op = rnd.randrange(9)
+        op = rnd.randrange(10)
         n = len(buf)
         if op == 0:  # bit flip
             i = rnd.randrange(n)
@@ -65,6 +87,8 @@ def mutate(data: bytes, rnd: random.Random, other: bytes = b"") -> bytes:
         elif op == 7:  # insert random bytes
             j = rnd.randrange(n + 1)
             buf[j:j] = bytes(rnd.randrange(256) for _ in range(rnd.choice((1, 2, 8))))
+        elif op == 9:  # a huge claim with the same little data
+            _claim(rnd, buf)
         elif other:  # splice with another seed
             i = rnd.randrange(n)
             j = rnd.randrange(len(other))

@@ -35,14 +35,18 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any, Literal, Protocol
+
+import numpy as np
 
 from fixedram.errors import EndpointError, FixedramError, StreamError, UnsupportedRecord
 from fixedram.io.channel import Channel
 from fixedram.stream.format import MULTIFD_PAGES_PER_PACKET, TARGET_PAGE_SIZE
 from fixedram.stream.multifd import (
+    MULTIFD_PACKET_SIZE,
     MultifdChannelDecoder,
     MultifdInit,
     MultifdPacket,
@@ -55,6 +59,8 @@ Buffer = bytes | bytearray | memoryview
 SyncMode = Literal["auto", "flush", "eos"]
 _SHIFT = TARGET_PAGE_SIZE.bit_length() - 1
 _PAYLOAD = MULTIFD_PAGES_PER_PACKET * TARGET_PAGE_SIZE
+#: Bytes of packet headers read at once after a packet without page data.
+_STAGE = 48 * MULTIFD_PACKET_SIZE
 
 
 class PageSink(Protocol):
@@ -129,16 +135,17 @@ class _Conn:
         return f"multifd channel {cid}" if cid is not None else f"multifd connection #{self.index}"
 
 
-def _runs(offsets: Sequence[int]) -> Iterator[tuple[int, int, int]]:
-    """``(first_page, index, count)`` for each run of consecutive page offsets."""
-    i, n = 0, len(offsets)
-    while i < n:
-        first = offsets[i] >> _SHIFT
-        j = i + 1
-        while j < n and offsets[j] >> _SHIFT == first + (j - i):
-            j += 1
-        yield first, i, j - i
-        i = j
+def _runs(offsets: Sequence[int] | np.ndarray) -> list[tuple[int, int, int]]:
+    """``(first_page, index, count)`` for each run of consecutive page offsets (numpy)."""
+    n = len(offsets)
+    if not n:
+        return []
+    pages = np.asarray(offsets, dtype=np.uint64) >> np.uint64(_SHIFT)
+    if n == 1 or (int(pages[-1]) - int(pages[0]) == n - 1 and (np.diff(pages) == 1).all()):
+        return [(int(pages[0]), 0, n)]
+    cuts = [0, *(np.flatnonzero(np.diff(pages) != 1) + 1).tolist(), n]
+    firsts = pages[cuts[:-1]].tolist()
+    return [(f, a, z - a) for f, (a, z) in zip(firsts, pairwise(cuts), strict=True)]
 
 
 def _wake(channel: Channel) -> None:
@@ -243,11 +250,18 @@ class MultifdReceiver:
         for first in dec.feed(conn.initial):
             self._event(conn, first)
         recv = conn.channel.recv_into
+        # After a packet without page data, the next bytes are read into ``stage``, many
+        # packet headers at once, decoded together (feed_batch): a large guest's zero pages
+        # come as hundreds of thousands of such packets. Otherwise each read goes straight
+        # to where the decoder wants it (a packet's pages into ``buf``).
+        stage = memoryview(bytearray(_STAGE))
+        batch = False
         while True:
             if self._closing:
                 raise _Stop
+            batch = batch and dec.at_boundary
             try:
-                n = recv(dec.get_buffer())
+                n = recv(stage if batch else dec.get_buffer())
             except (OSError, EndpointError) as e:
                 if self._closing:
                     raise _Stop from None
@@ -259,9 +273,26 @@ class MultifdReceiver:
                 with self._cond:
                     conn.stats.eof = True
                 return
-            ev = dec.buffer_updated(n)
-            if ev is not None:
-                self._event(conn, ev)
+            if not batch:
+                ev = dec.buffer_updated(n)
+                if ev is not None:
+                    self._event(conn, ev)
+                    batch = isinstance(ev, MultifdPacket) and not ev.data
+                continue
+            pkt, used = dec.feed_batch(stage[:n])
+            if pkt is not None:
+                self._event(conn, pkt)
+            # the rest packet by packet, each applied before the next is decoded (they
+            # share the payload buffer)
+            while used < n:
+                dst = dec.get_buffer()
+                k = min(len(dst), n - used)
+                dst[:k] = stage[used : used + k]
+                used += k
+                ev = dec.buffer_updated(k)
+                if ev is not None:
+                    self._event(conn, ev)
+                    batch = isinstance(ev, MultifdPacket) and not ev.data
 
     def _event(self, conn: _Conn, ev: MultifdInit | MultifdPacket) -> None:
         if isinstance(ev, MultifdInit):
@@ -302,22 +333,27 @@ class MultifdReceiver:
             if length is None:
                 raise StreamError(f"{conn.name}: packet for unknown RAM block '{pkt.block}'",
                                   pkt.offset + 64)
-            top = max(max(pkt.normal_offsets, default=0), max(pkt.zero_offsets, default=0))
+            offs = pkt.offsets
+            if offs is None:
+                offs = np.array(pkt.normal_offsets + pkt.zero_offsets, dtype=np.uint64)
+            top = int(offs.max())
             if top + TARGET_PAGE_SIZE > length:
                 raise StreamError(f"{conn.name}: page offset 0x{top:x} outside RAM block "
                                   f"'{pkt.block}' (length 0x{length:x})", pkt.offset + 320)
             data = memoryview(pkt.data)
             with self._lock:
-                for first, i, n in _runs(pkt.normal_offsets):
+                # one write per run of consecutive pages, straight from the payload
+                nn = len(pkt.normal_offsets)
+                for first, i, n in _runs(offs[:nn]):
                     self.sink.write_pages(pkt.block, first, [
                         data[i * TARGET_PAGE_SIZE : (i + n) * TARGET_PAGE_SIZE]])
-                for first, _, n in _runs(pkt.zero_offsets):
+                for first, _, n in _runs(offs[nn:]):
                     self.sink.zero_pages(pkt.block, first, n)
         with cond:
             st = conn.stats
-            st.packets += 1
+            st.packets += pkt.packets
             st.pages += len(pkt.normal_offsets)
-            st.zero_pages += len(pkt.zero_offsets)
+            st.zero_pages += pkt.pages - len(pkt.normal_offsets)
             st.bytes += len(pkt.data)
             if pkt.sync:
                 st.sync_packets += 1
@@ -424,6 +460,13 @@ class MultifdReceiver:
         """Main-channel pages: written now (they belong to the current epoch)."""
         with self._lock:
             return self.sink.write_pages(block, first_page, bufs)
+
+    def write_page_views(self, block: str, first_page: int, pages: list[memoryview]) -> Any:
+        """Main-channel pages as one-page views: written now (by the sink's
+        ``write_page_views`` where it has one)."""
+        write = getattr(self.sink, "write_page_views", None) or self.sink.write_pages
+        with self._lock:
+            return write(block, first_page, pages)
 
     def zero_pages(self, block: str, first_page: int, npages: int = 1) -> Any:
         """Main-channel ZERO records: applied now (they belong to the current epoch)."""

@@ -53,6 +53,7 @@ __all__ = [
     "Found",
     "ChecksumError",
     "PageDigests",
+    "DIGEST_CHUNK_SHIFT",
     "page_digest_array",
     "digest_pages",
     "digest_views",
@@ -240,28 +241,103 @@ def extent_digests(pages: np.ndarray, extent_shift: int) -> np.ndarray:
                     dtype=np.uint64)
 
 
+#: Pages per chunk of :class:`PageDigests` (1 MiB of guest RAM, 2 KiB of digests).
+DIGEST_CHUNK_SHIFT = 8
+_DCHUNK = 1 << DIGEST_CHUNK_SHIFT
+
+
 class PageDigests:
-    """One digest per page of every block, kept while pages are written (8 bytes/page).
+    """One digest per page of every block, kept while pages are written; sparse.
 
     :class:`~fixedram.image.writer.MappedRamWriter` updates it in ``write_pages`` and
     ``zero_pages`` (under the multifd lock when channels write), so at the end the
-    digests describe the final content however often a page was rewritten.
+    digests describe the final content however often a page was rewritten. Digests
+    live in chunks of 256 pages (2 KiB each) made when a page of the chunk is first
+    written: memory follows the data that arrived (2 MiB per GiB of pages with data),
+    never the size a block claims; a page of a chunk never written counts as zero.
     """
 
     def __init__(self, blocks: Mapping[str, int]) -> None:
-        self.pages = {name: page_digest_array(length // PAGE_SIZE)
-                      for name, length in blocks.items()}
+        self.npages = {name: length // PAGE_SIZE for name, length in blocks.items()}
+        self.chunks: dict[str, dict[int, np.ndarray]] = {name: {} for name in blocks}
 
     def write(self, block: str, first_page: int, bufs: Sequence[Buffer]) -> None:
-        digest_pages(self.pages[block], first_page, bufs)
+        n = sum(len(b) for b in bufs) >> _PAGE_SHIFT
+        d = np.empty(n, dtype=np.uint64)
+        digest_pages(d, 0, bufs)
+        self.store(block, first_page, d)
+
+    def store(self, block: str, first_page: int, digests: np.ndarray) -> None:
+        """Set the digests of pages ``first_page, ...`` (one per element of ``digests``)."""
+        chunks = self.chunks[block]
+        n = len(digests)
+        i = 0
+        while i < n:
+            pg = first_page + i
+            ci, at = pg >> DIGEST_CHUNK_SHIFT, pg & (_DCHUNK - 1)
+            k = min(_DCHUNK - at, n - i)
+            c = chunks.get(ci)
+            if c is None:
+                c = chunks[ci] = page_digest_array(_DCHUNK)
+            c[at : at + k] = digests[i : i + k]
+            i += k
 
     def zero(self, block: str, first_page: int, npages: int) -> None:
-        self.pages[block][first_page : first_page + npages] = ZERO_PAGE_DIGEST
+        chunks = self.chunks[block]
+        if not chunks or npages <= 0:
+            return
+        end = first_page + npages
+        a, b = first_page >> DIGEST_CHUNK_SHIFT, (end - 1) >> DIGEST_CHUNK_SHIFT
+        keys = (range(a, b + 1) if b - a < len(chunks)
+                else sorted(k for k in chunks if a <= k <= b))
+        for ci in keys:
+            c = chunks.get(ci)
+            if c is None:
+                continue
+            lo = max(first_page, ci << DIGEST_CHUNK_SHIFT) - (ci << DIGEST_CHUNK_SHIFT)
+            hi = min(end, (ci + 1) << DIGEST_CHUNK_SHIFT) - (ci << DIGEST_CHUNK_SHIFT)
+            c[lo:hi] = ZERO_PAGE_DIGEST
+
+    def extent_digests(self, block: str, extent_shift: int) -> np.ndarray:
+        """The block's per-extent digests (as :func:`extent_digests` of all its pages).
+
+        Costs one array entry per extent plus work for the chunks that hold data: an
+        extent without any is the (shared) digest of an extent of zero pages.
+        """
+        npages = self.npages[block]
+        per = 1 << (extent_shift - _PAGE_SHIFT)
+        n_ext = -(-npages // per)
+        full = npages // per
+        out = np.empty(n_ext, dtype=np.uint64)
+        if full:
+            out[:full] = _h(np.full(per, ZERO_PAGE_DIGEST, dtype=">u8").tobytes())
+        if n_ext > full:
+            out[full] = _h(np.full(npages - full * per, ZERO_PAGE_DIGEST,
+                                   dtype=">u8").tobytes())
+        chunks = self.chunks[block]
+        touched = sorted({e for ci in chunks
+                          for e in range((ci << DIGEST_CHUNK_SHIFT) // per,
+                                         (((ci + 1) << DIGEST_CHUNK_SHIFT) - 1) // per + 1)
+                          if e < n_ext})
+        for e in touched:
+            first = e * per
+            cnt = min(per, npages - first)
+            pages = page_digest_array(cnt)
+            pg = first
+            while pg < first + cnt:
+                ci, at = pg >> DIGEST_CHUNK_SHIFT, pg & (_DCHUNK - 1)
+                k = min(_DCHUNK - at, first + cnt - pg)
+                c = chunks.get(ci)
+                if c is not None:
+                    pages[pg - first : pg - first + k] = c[at : at + k]
+                pg += k
+            out[e] = _h(pages.astype(">u8").tobytes())
+        return out
 
     @property
     def nbytes(self) -> int:
         """Memory held (bytes)."""
-        return sum(a.nbytes for a in self.pages.values())
+        return sum(c.nbytes for chunks in self.chunks.values() for c in chunks.values())
 
 
 def image_page_digests(img: object, name: str) -> np.ndarray:
@@ -275,11 +351,37 @@ def image_page_digests(img: object, name: str) -> np.ndarray:
     return out
 
 
+_ZEROS = bytes(1 << 20)
+
+
+def _next_data(fd: int, pos: int, end: int) -> int:
+    """Where data resumes at or after ``pos`` (``end`` if only a hole follows; ``pos``
+    where the filesystem cannot tell)."""
+    try:
+        return min(os.lseek(fd, pos, os.SEEK_DATA), end)
+    except OSError:
+        return end if pos < os.fstat(fd).st_size else pos
+
+
 def hash_range(fd: int, start: int, end: int) -> int:
-    """xxh3-64 of file bytes ``[start, end)`` (reads 1 MiB at a time; short file: error)."""
+    """xxh3-64 of file bytes ``[start, end)`` (reads 1 MiB at a time; short file: error).
+
+    Holes are hashed as zeros without reading them, so a mostly empty bitmap of a huge
+    block costs hashing, not I/O.
+    """
     h = xxhash.xxh3_64()
+    if end > start and os.fstat(fd).st_size < end:
+        raise ImageError(f"file ends at byte {os.fstat(fd).st_size}, expected data up to "
+                         f"byte {end}", os.fstat(fd).st_size)
     pos = start
     while pos < end:
+        data_at = _next_data(fd, pos, end)
+        while pos < data_at:
+            k = min(len(_ZEROS), data_at - pos)
+            h.update(memoryview(_ZEROS)[:k])
+            pos += k
+        if pos >= end:
+            break
         data = os.pread(fd, min(1 << 20, end - pos), pos)
         if not data:
             raise ImageError(f"file ends at byte {pos}, expected data up to byte {end}", pos)
@@ -463,8 +565,11 @@ def _meta_digests(fd: int, geom: Geometry) -> tuple[dict[str, tuple[int, int]], 
     return {k: (v[0], v[1]) for k, v in per.items()}, tail
 
 
-def compute(fd: int, geom: Geometry, page_digests: Mapping[str, np.ndarray]) -> Checksums:
+def compute(fd: int, geom: Geometry,
+            page_digests: Mapping[str, np.ndarray] | PageDigests) -> Checksums:
     """The extension for the file behind ``fd`` (metadata read back, pages from digests).
+
+    ``page_digests``: every block's per-page digests (arrays), or a :class:`PageDigests`.
 
     The extent size is the smallest (from 1 MiB up) whose extension fits in the largest
     padding slot; :class:`ChecksumError` if even one extent per block does not fit.
@@ -478,8 +583,13 @@ def compute(fd: int, geom: Geometry, page_digests: Mapping[str, np.ndarray]) -> 
                                 f"bitmap and its pages is {room} bytes")
         shift += 1
     meta, tail = _meta_digests(fd, geom)
-    blocks = [BlockSums(b.name, b.length, b.pages_offset, *meta[b.name],
-                        extent_digests(page_digests[b.name], shift)) for b in geom.blocks]
+    def ext(name: str) -> np.ndarray:
+        if isinstance(page_digests, PageDigests):
+            return page_digests.extent_digests(name, shift)
+        return extent_digests(page_digests[name], shift)
+
+    blocks = [BlockSums(b.name, b.length, b.pages_offset, *meta[b.name], ext(b.name))
+              for b in geom.blocks]
     return Checksums(shift, geom.stream_end, tail, blocks)
 
 
@@ -548,7 +658,7 @@ def write_new(fd: int, geom: Geometry, digests: PageDigests) -> Checksums | None
     except OSError:
         rfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
     try:
-        cs = compute(rfd, geom, digests.pages)
+        cs = compute(rfd, geom, digests)
     except ChecksumError:
         return None
     finally:

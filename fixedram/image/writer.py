@@ -9,12 +9,17 @@
     finish():  bitmaps | PART ram (EOS, footer) x n | [commands, e.g. SWITCHOVER_START] |
                END ram (EOS, footer) | device state blob | EOF | [vmdesc]
 
-The per-page bitmaps live in memory (one numpy bool per page) and are written once,
-at :meth:`MappedRamWriter.finish`, as QEMU does. A page that is zeroed after it held
-data has its bit cleared and its file range deallocated (hole punched), so stale
-guest data is not left reachable in the file; QEMU leaves such data behind.
+The per-page bitmaps live in memory and are written once, at
+:meth:`MappedRamWriter.finish`, as QEMU does. They are sparse (:class:`SparseBits`:
+chunks of one bool per page, made when a page of the chunk is first written), so
+memory follows the pages that arrived, not the size the stream claims for a block;
+the bitmap of a chunk never written stays a hole of the file (zeros). A page that is
+zeroed after it held data has its bit cleared and its file range deallocated (hole
+punched), so stale guest data is not left reachable in the file; QEMU leaves such
+data behind.
 
-By default the writer also keeps one xxh3 digest per page (8 bytes per page) and, at
+By default the writer also keeps one xxh3 digest per page written (8 bytes per page
+with data, sparse: :class:`~fixedram.image.checksum.PageDigests`) and, at
 :meth:`MappedRamWriter.finish`, stores the checksum extension in the padding before a
 pages region, where QEMU never looks (``docs/checksums.md``); ``checksums=False`` turns
 this off.
@@ -22,16 +27,26 @@ this off.
 
 from __future__ import annotations
 
+import errno
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from fixedram.errors import FixedramError, UnsupportedRecord
-from fixedram.image.checksum import BlockGeometry, Checksums, Geometry, PageDigests, write_new
+from fixedram.image.checksum import (
+    BlockGeometry,
+    Checksums,
+    Geometry,
+    PageDigests,
+    digest_pages,
+    digest_views,
+    write_new,
+)
 from fixedram.image.layout import PAGE_SIZE, block_geometry, bools_to_bitmap, runs
-from fixedram.io.files import punch_hole, pwritev_all
+from fixedram.io.files import IOV_MAX, punch_hole, pwritev_all
 from fixedram.stream.encoder import encode
 from fixedram.stream.format import (
     CAP_IGNORE_SHARED,
@@ -55,21 +70,90 @@ from fixedram.stream.records import (
     VMDescription,
 )
 
-__all__ = ["BlockLayout", "MappedRamWriter", "mapped_configuration"]
+__all__ = ["BlockLayout", "MappedRamWriter", "SparseBits", "mapped_configuration"]
 
 Buffer = bytes | bytearray | memoryview
 
 
+#: Pages per chunk of :class:`SparseBits` (128 MiB of guest RAM, 32 KiB of memory; a
+#: whole number of 64-bit bitmap words).
+BITS_CHUNK_SHIFT = 15
+_BCHUNK = 1 << BITS_CHUNK_SHIFT
+
+
+class SparseBits:
+    """One bool per page of a block, stored only for chunks of pages that were written."""
+
+    __slots__ = ("chunks", "npages")
+
+    def __init__(self, npages: int) -> None:
+        self.npages = npages
+        self.chunks: dict[int, np.ndarray] = {}
+
+    def _spans(self, first: int, n: int, create: bool) -> Iterator[tuple[np.ndarray, int, int,
+                                                                         int]]:
+        """``(chunk, lo, hi, page of lo)`` for each existing (or created) chunk in range."""
+        end = first + n
+        if n <= 0:
+            return
+        a, b = first >> BITS_CHUNK_SHIFT, (end - 1) >> BITS_CHUNK_SHIFT
+        chunks = self.chunks
+        keys: Iterable[int] = (range(a, b + 1) if create or b - a < len(chunks)
+                               else sorted(k for k in chunks if a <= k <= b))
+        for ci in keys:
+            c = chunks.get(ci)
+            if c is None:
+                if not create:
+                    continue
+                c = chunks[ci] = np.zeros(_BCHUNK, dtype=bool)
+            base = ci << BITS_CHUNK_SHIFT
+            lo, hi = max(first, base) - base, min(end, base + _BCHUNK) - base
+            yield c, lo, hi, base + lo
+
+    def set(self, first: int, n: int) -> None:
+        for c, lo, hi, _ in self._spans(first, n, True):
+            c[lo:hi] = True
+
+    def clear_runs(self, first: int, n: int) -> list[tuple[int, int]]:
+        """Clear the bits of ``[first, first+n)``; return the runs that were set."""
+        out: list[tuple[int, int]] = []
+        for c, lo, hi, pg in self._spans(first, n, False):
+            sel = c[lo:hi]
+            if sel.any():
+                out += [(pg + s, k) for s, k in runs(sel)]
+                sel[:] = False
+        return out
+
+    def count(self) -> int:
+        return sum(int(c.sum()) for c in self.chunks.values())
+
+    def bitmap_pieces(self) -> Iterator[tuple[int, bytes]]:
+        """``(byte offset in the bitmap, bytes)`` of every chunk that exists."""
+        for ci in sorted(self.chunks):
+            c = self.chunks[ci]
+            base = ci << BITS_CHUNK_SHIFT
+            yield base >> 3, bools_to_bitmap(c[: min(_BCHUNK, self.npages - base)])
+
+    def dense(self) -> np.ndarray:
+        """All bits as one array (for tests and small blocks)."""
+        out = np.zeros(self.npages, dtype=bool)
+        for ci, c in self.chunks.items():
+            base = ci << BITS_CHUNK_SHIFT
+            k = min(_BCHUNK, self.npages - base)
+            out[base : base + k] = c[:k]
+        return out
+
+
 @dataclass
 class BlockLayout:
-    """Where one RAM block lives in the file, plus its in-memory bitmap."""
+    """Where one RAM block lives in the file, plus its in-memory (sparse) bitmap."""
 
     name: str
     length: int
     header_offset: int
     bitmap_offset: int
     pages_offset: int
-    present: np.ndarray
+    present: SparseBits
 
     @property
     def npages(self) -> int:
@@ -97,7 +181,8 @@ class MappedRamWriter:
     ``fd`` receives the metadata (stream prefix, bitmaps, trailer) through buffered
     positional writes; ``page_fd`` (default ``fd``) receives page data, e.g. an
     ``O_DIRECT`` descriptor of the same file, in which case the buffers given to
-    :meth:`write_pages` must be page-aligned. ``base_offset`` is not supported: the
+    :meth:`write_pages` must be page-aligned. Page writes and zeroing may be called
+    from several threads at once for disjoint pages. ``base_offset`` is not supported: the
     stream starts at byte 0.
     """
 
@@ -116,6 +201,9 @@ class MappedRamWriter:
         self.pages_written = 0
         self.holes_punched = 0
         self._finished = False
+        # page writes may come from several threads (multifd channels) for disjoint
+        # pages: data is written and hashed outside this lock, bits and digests inside
+        self._lock = threading.Lock()
 
     # -- setup ---------------------------------------------------------------------
 
@@ -152,7 +240,7 @@ class MappedRamWriter:
             head += MAPPED_RAM_HEADER.pack(MAPPED_RAM_VERSION, PAGE_SIZE, bm, pg)
             pieces.append((pos, bytes(head)))
             self.blocks[name] = BlockLayout(name, length, hdr_pos, bm, pg,
-                                            np.zeros(length // PAGE_SIZE, dtype=bool))
+                                            SparseBits(length // PAGE_SIZE))
             pos = nxt
             head = bytearray()
         head += encode(EndOfSection()) + encode(SectionFooter(section_id))
@@ -160,8 +248,15 @@ class MappedRamWriter:
         if self.checksums:
             self.digests = PageDigests(dict(norm))
         self.end_offset = pos + len(head)
-        for off, data in pieces:
-            pwritev_all(self.fd, [data], off)
+        try:
+            for off, data in pieces:
+                pwritev_all(self.fd, [data], off)
+        except OSError as e:
+            if e.errno != errno.EFBIG:
+                raise
+            raise FixedramError(f"RAM blocks of {total} bytes need an image of at least "
+                                f"{self.end_offset} bytes, more than the filesystem allows "
+                                "for one file") from None
 
     # -- pages ---------------------------------------------------------------------
 
@@ -187,11 +282,49 @@ class MappedRamWriter:
                                 f"block '{block}' ({blk.npages} pages)")
         if not npages:
             return 0
-        pwritev_all(self.page_fd, bufs, blk.pages_offset + first_page * PAGE_SIZE)
+        digests = None
         if self.digests is not None:
-            self.digests.write(block, first_page, bufs)
-        blk.present[first_page : first_page + npages] = True
-        self.pages_written += npages
+            digests = np.empty(npages, dtype=np.uint64)
+            digest_pages(digests, 0, bufs)
+        pwritev_all(self.page_fd, bufs, blk.pages_offset + first_page * PAGE_SIZE)
+        self._written(blk, first_page, npages, digests)
+        return npages
+
+    def _written(self, blk: BlockLayout, first_page: int, npages: int,
+                 digests: np.ndarray | None) -> None:
+        """Record pages written: bits, digests, counters (under the bookkeeping lock)."""
+        with self._lock:
+            if self.digests is not None and digests is not None:
+                self.digests.store(blk.name, first_page, digests)
+            blk.present.set(first_page, npages)
+            self.pages_written += npages
+
+    def write_page_views(self, block: str, first_page: int, pages: list[memoryview]) -> int:
+        """:meth:`write_pages` for a list of one-page views (e.g. of received records).
+
+        One ``pwritev`` per :data:`~fixedram.io.files.IOV_MAX` pages, the digests hashed
+        from the same views (no copy, no Python per page); returns the pages written.
+        """
+        blk = self._block(block)
+        npages = len(pages)
+        if first_page < 0 or first_page + npages > blk.npages:
+            raise FixedramError(f"pages {first_page}..{first_page + npages} outside RAM "
+                                f"block '{block}' ({blk.npages} pages)")
+        if not npages:
+            return 0
+        digests = digest_views(pages, npages) if self.digests is not None else None
+        fd = self.page_fd
+        at = blk.pages_offset + first_page * PAGE_SIZE
+        for i in range(0, npages, IOV_MAX):
+            group = pages[i : i + IOV_MAX]
+            want = len(group) * PAGE_SIZE
+            n = os.pwritev(fd, group, at)
+            if n != want:  # short write: finish it the careful way
+                done, part = divmod(n, PAGE_SIZE)
+                rest: list[Buffer] = [group[done][part:], *group[done + 1 :]]
+                pwritev_all(fd, rest, at + n)
+            at += want
+        self._written(blk, first_page, npages, digests)
         return npages
 
     def zero_pages(self, block: str, first_page: int, npages: int = 1) -> int:
@@ -205,18 +338,16 @@ class MappedRamWriter:
         if first_page < 0 or npages < 0 or first_page + npages > blk.npages:
             raise FixedramError(f"pages {first_page}..{first_page + npages} outside RAM "
                                 f"block '{block}' ({blk.npages} pages)")
-        if self.digests is not None:
-            self.digests.zero(block, first_page, npages)
-        sel = blk.present[first_page : first_page + npages]
-        if not sel.any():
-            return 0
+        with self._lock:
+            if self.digests is not None:
+                self.digests.zero(block, first_page, npages)
+            cleared = blk.present.clear_runs(first_page, npages)
         had = 0
-        for start, n in runs(sel):
-            punch_hole(self.fd, blk.pages_offset + (first_page + start) * PAGE_SIZE,
-                       n * PAGE_SIZE)
+        for start, n in cleared:
+            punch_hole(self.fd, blk.pages_offset + start * PAGE_SIZE, n * PAGE_SIZE)
             had += n
-        sel[:] = False
-        self.holes_punched += had
+        with self._lock:
+            self.holes_punched += had
         return had
 
     # -- completion ----------------------------------------------------------------
@@ -224,7 +355,7 @@ class MappedRamWriter:
     @property
     def pages_present(self) -> int:
         """Pages whose bit is set (data stored in the file), over all blocks."""
-        return sum(int(b.present.sum()) for b in self.blocks.values())
+        return sum(b.present.count() for b in self.blocks.values())
 
     @property
     def ram_size(self) -> int:
@@ -244,7 +375,8 @@ class MappedRamWriter:
         if self._finished:
             raise FixedramError("MappedRamWriter.finish called twice")
         for blk in self.blocks.values():
-            pwritev_all(self.fd, [bools_to_bitmap(blk.present)], blk.bitmap_offset)
+            for at, raw in blk.present.bitmap_pieces():
+                pwritev_all(self.fd, [raw], blk.bitmap_offset + at)
         sid = self.section_id
         eos = encode(EndOfSection())
         tail: list[Buffer] = []

@@ -111,11 +111,16 @@ class StreamDecoder:
     ``ZeroRun`` records (the pages and their order are the same either way); a
     ``PageRun``'s data is a view of a buffer the decoder reuses two
     :meth:`feed` calls later, so it must be consumed (or copied) before then.
+    ``views`` (implies ``runs``) makes that view one of the received records
+    themselves (``PageRun.stride``): no copy of page data (see :meth:`recv_space`).
     """
 
-    def __init__(self, *, base_offset: int = 0, runs: bool = False) -> None:
+    def __init__(self, *, base_offset: int = 0, runs: bool = False,
+                 views: bool = False) -> None:
         self._buf = ReceiveBuffer(base_offset)
-        self._runs = runs
+        self._runs = runs or views
+        self._views = views
+        self._side: memoryview | None = None  # receive space outside the buffer
         self._scratch_bufs = [memoryview(b""), memoryview(b"")]
         self._scratch_idx = 0
         self._scratch_used = 0
@@ -191,6 +196,36 @@ class StreamDecoder:
             return []
         return self._run()
 
+    def recv_space(self, n: int) -> memoryview:
+        """Where to receive the next bytes (at least ``n`` free); then :meth:`feed_received`.
+
+        Bytes received here are decoded in place: with ``views``, the data of a
+        ``PageRun`` is a view of the records as received (no copy), valid through the
+        next feed and overwritten by the one after. Past the RAM section (device state)
+        or while skipping mapped-ram pages, the space is a side buffer and the bytes are
+        fed as by :meth:`feed`.
+        """
+        if self._state in (_State.DEVICE, _State.DONE) or self._skip_to is not None:
+            if self._side is None or len(self._side) < n:
+                self._side = memoryview(bytearray(n))
+            return self._side
+        self._side = None
+        return self._buf.space(n)
+
+    def feed_received(self, n: int) -> list[Record]:
+        """``n`` bytes were received into :meth:`recv_space`; return the records they complete."""
+        if self._side is not None:
+            side, self._side = self._side, None
+            return self.feed(side[:n])
+        if not n:
+            return []
+        self._scratch_idx ^= 1
+        self._scratch_used = 0
+        self._buf.wrote(n)
+        if len(self._buf) < self._need:
+            return []
+        return self._run()
+
     def feed_eof(self) -> list[Record]:
         """The input has ended: return the last records or raise if the stream is incomplete."""
         self._eof_fed = True
@@ -239,7 +274,7 @@ class StreamDecoder:
                 elif st is _State.AFTER_EOF:
                     self._parse_after_eof(out)
                 elif st is _State.DEVICE:
-                    rest = buf.view()[buf.mark() :]
+                    rest = buf.view()[buf.mark() : buf.end]
                     buf.clear(buf.offset + len(rest))
                     self._device += rest
                     out += self._device_scan()
@@ -467,6 +502,7 @@ class StreamDecoder:
     def _parse_ram(self, out: list[Record]) -> None:
         b = self._buf
         buf = b.view()
+        bend = b.end
         mask = self._page_mask
         psize = self._page_size
         blocks = self._blocks
@@ -478,7 +514,7 @@ class StreamDecoder:
                 if self._skip_to is not None:
                     return
                 continue
-            avail = len(buf) - s
+            avail = bend - s
             if avail < 8:
                 raise NeedData(8)
             word = unpack(buf, s)[0]
@@ -509,7 +545,7 @@ class StreamDecoder:
                         raise NeedData(9)
                     n = buf[s + 8]
                     p = s + 9 + n
-                    if p > len(buf):
+                    if p > bend:
                         raise NeedData(p - s)
                     name = buf[s + 9 : p].decode("latin-1")
                     if name != self._last_block:
@@ -524,12 +560,12 @@ class StreamDecoder:
                         f"(length 0x{blk.length:x})", b.base + s)
                 if base == _PAGE:
                     end = p + psize
-                    if end > len(buf):
+                    if end > bend:
                         raise NeedData(end - s)
                     out.append(Page(name, offset, bytes(buf[p:end]), b.base + p))
                     b.commit(end)
                 else:
-                    if p >= len(buf):
+                    if p >= bend:
                         raise NeedData(p + 1 - s)
                     out.append(Zero(name, offset, buf[p]))
                     b.commit(p + 1)
@@ -573,7 +609,7 @@ class StreamDecoder:
         psize = self._page_size
         stride = 8 + psize if pages else 9
         want = (_PAGE if pages else _ZERO) | _CONT
-        k = (len(buf) - s) // stride
+        k = (self._buf.end - s) // stride
         raw = np.ndarray((k,), dtype=">u8", buffer=buf, offset=s, strides=(stride,))
         words = raw.astype(np.uint64)
         ok = (words & np.uint64(self._page_mask)) == want
@@ -590,7 +626,13 @@ class StreamDecoder:
         offsets = offsets[:n]
         cuts = [0, *(np.flatnonzero(np.diff(offsets) != psize) + 1).tolist(), n]
         base = self._buf.base + s
-        if pages:
+        if pages and self._views:
+            span = memoryview(buf)[s + 8 : s + 8 + (n - 1) * stride + psize]
+            for a, z in pairwise(cuts):
+                out.append(PageRun(name, int(offsets[a]), span[a * stride : (z - 1) * stride
+                                                               + psize],
+                                   base + a * stride + 8, stride))
+        elif pages:
             src = np.ndarray((n, psize), dtype=np.uint8, buffer=buf, offset=s + 8,
                              strides=(stride, 1))
             data = self._scratch(n * psize)

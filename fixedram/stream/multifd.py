@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -57,6 +57,12 @@ __all__ = [
 
 #: Size of every packet header on the wire: fixed part plus 128 offsets (1344 bytes).
 MULTIFD_PACKET_SIZE = MULTIFD_PACKET_HEADER.size + 8 * MULTIFD_PAGES_PER_PACKET
+#: The same header as a numpy record (for :meth:`MultifdChannelDecoder.feed_batch`).
+_HEADER_DTYPE = np.dtype([("magic", ">u4"), ("version", ">u4"), ("flags", ">u4"),
+                          ("alloc", ">u4"), ("normal", ">u4"), ("next", ">u4"),
+                          ("num", ">u8"), ("nzero", ">u4"), ("pad", "V28"),
+                          ("name", "V256"), ("offs", ">u8", (MULTIFD_PAGES_PER_PACKET,))])
+assert _HEADER_DTYPE.itemsize == MULTIFD_PACKET_SIZE
 
 _PREFIX = struct.Struct(">III")  # magic, version, flags: common to every packet kind
 _REST = struct.Struct(">IIIQI28x256s")  # the rest of the fixed RAM packet header
@@ -97,10 +103,18 @@ class MultifdPacket:
     data: memoryview | bytes
     sync: bool
     offset: int = -1
+    #: the offsets as one array (normal, then zero), from a decoder
+    offsets: np.ndarray | None = field(default=None, compare=False, repr=False)
+    #: packets this event stands for (> 1: consecutive page-less packets listing only zero
+    #: pages, merged by :meth:`MultifdChannelDecoder.feed_batch`; their zero pages are in
+    #: ``offsets`` only, ``zero_offsets`` is empty, the flags are the last packet's)
+    packets: int = 1
 
     @property
     def pages(self) -> int:
         """Normal plus zero pages."""
+        if self.offsets is not None:
+            return len(self.offsets)
         return len(self.normal_offsets) + len(self.zero_offsets)
 
 
@@ -209,6 +223,50 @@ class MultifdChannelDecoder:
                 out.append(ev)
         return out
 
+    def feed_batch(self, data: Buffer) -> tuple[MultifdPacket | None, int]:
+        """Decode, at a packet boundary, the leading packets of ``data`` as one event.
+
+        The leading packets that carry no page data and list only zero pages of one block
+        (as QEMU 10 sends for the zero pages of a large guest) are checked together with
+        numpy and become one :class:`MultifdPacket` (up to and including the first SYNC
+        packet, so an event never spans epochs). Returns it (None when fewer than two
+        such packets lead) and the bytes consumed; the caller feeds the rest as usual
+        (which reports any problem exactly as it would for those packets alone).
+        """
+        src = memoryview(data).cast("B")
+        size = MULTIFD_PACKET_SIZE
+        k = len(src) // size
+        if not self.at_boundary or k < 2:
+            return None, 0
+        h = np.frombuffer(src, dtype=_HEADER_DTYPE, count=k)
+        nzero = h["nzero"].astype(np.int64)
+        ok = ((h["magic"] == MULTIFD_MAGIC) & (h["version"] == MULTIFD_VERSION)
+              & ((h["flags"] & ~np.uint32(_SYNC)) == 0) & (h["normal"] == 0)
+              & (h["alloc"] <= MULTIFD_PAGES_PER_PACKET) & (nzero <= h["alloc"])
+              & (h["name"] == h["name"][0]))
+        listed = np.arange(MULTIFD_PAGES_PER_PACKET)[None, :] < nzero[:, None]
+        offs = h["offs"]
+        ok &= ~((offs & np.uint64(_PAGE_MASK)).astype(bool) & listed).any(axis=1)
+        m = k if ok.all() else int(ok.argmin())
+        syncs = np.flatnonzero(h["flags"][:m] & np.uint32(_SYNC))
+        if len(syncs):
+            m = int(syncs[0]) + 1
+        raw_name = bytes(h["name"][0])
+        nul = raw_name.find(0)
+        block = raw_name[:nul].decode("latin-1") if nul >= 0 else ""
+        if m < 2 or nul < 0 or (not block and int(nzero[:m].sum())):
+            return None, 0
+        zero = offs[:m][listed[:m]].astype(np.uint64)
+        last = h[m - 1]
+        flags = int(last["flags"])
+        pkt = MultifdPacket(flags, int(last["num"]), block, (), (), b"", bool(flags & _SYNC),
+                            self._at, zero, m)
+        self.packets += m
+        self.syncs += pkt.sync
+        self._pos += m * size
+        self._at = self._pos
+        return pkt, m * size
+
     def feed_eof(self) -> None:
         """The connection ended; raise :class:`TruncatedStream` unless it ended between packets."""
         self._eof = True
@@ -232,8 +290,9 @@ class MultifdChannelDecoder:
     def _step(self) -> MultifdEvent | None:
         st = self._state
         if st == _PREFIX_ST:
+            # the whole fixed-size header was read in one go: prefix, then the rest
             self._parse_prefix()
-            return None
+            return self._parse_header()
         if st == _HEADER:
             return self._parse_header()
         if st == _DATA:
@@ -254,7 +313,7 @@ class MultifdChannelDecoder:
                               f"{MULTIFD_VERSION})", at + 4)
         self.init = MultifdInit(bytes(uuid), cid)
         self._at = self._pos
-        self._next(_PREFIX_ST, _PREFIX.size)
+        self._next(_PREFIX_ST, MULTIFD_PACKET_SIZE)
         return self.init
 
     def _parse_prefix(self) -> None:
@@ -305,14 +364,16 @@ class MultifdChannelDecoder:
         count = normal + nzero
         if count and not block:
             raise StreamError("multifd packet with pages but no RAM block name", at + 64)
-        offs: tuple[int, ...] = struct.unpack_from(f">{count}Q", hdr, MULTIFD_PACKET_HEADER.size)
-        for i, o in enumerate(offs):
-            if o & _PAGE_MASK:
-                raise StreamError(f"multifd packet page offset 0x{o:x} is not page-aligned",
-                                  at + MULTIFD_PACKET_HEADER.size + 8 * i)
+        arr = np.frombuffer(hdr, dtype=">u8", count=count,
+                            offset=MULTIFD_PACKET_HEADER.size).astype(np.uint64)
+        if (arr & np.uint64(_PAGE_MASK)).any():
+            i = int(np.flatnonzero(arr & np.uint64(_PAGE_MASK))[0])
+            raise StreamError(f"multifd packet page offset 0x{int(arr[i]):x} is not "
+                              "page-aligned", at + MULTIFD_PACKET_HEADER.size + 8 * i)
+        offs: tuple[int, ...] = tuple(arr.tolist())
         flags = self._flags
         pkt = MultifdPacket(flags, packet_num, block, offs[:normal], offs[normal:], b"",
-                            bool(flags & _SYNC), at)
+                            bool(flags & _SYNC), at, arr)
         if not size:
             return self._done(pkt)
         buf = self._alloc(size)
@@ -330,7 +391,7 @@ class MultifdChannelDecoder:
         self.syncs += pkt.sync
         self.data_bytes += len(pkt.data)
         self._at = self._pos
-        self._next(_PREFIX_ST, _PREFIX.size)
+        self._next(_PREFIX_ST, MULTIFD_PACKET_SIZE)
         return pkt
 
 

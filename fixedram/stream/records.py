@@ -207,16 +207,21 @@ class PageRun(Record):
 
     ``data`` holds ``len(data) // page size`` whole pages (from a decoder, a view valid
     through its next ``feed``, reused by the one after); ``pos`` is the absolute stream
-    offset of the first page's data.
+    offset of the first page's data. With ``stride`` (a decoder's ``views`` mode) the
+    pages are not contiguous: page ``i`` is ``data[i * stride : i * stride + page size]``
+    (the records as received, each page after its 8-byte header).
     """
 
     block: str
     offset: int
     data: memoryview
     pos: int = -1
+    stride: int = 0
 
     @property
     def npages(self) -> int:
+        if self.stride:
+            return (len(self.data) + self.stride - TARGET_PAGE_SIZE) // self.stride
         return len(self.data) // TARGET_PAGE_SIZE
 
 
