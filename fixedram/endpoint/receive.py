@@ -37,7 +37,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,6 +262,27 @@ def wants_switchover_ack(machine: str) -> bool:
     return m is None or (int(m[1]), int(m[2])) >= (8, 1)
 
 
+class _WritebackSink:
+    """The writer for multifd channels: each packet's pages are handed to writeback at
+    once (as the main channel's are per feed), so the final fsync has little left."""
+
+    def __init__(self, writer: MappedRamWriter, fd: int) -> None:
+        self.writer = writer
+        self.fd = fd
+
+    def write_pages(self, block: str, first_page: int, bufs: Sequence[Buffer]) -> int:
+        n = self.writer.write_pages(block, first_page, bufs)
+        at = self.writer.blocks[block].pages_offset + first_page * PAGE_SIZE
+        drop_cached(self.fd, at, n * PAGE_SIZE)
+        return n
+
+    def write_page_views(self, block: str, first_page: int, pages: list[memoryview]) -> int:
+        return self.writer.write_page_views(block, first_page, pages)  # main channel
+
+    def zero_pages(self, block: str, first_page: int, npages: int = 1) -> int:
+        return self.writer.zero_pages(block, first_page, npages)
+
+
 class Receiver:
     """Decodes a precopy stream into a mapped-ram image; sans channel.
 
@@ -319,7 +340,8 @@ class Receiver:
                            else None)
                 # the writer takes page writes of several threads (for disjoint pages,
                 # which an epoch guarantees): channels write in parallel
-                self.multifd = MultifdReceiver(self.writer, multifd_channels, serialize=False,
+                sink = self.writer if self.direct else _WritebackSink(self.writer, self.file.fd)
+                self.multifd = MultifdReceiver(sink, multifd_channels, serialize=False,
                                                payload_buffer=payload, on_error=multifd_error)
         except BaseException:
             self.abort()
