@@ -45,7 +45,7 @@ import termios
 import threading
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -58,6 +58,7 @@ from fixedram.endpoint.send import (
     _open,
     _stream_head,
     _stream_tail,
+    absent_runs,
     validate,
     wants_switchover_start,
 )
@@ -216,18 +217,34 @@ _EMPTY = np.zeros(0, dtype=np.int64)
 
 
 def _plan(img: Image, blocks: Sequence[BlockInfo], zero_in_packets: bool) -> Iterator[_Packet]:
-    """Packets for every block: its data pages 128 at a time, then (optionally) its zero
-    pages 128 at a time. Page indices come from the image's bitmap, in numpy."""
+    """Packets for every block: its data pages 128 at a time, then (``zero_in_packets``)
+    its pages without data 128 at a time. The image's bitmap is walked in bounded pieces
+    (:meth:`Image.runs`): memory does not grow with the RAM size."""
     for blk in blocks:
         name = blk.name.encode("latin-1")
-        present = img.present(blk.name)
-        data = np.flatnonzero(present)
-        for k in range(0, len(data), PER_PACKET):
-            yield _Packet(blk, name, data[k : k + PER_PACKET], _EMPTY)
+        for pages in _packets(img.runs(blk.name)):
+            yield _Packet(blk, name, pages, _EMPTY)
         if zero_in_packets:
-            absent = np.flatnonzero(~present)
-            for k in range(0, len(absent), PER_PACKET):
-                yield _Packet(blk, name, _EMPTY, absent[k : k + PER_PACKET])
+            for pages in _packets(absent_runs(img, blk.name)):
+                yield _Packet(blk, name, _EMPTY, pages)
+
+
+def _packets(runs: Iterable[tuple[int, int]]) -> Iterator[np.ndarray]:
+    """Page indices of ``runs`` in groups of :data:`PER_PACKET` (the last may be shorter)."""
+    pend: list[np.ndarray] = []
+    count = 0
+    for first, n in runs:
+        p, end = first, first + n
+        while p < end:
+            k = min(PER_PACKET - count, end - p)
+            pend.append(np.arange(p, p + k, dtype=np.int64))
+            count += k
+            p += k
+            if count == PER_PACKET:
+                yield pend[0] if len(pend) == 1 else np.concatenate(pend)
+                pend, count = [], 0
+    if count:
+        yield pend[0] if len(pend) == 1 else np.concatenate(pend)
 
 
 def _runs_of(pages: np.ndarray) -> Iterator[tuple[int, int, int]]:
@@ -239,11 +256,6 @@ def _runs_of(pages: np.ndarray) -> Iterator[tuple[int, int, int]]:
     ends = [*cuts.tolist(), len(pages)]
     for s, e in zip(starts, ends, strict=True):
         yield s, int(pages[s]), e - s
-
-
-def _zero_records(block: str, pages: np.ndarray) -> bytes:
-    """ZERO records (fill 0) for ``pages`` of ``block``: the first names the block."""
-    return StreamEncoder().zero_pages(block, pages)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,7 +391,7 @@ class _ChannelThread(threading.Thread):
             for slot, first, k in _runs_of(pkt.normal):
                 view = data[slot * PS : (slot + k) * PS]
                 with st.read_lock:
-                    self.img._read_into(blk, first, view)
+                    self.img.read_into(blk.name, first, view)
                 reads += 1
                 if check is not None:
                     with st.check_lock:
@@ -423,6 +435,7 @@ def send_multifd(
     connect_timeout: float = 30.0,
     progress: Callable[[SendStats], None] | None = None,
     direct_io: DirectIO = False,
+    fresh: bool = True,
 ) -> MultifdSendReport:
     """Send ``image`` to the QEMU listening on ``address`` as a multifd source, ``channels``
     page connections plus the main one.
@@ -436,8 +449,10 @@ def send_multifd(
     bounds how long the destination may read nothing. ``direct_io`` reads the pages of a
     mapped-ram image with O_DIRECT, each channel into its own aligned packet buffer (see
     :meth:`~fixedram.image.Image.open_direct` for the fallback; a legacy stream image is
-    read buffered). Raises
-    :class:`~fixedram.errors.EndpointError` when a connection fails or stalls.
+    read buffered). ``fresh``: the destination's RAM reads as zero where nothing is loaded
+    (``docs/fresh-destination.md``), so pages without data are not sent at all; with
+    ``fresh=False`` they go in the packets' zero lists or as ZERO records (``zero``).
+    Raises :class:`~fixedram.errors.EndpointError` when a connection fails or stalls.
     """
     if not 1 <= channels <= MAX_CHANNELS:
         raise EndpointError(f"multifd needs 1 to {MAX_CHANNELS} channels, not {channels}")
@@ -449,7 +464,7 @@ def send_multifd(
         opened = not img.direct and img.format == "mapped-ram" and img.open_direct(direct_io)
         try:
             return _send(img, address, channels, uuid, dest_version, sync, zero,
-                         stall_timeout, connect_timeout, progress)
+                         stall_timeout, connect_timeout, progress, fresh)
         finally:
             if opened:
                 img.close_direct()
@@ -480,7 +495,7 @@ def _page_checks(img: Image) -> Callable[[str], PageCheck | None]:
 def _send(img: Image, address: str, nchan: int, uuid: bytes | None,
           dest_version: tuple[int, int, int] | None, sync_opt: SyncMode, zero_opt: ZeroMode,
           stall: float, connect_timeout: float,
-          progress: Callable[[SendStats], None] | None) -> MultifdSendReport:
+          progress: Callable[[SendStats], None] | None, fresh: bool) -> MultifdSendReport:
     t0 = time.monotonic()
     blocks = list(img.blocks.values())
     cfg = img.configuration
@@ -498,7 +513,7 @@ def _send(img: Image, address: str, nchan: int, uuid: bytes | None,
     # into: a page read earlier crashes QEMU 10 (SIGSEGV, observed)
     head = _stream_head(img, flush=sync == "flush")
     checks = _page_checks(img)
-    state = _State(_plan(img, blocks, zero == "packet"), nchan, checks)
+    state = _State(_plan(img, blocks, zero == "packet" and not fresh), nchan, checks)
     if img.format != "mapped-ram":
         state.read_lock = threading.Lock()
 
@@ -533,13 +548,17 @@ def _send(img: Image, address: str, nchan: int, uuid: bytes | None,
 
         # the rest of the main stream up to the last sync marker
         mid = [encode(SectionPart(sid))]
-        zero_main = 0
-        if zero == "main":
+        # pages without data: not sent to a fresh destination, but counted
+        zero_main = pages_total - sum(img.count_present(b.name) for b in blocks) if fresh else 0
+        if zero == "main" and not fresh:
+            enc = StreamEncoder()
             for blk in blocks:
-                absent = np.flatnonzero(~img.present(blk.name))
-                zero_main += len(absent)
-                if len(absent):
-                    mid.append(_zero_records(blk.name, absent))
+                for p, k in absent_runs(img, blk.name, 1 << 16):
+                    zero_main += k
+                    mid.append(enc.zero_run(blk.name, p * PS, k))
+                    if len(mid) >= 64:
+                        main_bytes += _sendmsg_all(msock, mid)
+                        mid = []
         if sync == "flush":
             mid.append(encode(MultifdFlush()))
         mid += [encode(EndOfSection()), encode(SectionFooter(sid))]

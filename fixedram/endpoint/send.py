@@ -21,6 +21,7 @@ out: QEMU stops at the first inconsistency and cannot be reused after a failed l
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import stat
@@ -31,8 +32,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-import numpy as np
 
 from fixedram import faults
 from fixedram.errors import EndpointError, ImageError, MismatchError
@@ -78,6 +77,7 @@ __all__ = [
     "send",
     "validate",
     "wants_switchover_start",
+    "absent_runs",
 ]
 
 PS = TARGET_PAGE_SIZE
@@ -87,6 +87,8 @@ RAM_SECTION_ID = 1
 SWITCHOVER_START_SINCE = (10, 0)
 #: Pieces smaller than this are copied and batched with their neighbours into one write.
 _SMALL_PIECE = 64 << 10
+#: Most pages encoded as ZERO records in one go (9 bytes each).
+_ZERO_PIECE = 1 << 16
 #: Flush batched buffers once they hold this many bytes.
 _BATCH_BYTES = 1 << 20
 #: How long to wait, after the last byte, for the destination to close its side.
@@ -273,9 +275,8 @@ def _validate_image(img: Image) -> None:
             if bm_end > size:
                 raise ImageError(f"RAM block '{name}': bitmap ends at byte {bm_end}, past the "
                                  f"end of the file ({size} bytes)")
-        present = img.present(name)  # MappedRamImage checks bits beyond the block here
-        if m is not None and present.any():
-            last = int(np.flatnonzero(present)[-1])
+        last = img.last_present(name)  # MappedRamImage checks bits beyond the block here
+        if m is not None and last >= 0:
             end = m.pages_offset + (last + 1) * PS
             if end > size:
                 raise ImageError(f"RAM block '{name}': page {last} ends at byte {end}, past the "
@@ -431,20 +432,38 @@ def _pieces(img: Image, name: str, hint_fd: int, depth: int) -> Iterator[tuple[i
     with sending without reader threads fighting the sender for the GIL.
     """
     blk = img.block(name)
-    per = READ_CHUNK // PS
-    plan = [(p, min(per, first + n - p)) for first, n in img.runs(name)
-            for p in range(first, first + n, per)]
+    plan = _split(img.runs(name), READ_CHUNK // PS)
     if hint_fd < 0 or blk.mapped is None or depth <= 0:
         yield from plan
         return
     base = blk.mapped.pages_offset
-    for p, k in plan[:depth]:
-        os.posix_fadvise(hint_fd, base + p * PS, k * PS, os.POSIX_FADV_WILLNEED)
-    for i, piece in enumerate(plan):
-        if i + depth < len(plan):
-            p, k = plan[i + depth]
-            os.posix_fadvise(hint_fd, base + p * PS, k * PS, os.POSIX_FADV_WILLNEED)
-        yield piece
+    ahead: collections.deque[tuple[int, int]] = collections.deque()
+    for piece in plan:
+        ahead.append(piece)
+        os.posix_fadvise(hint_fd, base + piece[0] * PS, piece[1] * PS, os.POSIX_FADV_WILLNEED)
+        if len(ahead) > depth:
+            yield ahead.popleft()
+    yield from ahead
+
+
+def _split(runs: Iterable[tuple[int, int]], per: int) -> Iterator[tuple[int, int]]:
+    """``(first, npages)`` pieces of at most ``per`` pages of each run, in order."""
+    for first, n in runs:
+        for p in range(first, first + n, per):
+            yield p, min(per, first + n - p)
+
+
+def absent_runs(img: Image, name: str, per: int = 1 << 20) -> Iterator[tuple[int, int]]:
+    """``(first, npages)`` pieces of at most ``per`` pages of the stretches of block ``name``
+    the image holds no data for (the gaps between :meth:`Image.runs`), in order."""
+    cursor = 0
+    for first, n in img.runs(name):
+        if first > cursor:
+            yield from _split([(cursor, first - cursor)], per)
+        cursor = first + n
+    npages = img.block(name).npages
+    if cursor < npages:
+        yield from _split([(cursor, npages - cursor)], per)
 
 
 def _record_buffer() -> tuple[PageRecords, PageSlots]:
@@ -484,8 +503,15 @@ def send(image: str | os.PathLike[str] | Image, channel: Channel, *,
          dest_blocks: Sequence[tuple[str, int]] | None = None,
          readers: int = 1,
          progress: Callable[[SendStats], None] | None = None,
-         direct_io: DirectIO = False) -> SendReport:
+         direct_io: DirectIO = False,
+         fresh: bool = True) -> SendReport:
     """Send ``image`` over ``channel`` as a precopy stream a QEMU ``-incoming`` loads.
+
+    ``fresh``: the destination's RAM reads as zero wherever nothing was loaded into it
+    (a QEMU started with ``-incoming`` whose RAM is not backed by a file with old contents,
+    ``docs/fresh-destination.md``), so pages the image holds no data for are not sent at
+    all; with ``fresh=False`` they go out as ZERO records, and the stream describes
+    every page.
 
     Everything is validated (:func:`validate`, against ``dest_machine``/``dest_blocks``
     when given) before the first byte is written. ``readers`` > 1 keeps ``readers - 1``
@@ -500,7 +526,7 @@ def send(image: str | os.PathLike[str] | Image, channel: Channel, *,
     img, owned = _open(image)
     try:
         validate(img, dest_machine=dest_machine, dest_blocks=dest_blocks)
-        return _send(img, channel, readers, progress, direct_io)
+        return _send(img, channel, readers, progress, direct_io, fresh)
     finally:
         if owned:
             img.close()
@@ -514,9 +540,21 @@ def _page_check(img: Image) -> PageCheck | None:
     return PageCheck(img, cs) if cs is not None else None
 
 
+def _zeros(out: _Sender, enc: StreamEncoder, name: str, start: int, stop: int,
+           fresh: bool) -> None:
+    """Pages ``[start, stop)`` of ``name`` hold no data: counted, and unless the destination
+    is ``fresh``, sent as ZERO records (in pieces: bounded memory at any size)."""
+    out.zero_pages += stop - start
+    if fresh:
+        return
+    for p, k in _split([(start, stop - start)], _ZERO_PIECE):
+        out.add([enc.zero_run(name, p * PS, k)])
+        out.maybe_flush()
+
+
 def _send(img: Image, channel: Channel, readers: int,
           progress: Callable[[SendStats], None] | None,
-          direct_io: DirectIO = False) -> SendReport:
+          direct_io: DirectIO = False, fresh: bool = True) -> SendReport:
     blocks = list(img.blocks.values())
     switchover = wants_switchover_start(img.machine, img.commands)
     enc = StreamEncoder()
@@ -548,8 +586,7 @@ def _send(img: Image, channel: Channel, readers: int,
                 if check is not None:
                     check.pages(blk.name, first, slots.views[:npages])
                 if first > cursor:
-                    out.add([enc.zero_run(blk.name, cursor * PS, first - cursor)])
-                    out.zero_pages += first - cursor
+                    _zeros(out, enc, blk.name, cursor, first, fresh)
                 data: Buffer = enc.page_records(blk.name, first * PS, npages, recs)
                 small = len(data) < _SMALL_PIECE
                 if small:  # copy, to batch it with the next pieces into one write
@@ -564,8 +601,7 @@ def _send(img: Image, channel: Channel, readers: int,
             if check is not None:  # a bad extent stops the stream before the device state
                 check.block_done(blk.name)
             if cursor < blk.npages:
-                out.add([enc.zero_run(blk.name, cursor * PS, blk.npages - cursor)])
-                out.zero_pages += blk.npages - cursor
+                _zeros(out, enc, blk.name, cursor, blk.npages, fresh)
             out.add([encode(EndOfSection()), encode(SectionFooter(sid))])
             out.maybe_flush()
         faults.point("send-device")

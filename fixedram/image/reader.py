@@ -26,7 +26,14 @@ from typing import Any, Literal
 import numpy as np
 
 from fixedram.errors import FixedramError, ImageError, StreamError
-from fixedram.image.layout import PAGE_SIZE, bitmap_bytes, bitmap_to_bools, runs
+from fixedram.image.layout import (
+    BITMAP_PIECE_PAGES,
+    PAGE_SIZE,
+    bitmap_bytes,
+    bitmap_runs,
+    bitmap_to_bools,
+    runs,
+)
 from fixedram.io.files import IOV_MAX, aligned_buffer, open_direct, preadv_exact
 from fixedram.stream import (
     CommandRecord,
@@ -255,12 +262,64 @@ class Image:
                              f"{', '.join(self.blocks)})") from None
 
     def present(self, name: str) -> np.ndarray:
-        """One bool per page of block ``name``: True where the image holds page data."""
+        """One bool per page of block ``name``: True where the image holds page data.
+
+        Costs one byte per page of the block: walks that must stay bounded at any RAM size
+        use :meth:`runs`, :meth:`present_range` or :meth:`count_present` instead.
+        """
         raise NotImplementedError
 
-    def runs(self, name: str) -> Iterator[tuple[int, int]]:
-        """Maximal runs ``(first_page, npages)`` of pages with data in block ``name``."""
-        return runs(self.present(name))
+    def present_range(self, name: str, first: int, npages: int) -> np.ndarray:
+        """One bool per page of pages ``[first, first + npages)`` of block ``name``."""
+        raise NotImplementedError
+
+    def _piece_runs(self, name: str, first: int, npages: int) -> Iterator[tuple[int, int]]:
+        """Runs of pages with data among pages ``[first, first + npages)``, relative to
+        ``first``."""
+        return runs(self.present_range(name, first, npages))
+
+    def runs(self, name: str, start: int = 0,
+             stop: int | None = None) -> Iterator[tuple[int, int]]:
+        """Maximal runs ``(first_page, npages)`` of pages with data in block ``name``
+        (between pages ``start`` and ``stop``), in order.
+
+        The presence information is walked in pieces of :data:`BITMAP_PIECE_PAGES` pages,
+        so memory stays bounded at any block size.
+        """
+        blk = self.block(name)
+        stop = blk.npages if stop is None else min(stop, blk.npages)
+        pending: tuple[int, int] | None = None
+        for p in range(start, stop, BITMAP_PIECE_PAGES):
+            for f, n in self._piece_runs(name, p, min(BITMAP_PIECE_PAGES, stop - p)):
+                f += p
+                if pending is not None:
+                    if pending[0] + pending[1] == f:
+                        pending = (pending[0], pending[1] + n)
+                        continue
+                    yield pending
+                pending = (f, n)
+        if pending is not None:
+            yield pending
+
+    def count_present(self, name: str) -> int:
+        """Number of pages of block ``name`` the image holds data for (bounded memory)."""
+        return sum(n for _, n in self.runs(name))
+
+    def last_present(self, name: str) -> int:
+        """Index of the last page of block ``name`` with data, or -1 (bounded memory)."""
+        last = -1
+        for f, n in self.runs(name):
+            last = f + n - 1
+        return last
+
+    def read_into(self, name: str, first_page: int, dest: memoryview) -> None:
+        """Read pages ``first_page…`` of block ``name`` into ``dest`` (whole pages, every one
+        holding data: a piece of a run as :meth:`runs` gives them)."""
+        blk = self.block(name)
+        if first_page < 0 or first_page + len(dest) // PAGE_SIZE > blk.npages:
+            raise ImageError(f"pages {first_page}..{first_page + len(dest) // PAGE_SIZE} "
+                             f"outside block '{name}'")
+        self._read_into(blk, first_page, dest)
 
     def iter_data(self, name: str, chunk: int = READ_CHUNK) -> Iterator[tuple[int, memoryview]]:
         """``(first_page, data)`` for every run of pages with data, in pieces of ``chunk``.
@@ -284,8 +343,8 @@ class Image:
         if first_page < 0 or first_page + npages > blk.npages:
             raise ImageError(f"pages {first_page}..{first_page + npages} outside block '{name}'")
         out = bytearray(npages * PAGE_SIZE)
-        pres = self.present(name)[first_page : first_page + npages]
-        for start, n in runs(pres):
+        for start, n in self.runs(name, first_page, first_page + npages):
+            start -= first_page
             self._read_into(blk, first_page + start, memoryview(out)[start * PAGE_SIZE :
                                                                       (start + n) * PAGE_SIZE])
         return out
@@ -342,18 +401,59 @@ class MappedRamImage(Image):
         cache = self.__dict__.setdefault("_bitmaps", {})
         if name not in cache:
             blk = self.block(name)
-            assert blk.mapped is not None
-            nb = bitmap_bytes(blk.npages)
-            raw = bytearray(nb)
-            preadv_exact(self._fd, memoryview(raw), blk.mapped.bitmap_offset,
-                         f"bitmap of RAM block '{name}'")
-            bools = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
-            if bools[blk.npages :].any():
-                extra = int(np.flatnonzero(bools[blk.npages :])[0]) + blk.npages
-                raise ImageError(f"RAM block '{name}': bitmap bit {extra} is set beyond the "
-                                 f"block's {blk.npages} pages", blk.mapped.bitmap_offset)
-            cache[name] = bitmap_to_bools(raw, blk.npages)
+            cache[name] = bitmap_to_bools(self._bitmap_bytes(blk, 0, blk.npages), blk.npages)
         return cache[name]
+
+    def _bitmap_bytes(self, blk: BlockInfo, first: int, npages: int) -> bytearray:
+        """The bitmap bytes holding the bits of pages ``[first, first + npages)``, from
+        byte ``first // 8`` up to a whole 64-bit word (bits beyond the block checked when
+        the range reaches its end)."""
+        assert blk.mapped is not None
+        if first < 0 or npages < 0 or first + npages > blk.npages:
+            raise ImageError(f"pages {first}..{first + npages} outside block '{blk.name}'")
+        end = first + npages
+        if end == blk.npages:
+            self._check_tail(blk)
+        b0 = first >> 3
+        b1 = min(-(-end // 64) * 8, bitmap_bytes(blk.npages))
+        raw = bytearray(b1 - b0)
+        preadv_exact(self._fd, memoryview(raw), blk.mapped.bitmap_offset + b0,
+                     f"bitmap of RAM block '{blk.name}'")
+        return raw
+
+    def _check_tail(self, blk: BlockInfo) -> None:
+        """ImageError if a bitmap bit beyond the block's last page is set."""
+        done: set[str] = self.__dict__.setdefault("_tail_ok", set())
+        if blk.name in done:
+            return
+        assert blk.mapped is not None
+        n = blk.npages
+        b0 = n >> 3
+        raw = bytearray(bitmap_bytes(n) - b0)
+        preadv_exact(self._fd, memoryview(raw), blk.mapped.bitmap_offset + b0,
+                     f"bitmap of RAM block '{blk.name}'")
+        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+        bits[: n & 7] = 0
+        if bits.any():
+            extra = int(np.flatnonzero(bits)[0]) + b0 * 8
+            raise ImageError(f"RAM block '{blk.name}': bitmap bit {extra} is set beyond the "
+                             f"block's {n} pages", blk.mapped.bitmap_offset)
+        done.add(blk.name)
+
+    def present_range(self, name: str, first: int, npages: int) -> np.ndarray:
+        cache = self.__dict__.get("_bitmaps", {})
+        blk = self.block(name)
+        if name in cache:
+            return cache[name][first : first + npages]
+        raw = self._bitmap_bytes(blk, first, npages)
+        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+        s = first & 7
+        return bits[s : s + npages].astype(bool)
+
+    def _piece_runs(self, name: str, first: int, npages: int) -> Iterator[tuple[int, int]]:
+        if first % 64 or name in self.__dict__.get("_bitmaps", {}):
+            return super()._piece_runs(name, first, npages)
+        return bitmap_runs(self._bitmap_bytes(self.block(name), first, npages), npages)
 
     def _read_into(self, blk: BlockInfo, first: int, dest: memoryview) -> None:
         """Read pages into ``dest``; with O_DIRECT on and ``dest`` page-aligned in memory,
@@ -401,6 +501,10 @@ class StreamImage(Image):
     def present(self, name: str) -> np.ndarray:
         self.block(name)
         return self._where[name] >= 0
+
+    def present_range(self, name: str, first: int, npages: int) -> np.ndarray:
+        self.block(name)
+        return self._where[name][first : first + npages] >= 0
 
     def _read_into(self, blk: BlockInfo, first: int, dest: memoryview) -> None:
         where = self._where[blk.name][first : first + len(dest) // PAGE_SIZE]
