@@ -352,6 +352,15 @@ class Image:
     def _read_into(self, blk: BlockInfo, first: int, dest: memoryview) -> None:
         raise NotImplementedError
 
+    def fileno(self) -> int:
+        """The image's (buffered) file descriptor, for ``sendfile``."""
+        return self._fd
+
+    def page_offset(self, name: str, first_page: int) -> int:
+        """File offset of page ``first_page`` of block ``name`` (mapped-ram images only:
+        ``npages`` pages from there are contiguous in the file)."""
+        raise ImageError("a legacy stream image has no fixed page offsets")
+
     def read_slots(self, name: str, first_page: int, npages: int, slots: PageSlots) -> int:
         """Read pages ``[first_page, first_page + npages)`` of ``name`` into slots ``0..``.
 
@@ -464,6 +473,11 @@ class MappedRamImage(Image):
             fd = self._dfd
         preadv_exact(fd, dest, blk.mapped.pages_offset + first * PAGE_SIZE,
                      f"pages of RAM block '{blk.name}'")
+
+    def page_offset(self, name: str, first_page: int) -> int:
+        blk = self.block(name)
+        assert blk.mapped is not None
+        return blk.mapped.pages_offset + first_page * PAGE_SIZE
 
     def read_slots(self, name: str, first_page: int, npages: int, slots: PageSlots) -> int:
         blk = self.block(name)
