@@ -18,7 +18,7 @@ import errno
 import mmap
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -52,10 +52,13 @@ from fixedram.stream import (
 from fixedram.stream.format import FILE_MAGIC
 
 __all__ = ["open_image", "Image", "MappedRamImage", "StreamImage", "BlockInfo", "PageSlots",
-           "READ_CHUNK", "DirectIO"]
+           "READ_CHUNK", "DirectIO", "PageIndex"]
 
 #: Largest single read when streaming page data (bytes).
 READ_CHUNK = 1 << 20
+
+#: Pages per chunk of a legacy stream's sparse page index (:class:`PageIndex`): 1 MiB of RAM.
+INDEX_CHUNK = 256
 
 #: Read size while walking the metadata of a mapped-ram file (bytes).
 METADATA_CHUNK = 16 << 10
@@ -510,18 +513,18 @@ class MappedRamImage(Image):
 class StreamImage(Image):
     """A legacy migration stream file (``migrate file:`` without mapped-ram, ``exec:cat``)."""
 
-    _where: dict[str, np.ndarray]
+    _where: dict[str, PageIndex]
 
     def present(self, name: str) -> np.ndarray:
-        self.block(name)
-        return self._where[name] >= 0
+        blk = self.block(name)
+        return self._where[name].get(0, blk.npages) >= 0
 
     def present_range(self, name: str, first: int, npages: int) -> np.ndarray:
         self.block(name)
-        return self._where[name][first : first + npages] >= 0
+        return self._where[name].get(first, npages) >= 0
 
     def _read_into(self, blk: BlockInfo, first: int, dest: memoryview) -> None:
-        where = self._where[blk.name][first : first + len(dest) // PAGE_SIZE]
+        where = self._where[blk.name].get(first, len(dest) // PAGE_SIZE)
         n = len(where)
         per = READ_CHUNK // PAGE_SIZE
         for i in range(0, n, per):  # PageSlots hold at most IOV_MAX slots
@@ -532,7 +535,7 @@ class StreamImage(Image):
     def read_slots(self, name: str, first_page: int, npages: int, slots: PageSlots) -> int:
         self.block(name)
         assert 0 < npages <= slots.count
-        return self._gather(self._where[name][first_page : first_page + npages], slots)
+        return self._gather(self._where[name].get(first_page, npages), slots)
 
     def _gather(self, where: np.ndarray, slots: PageSlots) -> int:
         """Fill slots with the pages stored at file offsets ``where`` (-1: zero page).
@@ -579,6 +582,66 @@ class StreamImage(Image):
         return reads
 
 
+class PageIndex:
+    """Where each page of a legacy stream's block last got data: a file offset, or -1.
+
+    Sparse: 8 bytes per page only in chunks of :data:`INDEX_CHUNK` pages that hold data
+    somewhere in the stream; a chunk without any costs nothing, so the index follows the
+    data, not the block's length (a ZERO record where no data was ever seen is free).
+    """
+
+    def __init__(self, npages: int) -> None:
+        self.npages = npages
+        self.chunks: dict[int, np.ndarray] = {}
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the index (bytes)."""
+        return sum(c.nbytes for c in self.chunks.values())
+
+    def _spans(self, first: int, npages: int,
+               existing: bool) -> Iterator[tuple[int, int, int, int]]:
+        """``(chunk, lo, hi, at)``: pages ``[lo, hi)`` of chunk ``chunk`` (indices inside the
+        chunk) are pages ``at…`` of the range; only existing chunks when ``existing``."""
+        if npages <= 0:
+            return
+        end = first + npages
+        c0, c1 = first // INDEX_CHUNK, (end - 1) // INDEX_CHUNK + 1
+        cs: Iterable[int] = range(c0, c1)
+        if existing and c1 - c0 > len(self.chunks):
+            cs = sorted(c for c in self.chunks if c0 <= c < c1)
+        for c in cs:
+            if existing and c not in self.chunks:
+                continue
+            base = c * INDEX_CHUNK
+            lo, hi = max(first, base) - base, min(end, base + INDEX_CHUNK) - base
+            yield c, lo, hi, base + lo - first
+
+    def put(self, first: int, npages: int, pos: int, stride: int) -> None:
+        """Pages ``first…`` have data at ``pos``, ``pos + stride``…"""
+        for c, lo, hi, at in self._spans(first, npages, False):
+            chunk = self.chunks.get(c)
+            if chunk is None:
+                chunk = self.chunks[c] = np.full(INDEX_CHUNK, _ABSENT, dtype=np.int64)
+            p0 = pos + at * stride
+            chunk[lo:hi] = np.arange(p0, p0 + (hi - lo) * stride, stride, dtype=np.int64)
+
+    def clear(self, first: int, npages: int) -> None:
+        """Pages ``first…`` are zero again."""
+        for c, lo, hi, _ in list(self._spans(first, npages, True)):
+            if hi - lo == INDEX_CHUNK:
+                del self.chunks[c]
+            else:
+                self.chunks[c][lo:hi] = _ABSENT
+
+    def get(self, first: int, npages: int) -> np.ndarray:
+        """File offsets of pages ``[first, first + npages)`` (-1: no data)."""
+        out = np.full(npages, _ABSENT, dtype=np.int64)
+        for c, lo, hi, at in self._spans(first, npages, True):
+            out[at : at + hi - lo] = self.chunks[c][lo:hi]
+        return out
+
+
 class _DirectRefused(Exception):
     """An O_DIRECT read failed with EINVAL (alignment the filesystem does not accept)."""
 
@@ -606,7 +669,7 @@ def _walk(fd: int, base: int, size: int, index: bool) -> tuple[StreamDecoder, di
     dec = StreamDecoder(base_offset=base, runs=True)
     info: dict[str, Any] = {"blocks": {}, "commands": [], "device": None, "vmdesc": None,
                             "config": None, "where": {}, "sections": 0}
-    where: dict[str, np.ndarray] = info["where"]
+    where: dict[str, PageIndex] = info["where"]
     pos = base
     chunk = READ_CHUNK if index else METADATA_CHUNK
     buf = bytearray(READ_CHUNK)
@@ -629,20 +692,16 @@ def _walk(fd: int, base: int, size: int, index: bool) -> tuple[StreamDecoder, di
         pos += n
         for r in records:
             if isinstance(r, PageRun):
-                first = r.offset // PAGE_SIZE
-                where[r.block][first : first + r.npages] = np.arange(
-                    r.pos, r.pos + r.npages * (PAGE_SIZE + 8), PAGE_SIZE + 8, dtype=np.int64)
+                where[r.block].put(r.offset // PAGE_SIZE, r.npages, r.pos, _REC)
             elif isinstance(r, ZeroRun):
-                first = r.offset // PAGE_SIZE
-                where[r.block][first : first + r.npages] = _ABSENT
+                where[r.block].clear(r.offset // PAGE_SIZE, r.npages)
             elif isinstance(r, Page):
-                w = where[r.block]
-                w[r.offset // PAGE_SIZE] = r.pos
+                where[r.block].put(r.offset // PAGE_SIZE, 1, r.pos, _REC)
             elif isinstance(r, Zero):
                 if r.fill:
                     raise ImageError(f"ZERO record with fill byte 0x{r.fill:02x} in block "
                                      f"'{r.block}' is not supported")
-                where[r.block][r.offset // PAGE_SIZE] = _ABSENT
+                where[r.block].clear(r.offset // PAGE_SIZE, 1)
             elif isinstance(r, RamBlock):
                 if r.mapped is not None:
                     _check_mapped(r, size)
@@ -650,13 +709,13 @@ def _walk(fd: int, base: int, size: int, index: bool) -> tuple[StreamDecoder, di
                 if index:
                     # the page index costs 8 bytes per claimed page: bound it by the file
                     # (QEMU writes a record of >= 9 bytes for every page of the stream)
-                    claimed = sum(len(w) for w in where.values()) + r.length // PAGE_SIZE
+                    claimed = sum(w.npages for w in where.values()) + r.length // PAGE_SIZE
                     if claimed > size:
                         raise ImageError(
                             f"RAM block '{r.name}' of 0x{r.length:x} bytes: the RAM blocks "
                             f"claim {claimed} pages, more than a {size}-byte stream file can "
                             "describe", dec.next_offset)
-                    where[r.name] = np.full(r.length // PAGE_SIZE, _ABSENT, dtype=np.int64)
+                    where[r.name] = PageIndex(r.length // PAGE_SIZE)
             elif isinstance(r, Configuration):
                 info["config"] = r
             elif isinstance(r, CommandRecord):
