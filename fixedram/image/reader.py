@@ -523,6 +523,14 @@ class StreamImage(Image):
         self.block(name)
         return self._where[name].get(first, npages) >= 0
 
+    def _piece_runs(self, name: str, first: int, npages: int) -> Iterator[tuple[int, int]]:
+        """Runs found chunk by chunk of the sparse index (cost follows the data)."""
+        self.block(name)
+        idx = self._where[name]
+        for c, lo, hi, at in list(idx._spans(first, npages, True)):
+            for f, n in runs(idx.chunks[c][lo:hi] >= 0):
+                yield at + f, n
+
     def _read_into(self, blk: BlockInfo, first: int, dest: memoryview) -> None:
         where = self._where[blk.name].get(first, len(dest) // PAGE_SIZE)
         n = len(where)

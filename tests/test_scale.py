@@ -1,0 +1,167 @@
+"""Guests far larger than their data: memory and time follow the data, not the RAM size.
+
+A bare test guest holding a few MiB in a 64 GiB guest (default run), or 256 MiB in 256 GiB
+and 1 TiB guests (``pytest -m scale``), its RAM a ``memory-backend-ram`` with
+``reserve=off`` so the host only provides the pages the guest touches. Saved by QEMU
+(mapped-ram and legacy stream) and checksummed by ``fixedram verify --add``; restored with
+``fixedram restore --via proxy`` (single stream and multifd) into a fresh destination, which
+must run on with every page it checks intact. Every fixedram process's peak RSS must stay
+under :data:`RSS_LIMIT_MIB` (a resource bound; time is measured in ``bench/``, not here),
+also for ``verify``, ``analyze`` and ``extract``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from fixedram.image import open_image
+from fixedram.vm import Guest, Heartbeat, choose_accel, find_qemu
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+RSS_LIMIT_MIB = 100
+
+SIZES = [
+    pytest.param(("64G", 8), id="64G"),
+    pytest.param(("256G", 256), id="256G", marks=pytest.mark.scale),
+    pytest.param(("1T", 256), id="1T", marks=pytest.mark.scale),
+]
+
+
+@dataclass
+class Big:
+    """A saved big guest: its images and how to start a destination like it."""
+
+    mem: str
+    src: Guest
+    mapped: Path  # QEMU's mapped-ram save
+    legacy: Path  # QEMU's legacy stream
+    ours: Path  # the mapped-ram save with fixedram's checksums added
+    last: Heartbeat
+    workdir: Path
+
+
+def _guest_args(mem: str) -> tuple[str, ...]:
+    args = ("-object", f"memory-backend-ram,id=m0,size={mem},reserve=off",
+            "-machine", "memory-backend=m0")
+    if mem.endswith("T"):  # more than TCG's default 40 physical address bits reach
+        args += ("-cpu", "qemu64,phys-bits=44")
+    return args
+
+
+def _fixedram(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run a fixedram command; returns the result and its peak RSS in MiB."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([PY, "-m", "fixedram", *args], cwd=REPO, stdout=out,
+                                stderr=err)
+        _, status, ru = os.wait4(proc.pid, 0)
+        out.seek(0)
+        err.seek(0)
+        res = subprocess.CompletedProcess(proc.args, os.waitstatus_to_exitcode(status),
+                                          out.read().decode(), err.read().decode())
+    return res, ru.ru_maxrss / 1024
+
+
+@pytest.fixture(scope="module", params=SIZES)
+def big(request: pytest.FixtureRequest, shm_dir: Path) -> Iterator[Big]:
+    mem, mib = request.param
+    qemu = find_qemu("10")
+    work = Path(tempfile.mkdtemp(prefix=f"frscale-{mem}-", dir="/tmp"))
+    imgs = Path(tempfile.mkdtemp(prefix=f"scale-{mem}-", dir=shm_dir))
+    src = Guest(qemu, work, name="src", mem=mem, accel=choose_accel(qemu),
+                append=f"mib={mib} rate=0 gens=1 hb=100", extra_args=_guest_args(mem))
+    try:
+        with src:
+            src.wait_heartbeat(gen_at_least=1, timeout=300)
+            src.stop()
+            mapped, legacy = imgs / "mapped.img", imgs / "legacy.img"
+            src.set_migration(caps={"mapped-ram": True})
+            src.migrate(f"file:{mapped}")
+            src.wait_migration(600)
+            src.cont()
+            src.stop()
+            src.set_migration(caps={"mapped-ram": False})
+            src.migrate(f"file:{legacy}")
+            src.wait_migration(600)
+            beats = src.heartbeats()
+        ours = imgs / "ours.img"
+        subprocess.run(["cp", "--sparse=always", str(mapped), str(ours)], check=True)
+        r, _ = _fixedram("verify", "--add", str(ours))
+        assert r.returncode == 0, r.stderr
+        yield Big(mem, src, mapped, legacy, ours, beats[-1], work)
+    finally:
+        shutil.rmtree(imgs, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _runs_on(dst: Guest, last: Heartbeat) -> None:
+    """After ``cont`` the heartbeat carries on and the guest's own page checks pass."""
+    dst.cont()
+    hb = dst.wait_heartbeat(n_at_least=last.n + 3, timeout=120)
+    assert hb.gen >= last.gen
+    beats = dst.heartbeats()
+    assert beats and all(b.err == 0 for b in beats), beats[-3:]
+    assert not dst.bad_lines()
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize(("image", "how"), [
+    ("ours", ()), ("ours", ("--channels", "2")), ("mapped", ()),
+    ("mapped", ("--channels", "2")), ("legacy", ()),
+])
+def test_proxy_restore_bounded(big: Big, tmp_path: Path, image: str,
+                               how: tuple[str, ...]) -> None:
+    """A proxy restore of a big, nearly empty guest: peak RSS bounded, guest runs on, and
+    the pages without data were not sent (the destination is fresh)."""
+    path = getattr(big, image)
+    sock = Path(tempfile.mkdtemp(prefix="frs-", dir="/tmp"))
+    try:
+        dst = Guest.like(big.src, name="dst", workdir=tmp_path)
+        dst.extra_args = (*dst.extra_args, "-qmp", f"unix:{sock}/d.qmp,server=on,wait=off")
+        with dst:
+            r, rss = _fixedram("restore", "--qmp", str(sock / "d.qmp"), "--via", "proxy",
+                               *how, "--paused", "--no-progress", "--json", str(path))
+            assert r.returncode == 0, r.stderr
+            rep = json.loads(r.stdout)
+            assert rep["via"] == "proxy"
+            # the stream carried the data pages, not a record per page of RAM
+            assert rep["bytes_sent"] < rep["bytes"] + (64 << 20), rep
+            assert rss <= RSS_LIMIT_MIB, f"fixedram restore peak RSS {rss:.0f} MiB"
+            _runs_on(dst, big.last)
+    finally:
+        shutil.rmtree(sock, ignore_errors=True)
+
+
+@pytest.mark.qemu
+def test_read_commands_bounded(big: Big, tmp_path: Path) -> None:
+    """verify, analyze and extract of a big image: peak RSS bounded."""
+    r, rss = _fixedram("verify", str(big.ours))
+    assert r.returncode == 0 and "extents match" in r.stdout + r.stderr, r
+    assert rss <= RSS_LIMIT_MIB, f"verify peak RSS {rss:.0f} MiB"
+    for img in (big.ours, big.legacy):
+        r, rss = _fixedram("analyze", "--json", str(img))
+        assert r.returncode == 0, r.stderr
+        assert rss <= RSS_LIMIT_MIB, f"analyze peak RSS {rss:.0f} MiB"
+    doc = json.loads(r.stdout)
+    block = next(b for b in doc["blocks"] if b["name"] == "m0")
+    out = tmp_path / "m0.raw"
+    r, rss = _fixedram("extract", str(big.legacy), "--block", "m0", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert rss <= RSS_LIMIT_MIB, f"extract peak RSS {rss:.0f} MiB"
+    assert out.stat().st_size == block["length"]
+    with open_image(big.legacy) as img:  # spot-check the first run of pages
+        first, n = next(img.runs("m0"))
+        k = min(n, 64)
+        with open(out, "rb") as f:
+            f.seek(first * 4096)
+            assert f.read(k * 4096) == bytes(img.read("m0", first, k))
