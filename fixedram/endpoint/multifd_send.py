@@ -60,6 +60,7 @@ from fixedram.endpoint.send import (
     _stream_head,
     _stream_tail,
     absent_runs,
+    skips_absent,
     validate,
     wants_switchover_start,
 )
@@ -605,17 +606,20 @@ def _send(img: Image, address: str, nchan: int, uuid: bytes | None,
 
         # the rest of the main stream up to the last sync marker
         mid = [encode(SectionPart(sid))]
-        # pages without data: not sent to a fresh destination, but counted
-        zero_main = pages_total - sum(img.count_present(b.name) for b in blocks) if fresh else 0
-        if zero == "main" and not fresh:
-            enc = StreamEncoder()
-            for blk in blocks:
+        zero_main = 0
+        enc = StreamEncoder()
+        for blk in blocks:
+            # a fresh destination: ZERO records for the blocks whose pages without data are
+            # not skipped (a zero list entry would not clear a page QEMU has not received)
+            if (zero == "main" and not fresh) or (fresh and not skips_absent(blk, fresh)):
                 for p, k in absent_runs(img, blk.name, 1 << 16):
                     zero_main += k
                     mid.append(enc.zero_run(blk.name, p * PS, k))
                     if len(mid) >= 64:
                         main_bytes += _sendmsg_all(msock, mid)
                         mid = []
+            elif skips_absent(blk, fresh):  # not sent, but counted
+                zero_main += blk.npages - img.count_present(blk.name)
         if sync == "flush":
             mid.append(encode(MultifdFlush()))
         mid += [encode(EndOfSection()), encode(SectionFooter(sid))]

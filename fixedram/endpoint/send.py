@@ -37,7 +37,7 @@ from fixedram import faults
 from fixedram.errors import EndpointError, ImageError, MismatchError
 from fixedram.image import Image, open_image
 from fixedram.image.layout import bitmap_bytes
-from fixedram.image.reader import READ_CHUNK, DirectIO, PageSlots
+from fixedram.image.reader import READ_CHUNK, BlockInfo, DirectIO, PageSlots
 from fixedram.io.channel import Buffer, Channel
 from fixedram.stream import (
     CommandRecord,
@@ -78,11 +78,17 @@ __all__ = [
     "validate",
     "wants_switchover_start",
     "absent_runs",
+    "skips_absent",
+    "FRESH_MIN_BLOCK",
 ]
 
 PS = TARGET_PAGE_SIZE
 #: Section id of ``ram`` in the streams fixedram writes (QEMU binds ids by name at START).
 RAM_SECTION_ID = 1
+#: Blocks longer than this are guest RAM that a fresh destination holds as zeros: their
+#: pages without data need not be sent (``docs/fresh-destination.md``). Smaller blocks
+#: (firmware, ROM blobs QEMU fills at start-up, video RAM) get ZERO records for them anyway.
+FRESH_MIN_BLOCK = 64 << 20
 #: Machine-type version from which QEMU sends (and expects) SWITCHOVER_START.
 SWITCHOVER_START_SINCE = (10, 0)
 #: Pieces smaller than this are copied and batched with their neighbours into one write.
@@ -446,6 +452,12 @@ def _pieces(img: Image, name: str, hint_fd: int, depth: int) -> Iterator[tuple[i
     yield from ahead
 
 
+def skips_absent(blk: BlockInfo, fresh: bool) -> bool:
+    """Whether the pages of ``blk`` without data go unsent (``fresh`` destination, and a
+    block larger than :data:`FRESH_MIN_BLOCK`, see ``docs/fresh-destination.md``)."""
+    return fresh and blk.length > FRESH_MIN_BLOCK
+
+
 def _split(runs: Iterable[tuple[int, int]], per: int) -> Iterator[tuple[int, int]]:
     """``(first, npages)`` pieces of at most ``per`` pages of each run, in order."""
     for first, n in runs:
@@ -507,11 +519,12 @@ def send(image: str | os.PathLike[str] | Image, channel: Channel, *,
          fresh: bool = True) -> SendReport:
     """Send ``image`` over ``channel`` as a precopy stream a QEMU ``-incoming`` loads.
 
-    ``fresh``: the destination's RAM reads as zero wherever nothing was loaded into it
-    (a QEMU started with ``-incoming`` whose RAM is not backed by a file with old contents,
-    ``docs/fresh-destination.md``), so pages the image holds no data for are not sent at
-    all; with ``fresh=False`` they go out as ZERO records, and the stream describes
-    every page.
+    ``fresh``: the destination's guest RAM reads as zero wherever nothing was loaded into
+    it (a QEMU started with ``-incoming`` whose RAM is not backed by a file with old
+    contents, ``docs/fresh-destination.md``), so pages of blocks larger than
+    :data:`FRESH_MIN_BLOCK` the image holds no data for are not sent at all (the pages of
+    smaller blocks go out as ZERO records); with ``fresh=False`` every page without data
+    goes out as a ZERO record, and the stream describes every page.
 
     Everything is validated (:func:`validate`, against ``dest_machine``/``dest_blocks``
     when given) before the first byte is written. ``readers`` > 1 keeps ``readers - 1``
@@ -541,11 +554,11 @@ def _page_check(img: Image) -> PageCheck | None:
 
 
 def _zeros(out: _Sender, enc: StreamEncoder, name: str, start: int, stop: int,
-           fresh: bool) -> None:
-    """Pages ``[start, stop)`` of ``name`` hold no data: counted, and unless the destination
-    is ``fresh``, sent as ZERO records (in pieces: bounded memory at any size)."""
+           skip: bool) -> None:
+    """Pages ``[start, stop)`` of ``name`` hold no data: counted, and unless ``skip``
+    (:func:`skips_absent`), sent as ZERO records (in pieces: bounded memory at any size)."""
     out.zero_pages += stop - start
-    if fresh:
+    if skip:
         return
     for p, k in _split([(start, stop - start)], _ZERO_PIECE):
         out.add([enc.zero_run(name, p * PS, k)])
@@ -579,6 +592,7 @@ def _send(img: Image, channel: Channel, readers: int,
         for blk in blocks:
             out.add([encode(SectionPart(sid))])
             cursor = 0
+            skip = skips_absent(blk, fresh)
             pieces = _pieces(img, blk.name, hint_fd, readers - 1)
             for first, npages, (recs, slots), nreads in _read(img, blk.name, pieces, pairs,
                                                              pool):
@@ -586,7 +600,7 @@ def _send(img: Image, channel: Channel, readers: int,
                 if check is not None:
                     check.pages(blk.name, first, slots.views[:npages])
                 if first > cursor:
-                    _zeros(out, enc, blk.name, cursor, first, fresh)
+                    _zeros(out, enc, blk.name, cursor, first, skip)
                 data: Buffer = enc.page_records(blk.name, first * PS, npages, recs)
                 small = len(data) < _SMALL_PIECE
                 if small:  # copy, to batch it with the next pieces into one write
@@ -601,7 +615,7 @@ def _send(img: Image, channel: Channel, readers: int,
             if check is not None:  # a bad extent stops the stream before the device state
                 check.block_done(blk.name)
             if cursor < blk.npages:
-                _zeros(out, enc, blk.name, cursor, blk.npages, fresh)
+                _zeros(out, enc, blk.name, cursor, blk.npages, skip)
             out.add([encode(EndOfSection()), encode(SectionFooter(sid))])
             out.maybe_flush()
         faults.point("send-device")
