@@ -43,7 +43,6 @@ from fixedram.image.checksum import (
     extent_digests,
     find,
     hash_range,
-    image_page_digests,
     page_digest_array,
     store,
 )
@@ -358,7 +357,6 @@ def add_checksums(path: str | os.PathLike[str], *, force: bool = False) -> AddRe
     p = Path(path)
     with open_image(p) as img:
         geom = Geometry.of_image(img)
-        digests = {name: image_page_digests(img, name) for name in img.blocks}
         pages_read = sum(img.count_present(n) for n in img.blocks)
         try:
             fd = os.open(p, os.O_RDWR)
@@ -366,7 +364,8 @@ def add_checksums(path: str | os.PathLike[str], *, force: bool = False) -> AddRe
             raise FixedramError(f"cannot open {p} for writing: {e.strerror}") from None
         try:
             old = find(fd, geom)
-            cs = compute(fd, geom, digests)
+            cs = compute(fd, geom, {}, extents=lambda name, shift: block_extent_digests(
+                img, name, shift))
             store(fd, geom, cs, durable=True, clear=old.slots)
         finally:
             os.close(fd)
@@ -395,8 +394,7 @@ class PageCheck:
     def _block(self, name: str) -> _ExtentCheck | None:
         st = self._blocks.get(name)
         if st is None and name in self.sums:
-            st = self._blocks[name] = _ExtentCheck(self.img, name, self.cs.extent_shift,
-                                                   self.sums[name].extents)
+            st = self._blocks[name] = _ExtentCheck(self.img, name, self.cs.extent_shift)
         return st
 
     def piece(self, name: str, first_page: int, data: memoryview) -> None:
@@ -425,7 +423,11 @@ class PageCheck:
         if st is None:
             return []
         del self._blocks[name]
-        return st.finish()
+        want = self.sums[name].extents
+        got = st.finish()
+        if len(got) != len(want):
+            return list(range(len(want)))
+        return np.flatnonzero(got != want).tolist()
 
     def block_done(self, name: str) -> None:
         bad = self.bad_extents(name)
@@ -439,19 +441,20 @@ class PageCheck:
 
 
 class _ExtentCheck:
-    """One block of a :class:`PageCheck`: the extents in progress and the verdicts so far."""
+    """Extent digests of one block computed from its pages' digests as they are given (in
+    any order): an extent is digested as soon as all its pages with data were given, and
+    its page digests dropped."""
 
-    def __init__(self, img: Image, name: str, shift: int, want: np.ndarray) -> None:
+    def __init__(self, img: Image, name: str, shift: int) -> None:
         self.img = img
         self.name = name
         self.shift = shift
         self.per = 1 << (shift - PAGE_SHIFT)
         self.npages = img.block(name).npages
-        self.want = want
-        self.touched = np.zeros(len(want), dtype=bool)
+        self.got = np.zeros(-(-self.npages // self.per), dtype=np.uint64)
+        self.touched = np.zeros(len(self.got), dtype=bool)
         self.open: dict[int, np.ndarray] = {}
         self.left: dict[int, int] = {}
-        self.bad: list[int] = []
 
     def _pages(self, e: int) -> int:
         return min(self.per, self.npages - e * self.per)
@@ -466,8 +469,8 @@ class _ExtentCheck:
             hi = min(end, e0 + per)
             arr = self.open.get(e)
             if arr is None:
-                if e >= len(self.want):
-                    raise ImageError(f"RAM block '{self.name}': page {p} beyond its checksums")
+                if e >= len(self.got):
+                    raise ImageError(f"RAM block '{self.name}': page {p} beyond its end")
                 arr = self.open[e] = page_digest_array(self._pages(e))
                 self.left[e] = int(self.img.present_range(self.name, e0,
                                                           self._pages(e)).sum())
@@ -481,22 +484,31 @@ class _ExtentCheck:
     def _close(self, e: int) -> None:
         arr = self.open.pop(e)
         del self.left[e]
-        if int(extent_digests(arr, self.shift)[0]) != int(self.want[e]):
-            self.bad.append(e)
+        self.got[e] = extent_digests(arr, self.shift)[0]
 
-    def finish(self) -> list[int]:
+    def finish(self) -> np.ndarray:
+        """The digest of every extent (pages never given count as zero pages)."""
         for e in list(self.open):
             self._close(e)
-        # extents no page with data was given for: all zero pages
-        idle = np.flatnonzero(~self.touched)
-        if len(idle):
-            full = int(extent_digests(page_digest_array(self.per), self.shift)[0])
-            zero = np.full(len(idle), full, dtype=np.uint64)
-            last = len(self.want) - 1
-            if idle[-1] == last and self._pages(last) != self.per:
-                zero[-1] = extent_digests(page_digest_array(self._pages(last)), self.shift)[0]
-            self.bad += idle[self.want[idle] != zero].tolist()
-        return sorted(self.bad)
+        idle = ~self.touched
+        if idle.any():
+            self.got[idle] = extent_digests(page_digest_array(self.per), self.shift)[0]
+            last = len(self.got) - 1
+            if idle[last] and self._pages(last) != self.per:
+                self.got[last] = extent_digests(page_digest_array(self._pages(last)),
+                                                self.shift)[0]
+        return self.got
+
+
+def block_extent_digests(img: Image, name: str, shift: int) -> np.ndarray:
+    """Extent digests of block ``name`` (extents of ``2**shift`` bytes), reading its pages
+    with data once; memory: the digests of one extent's pages, plus 8 bytes per extent."""
+    st = _ExtentCheck(img, name, shift)
+    for first, data in img.iter_data(name):
+        d = page_digest_array(len(data) // PAGE_SIZE)
+        digest_pages(d, 0, [data])
+        st.add(first, d)
+    return st.finish()
 
 
 def require_checksums(img: Image) -> Checksums | None:

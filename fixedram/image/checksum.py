@@ -463,11 +463,14 @@ def _meta_digests(fd: int, geom: Geometry) -> tuple[dict[str, tuple[int, int]], 
     return {k: (v[0], v[1]) for k, v in per.items()}, tail
 
 
-def compute(fd: int, geom: Geometry, page_digests: Mapping[str, np.ndarray]) -> Checksums:
+def compute(fd: int, geom: Geometry, page_digests: Mapping[str, np.ndarray], *,
+            extents: Callable[[str, int], np.ndarray] | None = None) -> Checksums:
     """The extension for the file behind ``fd`` (metadata read back, pages from digests).
 
     The extent size is the smallest (from 1 MiB up) whose extension fits in the largest
     padding slot; :class:`ChecksumError` if even one extent per block does not fit.
+    ``extents(name, shift)``, when given, returns a block's extent digests instead of
+    ``page_digests`` (for callers that do not keep a digest per page).
     """
     geom.check()
     room = max((b.room for b in geom.blocks), default=0)
@@ -479,7 +482,9 @@ def compute(fd: int, geom: Geometry, page_digests: Mapping[str, np.ndarray]) -> 
         shift += 1
     meta, tail = _meta_digests(fd, geom)
     blocks = [BlockSums(b.name, b.length, b.pages_offset, *meta[b.name],
-                        extent_digests(page_digests[b.name], shift)) for b in geom.blocks]
+                        extents(b.name, shift) if extents is not None
+                        else extent_digests(page_digests[b.name], shift))
+              for b in geom.blocks]
     return Checksums(shift, geom.stream_end, tail, blocks)
 
 
