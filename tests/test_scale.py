@@ -165,3 +165,33 @@ def test_read_commands_bounded(big: Big, tmp_path: Path) -> None:
         with open(out, "rb") as f:
             f.seek(first * 4096)
             assert f.read(k * 4096) == bytes(img.read("m0", first, k))
+
+
+def test_huge_claims_cost_nothing(tmp_path: Path) -> None:
+    """A small sparse image whose block claims 4 TiB (and a page at its far end): reading
+    commands answer with bounded memory, and a legacy stream claiming more pages than its
+    file could describe is refused in one line."""
+    from synth_images import write_mapped_image
+
+    img = tmp_path / "huge.img"
+    last = (4 << 40) // 4096 - 1
+    write_mapped_image(img, {"pc.ram": 4 << 40}, {"pc.ram": {0: b"\x01" * 4096,
+                                                            last: b"\x02" * 4096}})
+    assert img.stat().st_blocks * 512 < 64 << 20
+    r, rss = _fixedram("analyze", "--json", str(img))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["blocks"][0]["pages_present"] == 2
+    assert rss <= RSS_LIMIT_MIB, f"analyze peak RSS {rss:.0f} MiB"
+    with open_image(img) as im:
+        assert list(im.runs("pc.ram")) == [(0, 1), (last, 1)]
+        assert bytes(im.read("pc.ram", last, 1)) == b"\x02" * 4096
+    out = tmp_path / "stream"
+    r, rss = _fixedram("convert", str(img), str(out), "--to", "stream")
+    assert r.returncode == 0, r.stderr
+    assert rss <= RSS_LIMIT_MIB, f"convert peak RSS {rss:.0f} MiB"
+    assert out.stat().st_size < 1 << 20  # two pages, not a record per claimed page
+    # a legacy stream claiming that block: refused before any per-page state exists
+    r, rss = _fixedram("analyze", str(out))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r
+    assert "Traceback" not in r.stderr and "claim" in r.stderr
+    assert rss <= RSS_LIMIT_MIB
