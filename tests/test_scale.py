@@ -195,3 +195,21 @@ def test_huge_claims_cost_nothing(tmp_path: Path) -> None:
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r
     assert "Traceback" not in r.stderr and "claim" in r.stderr
     assert rss <= RSS_LIMIT_MIB
+
+
+@pytest.mark.qemu
+def test_lazy_restore_bounded(big: Big, tmp_path: Path) -> None:
+    """A lazy (postcopy) restore of a big, nearly empty guest: peak RSS bounded, guest runs
+    on with its pages intact."""
+    sock = Path(tempfile.mkdtemp(prefix="frs-", dir="/tmp"))
+    try:
+        dst = Guest.like(big.src, name="lazy", workdir=tmp_path)
+        dst.extra_args = (*dst.extra_args, "-qmp", f"unix:{sock}/d.qmp,server=on,wait=off")
+        with dst:
+            r, rss = _fixedram("restore", "--qmp", str(sock / "d.qmp"), "--lazy",
+                               "--no-progress", "--json", str(big.ours))
+            assert r.returncode == 0, r.stderr
+            assert rss <= RSS_LIMIT_MIB, f"lazy restore peak RSS {rss:.0f} MiB"
+            _runs_on(dst, big.last)
+    finally:
+        shutil.rmtree(sock, ignore_errors=True)

@@ -154,7 +154,7 @@ def lazy_restore(
         raise VMError(f"cannot read the RAM blocks of QEMU at {qmp.path} (info ramblock)")
     with open_image(path) as img:
         validate(img, dest_machine=machine, dest_blocks=dest_blocks)
-        pages = sum(int(img.present(n).sum()) for n in img.blocks)
+        pages = sum(img.count_present(n) for n in img.blocks)
         ram_size, fmt = img.ram_size, img.format
         settings = MigrationSettings(qmp)
         worker: Worker | None = None
