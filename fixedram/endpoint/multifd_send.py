@@ -25,6 +25,14 @@ the destination's QEMU version when known):
   SYNC packet, so each channel sends exactly one SYNC per marker.
 * zero pages: ``packet`` (QEMU >= 9.0) lists them in the packets' zero-page list;
   ``main`` sends them as ZERO records on the main connection (QEMU 7.2 ignores the list).
+  For a fresh destination (the default, ``docs/fresh-destination.md``) the pages without
+  data of guest RAM are not sent at all, and those of small blocks go as ZERO records on
+  the main connection whatever the mode.
+
+A packet of a buffered mapped-ram image without checksums goes out as its header and then
+each run of its pages by ``sendfile`` from the image (page-cache pages handed to the
+socket, no copy through fixedram); pages that are checked against the image's checksums
+are read into the packet buffer once, digested there and sent from it.
 
 The device state is written only after every channel's data (and its last SYNC) has
 been read by the destination (the socket's output queue is empty): a QEMU that does not

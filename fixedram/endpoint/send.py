@@ -8,14 +8,18 @@ the stream a QEMU started with ``-incoming`` loads, QEMU 7.2 and 10 alike::
     | [SWITCHOVER_START: machine types >= 10.0 only] | END ram: EOS
     | device state (stored blob, verbatim) | EOF | VMDESCRIPTION (stored, or empty)
 
-Every page is sent: pages with data as PAGE records, the others as ZERO records, so the
-destination ends with exactly the image's RAM whatever it held before. A run of pages is
-sent in pieces of at most 1 MiB: one ``preadv`` puts a piece's pages straight into the page
-slots of a buffer laid out as ``header|page|header|page…``, one numpy assignment writes the
-headers (:class:`~fixedram.stream.encoder.PageRecords`), and the piece goes out as one
-buffer; runs of zero pages are encoded as one numpy array. No Python runs per page.
-With ``direct_io`` pages are read through an O_DIRECT descriptor (no page cache).
-:func:`validate` makes every check that can refuse the image before the first byte goes
+Pages with data go out as PAGE records. Pages without data go out as ZERO records, except
+in blocks of guest RAM (larger than :data:`FRESH_MIN_BLOCK`) of a fresh destination, which
+already reads as zero there (``docs/fresh-destination.md``): the stream, and the time of a
+restore, follow the data, not the RAM size. The image's bitmap is walked in bounded pieces
+(:meth:`~fixedram.image.Image.runs`), so memory does not follow the RAM size either.
+
+A run of pages is sent in pieces of at most 1 MiB: one ``preadv`` puts a piece's pages
+straight into the page slots of a buffer laid out as ``header|page|header|page…``, one
+numpy assignment writes the headers (:class:`~fixedram.stream.encoder.PageRecords`), and
+the piece goes out as one buffer; runs of zero pages are encoded as one numpy array. No
+Python runs per page. With ``direct_io`` pages are read through an O_DIRECT descriptor (no
+page cache). :func:`validate` makes every check that can refuse the image before the first byte goes
 out: QEMU stops at the first inconsistency and cannot be reused after a failed load.
 """
 
