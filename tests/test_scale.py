@@ -213,3 +213,30 @@ def test_lazy_restore_bounded(big: Big, tmp_path: Path) -> None:
             _runs_on(dst, big.last)
     finally:
         shutil.rmtree(sock, ignore_errors=True)
+
+
+def test_runs_in_pieces_equal_whole_bitmap(tmp_path: Path) -> None:
+    """Walking a bitmap in bounded pieces gives the runs of the whole bitmap: runs across a
+    piece boundary merge, sparse and dense words alike; present_range and count agree."""
+    import numpy as np
+    from synth_images import write_mapped_image
+
+    from fixedram.image.layout import BITMAP_PIECE_PAGES as P
+    from fixedram.image.layout import runs
+
+    npages = 2 * P + 100
+    pages = [0, 5, 63, 64, P - 2, P - 1, P, P + 1, P + 640, 2 * P + 99]
+    pages += list(range(P + 1000, P + 1000 + 70000))  # dense stretch: whole words set
+    img_path = tmp_path / "runs.img"
+    write_mapped_image(img_path, {"pc.ram": npages * 4096},
+                       {"pc.ram": {p: b"\x07" * 4096 for p in pages}})
+    with open_image(img_path) as img:
+        got = list(img.runs("pc.ram"))
+        whole = np.zeros(npages, dtype=bool)
+        whole[pages] = True
+        assert got == list(runs(whole))
+        assert (P - 2, 4) in got
+        assert img.count_present("pc.ram") == len(set(pages))
+        assert img.last_present("pc.ram") == 2 * P + 99
+        assert np.array_equal(img.present_range("pc.ram", P - 3, 9), whole[P - 3 : P + 6])
+        assert list(img.runs("pc.ram", P - 1, P + 2)) == [(P - 1, 3)]
