@@ -240,3 +240,31 @@ def test_runs_in_pieces_equal_whole_bitmap(tmp_path: Path) -> None:
         assert img.last_present("pc.ram") == 2 * P + 99
         assert np.array_equal(img.present_range("pc.ram", P - 3, 9), whole[P - 3 : P + 6])
         assert list(img.runs("pc.ram", P - 1, P + 2)) == [(P - 1, 3)]
+
+
+def test_page_index_matches_dense() -> None:
+    """The sparse legacy-stream page index gives what a dense per-page array gives, for
+    random overlapping runs of data and zeroing; chunks cleared whole are freed."""
+    import numpy as np
+
+    from fixedram.image.reader import INDEX_CHUNK, PageIndex
+
+    rng = np.random.default_rng(7)
+    n = 40 * INDEX_CHUNK + 17
+    idx, dense = PageIndex(n), np.full(n, -1, dtype=np.int64)
+    for _ in range(300):
+        first = int(rng.integers(0, n))
+        k = int(rng.integers(1, min(3 * INDEX_CHUNK, n - first) + 1))
+        if rng.random() < 0.6:
+            pos = int(rng.integers(0, 1 << 30))
+            idx.put(first, k, pos, 4104)
+            dense[first : first + k] = pos + 4104 * np.arange(k)
+        else:
+            idx.clear(first, k)
+            dense[first : first + k] = -1
+        a = int(rng.integers(0, n))
+        b = int(rng.integers(a, n + 1))
+        assert np.array_equal(idx.get(a, b - a), dense[a:b])
+    assert np.array_equal(idx.get(0, n), dense)
+    idx.clear(0, n)
+    assert not idx.chunks and idx.nbytes == 0
