@@ -637,10 +637,10 @@ class PageIndex:
     def clear(self, first: int, npages: int) -> None:
         """Pages ``first…`` are zero again."""
         for c, lo, hi, _ in list(self._spans(first, npages, True)):
-            if hi - lo == INDEX_CHUNK:
+            chunk = self.chunks[c]
+            chunk[lo:hi] = _ABSENT
+            if hi - lo == INDEX_CHUNK or not (chunk >= 0).any():  # no data left: freed
                 del self.chunks[c]
-            else:
-                self.chunks[c][lo:hi] = _ABSENT
 
     def get(self, first: int, npages: int) -> np.ndarray:
         """File offsets of pages ``[first, first + npages)`` (-1: no data)."""
