@@ -59,17 +59,30 @@ def _guest_args(mem: str) -> tuple[str, ...]:
     return args
 
 
+#: Forks fixedram from a small process and writes its peak RSS (KiB) to $RSS_OUT: a child
+#: forked straight from pytest would inherit the test process's RSS in its peak (the high
+#: water mark survives exec).
+_LAUNCH = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable, "-m", "fixedram", *sys.argv[1:]])
+_, status, ru = os.wait4(pid, 0)
+with open(os.environ["RSS_OUT"], "w") as f:
+    f.write(str(ru.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def _fixedram(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:
     """Run a fixedram command; returns the result and its peak RSS in MiB."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen([PY, "-m", "fixedram", *args], cwd=REPO, stdout=out,
-                                stderr=err)
-        _, status, ru = os.wait4(proc.pid, 0)
-        out.seek(0)
-        err.seek(0)
-        res = subprocess.CompletedProcess(proc.args, os.waitstatus_to_exitcode(status),
-                                          out.read().decode(), err.read().decode())
-    return res, ru.ru_maxrss / 1024
+    with tempfile.TemporaryDirectory() as d:
+        rss_out = Path(d) / "rss"
+        res = subprocess.run([PY, "-c", _LAUNCH, *args], cwd=REPO, text=True,
+                             capture_output=True, check=False,
+                             env={**os.environ, "RSS_OUT": str(rss_out)})
+        rss = int(rss_out.read_text()) / 1024
+    return res, rss
 
 
 @pytest.fixture(scope="module", params=SIZES)
