@@ -52,7 +52,7 @@ def data_bytes(fd: int, start: int, end: int) -> int:
 
 def _block_report(img: Image, name: str) -> dict[str, Any]:
     blk = img.blocks[name]
-    present = int(img.present(name).sum())
+    present = img.count_present(name)
     out: dict[str, Any] = {
         "name": name,
         "length": blk.length,

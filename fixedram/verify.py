@@ -43,7 +43,6 @@ from fixedram.image.checksum import (
     extent_digests,
     find,
     hash_range,
-    image_page_digests,
     page_digest_array,
     store,
 )
@@ -66,6 +65,7 @@ __all__ = [
 ]
 
 EXIT_OK, EXIT_CORRUPT, EXIT_UNREADABLE = 0, 1, 2
+PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 
 Status = Literal["ok", "corrupt", "unreadable"]
 
@@ -171,7 +171,7 @@ def _structure(img: Image, rep: VerifyReport) -> set[str]:
                 bad_bitmaps.add(name)
             spans.append((m.bitmap_offset - 28, m.pages_offset + blk.length, name))
         try:
-            img.present(name)
+            img.last_present(name)  # the whole bitmap, in bounded pieces
         except ImageError as e:
             rep.problems.append(Problem("bitmap", e.message, block=name,
                                         file_offset=e.offset))
@@ -267,14 +267,15 @@ def verify_pages(img: Image, cs: Checksums,
     """Compare every block's pages with ``cs``: ``(problems, extents checked, pages read)``."""
     probs: list[Problem] = []
     checked = read = 0
+    check = PageCheck(img, cs)
     for s in cs.blocks:
         if s.name in skip or s.name not in img.blocks:
             continue
-        pd = image_page_digests(img, s.name)
-        read += int(img.present(s.name).sum())
-        got = extent_digests(pd, cs.extent_shift)
-        checked += len(got)
-        for e in np.flatnonzero(got != s.extents).tolist():
+        for first, data in img.iter_data(s.name):
+            check.piece(s.name, first, data)
+            read += len(data) // PAGE_SIZE
+        checked += len(s.extents)
+        for e in check.bad_extents(s.name):
             probs.append(_bad_extent(str(img.path), s.name, e, cs.extent_shift, s.length,
                                      s.pages_offset))
     return probs, checked, read
@@ -356,15 +357,15 @@ def add_checksums(path: str | os.PathLike[str], *, force: bool = False) -> AddRe
     p = Path(path)
     with open_image(p) as img:
         geom = Geometry.of_image(img)
-        digests = {name: image_page_digests(img, name) for name in img.blocks}
-        pages_read = sum(int(img.present(n).sum()) for n in img.blocks)
+        pages_read = sum(img.count_present(n) for n in img.blocks)
         try:
             fd = os.open(p, os.O_RDWR)
         except OSError as e:
             raise FixedramError(f"cannot open {p} for writing: {e.strerror}") from None
         try:
             old = find(fd, geom)
-            cs = compute(fd, geom, digests)
+            cs = compute(fd, geom, {}, extents=lambda name, shift: block_extent_digests(
+                img, name, shift))
             store(fd, geom, cs, durable=True, clear=old.slots)
         finally:
             os.close(fd)
@@ -373,52 +374,141 @@ def add_checksums(path: str | os.PathLike[str], *, force: bool = False) -> AddRe
 
 
 class PageCheck:
-    """Checks page data as ``send`` reads it, block by block, against the extension.
+    """Checks page data as it is read, against the extension, extent by extent.
 
-    :meth:`piece` is given every piece of page data read; :meth:`block_done` compares the
-    block's extents (pages never given count as zero pages) and raises :class:`ImageError`
-    naming the first bad extent. Memory: 8 bytes per page of the current block.
+    :meth:`piece` / :meth:`pages` are given every page with data (in any order, each once);
+    an extent is compared as soon as all its pages with data (the bitmap says which) were
+    given, and its page digests dropped. :meth:`block_done` compares what is left (pages
+    never given count as zero pages, extents without data must have the all-zero digest)
+    and raises :class:`ImageError` naming the first bad extent. Memory: one byte per
+    extent, plus the page digests of the extents in progress (8 bytes per page of an
+    extent), whatever the RAM size.
     """
 
     def __init__(self, img: Image, cs: Checksums) -> None:
         self.img = img
         self.cs = cs
         self.sums = cs.by_name()
-        self._name = ""
-        self._pd = page_digest_array(0)
+        self._blocks: dict[str, _ExtentCheck] = {}
+
+    def _block(self, name: str) -> _ExtentCheck | None:
+        st = self._blocks.get(name)
+        if st is None and name in self.sums:
+            st = self._blocks[name] = _ExtentCheck(self.img, name, self.cs.extent_shift)
+        return st
 
     def piece(self, name: str, first_page: int, data: memoryview) -> None:
         """Digest the whole pages of ``data``, pages ``first_page…`` of block ``name``."""
-        self._block(name)
-        digest_pages(self._pd, first_page, [data])
+        st = self._block(name)
+        if st is not None:
+            d = page_digest_array(len(data) // PAGE_SIZE)
+            digest_pages(d, 0, [data])
+            st.add(first_page, d)
+
+    def add(self, name: str, first_page: int, digests: np.ndarray) -> None:
+        """Pages ``first_page…`` of block ``name`` have the page ``digests`` given."""
+        st = self._block(name)
+        if st is not None:
+            st.add(first_page, digests)
 
     def pages(self, name: str, first_page: int, views: Sequence[memoryview]) -> None:
         """Digest pages given as one view each (``send``'s page slots)."""
-        self._block(name)
-        n = len(views)
-        self._pd[first_page : first_page + n] = digest_views(views, n)
+        st = self._block(name)
+        if st is not None:
+            st.add(first_page, digest_views(views, len(views)))
 
-    def _block(self, name: str) -> None:
-        if name != self._name:
-            self._name = name
-            self._pd = page_digest_array(self.img.block(name).npages)
+    def bad_extents(self, name: str) -> list[int]:
+        """Finish block ``name``: the indices of its extents that do not match."""
+        st = self._block(name)
+        if st is None:
+            return []
+        del self._blocks[name]
+        want = self.sums[name].extents
+        got = st.finish()
+        if len(got) != len(want):
+            return list(range(len(want)))
+        return np.flatnonzero(got != want).tolist()
 
     def block_done(self, name: str) -> None:
-        s = self.sums.get(name)
-        if s is None:
-            return
-        if name != self._name:
-            self._name = name
-            self._pd = page_digest_array(self.img.block(name).npages)
-        got = extent_digests(self._pd, self.cs.extent_shift)
-        bad = np.flatnonzero(got != s.extents).tolist()
-        self._name = ""
+        bad = self.bad_extents(name)
         if bad:
+            s = self.sums[name]
             p = _bad_extent(str(self.img.path), name, bad[0], self.cs.extent_shift, s.length,
                             s.pages_offset)
             raise ImageError(f"{p.message}" + (f" (and {len(bad) - 1} more extents)"
                                                 if len(bad) > 1 else "")
                              + "; refusing to complete the restore")
+
+
+class _ExtentCheck:
+    """Extent digests of one block computed from its pages' digests as they are given (in
+    any order): an extent is digested as soon as all its pages with data were given, and
+    its page digests dropped."""
+
+    def __init__(self, img: Image, name: str, shift: int) -> None:
+        self.img = img
+        self.name = name
+        self.shift = shift
+        self.per = 1 << (shift - PAGE_SHIFT)
+        self.npages = img.block(name).npages
+        self.got = np.zeros(-(-self.npages // self.per), dtype=np.uint64)
+        self.touched = np.zeros(len(self.got), dtype=bool)
+        self.open: dict[int, np.ndarray] = {}
+        self.left: dict[int, int] = {}
+
+    def _pages(self, e: int) -> int:
+        return min(self.per, self.npages - e * self.per)
+
+    def add(self, first: int, digests: np.ndarray) -> None:
+        per = self.per
+        end = first + len(digests)
+        p = first
+        while p < end:
+            e = p // per
+            e0 = e * per
+            hi = min(end, e0 + per)
+            arr = self.open.get(e)
+            if arr is None:
+                if e >= len(self.got):
+                    raise ImageError(f"RAM block '{self.name}': page {p} beyond its end")
+                arr = self.open[e] = page_digest_array(self._pages(e))
+                self.left[e] = int(self.img.present_range(self.name, e0,
+                                                          self._pages(e)).sum())
+                self.touched[e] = True
+            arr[p - e0 : hi - e0] = digests[p - first : hi - first]
+            self.left[e] -= hi - p
+            if self.left[e] <= 0:
+                self._close(e)
+            p = hi
+
+    def _close(self, e: int) -> None:
+        arr = self.open.pop(e)
+        del self.left[e]
+        self.got[e] = extent_digests(arr, self.shift)[0]
+
+    def finish(self) -> np.ndarray:
+        """The digest of every extent (pages never given count as zero pages)."""
+        for e in list(self.open):
+            self._close(e)
+        idle = ~self.touched
+        if idle.any():
+            self.got[idle] = extent_digests(page_digest_array(self.per), self.shift)[0]
+            last = len(self.got) - 1
+            if idle[last] and self._pages(last) != self.per:
+                self.got[last] = extent_digests(page_digest_array(self._pages(last)),
+                                                self.shift)[0]
+        return self.got
+
+
+def block_extent_digests(img: Image, name: str, shift: int) -> np.ndarray:
+    """Extent digests of block ``name`` (extents of ``2**shift`` bytes), reading its pages
+    with data once; memory: the digests of one extent's pages, plus 8 bytes per extent."""
+    st = _ExtentCheck(img, name, shift)
+    for first, data in img.iter_data(name):
+        d = page_digest_array(len(data) // PAGE_SIZE)
+        digest_pages(d, 0, [data])
+        st.add(first, d)
+    return st.finish()
 
 
 def require_checksums(img: Image) -> Checksums | None:

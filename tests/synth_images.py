@@ -7,9 +7,7 @@ import os
 import struct
 from pathlib import Path
 
-import numpy as np
-
-from fixedram.image.layout import PAGE_SIZE, block_geometry, bools_to_bitmap
+from fixedram.image.layout import PAGE_SIZE, block_geometry
 from fixedram.stream import (
     CommandRecord,
     Configuration,
@@ -78,11 +76,14 @@ def write_mapped_image(
             rec = encode(RamBlock(name, length, mapped=m))
             assert pos + len(rec) == bm
             os.pwrite(fd, rec, pos)
-            present = np.zeros(length // PAGE_SIZE, dtype=bool)
+            # the bitmap bytes of the pages given only (the rest stays a hole: zero), so a
+            # block of any claimed size costs nothing here
+            bits: dict[int, int] = {}
             for i, page in pages.get(name, {}).items():
-                present[i] = True
+                bits[i >> 3] = bits.get(i >> 3, 0) | 1 << (i & 7)
                 os.pwrite(fd, page, po + i * PAGE_SIZE)
-            os.pwrite(fd, bools_to_bitmap(present), bm)
+            for at, byte in bits.items():
+                os.pwrite(fd, bytes((byte,)), bm + at)
             pos = nxt
         tail = [
             EndOfSection(),

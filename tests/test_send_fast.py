@@ -30,7 +30,7 @@ from test_send import (
     sockdir,  # noqa: F401  (fixture)
 )
 
-from fixedram.endpoint.send import send, wants_switchover_start
+from fixedram.endpoint.send import FRESH_MIN_BLOCK, send, wants_switchover_start
 from fixedram.errors import FixedramError
 from fixedram.image import Image, open_image
 from fixedram.image import reader as reader_mod
@@ -68,8 +68,10 @@ PS = 4096
 # ---------------------------------------------------------------------------------------------
 
 
-def reference_stream(img: Image) -> bytes:
-    """The stream ``send()`` must write, framed record by record with ``StreamEncoder.encode``."""
+def reference_stream(img: Image, fresh: bool = True) -> bytes:
+    """The stream ``send()`` must write, framed record by record with ``StreamEncoder.encode``
+    (``fresh``: no records for pages without data in blocks larger than FRESH_MIN_BLOCK;
+    else a ZERO record each)."""
     enc = StreamEncoder()
     sid = ram_section_id(img)
     blocks = list(img.blocks.values())
@@ -85,7 +87,7 @@ def reference_stream(img: Image) -> bytes:
         for p in range(b.npages):
             if present[p]:
                 out.append(enc.encode(Page(b.name, p * PS, bytes(img.read(b.name, p, 1)))))
-            else:
+            elif not (fresh and b.length > FRESH_MIN_BLOCK):
                 out.append(enc.encode(Zero(b.name, p * PS)))
         out += [encode(EndOfSection()), encode(SectionFooter(sid))]
     if wants_switchover_start(img.machine, img.commands):
@@ -195,6 +197,9 @@ def test_stream_image_gather(tmp_path: Path, direct: bool) -> None:
             assert report.direct_io == direct
             assert img.direct == direct  # send leaves an image opened direct by the caller so
             assert bytes(ch.data) == reference_stream(img)
+            ch = MemoryChannel()
+            send(img, ch, fresh=False)
+            assert bytes(ch.data) == reference_stream(img, fresh=False)
     finally:
         shutil.rmtree(disk, ignore_errors=True)
 
@@ -244,12 +249,13 @@ def test_stream_equals_record_framing(qemu_image: Callable[[Any], Any], disk_dir
     path = disk_dir / "img"
     subprocess.run(["cp", "--sparse=always", str(case.path), str(path)], check=True)
     with open_image(path) as img:
-        want = reference_stream(img)
+        want = {fresh: reference_stream(img, fresh) for fresh in (True, False)}
     for direct in (False, "required"):
-        ch = MemoryChannel()
-        report = send(path, ch, direct_io=direct)
-        assert report.direct_io == bool(direct)
-        assert bytes(ch.data) == want, direct
+        for fresh in (True, False):
+            ch = MemoryChannel()
+            report = send(path, ch, direct_io=direct, fresh=fresh)
+            assert report.direct_io == bool(direct)
+            assert bytes(ch.data) == want[fresh], (direct, fresh)
 
 
 @pytest.mark.qemu

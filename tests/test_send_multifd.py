@@ -26,13 +26,14 @@ from test_send_fast import _cached_fraction, _drop_from_cache
 
 from fixedram.commands.convert import convert
 from fixedram.endpoint.multifd_send import (
-    _zero_records,
     check_multifd_settings,
     choose_sync_mode,
     choose_zero_mode,
+    query_multifd_dest,
     send_multifd,
 )
 from fixedram.errors import EndpointError, MismatchError
+from fixedram.stream import StreamEncoder
 from fixedram.stream.multifd import (
     MULTIFD_PACKET_SIZE,
     MultifdChannelDecoder,
@@ -96,7 +97,7 @@ def test_modes_follow_machine_and_version() -> None:
 
 
 def test_zero_records_layout() -> None:
-    raw = _zero_records("pc.ram", np.array([5, 6, 9], dtype=np.int64))
+    raw = StreamEncoder().zero_pages("pc.ram", np.array([5, 6, 9], dtype=np.int64))
     # one record naming the block, then CONTINUE records of 9 bytes (be64 word, fill 0)
     assert int.from_bytes(raw[:8], "big") == 5 * PS | 0x2
     assert raw[8] == len("pc.ram") and raw[9:15] == b"pc.ram" and raw[15] == 0
@@ -222,6 +223,27 @@ def test_send_channels(qemu_image: Callable[[Any], Any],
         assert dst.status() == "paused"
         assert dst.query_migrate().get("status") == "completed"
         _compare_ram(dst, case, shm_dir, f"send-{dest}-{channels}")
+        _check_runs_on(dst, case)
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("dest", ["10", "7.2"])
+def test_send_channels_every_page(fixedram_image: Callable[[Any], tuple[Path, Any]],
+                                  shm_dir: Path, tmp_path: Path, sockdir: Path,
+                                  dest: str) -> None:
+    """``fresh=False``: pages without data travel too, in the packets' zero lists (QEMU 10)
+    or as ZERO records on the main connection (7.2); every page is accounted for once."""
+    img, case = fixedram_image("legacy" if dest == "10" else "legacy-7.2")
+    dst, qmp2, sock = _dest(case, tmp_path, sockdir, find_qemu(dest), "every", 2)
+    with dst:
+        d = query_multifd_dest(qmp2, 2)
+        rep = send_multifd(img, f"unix:{sock}", 2, uuid=d.uuid, dest_machine=d.machine,
+                           dest_blocks=d.blocks, dest_version=d.version, fresh=False)
+        assert rep.zero == ("packet" if dest == "10" else "main")
+        assert rep.zero_pages > 0
+        assert rep.pages_sent + rep.zero_pages == sum(n for _, n in rep.blocks) // PS
+        dst.wait_incoming(60)
+        _compare_ram(dst, case, shm_dir, f"every-{dest}")
         _check_runs_on(dst, case)
 
 

@@ -5,8 +5,10 @@
   mapped-ram input is re-laid out by converting it to a stream on the fly);
 * to stream: the image goes through :func:`~fixedram.endpoint.send.send`, the same
   code that restores it into QEMU, with the file as the channel: a precopy stream QEMU
-  loads through ``exec:cat FILE`` (pages as PAGE records, absent pages as ZERO records,
-  the device state verbatim, EOF and the VM description).
+  loads through ``exec:cat FILE`` into a fresh QEMU (pages as PAGE records; pages without
+  data as ZERO records, except in blocks of guest RAM, which a fresh destination holds as
+  zeros: ``docs/fresh-destination.md``; the device state verbatim, EOF and the VM
+  description).
 
 The output appears only when complete (fsynced, then renamed into place).
 """

@@ -198,7 +198,7 @@ def _send_postcopy(image: str, address: str | None, fd: int | None, qmp_socket: 
         validate(img, dest_machine=dest_machine, dest_blocks=dest_blocks)
         channel = _open_channel(address, fd)
         bar, progress = _page_bar(
-            quiet, lambda: sum(int(img.present(n).sum()) for n in img.blocks), "lazy restore")
+            quiet, lambda: sum(img.count_present(n) for n in img.blocks), "lazy restore")
         try:
             report = send_postcopy(img, channel, dest_machine=dest_machine,
                                    dest_blocks=dest_blocks, progress=progress, push_rate=rate)

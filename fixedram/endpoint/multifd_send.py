@@ -25,6 +25,14 @@ the destination's QEMU version when known):
   SYNC packet, so each channel sends exactly one SYNC per marker.
 * zero pages: ``packet`` (QEMU >= 9.0) lists them in the packets' zero-page list;
   ``main`` sends them as ZERO records on the main connection (QEMU 7.2 ignores the list).
+  For a fresh destination (the default, ``docs/fresh-destination.md``) the pages without
+  data of guest RAM are not sent at all, and those of small blocks go as ZERO records on
+  the main connection whatever the mode.
+
+A packet of a buffered mapped-ram image without checksums goes out as its header and then
+each run of its pages by ``sendfile`` from the image (page-cache pages handed to the
+socket, no copy through fixedram); pages that are checked against the image's checksums
+are read into the packet buffer once, digested there and sent from it.
 
 The device state is written only after every channel's data (and its last SYNC) has
 been read by the destination (the socket's output queue is empty): a QEMU that does not
@@ -39,13 +47,14 @@ import contextlib
 import fcntl
 import os
 import re
+import select
 import socket
 import struct
 import termios
 import threading
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -57,11 +66,14 @@ from fixedram.endpoint.send import (
     _open,
     _stream_head,
     _stream_tail,
+    absent_runs,
+    skips_absent,
     validate,
     wants_switchover_start,
 )
-from fixedram.errors import EndpointError, FixedramError, MismatchError
+from fixedram.errors import EndpointError, FixedramError, ImageError, MismatchError
 from fixedram.image import Image
+from fixedram.image.checksum import digest_pages, page_digest_array
 from fixedram.image.reader import BlockInfo, DirectIO
 from fixedram.image.sections import ram_section_id
 from fixedram.io.channel import connect
@@ -102,6 +114,9 @@ SyncMode = Literal["auto", "flush", "eos"]
 ZeroMode = Literal["auto", "packet", "main"]
 #: Most channels QEMU accepts (the channel id is one byte; ``multifd-channels`` <= 255).
 MAX_CHANNELS = 255
+#: A packet whose pages form at most this many runs goes out by ``sendfile`` (one call per
+#: run); a more scattered one is read into a buffer with one read per run and sent at once.
+_SENDFILE_RUNS = 8
 #: Seconds without any byte accepted by the destination before giving up.
 STALL_SECONDS = 60.0
 
@@ -216,18 +231,34 @@ _EMPTY = np.zeros(0, dtype=np.int64)
 
 
 def _plan(img: Image, blocks: Sequence[BlockInfo], zero_in_packets: bool) -> Iterator[_Packet]:
-    """Packets for every block: its data pages 128 at a time, then (optionally) its zero
-    pages 128 at a time. Page indices come from the image's bitmap, in numpy."""
+    """Packets for every block: its data pages 128 at a time, then (``zero_in_packets``)
+    its pages without data 128 at a time. The image's bitmap is walked in bounded pieces
+    (:meth:`Image.runs`): memory does not grow with the RAM size."""
     for blk in blocks:
         name = blk.name.encode("latin-1")
-        present = img.present(blk.name)
-        data = np.flatnonzero(present)
-        for k in range(0, len(data), PER_PACKET):
-            yield _Packet(blk, name, data[k : k + PER_PACKET], _EMPTY)
+        for pages in _packets(img.runs(blk.name)):
+            yield _Packet(blk, name, pages, _EMPTY)
         if zero_in_packets:
-            absent = np.flatnonzero(~present)
-            for k in range(0, len(absent), PER_PACKET):
-                yield _Packet(blk, name, _EMPTY, absent[k : k + PER_PACKET])
+            for pages in _packets(absent_runs(img, blk.name)):
+                yield _Packet(blk, name, _EMPTY, pages)
+
+
+def _packets(runs: Iterable[tuple[int, int]]) -> Iterator[np.ndarray]:
+    """Page indices of ``runs`` in groups of :data:`PER_PACKET` (the last may be shorter)."""
+    pend: list[np.ndarray] = []
+    count = 0
+    for first, n in runs:
+        p, end = first, first + n
+        while p < end:
+            k = min(PER_PACKET - count, end - p)
+            pend.append(np.arange(p, p + k, dtype=np.int64))
+            count += k
+            p += k
+            if count == PER_PACKET:
+                yield pend[0] if len(pend) == 1 else np.concatenate(pend)
+                pend, count = [], 0
+    if count:
+        yield pend[0] if len(pend) == 1 else np.concatenate(pend)
 
 
 def _runs_of(pages: np.ndarray) -> Iterator[tuple[int, int, int]]:
@@ -239,11 +270,6 @@ def _runs_of(pages: np.ndarray) -> Iterator[tuple[int, int, int]]:
     ends = [*cuts.tolist(), len(pages)]
     for s, e in zip(starts, ends, strict=True):
         yield s, int(pages[s]), e - s
-
-
-def _zero_records(block: str, pages: np.ndarray) -> bytes:
-    """ZERO records (fill 0) for ``pages`` of ``block``: the first names the block."""
-    return StreamEncoder().zero_pages(block, pages)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,6 +285,31 @@ def _sendmsg_all(sock: socket.socket, bufs: Sequence[bytes | bytearray | memoryv
     while i < len(views):
         i = advance(views, i, sock.sendmsg(views[i : i + IOV_MAX]))
     return total
+
+
+def _sendfile_all(sock: socket.socket, fd: int, offset: int, count: int) -> int:
+    """Send ``count`` bytes of file ``fd`` from ``offset`` (``sendfile``: page-cache pages
+    go to the socket without a copy through fixedram). Waits at most the socket's timeout
+    for room; :class:`TimeoutError` after that, :class:`ImageError` if the file ends."""
+    out = sock.fileno()
+    done = 0
+    poller: select.poll | None = None
+    while done < count:
+        try:
+            n = os.sendfile(out, fd, offset + done, count - done)
+        except BlockingIOError:
+            if poller is None:
+                poller = select.poll()
+                poller.register(out, select.POLLOUT)
+            timeout = sock.gettimeout()
+            if not poller.poll(None if timeout is None else int(timeout * 1000)):
+                raise TimeoutError from None
+            continue
+        if n == 0:
+            raise ImageError(f"image ends at byte {offset + done}, expected page data up to "
+                             f"byte {offset + count}", offset + done)
+        done += n
+    return done
 
 
 def _outq(sock: socket.socket) -> int:
@@ -333,6 +384,9 @@ class _ChannelThread(threading.Thread):
         # straight into the packet
         self.payload = memoryview(aligned_buffer(PER_PACKET * PS) if img.direct
                                   else bytearray(PER_PACKET * PS))
+        # a buffered mapped-ram image: each run of a packet's pages is contiguous in the
+        # file, so the kernel hands its page-cache pages to the socket (sendfile), no copy
+        self.zero_copy = img.format == "mapped-ram" and not img.direct
 
     def run(self) -> None:
         try:
@@ -361,6 +415,33 @@ class _ChannelThread(threading.Thread):
             st.syncs += 1
             st.chan_bytes[self.index] += n
 
+    def _check(self, check: PageCheck, name: str, first: int, data: memoryview) -> None:
+        """Digest a run's pages (outside the lock: channels hash in parallel), then add."""
+        d = page_digest_array(len(data) // PS)
+        digest_pages(d, 0, [data])
+        with self.state.check_lock:
+            check.add(name, first, d)
+
+    def _send_read(self, name: str, nn: int, runs: Sequence[tuple[int, int, int]],
+                   check: PageCheck | None) -> int:
+        """The packet's pages read into its payload buffer (one read per run), then sent."""
+        data = self.payload[: nn * PS]
+        for slot, first, k in runs:
+            view = data[slot * PS : (slot + k) * PS]
+            with self.state.read_lock:
+                self.img.read_into(name, first, view)
+            if check is not None:
+                self._check(check, name, first, view)
+        return _sendmsg_all(self.sock, [self.hdr, data])
+
+    def _send_file(self, name: str, runs: Sequence[tuple[int, int, int]]) -> int:
+        """The packet header, then each run straight from the file (``sendfile``)."""
+        img = self.img
+        n = _sendmsg_all(self.sock, [self.hdr])
+        for _, first, k in runs:
+            n += _sendfile_all(self.sock, img.fileno(), img.page_offset(name, first), k * PS)
+        return n
+
     def _run(self) -> None:
         st = self.state
         for _ in range(self.syncs_first):
@@ -373,18 +454,15 @@ class _ChannelThread(threading.Thread):
             nn = len(pkt.normal)
             packet_header_into(self.hdr, block=pkt.name, normal=pkt.normal * PS,
                                zero=pkt.zero * PS, packet_num=num)
-            reads = 0
-            data = self.payload[: nn * PS]
             check = st.checks(blk.name) if nn else None
-            for slot, first, k in _runs_of(pkt.normal):
-                view = data[slot * PS : (slot + k) * PS]
-                with st.read_lock:
-                    self.img._read_into(blk, first, view)
-                reads += 1
-                if check is not None:
-                    with st.check_lock:
-                        check.piece(blk.name, first, view)
-            n = _sendmsg_all(self.sock, [self.hdr, data])
+            runs = list(_runs_of(pkt.normal))
+            # pages to check must be read anyway: into the buffer they are sent from
+            # (measured: hashing through a mapping of the file, then sendfile, costs more)
+            if self.zero_copy and check is None and len(runs) <= _SENDFILE_RUNS:
+                n = self._send_file(blk.name, runs)
+            else:
+                n = self._send_read(blk.name, nn, runs, check)
+            reads = len(runs)
             with st.lock:
                 st.packets += 1
                 st.pages += nn
@@ -423,6 +501,7 @@ def send_multifd(
     connect_timeout: float = 30.0,
     progress: Callable[[SendStats], None] | None = None,
     direct_io: DirectIO = False,
+    fresh: bool = True,
 ) -> MultifdSendReport:
     """Send ``image`` to the QEMU listening on ``address`` as a multifd source, ``channels``
     page connections plus the main one.
@@ -436,8 +515,10 @@ def send_multifd(
     bounds how long the destination may read nothing. ``direct_io`` reads the pages of a
     mapped-ram image with O_DIRECT, each channel into its own aligned packet buffer (see
     :meth:`~fixedram.image.Image.open_direct` for the fallback; a legacy stream image is
-    read buffered). Raises
-    :class:`~fixedram.errors.EndpointError` when a connection fails or stalls.
+    read buffered). ``fresh``: the destination's RAM reads as zero where nothing is loaded
+    (``docs/fresh-destination.md``), so pages without data are not sent at all; with
+    ``fresh=False`` they go in the packets' zero lists or as ZERO records (``zero``).
+    Raises :class:`~fixedram.errors.EndpointError` when a connection fails or stalls.
     """
     if not 1 <= channels <= MAX_CHANNELS:
         raise EndpointError(f"multifd needs 1 to {MAX_CHANNELS} channels, not {channels}")
@@ -449,7 +530,7 @@ def send_multifd(
         opened = not img.direct and img.format == "mapped-ram" and img.open_direct(direct_io)
         try:
             return _send(img, address, channels, uuid, dest_version, sync, zero,
-                         stall_timeout, connect_timeout, progress)
+                         stall_timeout, connect_timeout, progress, fresh)
         finally:
             if opened:
                 img.close_direct()
@@ -480,7 +561,7 @@ def _page_checks(img: Image) -> Callable[[str], PageCheck | None]:
 def _send(img: Image, address: str, nchan: int, uuid: bytes | None,
           dest_version: tuple[int, int, int] | None, sync_opt: SyncMode, zero_opt: ZeroMode,
           stall: float, connect_timeout: float,
-          progress: Callable[[SendStats], None] | None) -> MultifdSendReport:
+          progress: Callable[[SendStats], None] | None, fresh: bool) -> MultifdSendReport:
     t0 = time.monotonic()
     blocks = list(img.blocks.values())
     cfg = img.configuration
@@ -498,7 +579,7 @@ def _send(img: Image, address: str, nchan: int, uuid: bytes | None,
     # into: a page read earlier crashes QEMU 10 (SIGSEGV, observed)
     head = _stream_head(img, flush=sync == "flush")
     checks = _page_checks(img)
-    state = _State(_plan(img, blocks, zero == "packet"), nchan, checks)
+    state = _State(_plan(img, blocks, zero == "packet" and not fresh), nchan, checks)
     if img.format != "mapped-ram":
         state.read_lock = threading.Lock()
 
@@ -534,12 +615,19 @@ def _send(img: Image, address: str, nchan: int, uuid: bytes | None,
         # the rest of the main stream up to the last sync marker
         mid = [encode(SectionPart(sid))]
         zero_main = 0
-        if zero == "main":
-            for blk in blocks:
-                absent = np.flatnonzero(~img.present(blk.name))
-                zero_main += len(absent)
-                if len(absent):
-                    mid.append(_zero_records(blk.name, absent))
+        enc = StreamEncoder()
+        for blk in blocks:
+            # a fresh destination: ZERO records for the blocks whose pages without data are
+            # not skipped (a zero list entry would not clear a page QEMU has not received)
+            if (zero == "main" and not fresh) or (fresh and not skips_absent(blk, fresh)):
+                for p, k in absent_runs(img, blk.name, 1 << 16):
+                    zero_main += k
+                    mid.append(enc.zero_run(blk.name, p * PS, k))
+                    if len(mid) >= 64:
+                        main_bytes += _sendmsg_all(msock, mid)
+                        mid = []
+            elif skips_absent(blk, fresh):  # not sent, but counted
+                zero_main += blk.npages - img.count_present(blk.name)
         if sync == "flush":
             mid.append(encode(MultifdFlush()))
         mid += [encode(EndOfSection()), encode(SectionFooter(sid))]

@@ -329,6 +329,36 @@ def _merge(requests: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
     return out
 
 
+class _SparseBits:
+    """One bool per page of a block, stored only in chunks where a bit was ever set (the
+    pages sent so far), so memory follows what was sent, not the block's size."""
+
+    CHUNK = 4096
+
+    def __init__(self, npages: int) -> None:
+        self.npages = npages
+        self.chunks: dict[int, np.ndarray] = {}
+
+    def get(self, first: int, n: int) -> np.ndarray:
+        out = np.zeros(n, dtype=bool)
+        ch = self.CHUNK
+        for c in range(first // ch, (first + n - 1) // ch + 1 if n > 0 else 0):
+            arr = self.chunks.get(c)
+            if arr is not None:
+                lo, hi = max(first, c * ch), min(first + n, (c + 1) * ch)
+                out[lo - first : hi - first] = arr[lo - c * ch : hi - c * ch]
+        return out
+
+    def set(self, first: int, n: int) -> None:
+        ch = self.CHUNK
+        for c in range(first // ch, (first + n - 1) // ch + 1 if n > 0 else 0):
+            arr = self.chunks.get(c)
+            if arr is None:
+                arr = self.chunks[c] = np.zeros(ch, dtype=bool)
+            lo, hi = max(first, c * ch), min(first + n, (c + 1) * ch)
+            arr[lo - c * ch : hi - c * ch] = True
+
+
 class _Server:
     """Serves one lazy restore over ``channel`` once the guest runs."""
 
@@ -340,9 +370,8 @@ class _Server:
         self.channel = channel
         self.rp = rp
         self.enc = StreamEncoder()
-        self.present = {n: img.present(n) for n in img.blocks}
-        self.sent = {n: np.zeros(b.npages, dtype=bool) for n, b in img.blocks.items()}
-        self.pages_total = sum(int(p.sum()) for p in self.present.values())
+        self.sent = {n: _SparseBits(b.npages) for n, b in img.blocks.items()}
+        self.pages_total = sum(img.count_present(n) for n in img.blocks)
         self.pages_on_demand = 0
         self.pages_pushed = 0
         self.zero_on_demand = 0
@@ -377,7 +406,7 @@ class _Server:
     def _read(self, name: str, first: int, view: memoryview) -> None:
         """Pages ``first...`` of ``name`` (all present) into ``view``: one positional read."""
         self.reads += 1
-        self.img._read_into(self.img.blocks[name], first, view)
+        self.img.read_into(name, first, view)
 
     def _section(self, body: list[Buffer]) -> None:
         """One PART section around ``body``; its first record names its block."""
@@ -395,8 +424,8 @@ class _Server:
         npages = 0
         self.enc.forget_block()
         for name, first, n in _merge(reqs):
-            sent = self.sent[name][first : first + n]
-            pres = self.present[name][first : first + n]
+            sent = self.sent[name].get(first, n)
+            pres = self.img.present_range(name, first, n)
             for off, k in runs(~sent):
                 a = first + off
                 for poff, pk in runs(pres[off : off + k]):  # with data: one read per run
@@ -407,7 +436,7 @@ class _Server:
                 for zoff, zk in runs(~pres[off : off + k]):  # absent: ZERO records
                     body.append(self.enc.zero_run(name, (a + zoff) * PS, zk))
                     self.zero_on_demand += zk
-                self.sent[name][a : a + k] = True
+                self.sent[name].set(a, k)
                 npages += k
             if npages >= REQUEST_BATCH_PAGES:
                 self._section(body)
@@ -423,7 +452,7 @@ class _Server:
         """``(block, first, npages)`` pieces of at most a batch, covering every present page."""
         out = []
         for name in self.img.blocks:
-            for first, n in runs(self.present[name]):
+            for first, n in self.img.runs(name):
                 for p in range(first, first + n, PUSH_BATCH_PAGES):
                     out.append((name, p, min(PUSH_BATCH_PAGES, first + n - p)))
         return out
@@ -475,11 +504,11 @@ class _Server:
                 if used and used + n > PUSH_BATCH_PAGES:
                     break
                 i += 1
-                for off, k in runs(~self.sent[name][first : first + n]):
+                for off, k in runs(~self.sent[name].get(first, n)):
                     view = buf[used * PS : (used + k) * PS]
                     self._read(name, first + off, view)
                     body += self._records(rows[used : used + k], name, first + off, view)
-                    self.sent[name][first + off : first + off + k] = True
+                    self.sent[name].set(first + off, k)
                     self.pages_pushed += k
                     used += k
             if body:
@@ -547,7 +576,7 @@ def send_postcopy(image: str | os.PathLike[str] | Image, channel: Channel, *,
             raise EndpointError("a lazy (postcopy) restore needs a bidirectional channel for "
                                 "QEMU's page requests (a socket, or exec: with stdin)")
         for name in img.blocks:  # read every bitmap now: a bad one must fail before RUN
-            img.present(name)
+            img.last_present(name)
         return _run(img, channel, preamble, package, progress, on_running, push_rate,
                     accept_timeout, shut_timeout, t0)
     finally:

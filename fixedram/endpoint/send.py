@@ -8,19 +8,24 @@ the stream a QEMU started with ``-incoming`` loads, QEMU 7.2 and 10 alike::
     | [SWITCHOVER_START: machine types >= 10.0 only] | END ram: EOS
     | device state (stored blob, verbatim) | EOF | VMDESCRIPTION (stored, or empty)
 
-Every page is sent: pages with data as PAGE records, the others as ZERO records, so the
-destination ends with exactly the image's RAM whatever it held before. A run of pages is
-sent in pieces of at most 1 MiB: one ``preadv`` puts a piece's pages straight into the page
-slots of a buffer laid out as ``header|page|header|page…``, one numpy assignment writes the
-headers (:class:`~fixedram.stream.encoder.PageRecords`), and the piece goes out as one
-buffer; runs of zero pages are encoded as one numpy array. No Python runs per page.
-With ``direct_io`` pages are read through an O_DIRECT descriptor (no page cache).
-:func:`validate` makes every check that can refuse the image before the first byte goes
+Pages with data go out as PAGE records. Pages without data go out as ZERO records, except
+in blocks of guest RAM (larger than :data:`FRESH_MIN_BLOCK`) of a fresh destination, which
+already reads as zero there (``docs/fresh-destination.md``): the stream, and the time of a
+restore, follow the data, not the RAM size. The image's bitmap is walked in bounded pieces
+(:meth:`~fixedram.image.Image.runs`), so memory does not follow the RAM size either.
+
+A run of pages is sent in pieces of at most 1 MiB: one ``preadv`` puts a piece's pages
+straight into the page slots of a buffer laid out as ``header|page|header|page…``, one
+numpy assignment writes the headers (:class:`~fixedram.stream.encoder.PageRecords`), and
+the piece goes out as one buffer; runs of zero pages are encoded as one numpy array. No
+Python runs per page. With ``direct_io`` pages are read through an O_DIRECT descriptor (no
+page cache). :func:`validate` makes every check that can refuse the image before the first byte goes
 out: QEMU stops at the first inconsistency and cannot be reused after a failed load.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import stat
@@ -32,13 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from fixedram import faults
 from fixedram.errors import EndpointError, ImageError, MismatchError
 from fixedram.image import Image, open_image
 from fixedram.image.layout import bitmap_bytes
-from fixedram.image.reader import READ_CHUNK, DirectIO, PageSlots
+from fixedram.image.reader import READ_CHUNK, BlockInfo, DirectIO, PageSlots
 from fixedram.image.sections import ram_section_id
 from fixedram.io.channel import Buffer, Channel
 from fixedram.stream import (
@@ -80,13 +83,22 @@ __all__ = [
     "send",
     "validate",
     "wants_switchover_start",
+    "absent_runs",
+    "skips_absent",
+    "FRESH_MIN_BLOCK",
 ]
 
 PS = TARGET_PAGE_SIZE
+#: Blocks longer than this are guest RAM that a fresh destination holds as zeros: their
+#: pages without data need not be sent (``docs/fresh-destination.md``). Smaller blocks
+#: (firmware, ROM blobs QEMU fills at start-up, video RAM) get ZERO records for them anyway.
+FRESH_MIN_BLOCK = 64 << 20
 #: Machine-type version from which QEMU sends (and expects) SWITCHOVER_START.
 SWITCHOVER_START_SINCE = (10, 0)
 #: Pieces smaller than this are copied and batched with their neighbours into one write.
 _SMALL_PIECE = 64 << 10
+#: Most pages encoded as ZERO records in one go (9 bytes each).
+_ZERO_PIECE = 1 << 16
 #: Flush batched buffers once they hold this many bytes.
 _BATCH_BYTES = 1 << 20
 #: How long to wait, after the last byte, for the destination to close its side.
@@ -285,9 +297,8 @@ def _validate_image(img: Image) -> None:
             if bm_end > size:
                 raise ImageError(f"RAM block '{name}': bitmap ends at byte {bm_end}, past the "
                                  f"end of the file ({size} bytes)")
-        present = img.present(name)  # MappedRamImage checks bits beyond the block here
-        if m is not None and present.any():
-            last = int(np.flatnonzero(present)[-1])
+        last = img.last_present(name)  # MappedRamImage checks bits beyond the block here
+        if m is not None and last >= 0:
             end = m.pages_offset + (last + 1) * PS
             if end > size:
                 raise ImageError(f"RAM block '{name}': page {last} ends at byte {end}, past the "
@@ -443,20 +454,44 @@ def _pieces(img: Image, name: str, hint_fd: int, depth: int) -> Iterator[tuple[i
     with sending without reader threads fighting the sender for the GIL.
     """
     blk = img.block(name)
-    per = READ_CHUNK // PS
-    plan = [(p, min(per, first + n - p)) for first, n in img.runs(name)
-            for p in range(first, first + n, per)]
+    plan = _split(img.runs(name), READ_CHUNK // PS)
     if hint_fd < 0 or blk.mapped is None or depth <= 0:
         yield from plan
         return
     base = blk.mapped.pages_offset
-    for p, k in plan[:depth]:
-        os.posix_fadvise(hint_fd, base + p * PS, k * PS, os.POSIX_FADV_WILLNEED)
-    for i, piece in enumerate(plan):
-        if i + depth < len(plan):
-            p, k = plan[i + depth]
-            os.posix_fadvise(hint_fd, base + p * PS, k * PS, os.POSIX_FADV_WILLNEED)
-        yield piece
+    ahead: collections.deque[tuple[int, int]] = collections.deque()
+    for piece in plan:
+        ahead.append(piece)
+        os.posix_fadvise(hint_fd, base + piece[0] * PS, piece[1] * PS, os.POSIX_FADV_WILLNEED)
+        if len(ahead) > depth:
+            yield ahead.popleft()
+    yield from ahead
+
+
+def skips_absent(blk: BlockInfo, fresh: bool) -> bool:
+    """Whether the pages of ``blk`` without data go unsent (``fresh`` destination, and a
+    block larger than :data:`FRESH_MIN_BLOCK`, see ``docs/fresh-destination.md``)."""
+    return fresh and blk.length > FRESH_MIN_BLOCK
+
+
+def _split(runs: Iterable[tuple[int, int]], per: int) -> Iterator[tuple[int, int]]:
+    """``(first, npages)`` pieces of at most ``per`` pages of each run, in order."""
+    for first, n in runs:
+        for p in range(first, first + n, per):
+            yield p, min(per, first + n - p)
+
+
+def absent_runs(img: Image, name: str, per: int = 1 << 20) -> Iterator[tuple[int, int]]:
+    """``(first, npages)`` pieces of at most ``per`` pages of the stretches of block ``name``
+    the image holds no data for (the gaps between :meth:`Image.runs`), in order."""
+    cursor = 0
+    for first, n in img.runs(name):
+        if first > cursor:
+            yield from _split([(cursor, first - cursor)], per)
+        cursor = first + n
+    npages = img.block(name).npages
+    if cursor < npages:
+        yield from _split([(cursor, npages - cursor)], per)
 
 
 def _record_buffer() -> tuple[PageRecords, PageSlots]:
@@ -496,8 +531,16 @@ def send(image: str | os.PathLike[str] | Image, channel: Channel, *,
          dest_blocks: Sequence[tuple[str, int]] | None = None,
          readers: int = 1,
          progress: Callable[[SendStats], None] | None = None,
-         direct_io: DirectIO = False) -> SendReport:
+         direct_io: DirectIO = False,
+         fresh: bool = True) -> SendReport:
     """Send ``image`` over ``channel`` as a precopy stream a QEMU ``-incoming`` loads.
+
+    ``fresh``: the destination's guest RAM reads as zero wherever nothing was loaded into
+    it (a QEMU started with ``-incoming`` whose RAM is not backed by a file with old
+    contents, ``docs/fresh-destination.md``), so pages of blocks larger than
+    :data:`FRESH_MIN_BLOCK` the image holds no data for are not sent at all (the pages of
+    smaller blocks go out as ZERO records); with ``fresh=False`` every page without data
+    goes out as a ZERO record, and the stream describes every page.
 
     Everything is validated (:func:`validate`, against ``dest_machine``/``dest_blocks``
     when given) before the first byte is written. ``readers`` > 1 keeps ``readers - 1``
@@ -512,7 +555,7 @@ def send(image: str | os.PathLike[str] | Image, channel: Channel, *,
     img, owned = _open(image)
     try:
         validate(img, dest_machine=dest_machine, dest_blocks=dest_blocks)
-        return _send(img, channel, readers, progress, direct_io)
+        return _send(img, channel, readers, progress, direct_io, fresh)
     finally:
         if owned:
             img.close()
@@ -526,9 +569,21 @@ def _page_check(img: Image) -> PageCheck | None:
     return PageCheck(img, cs) if cs is not None else None
 
 
+def _zeros(out: _Sender, enc: StreamEncoder, name: str, start: int, stop: int,
+           skip: bool) -> None:
+    """Pages ``[start, stop)`` of ``name`` hold no data: counted, and unless ``skip``
+    (:func:`skips_absent`), sent as ZERO records (in pieces: bounded memory at any size)."""
+    out.zero_pages += stop - start
+    if skip:
+        return
+    for p, k in _split([(start, stop - start)], _ZERO_PIECE):
+        out.add([enc.zero_run(name, p * PS, k)])
+        out.maybe_flush()
+
+
 def _send(img: Image, channel: Channel, readers: int,
           progress: Callable[[SendStats], None] | None,
-          direct_io: DirectIO = False) -> SendReport:
+          direct_io: DirectIO = False, fresh: bool = True) -> SendReport:
     blocks = list(img.blocks.values())
     switchover = wants_switchover_start(img.machine, img.commands)
     enc = StreamEncoder()
@@ -553,6 +608,7 @@ def _send(img: Image, channel: Channel, readers: int,
         for blk in blocks:
             out.add([encode(SectionPart(sid))])
             cursor = 0
+            skip = skips_absent(blk, fresh)
             pieces = _pieces(img, blk.name, hint_fd, readers - 1)
             for first, npages, (recs, slots), nreads in _read(img, blk.name, pieces, pairs,
                                                              pool):
@@ -560,8 +616,7 @@ def _send(img: Image, channel: Channel, readers: int,
                 if check is not None:
                     check.pages(blk.name, first, slots.views[:npages])
                 if first > cursor:
-                    out.add([enc.zero_run(blk.name, cursor * PS, first - cursor)])
-                    out.zero_pages += first - cursor
+                    _zeros(out, enc, blk.name, cursor, first, skip)
                 data: Buffer = enc.page_records(blk.name, first * PS, npages, recs)
                 small = len(data) < _SMALL_PIECE
                 if small:  # copy, to batch it with the next pieces into one write
@@ -576,8 +631,7 @@ def _send(img: Image, channel: Channel, readers: int,
             if check is not None:  # a bad extent stops the stream before the device state
                 check.block_done(blk.name)
             if cursor < blk.npages:
-                out.add([enc.zero_run(blk.name, cursor * PS, blk.npages - cursor)])
-                out.zero_pages += blk.npages - cursor
+                _zeros(out, enc, blk.name, cursor, blk.npages, skip)
             out.add([encode(EndOfSection()), encode(SectionFooter(sid))])
             out.maybe_flush()
         faults.point("send-device")

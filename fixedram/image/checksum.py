@@ -566,13 +566,16 @@ def _meta_digests(fd: int, geom: Geometry) -> tuple[dict[str, tuple[int, int]], 
 
 
 def compute(fd: int, geom: Geometry,
-            page_digests: Mapping[str, np.ndarray] | PageDigests) -> Checksums:
+            page_digests: Mapping[str, np.ndarray] | PageDigests, *,
+            extents: Callable[[str, int], np.ndarray] | None = None) -> Checksums:
     """The extension for the file behind ``fd`` (metadata read back, pages from digests).
 
     ``page_digests``: every block's per-page digests (arrays), or a :class:`PageDigests`.
 
     The extent size is the smallest (from 1 MiB up) whose extension fits in the largest
     padding slot; :class:`ChecksumError` if even one extent per block does not fit.
+    ``extents(name, shift)``, when given, returns a block's extent digests instead of
+    ``page_digests`` (for callers that do not keep a digest per page).
     """
     geom.check()
     room = max((b.room for b in geom.blocks), default=0)
@@ -584,6 +587,8 @@ def compute(fd: int, geom: Geometry,
         shift += 1
     meta, tail = _meta_digests(fd, geom)
     def ext(name: str) -> np.ndarray:
+        if extents is not None:
+            return extents(name, shift)
         if isinstance(page_digests, PageDigests):
             return page_digests.extent_digests(name, shift)
         return extent_digests(page_digests[name], shift)

@@ -32,7 +32,13 @@ __all__ = [
     "bitmap_to_bools",
     "bools_to_bitmap",
     "runs",
+    "bitmap_runs",
+    "BITMAP_PIECE_PAGES",
 ]
+
+#: Pages covered by one piece of a bitmap read at a time (128 KiB of bitmap, 4 GiB of RAM):
+#: what walks a bitmap holds at most this many pages' state, at any RAM size.
+BITMAP_PIECE_PAGES = 1 << 20
 
 PAGE_SIZE = TARGET_PAGE_SIZE
 
@@ -79,3 +85,26 @@ def runs(present: np.ndarray) -> Iterator[tuple[int, int]]:
     starts = np.flatnonzero(edges == 1)
     ends = np.flatnonzero(edges == -1)
     return zip(starts.tolist(), (ends - starts).tolist(), strict=True)
+
+
+def bitmap_runs(raw: bytes | bytearray | memoryview, npages: int) -> Iterator[tuple[int, int]]:
+    """Maximal runs of set bits among the first ``npages`` bits of ``raw`` (on-disk order).
+
+    ``raw`` holds whole 64-bit words. Only the words with a bit set are unpacked, so a
+    sparse bitmap costs memory in proportion to its set bits, a dense one one byte per page.
+    """
+    words = np.frombuffer(raw, dtype="<u8")
+    nz = np.flatnonzero(words)
+    if not len(nz):
+        return iter(())
+    if len(nz) * 8 > len(words):  # dense: one bool per page
+        return runs(bitmap_to_bools(raw, npages))
+    bits = np.unpackbits(words[nz].view(np.uint8), bitorder="little").reshape(len(nz), 64)
+    pages = (nz[:, None] * 64 + np.arange(64))[bits.astype(bool)]
+    pages = pages[pages < npages]
+    if not len(pages):
+        return iter(())
+    cuts = np.flatnonzero(np.diff(pages) != 1) + 1
+    starts = np.concatenate(([0], cuts))
+    ends = np.concatenate((cuts, [len(pages)]))
+    return zip(pages[starts].tolist(), (ends - starts).tolist(), strict=True)

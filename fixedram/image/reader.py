@@ -18,7 +18,7 @@ import errno
 import mmap
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +26,14 @@ from typing import Any, Literal
 import numpy as np
 
 from fixedram.errors import FixedramError, ImageError, StreamError
-from fixedram.image.layout import PAGE_SIZE, bitmap_bytes, bitmap_to_bools, runs
+from fixedram.image.layout import (
+    BITMAP_PIECE_PAGES,
+    PAGE_SIZE,
+    bitmap_bytes,
+    bitmap_runs,
+    bitmap_to_bools,
+    runs,
+)
 from fixedram.io.files import IOV_MAX, aligned_buffer, open_direct, preadv_exact
 from fixedram.stream import (
     CommandRecord,
@@ -46,10 +53,13 @@ from fixedram.stream import (
 from fixedram.stream.format import FILE_MAGIC
 
 __all__ = ["open_image", "Image", "MappedRamImage", "StreamImage", "BlockInfo", "PageSlots",
-           "READ_CHUNK", "DirectIO"]
+           "READ_CHUNK", "DirectIO", "PageIndex"]
 
 #: Largest single read when streaming page data (bytes).
 READ_CHUNK = 1 << 20
+
+#: Pages per chunk of a legacy stream's sparse page index (:class:`PageIndex`): 1 MiB of RAM.
+INDEX_CHUNK = 256
 
 #: Read size while walking the metadata of a mapped-ram file (bytes).
 METADATA_CHUNK = 16 << 10
@@ -258,12 +268,64 @@ class Image:
                              f"{', '.join(self.blocks)})") from None
 
     def present(self, name: str) -> np.ndarray:
-        """One bool per page of block ``name``: True where the image holds page data."""
+        """One bool per page of block ``name``: True where the image holds page data.
+
+        Costs one byte per page of the block: walks that must stay bounded at any RAM size
+        use :meth:`runs`, :meth:`present_range` or :meth:`count_present` instead.
+        """
         raise NotImplementedError
 
-    def runs(self, name: str) -> Iterator[tuple[int, int]]:
-        """Maximal runs ``(first_page, npages)`` of pages with data in block ``name``."""
-        return runs(self.present(name))
+    def present_range(self, name: str, first: int, npages: int) -> np.ndarray:
+        """One bool per page of pages ``[first, first + npages)`` of block ``name``."""
+        raise NotImplementedError
+
+    def _piece_runs(self, name: str, first: int, npages: int) -> Iterator[tuple[int, int]]:
+        """Runs of pages with data among pages ``[first, first + npages)``, relative to
+        ``first``."""
+        return runs(self.present_range(name, first, npages))
+
+    def runs(self, name: str, start: int = 0,
+             stop: int | None = None) -> Iterator[tuple[int, int]]:
+        """Maximal runs ``(first_page, npages)`` of pages with data in block ``name``
+        (between pages ``start`` and ``stop``), in order.
+
+        The presence information is walked in pieces of :data:`BITMAP_PIECE_PAGES` pages,
+        so memory stays bounded at any block size.
+        """
+        blk = self.block(name)
+        stop = blk.npages if stop is None else min(stop, blk.npages)
+        pending: tuple[int, int] | None = None
+        for p in range(start, stop, BITMAP_PIECE_PAGES):
+            for f, n in self._piece_runs(name, p, min(BITMAP_PIECE_PAGES, stop - p)):
+                f += p
+                if pending is not None:
+                    if pending[0] + pending[1] == f:
+                        pending = (pending[0], pending[1] + n)
+                        continue
+                    yield pending
+                pending = (f, n)
+        if pending is not None:
+            yield pending
+
+    def count_present(self, name: str) -> int:
+        """Number of pages of block ``name`` the image holds data for (bounded memory)."""
+        return sum(n for _, n in self.runs(name))
+
+    def last_present(self, name: str) -> int:
+        """Index of the last page of block ``name`` with data, or -1 (bounded memory)."""
+        last = -1
+        for f, n in self.runs(name):
+            last = f + n - 1
+        return last
+
+    def read_into(self, name: str, first_page: int, dest: memoryview) -> None:
+        """Read pages ``first_page…`` of block ``name`` into ``dest`` (whole pages, every one
+        holding data: a piece of a run as :meth:`runs` gives them)."""
+        blk = self.block(name)
+        if first_page < 0 or first_page + len(dest) // PAGE_SIZE > blk.npages:
+            raise ImageError(f"pages {first_page}..{first_page + len(dest) // PAGE_SIZE} "
+                             f"outside block '{name}'")
+        self._read_into(blk, first_page, dest)
 
     def iter_data(self, name: str, chunk: int = READ_CHUNK) -> Iterator[tuple[int, memoryview]]:
         """``(first_page, data)`` for every run of pages with data, in pieces of ``chunk``.
@@ -287,14 +349,23 @@ class Image:
         if first_page < 0 or first_page + npages > blk.npages:
             raise ImageError(f"pages {first_page}..{first_page + npages} outside block '{name}'")
         out = bytearray(npages * PAGE_SIZE)
-        pres = self.present(name)[first_page : first_page + npages]
-        for start, n in runs(pres):
+        for start, n in self.runs(name, first_page, first_page + npages):
+            start -= first_page
             self._read_into(blk, first_page + start, memoryview(out)[start * PAGE_SIZE :
                                                                       (start + n) * PAGE_SIZE])
         return out
 
     def _read_into(self, blk: BlockInfo, first: int, dest: memoryview) -> None:
         raise NotImplementedError
+
+    def fileno(self) -> int:
+        """The image's (buffered) file descriptor, for ``sendfile``."""
+        return self._fd
+
+    def page_offset(self, name: str, first_page: int) -> int:
+        """File offset of page ``first_page`` of block ``name`` (mapped-ram images only:
+        ``npages`` pages from there are contiguous in the file)."""
+        raise ImageError("a legacy stream image has no fixed page offsets")
 
     def read_slots(self, name: str, first_page: int, npages: int, slots: PageSlots) -> int:
         """Read pages ``[first_page, first_page + npages)`` of ``name`` into slots ``0..``.
@@ -345,18 +416,59 @@ class MappedRamImage(Image):
         cache = self.__dict__.setdefault("_bitmaps", {})
         if name not in cache:
             blk = self.block(name)
-            assert blk.mapped is not None
-            nb = bitmap_bytes(blk.npages)
-            raw = bytearray(nb)
-            preadv_exact(self._fd, memoryview(raw), blk.mapped.bitmap_offset,
-                         f"bitmap of RAM block '{name}'")
-            bools = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
-            if bools[blk.npages :].any():
-                extra = int(np.flatnonzero(bools[blk.npages :])[0]) + blk.npages
-                raise ImageError(f"RAM block '{name}': bitmap bit {extra} is set beyond the "
-                                 f"block's {blk.npages} pages", blk.mapped.bitmap_offset)
-            cache[name] = bitmap_to_bools(raw, blk.npages)
+            cache[name] = bitmap_to_bools(self._bitmap_bytes(blk, 0, blk.npages), blk.npages)
         return cache[name]
+
+    def _bitmap_bytes(self, blk: BlockInfo, first: int, npages: int) -> bytearray:
+        """The bitmap bytes holding the bits of pages ``[first, first + npages)``, from
+        byte ``first // 8`` up to a whole 64-bit word (bits beyond the block checked when
+        the range reaches its end)."""
+        assert blk.mapped is not None
+        if first < 0 or npages < 0 or first + npages > blk.npages:
+            raise ImageError(f"pages {first}..{first + npages} outside block '{blk.name}'")
+        end = first + npages
+        if end == blk.npages:
+            self._check_tail(blk)
+        b0 = first >> 3
+        b1 = min(-(-end // 64) * 8, bitmap_bytes(blk.npages))
+        raw = bytearray(b1 - b0)
+        preadv_exact(self._fd, memoryview(raw), blk.mapped.bitmap_offset + b0,
+                     f"bitmap of RAM block '{blk.name}'")
+        return raw
+
+    def _check_tail(self, blk: BlockInfo) -> None:
+        """ImageError if a bitmap bit beyond the block's last page is set."""
+        done: set[str] = self.__dict__.setdefault("_tail_ok", set())
+        if blk.name in done:
+            return
+        assert blk.mapped is not None
+        n = blk.npages
+        b0 = n >> 3
+        raw = bytearray(bitmap_bytes(n) - b0)
+        preadv_exact(self._fd, memoryview(raw), blk.mapped.bitmap_offset + b0,
+                     f"bitmap of RAM block '{blk.name}'")
+        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+        bits[: n & 7] = 0
+        if bits.any():
+            extra = int(np.flatnonzero(bits)[0]) + b0 * 8
+            raise ImageError(f"RAM block '{blk.name}': bitmap bit {extra} is set beyond the "
+                             f"block's {n} pages", blk.mapped.bitmap_offset)
+        done.add(blk.name)
+
+    def present_range(self, name: str, first: int, npages: int) -> np.ndarray:
+        cache = self.__dict__.get("_bitmaps", {})
+        blk = self.block(name)
+        if name in cache:
+            return cache[name][first : first + npages]
+        raw = self._bitmap_bytes(blk, first, npages)
+        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+        s = first & 7
+        return bits[s : s + npages].astype(bool)
+
+    def _piece_runs(self, name: str, first: int, npages: int) -> Iterator[tuple[int, int]]:
+        if first % 64 or name in self.__dict__.get("_bitmaps", {}):
+            return super()._piece_runs(name, first, npages)
+        return bitmap_runs(self._bitmap_bytes(self.block(name), first, npages), npages)
 
     def _read_into(self, blk: BlockInfo, first: int, dest: memoryview) -> None:
         """Read pages into ``dest``; with O_DIRECT on and ``dest`` page-aligned in memory,
@@ -367,6 +479,11 @@ class MappedRamImage(Image):
             fd = self._dfd
         preadv_exact(fd, dest, blk.mapped.pages_offset + first * PAGE_SIZE,
                      f"pages of RAM block '{blk.name}'")
+
+    def page_offset(self, name: str, first_page: int) -> int:
+        blk = self.block(name)
+        assert blk.mapped is not None
+        return blk.mapped.pages_offset + first_page * PAGE_SIZE
 
     def read_slots(self, name: str, first_page: int, npages: int, slots: PageSlots) -> int:
         blk = self.block(name)
@@ -399,14 +516,26 @@ class MappedRamImage(Image):
 class StreamImage(Image):
     """A legacy migration stream file (``migrate file:`` without mapped-ram, ``exec:cat``)."""
 
-    _where: dict[str, np.ndarray]
+    _where: dict[str, PageIndex]
 
     def present(self, name: str) -> np.ndarray:
+        blk = self.block(name)
+        return self._where[name].get(0, blk.npages) >= 0
+
+    def present_range(self, name: str, first: int, npages: int) -> np.ndarray:
         self.block(name)
-        return self._where[name] >= 0
+        return self._where[name].get(first, npages) >= 0
+
+    def _piece_runs(self, name: str, first: int, npages: int) -> Iterator[tuple[int, int]]:
+        """Runs found chunk by chunk of the sparse index (cost follows the data)."""
+        self.block(name)
+        idx = self._where[name]
+        for c, lo, hi, at in list(idx._spans(first, npages, True)):
+            for f, n in runs(idx.chunks[c][lo:hi] >= 0):
+                yield at + f, n
 
     def _read_into(self, blk: BlockInfo, first: int, dest: memoryview) -> None:
-        where = self._where[blk.name][first : first + len(dest) // PAGE_SIZE]
+        where = self._where[blk.name].get(first, len(dest) // PAGE_SIZE)
         n = len(where)
         per = READ_CHUNK // PAGE_SIZE
         for i in range(0, n, per):  # PageSlots hold at most IOV_MAX slots
@@ -417,7 +546,7 @@ class StreamImage(Image):
     def read_slots(self, name: str, first_page: int, npages: int, slots: PageSlots) -> int:
         self.block(name)
         assert 0 < npages <= slots.count
-        return self._gather(self._where[name][first_page : first_page + npages], slots)
+        return self._gather(self._where[name].get(first_page, npages), slots)
 
     def _gather(self, where: np.ndarray, slots: PageSlots) -> int:
         """Fill slots with the pages stored at file offsets ``where`` (-1: zero page).
@@ -464,6 +593,66 @@ class StreamImage(Image):
         return reads
 
 
+class PageIndex:
+    """Where each page of a legacy stream's block last got data: a file offset, or -1.
+
+    Sparse: 8 bytes per page only in chunks of :data:`INDEX_CHUNK` pages that hold data
+    somewhere in the stream; a chunk without any costs nothing, so the index follows the
+    data, not the block's length (a ZERO record where no data was ever seen is free).
+    """
+
+    def __init__(self, npages: int) -> None:
+        self.npages = npages
+        self.chunks: dict[int, np.ndarray] = {}
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the index (bytes)."""
+        return sum(c.nbytes for c in self.chunks.values())
+
+    def _spans(self, first: int, npages: int,
+               existing: bool) -> Iterator[tuple[int, int, int, int]]:
+        """``(chunk, lo, hi, at)``: pages ``[lo, hi)`` of chunk ``chunk`` (indices inside the
+        chunk) are pages ``at…`` of the range; only existing chunks when ``existing``."""
+        if npages <= 0:
+            return
+        end = first + npages
+        c0, c1 = first // INDEX_CHUNK, (end - 1) // INDEX_CHUNK + 1
+        cs: Iterable[int] = range(c0, c1)
+        if existing and c1 - c0 > len(self.chunks):
+            cs = sorted(c for c in self.chunks if c0 <= c < c1)
+        for c in cs:
+            if existing and c not in self.chunks:
+                continue
+            base = c * INDEX_CHUNK
+            lo, hi = max(first, base) - base, min(end, base + INDEX_CHUNK) - base
+            yield c, lo, hi, base + lo - first
+
+    def put(self, first: int, npages: int, pos: int, stride: int) -> None:
+        """Pages ``first…`` have data at ``pos``, ``pos + stride``…"""
+        for c, lo, hi, at in self._spans(first, npages, False):
+            chunk = self.chunks.get(c)
+            if chunk is None:
+                chunk = self.chunks[c] = np.full(INDEX_CHUNK, _ABSENT, dtype=np.int64)
+            p0 = pos + at * stride
+            chunk[lo:hi] = np.arange(p0, p0 + (hi - lo) * stride, stride, dtype=np.int64)
+
+    def clear(self, first: int, npages: int) -> None:
+        """Pages ``first…`` are zero again."""
+        for c, lo, hi, _ in list(self._spans(first, npages, True)):
+            chunk = self.chunks[c]
+            chunk[lo:hi] = _ABSENT
+            if hi - lo == INDEX_CHUNK or not (chunk >= 0).any():  # no data left: freed
+                del self.chunks[c]
+
+    def get(self, first: int, npages: int) -> np.ndarray:
+        """File offsets of pages ``[first, first + npages)`` (-1: no data)."""
+        out = np.full(npages, _ABSENT, dtype=np.int64)
+        for c, lo, hi, at in self._spans(first, npages, True):
+            out[at : at + hi - lo] = self.chunks[c][lo:hi]
+        return out
+
+
 class _DirectRefused(Exception):
     """An O_DIRECT read failed with EINVAL (alignment the filesystem does not accept)."""
 
@@ -491,7 +680,7 @@ def _walk(fd: int, base: int, size: int, index: bool) -> tuple[StreamDecoder, di
     dec = StreamDecoder(base_offset=base, runs=True)
     info: dict[str, Any] = {"blocks": {}, "commands": [], "device": None, "vmdesc": None,
                             "config": None, "where": {}, "sections": 0, "ram_id": None}
-    where: dict[str, np.ndarray] = info["where"]
+    where: dict[str, PageIndex] = info["where"]
     pos = base
     chunk = READ_CHUNK if index else METADATA_CHUNK
     buf = bytearray(READ_CHUNK)
@@ -514,20 +703,16 @@ def _walk(fd: int, base: int, size: int, index: bool) -> tuple[StreamDecoder, di
         pos += n
         for r in records:
             if isinstance(r, PageRun):
-                first = r.offset // PAGE_SIZE
-                where[r.block][first : first + r.npages] = np.arange(
-                    r.pos, r.pos + r.npages * (PAGE_SIZE + 8), PAGE_SIZE + 8, dtype=np.int64)
+                where[r.block].put(r.offset // PAGE_SIZE, r.npages, r.pos, _REC)
             elif isinstance(r, ZeroRun):
-                first = r.offset // PAGE_SIZE
-                where[r.block][first : first + r.npages] = _ABSENT
+                where[r.block].clear(r.offset // PAGE_SIZE, r.npages)
             elif isinstance(r, Page):
-                w = where[r.block]
-                w[r.offset // PAGE_SIZE] = r.pos
+                where[r.block].put(r.offset // PAGE_SIZE, 1, r.pos, _REC)
             elif isinstance(r, Zero):
                 if r.fill:
                     raise ImageError(f"ZERO record with fill byte 0x{r.fill:02x} in block "
                                      f"'{r.block}' is not supported")
-                where[r.block][r.offset // PAGE_SIZE] = _ABSENT
+                where[r.block].clear(r.offset // PAGE_SIZE, 1)
             elif isinstance(r, RamBlock):
                 if r.mapped is not None:
                     _check_mapped(r, size)
@@ -535,13 +720,13 @@ def _walk(fd: int, base: int, size: int, index: bool) -> tuple[StreamDecoder, di
                 if index:
                     # the page index costs 8 bytes per claimed page: bound it by the file
                     # (QEMU writes a record of >= 9 bytes for every page of the stream)
-                    claimed = sum(len(w) for w in where.values()) + r.length // PAGE_SIZE
+                    claimed = sum(w.npages for w in where.values()) + r.length // PAGE_SIZE
                     if claimed > size:
                         raise ImageError(
                             f"RAM block '{r.name}' of 0x{r.length:x} bytes: the RAM blocks "
                             f"claim {claimed} pages, more than a {size}-byte stream file can "
                             "describe", dec.next_offset)
-                    where[r.name] = np.full(r.length // PAGE_SIZE, _ABSENT, dtype=np.int64)
+                    where[r.name] = PageIndex(r.length // PAGE_SIZE)
             elif isinstance(r, Configuration):
                 info["config"] = r
             elif isinstance(r, CommandRecord):

@@ -160,7 +160,7 @@ def lazy_restore(
     check_page_sizes(dest_page_sizes_from_hmp(ramblocks))
     with open_image(path) as img:
         validate(img, dest_machine=machine, dest_blocks=dest_blocks)
-        pages = sum(int(img.present(n).sum()) for n in img.blocks)
+        pages = sum(img.count_present(n) for n in img.blocks)
         ram_size, fmt = img.ram_size, img.format
         settings = MigrationSettings(qmp)
         worker: Worker | None = None

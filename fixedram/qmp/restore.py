@@ -177,7 +177,7 @@ def restore(
             img.open_direct(direct_io)
         elif direct_io and not _direct_ok(path, direct_io):
             direct_io = False
-        pages = sum(int(img.present(n).sum()) for n in img.blocks)
+        pages = sum(img.count_present(n) for n in img.blocks)
         ram_size = img.ram_size
         settings = MigrationSettings(qmp)
         worker: Worker | None = None

@@ -1,0 +1,283 @@
+"""Guests far larger than their data: memory and time follow the data, not the RAM size.
+
+A bare test guest holding a few MiB in a 64 GiB guest (default run), or 256 MiB in 256 GiB
+and 1 TiB guests (``pytest -m scale``), its RAM a ``memory-backend-ram`` with
+``reserve=off`` so the host only provides the pages the guest touches. Saved by QEMU
+(mapped-ram and legacy stream) and checksummed by ``fixedram verify --add``; restored with
+``fixedram restore --via proxy`` (single stream and multifd) into a fresh destination, which
+must run on with every page it checks intact. Every fixedram process's peak RSS must stay
+under :data:`RSS_LIMIT_MIB` (a resource bound; time is measured in ``bench/``, not here),
+also for ``verify``, ``analyze`` and ``extract``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from fixedram.image import open_image
+from fixedram.vm import Guest, Heartbeat, choose_accel, find_qemu
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+RSS_LIMIT_MIB = 100
+
+SIZES = [
+    pytest.param(("64G", 8), id="64G"),
+    pytest.param(("256G", 256), id="256G", marks=pytest.mark.scale),
+    pytest.param(("1T", 256), id="1T", marks=pytest.mark.scale),
+]
+
+
+@dataclass
+class Big:
+    """A saved big guest: its images and how to start a destination like it."""
+
+    mem: str
+    src: Guest
+    mapped: Path  # QEMU's mapped-ram save
+    legacy: Path  # QEMU's legacy stream
+    ours: Path  # the mapped-ram save with fixedram's checksums added
+    last: Heartbeat
+    workdir: Path
+
+
+def _guest_args(mem: str) -> tuple[str, ...]:
+    args = ("-object", f"memory-backend-ram,id=m0,size={mem},reserve=off",
+            "-machine", "memory-backend=m0")
+    if mem.endswith("T"):  # more than TCG's default 40 physical address bits reach
+        args += ("-cpu", "qemu64,phys-bits=44")
+    return args
+
+
+#: Forks fixedram from a small process and writes its peak RSS (KiB) to $RSS_OUT: a child
+#: forked straight from pytest would inherit the test process's RSS in its peak (the high
+#: water mark survives exec).
+_LAUNCH = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable, "-m", "fixedram", *sys.argv[1:]])
+_, status, ru = os.wait4(pid, 0)
+with open(os.environ["RSS_OUT"], "w") as f:
+    f.write(str(ru.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def _fixedram(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run a fixedram command; returns the result and its peak RSS in MiB."""
+    with tempfile.TemporaryDirectory() as d:
+        rss_out = Path(d) / "rss"
+        res = subprocess.run([PY, "-c", _LAUNCH, *args], cwd=REPO, text=True,
+                             capture_output=True, check=False,
+                             env={**os.environ, "RSS_OUT": str(rss_out)})
+        rss = int(rss_out.read_text()) / 1024
+    return res, rss
+
+
+@pytest.fixture(scope="module", params=SIZES)
+def big(request: pytest.FixtureRequest, shm_dir: Path) -> Iterator[Big]:
+    mem, mib = request.param
+    qemu = find_qemu("10")
+    work = Path(tempfile.mkdtemp(prefix=f"frscale-{mem}-", dir="/tmp"))
+    imgs = Path(tempfile.mkdtemp(prefix=f"scale-{mem}-", dir=shm_dir))
+    src = Guest(qemu, work, name="src", mem=mem, accel=choose_accel(qemu),
+                append=f"mib={mib} rate=0 gens=1 hb=100", extra_args=_guest_args(mem))
+    try:
+        with src:
+            src.wait_heartbeat(gen_at_least=1, timeout=300)
+            src.stop()
+            mapped, legacy = imgs / "mapped.img", imgs / "legacy.img"
+            src.set_migration(caps={"mapped-ram": True})
+            src.migrate(f"file:{mapped}")
+            src.wait_migration(600)
+            src.cont()
+            src.stop()
+            src.set_migration(caps={"mapped-ram": False})
+            src.migrate(f"file:{legacy}")
+            src.wait_migration(600)
+            beats = src.heartbeats()
+        ours = imgs / "ours.img"
+        subprocess.run(["cp", "--sparse=always", str(mapped), str(ours)], check=True)
+        r, _ = _fixedram("verify", "--add", str(ours))
+        assert r.returncode == 0, r.stderr
+        yield Big(mem, src, mapped, legacy, ours, beats[-1], work)
+    finally:
+        shutil.rmtree(imgs, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _runs_on(dst: Guest, last: Heartbeat) -> None:
+    """After ``cont`` the heartbeat carries on and the guest's own page checks pass."""
+    dst.cont()
+    hb = dst.wait_heartbeat(n_at_least=last.n + 3, timeout=120)
+    assert hb.gen >= last.gen
+    beats = dst.heartbeats()
+    assert beats and all(b.err == 0 for b in beats), beats[-3:]
+    assert not dst.bad_lines()
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize(("image", "how"), [
+    ("ours", ()), ("ours", ("--channels", "2")), ("mapped", ()),
+    ("mapped", ("--channels", "2")), ("legacy", ()),
+])
+def test_proxy_restore_bounded(big: Big, tmp_path: Path, image: str,
+                               how: tuple[str, ...]) -> None:
+    """A proxy restore of a big, nearly empty guest: peak RSS bounded, guest runs on, and
+    the pages without data were not sent (the destination is fresh)."""
+    path = getattr(big, image)
+    sock = Path(tempfile.mkdtemp(prefix="frs-", dir="/tmp"))
+    try:
+        dst = Guest.like(big.src, name="dst", workdir=tmp_path)
+        dst.extra_args = (*dst.extra_args, "-qmp", f"unix:{sock}/d.qmp,server=on,wait=off")
+        with dst:
+            r, rss = _fixedram("restore", "--qmp", str(sock / "d.qmp"), "--via", "proxy",
+                               *how, "--paused", "--no-progress", "--json", str(path))
+            assert r.returncode == 0, r.stderr
+            rep = json.loads(r.stdout)
+            assert rep["via"] == "proxy"
+            # the stream carried the data pages, not a record per page of RAM
+            assert rep["bytes_sent"] < rep["bytes"] + (64 << 20), rep
+            assert rss <= RSS_LIMIT_MIB, f"fixedram restore peak RSS {rss:.0f} MiB"
+            _runs_on(dst, big.last)
+    finally:
+        shutil.rmtree(sock, ignore_errors=True)
+
+
+@pytest.mark.qemu
+def test_read_commands_bounded(big: Big, tmp_path: Path) -> None:
+    """verify, analyze and extract of a big image: peak RSS bounded."""
+    r, rss = _fixedram("verify", str(big.ours))
+    assert r.returncode == 0 and "extents match" in r.stdout + r.stderr, r
+    assert rss <= RSS_LIMIT_MIB, f"verify peak RSS {rss:.0f} MiB"
+    for img in (big.ours, big.legacy):
+        r, rss = _fixedram("analyze", "--json", str(img))
+        assert r.returncode == 0, r.stderr
+        assert rss <= RSS_LIMIT_MIB, f"analyze peak RSS {rss:.0f} MiB"
+    doc = json.loads(r.stdout)
+    block = next(b for b in doc["blocks"] if b["name"] == "m0")
+    out = tmp_path / "m0.raw"
+    r, rss = _fixedram("extract", str(big.legacy), "--block", "m0", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert rss <= RSS_LIMIT_MIB, f"extract peak RSS {rss:.0f} MiB"
+    assert out.stat().st_size == block["length"]
+    with open_image(big.legacy) as img:  # spot-check the first run of pages
+        first, n = next(img.runs("m0"))
+        k = min(n, 64)
+        with open(out, "rb") as f:
+            f.seek(first * 4096)
+            assert f.read(k * 4096) == bytes(img.read("m0", first, k))
+
+
+def test_huge_claims_cost_nothing(tmp_path: Path) -> None:
+    """A small sparse image whose block claims 4 TiB (and a page at its far end): reading
+    commands answer with bounded memory, and a legacy stream claiming more pages than its
+    file could describe is refused in one line."""
+    from synth_images import write_mapped_image
+
+    img = tmp_path / "huge.img"
+    last = (4 << 40) // 4096 - 1
+    write_mapped_image(img, {"pc.ram": 4 << 40}, {"pc.ram": {0: b"\x01" * 4096,
+                                                            last: b"\x02" * 4096}})
+    assert img.stat().st_blocks * 512 < 64 << 20
+    r, rss = _fixedram("analyze", "--json", str(img))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["blocks"][0]["pages_present"] == 2
+    assert rss <= RSS_LIMIT_MIB, f"analyze peak RSS {rss:.0f} MiB"
+    with open_image(img) as im:
+        assert list(im.runs("pc.ram")) == [(0, 1), (last, 1)]
+        assert bytes(im.read("pc.ram", last, 1)) == b"\x02" * 4096
+    out = tmp_path / "stream"
+    r, rss = _fixedram("convert", str(img), str(out), "--to", "stream")
+    assert r.returncode == 0, r.stderr
+    assert rss <= RSS_LIMIT_MIB, f"convert peak RSS {rss:.0f} MiB"
+    assert out.stat().st_size < 1 << 20  # two pages, not a record per claimed page
+    # a legacy stream claiming that block: refused before any per-page state exists
+    r, rss = _fixedram("analyze", str(out))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r
+    assert "Traceback" not in r.stderr and "claim" in r.stderr
+    assert rss <= RSS_LIMIT_MIB
+
+
+@pytest.mark.qemu
+def test_lazy_restore_bounded(big: Big, tmp_path: Path) -> None:
+    """A lazy (postcopy) restore of a big, nearly empty guest: peak RSS bounded, guest runs
+    on with its pages intact."""
+    sock = Path(tempfile.mkdtemp(prefix="frs-", dir="/tmp"))
+    try:
+        dst = Guest.like(big.src, name="lazy", workdir=tmp_path)
+        dst.extra_args = (*dst.extra_args, "-qmp", f"unix:{sock}/d.qmp,server=on,wait=off")
+        with dst:
+            r, rss = _fixedram("restore", "--qmp", str(sock / "d.qmp"), "--lazy",
+                               "--no-progress", "--json", str(big.ours))
+            assert r.returncode == 0, r.stderr
+            assert rss <= RSS_LIMIT_MIB, f"lazy restore peak RSS {rss:.0f} MiB"
+            _runs_on(dst, big.last)
+    finally:
+        shutil.rmtree(sock, ignore_errors=True)
+
+
+def test_runs_in_pieces_equal_whole_bitmap(tmp_path: Path) -> None:
+    """Walking a bitmap in bounded pieces gives the runs of the whole bitmap: runs across a
+    piece boundary merge, sparse and dense words alike; present_range and count agree."""
+    import numpy as np
+    from synth_images import write_mapped_image
+
+    from fixedram.image.layout import BITMAP_PIECE_PAGES as P
+    from fixedram.image.layout import runs
+
+    npages = 2 * P + 100
+    pages = [0, 5, 63, 64, P - 2, P - 1, P, P + 1, P + 640, 2 * P + 99]
+    pages += list(range(P + 1000, P + 1000 + 70000))  # dense stretch: whole words set
+    img_path = tmp_path / "runs.img"
+    write_mapped_image(img_path, {"pc.ram": npages * 4096},
+                       {"pc.ram": {p: b"\x07" * 4096 for p in pages}})
+    with open_image(img_path) as img:
+        got = list(img.runs("pc.ram"))
+        whole = np.zeros(npages, dtype=bool)
+        whole[pages] = True
+        assert got == list(runs(whole))
+        assert (P - 2, 4) in got
+        assert img.count_present("pc.ram") == len(set(pages))
+        assert img.last_present("pc.ram") == 2 * P + 99
+        assert np.array_equal(img.present_range("pc.ram", P - 3, 9), whole[P - 3 : P + 6])
+        assert list(img.runs("pc.ram", P - 1, P + 2)) == [(P - 1, 3)]
+
+
+def test_page_index_matches_dense() -> None:
+    """The sparse legacy-stream page index gives what a dense per-page array gives, for
+    random overlapping runs of data and zeroing; chunks cleared whole are freed."""
+    import numpy as np
+
+    from fixedram.image.reader import INDEX_CHUNK, PageIndex
+
+    rng = np.random.default_rng(7)
+    n = 40 * INDEX_CHUNK + 17
+    idx, dense = PageIndex(n), np.full(n, -1, dtype=np.int64)
+    for _ in range(300):
+        first = int(rng.integers(0, n))
+        k = int(rng.integers(1, min(3 * INDEX_CHUNK, n - first) + 1))
+        if rng.random() < 0.6:
+            pos = int(rng.integers(0, 1 << 30))
+            idx.put(first, k, pos, 4104)
+            dense[first : first + k] = pos + 4104 * np.arange(k)
+        else:
+            idx.clear(first, k)
+            dense[first : first + k] = -1
+        a = int(rng.integers(0, n))
+        b = int(rng.integers(a, n + 1))
+        assert np.array_equal(idx.get(a, b - a), dense[a:b])
+    assert np.array_equal(idx.get(0, n), dense)
+    idx.clear(0, n)
+    assert not idx.chunks and idx.nbytes == 0
