@@ -77,7 +77,31 @@ def _fail(message: str, status: int = 2) -> None:
     sys.exit(status)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _LazyGroup(click.Group):
+    """A group whose sub-commands live in ``fixedram.commands.<name>`` and are imported only
+    when asked for: ``fixedram restore`` loads the restore command's module and nothing of
+    the others (their imports are most of a command's start-up time)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        import pkgutil
+
+        import fixedram.commands as pkg
+
+        return sorted({*self.commands, *(m.name for m in pkgutil.iter_modules(pkg.__path__))})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name.isidentifier():
+            import importlib
+
+            try:
+                importlib.import_module(f"fixedram.commands.{cmd_name}")
+            except ModuleNotFoundError as e:
+                if e.name != f"fixedram.commands.{cmd_name}":
+                    raise
+        return self.commands.get(cmd_name)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fixedram")
 def cli() -> None:
     """Save and restore QEMU guest RAM in fixed-offset (mapped-ram) images."""
@@ -116,16 +140,11 @@ def extract(image: str, block: str, output: str) -> None:
 
 
 def _load_commands() -> None:
-    import importlib
-    import pkgutil
-
-    import fixedram.commands as pkg
-
-    for mod in sorted(m.name for m in pkgutil.iter_modules(pkg.__path__)):
-        importlib.import_module(f"fixedram.commands.{mod}")
+    """Import every command module (``main`` imports only the one it runs)."""
+    for name in cli.list_commands(click.Context(cli)):
+        cli.get_command(click.Context(cli), name)
 
 
 def main() -> None:
     """Entry point of the ``fixedram`` console script."""
-    _load_commands()
     cli(prog_name="fixedram")
