@@ -56,6 +56,7 @@ FIXEDRAM_SAVES: dict[str, list[str]] = {
     "fixedram proxy multifd2 dio": ["--via", "proxy", "--channels", "2", "--direct-io"],
     "fixedram proxy multifd4": ["--via", "proxy", "--channels", "4"],
     "fixedram proxy multifd4 dio": ["--via", "proxy", "--channels", "4", "--direct-io"],
+    "fixedram native": ["--via", "native", "--channels", "0"],
     "fixedram native multifd2": ["--via", "native", "--channels", "2"],
     "fixedram native multifd2 dio": ["--via", "native", "--channels", "2", "--direct-io"],
 }
@@ -74,8 +75,11 @@ RESTORES: dict[str, tuple[str, tuple[dict[str, bool], dict[str, Any]] | list[str
     "fixedram restore proxy multifd4": ("fixedram proxy", ["--via", "proxy", "--channels", "4"]),
     "fixedram restore proxy (qemu mapped-ram)": ("qemu mapped-ram", ["--via", "proxy"]),
     "fixedram restore proxy (legacy stream)": ("qemu legacy file:", ["--via", "proxy"]),
-    "fixedram restore native multifd2 dio": ("fixedram proxy", ["--via", "native", "--channels",
-                                                                "2", "--direct-io"]),
+    # each native restore loads the image its QEMU-alone counterpart loads
+    "fixedram restore native": ("qemu mapped-ram", ["--via", "native"]),
+    "fixedram restore native multifd2 dio": ("qemu mapped-ram multifd2 dio",
+                                             ["--via", "native", "--channels", "2",
+                                              "--direct-io"]),
 }
 
 
