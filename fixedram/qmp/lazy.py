@@ -39,7 +39,14 @@ from typing import Any, Literal
 
 from fixedram.errors import EndpointError, VMError
 from fixedram.qmp.client import QMP
-from fixedram.qmp.common import MigrationSettings, Worker, abandon
+from fixedram.qmp.common import (
+    WAKE_EVENTS,
+    MigrationSettings,
+    Worker,
+    abandon,
+    read_facts,
+    wait_event,
+)
 from fixedram.qmp.progress import Progress
 
 __all__ = ["LazyRestoreReport", "lazy_restore"]
@@ -96,8 +103,8 @@ def _poll_state(qmp: QMP, worker: Worker | None) -> tuple[str, dict[str, Any]]:
     if worker is not None and worker.error is not None:
         raise worker.error
     try:
-        st = qmp.status()
-        mig = qmp.query_migrate()
+        status, mig = qmp.batch(("query-status", None), ("query-migrate", None))
+        st = str(status["status"])
     except VMError:
         if worker is not None:
             worker.join(5.0)
@@ -142,21 +149,22 @@ def lazy_restore(
     path = Path(image).absolute()
     if transport not in ("fd", "unix", "exec"):
         raise VMError(f"unknown transport {transport!r} (fd, unix or exec)")
-    status = qmp.status()
-    if status != "inmigrate":
+    facts = read_facts(qmp)
+    if facts.status != "inmigrate":
         raise VMError(f"QEMU at {qmp.path} is not waiting for an incoming migration (status "
-                      f"{status}); start it with -incoming defer")
-    if qmp.query_migrate().get("status") not in (None, "none"):
+                      f"{facts.status}); start it with -incoming defer")
+    if facts.migration not in (None, "none"):
         raise VMError(f"QEMU at {qmp.path} already has an incoming migration")
-    machine = qmp.machine_type()
-    dest_blocks = dest_ramblocks_from_hmp(qmp.ramblocks_text())
+    machine = facts.machine
+    dest_blocks = dest_ramblocks_from_hmp(facts.ramblocks)
     if not dest_blocks:
         raise VMError(f"cannot read the RAM blocks of QEMU at {qmp.path} (info ramblock)")
     with open_image(path) as img:
         validate(img, dest_machine=machine, dest_blocks=dest_blocks)
         pages = sum(int(img.present(n).sum()) for n in img.blocks)
         ram_size, fmt = img.ram_size, img.format
-        settings = MigrationSettings(qmp)
+        settings = MigrationSettings(qmp, facts)
+        events = qmp.events(*WAKE_EVENTS)
         worker: Worker | None = None
         ours: socket.socket | None = None
         tmp = Path(tempfile.mkdtemp(prefix="fixedram-lazy-"))
@@ -211,7 +219,7 @@ def lazy_restore(
                     break
                 if deadline is not None and time.monotonic() > deadline:
                     raise VMError(f"the guest did not start within {timeout:.0f} s")
-                time.sleep(_POLL)
+                wait_event(events, _POLL)
             # then every page: wait for completion
             while True:
                 st, mig = _poll_state(qmp, worker)
@@ -221,7 +229,7 @@ def lazy_restore(
                 if deadline is not None and time.monotonic() > deadline:
                     raise VMError(f"the lazy restore did not finish within {timeout:.0f} s "
                                   f"(status {mig.get('status')})")
-                time.sleep(0.02)
+                wait_event(events, 0.05)
             if worker is not None:
                 rep = worker.outcome()
                 counts = {"pages_on_demand": rep.pages_on_demand,
@@ -238,6 +246,7 @@ def lazy_restore(
             abandon(worker, ours)
             raise
         finally:
+            events.close()
             settings.restore()
             if ours is not None:
                 ours.close()

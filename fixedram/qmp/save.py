@@ -42,8 +42,8 @@ from typing import Any, Literal
 from fixedram.errors import EndpointError, FixedramError, ImageError, VMError
 from fixedram.io.channel import Listener
 from fixedram.io.files import AtomicFile
-from fixedram.qmp.client import QMP
-from fixedram.qmp.common import MigrationSettings, Worker
+from fixedram.qmp.client import QMP, Events
+from fixedram.qmp.common import WAKE_EVENTS, MigrationSettings, Worker, read_facts, wait_event
 from fixedram.qmp.progress import Progress, from_query_migrate
 
 __all__ = ["MAX_BANDWIDTH", "SaveReport", "Via", "choose_save_via", "save"]
@@ -81,6 +81,9 @@ class SaveReport:
     image_allocated_size: int
     caps_changed: dict[str, bool] = field(default_factory=dict)
     params_changed: dict[str, Any] = field(default_factory=dict)
+    setup_time: float = 0.0  # start until ``migrate`` was issued (queries, checks, settings)
+    check_time: float = 0.0  # opening and checking the written image (metadata only)
+    commit_time: float = 0.0  # fsync, page-cache drop, rename, directory fsync
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -103,10 +106,10 @@ def choose_save_via(version: tuple[int, int, int], via: Via, *, direct_io: bool 
     return via
 
 
-def _ram_size(qmp: QMP) -> tuple[int, dict[str, int]]:
-    from fixedram.vm import parse_info_ramblock
+def _ram_size(ramblocks_text: str) -> tuple[int, dict[str, int]]:
+    from fixedram.endpoint.send import dest_ramblocks_from_hmp
 
-    blocks = {b.name: b.used_length for b in parse_info_ramblock(qmp.ramblocks_text())}
+    blocks = dict(dest_ramblocks_from_hmp(ramblocks_text))
     return sum(blocks.values()), blocks
 
 
@@ -117,8 +120,10 @@ def _wait_migration(
     worker: Worker | None = None,
     stop_after: float | None = None,
     timeout: float | None = None,
+    events: Events | None = None,
 ) -> dict[str, Any]:
-    """Poll ``query-migrate`` until completed; raise on failure (cancelling what runs)."""
+    """Poll ``query-migrate`` until completed (every 20 ms, or at once on one of ``events``);
+    raise on failure (cancelling what runs)."""
     t0 = time.monotonic()
     stopped = False
     while True:
@@ -150,7 +155,7 @@ def _wait_migration(
             with contextlib.suppress(FixedramError):
                 qmp.cmd("migrate_cancel")
             raise VMError(f"the save did not finish within {timeout:.0f} s (status {st})")
-        time.sleep(_POLL)
+        wait_event(events, _POLL)
 
 
 def _check_image(path: Path, machine: str, blocks: dict[str, int]) -> int:
@@ -233,15 +238,18 @@ def save(
         2 if how == "native" else 0)
     if channels < 0 or channels > 64:
         raise VMError(f"{channels} multifd channels requested (0 to 64)")
-    status = qmp.status()
-    mig = qmp.query_migrate().get("status")
+    facts = read_facts(qmp)
+    status = facts.status
+    mig = facts.migration
     if mig in ("setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug"):
         raise VMError(f"a migration is already in progress (status {mig})")
     if status == "inmigrate":
         raise VMError("this QEMU is waiting for an incoming migration; there is nothing to save")
-    machine = qmp.machine_type()
-    ram_size, blocks = _ram_size(qmp)
-    settings = MigrationSettings(qmp)
+    machine = facts.machine
+    ram_size, blocks = _ram_size(facts.ramblocks)
+    settings = MigrationSettings(qmp, facts)
+    events = qmp.events(*WAKE_EVENTS)
+    t_setup = t_check = t_commit = 0.0
     was_running = status == "running"
     stopped_by_us = False
     atomic: AtomicFile | None = None
@@ -274,13 +282,18 @@ def save(
             # Created by us (mode 0600) so an unwritable directory fails before QEMU starts.
             atomic = AtomicFile(target)
             t_mig = time.monotonic()
+            t_setup = t_mig - t0
             _migrate(qmp, f"file:{atomic.temp}", status)
             info = _wait_migration(qmp, progress, stop_after=stop_after if live else None,
-                                   timeout=timeout)
-            t_mig = time.monotonic() - t_mig
+                                   timeout=timeout, events=events)
+            t_check = time.monotonic()
+            t_mig = t_check - t_mig
             pages_in_image = _check_image(atomic.temp, machine, blocks)
+            t_commit = time.monotonic()
+            t_check = t_commit - t_check
             # fsync file, drop it from the page cache, rename over IMAGE, fsync directory
             atomic.commit(drop_cache=True)
+            t_commit = time.monotonic() - t_commit
         else:
             from fixedram.endpoint.receive import receive, receive_listening
             from fixedram.io.channel import SocketChannel, listen
@@ -318,6 +331,7 @@ def save(
             worker.target = target
             worker.start()
             t_mig = time.monotonic()
+            t_setup = t_mig - t0
             try:
                 _migrate(qmp, uri, status)
             except BaseException:
@@ -327,14 +341,17 @@ def save(
                     qmp.close_fd(_FD_NAME)
                 raise
             info = _wait_migration(qmp, progress, worker=worker,
-                                   stop_after=stop_after if live else None, timeout=timeout)
+                                   stop_after=stop_after if live else None, timeout=timeout,
+                                   events=events)
             t_mig = time.monotonic() - t_mig
             worker.join(timeout if timeout is not None else 600.0)
             if worker.is_alive():
                 raise VMError("QEMU finished the migration but the image writer did not")
             if worker.error is not None:
                 raise _writer_error(worker.error, target)
+            t_check = time.monotonic()
             pages_in_image = _check_image(target, machine, blocks)
+            t_check = time.monotonic() - t_check
         done = True
     except BaseException:
         if worker is not None and worker.is_alive():
@@ -354,6 +371,7 @@ def save(
             atomic.abort()
         raise
     finally:
+        events.close()
         settings.restore()
         if not done and (was_running or stopped_by_us):
             with contextlib.suppress(FixedramError):
@@ -385,4 +403,7 @@ def save(
         image_allocated_size=st.st_blocks * 512,
         caps_changed=settings.caps,
         params_changed=settings.params,
+        setup_time=t_setup,
+        check_time=t_check,
+        commit_time=t_commit,
     )
