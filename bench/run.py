@@ -148,6 +148,17 @@ def bench_dd(target: Path, size_mib: int) -> dict[str, float]:
     return res
 
 
+def bench_ceilings(target: Path, size_mib: int) -> dict[str, float]:
+    """The data-path ceilings of one Python endpoint through ``target`` (bench.ceilings)."""
+    r = subprocess.run([sys.executable, "-m", "bench.ceilings", "--json", "--size-mib",
+                        str(size_mib), str(target)], capture_output=True, text=True,
+                       cwd=ROOT, check=False)
+    if r.returncode:
+        print(f"bench: ceilings failed: {r.stderr.strip()[-500:]}", file=sys.stderr)
+        return {}
+    return dict(json.loads(r.stdout)[str(target)])
+
+
 def bench_target(name: str, target: Path, args: argparse.Namespace, qemu: Any, accel: str,
                  kernel: Path) -> dict[str, Any]:
     target.mkdir(parents=True, exist_ok=True)
@@ -252,6 +263,7 @@ def bench_target(name: str, target: Path, args: argparse.Namespace, qemu: Any, a
                 entry["status"] = dst.status()
                 out["restore"][method] = entry
         out["dd"] = bench_dd(target, args.data_mib)
+        out["ceilings"] = bench_ceilings(target, args.data_mib)
     finally:
         src.kill()
         shutil.rmtree(socks, ignore_errors=True)
@@ -309,6 +321,20 @@ def table(res: dict[str, Any], data_mib: int) -> str:
                 f"| {_ratio(best_q, w)} | {v['qemu_cpu']:.2f} | {v.get('fixedram_cpu', 0):.2f} "
                 f"| {v.get('fixedram_rss_mib', 0):.0f} | {v['apparent'] / MIB:.0f} / "
                 f"{v['allocated'] / MIB:.0f} |")
+        if t.get("ceilings"):
+            lines.append(f"\n## what one Python endpoint can move, {t['target']} "
+                         "(bench/ceilings.py: socket <-> file, the peer a second process; "
+                         "next to dd)")
+            lines.append("| path | MiB/s | vs dd |")
+            lines.append("|---|---|---|")
+            for k, v in t["ceilings"].items():
+                ref = "dd read direct" if k.startswith("restore") else "dd write direct"
+                vs = "" if k.startswith("socket") else f"{v * dd[ref] / data_mib:.2f}x"
+                lines.append(f"| {k} | {v:.0f} | {vs} |")
+            lines.append(f"| dd write direct / fsync | {data_mib / dd['dd write direct']:.0f} / "
+                         f"{data_mib / dd['dd write fsync']:.0f} | 1.00x |")
+            lines.append(f"| dd read direct / cold | {data_mib / dd['dd read direct']:.0f} / "
+                         f"{data_mib / dd['dd read cold']:.0f} | 1.00x |")
         rest = t["restore"]
         best_l = min((v["wall"] for k, v in rest.items() if k.startswith("qemu load mapped")),
                      default=float("nan"))
