@@ -107,7 +107,11 @@ def choose_save_via(version: tuple[int, int, int], via: Via, *, direct_io: bool 
 
 
 def _ram_size(ramblocks_text: str) -> tuple[int, dict[str, int]]:
+    """The VM's RAM size and blocks from HMP ``info ramblock``. Called once QEMU is saving:
+    the imports it brings (the image reader and numpy, needed for the check of the image
+    anyway) then cost no time of the save's own."""
     from fixedram.endpoint.send import dest_ramblocks_from_hmp
+    from fixedram.image import open_image  # noqa: F401 - for _check_image, imported now
 
     blocks = dict(dest_ramblocks_from_hmp(ramblocks_text))
     return sum(blocks.values()), blocks
@@ -246,7 +250,8 @@ def save(
     if status == "inmigrate":
         raise VMError("this QEMU is waiting for an incoming migration; there is nothing to save")
     machine = facts.machine
-    ram_size, blocks = _ram_size(facts.ramblocks)
+    ram_size = 0
+    blocks: dict[str, int] = {}
     settings = MigrationSettings(qmp, facts)
     events = qmp.events(*WAKE_EVENTS)
     t_setup = t_check = t_commit = 0.0
@@ -284,6 +289,7 @@ def save(
             t_mig = time.monotonic()
             t_setup = t_mig - t0
             _migrate(qmp, f"file:{atomic.temp}", status)
+            ram_size, blocks = _ram_size(facts.ramblocks)
             info = _wait_migration(qmp, progress, stop_after=stop_after if live else None,
                                    timeout=timeout, events=events)
             t_check = time.monotonic()
@@ -340,6 +346,7 @@ def save(
                 else:
                     qmp.close_fd(_FD_NAME)
                 raise
+            ram_size, blocks = _ram_size(facts.ramblocks)
             info = _wait_migration(qmp, progress, worker=worker,
                                    stop_after=stop_after if live else None, timeout=timeout,
                                    events=events)
