@@ -27,10 +27,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shlex
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -96,6 +94,13 @@ def _lazy_progress(progress: ProgressFn) -> Callable[[Any], None]:
             remaining_bytes=(s.pages_total - s.pages_done) * _PAGE,
         ))
     return cb
+
+
+def _private_dir() -> Path:
+    """A private directory for the unix socket or the exec: child's report (fd needs none)."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="fixedram-lazy-"))
 
 
 def _poll_state(qmp: QMP, worker: Worker | None) -> tuple[str, dict[str, Any]]:
@@ -167,8 +172,8 @@ def lazy_restore(
         events = qmp.events(*WAKE_EVENTS)
         worker: Worker | None = None
         ours: socket.socket | None = None
-        tmp = Path(tempfile.mkdtemp(prefix="fixedram-lazy-"))
-        report_file = tmp / "report.json"
+        tmp = _private_dir() if transport != "fd" else None
+        report_file = tmp / "report.json" if tmp is not None else None
         run_sent: list[float] = []
         try:
             settings.set({"postcopy-ram": True, "mapped-ram": False, "multifd": False}, {})
@@ -192,19 +197,25 @@ def lazy_restore(
                     qmp.send_fd(theirs.fileno(), _FD_NAME)
                 finally:
                     theirs.close()
+                # the sender prepares and writes the stream's head while QEMU starts the
+                # load: the socket holds it until QEMU reads (a refused load ends the sender)
+                worker = start_sender(SocketChannel(ours))
                 try:
                     qmp.cmd("migrate-incoming", uri=f"fd:{_FD_NAME}")
                 except BaseException:
                     qmp.close_fd(_FD_NAME)
                     raise
-                worker = start_sender(SocketChannel(ours))
             elif transport == "unix":
+                assert tmp is not None
                 sock = tmp / "mig.sock"
                 qmp.cmd("migrate-incoming", uri=f"unix:{sock}")
                 chan = connect(f"unix:{sock}")
                 ours = chan.sock
                 worker = start_sender(chan)
             else:
+                import shlex
+
+                assert report_file is not None
                 argv = [str(Path(sys.executable).absolute()), "-m", "fixedram", "send",
                         "--postcopy", "--quiet", "--report-json", str(report_file), str(path)]
                 if push_rate:
@@ -237,6 +248,7 @@ def lazy_restore(
                           "zero_on_demand": rep.zero_on_demand, "requests": rep.requests,
                           "bytes_sent": rep.bytes_sent}
             else:
+                assert report_file is not None
                 try:
                     counts = json.loads(report_file.read_text())
                 except (OSError, ValueError):
@@ -250,10 +262,11 @@ def lazy_restore(
             settings.restore()
             if ours is not None:
                 ours.close()
-            with contextlib.suppress(OSError):
-                report_file.unlink(missing_ok=True)
-                (tmp / "mig.sock").unlink(missing_ok=True)
-                tmp.rmdir()
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    (tmp / "report.json").unlink(missing_ok=True)
+                    (tmp / "mig.sock").unlink(missing_ok=True)
+                    tmp.rmdir()
     if paused and qmp.status() == "running":
         qmp.cmd("stop")
     return LazyRestoreReport(

@@ -21,10 +21,8 @@ not inherit ``mapped-ram``). The VM is resumed (``cont``) unless ``paused``.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -206,6 +204,8 @@ def restore(
                 t_load = time.monotonic()
                 qmp.cmd("migrate-incoming", uri=uri)
             elif channels:
+                import tempfile
+
                 sockdir = tempfile.mkdtemp(prefix="fixedram-restore-")
                 worker, t_load = _start_multifd(qmp, img, settings, channels, sockdir, machine,
                                                 dest_blocks, progress)
@@ -251,6 +251,8 @@ def restore(
             if ours is not None:
                 ours.close()
             if sockdir is not None:
+                import shutil
+
                 shutil.rmtree(sockdir, ignore_errors=True)
     final = st
     if paused and st == "running":
