@@ -33,7 +33,9 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,7 +43,7 @@ from typing import Any, Literal
 
 from fixedram.errors import EndpointError, FixedramError, ImageError, VMError
 from fixedram.io.channel import Listener
-from fixedram.io.files import AtomicFile
+from fixedram.io.files import AtomicFile, drop_cached
 from fixedram.qmp.client import QMP, Events
 from fixedram.qmp.common import WAKE_EVENTS, MigrationSettings, Worker, read_facts, wait_event
 from fixedram.qmp.progress import Progress, from_query_migrate
@@ -177,6 +179,37 @@ def _check_image(path: Path, machine: str, blocks: dict[str, int]) -> int:
         return sum(int(img.present(n).sum()) for n in img.blocks)
 
 
+def _drop_from_cache(image: Path) -> None:
+    """Drop the saved (fsynced, renamed) image's pages from the page cache, in a child
+    process the command does not wait for.
+
+    QEMU wrote the image through the page cache (all of it, or its metadata with
+    direct-io); evicting a GiB of clean pages takes the kernel a few hundred milliseconds,
+    which the image does not need to be durable and complete. A thread reaps the child.
+    """
+    try:
+        fd = os.open(image, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with warnings.catch_warnings():  # the child runs no Python thread, takes no lock
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+    except OSError:
+        pid = -1
+    if pid == 0:  # the child: one system call, then out
+        try:
+            drop_cached(fd)
+        finally:
+            os._exit(0)
+    if pid < 0:
+        drop_cached(fd)
+    os.close(fd)
+    if pid > 0:
+        threading.Thread(target=os.waitpid, args=(pid, 0), name="fixedram-cache-drop",
+                         daemon=True).start()
+
+
 def _writer_error(e: BaseException, target: Path) -> BaseException:
     """The image writer's exception, with the image named when it is a bare OSError."""
     if isinstance(e, OSError) and not isinstance(e, FixedramError):
@@ -297,9 +330,10 @@ def save(
             pages_in_image = _check_image(atomic.temp, machine, blocks)
             t_commit = time.monotonic()
             t_check = t_commit - t_check
-            # fsync file, drop it from the page cache, rename over IMAGE, fsync directory
-            atomic.commit(drop_cache=True)
+            # fsync file, rename over IMAGE, fsync directory; then out of the page cache
+            atomic.commit()
             t_commit = time.monotonic() - t_commit
+            _drop_from_cache(target)
         else:
             from fixedram.endpoint.receive import receive, receive_listening
             from fixedram.io.channel import SocketChannel, listen

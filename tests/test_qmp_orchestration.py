@@ -1,0 +1,124 @@
+"""The QMP orchestration of the native paths against real QEMU 10 (docs/qmp.md).
+
+Batched commands keep their order and name a failing command; waits end on QEMU's events and
+every migration setting fixedram touched (capability ``events`` included) is put back; a
+native save's image leaves the page cache (in a child process the command does not wait for)
+once it is durable and named.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fixedram.errors import QMPCommandError
+from fixedram.image import open_image
+from fixedram.qmp.client import QMP
+from fixedram.vm import Guest, QemuBinary
+
+pytestmark = pytest.mark.qemu
+
+
+@pytest.fixture
+def socks() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="fr-", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def guest(qemu10: QemuBinary, tmp_path: Path, socks: Path, accel: str, name: str = "src",
+          **kw: Any) -> Guest:
+    return Guest(qemu10, tmp_path, name=name, append="mib=32 rate=0 gens=1 hb=100",
+                 mem="128M", accel=accel,
+                 extra_args=["-qmp", f"unix:{socks / name}-ctl.qmp,server=on,wait=off"], **kw)
+
+
+def settings(g: Guest) -> tuple[dict[str, bool], dict[str, Any]]:
+    caps = {c["capability"]: c["state"] for c in g.cmd("query-migrate-capabilities")}
+    return caps, dict(g.cmd("query-migrate-parameters"))
+
+
+def fixedram(*args: str) -> dict[str, Any]:
+    r = subprocess.run([sys.executable, "-m", "fixedram", *args, "--json"],
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    return dict(json.loads(r.stdout))
+
+
+def resident(path: Path) -> int:
+    """Bytes of ``path`` in the page cache (util-linux fincore)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+def test_batch_order_errors_and_events(qemu10: QemuBinary, accel: str, tmp_path: Path,
+                                       socks: Path) -> None:
+    with guest(qemu10, tmp_path, socks, accel, paused=True) as g, \
+            QMP.connect(socks / "src-ctl.qmp") as q:
+        assert q.version == tuple(int(x) for x in qemu10.version_str.split("."))
+        st, mtype, blocks = q.batch(("query-status", None),
+                                    ("qom-get", {"path": "/machine", "property": "type"}),
+                                    ("human-monitor-command", {"command-line": "info ramblock"}))
+        assert st["status"] == "prelaunch" and mtype.endswith("-machine") and "pc.ram" in blocks
+        with pytest.raises(QMPCommandError, match="QMP no-such-command"):
+            q.batch(("query-status", None), ("no-such-command", None))
+        with q.events("RESUME", "STOP") as ev:
+            assert ev.get(0.05) is None
+            q.cmd("cont")
+            e = ev.get(30)
+            assert e is not None and e["event"] == "RESUME"
+            g.stop()
+            e = ev.get(30)
+            assert e is not None and e["event"] == "STOP"
+
+
+def test_native_save_restore_put_settings_back_and_leave_the_cache(
+        qemu10: QemuBinary, accel: str, tmp_path: Path, socks: Path) -> None:
+    fs = subprocess.run(["stat", "-f", "-c", "%T", "/var/tmp"], capture_output=True,
+                        text=True, check=True).stdout.strip()
+    assert fs != "tmpfs", "this test needs /var/tmp on a disk filesystem"
+    d = Path(tempfile.mkdtemp(prefix="fixedram-test-", dir="/var/tmp"))
+    try:
+        img = d / "vm.img"
+        with guest(qemu10, tmp_path, socks, accel) as src:
+            src.wait_heartbeat(gen_at_least=1, timeout=60)
+            before = settings(src)
+            rep = fixedram("save", "--qmp", str(socks / "src-ctl.qmp"), "--via", "native",
+                           "--channels", "0", str(img))
+            assert rep["caps_changed"] == {"mapped-ram": True}
+            assert settings(src) == before  # events and max-bandwidth included
+            assert rep["setup_time"] > 0 and rep["check_time"] > 0
+            with open_image(img) as im:
+                assert im.format == "mapped-ram"
+                assert sum(int(im.present(n).sum()) for n in im.blocks) == rep["pages_in_image"]
+            allocated = img.stat().st_blocks * 512
+            assert allocated > 16 << 20
+            # the image leaves the page cache once saved (a child process drops it)
+            deadline = time.monotonic() + 60
+            while resident(img) >= allocated // 20 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert resident(img) < allocated // 20, (resident(img), allocated)
+            dst = Guest.like(src, name="dst", incoming=True)
+            dst.extra_args = ("-qmp", f"unix:{socks / 'dst'}-ctl.qmp,server=on,wait=off")
+            with dst:
+                before = settings(dst)
+                rep = fixedram("restore", "--qmp", str(socks / "dst-ctl.qmp"), "--via",
+                               "native", "--paused", str(img))
+                assert rep["status"] == "paused" and rep["caps_changed"]["mapped-ram"] is True
+                assert settings(dst) == before
+                dst.cont()
+                dst.wait_heartbeat(after=src.heartbeats()[-1].n, timeout=60)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
