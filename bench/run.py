@@ -83,6 +83,16 @@ RESTORES: dict[str, tuple[str, tuple[dict[str, bool], dict[str, Any]] | list[str
 }
 
 
+#: native fixedram methods and QEMU doing the same alone (the 0.9x goal of issue 13)
+NATIVE_PAIRS: dict[str, dict[str, str]] = {
+    "save": {"fixedram native": "qemu mapped-ram",
+             "fixedram native multifd2": "qemu mapped-ram multifd2",
+             "fixedram native multifd2 dio": "qemu mapped-ram multifd2 dio"},
+    "restore": {"fixedram restore native": "qemu load mapped-ram",
+                "fixedram restore native multifd2 dio": "qemu load mapped-ram multifd2 dio"},
+}
+
+
 def drop_caches() -> None:
     """Flush dirty data and drop the page cache (root only; silently skipped otherwise)."""
     subprocess.run(["sync"], check=False)
@@ -232,6 +242,8 @@ def bench_target(name: str, target: Path, args: argparse.Namespace, qemu: Any, a
                 out["save"][method] = {"wall": r["wall"], "wall_sync": r["wall"],
                                        "qemu_cpu": cpu, "fixedram_cpu": r["cpu"],
                                        "fixedram_rss_mib": r["rss_mib"],
+                                       # QEMU's own total-time of the migration
+                                       "qemu_part": r["report"].get("qemu_total_time"),
                                        "apparent": img.stat().st_size, "allocated": allocated(img)}
                 keep(method, img)
                 src.cont()
@@ -258,7 +270,9 @@ def bench_target(name: str, target: Path, args: argparse.Namespace, qemu: Any, a
                     r = run_fixedram(["restore", "--qmp", str(socks / "dst.qmp"), *how,
                                       "--paused", "--no-progress", "--json", str(img)])
                     entry = {"wall": r["wall"], "fixedram_cpu": r["cpu"],
-                             "fixedram_rss_mib": r["rss_mib"]}
+                             "fixedram_rss_mib": r["rss_mib"],
+                             # migrate-incoming until the load was seen complete
+                             "qemu_part": r["report"].get("load_time")}
                 entry["qemu_cpu"] = cpu_seconds(dst.pid or 0) - cpu0
                 entry["status"] = dst.status()
                 out["restore"][method] = entry
@@ -350,7 +364,28 @@ def table(res: dict[str, Any], data_mib: int) -> str:
             lines.append(f"| {k} | {w:.2f} | {data_mib / w:.0f} | {dd['dd read direct'] / w:.2f}x "
                          f"| {_ratio(best_l, w)} | {v['qemu_cpu']:.2f} "
                          f"| {v.get('fixedram_cpu', 0):.2f} | {v.get('fixedram_rss_mib', 0):.0f} |")
+        lines += native_pairs(t)
     return "\n".join(lines)
+
+
+def native_pairs(t: dict[str, Any]) -> list[str]:
+    """Each native fixedram method against QEMU doing the same alone, and what fixedram adds
+    (its wall time less QEMU's part: start-up, checks, fsync, rename; docs/qmp.md)."""
+    rows = []
+    for kind, pairs in NATIVE_PAIRS.items():
+        key = "wall_sync" if kind == "save" else "wall"
+        for ours, theirs in pairs.items():
+            a, b = t[kind].get(ours), t[kind].get(theirs)
+            if a is None or b is None:
+                continue
+            own = a[key] - a["qemu_part"] if a.get("qemu_part") is not None else float("nan")
+            rows.append(f"| {ours} | {theirs} | {b[key]:.2f} | {a[key]:.2f} "
+                        f"| {b[key] / a[key]:.2f}x | {own * 1000:.0f} |")
+    if not rows:
+        return []
+    return [f"\n## native through fixedram vs QEMU alone, {t['target']}",
+            "| fixedram | QEMU alone | QEMU s | fixedram s | ratio | fixedram's own ms |",
+            "|---|---|---|---|---|---|", *rows]
 
 
 def chart(res: dict[str, Any], data_mib: int, path: Path) -> None:
