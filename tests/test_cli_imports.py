@@ -76,3 +76,20 @@ def test_native_paths_leave_out_what_they_do_not_use() -> None:
     for unused in ("tqdm", "xxhash", "fixedram.endpoint.receive", "fixedram.image.writer",
                    "fixedram.vm"):
         assert unused not in mods, unused
+
+
+def test_package_names_load_on_first_use_and_stay_what_they_were() -> None:
+    """``fixedram.endpoint.receive`` is a module and ``receive`` its function: importing the
+    module first (as the save path does) must not make the package's ``receive`` the module."""
+    r = subprocess.run([sys.executable, "-c", (
+        "import sys, fixedram.endpoint as e, fixedram.image as i\n"
+        "assert 'fixedram.endpoint.receive' not in sys.modules\n"
+        "import fixedram.endpoint.receive, fixedram.endpoint.send, fixedram.image.reader\n"
+        "from fixedram.endpoint import receive, send, validate\n"
+        "from fixedram.image import open_image, reader\n"
+        "assert callable(receive) and receive.__module__ == 'fixedram.endpoint.receive'\n"
+        "assert callable(send) and send.__module__ == 'fixedram.endpoint.send'\n"
+        "assert e.receive is receive and i.open_image is open_image\n"
+        "assert reader.__name__ == 'fixedram.image.reader'\n")],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
