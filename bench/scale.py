@@ -4,8 +4,9 @@ The bare test guest stamps ``--data-mib`` MiB (256 by default) of a guest whose 
 from 2 GiB to 1 TiB; QEMU backs the RAM with ``memory-backend-ram,reserve=off``, so the host
 only provides what the guest touches, and 1 TiB guests run under TCG with ``-cpu
 qemu64,phys-bits=44``. For every size the guest is saved by QEMU alone (mapped-ram) and by
-every fixedram save path, the images are analyzed and verified, and restored into a fresh
-QEMU by QEMU alone and by every fixedram restore path (lazy included). Each fixedram command
+every fixedram save path; fixedram's proxy image is analyzed and verified; and the images are
+restored into a fresh QEMU by QEMU alone (its own image) and by every fixedram restore path
+(native from the native save's image, proxy and lazy from the proxy save's). Each fixedram command
 runs as its own process: its wall time, CPU seconds and peak RSS (``ru_maxrss``) are
 recorded; QEMU's own save and load are timed the same way from the QMP commands. A path that
 fails or exceeds ``--timeout`` is recorded as such and the series goes on. Usage::
@@ -50,21 +51,22 @@ SAVES: dict[str, list[str] | None] = {
     "save native": ["--via", "native", "--channels", "0"],
     "save native multifd2": ["--via", "native", "--channels", "2"],
 }
-#: the image every other step reads (it carries fixedram's checksums)
+#: the image analyze and verify read (it carries fixedram's checksums)
 MAIN_IMAGE = "save proxy"
 #: commands on the image alone: name -> argv after ``fixedram``
 IMAGE_COMMANDS: dict[str, list[str]] = {
     "analyze": ["analyze", "--json"],
     "verify": ["verify", "--json"],
 }
-#: restore paths: name -> ``fixedram restore`` options (None: QEMU alone, mapped-ram)
-RESTORES: dict[str, list[str] | None] = {
-    "qemu mapped-ram load": None,
-    "restore native": ["--via", "native"],
-    "restore native multifd2": ["--via", "native", "--channels", "2"],
-    "restore proxy": ["--via", "proxy"],
-    "restore proxy multifd2": ["--via", "proxy", "--channels", "2"],
-    "restore lazy": ["--lazy"],
+#: restore paths: name -> (the save whose image it loads, ``fixedram restore`` options;
+#: None: QEMU alone, mapped-ram)
+RESTORES: dict[str, tuple[str, list[str] | None]] = {
+    "qemu mapped-ram load": ("qemu mapped-ram save", None),
+    "restore native": ("save native", ["--via", "native"]),
+    "restore native multifd2": ("save native", ["--via", "native", "--channels", "2"]),
+    "restore proxy": ("save proxy", ["--via", "proxy"]),
+    "restore proxy multifd2": ("save proxy", ["--via", "proxy", "--channels", "2"]),
+    "restore lazy": ("save proxy", ["--lazy"]),
 }
 
 
@@ -134,7 +136,9 @@ def bench_size(mem: str, args: argparse.Namespace, qemu: Any, accel: str,
     src = Guest(qemu, work, name="src", mem=mem, accel=accel, kernel=kernel,
                 append=f"mib={args.data_mib} rate=0 gens=1 hb=100", qmp_timeout=args.timeout,
                 extra_args=[*vm_args(mem), "-qmp", f"unix:{ctl},server=on,wait=off"])
-    needed_image = any(wanted(n) for n in [*IMAGE_COMMANDS, *RESTORES])
+    # a save runs when wanted, or when a wanted step reads its image
+    needed = {MAIN_IMAGE} if any(wanted(n) for n in IMAGE_COMMANDS) else set()
+    needed |= {image for n, (image, _) in RESTORES.items() if wanted(n)}
     try:
         with src:
             t = time.monotonic()
@@ -142,8 +146,7 @@ def bench_size(mem: str, args: argparse.Namespace, qemu: Any, accel: str,
             out["prefill_s"] = time.monotonic() - t
             src.stop()
             for name, opts in SAVES.items():
-                if not (wanted(name) or (needed_image and name in (MAIN_IMAGE,
-                                                                   "qemu mapped-ram save"))):
+                if not (wanted(name) or name in needed):
                     continue
                 img = imgdir / (name.replace(" ", "_") + ".img")
                 img.unlink(missing_ok=True)
@@ -174,8 +177,8 @@ def bench_size(mem: str, args: argparse.Namespace, qemu: Any, accel: str,
                     r = run_measured([*argv, str(main_img)], args.timeout)
                     r.pop("report", None)
                     out["paths"][name] = r
-        for name, opts in RESTORES.items():
-            img = images.get("qemu mapped-ram save" if opts is None else MAIN_IMAGE)
+        for name, (source, opts) in RESTORES.items():
+            img = images.get(source)
             if not wanted(name) or img is None:
                 continue
             print(f"scale: {mem} {name} ...", file=sys.stderr, flush=True)
