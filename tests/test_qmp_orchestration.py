@@ -122,3 +122,58 @@ def test_native_save_restore_put_settings_back_and_leave_the_cache(
                 dst.wait_heartbeat(after=src.heartbeats()[-1].n, timeout=60)
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_page_count_reads_bitmaps_a_piece_at_a_time(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The count of a saved image's pages comes from the on-disk bitmaps in bounded pieces
+    (here 16 bytes), and a bit beyond a block's last page is refused."""
+    from fixedram.errors import ImageError
+    from fixedram.image.layout import bools_to_bitmap
+    from fixedram.qmp import save as save_mod
+
+    monkeypatch.setattr(save_mod, "_BITMAP_PIECE", 16)
+    rng = __import__("numpy").random.default_rng(7)
+    a = rng.random(1000) < 0.3  # 1000 pages: 128 bitmap bytes, 8 pieces
+    b = rng.random(70) < 0.5
+    f = tmp_path / "bitmaps"
+    raw_a, raw_b = bools_to_bitmap(a), bools_to_bitmap(b)
+    f.write_bytes(b"\xff" * 5 + raw_a + raw_b)
+    n = save_mod._count_pages(f, [("a", 1000, 5), ("b", 70, 5 + len(raw_a))])
+    assert n == int(a.sum()) + int(b.sum())
+    bad = bytearray(raw_b)
+    bad[-1] |= 0x80  # page 127 of a 70-page block
+    f.write_bytes(b"\xff" * 5 + raw_a + bytes(bad))
+    with pytest.raises(ImageError, match="beyond its 70 pages"):
+        save_mod._count_pages(f, [("a", 1000, 5), ("b", 70, 5 + len(raw_a))])
+
+
+def test_native_save_memory_does_not_follow_the_ram(qemu10: QemuBinary, accel: str,
+                                                    tmp_path: Path, socks: Path) -> None:
+    """32 MiB of data in a 2 GiB and in a 64 GiB guest (RAM backed only where touched):
+    fixedram's peak RSS for the native save is the same within a few MiB (a bool per page,
+    as before, would add 16 MiB per copy at 64 GiB)."""
+    import os
+
+    rss = {}
+    for mem in ("2G", "64G"):
+        name = f"g{mem}"
+        g = Guest(qemu10, tmp_path, name=name, append="mib=32 rate=0 gens=1 hb=100", mem=mem,
+                  accel=accel, extra_args=[
+                      "-object", f"memory-backend-ram,id=m0,size={mem},reserve=off",
+                      "-machine", "memory-backend=m0",
+                      "-qmp", f"unix:{socks / name}-ctl.qmp,server=on,wait=off"])
+        with g:
+            g.wait_heartbeat(gen_at_least=1, timeout=60)
+            img = tmp_path / f"{mem}.img"
+            p = subprocess.Popen([sys.executable, "-m", "fixedram", "save", "--qmp",
+                                  str(socks / f"{name}-ctl.qmp"), "--via", "native", "--json",
+                                  str(img)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            _, status, ru = os.wait4(p.pid, 0)
+            assert p.stdout is not None and p.stderr is not None
+            assert os.waitstatus_to_exitcode(status) == 0, p.stderr.read().decode()
+            rep = json.loads(p.stdout.read())
+            assert rep["pages_in_image"] >= 32 * 256 and rep["ram_size"] >= int(mem[:-1]) << 30
+            rss[mem] = ru.ru_maxrss / 1024
+            img.unlink()
+    assert rss["64G"] - rss["2G"] < 12, rss
