@@ -56,6 +56,7 @@ FIXEDRAM_SAVES: dict[str, list[str]] = {
     "fixedram proxy multifd2 dio": ["--via", "proxy", "--channels", "2", "--direct-io"],
     "fixedram proxy multifd4": ["--via", "proxy", "--channels", "4"],
     "fixedram proxy multifd4 dio": ["--via", "proxy", "--channels", "4", "--direct-io"],
+    "fixedram native": ["--via", "native", "--channels", "0"],
     "fixedram native multifd2": ["--via", "native", "--channels", "2"],
     "fixedram native multifd2 dio": ["--via", "native", "--channels", "2", "--direct-io"],
 }
@@ -74,8 +75,21 @@ RESTORES: dict[str, tuple[str, tuple[dict[str, bool], dict[str, Any]] | list[str
     "fixedram restore proxy multifd4": ("fixedram proxy", ["--via", "proxy", "--channels", "4"]),
     "fixedram restore proxy (qemu mapped-ram)": ("qemu mapped-ram", ["--via", "proxy"]),
     "fixedram restore proxy (legacy stream)": ("qemu legacy file:", ["--via", "proxy"]),
-    "fixedram restore native multifd2 dio": ("fixedram proxy", ["--via", "native", "--channels",
-                                                                "2", "--direct-io"]),
+    # each native restore loads the image its QEMU-alone counterpart loads
+    "fixedram restore native": ("qemu mapped-ram", ["--via", "native"]),
+    "fixedram restore native multifd2 dio": ("qemu mapped-ram multifd2 dio",
+                                             ["--via", "native", "--channels", "2",
+                                              "--direct-io"]),
+}
+
+
+#: native fixedram methods and QEMU doing the same alone (the 0.9x goal of issue 13)
+NATIVE_PAIRS: dict[str, dict[str, str]] = {
+    "save": {"fixedram native": "qemu mapped-ram",
+             "fixedram native multifd2": "qemu mapped-ram multifd2",
+             "fixedram native multifd2 dio": "qemu mapped-ram multifd2 dio"},
+    "restore": {"fixedram restore native": "qemu load mapped-ram",
+                "fixedram restore native multifd2 dio": "qemu load mapped-ram multifd2 dio"},
 }
 
 
@@ -142,6 +156,17 @@ def bench_dd(target: Path, size_mib: int) -> dict[str, float]:
             res[f"dd {name}"] = float("nan")
     f.unlink(missing_ok=True)
     return res
+
+
+def bench_ceilings(target: Path, size_mib: int) -> dict[str, float]:
+    """The data-path ceilings of one Python endpoint through ``target`` (bench.ceilings)."""
+    r = subprocess.run([sys.executable, "-m", "bench.ceilings", "--json", "--size-mib",
+                        str(size_mib), str(target)], capture_output=True, text=True,
+                       cwd=ROOT, check=False)
+    if r.returncode:
+        print(f"bench: ceilings failed: {r.stderr.strip()[-500:]}", file=sys.stderr)
+        return {}
+    return dict(json.loads(r.stdout)[str(target)])
 
 
 def bench_target(name: str, target: Path, args: argparse.Namespace, qemu: Any, accel: str,
@@ -217,6 +242,8 @@ def bench_target(name: str, target: Path, args: argparse.Namespace, qemu: Any, a
                 out["save"][method] = {"wall": r["wall"], "wall_sync": r["wall"],
                                        "qemu_cpu": cpu, "fixedram_cpu": r["cpu"],
                                        "fixedram_rss_mib": r["rss_mib"],
+                                       # QEMU's own total-time of the migration
+                                       "qemu_part": r["report"].get("qemu_total_time"),
                                        "apparent": img.stat().st_size, "allocated": allocated(img)}
                 keep(method, img)
                 src.cont()
@@ -243,11 +270,14 @@ def bench_target(name: str, target: Path, args: argparse.Namespace, qemu: Any, a
                     r = run_fixedram(["restore", "--qmp", str(socks / "dst.qmp"), *how,
                                       "--paused", "--no-progress", "--json", str(img)])
                     entry = {"wall": r["wall"], "fixedram_cpu": r["cpu"],
-                             "fixedram_rss_mib": r["rss_mib"]}
+                             "fixedram_rss_mib": r["rss_mib"],
+                             # migrate-incoming until the load was seen complete
+                             "qemu_part": r["report"].get("load_time")}
                 entry["qemu_cpu"] = cpu_seconds(dst.pid or 0) - cpu0
                 entry["status"] = dst.status()
                 out["restore"][method] = entry
         out["dd"] = bench_dd(target, args.data_mib)
+        out["ceilings"] = bench_ceilings(target, args.data_mib)
     finally:
         src.kill()
         shutil.rmtree(socks, ignore_errors=True)
@@ -305,6 +335,20 @@ def table(res: dict[str, Any], data_mib: int) -> str:
                 f"| {_ratio(best_q, w)} | {v['qemu_cpu']:.2f} | {v.get('fixedram_cpu', 0):.2f} "
                 f"| {v.get('fixedram_rss_mib', 0):.0f} | {v['apparent'] / MIB:.0f} / "
                 f"{v['allocated'] / MIB:.0f} |")
+        if t.get("ceilings"):
+            lines.append(f"\n## what one Python endpoint can move, {t['target']} "
+                         "(bench/ceilings.py: socket <-> file, the peer a second process; "
+                         "next to dd)")
+            lines.append("| path | MiB/s | vs dd |")
+            lines.append("|---|---|---|")
+            for k, v in t["ceilings"].items():
+                ref = "dd read direct" if k.startswith("restore") else "dd write direct"
+                vs = "" if k.startswith("socket") else f"{v * dd[ref] / data_mib:.2f}x"
+                lines.append(f"| {k} | {v:.0f} | {vs} |")
+            lines.append(f"| dd write direct / fsync | {data_mib / dd['dd write direct']:.0f} / "
+                         f"{data_mib / dd['dd write fsync']:.0f} | 1.00x |")
+            lines.append(f"| dd read direct / cold | {data_mib / dd['dd read direct']:.0f} / "
+                         f"{data_mib / dd['dd read cold']:.0f} | 1.00x |")
         rest = t["restore"]
         best_l = min((v["wall"] for k, v in rest.items() if k.startswith("qemu load mapped")),
                      default=float("nan"))
@@ -320,7 +364,28 @@ def table(res: dict[str, Any], data_mib: int) -> str:
             lines.append(f"| {k} | {w:.2f} | {data_mib / w:.0f} | {dd['dd read direct'] / w:.2f}x "
                          f"| {_ratio(best_l, w)} | {v['qemu_cpu']:.2f} "
                          f"| {v.get('fixedram_cpu', 0):.2f} | {v.get('fixedram_rss_mib', 0):.0f} |")
+        lines += native_pairs(t)
     return "\n".join(lines)
+
+
+def native_pairs(t: dict[str, Any]) -> list[str]:
+    """Each native fixedram method against QEMU doing the same alone, and what fixedram adds
+    (its wall time less QEMU's part: start-up, checks, fsync, rename; docs/qmp.md)."""
+    rows = []
+    for kind, pairs in NATIVE_PAIRS.items():
+        key = "wall_sync" if kind == "save" else "wall"
+        for ours, theirs in pairs.items():
+            a, b = t[kind].get(ours), t[kind].get(theirs)
+            if a is None or b is None:
+                continue
+            own = a[key] - a["qemu_part"] if a.get("qemu_part") is not None else float("nan")
+            rows.append(f"| {ours} | {theirs} | {b[key]:.2f} | {a[key]:.2f} "
+                        f"| {b[key] / a[key]:.2f}x | {own * 1000:.0f} |")
+    if not rows:
+        return []
+    return [f"\n## native through fixedram vs QEMU alone, {t['target']}",
+            "| fixedram | QEMU alone | QEMU s | fixedram s | ratio | fixedram's own ms |",
+            "|---|---|---|---|---|---|", *rows]
 
 
 def chart(res: dict[str, Any], data_mib: int, path: Path) -> None:

@@ -1,5 +1,6 @@
-"""Sub-commands of the ``fixedram`` command line, one module each.
+"""Sub-commands of the ``fixedram`` command line, one module each, named after its command.
 
-Each module registers its commands on :data:`fixedram.cli.cli` when imported;
-:func:`fixedram.cli.main` imports every module of this package.
+Module ``fixedram.commands.<name>`` registers command ``<name>`` on :data:`fixedram.cli.cli`
+when imported; :func:`fixedram.cli.main` imports only the module of the command it runs, so
+a module imports what its command needs inside the command's function.
 """

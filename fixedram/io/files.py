@@ -10,13 +10,13 @@ directory, so an existing good file is never replaced by a partial one.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
+import functools
 import mmap
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from fixedram.errors import FixedramError, ImageError
 
@@ -94,9 +94,20 @@ def open_direct(path: str | os.PathLike[str], flags: int, mode: int = 0o600) -> 
 
 
 _FADVISE = hasattr(os, "posix_fadvise")
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+
+
+@functools.cache
+def _fallocate() -> Any:
+    """libc's fallocate(2), loaded on first use (finding libc runs ldconfig: milliseconds that
+    every command would otherwise pay at start-up)."""
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    fn = libc.fallocate
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    return fn
+
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
@@ -121,7 +132,7 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     """
     if length <= 0:
         return True
-    rc = _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+    rc = _fallocate()(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
     if rc == 0:
         return True
     zeros = bytes(min(length, 1 << 20))

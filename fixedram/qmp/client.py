@@ -25,11 +25,11 @@ from collections.abc import Coroutine, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
+from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError
 
 from fixedram.errors import QMPCommandError, VMError
 
-__all__ = ["DEFAULT_TIMEOUT", "QMP"]
+__all__ = ["DEFAULT_TIMEOUT", "QMP", "Events", "machine_name"]
 
 #: Seconds to wait for one QMP command (or for the greeting) before giving up.
 DEFAULT_TIMEOUT = 60.0
@@ -110,6 +110,9 @@ class QMP:
         except (QMPError, OSError, EOFError) as e:
             raise VMError(f"cannot connect to QMP socket {p}: {e or type(e).__name__}") from None
         self._client = client
+        with contextlib.suppress(AttributeError, KeyError, TypeError, ValueError):
+            q: Any = client.greeting.QMP.version["qemu"]  # type: ignore[union-attr]
+            self._version = (int(q["major"]), int(q["minor"]), int(q["micro"]))
 
     def close(self) -> None:
         """Disconnect (QEMU keeps running) and stop the private loop. Safe to call twice."""
@@ -152,24 +155,52 @@ class QMP:
         ``-`` (``cmd("migrate-set-parameters", max_bandwidth=1 << 40)``). Raises
         :class:`VMError` with QEMU's error text, or when QEMU is gone or does not answer.
         """
-        client = self._client
-        if client is None:
-            raise VMError(f"QMP {name}: not connected to {self.path}")
         a = dict(args or {})
         a.update({k.replace("_", "-"): v for k, v in kwargs.items()})
+        return self.batch((name, a), timeout=timeout)[0]
+
+    def batch(self, *calls: tuple[str, Mapping[str, Any] | None],
+              timeout: float | None = None) -> list[Any]:
+        """Run several commands in one round trip: all are sent at once, QEMU answers them in
+        order. Returns their ``return`` values; the first failure raises as in :meth:`cmd`
+        (the others still ran: batch only commands whose order does not matter, like
+        queries)."""
+        client = self._client
+        first = calls[0][0] if calls else "?"
+        if client is None:
+            raise VMError(f"QMP {first}: not connected to {self.path}")
+        wait = timeout or self.timeout
+
+        async def go() -> list[Any]:
+            return await asyncio.gather(
+                *(client.execute(name, dict(args) if args else None) for name, args in calls),
+                return_exceptions=True)
+
         with self._lock:
             try:
-                return self._run(client.execute(name, a or None), timeout or self.timeout)
-            except ExecuteError as e:
-                raise QMPCommandError(f"QMP {name}: {e}") from None
+                results = self._run(go(), wait)
             except TimeoutError:
-                raise VMError(
-                    f"QMP {name}: QEMU did not answer within {timeout or self.timeout:.0f} s"
-                ) from None
+                raise VMError(f"QMP {first}: QEMU did not answer within {wait:.0f} s") from None
             except (QMPError, OSError, EOFError):
+                results = [EOFError()]
+        for (name, _), r in zip(calls, results, strict=False):
+            if isinstance(r, ExecuteError):
+                raise QMPCommandError(f"QMP {name}: {r}") from None
+            if isinstance(r, (QMPError, OSError, EOFError)):
                 raise VMError(
                     f"QMP {name}: lost the connection to QEMU at {self.path} (QEMU exited?)"
                 ) from None
+            if isinstance(r, BaseException):
+                raise r
+        return list(results)
+
+    def events(self, *names: str) -> Events:
+        """Start collecting QEMU's events named ``names`` (``RESUME``, ``MIGRATION``...);
+        read them with :meth:`Events.get`. Use as a context manager (or ``close`` it)."""
+        client = self._client
+        if client is None:
+            raise VMError(f"events: not connected to {self.path}")
+        return Events(self, client, names)
 
     def hmp(self, cmdline: str) -> str:
         """Run a human-monitor command and return its text output."""
@@ -242,8 +273,7 @@ class QMP:
 
     def machine_type(self) -> str:
         """The running machine's full type name (``pc-q35-10.0``, never an alias like ``q35``)."""
-        t = str(self.cmd("qom-get", path="/machine", property="type"))
-        return t.removesuffix("-machine")
+        return machine_name(self.cmd("qom-get", path="/machine", property="type"))
 
     def ramblocks_text(self) -> str:
         """HMP ``info ramblock`` output."""
@@ -251,3 +281,52 @@ class QMP:
 
     def __repr__(self) -> str:
         return f"<QMP {self.path} {'connected' if self._client else 'closed'}>"
+
+
+def machine_name(qom_type: Any) -> str:
+    """The machine type name from ``qom-get /machine type`` (``pc-q35-10.0-machine``)."""
+    return str(qom_type).removesuffix("-machine")
+
+
+class Events:
+    """Events of one QMP session, collected from :meth:`QMP.events` on: waiting for one
+    costs no round trips (unlike polling ``query-status``), and none is missed between a
+    command and the wait that follows it."""
+
+    def __init__(self, qmp: QMP, client: QMPClient, names: tuple[str, ...]) -> None:
+        self._qmp = qmp
+        self._client = client
+        self._listener = EventListener(names or None)
+
+        async def register() -> None:
+            client.register_listener(self._listener)
+
+        qmp._run(register(), 5.0)
+
+    def get(self, timeout: float) -> dict[str, Any] | None:
+        """The next event (``{"event": NAME, "data": {...}, ...}``), or None after
+        ``timeout`` seconds without one."""
+        listener = self._listener
+
+        async def next_event() -> Any:
+            return await asyncio.wait_for(listener.get(), timeout)
+
+        try:
+            return dict(self._qmp._run(next_event(), timeout + 5.0))
+        except TimeoutError:
+            return None
+
+    def close(self) -> None:
+        """Stop collecting."""
+        async def remove() -> None:
+            with contextlib.suppress(Exception):
+                self._client.remove_listener(self._listener)
+
+        with contextlib.suppress(Exception):
+            self._qmp._run(remove(), 5.0)
+
+    def __enter__(self) -> Events:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

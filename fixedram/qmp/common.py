@@ -1,50 +1,109 @@
-"""Pieces shared by save and restore: undoable migration settings, a result-keeping thread."""
+"""Pieces shared by save and restore: the facts read before anything changes (one round
+trip), undoable migration settings, waiting on migration events, a result-keeping thread."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fixedram.errors import FixedramError, VMError
-from fixedram.qmp.client import QMP
+from fixedram.qmp.client import QMP, Events, machine_name
 
-__all__ = ["MigrationSettings", "Worker"]
+__all__ = ["Facts", "MigrationSettings", "Worker", "read_facts", "wait_event"]
+
+#: Events that end a wait early: migration state changes (capability ``events``, which
+#: :class:`MigrationSettings` turns on) and the guest starting or stopping.
+WAKE_EVENTS = ("MIGRATION", "RESUME", "STOP")
+
+
+@dataclass
+class Facts:
+    """What a save or restore reads from QEMU before changing anything."""
+
+    status: str  # run state (query-status)
+    migration: str | None  # query-migrate's status (None before any migration)
+    machine: str  # full machine type name (pc-q35-10.0)
+    ramblocks: str  # HMP info ramblock
+    caps: dict[str, bool]  # migration capabilities
+    params: dict[str, Any]  # migration parameters
+
+
+def read_facts(qmp: QMP) -> Facts:
+    """Run state, migration state, machine type, RAM blocks and migration settings, in one
+    round trip."""
+    st, mig, mtype, blocks, caps, params = qmp.batch(
+        ("query-status", None), ("query-migrate", None),
+        ("qom-get", {"path": "/machine", "property": "type"}),
+        ("human-monitor-command", {"command-line": "info ramblock"}),
+        ("query-migrate-capabilities", None), ("query-migrate-parameters", None))
+    return Facts(
+        status=str(st["status"]), migration=dict(mig).get("status"),
+        machine=machine_name(mtype), ramblocks=str(blocks),
+        caps={c["capability"]: bool(c["state"]) for c in caps}, params=dict(params))
+
+
+def wait_event(events: Events | None, seconds: float) -> None:
+    """Sleep up to ``seconds``, ending early when one of ``events`` arrives."""
+    if events is None:
+        time.sleep(seconds)
+    else:
+        events.get(seconds)
 
 
 class MigrationSettings:
-    """Migration capabilities/parameters changed for one operation, and how to undo that."""
+    """Migration capabilities/parameters changed for one operation, and how to undo that.
 
-    def __init__(self, qmp: QMP) -> None:
+    ``facts`` (from :func:`read_facts`) saves the two queries of the current settings.
+    Capability ``events`` is turned on with the first :meth:`set` (where QEMU has it and it
+    is off), so that waits end on QEMU's MIGRATION events instead of the next poll; it is
+    put back like the others but not listed in :attr:`caps` (what the operation asked for).
+    """
+
+    def __init__(self, qmp: QMP, facts: Facts | None = None) -> None:
         self.qmp = qmp
-        self._old_caps = qmp.capabilities()
-        self._old_params = qmp.parameters()
+        self._old_caps = facts.caps if facts is not None else qmp.capabilities()
+        self._old_params = facts.params if facts is not None else qmp.parameters()
         self.caps: dict[str, bool] = {}
         self.params: dict[str, Any] = {}
+        self._events = False  # capability events turned on by us
 
     def set(self, caps: dict[str, bool], params: dict[str, Any]) -> None:
         # a capability this QEMU lacks is as good as off
         caps = {k: v for k, v in caps.items() if self._old_caps.get(k, False) != v}
+        events = self._old_caps.get("events") is False and not self._events
         missing = [k for k in caps if k not in self._old_caps]
         if missing:
             raise VMError(f"QEMU {self.qmp.version_str} lacks migration capability "
                           f"{', '.join(missing)}")
         # multifd-channels/direct-io only make sense with multifd: set caps first
         self.caps.update(caps)
-        self.qmp.set_capabilities(caps)
+        self.qmp.set_capabilities({"events": True, **caps} if events else caps)
+        self._events = self._events or events
         params = {k: v for k, v in params.items() if self._old_params.get(k) != v}
         self.params.update(params)
         self.qmp.set_parameters(params)
 
     def restore(self) -> None:
-        """Put back what :meth:`set` changed (parameters first, while caps still allow them)."""
-        with contextlib.suppress(FixedramError):
-            old = {k: self._old_params[k] for k in self.params if k in self._old_params}
-            self.qmp.set_parameters(old)
-        with contextlib.suppress(FixedramError):
-            self.qmp.set_capabilities({k: self._old_caps[k] for k in self.caps})
+        """Put back what :meth:`set` changed (parameters first, while caps still allow them:
+        QEMU runs the two in the order sent, in one round trip)."""
+        calls: list[tuple[str, dict[str, Any] | None]] = []
+        old = {k: self._old_params[k] for k in self.params if k in self._old_params}
+        if old:
+            calls.append(("migrate-set-parameters", old))
+        caps = {k: self._old_caps.get(k, False) for k in self.caps}
+        if self._events:
+            caps["events"] = False
+        if caps:
+            calls.append(("migrate-set-capabilities", {"capabilities": [
+                {"capability": k, "state": bool(v)} for k, v in caps.items()]}))
+        if calls:
+            with contextlib.suppress(FixedramError):
+                self.qmp.batch(*calls)
 
 
 class Worker(threading.Thread):

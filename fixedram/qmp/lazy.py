@@ -27,10 +27,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shlex
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -39,7 +37,14 @@ from typing import Any, Literal
 
 from fixedram.errors import EndpointError, VMError
 from fixedram.qmp.client import QMP
-from fixedram.qmp.common import MigrationSettings, Worker, abandon
+from fixedram.qmp.common import (
+    WAKE_EVENTS,
+    MigrationSettings,
+    Worker,
+    abandon,
+    read_facts,
+    wait_event,
+)
 from fixedram.qmp.progress import Progress
 
 __all__ = ["LazyRestoreReport", "lazy_restore"]
@@ -91,13 +96,20 @@ def _lazy_progress(progress: ProgressFn) -> Callable[[Any], None]:
     return cb
 
 
+def _private_dir() -> Path:
+    """A private directory for the unix socket or the exec: child's report (fd needs none)."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="fixedram-lazy-"))
+
+
 def _poll_state(qmp: QMP, worker: Worker | None) -> tuple[str, dict[str, Any]]:
     """Run state and incoming migration state; raise when the load failed."""
     if worker is not None and worker.error is not None:
         raise worker.error
     try:
-        st = qmp.status()
-        mig = qmp.query_migrate()
+        status, mig = qmp.batch(("query-status", None), ("query-migrate", None))
+        st = str(status["status"])
     except VMError:
         if worker is not None:
             worker.join(5.0)
@@ -146,14 +158,14 @@ def lazy_restore(
     path = Path(image).absolute()
     if transport not in ("fd", "unix", "exec"):
         raise VMError(f"unknown transport {transport!r} (fd, unix or exec)")
-    status = qmp.status()
-    if status != "inmigrate":
+    facts = read_facts(qmp)
+    if facts.status != "inmigrate":
         raise VMError(f"QEMU at {qmp.path} is not waiting for an incoming migration (status "
-                      f"{status}); start it with -incoming defer")
-    if qmp.query_migrate().get("status") not in (None, "none"):
+                      f"{facts.status}); start it with -incoming defer")
+    if facts.migration not in (None, "none"):
         raise VMError(f"QEMU at {qmp.path} already has an incoming migration")
-    machine = qmp.machine_type()
-    ramblocks = qmp.ramblocks_text()
+    machine = facts.machine
+    ramblocks = facts.ramblocks
     dest_blocks = dest_ramblocks_from_hmp(ramblocks)
     if not dest_blocks:
         raise VMError(f"cannot read the RAM blocks of QEMU at {qmp.path} (info ramblock)")
@@ -162,11 +174,12 @@ def lazy_restore(
         validate(img, dest_machine=machine, dest_blocks=dest_blocks)
         pages = sum(img.count_present(n) for n in img.blocks)
         ram_size, fmt = img.ram_size, img.format
-        settings = MigrationSettings(qmp)
+        settings = MigrationSettings(qmp, facts)
+        events = qmp.events(*WAKE_EVENTS)
         worker: Worker | None = None
         ours: socket.socket | None = None
-        tmp = Path(tempfile.mkdtemp(prefix="fixedram-lazy-"))
-        report_file = tmp / "report.json"
+        tmp = _private_dir() if transport != "fd" else None
+        report_file = tmp / "report.json" if tmp is not None else None
         run_sent: list[float] = []
         try:
             settings.set({"postcopy-ram": True, "mapped-ram": False, "multifd": False}, {})
@@ -190,19 +203,25 @@ def lazy_restore(
                     qmp.send_fd(theirs.fileno(), _FD_NAME)
                 finally:
                     theirs.close()
+                # the sender prepares and writes the stream's head while QEMU starts the
+                # load: the socket holds it until QEMU reads (a refused load ends the sender)
+                worker = start_sender(SocketChannel(ours))
                 try:
                     qmp.cmd("migrate-incoming", uri=f"fd:{_FD_NAME}")
                 except BaseException:
                     qmp.close_fd(_FD_NAME)
                     raise
-                worker = start_sender(SocketChannel(ours))
             elif transport == "unix":
+                assert tmp is not None
                 sock = tmp / "mig.sock"
                 qmp.cmd("migrate-incoming", uri=f"unix:{sock}")
                 chan = connect(f"unix:{sock}")
                 ours = chan.sock
                 worker = start_sender(chan)
             else:
+                import shlex
+
+                assert report_file is not None
                 argv = [str(Path(sys.executable).absolute()), "-m", "fixedram", "send",
                         "--postcopy", "--quiet", "--report-json", str(report_file), str(path)]
                 if push_rate:
@@ -217,7 +236,7 @@ def lazy_restore(
                     break
                 if deadline is not None and time.monotonic() > deadline:
                     raise VMError(f"the guest did not start within {timeout:.0f} s")
-                time.sleep(_POLL)
+                wait_event(events, _POLL)
             # then every page: wait for completion
             while True:
                 st, mig = _poll_state(qmp, worker)
@@ -227,7 +246,7 @@ def lazy_restore(
                 if deadline is not None and time.monotonic() > deadline:
                     raise VMError(f"the lazy restore did not finish within {timeout:.0f} s "
                                   f"(status {mig.get('status')})")
-                time.sleep(0.02)
+                wait_event(events, 0.05)
             if worker is not None:
                 rep = worker.outcome()
                 counts = {"pages_on_demand": rep.pages_on_demand,
@@ -235,6 +254,7 @@ def lazy_restore(
                           "zero_on_demand": rep.zero_on_demand, "requests": rep.requests,
                           "bytes_sent": rep.bytes_sent}
             else:
+                assert report_file is not None
                 try:
                     counts = json.loads(report_file.read_text())
                 except (OSError, ValueError):
@@ -244,13 +264,15 @@ def lazy_restore(
             abandon(worker, ours)
             raise
         finally:
+            events.close()
             settings.restore()
             if ours is not None:
                 ours.close()
-            with contextlib.suppress(OSError):
-                report_file.unlink(missing_ok=True)
-                (tmp / "mig.sock").unlink(missing_ok=True)
-                tmp.rmdir()
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    (tmp / "report.json").unlink(missing_ok=True)
+                    (tmp / "mig.sock").unlink(missing_ok=True)
+                    tmp.rmdir()
     if paused and qmp.status() == "running":
         qmp.cmd("stop")
     return LazyRestoreReport(

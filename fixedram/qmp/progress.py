@@ -11,8 +11,6 @@ import sys
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from tqdm import tqdm
-
 __all__ = ["Progress", "ProgressBar", "from_query_migrate"]
 
 
@@ -53,10 +51,16 @@ def from_query_migrate(info: dict[str, Any], phase: str = "save") -> Progress:
 class ProgressBar:
     """A tqdm bar (bytes, pages, MB/s, remaining, dirty rate, pass) fed by :class:`Progress`.
 
-    Use as the ``progress`` callback, and :meth:`close` (or ``with``) when done.
+    Use as the ``progress`` callback, and :meth:`close` (or ``with``) when done. A disabled
+    bar draws nothing and does not even import tqdm (a command's start-up time).
     """
 
     def __init__(self, desc: str, *, file: TextIO | None = None, disable: bool = False) -> None:
+        self._bar: Any = None
+        if disable:
+            return
+        from tqdm import tqdm
+
         self._bar = tqdm(
             desc=desc,
             total=None,
@@ -64,7 +68,6 @@ class ProgressBar:
             unit_scale=True,
             unit_divisor=1024,
             file=file or sys.stderr,
-            disable=disable,
             dynamic_ncols=True,
             leave=True,
             mininterval=0.1,
@@ -72,6 +75,8 @@ class ProgressBar:
 
     def __call__(self, p: Progress) -> None:
         bar = self._bar
+        if bar is None:
+            return
         if p.total_bytes is not None and p.total_bytes >= p.done_bytes:
             bar.total = p.total_bytes
         bar.n = p.done_bytes
@@ -89,7 +94,8 @@ class ProgressBar:
 
     def close(self) -> None:
         """Finish the line."""
-        self._bar.close()
+        if self._bar is not None:
+            self._bar.close()
 
     def __enter__(self) -> ProgressBar:
         return self

@@ -21,10 +21,8 @@ not inherit ``mapped-ram``). The VM is resumed (``cont``) unless ``paused``.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -34,8 +32,15 @@ from typing import Any, Literal
 from fixedram.errors import VMError
 from fixedram.image.reader import DirectIO
 from fixedram.io.files import open_direct
-from fixedram.qmp.client import QMP
-from fixedram.qmp.common import MigrationSettings, Worker, abandon
+from fixedram.qmp.client import QMP, Events
+from fixedram.qmp.common import (
+    WAKE_EVENTS,
+    MigrationSettings,
+    Worker,
+    abandon,
+    read_facts,
+    wait_event,
+)
 from fixedram.qmp.progress import Progress
 
 __all__ = ["RestoreReport", "choose_restore_via", "restore"]
@@ -102,15 +107,17 @@ def _send_progress(progress: ProgressFn) -> Callable[[Any], None]:
     return cb
 
 
-def _wait_loaded(qmp: QMP, worker: Worker | None, timeout: float | None) -> str:
-    """Wait until QEMU leaves ``inmigrate``; return the new run state."""
+def _wait_loaded(qmp: QMP, worker: Worker | None, timeout: float | None,
+                 events: Events | None = None) -> str:
+    """Wait until QEMU leaves ``inmigrate``; return the new run state. A poll every 20 ms,
+    or at once on one of ``events``."""
     t0 = time.monotonic()
     while True:
         if worker is not None and worker.error is not None:
             raise worker.error
         try:
-            st = qmp.status()
-            mig = qmp.query_migrate()
+            status, mig = qmp.batch(("query-status", None), ("query-migrate", None))
+            st = str(status["status"])
         except VMError:
             if worker is not None:
                 worker.join(5.0)
@@ -126,7 +133,7 @@ def _wait_loaded(qmp: QMP, worker: Worker | None, timeout: float | None) -> str:
             return st
         if timeout is not None and time.monotonic() - t0 > timeout:
             raise VMError(f"the load did not finish within {timeout:.0f} s (status {st}/{mst})")
-        time.sleep(_POLL)
+        wait_event(events, _POLL)
 
 
 def restore(
@@ -159,15 +166,15 @@ def restore(
 
     t0 = time.monotonic()
     path = Path(image).absolute()
-    status = qmp.status()
-    if status != "inmigrate":
+    facts = read_facts(qmp)
+    if facts.status != "inmigrate":
         raise VMError(f"QEMU at {qmp.path} is not waiting for an incoming migration (status "
-                      f"{status}); start it with -incoming defer")
-    mst = qmp.query_migrate().get("status")
-    if mst not in (None, "none"):
-        raise VMError(f"QEMU at {qmp.path} already has an incoming migration ({mst})")
-    machine = qmp.machine_type()
-    dest_blocks = dest_ramblocks_from_hmp(qmp.ramblocks_text())
+                      f"{facts.status}); start it with -incoming defer")
+    if facts.migration not in (None, "none"):
+        raise VMError(f"QEMU at {qmp.path} already has an incoming migration "
+                      f"({facts.migration})")
+    machine = facts.machine
+    dest_blocks = dest_ramblocks_from_hmp(facts.ramblocks)
     if not dest_blocks:
         raise VMError(f"cannot read the RAM blocks of QEMU at {qmp.path} (info ramblock)")
     with open_image(path) as img:
@@ -179,7 +186,8 @@ def restore(
             direct_io = False
         pages = sum(img.count_present(n) for n in img.blocks)
         ram_size = img.ram_size
-        settings = MigrationSettings(qmp)
+        settings = MigrationSettings(qmp, facts)
+        events = qmp.events(*WAKE_EVENTS)
         worker: Worker | None = None
         ours: socket.socket | None = None
         sockdir: str | None = None
@@ -196,6 +204,8 @@ def restore(
                 t_load = time.monotonic()
                 qmp.cmd("migrate-incoming", uri=uri)
             elif channels:
+                import tempfile
+
                 sockdir = tempfile.mkdtemp(prefix="fixedram-restore-")
                 worker, t_load = _start_multifd(qmp, img, settings, channels, sockdir, machine,
                                                 dest_blocks, progress)
@@ -224,7 +234,7 @@ def restore(
 
                 worker = Worker("fixedram-send", run_send)
                 worker.start()
-            st = _wait_loaded(qmp, worker, timeout)
+            st = _wait_loaded(qmp, worker, timeout, events)
             t_load = time.monotonic() - t_load
             if progress is not None and worker is None:  # native: QEMU reports no progress
                 progress(Progress(phase="restore", status="completed", done_bytes=pages * _PAGE,
@@ -236,16 +246,21 @@ def restore(
             abandon(worker, ours)
             raise
         finally:
+            events.close()
             settings.restore()
             if ours is not None:
                 ours.close()
             if sockdir is not None:
+                import shutil
+
                 shutil.rmtree(sockdir, ignore_errors=True)
+    final = st
     if paused and st == "running":
         qmp.cmd("stop")  # QEMU started without -S runs the guest as soon as it is loaded
+        final = qmp.status()
     elif not paused and st != "running":
         qmp.cmd("cont")
-    final = qmp.status()
+        final = qmp.status()
     nbytes = pages * _PAGE
     return RestoreReport(
         image=str(path),

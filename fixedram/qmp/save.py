@@ -33,7 +33,9 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,9 +43,9 @@ from typing import Any, Literal
 
 from fixedram.errors import EndpointError, FixedramError, ImageError, VMError
 from fixedram.io.channel import Listener
-from fixedram.io.files import AtomicFile
-from fixedram.qmp.client import QMP
-from fixedram.qmp.common import MigrationSettings, Worker
+from fixedram.io.files import AtomicFile, drop_cached
+from fixedram.qmp.client import QMP, Events
+from fixedram.qmp.common import WAKE_EVENTS, MigrationSettings, Worker, read_facts, wait_event
 from fixedram.qmp.progress import Progress, from_query_migrate
 
 __all__ = ["MAX_BANDWIDTH", "SaveReport", "Via", "choose_save_via", "save"]
@@ -81,6 +83,9 @@ class SaveReport:
     image_allocated_size: int
     caps_changed: dict[str, bool] = field(default_factory=dict)
     params_changed: dict[str, Any] = field(default_factory=dict)
+    setup_time: float = 0.0  # start until ``migrate`` was issued (queries, checks, settings)
+    check_time: float = 0.0  # opening and checking the written image (metadata only)
+    commit_time: float = 0.0  # fsync, page-cache drop, rename, directory fsync
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -103,10 +108,14 @@ def choose_save_via(version: tuple[int, int, int], via: Via, *, direct_io: bool 
     return via
 
 
-def _ram_size(qmp: QMP) -> tuple[int, dict[str, int]]:
-    from fixedram.vm import parse_info_ramblock
+def _ram_size(ramblocks_text: str) -> tuple[int, dict[str, int]]:
+    """The VM's RAM size and blocks from HMP ``info ramblock``. Called once QEMU is saving:
+    the imports it brings (the image reader and numpy, needed for the check of the image
+    anyway) then cost no time of the save's own."""
+    from fixedram.endpoint.send import dest_ramblocks_from_hmp
+    from fixedram.image import open_image  # noqa: F401 - for _check_image, imported now
 
-    blocks = {b.name: b.used_length for b in parse_info_ramblock(qmp.ramblocks_text())}
+    blocks = dict(dest_ramblocks_from_hmp(ramblocks_text))
     return sum(blocks.values()), blocks
 
 
@@ -117,8 +126,10 @@ def _wait_migration(
     worker: Worker | None = None,
     stop_after: float | None = None,
     timeout: float | None = None,
+    events: Events | None = None,
 ) -> dict[str, Any]:
-    """Poll ``query-migrate`` until completed; raise on failure (cancelling what runs)."""
+    """Poll ``query-migrate`` until completed (every 20 ms, or at once on one of ``events``);
+    raise on failure (cancelling what runs)."""
     t0 = time.monotonic()
     stopped = False
     while True:
@@ -150,7 +161,7 @@ def _wait_migration(
             with contextlib.suppress(FixedramError):
                 qmp.cmd("migrate_cancel")
             raise VMError(f"the save did not finish within {timeout:.0f} s (status {st})")
-        time.sleep(_POLL)
+        wait_event(events, _POLL)
 
 
 def _check_image(path: Path, machine: str, blocks: dict[str, int]) -> int:
@@ -165,7 +176,72 @@ def _check_image(path: Path, machine: str, blocks: dict[str, int]) -> int:
         got = {n: b.length for n, b in img.blocks.items()}
         if got != blocks:
             raise ImageError(f"{path}: RAM blocks {got} do not match the VM's {blocks}")
-        return sum(int(img.present(n).sum()) for n in img.blocks)
+        return _count_pages(path, [(n, b.npages, b.mapped.bitmap_offset)
+                                   for n, b in img.blocks.items() if b.mapped is not None])
+
+
+#: Bitmap bytes read at a time when counting pages (8 Mi pages, 32 GiB of RAM).
+_BITMAP_PIECE = 1 << 20
+
+
+def _count_pages(path: Path, bitmaps: list[tuple[str, int, int]]) -> int:
+    """Pages holding data, counted from the blocks' bitmaps ``(name, pages, offset)`` on disk
+    a piece at a time: the memory it takes does not grow with the RAM (a bool per page of a
+    1 TiB guest would be 256 MiB). A bit set beyond a block's last page is refused."""
+    import numpy as np
+
+    from fixedram.image.layout import bitmap_bytes
+    from fixedram.io.files import preadv_exact
+
+    total = 0
+    buf = bytearray(_BITMAP_PIECE)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for name, npages, offset in bitmaps:
+            nbytes = bitmap_bytes(npages)
+            for start in range(0, nbytes, _BITMAP_PIECE):
+                view = memoryview(buf)[: min(_BITMAP_PIECE, nbytes - start)]
+                preadv_exact(fd, view, offset + start, f"{path}: bitmap of RAM block '{name}'")
+                bits = np.unpackbits(np.frombuffer(view, dtype=np.uint8), bitorder="little")
+                inside = max(0, min(len(bits), npages - start * 8))
+                if bits[inside:].any():
+                    raise ImageError(f"{path}: RAM block '{name}': bitmap bits set beyond its "
+                                     f"{npages} pages")
+                total += int(np.count_nonzero(bits[:inside]))
+    finally:
+        os.close(fd)
+    return total
+
+
+def _drop_from_cache(image: Path) -> None:
+    """Drop the saved (fsynced, renamed) image's pages from the page cache, in a child
+    process the command does not wait for.
+
+    QEMU wrote the image through the page cache (all of it, or its metadata with
+    direct-io); evicting a GiB of clean pages takes the kernel a few hundred milliseconds,
+    which the image does not need to be durable and complete. A thread reaps the child.
+    """
+    try:
+        fd = os.open(image, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with warnings.catch_warnings():  # the child runs no Python thread, takes no lock
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+    except OSError:
+        pid = -1
+    if pid == 0:  # the child: one system call, then out
+        try:
+            drop_cached(fd)
+        finally:
+            os._exit(0)
+    if pid < 0:
+        drop_cached(fd)
+    os.close(fd)
+    if pid > 0:
+        threading.Thread(target=os.waitpid, args=(pid, 0), name="fixedram-cache-drop",
+                         daemon=True).start()
 
 
 def _writer_error(e: BaseException, target: Path) -> BaseException:
@@ -233,15 +309,19 @@ def save(
         2 if how == "native" else 0)
     if channels < 0 or channels > 64:
         raise VMError(f"{channels} multifd channels requested (0 to 64)")
-    status = qmp.status()
-    mig = qmp.query_migrate().get("status")
+    facts = read_facts(qmp)
+    status = facts.status
+    mig = facts.migration
     if mig in ("setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug"):
         raise VMError(f"a migration is already in progress (status {mig})")
     if status == "inmigrate":
         raise VMError("this QEMU is waiting for an incoming migration; there is nothing to save")
-    machine = qmp.machine_type()
-    ram_size, blocks = _ram_size(qmp)
-    settings = MigrationSettings(qmp)
+    machine = facts.machine
+    ram_size = 0
+    blocks: dict[str, int] = {}
+    settings = MigrationSettings(qmp, facts)
+    events = qmp.events(*WAKE_EVENTS)
+    t_setup = t_check = t_commit = 0.0
     was_running = status == "running"
     stopped_by_us = False
     atomic: AtomicFile | None = None
@@ -274,13 +354,20 @@ def save(
             # Created by us (mode 0600) so an unwritable directory fails before QEMU starts.
             atomic = AtomicFile(target)
             t_mig = time.monotonic()
+            t_setup = t_mig - t0
             _migrate(qmp, f"file:{atomic.temp}", status)
+            ram_size, blocks = _ram_size(facts.ramblocks)
             info = _wait_migration(qmp, progress, stop_after=stop_after if live else None,
-                                   timeout=timeout)
-            t_mig = time.monotonic() - t_mig
+                                   timeout=timeout, events=events)
+            t_check = time.monotonic()
+            t_mig = t_check - t_mig
             pages_in_image = _check_image(atomic.temp, machine, blocks)
-            # fsync file, drop it from the page cache, rename over IMAGE, fsync directory
-            atomic.commit(drop_cache=True)
+            t_commit = time.monotonic()
+            t_check = t_commit - t_check
+            # fsync file, rename over IMAGE, fsync directory; then out of the page cache
+            atomic.commit()
+            t_commit = time.monotonic() - t_commit
+            _drop_from_cache(target)
         else:
             from fixedram.endpoint.receive import receive, receive_listening
             from fixedram.io.channel import SocketChannel, listen
@@ -318,6 +405,7 @@ def save(
             worker.target = target
             worker.start()
             t_mig = time.monotonic()
+            t_setup = t_mig - t0
             try:
                 _migrate(qmp, uri, status)
             except BaseException:
@@ -326,15 +414,19 @@ def save(
                 else:
                     qmp.close_fd(_FD_NAME)
                 raise
+            ram_size, blocks = _ram_size(facts.ramblocks)
             info = _wait_migration(qmp, progress, worker=worker,
-                                   stop_after=stop_after if live else None, timeout=timeout)
+                                   stop_after=stop_after if live else None, timeout=timeout,
+                                   events=events)
             t_mig = time.monotonic() - t_mig
             worker.join(timeout if timeout is not None else 600.0)
             if worker.is_alive():
                 raise VMError("QEMU finished the migration but the image writer did not")
             if worker.error is not None:
                 raise _writer_error(worker.error, target)
+            t_check = time.monotonic()
             pages_in_image = _check_image(target, machine, blocks)
+            t_check = time.monotonic() - t_check
         done = True
     except BaseException:
         if worker is not None and worker.is_alive():
@@ -354,6 +446,7 @@ def save(
             atomic.abort()
         raise
     finally:
+        events.close()
         settings.restore()
         if not done and (was_running or stopped_by_us):
             with contextlib.suppress(FixedramError):
@@ -385,4 +478,7 @@ def save(
         image_allocated_size=st.st_blocks * 512,
         caps_changed=settings.caps,
         params_changed=settings.params,
+        setup_time=t_setup,
+        check_time=t_check,
+        commit_time=t_commit,
     )

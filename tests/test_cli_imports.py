@@ -1,0 +1,95 @@
+"""What a command imports: only its own module and what its path needs.
+
+A command's start-up time is mostly imports (the lazy restore's time to running counts it), so
+``fixedram COMMAND`` imports ``fixedram.commands.COMMAND`` and nothing of the other commands,
+and the save/restore paths leave out what they never use. Each check runs a fresh interpreter
+and looks at ``sys.modules``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def modules_after(code: str) -> set[str]:
+    """``sys.modules`` of a fresh interpreter after running ``code``."""
+    probe = code + "\nimport json as _j, sys as _s\nprint(_j.dumps(sorted(_s.modules)))"
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                       cwd=REPO, timeout=60, check=True)
+    return set(json.loads(r.stdout.splitlines()[-1]))
+
+
+def cli_modules(*args: str) -> set[str]:
+    """Modules loaded by ``fixedram ARGS`` (run through click, exit status ignored)."""
+    return modules_after(
+        "from fixedram.cli import cli\n"
+        f"try:\n    cli({list(args)!r}, prog_name='fixedram')\n"
+        "except SystemExit:\n    pass")
+
+
+def test_every_command_module_registers_its_command() -> None:
+    from click import Context
+
+    from fixedram.cli import _load_commands, cli
+
+    _load_commands()
+    names = cli.list_commands(Context(cli))
+    assert {"analyze", "extract", "save", "restore", "send", "receive", "verify", "convert",
+            "demo"} <= set(names)
+    for name in names:
+        assert cli.get_command(Context(cli), name) is not None, name
+    assert cli.get_command(Context(cli), "no-such-command") is None
+
+
+@pytest.mark.parametrize("command", ["save", "restore", "send", "receive", "verify"])
+def test_a_command_imports_only_its_own_module(command: str) -> None:
+    mods = cli_modules(command, "--help")
+    own = f"fixedram.commands.{command}"
+    assert own in mods
+    others = {m for m in mods if m.startswith("fixedram.commands.") and m != own}
+    # restore reuses save's size formatting; nothing else crosses
+    assert others <= ({"fixedram.commands.save"} if command == "restore" else set())
+    assert "numpy" not in mods or command in ("send", "receive")
+
+
+def test_lazy_restore_path_leaves_out_what_it_does_not_use() -> None:
+    mods = modules_after(
+        "import fixedram.cli, fixedram.commands.restore, fixedram.qmp.client, "
+        "fixedram.qmp.lazy, fixedram.qmp.progress, fixedram.endpoint.postcopy, fixedram.image\n"
+        "fixedram.qmp.progress.ProgressBar('x', disable=True).close()")
+    for unused in ("tqdm", "xxhash", "ctypes.util", "fixedram.endpoint.receive",
+                   "fixedram.endpoint.multifd", "fixedram.image.writer",
+                   "fixedram.image.checksum", "fixedram.vm", "fixedram.verify"):
+        assert unused not in mods, unused
+
+
+def test_native_paths_leave_out_what_they_do_not_use() -> None:
+    mods = modules_after("import fixedram.commands.save, fixedram.commands.restore, "
+                         "fixedram.qmp.save, fixedram.qmp.restore, fixedram.image")
+    for unused in ("tqdm", "xxhash", "fixedram.endpoint.receive", "fixedram.image.writer",
+                   "fixedram.vm"):
+        assert unused not in mods, unused
+
+
+def test_package_names_load_on_first_use_and_stay_what_they_were() -> None:
+    """``fixedram.endpoint.receive`` is a module and ``receive`` its function: importing the
+    module first (as the save path does) must not make the package's ``receive`` the module."""
+    r = subprocess.run([sys.executable, "-c", (
+        "import sys, fixedram.endpoint as e, fixedram.image as i\n"
+        "assert 'fixedram.endpoint.receive' not in sys.modules\n"
+        "import fixedram.endpoint.receive, fixedram.endpoint.send, fixedram.image.reader\n"
+        "from fixedram.endpoint import receive, send, validate\n"
+        "from fixedram.image import open_image, reader\n"
+        "assert callable(receive) and receive.__module__ == 'fixedram.endpoint.receive'\n"
+        "assert callable(send) and send.__module__ == 'fixedram.endpoint.send'\n"
+        "assert e.receive is receive and i.open_image is open_image\n"
+        "assert reader.__name__ == 'fixedram.image.reader'\n")],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
