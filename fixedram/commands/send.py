@@ -180,7 +180,7 @@ def _send_postcopy(image: str, address: str | None, fd: int | None, qmp_socket: 
     from dataclasses import asdict
 
     from fixedram.commands.save import parse_rate
-    from fixedram.endpoint.postcopy import send_postcopy
+    from fixedram.endpoint.postcopy import PostcopyReport, send_postcopy
     from fixedram.endpoint.send import query_destination, validate
     from fixedram.image import open_image
 
@@ -199,16 +199,26 @@ def _send_postcopy(image: str, address: str | None, fd: int | None, qmp_socket: 
         channel = _open_channel(address, fd)
         bar, progress = _page_bar(
             quiet, lambda: sum(img.count_present(n) for n in img.blocks), "lazy restore")
+
+        def write_report(r: PostcopyReport) -> None:
+            # replaced whole, never read half-written
+            assert report_json is not None
+            tmp = Path(report_json + ".tmp")
+            tmp.write_text(json.dumps({**asdict(r), "pages_sent": r.pages_sent}))
+            os.replace(tmp, report_json)
+
         try:
+            # Written once every page is sent, before the stream's end: under exec: QEMU may
+            # stop this process as soon as the restore completes.
             report = send_postcopy(img, channel, dest_machine=dest_machine,
-                                   dest_blocks=dest_blocks, progress=progress, push_rate=rate)
+                                   dest_blocks=dest_blocks, progress=progress, push_rate=rate,
+                                   on_last_page=write_report if report_json else None)
         finally:
             if bar is not None:
                 bar.close()
             channel.close()
     if report_json is not None:
-        Path(report_json).write_text(json.dumps({**asdict(report),
-                                                 "pages_sent": report.pages_sent}))
+        write_report(report)
     if not quiet:
         click.echo(
             f"fixedram: lazily restored {image} ({report.machine}): guest started after "

@@ -549,6 +549,7 @@ def send_postcopy(image: str | os.PathLike[str] | Image, channel: Channel, *,
                   dest_blocks: Sequence[tuple[str, int]] | None = None,
                   progress: Callable[[PostcopyStats], None] | None = None,
                   on_running: Callable[[], None] | None = None,
+                  on_last_page: Callable[[PostcopyReport], None] | None = None,
                   push_rate: float | None = None,
                   accept_timeout: float = ACCEPT_TIMEOUT,
                   shut_timeout: float = SHUT_TIMEOUT) -> PostcopyReport:
@@ -560,6 +561,9 @@ def send_postcopy(image: str | os.PathLike[str] | Image, channel: Channel, *,
     failures then raise :class:`~fixedram.errors.ImageError`,
     :class:`~fixedram.errors.MismatchError` or :class:`~fixedram.errors.EndpointError` and
     the guest never started. ``on_running`` is called right after RUN is written;
+    ``on_last_page`` gets the report as it stands when every page is sent, before the
+    stream's end is written: its counts are final, and the destination cannot complete
+    (nor, under ``exec:``, stop this process) before the call returns;
     ``progress`` gets :class:`PostcopyStats` now and then. ``push_rate`` (bytes/s) throttles
     the background push (requests are always served at once). A failure after RUN raises
     :class:`PostcopyFailed`. The channel's write side is shut down at the end; the channel is
@@ -577,16 +581,37 @@ def send_postcopy(image: str | os.PathLike[str] | Image, channel: Channel, *,
                                 "QEMU's page requests (a socket, or exec: with stdin)")
         for name in img.blocks:  # read every bitmap now: a bad one must fail before RUN
             img.last_present(name)
-        return _run(img, channel, preamble, package, progress, on_running, push_rate,
-                    accept_timeout, shut_timeout, t0)
+        return _run(img, channel, preamble, package, progress, on_running, on_last_page,
+                    push_rate, accept_timeout, shut_timeout, t0)
     finally:
         if owned:
             img.close()
 
 
+def _report(img: Image, srv: _Server, rp: _ReturnPath, t_run: float, t0: float,
+            unsent: int) -> PostcopyReport:
+    """The report as of now, ``unsent`` bytes still to be written counted as sent."""
+    acked = rp.pongs.get(_PING_RUNNING)
+    return PostcopyReport(
+        bytes_sent=srv.bytes_sent + unsent,
+        pages_on_demand=srv.pages_on_demand,
+        pages_pushed=srv.pages_pushed,
+        zero_on_demand=srv.zero_on_demand,
+        requests=rp.nrequests,
+        reads=srv.reads,
+        time_to_run=t_run,
+        time_run_acked=acked - t0 if acked is not None else None,
+        elapsed=time.monotonic() - t0,
+        machine=img.machine,
+        blocks=tuple((b.name, b.length) for b in img.blocks.values()),
+        bytes_received=rp.received,
+    )
+
+
 def _run(img: Image, channel: Channel, preamble: bytes, package: bytes,
          progress: Callable[[PostcopyStats], None] | None,
-         on_running: Callable[[], None] | None, push_rate: float | None,
+         on_running: Callable[[], None] | None,
+         on_last_page: Callable[[PostcopyReport], None] | None, push_rate: float | None,
          accept_timeout: float, shut_timeout: float, t0: float) -> PostcopyReport:
     rp = _ReturnPath(channel, {n: b.length for n, b in img.blocks.items()})
     srv = _Server(img, channel, rp, progress, push_rate, t0)
@@ -611,8 +636,11 @@ def _run(img: Image, channel: Channel, preamble: bytes, package: bytes,
         if on_running is not None:
             on_running()
         srv.push_all()
-        srv.write([encode(SectionEnd(srv.sid)), encode(EndOfSection()),
-                   encode(SectionFooter(srv.sid)), encode(EndOfFile())])
+        tail = [encode(SectionEnd(srv.sid)), encode(EndOfSection()),
+                encode(SectionFooter(srv.sid)), encode(EndOfFile())]
+        if on_last_page is not None:
+            on_last_page(_report(img, srv, rp, t_run, t0, sum(map(len, tail))))
+        srv.write(tail)
     except (OSError, ImageError) as e:
         _hang_up(channel)
         raise _failed_after_run(f"reading the image failed: {e}") from e
@@ -628,18 +656,4 @@ def _run(img: Image, channel: Channel, preamble: bytes, package: bytes,
     if rp.shut != 0:
         raise EndpointError("the destination reported an error at the end of the lazy restore "
                             "(QEMU's stderr says why)")
-    acked = rp.pongs.get(_PING_RUNNING)
-    return PostcopyReport(
-        bytes_sent=srv.bytes_sent,
-        pages_on_demand=srv.pages_on_demand,
-        pages_pushed=srv.pages_pushed,
-        zero_on_demand=srv.zero_on_demand,
-        requests=rp.nrequests,
-        reads=srv.reads,
-        time_to_run=t_run,
-        time_run_acked=acked - t0 if acked is not None else None,
-        elapsed=time.monotonic() - t0,
-        machine=img.machine,
-        blocks=tuple((b.name, b.length) for b in img.blocks.values()),
-        bytes_received=rp.received,
-    )
+    return _report(img, srv, rp, t_run, t0, 0)
