@@ -30,6 +30,7 @@ apt_update() { [ "$apt_updated" = 1 ] || { sudo_ apt-get update -qq; apt_updated
 need_pkgs=()
 command -v gcc >/dev/null 2>&1 || need_pkgs+=(gcc)
 command -v ld >/dev/null 2>&1 || need_pkgs+=(binutils)
+command -v lz4 >/dev/null 2>&1 || need_pkgs+=(lz4)  # Debian's cloud kernel is LZ4-compressed
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_pkgs+=(python3-venv)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   apt_update

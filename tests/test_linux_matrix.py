@@ -9,7 +9,7 @@ fixedram refuses a case, the test checks that the refusal is a one-line error gi
 anything irreversible: the destination still waits for its incoming migration, and a full
 restore into that same destination then works.
 
-    .venv/bin/pytest -m matrix tests/test_linux_matrix.py      # ~30 min on 2 cores (TCG)
+    .venv/bin/pytest -m matrix tests/test_linux_matrix.py      # 10-15 min on 2 cores (TCG)
 """
 
 from __future__ import annotations
