@@ -1,13 +1,13 @@
 """Which section id the RAM sections get in a stream fixedram sends for an image.
 
-A destination QEMU binds section ids to handlers as the stream goes: a START or FULL
-section names its handler (``ram``, ``slirp``...) and gives it an id; every later PART or
-END section, and every footer, refers to a handler by id alone, and when two handlers have
-been given the same id, the one QEMU registered first gets them. fixedram re-sends an
-image's device state verbatim, with the ids the saving QEMU gave its device sections, so the id it gives RAM must
-be one that no device section of the image uses (``docs/section-ids.md``). This module is
-the one place that picks it: :func:`ram_section_id`, used by every stream fixedram sends
-(precopy, multifd and postcopy).
+A destination QEMU binds section ids to handlers as the stream goes: a START or FULL section
+names its handler (``ram``, ``slirp``...) and gives it an id; every later PART or END
+section, and every footer, refers to a handler by id alone, and when two handlers have been
+given the same id, the one QEMU registered first gets them. fixedram re-sends an image's
+device state verbatim, with the ids the saving QEMU gave its device sections, so the id it
+gives RAM must be one that no device section of the image uses (``docs/section-ids.md``).
+This module is the one place that picks it: :func:`ram_section_id`, used by every stream
+fixedram sends (precopy, multifd and postcopy).
 """
 
 from __future__ import annotations
