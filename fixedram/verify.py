@@ -45,6 +45,7 @@ from fixedram.image.checksum import (
     hash_range,
     page_digest_array,
     store,
+    zero_extent_digest,
 )
 from fixedram.image.layout import bitmap_bytes
 from fixedram.image.reader import Image, open_image
@@ -492,11 +493,10 @@ class _ExtentCheck:
             self._close(e)
         idle = ~self.touched
         if idle.any():
-            self.got[idle] = extent_digests(page_digest_array(self.per), self.shift)[0]
+            self.got[idle] = zero_extent_digest(self.per)
             last = len(self.got) - 1
             if idle[last] and self._pages(last) != self.per:
-                self.got[last] = extent_digests(page_digest_array(self._pages(last)),
-                                                self.shift)[0]
+                self.got[last] = zero_extent_digest(self._pages(last))
         return self.got
 
 

@@ -281,3 +281,39 @@ def test_page_index_matches_dense() -> None:
     assert np.array_equal(idx.get(0, n), dense)
     idx.clear(0, n)
     assert not idx.chunks and idx.nbytes == 0
+
+
+def test_sparse_bits_and_digests_match_dense() -> None:
+    """The receiver's sparse page bitmap and page digests give what dense per-page arrays
+    give, for random overlapping writes and zeroing (extent digests included)."""
+    import numpy as np
+
+    from fixedram.image.checksum import PageDigests, extent_digests, page_digest_array
+    from fixedram.image.sparse import SparseBits
+
+    rng = np.random.default_rng(11)
+    n = 3 * (1 << SparseBits.SHIFT) + 1000
+    bits, dense_bits = SparseBits(n), np.zeros(n, dtype=bool)
+    digs, dense_digs = PageDigests({"b": n * 4096}), page_digest_array(n)
+    for _ in range(200):
+        first = int(rng.integers(0, n))
+        k = int(rng.integers(1, min(5000, n - first) + 1))
+        if rng.random() < 0.6:
+            d = rng.integers(0, 1 << 63, size=k, dtype=np.uint64)
+            bits.set(first, k)
+            dense_bits[first : first + k] = True
+            digs.store("b", first, d)
+            dense_digs[first : first + k] = d
+        else:
+            got = np.zeros(n, dtype=bool)
+            for s, m in bits.clear_runs(first, k):
+                got[s : s + m] = True
+            assert np.array_equal(got[first : first + k], dense_bits[first : first + k])
+            assert not got[:first].any() and not got[first + k :].any()
+            dense_bits[first : first + k] = False
+            digs.zero("b", first, k)
+            dense_digs[first : first + k] = page_digest_array(k)
+    assert np.array_equal(bits.dense(), dense_bits)
+    assert bits.count() == int(dense_bits.sum())
+    for shift in (20, 22):
+        assert np.array_equal(digs.extent_digests("b", shift), extent_digests(dense_digs, shift))

@@ -39,6 +39,7 @@ import xxhash
 
 from fixedram.errors import FixedramError, ImageError
 from fixedram.image.layout import PAGE_SIZE, align_up, bitmap_bytes
+from fixedram.image.sparse import SparseArray
 
 __all__ = [
     "MAGIC",
@@ -54,6 +55,7 @@ __all__ = [
     "ChecksumError",
     "PageDigests",
     "DIGEST_CHUNK_SHIFT",
+    "zero_extent_digest",
     "page_digest_array",
     "digest_pages",
     "digest_views",
@@ -243,7 +245,11 @@ def extent_digests(pages: np.ndarray, extent_shift: int) -> np.ndarray:
 
 #: Pages per chunk of :class:`PageDigests` (1 MiB of guest RAM, 2 KiB of digests).
 DIGEST_CHUNK_SHIFT = 8
-_DCHUNK = 1 << DIGEST_CHUNK_SHIFT
+
+
+def zero_extent_digest(npages: int) -> int:
+    """The digest of an extent of ``npages`` zero pages."""
+    return _h(np.full(npages, ZERO_PAGE_DIGEST, dtype=">u8").tobytes())
 
 
 class PageDigests:
@@ -252,14 +258,16 @@ class PageDigests:
     :class:`~fixedram.image.writer.MappedRamWriter` updates it in ``write_pages`` and
     ``zero_pages`` (under the multifd lock when channels write), so at the end the
     digests describe the final content however often a page was rewritten. Digests
-    live in chunks of 256 pages (2 KiB each) made when a page of the chunk is first
-    written: memory follows the data that arrived (2 MiB per GiB of pages with data),
-    never the size a block claims; a page of a chunk never written counts as zero.
+    live in chunks of 256 pages (2 KiB each, a :class:`~fixedram.image.sparse.SparseArray`)
+    made when a page of the chunk is first written: memory follows the data that arrived
+    (2 MiB per GiB of pages with data), never the size a block claims; a page of a chunk
+    never written counts as zero.
     """
 
     def __init__(self, blocks: Mapping[str, int]) -> None:
         self.npages = {name: length // PAGE_SIZE for name, length in blocks.items()}
-        self.chunks: dict[str, dict[int, np.ndarray]] = {name: {} for name in blocks}
+        self.blocks = {name: SparseArray(n, DIGEST_CHUNK_SHIFT, np.uint64, ZERO_PAGE_DIGEST)
+                       for name, n in self.npages.items()}
 
     def write(self, block: str, first_page: int, bufs: Sequence[Buffer]) -> None:
         n = sum(len(b) for b in bufs) >> _PAGE_SHIFT
@@ -269,34 +277,10 @@ class PageDigests:
 
     def store(self, block: str, first_page: int, digests: np.ndarray) -> None:
         """Set the digests of pages ``first_page, ...`` (one per element of ``digests``)."""
-        chunks = self.chunks[block]
-        n = len(digests)
-        i = 0
-        while i < n:
-            pg = first_page + i
-            ci, at = pg >> DIGEST_CHUNK_SHIFT, pg & (_DCHUNK - 1)
-            k = min(_DCHUNK - at, n - i)
-            c = chunks.get(ci)
-            if c is None:
-                c = chunks[ci] = page_digest_array(_DCHUNK)
-            c[at : at + k] = digests[i : i + k]
-            i += k
+        self.blocks[block].store(first_page, digests)
 
     def zero(self, block: str, first_page: int, npages: int) -> None:
-        chunks = self.chunks[block]
-        if not chunks or npages <= 0:
-            return
-        end = first_page + npages
-        a, b = first_page >> DIGEST_CHUNK_SHIFT, (end - 1) >> DIGEST_CHUNK_SHIFT
-        keys = (range(a, b + 1) if b - a < len(chunks)
-                else sorted(k for k in chunks if a <= k <= b))
-        for ci in keys:
-            c = chunks.get(ci)
-            if c is None:
-                continue
-            lo = max(first_page, ci << DIGEST_CHUNK_SHIFT) - (ci << DIGEST_CHUNK_SHIFT)
-            hi = min(end, (ci + 1) << DIGEST_CHUNK_SHIFT) - (ci << DIGEST_CHUNK_SHIFT)
-            c[lo:hi] = ZERO_PAGE_DIGEST
+        self.blocks[block].reset(first_page, npages)
 
     def extent_digests(self, block: str, extent_shift: int) -> np.ndarray:
         """The block's per-extent digests (as :func:`extent_digests` of all its pages).
@@ -304,40 +288,29 @@ class PageDigests:
         Costs one array entry per extent plus work for the chunks that hold data: an
         extent without any is the (shared) digest of an extent of zero pages.
         """
-        npages = self.npages[block]
+        sp = self.blocks[block]
+        npages = sp.npages
         per = 1 << (extent_shift - _PAGE_SHIFT)
         n_ext = -(-npages // per)
         full = npages // per
         out = np.empty(n_ext, dtype=np.uint64)
         if full:
-            out[:full] = _h(np.full(per, ZERO_PAGE_DIGEST, dtype=">u8").tobytes())
+            out[:full] = zero_extent_digest(per)
         if n_ext > full:
-            out[full] = _h(np.full(npages - full * per, ZERO_PAGE_DIGEST,
-                                   dtype=">u8").tobytes())
-        chunks = self.chunks[block]
-        touched = sorted({e for ci in chunks
-                          for e in range((ci << DIGEST_CHUNK_SHIFT) // per,
-                                         (((ci + 1) << DIGEST_CHUNK_SHIFT) - 1) // per + 1)
+            out[full] = zero_extent_digest(npages - full * per)
+        step = sp.size
+        touched = sorted({e for ci in sp.chunks
+                          for e in range((ci * step) // per, ((ci + 1) * step - 1) // per + 1)
                           if e < n_ext})
         for e in touched:
             first = e * per
-            cnt = min(per, npages - first)
-            pages = page_digest_array(cnt)
-            pg = first
-            while pg < first + cnt:
-                ci, at = pg >> DIGEST_CHUNK_SHIFT, pg & (_DCHUNK - 1)
-                k = min(_DCHUNK - at, first + cnt - pg)
-                c = chunks.get(ci)
-                if c is not None:
-                    pages[pg - first : pg - first + k] = c[at : at + k]
-                pg += k
-            out[e] = _h(pages.astype(">u8").tobytes())
+            out[e] = _h(sp.get(first, min(per, npages - first)).astype(">u8").tobytes())
         return out
 
     @property
     def nbytes(self) -> int:
         """Memory held (bytes)."""
-        return sum(c.nbytes for chunks in self.chunks.values() for c in chunks.values())
+        return sum(sp.nbytes for sp in self.blocks.values())
 
 
 def image_page_digests(img: object, name: str) -> np.ndarray:

@@ -18,7 +18,7 @@ import errno
 import mmap
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +34,7 @@ from fixedram.image.layout import (
     bitmap_to_bools,
     runs,
 )
+from fixedram.image.sparse import SparseArray
 from fixedram.io.files import IOV_MAX, aligned_buffer, open_direct, preadv_exact
 from fixedram.stream import (
     CommandRecord,
@@ -530,9 +531,9 @@ class StreamImage(Image):
         """Runs found chunk by chunk of the sparse index (cost follows the data)."""
         self.block(name)
         idx = self._where[name]
-        for c, lo, hi, at in list(idx._spans(first, npages, True)):
-            for f, n in runs(idx.chunks[c][lo:hi] >= 0):
-                yield at + f, n
+        for _, c, lo, hi, at in list(idx.spans(first, npages)):
+            for f, n in runs(c[lo:hi] >= 0):
+                yield at - first + f, n
 
     def _read_into(self, blk: BlockInfo, first: int, dest: memoryview) -> None:
         where = self._where[blk.name].get(first, len(dest) // PAGE_SIZE)
@@ -593,7 +594,7 @@ class StreamImage(Image):
         return reads
 
 
-class PageIndex:
+class PageIndex(SparseArray):
     """Where each page of a legacy stream's block last got data: a file offset, or -1.
 
     Sparse: 8 bytes per page only in chunks of :data:`INDEX_CHUNK` pages that hold data
@@ -601,56 +602,20 @@ class PageIndex:
     data, not the block's length (a ZERO record where no data was ever seen is free).
     """
 
+    __slots__ = ()
+
     def __init__(self, npages: int) -> None:
-        self.npages = npages
-        self.chunks: dict[int, np.ndarray] = {}
-
-    @property
-    def nbytes(self) -> int:
-        """Memory held by the index (bytes)."""
-        return sum(c.nbytes for c in self.chunks.values())
-
-    def _spans(self, first: int, npages: int,
-               existing: bool) -> Iterator[tuple[int, int, int, int]]:
-        """``(chunk, lo, hi, at)``: pages ``[lo, hi)`` of chunk ``chunk`` (indices inside the
-        chunk) are pages ``at…`` of the range; only existing chunks when ``existing``."""
-        if npages <= 0:
-            return
-        end = first + npages
-        c0, c1 = first // INDEX_CHUNK, (end - 1) // INDEX_CHUNK + 1
-        cs: Iterable[int] = range(c0, c1)
-        if existing and c1 - c0 > len(self.chunks):
-            cs = sorted(c for c in self.chunks if c0 <= c < c1)
-        for c in cs:
-            if existing and c not in self.chunks:
-                continue
-            base = c * INDEX_CHUNK
-            lo, hi = max(first, base) - base, min(end, base + INDEX_CHUNK) - base
-            yield c, lo, hi, base + lo - first
+        super().__init__(npages, INDEX_CHUNK.bit_length() - 1, np.int64, _ABSENT)
 
     def put(self, first: int, npages: int, pos: int, stride: int) -> None:
         """Pages ``first…`` have data at ``pos``, ``pos + stride``…"""
-        for c, lo, hi, at in self._spans(first, npages, False):
-            chunk = self.chunks.get(c)
-            if chunk is None:
-                chunk = self.chunks[c] = np.full(INDEX_CHUNK, _ABSENT, dtype=np.int64)
-            p0 = pos + at * stride
-            chunk[lo:hi] = np.arange(p0, p0 + (hi - lo) * stride, stride, dtype=np.int64)
+        for _, c, lo, hi, at in self.spans(first, npages, True):
+            p0 = pos + (at - first) * stride
+            c[lo:hi] = np.arange(p0, p0 + (hi - lo) * stride, stride, dtype=np.int64)
 
     def clear(self, first: int, npages: int) -> None:
-        """Pages ``first…`` are zero again."""
-        for c, lo, hi, _ in list(self._spans(first, npages, True)):
-            chunk = self.chunks[c]
-            chunk[lo:hi] = _ABSENT
-            if hi - lo == INDEX_CHUNK or not (chunk >= 0).any():  # no data left: freed
-                del self.chunks[c]
-
-    def get(self, first: int, npages: int) -> np.ndarray:
-        """File offsets of pages ``[first, first + npages)`` (-1: no data)."""
-        out = np.full(npages, _ABSENT, dtype=np.int64)
-        for c, lo, hi, at in self._spans(first, npages, True):
-            out[at : at + hi - lo] = self.chunks[c][lo:hi]
-        return out
+        """Pages ``first…`` are zero again (a chunk left without data is freed)."""
+        self.reset(first, npages, free=True)
 
 
 class _DirectRefused(Exception):
