@@ -317,3 +317,33 @@ def test_sparse_bits_and_digests_match_dense() -> None:
     assert bits.count() == int(dense_bits.sum())
     for shift in (20, 22):
         assert np.array_equal(digs.extent_digests("b", shift), extent_digests(dense_digs, shift))
+
+
+def test_validate_of_converted_huge_claim_bounded(tmp_path: Path) -> None:
+    """A small legacy stream whose block claims 1 TiB (one page at its top), converted to a
+    sparse mapped-ram image: send's ``validate`` of that image allocates little (it used to
+    build one bool per claimed page, 256 MiB, and more on the way)."""
+    import tracemalloc
+
+    from fixedram.endpoint.send import validate
+
+    sys.path.insert(0, str(REPO / "fuzz"))
+    try:
+        import make_corpus
+    finally:
+        sys.path.remove(str(REPO / "fuzz"))
+    src = tmp_path / "claim.stream"
+    src.write_bytes(make_corpus.to_stream(make_corpus.claims()["claim-1t"]))
+    dst = tmp_path / "claim.img"
+    r = subprocess.run([PY, "-m", "fixedram", "convert", "-q", "--to", "mapped-ram", str(src),
+                        str(dst)], cwd=REPO, text=True, capture_output=True, check=False)
+    assert r.returncode == 0, r.stderr
+    with open_image(dst) as img:
+        assert list(img.runs("pc.ram")) == [((1 << 40) // 4096 - 1, 1)]
+    tracemalloc.start()
+    try:
+        validate(dst)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20, f"validate allocated {peak >> 20} MiB at its peak"
