@@ -365,8 +365,7 @@ def add_checksums(path: str | os.PathLike[str], *, force: bool = False) -> AddRe
             raise FixedramError(f"cannot open {p} for writing: {e.strerror}") from None
         try:
             old = find(fd, geom)
-            cs = compute(fd, geom, {}, extents=lambda name, shift: block_extent_digests(
-                img, name, shift))
+            cs = compute(fd, geom, lambda name, shift: block_extent_digests(img, name, shift))
             store(fd, geom, cs, durable=True, clear=old.slots)
         finally:
             os.close(fd)

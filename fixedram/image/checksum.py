@@ -60,7 +60,6 @@ __all__ = [
     "digest_pages",
     "digest_views",
     "extent_digests",
-    "image_page_digests",
     "compute",
     "encode",
     "decode",
@@ -313,17 +312,6 @@ class PageDigests:
         return sum(sp.nbytes for sp in self.blocks.values())
 
 
-def image_page_digests(img: object, name: str) -> np.ndarray:
-    """Per-page digests of block ``name`` of an open image (reads the pages with data)."""
-    from fixedram.image.reader import Image
-
-    assert isinstance(img, Image)
-    out = page_digest_array(img.block(name).npages)
-    for first, data in img.iter_data(name):
-        digest_pages(out, first, [data])
-    return out
-
-
 _ZEROS = bytes(1 << 20)
 
 
@@ -539,16 +527,14 @@ def _meta_digests(fd: int, geom: Geometry) -> tuple[dict[str, tuple[int, int]], 
 
 
 def compute(fd: int, geom: Geometry,
-            page_digests: Mapping[str, np.ndarray] | PageDigests, *,
-            extents: Callable[[str, int], np.ndarray] | None = None) -> Checksums:
+            extents: Callable[[str, int], np.ndarray]) -> Checksums:
     """The extension for the file behind ``fd`` (metadata read back, pages from digests).
 
-    ``page_digests``: every block's per-page digests (arrays), or a :class:`PageDigests`.
-
-    The extent size is the smallest (from 1 MiB up) whose extension fits in the largest
-    padding slot; :class:`ChecksumError` if even one extent per block does not fit.
-    ``extents(name, shift)``, when given, returns a block's extent digests instead of
-    ``page_digests`` (for callers that do not keep a digest per page).
+    ``extents(name, shift)`` returns block ``name``'s extent digests for extents of
+    ``2**shift`` bytes (:meth:`PageDigests.extent_digests` while writing, or computed from
+    the image's pages). The extent size is the smallest (from 1 MiB up) whose extension
+    fits in the largest padding slot; :class:`ChecksumError` if even one extent per block
+    does not fit.
     """
     geom.check()
     room = max((b.room for b in geom.blocks), default=0)
@@ -559,15 +545,8 @@ def compute(fd: int, geom: Geometry,
                                 f"bitmap and its pages is {room} bytes")
         shift += 1
     meta, tail = _meta_digests(fd, geom)
-    def ext(name: str) -> np.ndarray:
-        if extents is not None:
-            return extents(name, shift)
-        if isinstance(page_digests, PageDigests):
-            return page_digests.extent_digests(name, shift)
-        return extent_digests(page_digests[name], shift)
-
-    blocks = [BlockSums(b.name, b.length, b.pages_offset, *meta[b.name], ext(b.name))
-              for b in geom.blocks]
+    blocks = [BlockSums(b.name, b.length, b.pages_offset, *meta[b.name],
+                        extents(b.name, shift)) for b in geom.blocks]
     return Checksums(shift, geom.stream_end, tail, blocks)
 
 
@@ -636,7 +615,7 @@ def write_new(fd: int, geom: Geometry, digests: PageDigests) -> Checksums | None
     except OSError:
         rfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
     try:
-        cs = compute(rfd, geom, digests)
+        cs = compute(rfd, geom, digests.extent_digests)
     except ChecksumError:
         return None
     finally:
