@@ -38,8 +38,8 @@ from fixedram.image.checksum import (
     Checksums,
     Geometry,
     compute,
-    digest_pages,
     digest_views,
+    digests_of,
     extent_digests,
     find,
     hash_range,
@@ -401,9 +401,7 @@ class PageCheck:
         """Digest the whole pages of ``data``, pages ``first_page…`` of block ``name``."""
         st = self._block(name)
         if st is not None:
-            d = page_digest_array(len(data) // PAGE_SIZE)
-            digest_pages(d, 0, [data])
-            st.add(first_page, d)
+            st.add(first_page, digests_of([data]))
 
     def add(self, name: str, first_page: int, digests: np.ndarray) -> None:
         """Pages ``first_page…`` of block ``name`` have the page ``digests`` given."""
@@ -504,9 +502,7 @@ def block_extent_digests(img: Image, name: str, shift: int) -> np.ndarray:
     with data once; memory: the digests of one extent's pages, plus 8 bytes per extent."""
     st = _ExtentCheck(img, name, shift)
     for first, data in img.iter_data(name):
-        d = page_digest_array(len(data) // PAGE_SIZE)
-        digest_pages(d, 0, [data])
-        st.add(first, d)
+        st.add(first, digests_of([data]))
     return st.finish()
 
 

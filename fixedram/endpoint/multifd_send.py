@@ -73,7 +73,7 @@ from fixedram.endpoint.send import (
 )
 from fixedram.errors import EndpointError, FixedramError, ImageError, MismatchError
 from fixedram.image import Image
-from fixedram.image.checksum import digest_pages, page_digest_array
+from fixedram.image.checksum import digests_of
 from fixedram.image.reader import BlockInfo, DirectIO
 from fixedram.image.sections import ram_section_id
 from fixedram.io.channel import connect
@@ -417,8 +417,7 @@ class _ChannelThread(threading.Thread):
 
     def _check(self, check: PageCheck, name: str, first: int, data: memoryview) -> None:
         """Digest a run's pages (outside the lock: channels hash in parallel), then add."""
-        d = page_digest_array(len(data) // PS)
-        digest_pages(d, 0, [data])
+        d = digests_of([data])
         with self.state.check_lock:
             check.add(name, first, d)
 

@@ -38,7 +38,7 @@ import numpy as np
 import xxhash
 
 from fixedram.errors import FixedramError, ImageError
-from fixedram.image.layout import PAGE_SIZE, align_up, bitmap_bytes
+from fixedram.image.layout import PAGE_SIZE, align_up, bitmap_bytes, page_slices
 from fixedram.image.sparse import SparseArray
 
 __all__ = [
@@ -59,6 +59,7 @@ __all__ = [
     "page_digest_array",
     "digest_pages",
     "digest_views",
+    "digests_of",
     "extent_digests",
     "compute",
     "encode",
@@ -212,7 +213,7 @@ def digest_pages(out: np.ndarray, first: int, bufs: Sequence[Buffer]) -> int:
     for v in views:
         n = len(v) >> _PAGE_SHIFT
         if n:
-            out[i : i + n] = digest_views(map(v.__getitem__, _page_slices(n)), n)
+            out[i : i + n] = digest_views(map(v.__getitem__, page_slices(n)), n)
         i += n
     return i - first
 
@@ -222,15 +223,12 @@ def digest_views(views: Iterable[Buffer], n: int) -> np.ndarray:
     return np.fromiter(map(_h, views), dtype=np.uint64, count=n)
 
 
-_SLICES: list[slice] = []
-
-
-def _page_slices(n: int) -> list[slice]:
-    """Slices of pages ``0..n-1`` of a buffer (made once, reused)."""
-    if n > len(_SLICES):
-        _SLICES.extend(slice(k << _PAGE_SHIFT, (k + 1) << _PAGE_SHIFT)
-                       for k in range(len(_SLICES), max(n, 256)))
-    return _SLICES[:n]
+def digests_of(bufs: Sequence[Buffer]) -> np.ndarray:
+    """The digests of the whole pages in ``bufs``, as a new array."""
+    out = np.empty(sum(len(memoryview(b).cast("B")) for b in bufs) >> _PAGE_SHIFT,
+                   dtype=np.uint64)
+    digest_pages(out, 0, bufs)
+    return out
 
 
 def extent_digests(pages: np.ndarray, extent_shift: int) -> np.ndarray:
@@ -269,10 +267,7 @@ class PageDigests:
                        for name, n in self.npages.items()}
 
     def write(self, block: str, first_page: int, bufs: Sequence[Buffer]) -> None:
-        n = sum(len(b) for b in bufs) >> _PAGE_SHIFT
-        d = np.empty(n, dtype=np.uint64)
-        digest_pages(d, 0, bufs)
-        self.store(block, first_page, d)
+        self.store(block, first_page, digests_of(bufs))
 
     def store(self, block: str, first_page: int, digests: np.ndarray) -> None:
         """Set the digests of pages ``first_page, ...`` (one per element of ``digests``)."""

@@ -34,6 +34,7 @@ __all__ = [
     "runs",
     "bitmap_runs",
     "BITMAP_PIECE_PAGES",
+    "page_slices",
 ]
 
 #: Pages covered by one piece of a bitmap read at a time (128 KiB of bitmap, 4 GiB of RAM):
@@ -108,3 +109,17 @@ def bitmap_runs(raw: bytes | bytearray | memoryview, npages: int) -> Iterator[tu
     starts = np.concatenate(([0], cuts))
     ends = np.concatenate((cuts, [len(pages)]))
     return zip(pages[starts].tolist(), (ends - starts).tolist(), strict=True)
+
+
+_SLICES: dict[int, list[slice]] = {}
+
+
+def page_slices(n: int, stride: int = PAGE_SIZE) -> list[slice]:
+    """Slices of the pages of ``n`` consecutive records ``stride`` bytes apart (of ``n``
+    pages of a buffer by default); made once per stride and reused, so a buffer's pages
+    are cut by ``map`` in C."""
+    sl = _SLICES.setdefault(stride, [])
+    if n > len(sl):
+        sl.extend(slice(k * stride, k * stride + PAGE_SIZE)
+                  for k in range(len(sl), max(n, 256)))
+    return sl[:n]

@@ -41,8 +41,8 @@ from fixedram.image.checksum import (
     Checksums,
     Geometry,
     PageDigests,
-    digest_pages,
     digest_views,
+    digests_of,
     write_new,
 )
 from fixedram.image.layout import PAGE_SIZE, block_geometry
@@ -214,10 +214,7 @@ class MappedRamWriter:
                                 f"block '{block}' ({blk.npages} pages)")
         if not npages:
             return 0
-        digests = None
-        if self.digests is not None:
-            digests = np.empty(npages, dtype=np.uint64)
-            digest_pages(digests, 0, bufs)
+        digests = digests_of(bufs) if self.digests is not None else None
         pwritev_all(self.page_fd, bufs, blk.pages_offset + first_page * PAGE_SIZE)
         self._written(blk, first_page, npages, digests)
         return npages
