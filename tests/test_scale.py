@@ -253,6 +253,14 @@ def test_runs_in_pieces_equal_whole_bitmap(tmp_path: Path) -> None:
         assert img.last_present("pc.ram") == 2 * P + 99
         assert np.array_equal(img.present_range("pc.ram", P - 3, 9), whole[P - 3 : P + 6])
         assert list(img.runs("pc.ram", P - 1, P + 2)) == [(P - 1, 3)]
+        # small ranges come from cached blocks of the bitmap, large ones straight from it
+        rng = np.random.default_rng(5)
+        for _ in range(2000):
+            a = int(rng.integers(0, npages))
+            k = int(rng.integers(0, min(int(rng.choice([300, 70000])), npages - a) + 1))
+            assert np.array_equal(img.present_range("pc.ram", a, k), whole[a : a + k]), (a, k)
+        for a in (npages - 1, npages - 200, 0):
+            assert np.array_equal(img.present_range("pc.ram", a, npages - a), whole[a:])
 
 
 def test_page_index_matches_dense() -> None:

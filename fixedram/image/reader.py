@@ -18,6 +18,7 @@ import errno
 import mmap
 import os
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,11 @@ READ_CHUNK = 1 << 20
 
 #: Pages per chunk of a legacy stream's sparse page index (:class:`PageIndex`): 1 MiB of RAM.
 INDEX_CHUNK = 256
+
+#: Pages per cached block of a mapped-ram bitmap (4 KiB of bitmap, 128 MiB of RAM), and how
+#: many such blocks an image keeps (256 KiB).
+_BM_BLOCK_SHIFT = 15
+_BM_BLOCKS = 64
 
 #: Read size while walking the metadata of a mapped-ram file (bytes).
 METADATA_CHUNK = 16 << 10
@@ -461,10 +467,36 @@ class MappedRamImage(Image):
         blk = self.block(name)
         if name in cache:
             return cache[name][first : first + npages]
-        raw = self._bitmap_bytes(blk, first, npages)
-        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+        b = first >> _BM_BLOCK_SHIFT
+        if npages > 0 and first >= 0 and (first + npages - 1) >> _BM_BLOCK_SHIFT == b \
+                and first + npages <= blk.npages:
+            # a small range (a page request, an extent): from a cached block of the bitmap
+            raw = self._bitmap_block(blk, b)
+            first -= b << _BM_BLOCK_SHIFT
+        else:
+            raw = self._bitmap_bytes(blk, first, npages)
+            first &= 7
+        lo = first >> 3
+        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8)[lo : (first + npages + 7) >> 3],
+                             bitorder="little")
         s = first & 7
         return bits[s : s + npages].astype(bool)
+
+    def _bitmap_block(self, blk: BlockInfo, b: int) -> bytearray:
+        """Bitmap bytes of pages ``[b << _BM_BLOCK_SHIFT, …)`` (4 KiB: 128 MiB of RAM), read
+        once while among the last :data:`_BM_BLOCKS` used: one read serves the many small
+        lookups of a region (a lazy restore's page requests, an extent check's ranges)."""
+        key = (blk.name, b)
+        blocks: dict[tuple[str, int], bytearray] = self.__dict__.setdefault("_bm_blocks", {})
+        raw = blocks.get(key)
+        if raw is None:
+            base = b << _BM_BLOCK_SHIFT
+            raw = self._bitmap_bytes(blk, base, min(1 << _BM_BLOCK_SHIFT, blk.npages - base))
+            with self.__dict__.setdefault("_bm_lock", threading.Lock()):
+                while len(blocks) >= _BM_BLOCKS:  # oldest first
+                    del blocks[next(iter(blocks))]
+                blocks[key] = raw
+        return raw
 
     def _piece_runs(self, name: str, first: int, npages: int) -> Iterator[tuple[int, int]]:
         if first % 64 or name in self.__dict__.get("_bitmaps", {}):
