@@ -38,13 +38,14 @@ from fixedram.image.checksum import (
     Checksums,
     Geometry,
     compute,
-    digest_pages,
     digest_views,
+    digests_of,
     extent_digests,
     find,
     hash_range,
     page_digest_array,
     store,
+    zero_extent_digest,
 )
 from fixedram.image.layout import bitmap_bytes
 from fixedram.image.reader import Image, open_image
@@ -364,8 +365,7 @@ def add_checksums(path: str | os.PathLike[str], *, force: bool = False) -> AddRe
             raise FixedramError(f"cannot open {p} for writing: {e.strerror}") from None
         try:
             old = find(fd, geom)
-            cs = compute(fd, geom, {}, extents=lambda name, shift: block_extent_digests(
-                img, name, shift))
+            cs = compute(fd, geom, lambda name, shift: block_extent_digests(img, name, shift))
             store(fd, geom, cs, durable=True, clear=old.slots)
         finally:
             os.close(fd)
@@ -401,9 +401,7 @@ class PageCheck:
         """Digest the whole pages of ``data``, pages ``first_page…`` of block ``name``."""
         st = self._block(name)
         if st is not None:
-            d = page_digest_array(len(data) // PAGE_SIZE)
-            digest_pages(d, 0, [data])
-            st.add(first_page, d)
+            st.add(first_page, digests_of([data]))
 
     def add(self, name: str, first_page: int, digests: np.ndarray) -> None:
         """Pages ``first_page…`` of block ``name`` have the page ``digests`` given."""
@@ -492,11 +490,10 @@ class _ExtentCheck:
             self._close(e)
         idle = ~self.touched
         if idle.any():
-            self.got[idle] = extent_digests(page_digest_array(self.per), self.shift)[0]
+            self.got[idle] = zero_extent_digest(self.per)
             last = len(self.got) - 1
             if idle[last] and self._pages(last) != self.per:
-                self.got[last] = extent_digests(page_digest_array(self._pages(last)),
-                                                self.shift)[0]
+                self.got[last] = zero_extent_digest(self._pages(last))
         return self.got
 
 
@@ -505,9 +502,7 @@ def block_extent_digests(img: Image, name: str, shift: int) -> np.ndarray:
     with data once; memory: the digests of one extent's pages, plus 8 bytes per extent."""
     st = _ExtentCheck(img, name, shift)
     for first, data in img.iter_data(name):
-        d = page_digest_array(len(data) // PAGE_SIZE)
-        digest_pages(d, 0, [data])
-        st.add(first, d)
+        st.add(first, digests_of([data]))
     return st.finish()
 
 

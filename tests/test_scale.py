@@ -253,6 +253,14 @@ def test_runs_in_pieces_equal_whole_bitmap(tmp_path: Path) -> None:
         assert img.last_present("pc.ram") == 2 * P + 99
         assert np.array_equal(img.present_range("pc.ram", P - 3, 9), whole[P - 3 : P + 6])
         assert list(img.runs("pc.ram", P - 1, P + 2)) == [(P - 1, 3)]
+        # small ranges come from cached blocks of the bitmap, large ones straight from it
+        rng = np.random.default_rng(5)
+        for _ in range(2000):
+            a = int(rng.integers(0, npages))
+            k = int(rng.integers(0, min(int(rng.choice([300, 70000])), npages - a) + 1))
+            assert np.array_equal(img.present_range("pc.ram", a, k), whole[a : a + k]), (a, k)
+        for a in (npages - 1, npages - 200, 0):
+            assert np.array_equal(img.present_range("pc.ram", a, npages - a), whole[a:])
 
 
 def test_page_index_matches_dense() -> None:
@@ -281,3 +289,69 @@ def test_page_index_matches_dense() -> None:
     assert np.array_equal(idx.get(0, n), dense)
     idx.clear(0, n)
     assert not idx.chunks and idx.nbytes == 0
+
+
+def test_sparse_bits_and_digests_match_dense() -> None:
+    """The receiver's sparse page bitmap and page digests give what dense per-page arrays
+    give, for random overlapping writes and zeroing (extent digests included)."""
+    import numpy as np
+
+    from fixedram.image.checksum import PageDigests, extent_digests, page_digest_array
+    from fixedram.image.sparse import SparseBits
+
+    rng = np.random.default_rng(11)
+    n = 3 * (1 << SparseBits.SHIFT) + 1000
+    bits, dense_bits = SparseBits(n), np.zeros(n, dtype=bool)
+    digs, dense_digs = PageDigests({"b": n * 4096}), page_digest_array(n)
+    for _ in range(200):
+        first = int(rng.integers(0, n))
+        k = int(rng.integers(1, min(5000, n - first) + 1))
+        if rng.random() < 0.6:
+            d = rng.integers(0, 1 << 63, size=k, dtype=np.uint64)
+            bits.set(first, k)
+            dense_bits[first : first + k] = True
+            digs.store("b", first, d)
+            dense_digs[first : first + k] = d
+        else:
+            got = np.zeros(n, dtype=bool)
+            for s, m in bits.clear_runs(first, k):
+                got[s : s + m] = True
+            assert np.array_equal(got[first : first + k], dense_bits[first : first + k])
+            assert not got[:first].any() and not got[first + k :].any()
+            dense_bits[first : first + k] = False
+            digs.zero("b", first, k)
+            dense_digs[first : first + k] = page_digest_array(k)
+    assert np.array_equal(bits.dense(), dense_bits)
+    assert bits.count() == int(dense_bits.sum())
+    for shift in (20, 22):
+        assert np.array_equal(digs.extent_digests("b", shift), extent_digests(dense_digs, shift))
+
+
+def test_validate_of_converted_huge_claim_bounded(tmp_path: Path) -> None:
+    """A small legacy stream whose block claims 1 TiB (one page at its top), converted to a
+    sparse mapped-ram image: send's ``validate`` of that image allocates little (it used to
+    build one bool per claimed page, 256 MiB, and more on the way)."""
+    import tracemalloc
+
+    from fixedram.endpoint.send import validate
+
+    sys.path.insert(0, str(REPO / "fuzz"))
+    try:
+        import make_corpus
+    finally:
+        sys.path.remove(str(REPO / "fuzz"))
+    src = tmp_path / "claim.stream"
+    src.write_bytes(make_corpus.to_stream(make_corpus.claims()["claim-1t"]))
+    dst = tmp_path / "claim.img"
+    r = subprocess.run([PY, "-m", "fixedram", "convert", "-q", "--to", "mapped-ram", str(src),
+                        str(dst)], cwd=REPO, text=True, capture_output=True, check=False)
+    assert r.returncode == 0, r.stderr
+    with open_image(dst) as img:
+        assert list(img.runs("pc.ram")) == [((1 << 40) // 4096 - 1, 1)]
+    tracemalloc.start()
+    try:
+        validate(dst)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 << 20, f"validate allocated {peak >> 20} MiB at its peak"

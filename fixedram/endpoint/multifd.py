@@ -37,12 +37,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import pairwise
 from typing import Any, Literal, Protocol
 
 import numpy as np
 
 from fixedram.errors import EndpointError, FixedramError, StreamError, UnsupportedRecord
+from fixedram.image.layout import index_runs
 from fixedram.io.channel import Channel
 from fixedram.stream.format import MULTIFD_PAGES_PER_PACKET, TARGET_PAGE_SIZE
 from fixedram.stream.multifd import (
@@ -135,17 +135,9 @@ class _Conn:
         return f"multifd channel {cid}" if cid is not None else f"multifd connection #{self.index}"
 
 
-def _runs(offsets: Sequence[int] | np.ndarray) -> list[tuple[int, int, int]]:
-    """``(first_page, index, count)`` for each run of consecutive page offsets (numpy)."""
-    n = len(offsets)
-    if not n:
-        return []
-    pages = np.asarray(offsets, dtype=np.uint64) >> np.uint64(_SHIFT)
-    if n == 1 or (int(pages[-1]) - int(pages[0]) == n - 1 and (np.diff(pages) == 1).all()):
-        return [(int(pages[0]), 0, n)]
-    cuts = [0, *(np.flatnonzero(np.diff(pages) != 1) + 1).tolist(), n]
-    firsts = pages[cuts[:-1]].tolist()
-    return [(f, a, z - a) for f, (a, z) in zip(firsts, pairwise(cuts), strict=True)]
+def _runs(offsets: np.ndarray) -> list[tuple[int, int, int]]:
+    """``(index, first_page, count)`` for each run of consecutive page offsets (numpy)."""
+    return index_runs(offsets.astype(np.int64) >> _SHIFT)
 
 
 def _wake(channel: Channel) -> None:
@@ -344,10 +336,10 @@ class MultifdReceiver:
             with self._lock:
                 # one write per run of consecutive pages, straight from the payload
                 nn = len(pkt.normal_offsets)
-                for first, i, n in _runs(offs[:nn]):
+                for i, first, n in _runs(offs[:nn]):
                     self.sink.write_pages(pkt.block, first, [
                         data[i * TARGET_PAGE_SIZE : (i + n) * TARGET_PAGE_SIZE]])
-                for first, _, n in _runs(offs[nn:]):
+                for _, first, n in _runs(offs[nn:]):
                     self.sink.zero_pages(pkt.block, first, n)
         with cond:
             st = conn.stats

@@ -73,7 +73,8 @@ from fixedram.endpoint.send import (
 )
 from fixedram.errors import EndpointError, FixedramError, ImageError, MismatchError
 from fixedram.image import Image
-from fixedram.image.checksum import digest_pages, page_digest_array
+from fixedram.image.checksum import digests_of
+from fixedram.image.layout import index_runs
 from fixedram.image.reader import BlockInfo, DirectIO
 from fixedram.image.sections import ram_section_id
 from fixedram.io.channel import connect
@@ -261,17 +262,6 @@ def _packets(runs: Iterable[tuple[int, int]]) -> Iterator[np.ndarray]:
         yield pend[0] if len(pend) == 1 else np.concatenate(pend)
 
 
-def _runs_of(pages: np.ndarray) -> Iterator[tuple[int, int, int]]:
-    """``(slot, first_page, npages)`` for each run of consecutive page indices."""
-    if len(pages) == 0:
-        return
-    cuts = np.flatnonzero(np.diff(pages) != 1) + 1
-    starts = [0, *cuts.tolist()]
-    ends = [*cuts.tolist(), len(pages)]
-    for s, e in zip(starts, ends, strict=True):
-        yield s, int(pages[s]), e - s
-
-
 # ---------------------------------------------------------------------------------------------
 # Channels
 # ---------------------------------------------------------------------------------------------
@@ -417,8 +407,7 @@ class _ChannelThread(threading.Thread):
 
     def _check(self, check: PageCheck, name: str, first: int, data: memoryview) -> None:
         """Digest a run's pages (outside the lock: channels hash in parallel), then add."""
-        d = page_digest_array(len(data) // PS)
-        digest_pages(d, 0, [data])
+        d = digests_of([data])
         with self.state.check_lock:
             check.add(name, first, d)
 
@@ -455,7 +444,7 @@ class _ChannelThread(threading.Thread):
             packet_header_into(self.hdr, block=pkt.name, normal=pkt.normal * PS,
                                zero=pkt.zero * PS, packet_num=num)
             check = st.checks(blk.name) if nn else None
-            runs = list(_runs_of(pkt.normal))
+            runs = index_runs(pkt.normal)
             # pages to check must be read anyway: into the buffer they are sent from
             # (measured: hashing through a mapping of the file, then sendfile, costs more)
             if self.zero_copy and check is None and len(runs) <= _SENDFILE_RUNS:

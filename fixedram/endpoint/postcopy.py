@@ -58,6 +58,7 @@ from fixedram.errors import EndpointError, FixedramError, ImageError, MismatchEr
 from fixedram.image import Image, open_image
 from fixedram.image.layout import runs
 from fixedram.image.sections import ram_section_id
+from fixedram.image.sparse import SparseBits
 from fixedram.io.channel import Buffer, Channel
 from fixedram.stream import (
     CommandRecord,
@@ -329,36 +330,6 @@ def _merge(requests: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
     return out
 
 
-class _SparseBits:
-    """One bool per page of a block, stored only in chunks where a bit was ever set (the
-    pages sent so far), so memory follows what was sent, not the block's size."""
-
-    CHUNK = 4096
-
-    def __init__(self, npages: int) -> None:
-        self.npages = npages
-        self.chunks: dict[int, np.ndarray] = {}
-
-    def get(self, first: int, n: int) -> np.ndarray:
-        out = np.zeros(n, dtype=bool)
-        ch = self.CHUNK
-        for c in range(first // ch, (first + n - 1) // ch + 1 if n > 0 else 0):
-            arr = self.chunks.get(c)
-            if arr is not None:
-                lo, hi = max(first, c * ch), min(first + n, (c + 1) * ch)
-                out[lo - first : hi - first] = arr[lo - c * ch : hi - c * ch]
-        return out
-
-    def set(self, first: int, n: int) -> None:
-        ch = self.CHUNK
-        for c in range(first // ch, (first + n - 1) // ch + 1 if n > 0 else 0):
-            arr = self.chunks.get(c)
-            if arr is None:
-                arr = self.chunks[c] = np.zeros(ch, dtype=bool)
-            lo, hi = max(first, c * ch), min(first + n, (c + 1) * ch)
-            arr[lo - c * ch : hi - c * ch] = True
-
-
 class _Server:
     """Serves one lazy restore over ``channel`` once the guest runs."""
 
@@ -370,7 +341,7 @@ class _Server:
         self.channel = channel
         self.rp = rp
         self.enc = StreamEncoder()
-        self.sent = {n: _SparseBits(b.npages) for n, b in img.blocks.items()}
+        self.sent = {n: SparseBits(b.npages, shift=12) for n, b in img.blocks.items()}
         self.pages_total = sum(img.count_present(n) for n in img.blocks)
         self.pages_on_demand = 0
         self.pages_pushed = 0

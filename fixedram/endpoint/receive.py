@@ -54,7 +54,7 @@ from fixedram.errors import (
     TruncatedStream,
     UnsupportedRecord,
 )
-from fixedram.image.layout import PAGE_SIZE
+from fixedram.image.layout import PAGE_SIZE, page_slices
 from fixedram.image.writer import Buffer, MappedRamWriter, mapped_configuration
 from fixedram.io.channel import Channel, Listener, SocketChannel
 from fixedram.io.files import (
@@ -126,15 +126,6 @@ CONNECT_TIMEOUT = 30.0
 CHANNEL_GRACE = 5.0
 
 _PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
-_RECORD_PAGES: dict[int, list[slice]] = {}
-
-
-def _record_pages(stride: int, n: int) -> list[slice]:
-    """Slices of the pages of ``n`` consecutive records ``stride`` bytes apart (cached)."""
-    sl = _RECORD_PAGES.setdefault(stride, [])
-    if n > len(sl):
-        sl.extend(slice(k * stride, k * stride + PAGE_SIZE) for k in range(len(sl), n))
-    return sl[:n]
 
 
 @dataclass(frozen=True)
@@ -543,7 +534,7 @@ class Receiver:
                 if stage is None:
                     n = sink.write_page_views(block, first,
                                               list(map(data.__getitem__,
-                                                       _record_pages(stride, npages))))
+                                                       page_slices(npages, stride))))
                 else:
                     n = 0
                     per = len(stage) // PAGE_SIZE

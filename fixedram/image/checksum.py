@@ -38,7 +38,8 @@ import numpy as np
 import xxhash
 
 from fixedram.errors import FixedramError, ImageError
-from fixedram.image.layout import PAGE_SIZE, align_up, bitmap_bytes
+from fixedram.image.layout import PAGE_SIZE, align_up, bitmap_bytes, page_slices
+from fixedram.image.sparse import SparseArray
 
 __all__ = [
     "MAGIC",
@@ -54,11 +55,12 @@ __all__ = [
     "ChecksumError",
     "PageDigests",
     "DIGEST_CHUNK_SHIFT",
+    "zero_extent_digest",
     "page_digest_array",
     "digest_pages",
     "digest_views",
+    "digests_of",
     "extent_digests",
-    "image_page_digests",
     "compute",
     "encode",
     "decode",
@@ -211,7 +213,7 @@ def digest_pages(out: np.ndarray, first: int, bufs: Sequence[Buffer]) -> int:
     for v in views:
         n = len(v) >> _PAGE_SHIFT
         if n:
-            out[i : i + n] = digest_views(map(v.__getitem__, _page_slices(n)), n)
+            out[i : i + n] = digest_views(map(v.__getitem__, page_slices(n)), n)
         i += n
     return i - first
 
@@ -221,15 +223,12 @@ def digest_views(views: Iterable[Buffer], n: int) -> np.ndarray:
     return np.fromiter(map(_h, views), dtype=np.uint64, count=n)
 
 
-_SLICES: list[slice] = []
-
-
-def _page_slices(n: int) -> list[slice]:
-    """Slices of pages ``0..n-1`` of a buffer (made once, reused)."""
-    if n > len(_SLICES):
-        _SLICES.extend(slice(k << _PAGE_SHIFT, (k + 1) << _PAGE_SHIFT)
-                       for k in range(len(_SLICES), max(n, 256)))
-    return _SLICES[:n]
+def digests_of(bufs: Sequence[Buffer]) -> np.ndarray:
+    """The digests of the whole pages in ``bufs``, as a new array."""
+    out = np.empty(sum(len(memoryview(b).cast("B")) for b in bufs) >> _PAGE_SHIFT,
+                   dtype=np.uint64)
+    digest_pages(out, 0, bufs)
+    return out
 
 
 def extent_digests(pages: np.ndarray, extent_shift: int) -> np.ndarray:
@@ -243,7 +242,11 @@ def extent_digests(pages: np.ndarray, extent_shift: int) -> np.ndarray:
 
 #: Pages per chunk of :class:`PageDigests` (1 MiB of guest RAM, 2 KiB of digests).
 DIGEST_CHUNK_SHIFT = 8
-_DCHUNK = 1 << DIGEST_CHUNK_SHIFT
+
+
+def zero_extent_digest(npages: int) -> int:
+    """The digest of an extent of ``npages`` zero pages."""
+    return _h(np.full(npages, ZERO_PAGE_DIGEST, dtype=">u8").tobytes())
 
 
 class PageDigests:
@@ -252,51 +255,26 @@ class PageDigests:
     :class:`~fixedram.image.writer.MappedRamWriter` updates it in ``write_pages`` and
     ``zero_pages`` (under the multifd lock when channels write), so at the end the
     digests describe the final content however often a page was rewritten. Digests
-    live in chunks of 256 pages (2 KiB each) made when a page of the chunk is first
-    written: memory follows the data that arrived (2 MiB per GiB of pages with data),
-    never the size a block claims; a page of a chunk never written counts as zero.
+    live in chunks of 256 pages (2 KiB each, a :class:`~fixedram.image.sparse.SparseArray`)
+    made when a page of the chunk is first written: memory follows the data that arrived
+    (2 MiB per GiB of pages with data), never the size a block claims; a page of a chunk
+    never written counts as zero.
     """
 
     def __init__(self, blocks: Mapping[str, int]) -> None:
         self.npages = {name: length // PAGE_SIZE for name, length in blocks.items()}
-        self.chunks: dict[str, dict[int, np.ndarray]] = {name: {} for name in blocks}
+        self.blocks = {name: SparseArray(n, DIGEST_CHUNK_SHIFT, np.uint64, ZERO_PAGE_DIGEST)
+                       for name, n in self.npages.items()}
 
     def write(self, block: str, first_page: int, bufs: Sequence[Buffer]) -> None:
-        n = sum(len(b) for b in bufs) >> _PAGE_SHIFT
-        d = np.empty(n, dtype=np.uint64)
-        digest_pages(d, 0, bufs)
-        self.store(block, first_page, d)
+        self.store(block, first_page, digests_of(bufs))
 
     def store(self, block: str, first_page: int, digests: np.ndarray) -> None:
         """Set the digests of pages ``first_page, ...`` (one per element of ``digests``)."""
-        chunks = self.chunks[block]
-        n = len(digests)
-        i = 0
-        while i < n:
-            pg = first_page + i
-            ci, at = pg >> DIGEST_CHUNK_SHIFT, pg & (_DCHUNK - 1)
-            k = min(_DCHUNK - at, n - i)
-            c = chunks.get(ci)
-            if c is None:
-                c = chunks[ci] = page_digest_array(_DCHUNK)
-            c[at : at + k] = digests[i : i + k]
-            i += k
+        self.blocks[block].store(first_page, digests)
 
     def zero(self, block: str, first_page: int, npages: int) -> None:
-        chunks = self.chunks[block]
-        if not chunks or npages <= 0:
-            return
-        end = first_page + npages
-        a, b = first_page >> DIGEST_CHUNK_SHIFT, (end - 1) >> DIGEST_CHUNK_SHIFT
-        keys = (range(a, b + 1) if b - a < len(chunks)
-                else sorted(k for k in chunks if a <= k <= b))
-        for ci in keys:
-            c = chunks.get(ci)
-            if c is None:
-                continue
-            lo = max(first_page, ci << DIGEST_CHUNK_SHIFT) - (ci << DIGEST_CHUNK_SHIFT)
-            hi = min(end, (ci + 1) << DIGEST_CHUNK_SHIFT) - (ci << DIGEST_CHUNK_SHIFT)
-            c[lo:hi] = ZERO_PAGE_DIGEST
+        self.blocks[block].reset(first_page, npages)
 
     def extent_digests(self, block: str, extent_shift: int) -> np.ndarray:
         """The block's per-extent digests (as :func:`extent_digests` of all its pages).
@@ -304,51 +282,29 @@ class PageDigests:
         Costs one array entry per extent plus work for the chunks that hold data: an
         extent without any is the (shared) digest of an extent of zero pages.
         """
-        npages = self.npages[block]
+        sp = self.blocks[block]
+        npages = sp.npages
         per = 1 << (extent_shift - _PAGE_SHIFT)
         n_ext = -(-npages // per)
         full = npages // per
         out = np.empty(n_ext, dtype=np.uint64)
         if full:
-            out[:full] = _h(np.full(per, ZERO_PAGE_DIGEST, dtype=">u8").tobytes())
+            out[:full] = zero_extent_digest(per)
         if n_ext > full:
-            out[full] = _h(np.full(npages - full * per, ZERO_PAGE_DIGEST,
-                                   dtype=">u8").tobytes())
-        chunks = self.chunks[block]
-        touched = sorted({e for ci in chunks
-                          for e in range((ci << DIGEST_CHUNK_SHIFT) // per,
-                                         (((ci + 1) << DIGEST_CHUNK_SHIFT) - 1) // per + 1)
+            out[full] = zero_extent_digest(npages - full * per)
+        step = sp.size
+        touched = sorted({e for ci in sp.chunks
+                          for e in range((ci * step) // per, ((ci + 1) * step - 1) // per + 1)
                           if e < n_ext})
         for e in touched:
             first = e * per
-            cnt = min(per, npages - first)
-            pages = page_digest_array(cnt)
-            pg = first
-            while pg < first + cnt:
-                ci, at = pg >> DIGEST_CHUNK_SHIFT, pg & (_DCHUNK - 1)
-                k = min(_DCHUNK - at, first + cnt - pg)
-                c = chunks.get(ci)
-                if c is not None:
-                    pages[pg - first : pg - first + k] = c[at : at + k]
-                pg += k
-            out[e] = _h(pages.astype(">u8").tobytes())
+            out[e] = _h(sp.get(first, min(per, npages - first)).astype(">u8").tobytes())
         return out
 
     @property
     def nbytes(self) -> int:
         """Memory held (bytes)."""
-        return sum(c.nbytes for chunks in self.chunks.values() for c in chunks.values())
-
-
-def image_page_digests(img: object, name: str) -> np.ndarray:
-    """Per-page digests of block ``name`` of an open image (reads the pages with data)."""
-    from fixedram.image.reader import Image
-
-    assert isinstance(img, Image)
-    out = page_digest_array(img.block(name).npages)
-    for first, data in img.iter_data(name):
-        digest_pages(out, first, [data])
-    return out
+        return sum(sp.nbytes for sp in self.blocks.values())
 
 
 _ZEROS = bytes(1 << 20)
@@ -566,16 +522,14 @@ def _meta_digests(fd: int, geom: Geometry) -> tuple[dict[str, tuple[int, int]], 
 
 
 def compute(fd: int, geom: Geometry,
-            page_digests: Mapping[str, np.ndarray] | PageDigests, *,
-            extents: Callable[[str, int], np.ndarray] | None = None) -> Checksums:
+            extents: Callable[[str, int], np.ndarray]) -> Checksums:
     """The extension for the file behind ``fd`` (metadata read back, pages from digests).
 
-    ``page_digests``: every block's per-page digests (arrays), or a :class:`PageDigests`.
-
-    The extent size is the smallest (from 1 MiB up) whose extension fits in the largest
-    padding slot; :class:`ChecksumError` if even one extent per block does not fit.
-    ``extents(name, shift)``, when given, returns a block's extent digests instead of
-    ``page_digests`` (for callers that do not keep a digest per page).
+    ``extents(name, shift)`` returns block ``name``'s extent digests for extents of
+    ``2**shift`` bytes (:meth:`PageDigests.extent_digests` while writing, or computed from
+    the image's pages). The extent size is the smallest (from 1 MiB up) whose extension
+    fits in the largest padding slot; :class:`ChecksumError` if even one extent per block
+    does not fit.
     """
     geom.check()
     room = max((b.room for b in geom.blocks), default=0)
@@ -586,15 +540,8 @@ def compute(fd: int, geom: Geometry,
                                 f"bitmap and its pages is {room} bytes")
         shift += 1
     meta, tail = _meta_digests(fd, geom)
-    def ext(name: str) -> np.ndarray:
-        if extents is not None:
-            return extents(name, shift)
-        if isinstance(page_digests, PageDigests):
-            return page_digests.extent_digests(name, shift)
-        return extent_digests(page_digests[name], shift)
-
-    blocks = [BlockSums(b.name, b.length, b.pages_offset, *meta[b.name], ext(b.name))
-              for b in geom.blocks]
+    blocks = [BlockSums(b.name, b.length, b.pages_offset, *meta[b.name],
+                        extents(b.name, shift)) for b in geom.blocks]
     return Checksums(shift, geom.stream_end, tail, blocks)
 
 
@@ -663,7 +610,7 @@ def write_new(fd: int, geom: Geometry, digests: PageDigests) -> Checksums | None
     except OSError:
         rfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
     try:
-        cs = compute(rfd, geom, digests)
+        cs = compute(rfd, geom, digests.extent_digests)
     except ChecksumError:
         return None
     finally:

@@ -34,6 +34,8 @@ __all__ = [
     "runs",
     "bitmap_runs",
     "BITMAP_PIECE_PAGES",
+    "page_slices",
+    "index_runs",
 ]
 
 #: Pages covered by one piece of a bitmap read at a time (128 KiB of bitmap, 4 GiB of RAM):
@@ -87,6 +89,20 @@ def runs(present: np.ndarray) -> Iterator[tuple[int, int]]:
     return zip(starts.tolist(), (ends - starts).tolist(), strict=True)
 
 
+def index_runs(pages: np.ndarray) -> list[tuple[int, int, int]]:
+    """``(index, first, count)`` for each run of consecutive values of the increasing
+    integers ``pages`` (page numbers): ``pages[index : index + count]`` is
+    ``first, first + 1, …``. Found with numpy, one tuple per run."""
+    n = len(pages)
+    if not n:
+        return []
+    if n == 1 or (int(pages[-1]) - int(pages[0]) == n - 1 and (np.diff(pages) == 1).all()):
+        return [(0, int(pages[0]), n)]
+    cuts = [0, *(np.flatnonzero(np.diff(pages) != 1) + 1).tolist(), n]
+    firsts = pages[cuts[:-1]].tolist()
+    return [(a, f, z - a) for f, a, z in zip(firsts, cuts[:-1], cuts[1:], strict=True)]
+
+
 def bitmap_runs(raw: bytes | bytearray | memoryview, npages: int) -> Iterator[tuple[int, int]]:
     """Maximal runs of set bits among the first ``npages`` bits of ``raw`` (on-disk order).
 
@@ -101,10 +117,18 @@ def bitmap_runs(raw: bytes | bytearray | memoryview, npages: int) -> Iterator[tu
         return runs(bitmap_to_bools(raw, npages))
     bits = np.unpackbits(words[nz].view(np.uint8), bitorder="little").reshape(len(nz), 64)
     pages = (nz[:, None] * 64 + np.arange(64))[bits.astype(bool)]
-    pages = pages[pages < npages]
-    if not len(pages):
-        return iter(())
-    cuts = np.flatnonzero(np.diff(pages) != 1) + 1
-    starts = np.concatenate(([0], cuts))
-    ends = np.concatenate((cuts, [len(pages)]))
-    return zip(pages[starts].tolist(), (ends - starts).tolist(), strict=True)
+    return ((f, k) for _, f, k in index_runs(pages[pages < npages]))
+
+
+_SLICES: dict[int, list[slice]] = {}
+
+
+def page_slices(n: int, stride: int = PAGE_SIZE) -> list[slice]:
+    """Slices of the pages of ``n`` consecutive records ``stride`` bytes apart (of ``n``
+    pages of a buffer by default); made once per stride and reused, so a buffer's pages
+    are cut by ``map`` in C."""
+    sl = _SLICES.setdefault(stride, [])
+    if n > len(sl):
+        sl.extend(slice(k * stride, k * stride + PAGE_SIZE)
+                  for k in range(len(sl), max(n, 256)))
+    return sl[:n]

@@ -18,7 +18,8 @@ import errno
 import mmap
 import os
 import sys
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +35,7 @@ from fixedram.image.layout import (
     bitmap_to_bools,
     runs,
 )
+from fixedram.image.sparse import SparseArray
 from fixedram.io.files import IOV_MAX, aligned_buffer, open_direct, preadv_exact
 from fixedram.stream import (
     CommandRecord,
@@ -60,6 +62,11 @@ READ_CHUNK = 1 << 20
 
 #: Pages per chunk of a legacy stream's sparse page index (:class:`PageIndex`): 1 MiB of RAM.
 INDEX_CHUNK = 256
+
+#: Pages per cached block of a mapped-ram bitmap (4 KiB of bitmap, 128 MiB of RAM), and how
+#: many such blocks an image keeps (256 KiB).
+_BM_BLOCK_SHIFT = 15
+_BM_BLOCKS = 64
 
 #: Read size while walking the metadata of a mapped-ram file (bytes).
 METADATA_CHUNK = 16 << 10
@@ -460,10 +467,36 @@ class MappedRamImage(Image):
         blk = self.block(name)
         if name in cache:
             return cache[name][first : first + npages]
-        raw = self._bitmap_bytes(blk, first, npages)
-        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+        b = first >> _BM_BLOCK_SHIFT
+        if npages > 0 and first >= 0 and (first + npages - 1) >> _BM_BLOCK_SHIFT == b \
+                and first + npages <= blk.npages:
+            # a small range (a page request, an extent): from a cached block of the bitmap
+            raw = self._bitmap_block(blk, b)
+            first -= b << _BM_BLOCK_SHIFT
+        else:
+            raw = self._bitmap_bytes(blk, first, npages)
+            first &= 7
+        lo = first >> 3
+        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8)[lo : (first + npages + 7) >> 3],
+                             bitorder="little")
         s = first & 7
         return bits[s : s + npages].astype(bool)
+
+    def _bitmap_block(self, blk: BlockInfo, b: int) -> bytearray:
+        """Bitmap bytes of pages ``[b << _BM_BLOCK_SHIFT, …)`` (4 KiB: 128 MiB of RAM), read
+        once while among the last :data:`_BM_BLOCKS` used: one read serves the many small
+        lookups of a region (a lazy restore's page requests, an extent check's ranges)."""
+        key = (blk.name, b)
+        blocks: dict[tuple[str, int], bytearray] = self.__dict__.setdefault("_bm_blocks", {})
+        raw = blocks.get(key)
+        if raw is None:
+            base = b << _BM_BLOCK_SHIFT
+            raw = self._bitmap_bytes(blk, base, min(1 << _BM_BLOCK_SHIFT, blk.npages - base))
+            with self.__dict__.setdefault("_bm_lock", threading.Lock()):
+                while len(blocks) >= _BM_BLOCKS:  # oldest first
+                    del blocks[next(iter(blocks))]
+                blocks[key] = raw
+        return raw
 
     def _piece_runs(self, name: str, first: int, npages: int) -> Iterator[tuple[int, int]]:
         if first % 64 or name in self.__dict__.get("_bitmaps", {}):
@@ -530,9 +563,9 @@ class StreamImage(Image):
         """Runs found chunk by chunk of the sparse index (cost follows the data)."""
         self.block(name)
         idx = self._where[name]
-        for c, lo, hi, at in list(idx._spans(first, npages, True)):
-            for f, n in runs(idx.chunks[c][lo:hi] >= 0):
-                yield at + f, n
+        for _, c, lo, hi, at in list(idx.spans(first, npages)):
+            for f, n in runs(c[lo:hi] >= 0):
+                yield at - first + f, n
 
     def _read_into(self, blk: BlockInfo, first: int, dest: memoryview) -> None:
         where = self._where[blk.name].get(first, len(dest) // PAGE_SIZE)
@@ -593,7 +626,7 @@ class StreamImage(Image):
         return reads
 
 
-class PageIndex:
+class PageIndex(SparseArray):
     """Where each page of a legacy stream's block last got data: a file offset, or -1.
 
     Sparse: 8 bytes per page only in chunks of :data:`INDEX_CHUNK` pages that hold data
@@ -601,56 +634,20 @@ class PageIndex:
     data, not the block's length (a ZERO record where no data was ever seen is free).
     """
 
+    __slots__ = ()
+
     def __init__(self, npages: int) -> None:
-        self.npages = npages
-        self.chunks: dict[int, np.ndarray] = {}
-
-    @property
-    def nbytes(self) -> int:
-        """Memory held by the index (bytes)."""
-        return sum(c.nbytes for c in self.chunks.values())
-
-    def _spans(self, first: int, npages: int,
-               existing: bool) -> Iterator[tuple[int, int, int, int]]:
-        """``(chunk, lo, hi, at)``: pages ``[lo, hi)`` of chunk ``chunk`` (indices inside the
-        chunk) are pages ``at…`` of the range; only existing chunks when ``existing``."""
-        if npages <= 0:
-            return
-        end = first + npages
-        c0, c1 = first // INDEX_CHUNK, (end - 1) // INDEX_CHUNK + 1
-        cs: Iterable[int] = range(c0, c1)
-        if existing and c1 - c0 > len(self.chunks):
-            cs = sorted(c for c in self.chunks if c0 <= c < c1)
-        for c in cs:
-            if existing and c not in self.chunks:
-                continue
-            base = c * INDEX_CHUNK
-            lo, hi = max(first, base) - base, min(end, base + INDEX_CHUNK) - base
-            yield c, lo, hi, base + lo - first
+        super().__init__(npages, INDEX_CHUNK.bit_length() - 1, np.int64, _ABSENT)
 
     def put(self, first: int, npages: int, pos: int, stride: int) -> None:
         """Pages ``first…`` have data at ``pos``, ``pos + stride``…"""
-        for c, lo, hi, at in self._spans(first, npages, False):
-            chunk = self.chunks.get(c)
-            if chunk is None:
-                chunk = self.chunks[c] = np.full(INDEX_CHUNK, _ABSENT, dtype=np.int64)
-            p0 = pos + at * stride
-            chunk[lo:hi] = np.arange(p0, p0 + (hi - lo) * stride, stride, dtype=np.int64)
+        for _, c, lo, hi, at in self.spans(first, npages, True):
+            p0 = pos + (at - first) * stride
+            c[lo:hi] = np.arange(p0, p0 + (hi - lo) * stride, stride, dtype=np.int64)
 
     def clear(self, first: int, npages: int) -> None:
-        """Pages ``first…`` are zero again."""
-        for c, lo, hi, _ in list(self._spans(first, npages, True)):
-            chunk = self.chunks[c]
-            chunk[lo:hi] = _ABSENT
-            if hi - lo == INDEX_CHUNK or not (chunk >= 0).any():  # no data left: freed
-                del self.chunks[c]
-
-    def get(self, first: int, npages: int) -> np.ndarray:
-        """File offsets of pages ``[first, first + npages)`` (-1: no data)."""
-        out = np.full(npages, _ABSENT, dtype=np.int64)
-        for c, lo, hi, at in self._spans(first, npages, True):
-            out[at : at + hi - lo] = self.chunks[c][lo:hi]
-        return out
+        """Pages ``first…`` are zero again (a chunk left without data is freed)."""
+        self.reset(first, npages, free=True)
 
 
 class _DirectRefused(Exception):

@@ -109,11 +109,16 @@ def ram_section_id(img: Image) -> int:
     carry (:func:`device_section_ids`). Never 0: QEMU's loader starts every handler with
     id 0, so a PART or END section with id 0 can reach a handler no section named.
     """
+    cached = img.__dict__.get("_ram_sid")  # one image, one answer: work it out once
+    if cached is not None:
+        return int(cached)
     taken = device_section_ids(img.device_state, _section_names(img))
     own = img.ram_section_id
     if own and own not in taken:
-        return own
-    sid = PREFERRED_ID
-    while sid in taken:
-        sid += 1
+        sid = own
+    else:
+        sid = PREFERRED_ID
+        while sid in taken:
+            sid += 1
+    img.__dict__["_ram_sid"] = sid
     return sid

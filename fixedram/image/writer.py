@@ -30,7 +30,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,11 +41,12 @@ from fixedram.image.checksum import (
     Checksums,
     Geometry,
     PageDigests,
-    digest_pages,
     digest_views,
+    digests_of,
     write_new,
 )
-from fixedram.image.layout import PAGE_SIZE, block_geometry, bools_to_bitmap, runs
+from fixedram.image.layout import PAGE_SIZE, block_geometry
+from fixedram.image.sparse import SparseBits
 from fixedram.io.files import IOV_MAX, punch_hole, pwritev_all
 from fixedram.stream.encoder import encode
 from fixedram.stream.format import (
@@ -73,75 +74,6 @@ from fixedram.stream.records import (
 __all__ = ["BlockLayout", "MappedRamWriter", "SparseBits", "mapped_configuration"]
 
 Buffer = bytes | bytearray | memoryview
-
-
-#: Pages per chunk of :class:`SparseBits` (128 MiB of guest RAM, 32 KiB of memory; a
-#: whole number of 64-bit bitmap words).
-BITS_CHUNK_SHIFT = 15
-_BCHUNK = 1 << BITS_CHUNK_SHIFT
-
-
-class SparseBits:
-    """One bool per page of a block, stored only for chunks of pages that were written."""
-
-    __slots__ = ("chunks", "npages")
-
-    def __init__(self, npages: int) -> None:
-        self.npages = npages
-        self.chunks: dict[int, np.ndarray] = {}
-
-    def _spans(self, first: int, n: int, create: bool) -> Iterator[tuple[np.ndarray, int, int,
-                                                                         int]]:
-        """``(chunk, lo, hi, page of lo)`` for each existing (or created) chunk in range."""
-        end = first + n
-        if n <= 0:
-            return
-        a, b = first >> BITS_CHUNK_SHIFT, (end - 1) >> BITS_CHUNK_SHIFT
-        chunks = self.chunks
-        keys: Iterable[int] = (range(a, b + 1) if create or b - a < len(chunks)
-                               else sorted(k for k in chunks if a <= k <= b))
-        for ci in keys:
-            c = chunks.get(ci)
-            if c is None:
-                if not create:
-                    continue
-                c = chunks[ci] = np.zeros(_BCHUNK, dtype=bool)
-            base = ci << BITS_CHUNK_SHIFT
-            lo, hi = max(first, base) - base, min(end, base + _BCHUNK) - base
-            yield c, lo, hi, base + lo
-
-    def set(self, first: int, n: int) -> None:
-        for c, lo, hi, _ in self._spans(first, n, True):
-            c[lo:hi] = True
-
-    def clear_runs(self, first: int, n: int) -> list[tuple[int, int]]:
-        """Clear the bits of ``[first, first+n)``; return the runs that were set."""
-        out: list[tuple[int, int]] = []
-        for c, lo, hi, pg in self._spans(first, n, False):
-            sel = c[lo:hi]
-            if sel.any():
-                out += [(pg + s, k) for s, k in runs(sel)]
-                sel[:] = False
-        return out
-
-    def count(self) -> int:
-        return sum(int(c.sum()) for c in self.chunks.values())
-
-    def bitmap_pieces(self) -> Iterator[tuple[int, bytes]]:
-        """``(byte offset in the bitmap, bytes)`` of every chunk that exists."""
-        for ci in sorted(self.chunks):
-            c = self.chunks[ci]
-            base = ci << BITS_CHUNK_SHIFT
-            yield base >> 3, bools_to_bitmap(c[: min(_BCHUNK, self.npages - base)])
-
-    def dense(self) -> np.ndarray:
-        """All bits as one array (for tests and small blocks)."""
-        out = np.zeros(self.npages, dtype=bool)
-        for ci, c in self.chunks.items():
-            base = ci << BITS_CHUNK_SHIFT
-            k = min(_BCHUNK, self.npages - base)
-            out[base : base + k] = c[:k]
-        return out
 
 
 @dataclass
@@ -282,10 +214,7 @@ class MappedRamWriter:
                                 f"block '{block}' ({blk.npages} pages)")
         if not npages:
             return 0
-        digests = None
-        if self.digests is not None:
-            digests = np.empty(npages, dtype=np.uint64)
-            digest_pages(digests, 0, bufs)
+        digests = digests_of(bufs) if self.digests is not None else None
         pwritev_all(self.page_fd, bufs, blk.pages_offset + first_page * PAGE_SIZE)
         self._written(blk, first_page, npages, digests)
         return npages

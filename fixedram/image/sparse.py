@@ -1,0 +1,124 @@
+"""Per-page values of a RAM block kept sparsely: chunks made only where a value was set.
+
+A block may claim far more pages than ever carry data (a stream can claim TiBs with a
+few pages), so per-page state lives in fixed-size chunks of pages, each made when a value
+other than the default is first stored in it; a page of a chunk never made has the
+default. Memory follows the pages that were touched, never the block's length.
+
+One structure serves the receiver's page bitmap (:class:`SparseBits`), its page digests
+(:class:`~fixedram.image.checksum.PageDigests`), a legacy stream's page index
+(:class:`~fixedram.image.reader.PageIndex`) and the pages a lazy restore has sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+from fixedram.image.layout import bools_to_bitmap, runs
+
+__all__ = ["SparseArray", "SparseBits"]
+
+
+class SparseArray:
+    """``npages`` values of ``dtype`` (default ``fill``) in chunks of ``1 << shift`` pages."""
+
+    __slots__ = ("chunks", "dtype", "fill", "npages", "shift", "size")
+
+    def __init__(self, npages: int, shift: int, dtype: np.dtype | type, fill: object) -> None:
+        self.npages = npages
+        self.shift = shift
+        self.size = 1 << shift
+        self.dtype = np.dtype(dtype)
+        self.fill = fill
+        self.chunks: dict[int, np.ndarray] = {}
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the chunks (bytes)."""
+        return sum(c.nbytes for c in self.chunks.values())
+
+    def spans(self, first: int, n: int,
+              create: bool = False) -> Iterator[tuple[int, np.ndarray, int, int, int]]:
+        """``(chunk index, chunk, lo, hi, page of lo)`` for pages ``[first, first + n)``:
+        every chunk in range when ``create`` (made as needed), else only those that exist
+        (found from the chunks held when the range covers more chunks than that)."""
+        if n <= 0:
+            return
+        end = first + n
+        a, b = first >> self.shift, (end - 1) >> self.shift
+        chunks = self.chunks
+        keys: Iterable[int] = (range(a, b + 1) if create or b - a < len(chunks)
+                               else sorted(k for k in chunks if a <= k <= b))
+        size = self.size
+        for ci in keys:
+            c = chunks.get(ci)
+            if c is None:
+                if not create:
+                    continue
+                c = chunks[ci] = np.full(size, self.fill, dtype=self.dtype)
+            base = ci << self.shift
+            lo, hi = max(first, base) - base, min(end, base + size) - base
+            yield ci, c, lo, hi, base + lo
+
+    def get(self, first: int, n: int) -> np.ndarray:
+        """Values of pages ``[first, first + n)`` as one array."""
+        out = np.full(n, self.fill, dtype=self.dtype)
+        for _, c, lo, hi, pg in self.spans(first, n):
+            out[pg - first : pg - first + hi - lo] = c[lo:hi]
+        return out
+
+    def store(self, first: int, values: np.ndarray) -> None:
+        """Set pages ``first, first + 1, …`` to ``values``."""
+        for _, c, lo, hi, pg in self.spans(first, len(values), True):
+            c[lo:hi] = values[pg - first : pg - first + hi - lo]
+
+    def reset(self, first: int, n: int, free: bool = False) -> None:
+        """Pages ``[first, first + n)`` get the default again; with ``free``, a chunk left
+        holding only the default is dropped."""
+        for ci, c, lo, hi, _ in list(self.spans(first, n)):
+            c[lo:hi] = self.fill
+            if free and (hi - lo == self.size or not (c != self.fill).any()):
+                del self.chunks[ci]
+
+    def dense(self) -> np.ndarray:
+        """All values as one array (for tests and small blocks)."""
+        return self.get(0, self.npages)
+
+
+class SparseBits(SparseArray):
+    """One bool per page of a block, stored only for chunks of pages where a bit was set
+    (chunks of 128 MiB of guest RAM, 32 KiB of memory: a whole number of bitmap words)."""
+
+    __slots__ = ()
+
+    #: Pages per chunk, as a shift.
+    SHIFT = 15
+
+    def __init__(self, npages: int, shift: int = SHIFT) -> None:
+        super().__init__(npages, shift, bool, False)
+
+    def set(self, first: int, n: int) -> None:
+        for _, c, lo, hi, _pg in self.spans(first, n, True):
+            c[lo:hi] = True
+
+    def clear_runs(self, first: int, n: int) -> list[tuple[int, int]]:
+        """Clear the bits of ``[first, first + n)``; return the runs that were set."""
+        out: list[tuple[int, int]] = []
+        for _, c, lo, hi, pg in self.spans(first, n):
+            sel = c[lo:hi]
+            if sel.any():
+                out += [(pg + s, k) for s, k in runs(sel)]
+                sel[:] = False
+        return out
+
+    def count(self) -> int:
+        return sum(int(np.count_nonzero(c)) for c in self.chunks.values())
+
+    def bitmap_pieces(self) -> Iterator[tuple[int, bytes]]:
+        """``(byte offset in the bitmap, bytes)`` of every chunk that exists."""
+        for ci in sorted(self.chunks):
+            base = ci << self.shift
+            yield base >> 3, bools_to_bitmap(self.chunks[ci][: min(self.size,
+                                                                    self.npages - base)])
