@@ -14,7 +14,7 @@ from typing import Any
 from fixedram.errors import FixedramError, VMError
 from fixedram.qmp.client import QMP, Events, machine_name
 
-__all__ = ["Facts", "MigrationSettings", "Worker", "read_facts", "wait_event"]
+__all__ = ["Facts", "MigrationSettings", "Worker", "hand_socket", "read_facts", "wait_event"]
 
 #: Events that end a wait early: migration state changes (capability ``events``, which
 #: :class:`MigrationSettings` turns on) and the guest starting or stopping.
@@ -45,6 +45,22 @@ def read_facts(qmp: QMP) -> Facts:
         status=str(st["status"]), migration=dict(mig).get("status"),
         machine=machine_name(mtype), ramblocks=str(blocks),
         caps={c["capability"]: bool(c["state"]) for c in caps}, params=dict(params))
+
+
+def hand_socket(qmp: QMP, name: str) -> socket.socket:
+    """Give QEMU one end of a fresh socket pair as fd ``name`` (``getfd``: for ``fd:NAME``
+    URIs) and return the other end, ours."""
+    from fixedram.io.channel import socket_pair
+
+    ours, theirs = socket_pair()
+    try:
+        qmp.send_fd(theirs.fileno(), name)
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return ours
 
 
 def wait_event(events: Events | None, seconds: float) -> None:

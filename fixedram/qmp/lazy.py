@@ -42,6 +42,7 @@ from fixedram.qmp.common import (
     MigrationSettings,
     Worker,
     abandon,
+    hand_socket,
     read_facts,
     wait_event,
 )
@@ -198,11 +199,7 @@ def lazy_restore(
                 return w
 
             if transport == "fd":
-                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-                try:
-                    qmp.send_fd(theirs.fileno(), _FD_NAME)
-                finally:
-                    theirs.close()
+                ours = hand_socket(qmp, _FD_NAME)
                 # the sender prepares and writes the stream's head while QEMU starts the
                 # load: the socket holds it until QEMU reads (a refused load ends the sender)
                 worker = start_sender(SocketChannel(ours))

@@ -38,6 +38,7 @@ from fixedram.qmp.common import (
     MigrationSettings,
     Worker,
     abandon,
+    hand_socket,
     read_facts,
     wait_event,
 )
@@ -212,11 +213,7 @@ def restore(
             else:
                 # a plain precopy stream: mapped-ram/multifd would make QEMU refuse fd:
                 settings.set({"mapped-ram": False, "multifd": False}, {})
-                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-                try:
-                    qmp.send_fd(theirs.fileno(), _FD_NAME)
-                finally:
-                    theirs.close()
+                ours = hand_socket(qmp, _FD_NAME)
                 from fixedram.io.channel import SocketChannel
 
                 chan = SocketChannel(ours)

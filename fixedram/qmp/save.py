@@ -45,7 +45,14 @@ from fixedram.errors import EndpointError, FixedramError, ImageError, VMError
 from fixedram.io.channel import Listener
 from fixedram.io.files import AtomicFile, drop_cached
 from fixedram.qmp.client import QMP, Events
-from fixedram.qmp.common import WAKE_EVENTS, MigrationSettings, Worker, read_facts, wait_event
+from fixedram.qmp.common import (
+    WAKE_EVENTS,
+    MigrationSettings,
+    Worker,
+    hand_socket,
+    read_facts,
+    wait_event,
+)
 from fixedram.qmp.progress import Progress, from_query_migrate
 
 __all__ = ["MAX_BANDWIDTH", "SaveReport", "Via", "choose_save_via", "save"]
@@ -387,11 +394,7 @@ def save(
                         lst.close()
                         shutil.rmtree(sockdir, ignore_errors=True)
             else:
-                ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-                try:
-                    qmp.send_fd(theirs.fileno(), _FD_NAME)
-                finally:
-                    theirs.close()
+                ours = hand_socket(qmp, _FD_NAME)
                 chan = SocketChannel(ours)
                 uri = f"fd:{_FD_NAME}"
 
