@@ -14,7 +14,8 @@ from typing import Any
 from fixedram.errors import FixedramError, VMError
 from fixedram.qmp.client import QMP, Events, machine_name
 
-__all__ = ["Facts", "MigrationSettings", "Worker", "hand_socket", "read_facts", "wait_event"]
+__all__ = ["Facts", "MigrationSettings", "Worker", "hand_socket", "ram_with_data", "read_facts",
+           "wait_event"]
 
 #: Events that end a wait early: migration state changes (capability ``events``, which
 #: :class:`MigrationSettings` turns on) and the guest starting or stopping.
@@ -31,20 +32,46 @@ class Facts:
     ramblocks: str  # HMP info ramblock
     caps: dict[str, bool]  # migration capabilities
     params: dict[str, Any]  # migration parameters
+    objects: list[dict[str, Any]]  # qom-list /objects: user-created objects, memory backends
 
 
 def read_facts(qmp: QMP) -> Facts:
-    """Run state, migration state, machine type, RAM blocks and migration settings, in one
-    round trip."""
-    st, mig, mtype, blocks, caps, params = qmp.batch(
+    """Run state, migration state, machine type, RAM blocks, migration settings and the
+    user-created objects, in one round trip."""
+    st, mig, mtype, blocks, caps, params, objects = qmp.batch(
         ("query-status", None), ("query-migrate", None),
         ("qom-get", {"path": "/machine", "property": "type"}),
         ("human-monitor-command", {"command-line": "info ramblock"}),
-        ("query-migrate-capabilities", None), ("query-migrate-parameters", None))
+        ("query-migrate-capabilities", None), ("query-migrate-parameters", None),
+        ("qom-list", {"path": "/objects"}))
     return Facts(
         status=str(st["status"]), migration=dict(mig).get("status"),
         machine=machine_name(mtype), ramblocks=str(blocks),
-        caps={c["capability"]: bool(c["state"]) for c in caps}, params=dict(params))
+        caps={c["capability"]: bool(c["state"]) for c in caps}, params=dict(params),
+        objects=[dict(o) for o in objects])
+
+
+def ram_with_data(qmp: QMP, facts: Facts) -> list[str]:
+    """The destination's memory backends whose RAM may not start as zeros: a
+    ``memory-backend-file`` over a regular file that already has blocks allocated, or whose
+    file fixedram cannot see (``docs/fresh-destination.md``). Each as ``"ID (PATH)"``."""
+    import os
+    import stat
+
+    found = []
+    for o in facts.objects:
+        if o.get("type") != "child<memory-backend-file>":
+            continue
+        name = str(o.get("name"))
+        path = str(qmp.cmd("qom-get", path=f"/objects/{name}", property="mem-path"))
+        try:
+            st = os.stat(path)
+        except OSError:
+            found.append(f"{name} ({path})")
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_blocks > 0:
+            found.append(f"{name} ({path})")
+    return found
 
 
 def hand_socket(qmp: QMP, name: str) -> socket.socket:

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from fixedram.errors import VMError
+from fixedram.errors import MismatchError, VMError
 from fixedram.image.reader import DirectIO
 from fixedram.io.files import open_direct
 from fixedram.qmp.client import QMP, Events
@@ -39,6 +39,7 @@ from fixedram.qmp.common import (
     Worker,
     abandon,
     hand_socket,
+    ram_with_data,
     read_facts,
     wait_event,
 )
@@ -181,6 +182,16 @@ def restore(
     with open_image(path) as img:
         validate(img, dest_machine=machine, dest_blocks=dest_blocks)
         how = choose_restore_via(qmp.version, img.format, via)
+        # RAM that may hold data before the load: every page is sent, none left as it is
+        held = ram_with_data(qmp, facts)
+        if held and how == "native":
+            if via != "auto":
+                raise MismatchError(
+                    f"the destination's RAM {', '.join(held)} is a file that already holds "
+                    f"data, and QEMU's own load leaves the image's zero pages as the file has "
+                    f"them: use --via proxy")
+            how = "proxy"
+        fresh = not held
         if how == "proxy":
             img.open_direct(direct_io)
         elif direct_io and not _direct_ok(path, direct_io):
@@ -209,7 +220,7 @@ def restore(
 
                 sockdir = tempfile.mkdtemp(prefix="fixedram-restore-")
                 worker, t_load = _start_multifd(qmp, img, settings, channels, sockdir, machine,
-                                                dest_blocks, progress)
+                                                dest_blocks, progress, fresh)
             else:
                 # a plain precopy stream: mapped-ram/multifd would make QEMU refuse fd:
                 settings.set({"mapped-ram": False, "multifd": False}, {})
@@ -227,7 +238,8 @@ def restore(
 
                 def run_send() -> Any:
                     return send(img, chan, dest_machine=machine, dest_blocks=dest_blocks,
-                                readers=readers, progress=cb, direct_io=direct_io)
+                                readers=readers, progress=cb, direct_io=direct_io,
+                                fresh=fresh)
 
                 worker = Worker("fixedram-send", run_send)
                 worker.start()
@@ -294,11 +306,13 @@ def _direct_ok(path: Path, mode: DirectIO) -> bool:
 
 def _start_multifd(qmp: QMP, img: Any, settings: MigrationSettings, channels: int,
                    sockdir: str, machine: str, dest_blocks: list[tuple[str, int]],
-                   progress: ProgressFn | None) -> tuple[Worker, float]:
+                   progress: ProgressFn | None, fresh: bool) -> tuple[Worker, float]:
     """Start a multifd load: capability multifd and ``multifd-channels`` on the destination,
     ``migrate-incoming`` on a unix socket in ``sockdir``, and
     :func:`~fixedram.endpoint.multifd_send.send_multifd` in a thread. Returns the thread and
-    the time the load started."""
+    the time the load started. Unless ``fresh``, every page without data goes as a ZERO
+    record on the main connection (a zero-page list entry does not clear a page QEMU has not
+    received, ``docs/fresh-destination.md``)."""
     from fixedram.endpoint.multifd_send import parse_uuid, send_multifd
 
     settings.set({"mapped-ram": False, "postcopy-ram": False, "multifd": True},
@@ -312,7 +326,8 @@ def _start_multifd(qmp: QMP, img: Any, settings: MigrationSettings, channels: in
 
     def run_send() -> Any:
         return send_multifd(img, address, channels, uuid=uuid, dest_machine=machine,
-                            dest_blocks=dest_blocks, dest_version=version, progress=cb)
+                            dest_blocks=dest_blocks, dest_version=version, progress=cb,
+                            fresh=fresh, zero="auto" if fresh else "main")
 
     worker = Worker("fixedram-send-multifd", run_send)
     worker.start()
