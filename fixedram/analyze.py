@@ -207,7 +207,7 @@ def format_report(report: dict[str, Any]) -> str:
     v = r["vmdesc"]
     vd = f"present, {v['bytes']} bytes" if v["present"] else "absent"
     lines.append(f"vmdesc:        {vd}")
-    from fixedram.cli import printable  # names come from the file: no control characters
+    from fixedram.errors import printable  # names come from the file: no control characters
 
     return "\n".join(printable(line) for line in lines)
 

@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeVar
 
 import click
 
-from fixedram.errors import FixedramError
+from fixedram.errors import FixedramError, printable
 
 __all__ = ["main", "cli", "one_line_errors", "direct_io_options", "direct_mode", "printable"]
 
@@ -59,18 +59,6 @@ def direct_io_options(what: str) -> Callable[[F], F]:
 def direct_mode(direct_io: bool, require_direct_io: bool) -> bool | Literal["required"]:
     """The ``direct_io`` argument of the library from the two flags."""
     return "required" if require_direct_io else direct_io
-
-
-def printable(text: str) -> str:
-    """``text`` with control and other non-printable characters escaped (``\\x1b``...).
-
-    Names in error messages come from untrusted files (RAM block names, machine types):
-    escaping keeps every message on one line and terminal escapes out of the terminal.
-    """
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-                   for c in text)
 
 
 def _fail(message: str, status: int = 2) -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "VMError",
     "QMPCommandError",
     "MismatchError",
+    "printable",
 ]
 
 
@@ -75,3 +76,15 @@ class QMPCommandError(VMError):
 
 class MismatchError(FixedramError):
     """An image and a destination VM disagree (RAM blocks, sizes, machine type)."""
+
+
+def printable(text: str) -> str:
+    """``text`` with control and other non-printable characters escaped (``\\x1b``...).
+
+    Names in error messages come from untrusted files (RAM block names, machine types):
+    escaping keeps every message on one line and terminal escapes out of the terminal.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)

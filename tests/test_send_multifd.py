@@ -29,10 +29,10 @@ from fixedram.endpoint.multifd_send import (
     check_multifd_settings,
     choose_sync_mode,
     choose_zero_mode,
-    query_multifd_dest,
     send_multifd,
 )
 from fixedram.errors import EndpointError, MismatchError
+from fixedram.qmp.destination import query_multifd_dest
 from fixedram.stream import StreamEncoder
 from fixedram.stream.multifd import (
     MULTIFD_PACKET_SIZE,

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import click
 
-from fixedram.cli import cli, one_line_errors, printable
+from fixedram.cli import cli, one_line_errors
 from fixedram.endpoint.send import send
-from fixedram.errors import FixedramError, ImageError
+from fixedram.errors import FixedramError, ImageError, printable
 from fixedram.image.reader import open_image
 from fixedram.io.channel import SinkChannel
 from fixedram.io.files import pwritev_all

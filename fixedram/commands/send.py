@@ -95,8 +95,9 @@ def send_command(image: str, address: str | None, fd: int | None, qmp_socket: st
                  require_direct_io: bool = False,
                  channels: int = 0, uuid_text: str | None = None) -> None:
     """Restore IMAGE into a waiting QEMU (stream on stdout unless --connect/--fd)."""
-    from fixedram.endpoint.send import query_destination, send, validate
+    from fixedram.endpoint.send import send, validate
     from fixedram.image import open_image
+    from fixedram.qmp.destination import query_destination
 
     direct = direct_mode(direct_io, require_direct_io)
 
@@ -181,8 +182,9 @@ def _send_postcopy(image: str, address: str | None, fd: int | None, qmp_socket: 
 
     from fixedram.commands.save import parse_rate
     from fixedram.endpoint.postcopy import PostcopyReport, send_postcopy
-    from fixedram.endpoint.send import query_destination, validate
+    from fixedram.endpoint.send import validate
     from fixedram.image import open_image
+    from fixedram.qmp.destination import query_destination
 
     rate = parse_rate(push_rate) if push_rate else None
     with open_image(image) as img:
@@ -234,8 +236,9 @@ def _send_multifd(image: str, address: str, channels: int, qmp_socket: str | Non
     import json
     from dataclasses import asdict
 
-    from fixedram.endpoint.multifd_send import parse_uuid, query_multifd_dest, send_multifd
+    from fixedram.endpoint.multifd_send import parse_uuid, send_multifd
     from fixedram.image import open_image
+    from fixedram.qmp.destination import query_multifd_dest
 
     uuid = parse_uuid(uuid_text) if uuid_text is not None else None
     with open_image(image) as img:

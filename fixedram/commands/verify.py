@@ -11,8 +11,8 @@ import sys
 
 import click
 
-from fixedram.cli import cli, one_line_errors, printable
-from fixedram.errors import ImageError
+from fixedram.cli import cli, one_line_errors
+from fixedram.errors import ImageError, printable
 
 __all__ = ["verify_cmd"]
 

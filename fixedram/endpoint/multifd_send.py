@@ -105,7 +105,6 @@ __all__ = [
     "choose_sync_mode",
     "choose_zero_mode",
     "parse_uuid",
-    "query_multifd_dest",
     "send_multifd",
 ]
 
@@ -737,13 +736,14 @@ def _linger(sock: socket.socket) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# The destination, over QMP
+# What the destination must be (its QMP answers are read by fixedram.qmp.destination)
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class MultifdDestination:
-    """What a multifd source must know of its destination (from :func:`query_multifd_dest`)."""
+    """What a multifd source must know of its destination (read over QMP by
+    :func:`fixedram.qmp.destination.query_multifd_dest`)."""
 
     machine: str
     blocks: list[tuple[str, int]]
@@ -769,22 +769,3 @@ def check_multifd_settings(caps: dict[str, bool], params: dict[str, object],
     if want != channels:
         raise MismatchError(f"the destination expects {want} multifd channels "
                             f"(multifd-channels), not {channels}")
-
-
-def query_multifd_dest(qmp_socket: str | os.PathLike[str], channels: int, *,
-                       timeout: float = 10.0) -> MultifdDestination:
-    """Machine type, RAM blocks, version and uuid of the QEMU behind ``qmp_socket``, after
-    checking that it waits for a multifd migration with ``channels`` channels."""
-    from fixedram.endpoint.send import dest_ramblocks_from_hmp, machine_from_qom_type
-    from fixedram.qmp.client import QMP
-
-    with QMP.connect(qmp_socket, timeout=timeout, greeting_timeout=timeout) as q:
-        check_multifd_settings(q.capabilities(), q.parameters(), channels)
-        machine = q.machine_type()
-        text = q.ramblocks_text()
-        version = q.version
-        uuid = parse_uuid(str(q.cmd("query-uuid").get("UUID", "")))
-    blocks = dest_ramblocks_from_hmp(text)
-    if not blocks:
-        raise EndpointError(f"cannot parse 'info ramblock' from {qmp_socket}: {text!r}")
-    return MultifdDestination(machine_from_qom_type(machine), blocks, version, uuid)

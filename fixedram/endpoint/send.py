@@ -79,7 +79,6 @@ __all__ = [
     "dest_page_sizes_from_hmp",
     "dest_ramblocks_from_hmp",
     "machine_from_qom_type",
-    "query_destination",
     "send",
     "validate",
     "wants_switchover_start",
@@ -208,25 +207,6 @@ def wants_switchover_start(machine: str, image_commands: Sequence[str] = ()) -> 
     if m:
         return (int(m[1]), int(m[2])) >= SWITCHOVER_START_SINCE
     return Command.SWITCHOVER_START.name in image_commands
-
-
-def query_destination(qmp_socket: str | os.PathLike[str], *,
-                      timeout: float = 10.0) -> tuple[str, list[tuple[str, int]]]:
-    """Machine type and RAM blocks of the QEMU whose QMP socket is ``qmp_socket``.
-
-    Uses ``qom-get /machine type`` and HMP ``info ramblock``, which QEMU 7.2 and 10 both
-    answer (``query-machines`` does not say which machine is running). The socket must
-    be free: QEMU serves one client per monitor.
-    """
-    from fixedram.qmp.client import QMP
-
-    with QMP.connect(qmp_socket, timeout=timeout, greeting_timeout=timeout) as q:
-        machine = q.machine_type()
-        text = q.ramblocks_text()
-    blocks = dest_ramblocks_from_hmp(text)
-    if not blocks:
-        raise EndpointError(f"cannot parse 'info ramblock' from {qmp_socket}: {text!r}")
-    return machine_from_qom_type(machine), blocks
 
 
 # ---------------------------------------------------------------------------------------------
