@@ -169,6 +169,9 @@ def same_ram(saved: Saved, dst: Guest, scratch: Path) -> None:
 
 
 def destination(src: Source, qemu: str, name: str) -> Guest:
+    # a new VM gets a new RAM file: one an earlier destination left holds that guest's RAM
+    # (docs/fresh-destination.md), and restores are judged on fresh destinations here
+    (src.guest.workdir / f"{name}.ram").unlink(missing_ok=True)
     dst = Guest.like(src.guest, name=name, qemu=find_qemu(qemu), incoming=True)
     dst.qmp_timeout = 300
     return dst.start()
