@@ -150,10 +150,11 @@ def send_command(image: str, address: str | None, fd: int | None, qmp_socket: st
             err=True)
 
 
-def _open_channel(address: str | None, fd: int | None) -> Channel:
-    """The channel toward QEMU: ``--connect``, ``--fd``, or stdout (``exec:``)."""
+def _open_channel(address: str | None, fd: int | None, *, lazy: bool = False) -> Channel:
+    """The channel toward QEMU: ``--connect``, ``--fd``, or stdout (``exec:``); a ``lazy``
+    restore's socket keeps the kernel's default buffers (``UNIX_SOCKET_BUFFER``)."""
     if address is not None:
-        return connect(address)
+        return connect(address, large_buffers=not lazy)
     if fd is not None:
         return from_fd(fd)
     return _stdio_channel()
@@ -198,7 +199,7 @@ def _send_postcopy(image: str, address: str | None, fd: int | None, qmp_socket: 
                                         "(migrate-set-capabilities postcopy-ram=on first)")
             dest_machine, dest_blocks = query_destination(qmp_socket)
         validate(img, dest_machine=dest_machine, dest_blocks=dest_blocks)
-        channel = _open_channel(address, fd)
+        channel = _open_channel(address, fd, lazy=True)
         bar, progress = _page_bar(
             quiet, lambda: sum(img.count_present(n) for n in img.blocks), "lazy restore")
 

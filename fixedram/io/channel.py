@@ -210,7 +210,9 @@ def _is_loopback(host: str) -> bool:
 #: at ``net.core.wmem_max``/``rmem_max``). With the default (~200 KiB) the two processes of a
 #: migration take turns on a buffer that holds 50 pages, and every turn is a wake-up; with
 #: 4 MiB a proxy save and restore of 1.5 GiB on tmpfs ran 30-40 % faster
-#: (``python -m bench.run``). TCP sockets keep the kernel's autotuning.
+#: (``python -m bench.run``). TCP sockets keep the kernel's autotuning, and a lazy restore
+#: the kernel's default: there a page the guest waits for must not queue behind megabytes
+#: of pages pushed in the background.
 UNIX_SOCKET_BUFFER = 4 << 20
 
 
@@ -223,10 +225,11 @@ def tune(sock: socket.socket) -> socket.socket:
     return sock
 
 
-def socket_pair() -> tuple[socket.socket, socket.socket]:
-    """A connected pair of unix stream sockets with large buffers (one end for QEMU)."""
+def socket_pair(large_buffers: bool = True) -> tuple[socket.socket, socket.socket]:
+    """A connected pair of unix stream sockets (one end for QEMU), with large buffers unless
+    told otherwise."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    return tune(a), tune(b)
+    return (tune(a), tune(b)) if large_buffers else (a, b)
 
 
 class Listener:
@@ -292,7 +295,7 @@ class Listener:
         except TimeoutError:
             raise EndpointError(f"no connection on {self.spec} within {timeout} s") from None
         conn.settimeout(None)
-        return SocketChannel(tune(conn))
+        return SocketChannel(conn)
 
     def close(self) -> None:
         """Stop listening (and remove a unix socket file)."""
@@ -309,8 +312,9 @@ def listen(spec: str, *, allow_remote: bool = False, backlog: int = 16) -> Liste
     return Listener(spec, allow_remote=allow_remote, backlog=backlog)
 
 
-def connect(spec: str, *, timeout: float = 30.0) -> SocketChannel:
-    """Connect to ``unix:PATH`` or ``tcp:HOST:PORT``."""
+def connect(spec: str, *, timeout: float = 30.0, large_buffers: bool = True) -> SocketChannel:
+    """Connect to ``unix:PATH`` or ``tcp:HOST:PORT`` (``large_buffers``: see
+    :data:`UNIX_SOCKET_BUFFER`)."""
     family, addr = parse_address(spec)
     if family == "unix":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -318,7 +322,8 @@ def connect(spec: str, *, timeout: float = 30.0) -> SocketChannel:
         assert isinstance(addr, tuple)
         sock = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET,
                              socket.SOCK_STREAM)
-    tune(sock)
+    if large_buffers:
+        tune(sock)
     sock.settimeout(timeout)
     try:
         sock.connect(addr)

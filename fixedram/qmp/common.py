@@ -74,12 +74,13 @@ def ram_with_data(qmp: QMP, facts: Facts) -> list[str]:
     return found
 
 
-def hand_socket(qmp: QMP, name: str) -> socket.socket:
+def hand_socket(qmp: QMP, name: str, *, large_buffers: bool = True) -> socket.socket:
     """Give QEMU one end of a fresh socket pair as fd ``name`` (``getfd``: for ``fd:NAME``
-    URIs) and return the other end, ours."""
+    URIs) and return the other end, ours (``large_buffers``: see
+    :data:`fixedram.io.channel.UNIX_SOCKET_BUFFER`)."""
     from fixedram.io.channel import socket_pair
 
-    ours, theirs = socket_pair()
+    ours, theirs = socket_pair(large_buffers)
     try:
         qmp.send_fd(theirs.fileno(), name)
     except BaseException:

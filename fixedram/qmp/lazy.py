@@ -199,7 +199,7 @@ def lazy_restore(
                 return w
 
             if transport == "fd":
-                ours = hand_socket(qmp, _FD_NAME)
+                ours = hand_socket(qmp, _FD_NAME, large_buffers=False)
                 # the sender prepares and writes the stream's head while QEMU starts the
                 # load: the socket holds it until QEMU reads (a refused load ends the sender)
                 worker = start_sender(SocketChannel(ours))
@@ -212,7 +212,7 @@ def lazy_restore(
                 assert tmp is not None
                 sock = tmp / "mig.sock"
                 qmp.cmd("migrate-incoming", uri=f"unix:{sock}")
-                chan = connect(f"unix:{sock}")
+                chan = connect(f"unix:{sock}", large_buffers=False)
                 ours = chan.sock
                 worker = start_sender(chan)
             else:
