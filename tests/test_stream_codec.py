@@ -416,6 +416,25 @@ def test_truncated_stream_names_offset() -> None:
         assert ei.value.offset is not None and 0 <= ei.value.offset <= cut
 
 
+def test_cut_after_a_footer_whose_id_ends_in_zero() -> None:
+    """A cut right after ``<payload 7e> 7e 00 00 00 00`` (the footer of section 0) has the
+    shape of a footer followed by EOF; it is still a truncated stream."""
+    sec = bytes([4]) + struct.pack(">I", 0) + bytes([5]) + b"timer" + struct.pack(">II", 0, 1)
+    sec += b"\x01\x02\x7e" + bytes([0x7E]) + struct.pack(">I", 0)
+    head = encode_stream(precopy_stream(vmdesc=False))
+    blob = _device_blob()
+    data = head[: len(head) - len(blob) - 1]
+    assert head[len(data) :] == blob + b"\x00"
+    dec = StreamDecoder()
+    dec.feed(data + sec)
+    with pytest.raises(TruncatedStream, match="no EOF marker"):
+        dec.feed_eof()
+    # the same section with its EOF byte is a complete stream
+    dec = StreamDecoder()
+    out = dec.feed(data + sec + b"\x00") + dec.feed_eof()
+    assert dec.done and any(isinstance(r, DeviceState) and r.data == sec for r in out)
+
+
 def test_vmdesc_not_json_names_offset() -> None:
     data, _ = STREAMS["precopy-plain"]
     at = len(data) - len(VMDESC)

@@ -92,6 +92,23 @@ _UNSUPPORTED = {
 }
 
 
+def _closes_section(dev: bytearray, end: int) -> bool:
+    """Whether ``dev[:end]`` ends with the footer of a device section that it opened.
+
+    Device sections are not parsed (their layout is the device's), so an EOF marker is
+    recognised by what precedes it: ``7e <be32 id>``, where a section with that id starts
+    (``04 <id>``, or ``03 <id>`` for the end of an iterable device) earlier in the bytes.
+    A cut right after a footer whose id ends in a zero byte, behind a data byte 0x7e,
+    matches the footer pattern alone; the id then names no section of the state.
+    """
+    if end < 6 or dev[end - 5] != RecordType.SECTION_FOOTER:
+        return False
+    sid = bytes(dev[end - 4 : end])
+    last = end - 5
+    return any(dev.rfind(bytes([t]) + sid, 0, last) >= 0
+               for t in (RecordType.SECTION_FULL, RecordType.SECTION_END))
+
+
 class _State(Enum):
     HEADER = auto()
     TOP = auto()
@@ -781,8 +798,8 @@ class StreamDecoder:
         dev = self._device
         if len(dev) >= 6 and dev[-6:] == b"\x00\x06\x00\x00\x00\x00":
             return self._device_done(len(dev) - 6, VMDescription(b""))
-        if dev and dev[-1] == RecordType.EOF and (len(dev) == 1 or (
-                len(dev) >= 6 and dev[-6] == RecordType.SECTION_FOOTER)):
+        eof = len(dev) - 1
+        if dev and dev[-1] == RecordType.EOF and (eof == 0 or _closes_section(dev, eof)):
             return self._device_done(len(dev) - 1, None)
         bad = self._bad_vmdesc()
         if bad is not None:
