@@ -66,7 +66,7 @@ def test_lazy_restore_path_leaves_out_what_it_does_not_use() -> None:
         "fixedram.qmp.progress.ProgressBar('x', disable=True).close()")
     for unused in ("tqdm", "xxhash", "ctypes.util", "fixedram.endpoint.receive",
                    "fixedram.endpoint.multifd", "fixedram.image.writer",
-                   "fixedram.image.checksum", "fixedram.vm", "fixedram.verify"):
+                   "fixedram.image.checksum", "fixedram.vm", "fixedram.image.verify"):
         assert unused not in mods, unused
 
 

@@ -104,7 +104,7 @@ def send_command(image: str, address: str | None, fd: int | None, qmp_socket: st
     if address is not None and fd is not None:
         raise click.UsageError("--connect and --fd exclude each other")
     if postcopy and verify_first:  # a lazily restored guest runs before all pages are sent
-        from fixedram.verify import require_checksums
+        from fixedram.image.verify import require_checksums
 
         with open_image(image) as vimg:
             require_checksums(vimg)
@@ -127,7 +127,7 @@ def send_command(image: str, address: str | None, fd: int | None, qmp_socket: st
         # Refuse before connecting: QEMU cannot be reused after a failed load.
         validate(img, dest_machine=dest_machine, dest_blocks=dest_blocks)
         if verify_first:
-            from fixedram.verify import require_checksums
+            from fixedram.image.verify import require_checksums
 
             require_checksums(img)
         img.open_direct(direct)  # =required fails here, before connecting
@@ -249,7 +249,7 @@ def _send_multifd(image: str, address: str, channels: int, qmp_socket: str | Non
             if uuid is None:
                 uuid = dest.uuid
         if verify_first:
-            from fixedram.verify import require_checksums
+            from fixedram.image.verify import require_checksums
 
             require_checksums(img)
         bar, progress = _page_bar(quiet, lambda: sum(b.npages for b in img.blocks.values()),

@@ -94,7 +94,7 @@ from fixedram.stream.multifd import MULTIFD_PACKET_SIZE, encode_init, packet_hea
 from fixedram.stream.records import MultifdFlush
 
 if TYPE_CHECKING:
-    from fixedram.verify import PageCheck
+    from fixedram.image.verify import PageCheck
 
 __all__ = [
     "MultifdDestination",
@@ -529,7 +529,7 @@ def send_multifd(
 
 def _page_checks(img: Image) -> Callable[[str], PageCheck | None]:
     """A per-block :class:`PageCheck` factory (None where the image has no checksums)."""
-    from fixedram.verify import PageCheck, check_metadata
+    from fixedram.image.verify import PageCheck, check_metadata
 
     cs = check_metadata(img)
     made: dict[str, PageCheck] = {}

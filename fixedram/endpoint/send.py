@@ -71,7 +71,7 @@ from fixedram.stream.format import (
 )
 
 if TYPE_CHECKING:
-    from fixedram.verify import PageCheck
+    from fixedram.image.verify import PageCheck
 
 __all__ = [
     "SendReport",
@@ -285,7 +285,7 @@ def _validate_image(img: Image) -> None:
                                  f"end of the file ({size} bytes)")
     # the checksum extension (if any) and the digests of headers, bitmaps and device state:
     # cheap, so always, before the first byte; page data is checked while it is read
-    from fixedram.verify import check_metadata
+    from fixedram.image.verify import check_metadata
 
     check_metadata(img)
 
@@ -543,7 +543,7 @@ def send(image: str | os.PathLike[str] | Image, channel: Channel, *,
 
 def _page_check(img: Image) -> PageCheck | None:
     """Checks pages against the image's checksum extension as they are read (or None)."""
-    from fixedram.verify import PageCheck, check_metadata
+    from fixedram.image.verify import PageCheck, check_metadata
 
     cs = check_metadata(img)
     return PageCheck(img, cs) if cs is not None else None

@@ -1,4 +1,4 @@
-"""``fixedram analyze`` and ``fixedram extract``: describe an image, write out one RAM block.
+"""Describe an image and write out one RAM block (``fixedram analyze`` and ``fixedram extract``).
 
 :func:`analyze_image` returns a plain dict following ``docs/analyze-schema.md`` (schema 1);
 :func:`format_report` renders that dict for people. For a mapped-ram image everything is
