@@ -58,7 +58,7 @@ from fixedram.stream import (
 )
 from fixedram.stream.encoder import PageRecords
 from fixedram.stream.format import RAM_SECTION, RAM_SECTION_VERSION, Command
-from fixedram.vm import find_qemu
+from fixedram.testing.vm import find_qemu
 
 PS = 4096
 

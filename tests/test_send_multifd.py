@@ -42,7 +42,7 @@ from fixedram.stream.multifd import (
     encode_packet,
     packet_header_into,
 )
-from fixedram.vm import Guest, QemuBinary, find_qemu
+from fixedram.testing.vm import Guest, QemuBinary, find_qemu
 
 REPO = Path(__file__).resolve().parent.parent
 PY = str(Path(sys.executable).absolute())

@@ -31,7 +31,7 @@ from fixedram.image.layout import PAGE_SIZE
 from fixedram.image.verify import add_checksums, verify_image
 from fixedram.io.channel import FdChannel
 from fixedram.stream import Configuration, RamBlock, SectionFooter, SectionFull, encode
-from fixedram.vm import Guest, QemuBinary, qemu_restore
+from fixedram.testing.vm import Guest, QemuBinary, qemu_restore
 
 PY = str(Path(sys.executable).absolute())
 REPO = Path(__file__).resolve().parent.parent
