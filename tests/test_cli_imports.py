@@ -54,7 +54,7 @@ def test_a_command_imports_only_its_own_module(command: str) -> None:
     own = f"fixedram.commands.{command}"
     assert own in mods
     others = {m for m in mods if m.startswith("fixedram.commands.") and m != own}
-    # restore reuses save's size formatting; nothing else crosses
+    # restore reuses save's progress display; nothing else crosses
     assert others <= ({"fixedram.commands.save"} if command == "restore" else set())
     assert "numpy" not in mods or command in ("send", "receive")
 

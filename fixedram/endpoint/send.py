@@ -69,6 +69,7 @@ from fixedram.stream.format import (
     TARGET_PAGE_SIZE,
     Command,
 )
+from fixedram.units import format_size
 
 if TYPE_CHECKING:
     from fixedram.image.verify import PageCheck
@@ -214,13 +215,6 @@ def wants_switchover_start(machine: str, image_commands: Sequence[str] = ()) -> 
 # ---------------------------------------------------------------------------------------------
 
 
-def _size(n: int) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift and n % (1 << shift) == 0:
-            return f"{n >> shift} {unit}"
-    return f"{n} bytes"
-
-
 def _open(image: str | os.PathLike[str] | Image) -> tuple[Image, bool]:
     if isinstance(image, Image):
         return image, False
@@ -300,17 +294,21 @@ def _validate_dest(img: Image, dest_machine: str | None,
     if dest_blocks is None:
         return
     dest = dict(dest_blocks)
+
+    def size(n: int) -> str:
+        return format_size(n, exact=True)
+
     for name, blk in img.blocks.items():
         if name not in dest:
-            raise MismatchError(f"RAM block '{name}' ({_size(blk.length)}) of the image is "
+            raise MismatchError(f"RAM block '{name}' ({size(blk.length)}) of the image is "
                                 "missing in the destination")
         if dest[name] != blk.length:
-            raise MismatchError(f"RAM block '{name}' differs in size: image {_size(blk.length)} "
-                                f"(0x{blk.length:x}), destination {_size(dest[name])} "
+            raise MismatchError(f"RAM block '{name}' differs in size: image {size(blk.length)} "
+                                f"(0x{blk.length:x}), destination {size(dest[name])} "
                                 f"(0x{dest[name]:x})")
     for name, length in dest.items():
         if name not in img.blocks:
-            raise MismatchError(f"RAM block '{name}' ({_size(length)}) of the destination is "
+            raise MismatchError(f"RAM block '{name}' ({size(length)}) of the destination is "
                                 "not in the image")
 
 
