@@ -34,7 +34,6 @@ import os
 import re
 import select
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -63,6 +62,7 @@ from fixedram.io.files import (
     drop_cached,
     open_direct,
     remove_stale_partials,
+    warn_no_direct_io,
 )
 from fixedram.stream import (
     CommandRecord,
@@ -366,8 +366,7 @@ class Receiver:
             where = self.image.parent
             if mode == "required":
                 raise FixedramError(f"the filesystem of {where} does not support O_DIRECT")
-            print(f"fixedram: warning: the filesystem of {where} does not support O_DIRECT; "
-                  "using buffered I/O", file=sys.stderr, flush=True)
+            warn_no_direct_io(where)
             return
         self._direct_fd = fd
         stage = aligned_buffer(MAX_RUN * PAGE_SIZE)

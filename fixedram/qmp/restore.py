@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -31,7 +30,7 @@ from typing import Any, Literal
 
 from fixedram.errors import MismatchError, VMError
 from fixedram.image.reader import DirectIO
-from fixedram.io.files import open_direct
+from fixedram.io.files import open_direct, warn_no_direct_io
 from fixedram.qmp.client import QMP, Events
 from fixedram.qmp.common import (
     WAKE_EVENTS,
@@ -299,8 +298,7 @@ def _direct_ok(path: Path, mode: DirectIO) -> bool:
         return True
     if mode == "required":
         raise VMError(f"the filesystem of {path.parent} does not support O_DIRECT")
-    print(f"fixedram: warning: the filesystem of {path.parent} does not support O_DIRECT; "
-          "QEMU reads buffered", file=sys.stderr, flush=True)
+    warn_no_direct_io(path.parent, fallback="QEMU reads buffered")
     return False
 
 
