@@ -31,7 +31,6 @@ from fixedram.endpoint.send import (
     machine_from_qom_type,
     send,
     validate,
-    wants_switchover_start,
 )
 from fixedram.errors import MismatchError
 from fixedram.image import open_image
@@ -48,6 +47,7 @@ from fixedram.stream import (
 )
 from fixedram.testing.guest import read_status
 from fixedram.testing.vm import Guest, Heartbeat, QemuBinary, find_qemu
+from fixedram.versions import wants_switchover_start
 
 REPO = Path(__file__).resolve().parent.parent
 # Not resolve(): .venv/bin/python is a symlink, and following it leaves the venv.

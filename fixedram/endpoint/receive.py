@@ -31,7 +31,6 @@ import contextlib
 import errno
 import mmap
 import os
-import re
 import select
 import socket
 import threading
@@ -86,6 +85,7 @@ from fixedram.stream import (
 from fixedram.stream.format import Command
 from fixedram.stream.multifd import classify
 from fixedram.stream.returnpath import encode_pong, encode_shut, encode_switchover_ack
+from fixedram.versions import wants_switchover_ack
 
 __all__ = [
     "CHANNEL_GRACE",
@@ -237,20 +237,6 @@ class _ImageFile(AtomicFile):
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-_MACHINE_VERSION = re.compile(r"-(\d+)\.(\d+)$")
-
-
-def wants_switchover_ack(machine: str) -> bool:
-    """Whether to send SWITCHOVER_ACK when the source opens the return path.
-
-    QEMU 8.1+ needs it when capability ``switchover-ack`` is on and ignores it
-    otherwise, but QEMU before 8.1 aborts the migration on this unknown message. A
-    source running a machine type older than 8.1 may be such a QEMU, so it gets none.
-    """
-    m = _MACHINE_VERSION.search(machine)
-    return m is None or (int(m[1]), int(m[2])) >= (8, 1)
 
 
 class _WritebackSink:

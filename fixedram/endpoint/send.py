@@ -70,6 +70,7 @@ from fixedram.stream.format import (
     Command,
 )
 from fixedram.units import format_size
+from fixedram.versions import wants_switchover_start
 
 if TYPE_CHECKING:
     from fixedram.image.verify import PageCheck
@@ -82,7 +83,6 @@ __all__ = [
     "machine_from_qom_type",
     "send",
     "validate",
-    "wants_switchover_start",
     "absent_runs",
     "skips_absent",
     "FRESH_MIN_BLOCK",
@@ -93,8 +93,6 @@ PS = TARGET_PAGE_SIZE
 #: pages without data need not be sent (``docs/fresh-destination.md``). Smaller blocks
 #: (firmware, ROM blobs QEMU fills at start-up, video RAM) get ZERO records for them anyway.
 FRESH_MIN_BLOCK = 64 << 20
-#: Machine-type version from which QEMU sends (and expects) SWITCHOVER_START.
-SWITCHOVER_START_SINCE = (10, 0)
 #: Pieces smaller than this are copied and batched with their neighbours into one write.
 _SMALL_PIECE = 64 << 10
 #: Most pages encoded as ZERO records in one go (9 bytes each).
@@ -157,7 +155,6 @@ class SendReport:
 # Destination facts
 # ---------------------------------------------------------------------------------------------
 
-_MACHINE_VERSION = re.compile(r"-(\d+)\.(\d+)$")
 _RAMBLOCK_LINE = re.compile(
     r"^\s*(\S+)\s+(?P<psize>\d+(?:\.\d+)?)\s*(?P<unit>[KMGT]?)i?B\s+0x([0-9a-fA-F]+)"
     r"\s+0x([0-9a-fA-F]+)\s+0x([0-9a-fA-F]+)"
@@ -195,19 +192,6 @@ def dest_page_sizes_from_hmp(text: str) -> dict[str, int]:
 def machine_from_qom_type(qom_type: str) -> str:
     """The machine type name from ``qom-get /machine type`` (``pc-q35-10.0-machine``)."""
     return qom_type.removesuffix("-machine")
-
-
-def wants_switchover_start(machine: str, image_commands: Sequence[str] = ()) -> bool:
-    """Whether a stream for ``machine`` carries SWITCHOVER_START.
-
-    QEMU 10 sends it for machine types >= 10.0 (the ``send-switchover-start`` property is
-    off for 9.2 and older); QEMU 7.2 rejects it. For an unversioned machine type, do what
-    the source did (``image_commands`` are the COMMAND names found in the image).
-    """
-    m = _MACHINE_VERSION.search(machine)
-    if m:
-        return (int(m[1]), int(m[2])) >= SWITCHOVER_START_SINCE
-    return Command.SWITCHOVER_START.name in image_commands
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from fixedram.qmp.common import (
     wait_event,
 )
 from fixedram.qmp.progress import Progress
+from fixedram.versions import MAPPED_RAM
 
 __all__ = ["RestoreReport", "choose_restore_via", "restore"]
 
@@ -83,14 +84,14 @@ class RestoreReport:
 
 def choose_restore_via(version: tuple[int, int, int], image_format: str, via: Via) -> str:
     """Resolve ``via`` for a destination QEMU of ``version`` and an image of ``image_format``."""
-    native_ok = version >= (9, 0, 0) and image_format == "mapped-ram"
+    native_ok = version[:2] >= MAPPED_RAM.since and image_format == "mapped-ram"
     if via == "auto":
         return "native" if native_ok else "proxy"
     if via == "native" and not native_ok:
         if image_format != "mapped-ram":
             raise VMError("--via native needs a mapped-ram image; this one is a legacy stream "
                           "(use --via proxy)")
-        raise VMError(f"--via native needs QEMU >= 9.0; the destination is "
+        raise VMError(f"--via native needs QEMU >= {MAPPED_RAM.since_text}; the destination is "
                       f"{'.'.join(map(str, version))} (use --via proxy)")
     if via not in ("native", "proxy"):
         raise VMError(f"unknown --via {via!r} (auto, native or proxy)")
