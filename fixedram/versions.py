@@ -57,39 +57,61 @@ class Rule:
 
 
 SWITCHOVER_ACK = Rule(
-    "receive sends SWITCHOVER_ACK on the return path", "machine", (8, 1),
+    "receive sends SWITCHOVER_ACK on the return path",
+    "machine",
+    (8, 1),
     "QEMU 8.1+ needs it when capability switchover-ack is on and ignores it otherwise; QEMU "
     "before 8.1 aborts the migration on this unknown message. A source running a machine type "
-    "older than 8.1 may be such a QEMU, so it gets none; an unversioned machine type gets one.")
+    "older than 8.1 may be such a QEMU, so it gets none; an unversioned machine type gets one.",
+)
 SWITCHOVER_START = Rule(
-    "send and multifd send put SWITCHOVER_START before the END section", "machine", (10, 0),
+    "send and multifd send put SWITCHOVER_START before the END section",
+    "machine",
+    (10, 0),
     "QEMU 10 sends it for machine types >= 10.0 (property send-switchover-start, off for 9.2 "
     "and older through hw_compat_9_2); QEMU 7.2 rejects it. For an unversioned machine type, "
-    "the stream carries it iff the image's source sent it.")
+    "the stream carries it iff the image's source sent it.",
+)
 MULTIFD_FLUSH = Rule(
     "multifd channels sync at MULTIFD_FLUSH records (else at every RAM EOS)",
-    "qemu and machine", (8, 1),
+    "qemu and machine",
+    (8, 1),
     "QEMU < 8.1 knows only EOS syncs; QEMU >= 8.1 uses MULTIFD_FLUSH unless the machine type "
     "is 8.0 or older (property multifd-flush-after-each-section, set by hw_compat_8_0). A "
-    "versioned machine type >= 8.1 implies a QEMU >= 8.1.")
+    "versioned machine type >= 8.1 implies a QEMU >= 8.1.",
+)
 MULTIFD_ZERO_LIST = Rule(
     "multifd zero pages travel in the packets' zero list (else as ZERO records on the main "
-    "connection)", "qemu", (9, 0),
+    "connection)",
+    "qemu",
+    (9, 0),
     "zero-page-detection multifd is QEMU's default since 9.0 and QEMU 7.2 ignores the list. "
     "Without the destination's version, a versioned machine type >= 9.0 proves QEMU >= 9.0; "
-    "anything else gets ZERO records, which every QEMU loads.")
+    "anything else gets ZERO records, which every QEMU loads.",
+)
 MAPPED_RAM = Rule(
     "save and restore can let QEMU read and write the mapped-ram image itself (--via native)",
-    "qemu", (9, 0),
+    "qemu",
+    (9, 0),
     "capability mapped-ram (and migration to file:) exists from QEMU 9.0; before, fixedram "
-    "speaks the stream (--via proxy).")
+    "speaks the stream (--via proxy).",
+)
 MAPPED_RAM_DIRECT_IO = Rule(
-    "a native save can write the image with O_DIRECT", "qemu", (9, 1),
-    "parameter direct-io of mapped-ram migrations exists from QEMU 9.1.")
+    "a native save can write the image with O_DIRECT",
+    "qemu",
+    (9, 1),
+    "parameter direct-io of mapped-ram migrations exists from QEMU 9.1.",
+)
 
 #: Every version- and machine-type-dependent rule fixedram follows.
-TABLE: tuple[Rule, ...] = (SWITCHOVER_ACK, SWITCHOVER_START, MULTIFD_FLUSH, MULTIFD_ZERO_LIST,
-                           MAPPED_RAM, MAPPED_RAM_DIRECT_IO)
+TABLE: tuple[Rule, ...] = (
+    SWITCHOVER_ACK,
+    SWITCHOVER_START,
+    MULTIFD_FLUSH,
+    MULTIFD_ZERO_LIST,
+    MAPPED_RAM,
+    MAPPED_RAM_DIRECT_IO,
+)
 
 _MACHINE_VERSION = re.compile(r"-(\d+)\.(\d+)$")
 
@@ -120,8 +142,9 @@ def wants_switchover_start(machine: str, image_commands: Sequence[str] = ()) -> 
     return Command.SWITCHOVER_START.name in image_commands
 
 
-def choose_sync_mode(machine: str, dest_version: tuple[int, int, int] | None = None,
-                     sync: SyncMode = "auto") -> Literal["flush", "eos"]:
+def choose_sync_mode(
+    machine: str, dest_version: tuple[int, int, int] | None = None, sync: SyncMode = "auto"
+) -> Literal["flush", "eos"]:
     """Where the destination syncs its channels: at MULTIFD_FLUSH records or at every EOS
     (:data:`MULTIFD_FLUSH`); ``sync`` other than ``"auto"`` forces it."""
     if sync != "auto":
@@ -136,8 +159,9 @@ def choose_sync_mode(machine: str, dest_version: tuple[int, int, int] | None = N
     return "flush"
 
 
-def choose_zero_mode(machine: str, dest_version: tuple[int, int, int] | None = None,
-                     zero: ZeroMode = "auto") -> Literal["packet", "main"]:
+def choose_zero_mode(
+    machine: str, dest_version: tuple[int, int, int] | None = None, zero: ZeroMode = "auto"
+) -> Literal["packet", "main"]:
     """How zero pages travel: in the packets' zero list or on the main channel
     (:data:`MULTIFD_ZERO_LIST`); ``zero`` other than ``"auto"`` forces it."""
     if zero != "auto":

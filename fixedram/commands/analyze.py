@@ -15,8 +15,9 @@ __all__ = ["analyze_cmd"]
 
 @cli.command("analyze")
 @click.argument("image", type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True,
-              help="Machine-readable output (docs/analyze-schema.md).")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Machine-readable output (docs/analyze-schema.md)."
+)
 @one_line_errors
 def analyze_cmd(image: str, as_json: bool) -> None:
     """Describe IMAGE: format, machine, RAM blocks, devices, sizes."""

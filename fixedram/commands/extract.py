@@ -15,8 +15,13 @@ __all__ = ["extract_cmd"]
 @cli.command("extract")
 @click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--block", default="pc.ram", show_default=True, help="RAM block to write out.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="Raw output file (sparse where pages are absent).")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Raw output file (sparse where pages are absent).",
+)
 @one_line_errors
 def extract_cmd(image: str, block: str, output: str) -> None:
     """Write one RAM block of IMAGE as a raw memory file."""

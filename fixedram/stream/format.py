@@ -163,9 +163,16 @@ MULTIFD_PAGES_PER_PACKET = (512 << 10) // TARGET_PAGE_SIZE
 #: zero_pages, 28 reserved, ramblock[256]. The one declaration of the header: the structs
 #: below and the numpy record of :mod:`fixedram.stream.multifd` are built from it.
 MULTIFD_PACKET_FIELDS: tuple[tuple[str, str], ...] = (
-    ("magic", "I"), ("version", "I"), ("flags", "I"),
-    ("alloc", "I"), ("normal", "I"), ("next", "I"), ("num", "Q"), ("nzero", "I"),
-    ("pad", "28x"), ("name", "256s"),
+    ("magic", "I"),
+    ("version", "I"),
+    ("flags", "I"),
+    ("alloc", "I"),
+    ("normal", "I"),
+    ("next", "I"),
+    ("num", "Q"),
+    ("nzero", "I"),
+    ("pad", "28x"),
+    ("name", "256s"),
 )
 #: The whole header up to the offsets array.
 MULTIFD_PACKET_HEADER = struct.Struct(">" + "".join(c for _, c in MULTIFD_PACKET_FIELDS))
