@@ -22,6 +22,7 @@ import numpy as np
 from fixedram.endpoint.receive import Receiver
 from fixedram.image import MappedRamWriter
 from fixedram.image.layout import PAGE_SIZE
+from fixedram.image.verify import add_checksums, verify_image
 from fixedram.stream import (
     Configuration,
     EndOfFile,
@@ -38,7 +39,6 @@ from fixedram.stream import (
     VMDescription,
     encode,
 )
-from fixedram.verify import add_checksums, verify_image
 
 RUN = 256
 DEV = encode(SectionFull(3, "timer", 0, 2)) + bytes(24) + encode(SectionFooter(3))

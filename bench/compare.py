@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fixedram.guest import build_guest
-from fixedram.vm import Guest, choose_accel, find_qemu, parse_mem_size
+from fixedram.testing.guest import build_guest
+from fixedram.testing.vm import Guest, choose_accel, find_qemu, parse_mem_size
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fixedram.guest import build_guest
-from fixedram.vm import Guest, choose_accel, find_qemu
+from fixedram.testing.guest import build_guest
+from fixedram.testing.vm import Guest, choose_accel, find_qemu
 
 MIB = 1 << 20
 ROOT = Path(__file__).resolve().parent.parent

@@ -96,38 +96,6 @@ def cli() -> None:
     """Save and restore QEMU guest RAM in fixed-offset (mapped-ram) images."""
 
 
-@cli.command()
-@click.argument("image", type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True,
-              help="Machine-readable output (docs/analyze-schema.md).")
-@one_line_errors
-def analyze(image: str, as_json: bool) -> None:
-    """Describe IMAGE: format, machine, RAM blocks, devices, sizes."""
-    from fixedram.analyze import analyze_image, format_report
-
-    report = analyze_image(image)
-    if as_json:
-        import json
-
-        click.echo(json.dumps(report, indent=2))
-    else:
-        click.echo(format_report(report))
-
-
-@cli.command()
-@click.argument("image", type=click.Path(dir_okay=False))
-@click.option("--block", default="pc.ram", show_default=True, help="RAM block to write out.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="Raw output file (sparse where pages are absent).")
-@one_line_errors
-def extract(image: str, block: str, output: str) -> None:
-    """Write one RAM block of IMAGE as a raw memory file."""
-    from fixedram.analyze import extract_block
-
-    n = extract_block(image, block, output)
-    click.echo(f"{output}: {n} bytes of '{block}'", err=True)
-
-
 def _load_commands() -> None:
     """Import every command module (``main`` imports only the one it runs)."""
     for name in cli.list_commands(click.Context(cli)):

@@ -1,7 +1,8 @@
 """``fixedram demo``: save a running VM live into a fixed-offset image and restore it.
 
-The demo boots the bare test guest (:mod:`fixedram.guest`) under QEMU 10 (TCG where KVM cannot
-run it), lets it stamp a quarter of its RAM and keep re-dirtying it as fast as it can, and then:
+The demo boots the bare test guest (:mod:`fixedram.testing.guest`) under QEMU 10 (TCG where KVM
+cannot run it), lets it stamp a quarter of its RAM and keep re-dirtying it as fast as it can, and
+then:
 
 1. saves it live with QEMU's own *legacy* stream (``migrate file:`` without mapped-ram) at
    QEMU's default bandwidth, pausing the guest after a few seconds because such a save never
@@ -15,6 +16,10 @@ run it), lets it stamp a quarter of its RAM and keep re-dirtying it as fast as i
    after every page has been re-checked by the guest.
 
 :func:`run_demo` returns a JSON-ready report; ``ok`` is false when a check failed.
+
+The demo needs the test support of :mod:`fixedram.testing` (the test guest and starting and
+driving QEMU, :mod:`fixedram.testing.vm`): it is the one command that imports it, and only when
+it runs.
 """
 
 from __future__ import annotations
@@ -73,12 +78,12 @@ def run_demo(
     afterwards). ``progress``: progress bars on stderr. Raises :class:`FixedramError` when something
     cannot run at all (no QEMU, a save that fails); failed checks only set ``ok`` false.
     """
-    from fixedram.guest import build_guest, check_pages, read_status
     from fixedram.qmp.client import QMP
     from fixedram.qmp.progress import ProgressBar
     from fixedram.qmp.restore import restore
     from fixedram.qmp.save import save
-    from fixedram.vm import Guest, choose_accel, find_qemu, parse_mem_size
+    from fixedram.testing.guest import build_guest, check_pages, read_status
+    from fixedram.testing.vm import Guest, choose_accel, find_qemu, parse_mem_size
 
     t_start = time.monotonic()
     mem_bytes = parse_mem_size(mem)

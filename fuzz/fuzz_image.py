@@ -24,8 +24,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 with atheris.instrument_imports():
-    import fixedram.analyze
     import fixedram.endpoint.send
+    import fixedram.image.analyze
     import fixedram.image.reader
     import fixedram.stream.decoder  # noqa: F401
 

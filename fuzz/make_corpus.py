@@ -221,7 +221,7 @@ def multifd_seeds() -> dict[str, bytes]:
 
 def qemu_sources(work: Path) -> dict[str, Path]:
     """Save a small real guest with QEMU 10: legacy stream and mapped-ram file."""
-    from fixedram.vm import Guest, find_qemu, qemu_save
+    from fixedram.testing.vm import Guest, find_qemu, qemu_save
 
     qemu = find_qemu("10")
     out: dict[str, Path] = {}

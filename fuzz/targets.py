@@ -143,8 +143,8 @@ def run_image(data: bytes, workdir: Path, *, heavy: bool = True, trace: bool = T
     """
     from fixedram.endpoint.send import _send, validate
     from fixedram.image import open_image
+    from fixedram.image.verify import verify_image
     from fixedram.io.channel import SinkChannel
-    from fixedram.verify import verify_image
 
     inp = workdir / "in"
     out = workdir / "out"

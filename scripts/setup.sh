@@ -63,12 +63,12 @@ if [ ! -x "$q72/usr/bin/qemu-system-x86_64" ]; then
 fi
 # Unpacked, not installed: its modules (accel-tcg-i386.so) sit under $q72/usr/lib and its
 # firmware comes from the system's /usr/share/{seabios,qemu} and /usr/lib/ipxe/qemu (NIC
-# option ROMs); fixedram.vm.find_qemu("7.2") passes QEMU_MODULE_DIR and -L for them.
+# option ROMs); fixedram.testing.vm.find_qemu("7.2") passes QEMU_MODULE_DIR and -L for them.
 QEMU_MODULE_DIR="$q72/usr/lib/x86_64-linux-gnu/qemu" "$q72/usr/bin/qemu-system-x86_64" --version |
   head -1 | sed 's/^/setup: /'
 echo "setup: QEMU 7.2 in $q72"
 
-# The Linux test guest (fixedram/guest/linux.py) is built at test time from Debian's cloud
+# The Linux test guest (fixedram/testing/guest/linux.py) is built at test time from Debian's cloud
 # kernel and busybox-static: download the two packages (not installed) into $cache/debs.
 debs="$cache/debs"
 if ! ls "$debs"/linux-image-*-cloud-amd64_*_amd64.deb >/dev/null 2>&1 ||

@@ -1,6 +1,6 @@
 """Shared fixtures: the bare test guest, QEMU binaries, and QEMU-written images.
 
-QEMU fixtures never skip: if QEMU is missing, :func:`fixedram.vm.find_qemu` raises
+QEMU fixtures never skip: if QEMU is missing, :func:`fixedram.testing.vm.find_qemu` raises
 :class:`fixedram.errors.VMError` saying so (and that ``scripts/setup.sh`` installs it), and the
 test errors with that message. Mark tests that use them ``@pytest.mark.qemu``.
 """
@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from qemu_images import KINDS, ImageCase, ImageSpec, make_image
 
-from fixedram.guest import build_guest
-from fixedram.guest.linux import LinuxGuest, build_linux_guest
-from fixedram.vm import QemuBinary, choose_accel, find_qemu
+from fixedram.testing.guest import build_guest
+from fixedram.testing.guest.linux import LinuxGuest, build_linux_guest
+from fixedram.testing.vm import QemuBinary, choose_accel, find_qemu
 
 
 @pytest.fixture(scope="session")
@@ -86,5 +86,5 @@ def qemu_image(
 @pytest.fixture(scope="session")
 def linux_guest() -> LinuxGuest:
     """The Linux test guest (kernel + initramfs), built once from the packages
-    ``scripts/setup.sh`` downloaded, and cached (see :mod:`fixedram.guest.linux`)."""
+    ``scripts/setup.sh`` downloaded, and cached (see :mod:`fixedram.testing.guest.linux`)."""
     return build_linux_guest()

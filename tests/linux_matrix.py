@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fixedram.guest.linux import LinuxGuest, linux_append
-from fixedram.vm import Guest, Heartbeat, find_qemu, parse_heartbeats, parse_mem_size
+from fixedram.testing.guest.linux import LinuxGuest, linux_append
+from fixedram.testing.vm import Guest, Heartbeat, find_qemu, parse_heartbeats, parse_mem_size
 
 PY = str(Path(sys.executable).absolute())
 HB_MS = 500

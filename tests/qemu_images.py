@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from fixedram.guest import GuestStatus, read_status
-from fixedram.vm import (
+from fixedram.testing.guest import GuestStatus, read_status
+from fixedram.testing.vm import (
     Guest,
     Heartbeat,
     QemuBinary,

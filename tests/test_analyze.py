@@ -17,7 +17,7 @@ import pytest
 from qemu_images import KINDS, ImageCase
 from synth_images import DEVICES, write_mapped_image
 
-from fixedram.analyze import analyze_image, data_bytes, extract_block, format_report
+from fixedram.image.analyze import analyze_image, data_bytes, extract_block, format_report
 from fixedram.image.layout import PAGE_SIZE, bitmap_bytes, block_geometry
 
 REPO = Path(__file__).resolve().parent.parent

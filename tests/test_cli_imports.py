@@ -54,7 +54,7 @@ def test_a_command_imports_only_its_own_module(command: str) -> None:
     own = f"fixedram.commands.{command}"
     assert own in mods
     others = {m for m in mods if m.startswith("fixedram.commands.") and m != own}
-    # restore reuses save's size formatting; nothing else crosses
+    # restore reuses save's progress display; nothing else crosses
     assert others <= ({"fixedram.commands.save"} if command == "restore" else set())
     assert "numpy" not in mods or command in ("send", "receive")
 
@@ -66,7 +66,7 @@ def test_lazy_restore_path_leaves_out_what_it_does_not_use() -> None:
         "fixedram.qmp.progress.ProgressBar('x', disable=True).close()")
     for unused in ("tqdm", "xxhash", "ctypes.util", "fixedram.endpoint.receive",
                    "fixedram.endpoint.multifd", "fixedram.image.writer",
-                   "fixedram.image.checksum", "fixedram.vm", "fixedram.verify"):
+                   "fixedram.image.checksum", "fixedram.testing.vm", "fixedram.image.verify"):
         assert unused not in mods, unused
 
 
@@ -74,7 +74,7 @@ def test_native_paths_leave_out_what_they_do_not_use() -> None:
     mods = modules_after("import fixedram.commands.save, fixedram.commands.restore, "
                          "fixedram.qmp.save, fixedram.qmp.restore, fixedram.image")
     for unused in ("tqdm", "xxhash", "fixedram.endpoint.receive", "fixedram.image.writer",
-                   "fixedram.vm"):
+                   "fixedram.testing.vm"):
         assert unused not in mods, unused
 
 
@@ -93,3 +93,22 @@ def test_package_names_load_on_first_use_and_stay_what_they_were() -> None:
         "assert reader.__name__ == 'fixedram.image.reader'\n")],
         cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 0, r.stderr
+
+
+def test_runtime_modules_do_not_import_the_test_support() -> None:
+    """``fixedram.testing`` (test guests, driving QEMU) is for the tests, the benchmarks and the
+    demo: no other module of the package imports it."""
+    import ast
+
+    pkg = REPO / "fixedram"
+    allowed = {pkg / "demo.py", pkg / "commands" / "demo.py"}
+    offenders = []
+    for path in sorted(pkg.rglob("*.py")):
+        if path in allowed or (pkg / "testing") in path.parents:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.relative_to(REPO)}: {n}" for n in names
+                          if n == "fixedram.testing" or n.startswith("fixedram.testing.")]
+    assert not offenders, offenders

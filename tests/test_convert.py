@@ -12,7 +12,7 @@ from test_receive import assert_same_ram
 
 from fixedram.commands.convert import convert
 from fixedram.image import open_image
-from fixedram.vm import qemu_restore
+from fixedram.testing.vm import qemu_restore
 
 PY = sys.executable
 

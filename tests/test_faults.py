@@ -32,7 +32,7 @@ import pytest
 
 from fixedram.image import open_image
 from fixedram.io.files import remove_stale_partials
-from fixedram.vm import Guest, QemuBinary
+from fixedram.testing.vm import Guest, QemuBinary
 
 pytestmark = pytest.mark.qemu
 

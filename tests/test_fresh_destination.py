@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from test_save_restore import ctl_args, fixedram, run_ok, same_ram, socks  # noqa: F401
 
-from fixedram.vm import Guest, find_qemu
+from fixedram.testing.vm import Guest, find_qemu
 
 pytestmark = pytest.mark.qemu
 

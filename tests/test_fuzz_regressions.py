@@ -111,7 +111,7 @@ def test_text_report_escapes_names(tmp_path: Path) -> None:
 
 def test_extract_failure_leaves_no_output(tmp_path: Path) -> None:
     """Extract used to create OUT before reading: an image failing half way left it behind."""
-    from fixedram.analyze import extract_block
+    from fixedram.image.analyze import extract_block
 
     data = stream([("pc.ram", 4 * PAGE_SIZE)], [Page("pc.ram", 0, b"\x01" * PAGE_SIZE, 0)])
     img = tmp_path / "in.img"

@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 from qemu_images import ImageSpec
 
-from fixedram.vm import Guest, find_qemu
+from fixedram.testing.vm import Guest, find_qemu
 
 PY = str(Path(sys.executable).absolute())
 PS = 4096

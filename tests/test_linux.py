@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from linux_matrix import Config, Source, check_restore
 
-from fixedram.guest.linux import LinuxGuest
 from fixedram.image import open_image
 from fixedram.image.sections import device_section_ids, ram_section_id
+from fixedram.testing.guest.linux import LinuxGuest
 
 DEFAULTS = Config("defaults", defaults=True, mem="384M")
 

@@ -32,8 +32,8 @@ from linux_matrix import (
     same_ram,
 )
 
-from fixedram.guest.linux import LinuxGuest
-from fixedram.vm import parse_mem_size
+from fixedram.testing.guest.linux import LinuxGuest
+from fixedram.testing.vm import parse_mem_size
 
 pytestmark = [pytest.mark.matrix, pytest.mark.qemu, pytest.mark.timeout(900)]
 

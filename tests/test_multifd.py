@@ -27,7 +27,6 @@ from hypothesis import strategies as st
 
 from fixedram.endpoint.multifd import MultifdReceiver, MultifdStats
 from fixedram.errors import EndpointError, StreamError, TruncatedStream, UnsupportedRecord
-from fixedram.guest import check_pages, read_status
 from fixedram.io.channel import Listener, SocketChannel
 from fixedram.stream import StreamDecoder
 from fixedram.stream.format import MULTIFD_INIT, MULTIFD_PAGES_PER_PACKET, Command
@@ -49,7 +48,8 @@ from fixedram.stream.records import (
     Record,
     Zero,
 )
-from fixedram.vm import Guest, QemuBinary, find_qemu
+from fixedram.testing.guest import check_pages, read_status
+from fixedram.testing.vm import Guest, QemuBinary, find_qemu
 
 PAGE = 4096
 UUID = bytes(range(16))
@@ -580,7 +580,7 @@ def test_qemu_multifd_into_python(version: str, machine: str, nchan: int, mode: 
     diff = {int(p) for p in np.flatnonzero((mem != want).reshape(-1, PAGE).any(axis=1))}
     # Exact for QEMU 7.2 too: the guest keeps the state it rewrites all the time in a page
     # that TCG tracks as a code page, which 7.2's lost dirty tracking does not affect (see
-    # "the hot page" in fixedram/guest/dirty.c).
+    # "the hot page" in fixedram/testing/guest/dirty.c).
     assert not diff, f"{len(diff)} pages differ: {[hex(p * PAGE) for p in sorted(diff)[:8]]}"
     assert check_pages(mem, status=read_status(want))["bad_pages"] == 0
     print(f"\n{version} {machine} x{nchan}: {r['seconds']:.2f} s, {stats.markers} markers, "

@@ -23,7 +23,7 @@ import pytest
 from fixedram.errors import QMPCommandError
 from fixedram.image import open_image
 from fixedram.qmp.client import QMP
-from fixedram.vm import Guest, QemuBinary
+from fixedram.testing.vm import Guest, QemuBinary
 
 pytestmark = pytest.mark.qemu
 

@@ -47,7 +47,7 @@ from fixedram.stream import (
 )
 from fixedram.stream.format import Command
 from fixedram.stream.returnpath import encode_pong, encode_shut, encode_switchover_ack
-from fixedram.vm import Guest, QemuBinary, qemu_restore
+from fixedram.testing.vm import Guest, QemuBinary, qemu_restore
 
 PY = sys.executable  # the venv's python, not resolved (the symlink carries the venv)
 APPEND = "mib=32 rate=32 hb=100"
@@ -64,7 +64,7 @@ def assert_same_ram(a: Path, b: Path) -> None:
     """Two memory dumps are identical (else: how many pages differ, and where).
 
     This holds for QEMU 7.2 sources too: the test guest keeps all the state it rewrites in a
-    page that TCG tracks as a code page (see "the hot page" in ``fixedram/guest/dirty.c``).
+    page that TCG tracks as a code page (see "the hot page" in ``fixedram/testing/guest/dirty.c``).
     """
     if filecmp.cmp(a, b, shallow=False):
         return

@@ -44,7 +44,7 @@ from fixedram.stream import (
 from fixedram.stream.format import Command
 from fixedram.stream.multifd import encode_init, encode_packet
 from fixedram.stream.returnpath import encode_shut, encode_switchover_ack
-from fixedram.vm import Guest, QemuBinary, qemu_restore
+from fixedram.testing.vm import Guest, QemuBinary, qemu_restore
 
 PY = sys.executable
 APPEND = "mib=32 rate=64 hb=100"

@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 from synth_images import device_blob, vmdesc
 
-from fixedram.guest import build_guest
 from fixedram.image.layout import PAGE_SIZE
 from fixedram.stream import (
     Configuration,
@@ -39,7 +38,8 @@ from fixedram.stream import (
     Zero,
     encode,
 )
-from fixedram.vm import Guest, choose_accel, find_qemu
+from fixedram.testing.guest import build_guest
+from fixedram.testing.vm import Guest, choose_accel, find_qemu
 
 #: Peak RSS allowed to the fixedram process (docs/RELIABILITY.md, memory bound).
 RSS_BOUND = 100 << 20

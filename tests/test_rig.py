@@ -13,7 +13,7 @@ import pytest
 from qemu_images import KINDS, ImageCase
 
 from fixedram.errors import VMError
-from fixedram.guest import (
+from fixedram.testing.guest import (
     MAGIC,
     PAGE_BASE,
     PAGE_SIZE,
@@ -23,7 +23,7 @@ from fixedram.guest import (
     expected_page,
     read_status,
 )
-from fixedram.vm import (
+from fixedram.testing.vm import (
     Guest,
     QemuBinary,
     choose_accel,

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fixedram.guest import check_pages, read_status
-from fixedram.vm import Guest, QemuBinary, find_qemu
+from fixedram.testing.guest import check_pages, read_status
+from fixedram.testing.vm import Guest, QemuBinary, find_qemu
 
 pytestmark = pytest.mark.qemu
 

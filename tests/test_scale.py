@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from fixedram.image import open_image
-from fixedram.vm import Guest, Heartbeat, choose_accel, find_qemu
+from fixedram.testing.vm import Guest, Heartbeat, choose_accel, find_qemu
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable

@@ -31,10 +31,8 @@ from fixedram.endpoint.send import (
     machine_from_qom_type,
     send,
     validate,
-    wants_switchover_start,
 )
 from fixedram.errors import MismatchError
-from fixedram.guest import read_status
 from fixedram.image import open_image
 from fixedram.qmp.client import QMP
 from fixedram.stream import (
@@ -47,7 +45,9 @@ from fixedram.stream import (
     VMDescription,
     Zero,
 )
-from fixedram.vm import Guest, Heartbeat, QemuBinary, find_qemu
+from fixedram.testing.guest import read_status
+from fixedram.testing.vm import Guest, Heartbeat, QemuBinary, find_qemu
+from fixedram.versions import wants_switchover_start
 
 REPO = Path(__file__).resolve().parent.parent
 # Not resolve(): .venv/bin/python is a symlink, and following it leaves the venv.

@@ -30,7 +30,7 @@ from test_send import (
     sockdir,  # noqa: F401  (fixture)
 )
 
-from fixedram.endpoint.send import FRESH_MIN_BLOCK, send, wants_switchover_start
+from fixedram.endpoint.send import FRESH_MIN_BLOCK, send
 from fixedram.errors import FixedramError
 from fixedram.image import Image, open_image
 from fixedram.image import reader as reader_mod
@@ -58,7 +58,8 @@ from fixedram.stream import (
 )
 from fixedram.stream.encoder import PageRecords
 from fixedram.stream.format import RAM_SECTION, RAM_SECTION_VERSION, Command
-from fixedram.vm import find_qemu
+from fixedram.testing.vm import find_qemu
+from fixedram.versions import wants_switchover_start
 
 PS = 4096
 

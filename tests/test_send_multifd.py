@@ -27,8 +27,6 @@ from test_send_fast import _cached_fraction, _drop_from_cache
 from fixedram.commands.convert import convert
 from fixedram.endpoint.multifd_send import (
     check_multifd_settings,
-    choose_sync_mode,
-    choose_zero_mode,
     send_multifd,
 )
 from fixedram.errors import EndpointError, MismatchError
@@ -42,7 +40,8 @@ from fixedram.stream.multifd import (
     encode_packet,
     packet_header_into,
 )
-from fixedram.vm import Guest, QemuBinary, find_qemu
+from fixedram.testing.vm import Guest, QemuBinary, find_qemu
+from fixedram.versions import choose_sync_mode, choose_zero_mode
 
 REPO = Path(__file__).resolve().parent.parent
 PY = str(Path(sys.executable).absolute())

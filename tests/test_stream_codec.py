@@ -47,7 +47,7 @@ from fixedram.stream import (
 )
 from fixedram.stream.format import MAPPED_RAM_HEADER, Command, RamFlag
 from fixedram.stream.returnpath import encode_pong, encode_shut
-from fixedram.vm import Guest, QemuBinary
+from fixedram.testing.vm import Guest, QemuBinary
 
 PS = 4096
 RID = 3  # section id of "ram" in the synthetic streams

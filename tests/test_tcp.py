@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fixedram.guest import build_guest
-from fixedram.vm import Guest, choose_accel, find_qemu
+from fixedram.testing.guest import build_guest
+from fixedram.testing.vm import Guest, choose_accel, find_qemu
 
 pytestmark = pytest.mark.qemu
 

@@ -28,10 +28,10 @@ from fixedram.errors import ImageError
 from fixedram.image import MappedRamWriter, open_image
 from fixedram.image import checksum as ck
 from fixedram.image.layout import PAGE_SIZE
+from fixedram.image.verify import add_checksums, verify_image
 from fixedram.io.channel import FdChannel
 from fixedram.stream import Configuration, RamBlock, SectionFooter, SectionFull, encode
-from fixedram.verify import add_checksums, verify_image
-from fixedram.vm import Guest, QemuBinary, qemu_restore
+from fixedram.testing.vm import Guest, QemuBinary, qemu_restore
 
 PY = str(Path(sys.executable).absolute())
 REPO = Path(__file__).resolve().parent.parent

@@ -1,4 +1,7 @@
-"""``fixedram demo``: live-save a test VM into a fixed-offset image, restore it, verify."""
+"""``fixedram demo``: live-save a test VM into a fixed-offset image, restore it, verify.
+
+The one command that uses the test support in :mod:`fixedram.testing` (see :mod:`fixedram.demo`).
+"""
 
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ import time
 import click
 
 from fixedram.cli import cli, direct_io_options, direct_mode, one_line_errors
-from fixedram.commands.save import _show_progress, fmt_size
+from fixedram.commands.save import _show_progress
+from fixedram.units import format_size
 
 __all__ = ["restore_command"]
 
@@ -76,8 +77,8 @@ def restore_command(image: str, qmp_socket: str, via: str, paused: bool,
         f"restored {r.image} ({r.image_format}) into {r.machine} (QEMU {r.qemu_version}) via "
         f"{r.via}" + (f", {r.channels} channels" if r.channels else "")
         + (", O_DIRECT" if r.direct_io else "") + f" in {r.total_time:.2f} s\n"
-        f"  load {r.load_time:.2f} s: {r.pages} pages, {fmt_size(r.bytes)}"
-        f" ({r.mb_per_s:.0f} MB/s), {r.zero_pages} zero pages; RAM {fmt_size(r.ram_size)}\n"
+        f"  load {r.load_time:.2f} s: {r.pages} pages, {format_size(r.bytes)}"
+        f" ({r.mb_per_s:.0f} MB/s), {r.zero_pages} zero pages; RAM {format_size(r.ram_size)}\n"
         f"  VM {r.status}"
     )
 
@@ -106,6 +107,6 @@ def _lazy(image: str, qmp_socket: str, paused: bool, progress: bool | None, as_j
         f"{' (paused)' if paused else ''}; total {r.total_time:.2f} s\n"
         f"  {r.pages} pages: {r.pages_on_demand} served on demand ({r.requests} requests), "
         f"{r.pages_pushed} pushed; {r.zero_on_demand} zero pages on demand; RAM "
-        f"{fmt_size(r.ram_size)}\n"
+        f"{format_size(r.ram_size)}\n"
         f"  VM {r.status}"
     )

@@ -10,17 +10,9 @@ import sys
 import click
 
 from fixedram.cli import cli, one_line_errors
+from fixedram.units import format_size
 
-__all__ = ["fmt_size", "parse_rate", "save_command"]
-
-
-def fmt_size(n: float) -> str:
-    """``1.5 MiB``."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+__all__ = ["parse_rate", "save_command"]
 
 
 def parse_rate(text: str) -> int:
@@ -87,9 +79,9 @@ def save_command(image: str, qmp_socket: str, live: bool, via: str, resume: bool
         f"saved {r.machine} (QEMU {r.qemu_version}) to {r.image} via {r.via}"
         f"{' (live)' if r.live else ''} in {r.total_time:.2f} s\n"
         f"  migration {r.migration_time:.2f} s (QEMU total {_ms(r.qemu_total_time)}, "
-        f"downtime {_ms(r.downtime)}), {fmt_size(r.bytes_transferred)} transferred, "
+        f"downtime {_ms(r.downtime)}), {format_size(r.bytes_transferred)} transferred, "
         f"{r.pages_transferred} pages, {r.dirty_passes} passes\n"
-        f"  image: {r.pages_in_image} pages, {fmt_size(r.image_apparent_size)} apparent, "
-        f"{fmt_size(r.image_allocated_size)} allocated; RAM {fmt_size(r.ram_size)}\n"
+        f"  image: {r.pages_in_image} pages, {format_size(r.image_apparent_size)} apparent, "
+        f"{format_size(r.image_allocated_size)} allocated; RAM {format_size(r.ram_size)}\n"
         f"  VM {'resumed' if r.resumed else 'left paused'}"
     )

@@ -23,6 +23,7 @@ import click
 from fixedram.cli import cli, direct_io_options, direct_mode, one_line_errors
 from fixedram.errors import EndpointError
 from fixedram.io.channel import Channel, FdChannel, connect, from_fd
+from fixedram.units import format_size
 
 __all__ = ["send_command"]
 
@@ -46,14 +47,6 @@ def _stdio_channel() -> FdChannel:
     os.dup2(null, 1)
     os.close(null)
     return FdChannel(inp, out, owned=True)
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 @cli.command("send")
@@ -104,7 +97,7 @@ def send_command(image: str, address: str | None, fd: int | None, qmp_socket: st
     if address is not None and fd is not None:
         raise click.UsageError("--connect and --fd exclude each other")
     if postcopy and verify_first:  # a lazily restored guest runs before all pages are sent
-        from fixedram.verify import require_checksums
+        from fixedram.image.verify import require_checksums
 
         with open_image(image) as vimg:
             require_checksums(vimg)
@@ -127,7 +120,7 @@ def send_command(image: str, address: str | None, fd: int | None, qmp_socket: st
         # Refuse before connecting: QEMU cannot be reused after a failed load.
         validate(img, dest_machine=dest_machine, dest_blocks=dest_blocks)
         if verify_first:
-            from fixedram.verify import require_checksums
+            from fixedram.image.verify import require_checksums
 
             require_checksums(img)
         img.open_direct(direct)  # =required fails here, before connecting
@@ -144,8 +137,8 @@ def send_command(image: str, address: str | None, fd: int | None, qmp_socket: st
     if not quiet:
         click.echo(
             f"fixedram: sent {image} ({report.machine}): {report.pages_sent} pages + "
-            f"{report.zero_pages} zero pages, {_fmt_bytes(report.bytes_sent)} in "
-            f"{report.elapsed:.2f} s ({_fmt_bytes(report.rate)}/s), "
+            f"{report.zero_pages} zero pages, {format_size(report.bytes_sent)} in "
+            f"{report.elapsed:.2f} s ({format_size(report.rate)}/s), "
             f"{report.preadv_calls} reads" + (" (O_DIRECT)" if report.direct_io else ""),
             err=True)
 
@@ -227,7 +220,7 @@ def _send_postcopy(image: str, address: str | None, fd: int | None, qmp_socket: 
             f"fixedram: lazily restored {image} ({report.machine}): guest started after "
             f"{report.time_to_run * 1000:.0f} ms; {report.pages_on_demand} pages on demand "
             f"({report.requests} requests), {report.pages_pushed} pushed, "
-            f"{_fmt_bytes(report.bytes_sent)} in {report.elapsed:.2f} s", err=True)
+            f"{format_size(report.bytes_sent)} in {report.elapsed:.2f} s", err=True)
 
 
 def _send_multifd(image: str, address: str, channels: int, qmp_socket: str | None, quiet: bool,
@@ -249,7 +242,7 @@ def _send_multifd(image: str, address: str, channels: int, qmp_socket: str | Non
             if uuid is None:
                 uuid = dest.uuid
         if verify_first:
-            from fixedram.verify import require_checksums
+            from fixedram.image.verify import require_checksums
 
             require_checksums(img)
         bar, progress = _page_bar(quiet, lambda: sum(b.npages for b in img.blocks.values()),
@@ -271,5 +264,5 @@ def _send_multifd(image: str, address: str, channels: int, qmp_socket: str | Non
             f"fixedram: sent {image} ({report.machine}) over {channels} multifd channels: "
             f"{report.pages_sent} pages + {report.zero_pages} zero pages "
             f"({report.packets} packets, {report.sync} syncs, zero pages {report.zero}), "
-            f"{_fmt_bytes(report.bytes_sent)} in {report.elapsed:.2f} s "
-            f"({_fmt_bytes(report.rate)}/s), {report.preadv_calls} reads", err=True)
+            f"{format_size(report.bytes_sent)} in {report.elapsed:.2f} s "
+            f"({format_size(report.rate)}/s), {report.preadv_calls} reads", err=True)

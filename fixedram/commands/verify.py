@@ -30,7 +30,7 @@ __all__ = ["verify_cmd"]
 @one_line_errors
 def verify_cmd(image: str, as_json: bool, add: bool, force: bool, no_pages: bool) -> None:
     """Check IMAGE's structure and, if it carries them, its checksums (exit 0/1/2)."""
-    from fixedram.verify import add_checksums, verify_image
+    from fixedram.image.verify import add_checksums, verify_image
 
     if add:
         rep = add_checksums(image, force=force)

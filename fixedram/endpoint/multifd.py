@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -52,11 +52,11 @@ from fixedram.stream.multifd import (
     MultifdPacket,
 )
 from fixedram.stream.records import EndOfSection, MultifdFlush, Page, RamBlock, Record, Zero
+from fixedram.versions import SyncMode
 
-__all__ = ["ChannelStats", "MultifdReceiver", "MultifdStats", "PageSink", "SyncMode"]
+__all__ = ["ChannelStats", "MultifdReceiver", "MultifdStats", "PageSink"]
 
 Buffer = bytes | bytearray | memoryview
-SyncMode = Literal["auto", "flush", "eos"]
 _SHIFT = TARGET_PAGE_SIZE.bit_length() - 1
 _PAYLOAD = MULTIFD_PAGES_PER_PACKET * TARGET_PAGE_SIZE
 #: Bytes of packet headers read at once after a packet without page data.

@@ -46,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import re
 import select
 import socket
 import struct
@@ -56,7 +55,7 @@ import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -69,7 +68,6 @@ from fixedram.endpoint.send import (
     absent_runs,
     skips_absent,
     validate,
-    wants_switchover_start,
 )
 from fixedram.errors import EndpointError, FixedramError, ImageError, MismatchError
 from fixedram.image import Image
@@ -92,26 +90,27 @@ from fixedram.stream.format import (
 )
 from fixedram.stream.multifd import MULTIFD_PACKET_SIZE, encode_init, packet_header_into
 from fixedram.stream.records import MultifdFlush
+from fixedram.versions import (
+    SyncMode,
+    ZeroMode,
+    choose_sync_mode,
+    choose_zero_mode,
+    wants_switchover_start,
+)
 
 if TYPE_CHECKING:
-    from fixedram.verify import PageCheck
+    from fixedram.image.verify import PageCheck
 
 __all__ = [
     "MultifdDestination",
     "MultifdSendReport",
-    "SyncMode",
-    "ZeroMode",
     "check_multifd_settings",
-    "choose_sync_mode",
-    "choose_zero_mode",
     "parse_uuid",
     "send_multifd",
 ]
 
 PS = TARGET_PAGE_SIZE
 PER_PACKET = MULTIFD_PAGES_PER_PACKET
-SyncMode = Literal["auto", "flush", "eos"]
-ZeroMode = Literal["auto", "packet", "main"]
 #: Most channels QEMU accepts (the channel id is one byte; ``multifd-channels`` <= 255).
 MAX_CHANNELS = 255
 #: A packet whose pages form at most this many runs goes out by ``sendfile`` (one call per
@@ -120,7 +119,6 @@ _SENDFILE_RUNS = 8
 #: Seconds without any byte accepted by the destination before giving up.
 STALL_SECONDS = 60.0
 
-_MACHINE_VERSION = re.compile(r"-(\d+)\.(\d+)$")
 _PROGRESS_INTERVAL = 0.2
 
 
@@ -160,48 +158,6 @@ class MultifdSendReport:
 # ---------------------------------------------------------------------------------------------
 # What the destination expects
 # ---------------------------------------------------------------------------------------------
-
-
-def _machine_version(machine: str) -> tuple[int, int] | None:
-    m = _MACHINE_VERSION.search(machine)
-    return (int(m[1]), int(m[2])) if m else None
-
-
-def choose_sync_mode(machine: str, dest_version: tuple[int, int, int] | None = None,
-                     sync: SyncMode = "auto") -> Literal["flush", "eos"]:
-    """Where the destination syncs its channels: at MULTIFD_FLUSH records or at every EOS.
-
-    QEMU < 8.1 knows only EOS syncs; QEMU >= 8.1 uses MULTIFD_FLUSH unless the machine type
-    is 8.0 or older (property ``multifd-flush-after-each-section``, set by ``hw_compat_8_0``).
-    A versioned machine type >= 8.1 implies a QEMU >= 8.1.
-    """
-    if sync != "auto":
-        if sync not in ("flush", "eos"):
-            raise ValueError(f"unknown sync mode {sync!r}")
-        return sync
-    if dest_version is not None and dest_version[:2] < (8, 1):
-        return "eos"
-    mv = _machine_version(machine)
-    if mv is not None and mv <= (8, 0):
-        return "eos"
-    return "flush"
-
-
-def choose_zero_mode(machine: str, dest_version: tuple[int, int, int] | None = None,
-                     zero: ZeroMode = "auto") -> Literal["packet", "main"]:
-    """How zero pages travel: in the packets' zero list (QEMU >= 9.0) or on the main channel.
-
-    Without the destination's version, a versioned machine type >= 9.0 proves QEMU >= 9.0;
-    anything else gets ZERO records, which every QEMU loads.
-    """
-    if zero != "auto":
-        if zero not in ("packet", "main"):
-            raise ValueError(f"unknown zero-page mode {zero!r}")
-        return zero
-    if dest_version is not None:
-        return "packet" if dest_version[:2] >= (9, 0) else "main"
-    mv = _machine_version(machine)
-    return "packet" if mv is not None and mv >= (9, 0) else "main"
 
 
 def parse_uuid(text: str) -> bytes:
@@ -529,7 +485,7 @@ def send_multifd(
 
 def _page_checks(img: Image) -> Callable[[str], PageCheck | None]:
     """A per-block :class:`PageCheck` factory (None where the image has no checksums)."""
-    from fixedram.verify import PageCheck, check_metadata
+    from fixedram.image.verify import PageCheck, check_metadata
 
     cs = check_metadata(img)
     made: dict[str, PageCheck] = {}

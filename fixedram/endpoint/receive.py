@@ -31,10 +31,8 @@ import contextlib
 import errno
 import mmap
 import os
-import re
 import select
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -63,6 +61,7 @@ from fixedram.io.files import (
     drop_cached,
     open_direct,
     remove_stale_partials,
+    warn_no_direct_io,
 )
 from fixedram.stream import (
     CommandRecord,
@@ -86,6 +85,7 @@ from fixedram.stream import (
 from fixedram.stream.format import Command
 from fixedram.stream.multifd import classify
 from fixedram.stream.returnpath import encode_pong, encode_shut, encode_switchover_ack
+from fixedram.versions import wants_switchover_ack
 
 __all__ = [
     "CHANNEL_GRACE",
@@ -239,20 +239,6 @@ class _ImageFile(AtomicFile):
             self.fd = -1
 
 
-_MACHINE_VERSION = re.compile(r"-(\d+)\.(\d+)$")
-
-
-def wants_switchover_ack(machine: str) -> bool:
-    """Whether to send SWITCHOVER_ACK when the source opens the return path.
-
-    QEMU 8.1+ needs it when capability ``switchover-ack`` is on and ignores it
-    otherwise, but QEMU before 8.1 aborts the migration on this unknown message. A
-    source running a machine type older than 8.1 may be such a QEMU, so it gets none.
-    """
-    m = _MACHINE_VERSION.search(machine)
-    return m is None or (int(m[1]), int(m[2])) >= (8, 1)
-
-
 class _WritebackSink:
     """The writer for multifd channels: each packet's pages are handed to writeback at
     once (as the main channel's are per feed), so the final fsync has little left."""
@@ -366,8 +352,7 @@ class Receiver:
             where = self.image.parent
             if mode == "required":
                 raise FixedramError(f"the filesystem of {where} does not support O_DIRECT")
-            print(f"fixedram: warning: the filesystem of {where} does not support O_DIRECT; "
-                  "using buffered I/O", file=sys.stderr, flush=True)
+            warn_no_direct_io(where)
             return
         self._direct_fd = fd
         stage = aligned_buffer(MAX_RUN * PAGE_SIZE)

@@ -69,9 +69,11 @@ from fixedram.stream.format import (
     TARGET_PAGE_SIZE,
     Command,
 )
+from fixedram.units import format_size
+from fixedram.versions import wants_switchover_start
 
 if TYPE_CHECKING:
-    from fixedram.verify import PageCheck
+    from fixedram.image.verify import PageCheck
 
 __all__ = [
     "SendReport",
@@ -81,7 +83,6 @@ __all__ = [
     "machine_from_qom_type",
     "send",
     "validate",
-    "wants_switchover_start",
     "absent_runs",
     "skips_absent",
     "FRESH_MIN_BLOCK",
@@ -92,8 +93,6 @@ PS = TARGET_PAGE_SIZE
 #: pages without data need not be sent (``docs/fresh-destination.md``). Smaller blocks
 #: (firmware, ROM blobs QEMU fills at start-up, video RAM) get ZERO records for them anyway.
 FRESH_MIN_BLOCK = 64 << 20
-#: Machine-type version from which QEMU sends (and expects) SWITCHOVER_START.
-SWITCHOVER_START_SINCE = (10, 0)
 #: Pieces smaller than this are copied and batched with their neighbours into one write.
 _SMALL_PIECE = 64 << 10
 #: Most pages encoded as ZERO records in one go (9 bytes each).
@@ -156,7 +155,6 @@ class SendReport:
 # Destination facts
 # ---------------------------------------------------------------------------------------------
 
-_MACHINE_VERSION = re.compile(r"-(\d+)\.(\d+)$")
 _RAMBLOCK_LINE = re.compile(
     r"^\s*(\S+)\s+(?P<psize>\d+(?:\.\d+)?)\s*(?P<unit>[KMGT]?)i?B\s+0x([0-9a-fA-F]+)"
     r"\s+0x([0-9a-fA-F]+)\s+0x([0-9a-fA-F]+)"
@@ -196,29 +194,9 @@ def machine_from_qom_type(qom_type: str) -> str:
     return qom_type.removesuffix("-machine")
 
 
-def wants_switchover_start(machine: str, image_commands: Sequence[str] = ()) -> bool:
-    """Whether a stream for ``machine`` carries SWITCHOVER_START.
-
-    QEMU 10 sends it for machine types >= 10.0 (the ``send-switchover-start`` property is
-    off for 9.2 and older); QEMU 7.2 rejects it. For an unversioned machine type, do what
-    the source did (``image_commands`` are the COMMAND names found in the image).
-    """
-    m = _MACHINE_VERSION.search(machine)
-    if m:
-        return (int(m[1]), int(m[2])) >= SWITCHOVER_START_SINCE
-    return Command.SWITCHOVER_START.name in image_commands
-
-
 # ---------------------------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------------------------
-
-
-def _size(n: int) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift and n % (1 << shift) == 0:
-            return f"{n >> shift} {unit}"
-    return f"{n} bytes"
 
 
 def _open(image: str | os.PathLike[str] | Image) -> tuple[Image, bool]:
@@ -285,7 +263,7 @@ def _validate_image(img: Image) -> None:
                                  f"end of the file ({size} bytes)")
     # the checksum extension (if any) and the digests of headers, bitmaps and device state:
     # cheap, so always, before the first byte; page data is checked while it is read
-    from fixedram.verify import check_metadata
+    from fixedram.image.verify import check_metadata
 
     check_metadata(img)
 
@@ -300,17 +278,21 @@ def _validate_dest(img: Image, dest_machine: str | None,
     if dest_blocks is None:
         return
     dest = dict(dest_blocks)
+
+    def size(n: int) -> str:
+        return format_size(n, exact=True)
+
     for name, blk in img.blocks.items():
         if name not in dest:
-            raise MismatchError(f"RAM block '{name}' ({_size(blk.length)}) of the image is "
+            raise MismatchError(f"RAM block '{name}' ({size(blk.length)}) of the image is "
                                 "missing in the destination")
         if dest[name] != blk.length:
-            raise MismatchError(f"RAM block '{name}' differs in size: image {_size(blk.length)} "
-                                f"(0x{blk.length:x}), destination {_size(dest[name])} "
+            raise MismatchError(f"RAM block '{name}' differs in size: image {size(blk.length)} "
+                                f"(0x{blk.length:x}), destination {size(dest[name])} "
                                 f"(0x{dest[name]:x})")
     for name, length in dest.items():
         if name not in img.blocks:
-            raise MismatchError(f"RAM block '{name}' ({_size(length)}) of the destination is "
+            raise MismatchError(f"RAM block '{name}' ({size(length)}) of the destination is "
                                 "not in the image")
 
 
@@ -543,7 +525,7 @@ def send(image: str | os.PathLike[str] | Image, channel: Channel, *,
 
 def _page_check(img: Image) -> PageCheck | None:
     """Checks pages against the image's checksum extension as they are read (or None)."""
-    from fixedram.verify import PageCheck, check_metadata
+    from fixedram.image.verify import PageCheck, check_metadata
 
     cs = check_metadata(img)
     return PageCheck(img, cs) if cs is not None else None

@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,7 +35,13 @@ from fixedram.image.layout import (
     runs,
 )
 from fixedram.image.sparse import SparseArray
-from fixedram.io.files import IOV_MAX, aligned_buffer, open_direct, preadv_exact
+from fixedram.io.files import (
+    IOV_MAX,
+    aligned_buffer,
+    open_direct,
+    preadv_exact,
+    warn_no_direct_io,
+)
 from fixedram.stream import (
     CommandRecord,
     Configuration,
@@ -170,8 +175,9 @@ class Image:
 
         The page cache is then neither filled nor trashed by the pages read. Where the
         filesystem refuses O_DIRECT (tmpfs), ``mode`` ``"required"`` raises
-        :class:`FixedramError`; otherwise one warning goes to stderr and reads stay
-        buffered. Returns whether reads are direct.
+        :class:`FixedramError`; otherwise one warning goes to stderr
+        (:func:`~fixedram.io.files.warn_no_direct_io`) and reads stay buffered. Returns
+        whether reads are direct.
         """
         if not mode or self._dfd >= 0 or self._dmode == "refused":
             return self._dfd >= 0
@@ -208,8 +214,7 @@ class Image:
         where = self.path.parent
         if mode == "required":
             raise FixedramError(f"the filesystem of {where} {why}")
-        print(f"fixedram: warning: the filesystem of {where} {why}; using buffered I/O",
-              file=sys.stderr, flush=True)
+        warn_no_direct_io(where, why)
 
     def close_direct(self) -> None:
         """Go back to buffered reads."""

@@ -26,6 +26,7 @@ __all__ = [
     "preadv_exact",
     "aligned_buffer",
     "open_direct",
+    "warn_no_direct_io",
     "punch_hole",
     "drop_cached",
     "fsync_dir",
@@ -91,6 +92,16 @@ def open_direct(path: str | os.PathLike[str], flags: int, mode: int = 0o600) -> 
         if e.errno == errno.EINVAL:
             return None
         raise
+
+
+def warn_no_direct_io(where: str | os.PathLike[str], why: str = "does not support O_DIRECT",
+                      fallback: str = "using buffered I/O") -> None:
+    """The one warning for a filesystem that refuses O_DIRECT, where fixedram goes on without:
+    ``fixedram: warning: the filesystem of WHERE WHY; FALLBACK`` (through :mod:`fixedram.log`).
+    """
+    from fixedram.log import warn
+
+    warn("the filesystem of %s %s; %s", where, why, fallback)
 
 
 _FADVISE = hasattr(os, "posix_fadvise")

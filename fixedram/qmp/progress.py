@@ -11,6 +11,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from fixedram.units import format_size
+
 __all__ = ["Progress", "ProgressBar", "from_query_migrate"]
 
 
@@ -82,11 +84,12 @@ class ProgressBar:
         bar.n = p.done_bytes
         post: dict[str, str] = {"pages": str(p.pages)}
         if p.remaining_bytes is not None:
-            post["left"] = _size(p.remaining_bytes)
+            post["left"] = format_size(p.remaining_bytes, sep="", largest="TiB")
         if p.mbps is not None:
             post["MB/s"] = f"{p.mbps / 8:.0f}"
         if p.dirty_pages_rate:
-            post["dirty"] = f"{_size(p.dirty_pages_rate * 4096)}/s"
+            dirty = format_size(p.dirty_pages_rate * 4096, sep="", largest="TiB")
+            post["dirty"] = f"{dirty}/s"
         if p.sync_pass is not None:
             post["pass"] = str(p.sync_pass)
         bar.set_postfix(post, refresh=False)
@@ -102,11 +105,3 @@ class ProgressBar:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return f"{n:.1f}TiB"

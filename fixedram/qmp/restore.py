@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -31,7 +30,7 @@ from typing import Any, Literal
 
 from fixedram.errors import MismatchError, VMError
 from fixedram.image.reader import DirectIO
-from fixedram.io.files import open_direct
+from fixedram.io.files import open_direct, warn_no_direct_io
 from fixedram.qmp.client import QMP, Events
 from fixedram.qmp.common import (
     WAKE_EVENTS,
@@ -44,6 +43,7 @@ from fixedram.qmp.common import (
     wait_event,
 )
 from fixedram.qmp.progress import Progress
+from fixedram.versions import MAPPED_RAM
 
 __all__ = ["RestoreReport", "choose_restore_via", "restore"]
 
@@ -84,14 +84,14 @@ class RestoreReport:
 
 def choose_restore_via(version: tuple[int, int, int], image_format: str, via: Via) -> str:
     """Resolve ``via`` for a destination QEMU of ``version`` and an image of ``image_format``."""
-    native_ok = version >= (9, 0, 0) and image_format == "mapped-ram"
+    native_ok = version[:2] >= MAPPED_RAM.since and image_format == "mapped-ram"
     if via == "auto":
         return "native" if native_ok else "proxy"
     if via == "native" and not native_ok:
         if image_format != "mapped-ram":
             raise VMError("--via native needs a mapped-ram image; this one is a legacy stream "
                           "(use --via proxy)")
-        raise VMError(f"--via native needs QEMU >= 9.0; the destination is "
+        raise VMError(f"--via native needs QEMU >= {MAPPED_RAM.since_text}; the destination is "
                       f"{'.'.join(map(str, version))} (use --via proxy)")
     if via not in ("native", "proxy"):
         raise VMError(f"unknown --via {via!r} (auto, native or proxy)")
@@ -299,8 +299,7 @@ def _direct_ok(path: Path, mode: DirectIO) -> bool:
         return True
     if mode == "required":
         raise VMError(f"the filesystem of {path.parent} does not support O_DIRECT")
-    print(f"fixedram: warning: the filesystem of {path.parent} does not support O_DIRECT; "
-          "QEMU reads buffered", file=sys.stderr, flush=True)
+    warn_no_direct_io(path.parent, fallback="QEMU reads buffered")
     return False
 
 

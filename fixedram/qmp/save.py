@@ -54,6 +54,7 @@ from fixedram.qmp.common import (
     wait_event,
 )
 from fixedram.qmp.progress import Progress, from_query_migrate
+from fixedram.versions import MAPPED_RAM, MAPPED_RAM_DIRECT_IO
 
 __all__ = ["MAX_BANDWIDTH", "SaveReport", "Via", "choose_save_via", "save"]
 
@@ -101,11 +102,14 @@ class SaveReport:
 
 def choose_save_via(version: tuple[int, int, int], via: Via, *, direct_io: bool = False) -> str:
     """Resolve ``via`` for a source QEMU of ``version``; raise :class:`VMError` if impossible."""
-    native_ok = version >= (9, 0, 0) and (not direct_io or version >= (9, 1, 0))
+    native_ok = version[:2] >= MAPPED_RAM.since and (
+        not direct_io or version[:2] >= MAPPED_RAM_DIRECT_IO.since)
     if via == "auto":
         return "native" if native_ok else "proxy"
     if via == "native" and not native_ok:
-        need = "9.1 (direct-io)" if direct_io and version >= (9, 0, 0) else "9.0 (mapped-ram)"
+        need = (f"{MAPPED_RAM_DIRECT_IO.since_text} (direct-io)"
+                if direct_io and version[:2] >= MAPPED_RAM.since
+                else f"{MAPPED_RAM.since_text} (mapped-ram)")
         raise VMError(
             f"--via native needs QEMU >= {need}; this is {'.'.join(map(str, version))} "
             "(use --via proxy)"

@@ -33,6 +33,9 @@ __all__ = [
     "MULTIFD_INIT",
     "MULTIFD_PAGES_PER_PACKET",
     "MULTIFD_PACKET_HEADER",
+    "MULTIFD_PACKET_FIELDS",
+    "MULTIFD_PACKET_PREFIX",
+    "MULTIFD_PACKET_REST",
     "MultifdFlag",
 ]
 
@@ -155,9 +158,28 @@ MULTIFD_VERSION = 1
 MULTIFD_INIT = struct.Struct(">II16sB7x32x")
 #: 512 KiB of pages per packet on a 4 KiB-page target.
 MULTIFD_PAGES_PER_PACKET = (512 << 10) // TARGET_PAGE_SIZE
-#: Packet header up to the offsets array: magic, version, flags, pages_alloc,
-#: normal_pages, next_packet_size, packet_num, zero_pages, 28 reserved, ramblock[256].
-MULTIFD_PACKET_HEADER = struct.Struct(">IIIIIIQI28x256s")
+#: Packet header up to the offsets array, field by field in wire order (big-endian struct
+#: codes): magic, version, flags, pages_alloc, normal_pages, next_packet_size, packet_num,
+#: zero_pages, 28 reserved, ramblock[256]. The one declaration of the header: the structs
+#: below and the numpy record of :mod:`fixedram.stream.multifd` are built from it.
+MULTIFD_PACKET_FIELDS: tuple[tuple[str, str], ...] = (
+    ("magic", "I"),
+    ("version", "I"),
+    ("flags", "I"),
+    ("alloc", "I"),
+    ("normal", "I"),
+    ("next", "I"),
+    ("num", "Q"),
+    ("nzero", "I"),
+    ("pad", "28x"),
+    ("name", "256s"),
+)
+#: The whole header up to the offsets array.
+MULTIFD_PACKET_HEADER = struct.Struct(">" + "".join(c for _, c in MULTIFD_PACKET_FIELDS))
+#: Its prefix, common to every packet kind: magic, version, flags.
+MULTIFD_PACKET_PREFIX = struct.Struct(">" + "".join(c for _, c in MULTIFD_PACKET_FIELDS[:3]))
+#: The rest of the header of a RAM packet, after the prefix.
+MULTIFD_PACKET_REST = struct.Struct(">" + "".join(c for _, c in MULTIFD_PACKET_FIELDS[3:]))
 
 
 class MultifdFlag(IntFlag):

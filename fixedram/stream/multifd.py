@@ -36,7 +36,10 @@ from fixedram.stream.format import (
     FILE_MAGIC,
     MULTIFD_INIT,
     MULTIFD_MAGIC,
+    MULTIFD_PACKET_FIELDS,
     MULTIFD_PACKET_HEADER,
+    MULTIFD_PACKET_PREFIX,
+    MULTIFD_PACKET_REST,
     MULTIFD_PAGES_PER_PACKET,
     MULTIFD_VERSION,
     TARGET_PAGE_SIZE,
@@ -57,15 +60,15 @@ __all__ = [
 
 #: Size of every packet header on the wire: fixed part plus 128 offsets (1344 bytes).
 MULTIFD_PACKET_SIZE = MULTIFD_PACKET_HEADER.size + 8 * MULTIFD_PAGES_PER_PACKET
+_NUMPY_TYPES = {"I": ">u4", "Q": ">u8"}  # struct codes of the header; "28x", "256s": raw bytes
 #: The same header as a numpy record (for :meth:`MultifdChannelDecoder.feed_batch`).
-_HEADER_DTYPE = np.dtype([("magic", ">u4"), ("version", ">u4"), ("flags", ">u4"),
-                          ("alloc", ">u4"), ("normal", ">u4"), ("next", ">u4"),
-                          ("num", ">u8"), ("nzero", ">u4"), ("pad", "V28"),
-                          ("name", "V256"), ("offs", ">u8", (MULTIFD_PAGES_PER_PACKET,))])
+_HEADER_DTYPE = np.dtype([(name, _NUMPY_TYPES.get(code) or f"V{code[:-1]}")
+                          for name, code in MULTIFD_PACKET_FIELDS]
+                         + [("offs", ">u8", (MULTIFD_PAGES_PER_PACKET,))])
 assert _HEADER_DTYPE.itemsize == MULTIFD_PACKET_SIZE
 
-_PREFIX = struct.Struct(">III")  # magic, version, flags: common to every packet kind
-_REST = struct.Struct(">IIIQI28x256s")  # the rest of the fixed RAM packet header
+_PREFIX = MULTIFD_PACKET_PREFIX  # magic, version, flags: common to every packet kind
+_REST = MULTIFD_PACKET_REST  # the rest of the fixed RAM packet header
 _BLOCK_NAME = 256
 _PAGE_MASK = TARGET_PAGE_SIZE - 1
 _SYNC = int(MultifdFlag.SYNC)

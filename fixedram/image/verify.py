@@ -1,4 +1,4 @@
-"""``fixedram verify``: check an image's structure and, where it carries them, its checksums.
+"""Check an image's structure and, where it carries them, its checksums (``fixedram verify``).
 
 :func:`verify_image` returns a :class:`VerifyReport`; its ``status`` is
 

@@ -1,4 +1,4 @@
-"""``fixedram analyze`` and ``fixedram extract``: describe an image, write out one RAM block.
+"""Describe an image and write out one RAM block (``fixedram analyze`` and ``fixedram extract``).
 
 :func:`analyze_image` returns a plain dict following ``docs/analyze-schema.md`` (schema 1);
 :func:`format_report` renders that dict for people. For a mapped-ram image everything is
@@ -20,6 +20,7 @@ from typing import Any
 from fixedram.image import Image, open_image
 from fixedram.image.layout import PAGE_SIZE, bitmap_bytes
 from fixedram.image.reader import READ_CHUNK
+from fixedram.units import format_size
 
 __all__ = ["SCHEMA_VERSION", "analyze_image", "data_bytes", "extract_block", "format_report"]
 
@@ -144,15 +145,6 @@ def analyze_image(path: str | os.PathLike[str]) -> dict[str, Any]:
         }
 
 
-def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift:
-            return f"{n / (1 << shift):.1f} {unit}"
-    return f"{n} B"
-
-
 def format_report(report: dict[str, Any]) -> str:
     """Render an :func:`analyze_image` dict as text for people."""
     r = report
@@ -166,11 +158,11 @@ def format_report(report: dict[str, Any]) -> str:
     if r["commands"]:
         lines.append(f"commands:      {', '.join(r['commands'])}")
     lines.append(
-        f"RAM:           {_size(ram['bytes'])} ({ram['bytes']} bytes) in {ram['blocks']} blocks; "
-        f"{ram['pages_present']} of {ram['pages']} pages present, {ram['pages_absent']} "
+        f"RAM:           {format_size(ram['bytes'])} ({ram['bytes']} bytes) in {ram['blocks']} "
+        f"blocks; {ram['pages_present']} of {ram['pages']} pages present, {ram['pages_absent']} "
         "zero/absent"
         + (
-            f"; {_size(ram['allocated_bytes'])} allocated"
+            f"; {format_size(ram['allocated_bytes'])} allocated"
             if ram["allocated_bytes"] is not None
             else ""
         )

@@ -1,5 +1,5 @@
 /*
- * fixedram Linux test guest workload: /lxguest in the initramfs of fixedram.guest.linux.
+ * fixedram Linux test guest workload: /lxguest in the initramfs of fixedram.testing.guest.linux.
  *
  * It keeps known data in RAM, checks it itself every heartbeat and keeps rewriting other
  * memory, so that a restored guest can say whether its memory survived:

@@ -14,7 +14,7 @@ and the sources next to this file:
 The guest's kernel command line takes ``console=ttyS0`` plus the workload's parameters
 (``data=``, ``mib=``, ``rate=``, ``hb=``; see ``linux.c``): :func:`linux_append`. Its
 heartbeat ``HB <n> gen=<g> cur=<c> err=<e> KiBps=<k> data=<digest>`` is what
-:func:`fixedram.vm.parse_heartbeats` reads.
+:func:`fixedram.testing.vm.parse_heartbeats` reads.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def linux_append(*, data: int = 16, mib: int = 16, rate: int = 4, hb: int = 1000
 
 
 def _cache_dirs() -> list[Path]:
-    from fixedram.vm import cache_roots
+    from fixedram.testing.vm import cache_roots
 
     return cache_roots()
 

@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 DEFAULT_MAX_BANDWIDTH = 1 << 40  # 1 TiB/s: QEMU's 128 MiB/s default also throttles file:
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+_REPO_ROOT = Path(__file__).resolve().parents[2]
 _SETUP_HINT = "scripts/setup.sh installs it"
 
 
@@ -227,7 +227,7 @@ def kvm_runs_guest(qemu: QemuBinary, seconds: float = 3.0) -> bool:
     This is the probe behind :func:`choose_accel` (it always runs it, ignoring caches and
     ``$FIXEDRAM_ACCEL``). QEMU is stopped before returning.
     """
-    from fixedram.guest import build_guest
+    from fixedram.testing.guest import build_guest
 
     kernel = build_guest()
     with tempfile.TemporaryDirectory(prefix="fixedram-probe-") as tmp:
@@ -392,10 +392,10 @@ class Guest:
     or :meth:`close` (QMP ``quit``, SIGKILL if that does not work). QEMU runs with ``workdir``
     as its working directory; its stderr goes to ``<workdir>/<name>.err``.
 
-    ``kernel`` defaults to the bare guest from :func:`fixedram.guest.build_guest`; ``accel``
+    ``kernel`` defaults to the bare guest from :func:`fixedram.testing.guest.build_guest`; ``accel``
     defaults to :func:`choose_accel`. ``defaults=True`` leaves out ``-nodefaults``: QEMU then
     adds its default devices (a NIC with user networking, VGA, ...); ``initrd`` is passed as
-    ``-initrd`` (the Linux guest of :mod:`fixedram.guest.linux`). Devices and memory
+    ``-initrd`` (the Linux guest of :mod:`fixedram.testing.guest.linux`). Devices and memory
     backends go in ``extra_args``, which :meth:`like` copies; ``{guest}`` in them becomes the
     guest's name, so that each QEMU gets its own file (``mem-path=/x/{guest}.ram``).
     ``control=True`` adds a second QMP monitor at :attr:`control_path` for ``fixedram`` to
@@ -488,7 +488,7 @@ class Guest:
 
     def vm_args(self) -> list[str]:
         """The arguments that define the VM, identical for source and destination."""
-        from fixedram.guest import build_guest
+        from fixedram.testing.guest import build_guest
 
         if self.kernel is None:
             self.kernel = build_guest()

@@ -1,5 +1,5 @@
 #!/bin/busybox sh
-# /init of the fixedram Linux test guest (fixedram.guest.linux): mount what the workload
+# /init of the fixedram Linux test guest (fixedram.testing.guest.linux): mount what the workload
 # needs, load the virtio drivers (present devices bind, absent ones are skipped), bring
 # the network links up, and run the workload with the serial console as its output.
 /bin/busybox mount -t devtmpfs dev /dev
