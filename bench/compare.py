@@ -30,18 +30,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.run import drop_caches
 from fixedram.testing.guest import build_guest
 from fixedram.testing.vm import Guest, choose_accel, find_qemu, parse_mem_size
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def drop_caches() -> None:
-    subprocess.run(["sync"], check=False)
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        pass
 
 
 def fixedram(root: Path, args: list[str]) -> tuple[float, float, dict[str, Any]]:
