@@ -4,12 +4,13 @@
 
 * ``"unreadable"`` (exit 2): the file cannot be read as an image at all (missing,
   not a migration stream, truncated so that no end marker or a pages region is
-  missing, offsets past the end of the file ...: everything :func:`open_image`
-  refuses);
-* ``"corrupt"`` (exit 1): it opens, but a check failed: bitmap bits beyond a block,
-  overlapping or misplaced regions, no device state, a VM description that does
-  not parse, a damaged checksum extension, or data that does not match its
-  checksums (one problem per bad extent, with block and offset in the block);
+  missing, offsets past the end of the file, misplaced or overlapping regions ...:
+  everything :func:`open_image` refuses);
+* ``"corrupt"`` (exit 1): it opens, but a check failed: the structure checks of
+  :mod:`fixedram.image.check` (bitmap bits beyond a block, no device state, a VM
+  description that does not parse), a damaged checksum extension, or data that does
+  not match its checksums (one problem per bad extent, with block and offset in the
+  block);
 * ``"ok"`` (exit 0), possibly with notes (e.g. no checksum extension).
 
 :func:`add_checksums` writes the extension into an existing mapped-ram image in
@@ -20,7 +21,6 @@ interrupted update leaves no extension or a complete one).
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import time
@@ -32,6 +32,7 @@ from typing import Any, Literal
 import numpy as np
 
 from fixedram.errors import FixedramError, ImageError, StreamError
+from fixedram.image.check import Problem, structure
 from fixedram.image.checksum import (
     PAGE_SIZE,
     ChecksumError,
@@ -47,9 +48,7 @@ from fixedram.image.checksum import (
     store,
     zero_extent_digest,
 )
-from fixedram.image.layout import bitmap_bytes
 from fixedram.image.reader import Image, open_image
-from fixedram.stream.format import MAPPED_RAM_VERSION
 
 __all__ = [
     "Problem",
@@ -69,18 +68,6 @@ EXIT_OK, EXIT_CORRUPT, EXIT_UNREADABLE = 0, 1, 2
 PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 
 Status = Literal["ok", "corrupt", "unreadable"]
-
-
-@dataclass
-class Problem:
-    """One finding. ``block``/``offset``/``length`` locate page data (offset in the block)."""
-
-    kind: str
-    message: str
-    block: str | None = None
-    offset: int | None = None
-    length: int | None = None
-    file_offset: int | None = None
 
 
 @dataclass
@@ -129,73 +116,6 @@ def _bad_extent(img_name: str, b_name: str, e: int, shift: int, length: int,
                    f"file bytes 0x{pages_offset + off:x}-0x{pages_offset + off + n - 1:x}): "
                    "page data does not match its checksum",
                    block=b_name, offset=off, length=n, file_offset=pages_offset + off)
-
-
-# -- structure ------------------------------------------------------------------------------
-
-
-def _structure(img: Image, rep: VerifyReport) -> set[str]:
-    """Structural checks; returns the names of blocks whose bitmap is unusable."""
-    bad_bitmaps: set[str] = set()
-    end = img.file_size
-    cfg = img.configuration
-    if cfg.page_bits is not None and (1 << cfg.page_bits) != PAGE_SIZE:
-        rep.problems.append(Problem("structure", f"target pages of {1 << cfg.page_bits} bytes "
-                                    f"(fixedram supports {PAGE_SIZE})"))
-    spans: list[tuple[int, int, str]] = []
-    for name, blk in img.blocks.items():
-        if blk.length <= 0 or blk.length % PAGE_SIZE:
-            rep.problems.append(Problem("structure", f"RAM block '{name}': length "
-                                        f"{blk.length} is not a positive multiple of "
-                                        f"{PAGE_SIZE}", block=name))
-            bad_bitmaps.add(name)
-            continue
-        m = blk.mapped
-        if m is not None:
-            if m.version != MAPPED_RAM_VERSION or m.page_size != PAGE_SIZE:
-                rep.problems.append(Problem("structure", f"RAM block '{name}': mapped-ram "
-                                            f"header version {m.version}, page size "
-                                            f"{m.page_size}", block=name))
-            bm_end = m.bitmap_offset + bitmap_bytes(blk.npages)
-            if m.pages_offset % PAGE_SIZE:
-                rep.problems.append(Problem("structure", f"RAM block '{name}': pages region "
-                                            f"at byte {m.pages_offset} is not page-aligned",
-                                            block=name, file_offset=m.pages_offset))
-            if bm_end > m.pages_offset:
-                rep.problems.append(Problem("structure", f"RAM block '{name}': bitmap "
-                                            f"(bytes {m.bitmap_offset}-{bm_end}) overlaps "
-                                            "its pages region", block=name))
-            if bm_end > end or m.pages_offset + blk.length > end:
-                rep.problems.append(Problem("structure", f"RAM block '{name}': bitmap or "
-                                            f"pages past the end of the file ({end} bytes)",
-                                            block=name))
-                bad_bitmaps.add(name)
-            spans.append((m.bitmap_offset - 28, m.pages_offset + blk.length, name))
-        try:
-            img.last_present(name)  # the whole bitmap, in bounded pieces
-        except ImageError as e:
-            rep.problems.append(Problem("bitmap", e.message, block=name,
-                                        file_offset=e.offset))
-            bad_bitmaps.add(name)
-    spans.sort()
-    for (_, a_end, a), (b_start, _, b) in itertools.pairwise(spans):
-        if b_start < a_end:
-            rep.problems.append(Problem("structure", f"RAM blocks '{a}' and '{b}' overlap "
-                                        f"(byte {b_start} < {a_end})", block=b))
-    if not img.device_state:
-        rep.problems.append(Problem("structure", "no device state (image incomplete)"))
-    if img.vmdesc is None:
-        if img.format == "mapped-ram":
-            rep.problems.append(Problem("structure", "no VM description after the "
-                                        "end-of-stream marker (image incomplete)"))
-    else:
-        try:
-            desc = img.vmdesc_json()
-            if not isinstance(desc, dict) or not isinstance(desc.get("devices", []), list):
-                raise ValueError("not a JSON object with a device list")
-        except (ValueError, UnicodeDecodeError) as e:
-            rep.problems.append(Problem("vmdesc", f"VM description does not parse: {e}"))
-    return bad_bitmaps
 
 
 # -- checksums ------------------------------------------------------------------------------
@@ -299,7 +219,9 @@ def verify_image(path: str | os.PathLike[str], *, pages: bool = True) -> VerifyR
     with img:
         rep.format = img.format
         try:
-            skip = _structure(img, rep)
+            found = structure(img)
+            rep.problems += found
+            skip = {p.block for p in found if p.kind == "bitmap" and p.block is not None}
             if img.format != "mapped-ram":
                 rep.notes.append("legacy stream image: no checksum extension possible "
                                  "(structure checked by a full walk)")
