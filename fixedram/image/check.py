@@ -14,8 +14,9 @@ Where each rule lives:
   mapped-ram block as it is read): the bitmap and the pages region lie inside the file;
 * :func:`structure`, on an open image: no bitmap bit set beyond a block, device state
   present, VM description present (mapped-ram) and a JSON object with a device list;
-* :func:`require_restorable`: what a restore needs besides, and the checksum
-  extension's metadata digests (:func:`fixedram.image.verify.check_metadata`).
+* :func:`checksum_metadata`: a mapped-ram image's checksum extension, and the digests of
+  the metadata it covers (page data is compared by :mod:`fixedram.image.verify`);
+* :func:`require_restorable`: what a restore needs besides, then all of the above.
 
 So an image :func:`~fixedram.image.reader.open_image` accepts is well-formed on the
 wire and within its file; the checks here look at what it holds.
@@ -32,6 +33,7 @@ from fixedram.image.layout import PAGE_SIZE, bitmap_bytes
 from fixedram.stream import MappedRamHeader
 
 if TYPE_CHECKING:
+    from fixedram.image.checksum import Checksums, Geometry
     from fixedram.image.reader import Image
 
 __all__ = [
@@ -40,6 +42,9 @@ __all__ = [
     "require_restorable",
     "mapped_bounds",
     "raise_first",
+    "raise_counted",
+    "checksum_metadata",
+    "check_metadata",
 ]
 
 
@@ -71,6 +76,13 @@ def raise_first(problems: Iterable[Problem]) -> None:
     """Raise the first problem's :meth:`~Problem.error`; later ones are not looked for."""
     for p in problems:
         raise p.error()
+
+
+def raise_counted(problems: list[Problem], what: str) -> None:
+    """Raise one :class:`ImageError` for all of ``problems``: ``what: first (and N more)``."""
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ImageError(f"{what}: {problems[0].message}{more}")
 
 
 def mapped_bounds(name: str, length: int, m: MappedRamHeader, file_size: int) -> list[Problem]:
@@ -153,6 +165,102 @@ def require_restorable(img: Image) -> None:
         raise ImageError("image was saved with x-ignore-shared (RAM not in the image)")
     raise_first(_complete(img))
     raise_first(_bitmaps(img))
-    from fixedram.image.verify import check_metadata
-
     check_metadata(img)
+
+
+# -- the checksum extension's metadata -----------------------------------------------------
+
+
+def checksum_metadata(img: Image) -> tuple[Checksums | None, list[Problem]]:
+    """A mapped-ram image's checksum extension (None when it has none, or an unusable one)
+    and every problem with it and with the metadata it covers: the file's end, the blocks
+    and their geometry as checksummed, the digests of each block's header and bitmap and of
+    the stream tail. Cheap: reads headers, bitmaps and the stream tail only."""
+    from fixedram.image.checksum import Geometry, find
+
+    geom = Geometry.of_image(img)
+    found = find(img._fd, geom)
+    if found.checksums is None:
+        if found.error is None:
+            return None, []
+        return None, [Problem("extension", f"checksum extension unusable: {found.error}")]
+    return found.checksums, _meta_problems(img, found.checksums, geom)
+
+
+def _meta_problems(img: Image, cs: Checksums, geom: Geometry) -> list[Problem]:
+    """The extension against the image: its geometry first, then the metadata digests."""
+    from fixedram.image.checksum import hash_range
+
+    out: list[Problem] = []
+    if cs.stream_end != geom.stream_end:
+        out.append(
+            Problem(
+                "extension",
+                f"file is {geom.stream_end} bytes but was {cs.stream_end} when checksummed "
+                "(appended to or truncated?)",
+            )
+        )
+        return out
+    sums = cs.by_name()
+    names = [b.name for b in geom.blocks]
+    if names != [b.name for b in cs.blocks]:
+        out.append(
+            Problem(
+                "extension",
+                f"checksums describe blocks {[b.name for b in cs.blocks]}, the image has {names}",
+            )
+        )
+        return out
+    for b in geom.blocks:
+        s = sums[b.name]
+        if (s.length, s.pages_offset) != (b.length, b.pages_offset):
+            out.append(
+                Problem(
+                    "extension",
+                    f"RAM block '{b.name}': checksummed as {s.length} bytes at "
+                    f"{s.pages_offset}, image has {b.length} bytes at {b.pages_offset}",
+                    block=b.name,
+                )
+            )
+    if out:
+        return out
+    what_of = {
+        "header": "stream prefix / block record and header",
+        "bitmap": "page bitmap",
+        "tail": "device state / VM description (stream tail)",
+    }
+    for name, what, start, end in geom.meta_regions():
+        want = (
+            cs.tail_digest
+            if what == "tail"
+            else (sums[name].header_digest if what == "header" else sums[name].bitmap_digest)
+        )
+        if hash_range(img._fd, start, end) != want:
+            where = f"RAM block '{name}': " if name else ""
+            out.append(
+                Problem(
+                    f"{what}-checksum",
+                    f"{where}{what_of[what]} (file bytes 0x{start:x}-0x{end - 1:x}) does not "
+                    "match its checksum",
+                    block=name or None,
+                    file_offset=start,
+                    length=end - start,
+                )
+            )
+    return out
+
+
+def check_metadata(img: Image) -> Checksums | None:
+    """Before sending: raise :class:`ImageError` if the extension or metadata digests fail.
+
+    Returns the extension (None when the image has none). Cheap: reads headers,
+    bitmaps and the stream tail only.
+    """
+    if img.format != "mapped-ram":
+        return None
+    cs, found = checksum_metadata(img)
+    if cs is None:
+        raise_first(found)  # an unusable extension, in its own words
+        return None
+    raise_counted(found, "image fails its checksums")
+    return cs

@@ -16,7 +16,8 @@
 :func:`add_checksums` writes the extension into an existing mapped-ram image in
 place (QEMU's own included; see :func:`fixedram.image.checksum.store` for why an
 interrupted update leaves no extension or a complete one).
-:func:`check_metadata` and :class:`PageCheck` are what ``send`` uses.
+:class:`PageCheck` is what ``send`` checks page data with as it reads it, after
+:func:`~fixedram.image.check.check_metadata` (exported here too).
 """
 
 from __future__ import annotations
@@ -32,7 +33,13 @@ from typing import Any, Literal
 import numpy as np
 
 from fixedram.errors import FixedramError, ImageError, StreamError
-from fixedram.image.check import Problem, structure
+from fixedram.image.check import (
+    Problem,
+    check_metadata,
+    checksum_metadata,
+    raise_counted,
+    structure,
+)
 from fixedram.image.checksum import (
     PAGE_SIZE,
     ChecksumError,
@@ -43,7 +50,6 @@ from fixedram.image.checksum import (
     digests_of,
     extent_digests,
     find,
-    hash_range,
     page_digest_array,
     store,
     zero_extent_digest,
@@ -118,71 +124,6 @@ def _bad_extent(img_name: str, b_name: str, e: int, shift: int, length: int,
                    block=b_name, offset=off, length=n, file_offset=pages_offset + off)
 
 
-# -- checksums ------------------------------------------------------------------------------
-
-
-def _extension(img: Image, rep: VerifyReport | None) -> tuple[Checksums | None, Geometry]:
-    geom = Geometry.of_image(img)
-    found = find(img._fd, geom)
-    if found.error is not None:
-        msg = f"checksum extension unusable: {found.error}"
-        if rep is None:
-            raise ImageError(msg)
-        rep.problems.append(Problem("extension", msg))
-    return found.checksums, geom
-
-
-def _meta_problems(img: Image, cs: Checksums, geom: Geometry) -> list[Problem]:
-    out: list[Problem] = []
-    if cs.stream_end != geom.stream_end:
-        out.append(Problem("extension", f"file is {geom.stream_end} bytes but was "
-                           f"{cs.stream_end} when checksummed (appended to or truncated?)"))
-        return out
-    sums = cs.by_name()
-    names = [b.name for b in geom.blocks]
-    if names != [b.name for b in cs.blocks]:
-        out.append(Problem("extension", f"checksums describe blocks {[b.name for b in cs.blocks]}"
-                           f", the image has {names}"))
-        return out
-    for b in geom.blocks:
-        s = sums[b.name]
-        if (s.length, s.pages_offset) != (b.length, b.pages_offset):
-            out.append(Problem("extension", f"RAM block '{b.name}': checksummed as "
-                               f"{s.length} bytes at {s.pages_offset}, image has {b.length} "
-                               f"bytes at {b.pages_offset}", block=b.name))
-    if out:
-        return out
-    what_of = {"header": "stream prefix / block record and header",
-               "bitmap": "page bitmap", "tail": "device state / VM description (stream tail)"}
-    for name, what, start, end in geom.meta_regions():
-        want = cs.tail_digest if what == "tail" else (
-            sums[name].header_digest if what == "header" else sums[name].bitmap_digest)
-        if hash_range(img._fd, start, end) != want:
-            where = f"RAM block '{name}': " if name else ""
-            out.append(Problem(f"{what}-checksum", f"{where}{what_of[what]} (file bytes "
-                               f"0x{start:x}-0x{end - 1:x}) does not match its checksum",
-                               block=name or None, file_offset=start, length=end - start))
-    return out
-
-
-def check_metadata(img: Image) -> Checksums | None:
-    """Before sending: raise :class:`ImageError` if the extension or metadata digests fail.
-
-    Returns the extension (None when the image has none). Cheap: reads headers,
-    bitmaps and the stream tail only.
-    """
-    if img.format != "mapped-ram":
-        return None
-    cs, geom = _extension(img, None)
-    if cs is None:
-        return None
-    bad = _meta_problems(img, cs, geom)
-    if bad:
-        raise ImageError(f"image fails its checksums: {bad[0].message}"
-                         + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
-    return cs
-
-
 def verify_pages(img: Image, cs: Checksums,
                  skip: Collection[str] = ()) -> tuple[list[Problem], int, int]:
     """Compare every block's pages with ``cs``: ``(problems, extents checked, pages read)``."""
@@ -226,13 +167,13 @@ def verify_image(path: str | os.PathLike[str], *, pages: bool = True) -> VerifyR
                 rep.notes.append("legacy stream image: no checksum extension possible "
                                  "(structure checked by a full walk)")
             else:
-                cs, geom = _extension(img, rep)
+                cs, found = checksum_metadata(img)
+                rep.problems += found
                 if cs is None and not rep.problems:
                     rep.notes.append("no checksum extension: page data not verified "
                                      "(`fixedram verify --add` adds one)")
                 if cs is not None:
                     rep.checksums = cs.describe()
-                    rep.problems += _meta_problems(img, cs, geom)
                     if pages:
                         probs, rep.extents_checked, rep.pages_read = verify_pages(img, cs, skip)
                         rep.problems += probs
@@ -437,7 +378,5 @@ def require_checksums(img: Image) -> Checksums | None:
     if cs is None:
         return None
     probs, _, _ = verify_pages(img, cs)
-    if probs:
-        raise ImageError(f"image fails its checksums: {probs[0].message}"
-                         + (f" (and {len(probs) - 1} more)" if len(probs) > 1 else ""))
+    raise_counted(probs, "image fails its checksums")
     return cs
