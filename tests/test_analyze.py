@@ -18,7 +18,7 @@ from qemu_images import KINDS, ImageCase
 from synth_images import DEVICES, write_mapped_image
 
 from fixedram.image.analyze import analyze_image, data_bytes, extract_block, format_report
-from fixedram.image.layout import PAGE_SIZE, bitmap_bytes, block_geometry
+from fixedram.image.layout import MAPPED_RAM_HEADER_SIZE, PAGE_SIZE, bitmap_bytes, block_geometry
 
 REPO = Path(__file__).resolve().parent.parent
 PY = str(REPO / ".venv" / "bin" / "python")
@@ -141,7 +141,7 @@ def test_analyze_big_sparse_reads_metadata_only(
         # allocation counts whole filesystem blocks of data: at least the pages written
         assert want * PAGE_SIZE <= m["allocated_bytes"] <= want * PAGE_SIZE + 2 * MIB
         if pos is not None:  # chained exactly as QEMU does
-            hdr = m["bitmap_offset"] - 28
+            hdr = m["bitmap_offset"] - MAPPED_RAM_HEADER_SIZE
             assert block_geometry(hdr, b["length"])[1] == m["pages_offset"]
             assert hdr - 1 - len(b["name"]) - 8 == pos
         pos = m["pages_end"]
@@ -269,7 +269,7 @@ def test_qemu_images(
         assert r["capabilities"] == ["mapped-ram"]
         for b in r["blocks"]:
             m = b["mapped"]
-            hdr = m["bitmap_offset"] - 28
+            hdr = m["bitmap_offset"] - MAPPED_RAM_HEADER_SIZE
             assert block_geometry(hdr, b["length"])[1] == m["pages_offset"]
         with count_reads(monkeypatch) as reads:
             analyze_image(case.path)

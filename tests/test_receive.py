@@ -26,7 +26,7 @@ import pytest
 from fixedram.endpoint import ReceiveReport, receive
 from fixedram.errors import FixedramError
 from fixedram.image import MappedRamWriter, open_image
-from fixedram.image.layout import PAGE_SIZE, block_geometry
+from fixedram.image.layout import MAPPED_RAM_HEADER_SIZE, PAGE_SIZE, block_geometry
 from fixedram.io.channel import SocketChannel
 from fixedram.stream import (
     CommandRecord,
@@ -369,7 +369,7 @@ def compare_with_qemu_file(img: Path, request: pytest.FixtureRequest) -> None:
         assert ours == theirs[: first.bitmap_offset]
         for b in m.blocks.values():
             assert b.mapped is not None
-            at = b.mapped.bitmap_offset - 28 - 8 - 1 - len(b.name)
+            at = b.mapped.bitmap_offset - MAPPED_RAM_HEADER_SIZE - 8 - 1 - len(b.name)
             with open(img, "rb") as f:
                 f.seek(at)
                 mine = f.read(b.mapped.bitmap_offset - at)

@@ -34,6 +34,7 @@ from fixedram.endpoint.send import (
 )
 from fixedram.errors import MismatchError
 from fixedram.image import open_image
+from fixedram.image.layout import MAPPED_RAM_HEADER_SIZE
 from fixedram.qmp.client import QMP
 from fixedram.stream import (
     CommandRecord,
@@ -464,7 +465,7 @@ def _corrupt_copies(src: Path, workdir: Path) -> dict[str, tuple[Path, str]]:
         blk = img.blocks["pc.ram"]
         rsdp = img.blocks["/rom@etc/acpi/rsdp"]
         assert blk.mapped is not None and rsdp.mapped is not None
-        hdr_at = blk.mapped.bitmap_offset - 28
+        hdr_at = blk.mapped.bitmap_offset - MAPPED_RAM_HEADER_SIZE
         rsdp_bitmap = rsdp.mapped.bitmap_offset
     out = {}
     trunc = workdir / "truncated.img"

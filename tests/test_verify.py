@@ -279,6 +279,36 @@ def test_structural_corruptions(tmp_path: Path) -> None:
     assert r.returncode == 2 and r.stderr.count("\n") == 1
 
 
+def test_incomplete_image_listed_by_verify_refused_by_send(tmp_path: Path) -> None:
+    """One check, two wordings: verify lists every problem of an image cut short, in file
+    order; a restore stops at the first with its own line; --json carries the six fields."""
+    from synth_images import device_blob, vmdesc
+
+    from fixedram.endpoint.send import validate
+    from fixedram.stream import VMDescription
+
+    data = synth(tmp_path / "good.mr", checksums=False).read_bytes()
+    tail = len(encode(VMDescription(vmdesc())))
+    eof = len(data) - tail - 1
+    no_vmdesc = tmp_path / "no-vmdesc.mr"
+    no_vmdesc.write_bytes(data[: eof + 1])
+    no_tail = tmp_path / "no-tail.mr"
+    no_tail.write_bytes(data[: eof - len(device_blob())] + data[eof : eof + 1])
+    with pytest.raises(ImageError, match=r"^image is incomplete: no VM description after the "
+                                         r"end-of-stream marker$"):
+        validate(no_vmdesc)
+    with pytest.raises(ImageError, match=r"^image is incomplete: no device state$"):
+        validate(no_tail)
+    rep = verify_image(no_tail)
+    assert rep.exit_code == 1
+    assert [p.message for p in rep.problems] == [
+        "no device state (image incomplete)",
+        "no VM description after the end-of-stream marker (image incomplete)"]
+    problems = json.loads(rep.to_json())["problems"]
+    assert [sorted(p) for p in problems] == [
+        sorted(["kind", "message", "block", "offset", "length", "file_offset"])] * 2
+
+
 def test_add_interrupted_leaves_no_extension(tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A crash between any two steps of ``--add`` leaves no extension or the complete one."""

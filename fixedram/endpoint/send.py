@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fixedram import faults
-from fixedram.errors import EndpointError, ImageError, MismatchError
+from fixedram.errors import EndpointError, MismatchError
 from fixedram.image import Image, open_image
-from fixedram.image.layout import bitmap_bytes
+from fixedram.image.check import require_restorable
 from fixedram.image.reader import READ_CHUNK, BlockInfo, DirectIO, PageSlots
 from fixedram.image.sections import ram_section_id
 from fixedram.io.channel import Buffer, Channel
@@ -63,7 +63,6 @@ from fixedram.stream import (
 )
 from fixedram.stream.encoder import PageRecords
 from fixedram.stream.format import (
-    MAPPED_RAM_VERSION,
     RAM_SECTION,
     RAM_SECTION_VERSION,
     TARGET_PAGE_SIZE,
@@ -216,56 +215,11 @@ def validate(image: str | os.PathLike[str] | Image, *, dest_machine: str | None 
     """
     img, owned = _open(image)
     try:
-        _validate_image(img)
+        require_restorable(img)
         _validate_dest(img, dest_machine, dest_blocks)
     finally:
         if owned:
             img.close()
-
-
-def _validate_image(img: Image) -> None:
-    cfg = img.configuration
-    if cfg.page_bits is not None and (1 << cfg.page_bits) != PS:
-        raise ImageError(f"image has target pages of {1 << cfg.page_bits} bytes; "
-                         f"fixedram supports {PS}")
-    if cfg.ignore_shared:
-        raise ImageError("image was saved with x-ignore-shared (RAM not in the image)")
-    if not img.device_state:
-        raise ImageError("image is incomplete: no device state")
-    if img.format == "mapped-ram" and img.vmdesc is None:
-        raise ImageError("image is incomplete: no VM description after the end-of-stream "
-                         "marker")
-    size = img.file_size
-    for name, blk in img.blocks.items():
-        if blk.length <= 0 or blk.length % PS:
-            raise ImageError(f"RAM block '{name}': length {blk.length} is not a positive "
-                             f"multiple of {PS}")
-        m = blk.mapped
-        if m is not None:
-            if m.version != MAPPED_RAM_VERSION:
-                raise ImageError(f"RAM block '{name}': mapped-ram header version {m.version} "
-                                 f"(expected {MAPPED_RAM_VERSION})")
-            if m.page_size != PS:
-                raise ImageError(f"RAM block '{name}': mapped-ram page size {m.page_size} "
-                                 f"(expected {PS})")
-            if m.pages_offset % PS:
-                raise ImageError(f"RAM block '{name}': pages region at byte {m.pages_offset} "
-                                 f"is not {PS}-aligned")
-            bm_end = m.bitmap_offset + bitmap_bytes(blk.npages)
-            if bm_end > size:
-                raise ImageError(f"RAM block '{name}': bitmap ends at byte {bm_end}, past the "
-                                 f"end of the file ({size} bytes)")
-        last = img.last_present(name)  # MappedRamImage checks bits beyond the block here
-        if m is not None and last >= 0:
-            end = m.pages_offset + (last + 1) * PS
-            if end > size:
-                raise ImageError(f"RAM block '{name}': page {last} ends at byte {end}, past the "
-                                 f"end of the file ({size} bytes)")
-    # the checksum extension (if any) and the digests of headers, bitmaps and device state:
-    # cheap, so always, before the first byte; page data is checked while it is read
-    from fixedram.image.verify import check_metadata
-
-    check_metadata(img)
 
 
 def _validate_dest(img: Image, dest_machine: str | None,

@@ -26,6 +26,7 @@ from fixedram.stream.format import MAPPED_RAM_ALIGN, MAPPED_RAM_HEADER, TARGET_P
 
 __all__ = [
     "PAGE_SIZE",
+    "MAPPED_RAM_HEADER_SIZE",
     "bitmap_bytes",
     "align_up",
     "block_geometry",
@@ -44,6 +45,10 @@ BITMAP_PIECE_PAGES = 1 << 20
 
 PAGE_SIZE = TARGET_PAGE_SIZE
 
+#: Bytes of a block's mapped-ram header (version, page size, bitmap and pages offsets);
+#: QEMU writes the bitmap right behind it, so the header starts this far before the bitmap.
+MAPPED_RAM_HEADER_SIZE = MAPPED_RAM_HEADER.size
+
 
 def bitmap_bytes(npages: int) -> int:
     """Size on disk of the bitmap of a block of ``npages`` pages (whole 64-bit words)."""
@@ -56,11 +61,11 @@ def align_up(value: int, align: int) -> int:
 
 
 def block_geometry(header_pos: int, length: int) -> tuple[int, int, int]:
-    """Offsets QEMU uses for a block whose 28-byte header starts at ``header_pos``.
+    """Offsets QEMU uses for a block whose mapped-ram header starts at ``header_pos``.
 
     Returns ``(bitmap_offset, pages_offset, next_record_offset)``, all absolute.
     """
-    bitmap_offset = header_pos + MAPPED_RAM_HEADER.size
+    bitmap_offset = header_pos + MAPPED_RAM_HEADER_SIZE
     npages = length // PAGE_SIZE
     pages_offset = align_up(bitmap_offset + bitmap_bytes(npages), MAPPED_RAM_ALIGN)
     return bitmap_offset, pages_offset, pages_offset + length

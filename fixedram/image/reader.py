@@ -26,6 +26,7 @@ from typing import Any, Literal
 import numpy as np
 
 from fixedram.errors import FixedramError, ImageError, StreamError
+from fixedram.image.check import mapped_bounds, raise_first
 from fixedram.image.layout import (
     BITMAP_PIECE_PAGES,
     PAGE_SIZE,
@@ -717,7 +718,7 @@ def _walk(fd: int, base: int, size: int, index: bool) -> tuple[StreamDecoder, di
                 where[r.block].clear(r.offset // PAGE_SIZE, 1)
             elif isinstance(r, RamBlock):
                 if r.mapped is not None:
-                    _check_mapped(r, size)
+                    raise_first(mapped_bounds(r.name, r.length, r.mapped, size))
                 info["blocks"][r.name] = BlockInfo(r.name, r.length, r.mapped, r.guest_addr)
                 if index:
                     # the page index costs 8 bytes per claimed page: bound it by the file
@@ -743,20 +744,6 @@ def _walk(fd: int, base: int, size: int, index: bool) -> tuple[StreamDecoder, di
                 info["vmdesc"] = r.data
         if not n:
             return dec, info
-
-
-def _check_mapped(r: RamBlock, size: int) -> None:
-    """The bitmap and pages region of a mapped-ram block must lie inside the file."""
-    m = r.mapped
-    assert m is not None
-    bm_end = m.bitmap_offset + bitmap_bytes(r.length // PAGE_SIZE)
-    if bm_end > size:
-        raise ImageError(f"RAM block '{r.name}': bitmap at byte {m.bitmap_offset} ends at byte "
-                         f"{bm_end}, past the end of the file ({size} bytes)", m.bitmap_offset)
-    if m.pages_offset + r.length > size:
-        raise ImageError(f"RAM block '{r.name}': pages region at byte {m.pages_offset} ends at "
-                         f"byte {m.pages_offset + r.length}, past the end of the file "
-                         f"({size} bytes)", m.pages_offset)
 
 
 def open_image(path: str | os.PathLike[str], *, offset: int | None = None) -> Image:

@@ -4,23 +4,24 @@
 
 * ``"unreadable"`` (exit 2): the file cannot be read as an image at all (missing,
   not a migration stream, truncated so that no end marker or a pages region is
-  missing, offsets past the end of the file ...: everything :func:`open_image`
-  refuses);
-* ``"corrupt"`` (exit 1): it opens, but a check failed: bitmap bits beyond a block,
-  overlapping or misplaced regions, no device state, a VM description that does
-  not parse, a damaged checksum extension, or data that does not match its
-  checksums (one problem per bad extent, with block and offset in the block);
+  missing, offsets past the end of the file, misplaced or overlapping regions ...:
+  everything :func:`open_image` refuses);
+* ``"corrupt"`` (exit 1): it opens, but a check failed: the structure checks of
+  :mod:`fixedram.image.check` (bitmap bits beyond a block, no device state, a VM
+  description that does not parse), a damaged checksum extension, or data that does
+  not match its checksums (one problem per bad extent, with block and offset in the
+  block);
 * ``"ok"`` (exit 0), possibly with notes (e.g. no checksum extension).
 
 :func:`add_checksums` writes the extension into an existing mapped-ram image in
 place (QEMU's own included; see :func:`fixedram.image.checksum.store` for why an
 interrupted update leaves no extension or a complete one).
-:func:`check_metadata` and :class:`PageCheck` are what ``send`` uses.
+:class:`PageCheck` is what ``send`` checks page data with as it reads it, after
+:func:`~fixedram.image.check.check_metadata` (exported here too).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import time
@@ -32,6 +33,13 @@ from typing import Any, Literal
 import numpy as np
 
 from fixedram.errors import FixedramError, ImageError, StreamError
+from fixedram.image.check import (
+    Problem,
+    check_metadata,
+    checksum_metadata,
+    raise_counted,
+    structure,
+)
 from fixedram.image.checksum import (
     PAGE_SIZE,
     ChecksumError,
@@ -42,14 +50,11 @@ from fixedram.image.checksum import (
     digests_of,
     extent_digests,
     find,
-    hash_range,
     page_digest_array,
     store,
     zero_extent_digest,
 )
-from fixedram.image.layout import bitmap_bytes
 from fixedram.image.reader import Image, open_image
-from fixedram.stream.format import MAPPED_RAM_VERSION
 
 __all__ = [
     "Problem",
@@ -69,18 +74,6 @@ EXIT_OK, EXIT_CORRUPT, EXIT_UNREADABLE = 0, 1, 2
 PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 
 Status = Literal["ok", "corrupt", "unreadable"]
-
-
-@dataclass
-class Problem:
-    """One finding. ``block``/``offset``/``length`` locate page data (offset in the block)."""
-
-    kind: str
-    message: str
-    block: str | None = None
-    offset: int | None = None
-    length: int | None = None
-    file_offset: int | None = None
 
 
 @dataclass
@@ -131,138 +124,6 @@ def _bad_extent(img_name: str, b_name: str, e: int, shift: int, length: int,
                    block=b_name, offset=off, length=n, file_offset=pages_offset + off)
 
 
-# -- structure ------------------------------------------------------------------------------
-
-
-def _structure(img: Image, rep: VerifyReport) -> set[str]:
-    """Structural checks; returns the names of blocks whose bitmap is unusable."""
-    bad_bitmaps: set[str] = set()
-    end = img.file_size
-    cfg = img.configuration
-    if cfg.page_bits is not None and (1 << cfg.page_bits) != PAGE_SIZE:
-        rep.problems.append(Problem("structure", f"target pages of {1 << cfg.page_bits} bytes "
-                                    f"(fixedram supports {PAGE_SIZE})"))
-    spans: list[tuple[int, int, str]] = []
-    for name, blk in img.blocks.items():
-        if blk.length <= 0 or blk.length % PAGE_SIZE:
-            rep.problems.append(Problem("structure", f"RAM block '{name}': length "
-                                        f"{blk.length} is not a positive multiple of "
-                                        f"{PAGE_SIZE}", block=name))
-            bad_bitmaps.add(name)
-            continue
-        m = blk.mapped
-        if m is not None:
-            if m.version != MAPPED_RAM_VERSION or m.page_size != PAGE_SIZE:
-                rep.problems.append(Problem("structure", f"RAM block '{name}': mapped-ram "
-                                            f"header version {m.version}, page size "
-                                            f"{m.page_size}", block=name))
-            bm_end = m.bitmap_offset + bitmap_bytes(blk.npages)
-            if m.pages_offset % PAGE_SIZE:
-                rep.problems.append(Problem("structure", f"RAM block '{name}': pages region "
-                                            f"at byte {m.pages_offset} is not page-aligned",
-                                            block=name, file_offset=m.pages_offset))
-            if bm_end > m.pages_offset:
-                rep.problems.append(Problem("structure", f"RAM block '{name}': bitmap "
-                                            f"(bytes {m.bitmap_offset}-{bm_end}) overlaps "
-                                            "its pages region", block=name))
-            if bm_end > end or m.pages_offset + blk.length > end:
-                rep.problems.append(Problem("structure", f"RAM block '{name}': bitmap or "
-                                            f"pages past the end of the file ({end} bytes)",
-                                            block=name))
-                bad_bitmaps.add(name)
-            spans.append((m.bitmap_offset - 28, m.pages_offset + blk.length, name))
-        try:
-            img.last_present(name)  # the whole bitmap, in bounded pieces
-        except ImageError as e:
-            rep.problems.append(Problem("bitmap", e.message, block=name,
-                                        file_offset=e.offset))
-            bad_bitmaps.add(name)
-    spans.sort()
-    for (_, a_end, a), (b_start, _, b) in itertools.pairwise(spans):
-        if b_start < a_end:
-            rep.problems.append(Problem("structure", f"RAM blocks '{a}' and '{b}' overlap "
-                                        f"(byte {b_start} < {a_end})", block=b))
-    if not img.device_state:
-        rep.problems.append(Problem("structure", "no device state (image incomplete)"))
-    if img.vmdesc is None:
-        if img.format == "mapped-ram":
-            rep.problems.append(Problem("structure", "no VM description after the "
-                                        "end-of-stream marker (image incomplete)"))
-    else:
-        try:
-            desc = img.vmdesc_json()
-            if not isinstance(desc, dict) or not isinstance(desc.get("devices", []), list):
-                raise ValueError("not a JSON object with a device list")
-        except (ValueError, UnicodeDecodeError) as e:
-            rep.problems.append(Problem("vmdesc", f"VM description does not parse: {e}"))
-    return bad_bitmaps
-
-
-# -- checksums ------------------------------------------------------------------------------
-
-
-def _extension(img: Image, rep: VerifyReport | None) -> tuple[Checksums | None, Geometry]:
-    geom = Geometry.of_image(img)
-    found = find(img._fd, geom)
-    if found.error is not None:
-        msg = f"checksum extension unusable: {found.error}"
-        if rep is None:
-            raise ImageError(msg)
-        rep.problems.append(Problem("extension", msg))
-    return found.checksums, geom
-
-
-def _meta_problems(img: Image, cs: Checksums, geom: Geometry) -> list[Problem]:
-    out: list[Problem] = []
-    if cs.stream_end != geom.stream_end:
-        out.append(Problem("extension", f"file is {geom.stream_end} bytes but was "
-                           f"{cs.stream_end} when checksummed (appended to or truncated?)"))
-        return out
-    sums = cs.by_name()
-    names = [b.name for b in geom.blocks]
-    if names != [b.name for b in cs.blocks]:
-        out.append(Problem("extension", f"checksums describe blocks {[b.name for b in cs.blocks]}"
-                           f", the image has {names}"))
-        return out
-    for b in geom.blocks:
-        s = sums[b.name]
-        if (s.length, s.pages_offset) != (b.length, b.pages_offset):
-            out.append(Problem("extension", f"RAM block '{b.name}': checksummed as "
-                               f"{s.length} bytes at {s.pages_offset}, image has {b.length} "
-                               f"bytes at {b.pages_offset}", block=b.name))
-    if out:
-        return out
-    what_of = {"header": "stream prefix / block record and header",
-               "bitmap": "page bitmap", "tail": "device state / VM description (stream tail)"}
-    for name, what, start, end in geom.meta_regions():
-        want = cs.tail_digest if what == "tail" else (
-            sums[name].header_digest if what == "header" else sums[name].bitmap_digest)
-        if hash_range(img._fd, start, end) != want:
-            where = f"RAM block '{name}': " if name else ""
-            out.append(Problem(f"{what}-checksum", f"{where}{what_of[what]} (file bytes "
-                               f"0x{start:x}-0x{end - 1:x}) does not match its checksum",
-                               block=name or None, file_offset=start, length=end - start))
-    return out
-
-
-def check_metadata(img: Image) -> Checksums | None:
-    """Before sending: raise :class:`ImageError` if the extension or metadata digests fail.
-
-    Returns the extension (None when the image has none). Cheap: reads headers,
-    bitmaps and the stream tail only.
-    """
-    if img.format != "mapped-ram":
-        return None
-    cs, geom = _extension(img, None)
-    if cs is None:
-        return None
-    bad = _meta_problems(img, cs, geom)
-    if bad:
-        raise ImageError(f"image fails its checksums: {bad[0].message}"
-                         + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
-    return cs
-
-
 def verify_pages(img: Image, cs: Checksums,
                  skip: Collection[str] = ()) -> tuple[list[Problem], int, int]:
     """Compare every block's pages with ``cs``: ``(problems, extents checked, pages read)``."""
@@ -299,18 +160,20 @@ def verify_image(path: str | os.PathLike[str], *, pages: bool = True) -> VerifyR
     with img:
         rep.format = img.format
         try:
-            skip = _structure(img, rep)
+            found = structure(img)
+            rep.problems += found
+            skip = {p.block for p in found if p.kind == "bitmap" and p.block is not None}
             if img.format != "mapped-ram":
                 rep.notes.append("legacy stream image: no checksum extension possible "
                                  "(structure checked by a full walk)")
             else:
-                cs, geom = _extension(img, rep)
+                cs, found = checksum_metadata(img)
+                rep.problems += found
                 if cs is None and not rep.problems:
                     rep.notes.append("no checksum extension: page data not verified "
                                      "(`fixedram verify --add` adds one)")
                 if cs is not None:
                     rep.checksums = cs.describe()
-                    rep.problems += _meta_problems(img, cs, geom)
                     if pages:
                         probs, rep.extents_checked, rep.pages_read = verify_pages(img, cs, skip)
                         rep.problems += probs
@@ -515,7 +378,5 @@ def require_checksums(img: Image) -> Checksums | None:
     if cs is None:
         return None
     probs, _, _ = verify_pages(img, cs)
-    if probs:
-        raise ImageError(f"image fails its checksums: {probs[0].message}"
-                         + (f" (and {len(probs) - 1} more)" if len(probs) > 1 else ""))
+    raise_counted(probs, "image fails its checksums")
     return cs
