@@ -5,7 +5,6 @@ for a migration (QEMU's events, and a poll when none arrives)."""
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from fixedram.errors import EndpointError, FixedramError, VMError
 from fixedram.qmp.client import QMP, Events, machine_name
 
 __all__ = ["Facts", "MigrationSettings", "Watch", "Reading", "Worker", "abandon",
-           "hand_socket", "incoming_blocks", "ram_with_data", "read_facts", "wait_event"]
+           "incoming_blocks", "ram_with_data", "read_facts", "wait_event"]
 
 #: Events that end a wait early: migration state changes (capability ``events``, which
 #: :class:`MigrationSettings` turns on) and the guest starting or stopping.
@@ -95,23 +94,6 @@ def ram_with_data(qmp: QMP, facts: Facts) -> list[str]:
     return found
 
 
-def hand_socket(qmp: QMP, name: str, *, large_buffers: bool = True) -> socket.socket:
-    """Give QEMU one end of a fresh socket pair as fd ``name`` (``getfd``: for ``fd:NAME``
-    URIs) and return the other end, ours (``large_buffers``: see
-    :data:`fixedram.io.channel.UNIX_SOCKET_BUFFER`)."""
-    from fixedram.io.channel import socket_pair
-
-    ours, theirs = socket_pair(large_buffers)
-    try:
-        qmp.send_fd(theirs.fileno(), name)
-    except BaseException:
-        ours.close()
-        raise
-    finally:
-        theirs.close()
-    return ours
-
-
 def wait_event(events: Events | None, seconds: float) -> None:
     """Sleep up to ``seconds``, ending early when one of ``events`` arrives."""
     if events is None:
@@ -179,7 +161,6 @@ class Worker(threading.Thread):
         self._fn = fn
         self.result: Any = None
         self.error: BaseException | None = None
-        self.target: Any = None  # what the worker works on, for error messages
 
     @classmethod
     def started(cls, name: str, fn: Callable[[], Any]) -> Worker:
