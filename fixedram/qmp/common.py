@@ -1,25 +1,28 @@
 """Pieces shared by save and restore: the facts read before anything changes (one round
-trip), undoable migration settings, waiting on migration events, a result-keeping thread."""
+trip), undoable migration settings, a result-keeping thread, and :class:`Watch`, the one wait
+for a migration (QEMU's events, and a poll when none arrives)."""
 
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fixedram.errors import FixedramError, VMError
+from fixedram.errors import EndpointError, FixedramError, VMError
 from fixedram.qmp.client import QMP, Events, machine_name
 
-__all__ = ["Facts", "MigrationSettings", "Worker", "hand_socket", "ram_with_data", "read_facts",
-           "wait_event"]
+__all__ = ["Facts", "MigrationSettings", "Watch", "Reading", "Worker", "abandon",
+           "incoming_blocks", "ram_with_data", "read_facts", "wait_event"]
 
 #: Events that end a wait early: migration state changes (capability ``events``, which
 #: :class:`MigrationSettings` turns on) and the guest starting or stopping.
 WAKE_EVENTS = ("MIGRATION", "RESUME", "STOP")
+
+#: Seconds between two readings of QEMU's state while no event arrives.
+POLL = 0.02
 
 
 @dataclass
@@ -51,6 +54,23 @@ def read_facts(qmp: QMP) -> Facts:
         objects=[dict(o) for o in objects])
 
 
+def incoming_blocks(qmp: QMP, facts: Facts, *, name_state: bool = True) -> list[tuple[str, int]]:
+    """The RAM blocks of a destination, after checking from ``facts`` that it waits for an
+    incoming migration (``-incoming defer``) and has none yet (``name_state``: say which)."""
+    from fixedram.endpoint.send import dest_ramblocks_from_hmp
+
+    if facts.status != "inmigrate":
+        raise VMError(f"QEMU at {qmp.path} is not waiting for an incoming migration (status "
+                      f"{facts.status}); start it with -incoming defer")
+    if facts.migration not in (None, "none"):
+        raise VMError(f"QEMU at {qmp.path} already has an incoming migration"
+                      + (f" ({facts.migration})" if name_state else ""))
+    blocks = dest_ramblocks_from_hmp(facts.ramblocks)
+    if not blocks:
+        raise VMError(f"cannot read the RAM blocks of QEMU at {qmp.path} (info ramblock)")
+    return blocks
+
+
 def ram_with_data(qmp: QMP, facts: Facts) -> list[str]:
     """The destination's memory backends whose RAM may not start as zeros: a
     ``memory-backend-file`` over a regular file that already has blocks allocated, or whose
@@ -72,23 +92,6 @@ def ram_with_data(qmp: QMP, facts: Facts) -> list[str]:
         if stat.S_ISREG(st.st_mode) and st.st_blocks > 0:
             found.append(f"{name} ({path})")
     return found
-
-
-def hand_socket(qmp: QMP, name: str, *, large_buffers: bool = True) -> socket.socket:
-    """Give QEMU one end of a fresh socket pair as fd ``name`` (``getfd``: for ``fd:NAME``
-    URIs) and return the other end, ours (``large_buffers``: see
-    :data:`fixedram.io.channel.UNIX_SOCKET_BUFFER`)."""
-    from fixedram.io.channel import socket_pair
-
-    ours, theirs = socket_pair(large_buffers)
-    try:
-        qmp.send_fd(theirs.fileno(), name)
-    except BaseException:
-        ours.close()
-        raise
-    finally:
-        theirs.close()
-    return ours
 
 
 def wait_event(events: Events | None, seconds: float) -> None:
@@ -158,7 +161,13 @@ class Worker(threading.Thread):
         self._fn = fn
         self.result: Any = None
         self.error: BaseException | None = None
-        self.target: Any = None  # what the worker works on, for error messages
+
+    @classmethod
+    def started(cls, name: str, fn: Callable[[], Any]) -> Worker:
+        """A worker running ``fn``, started."""
+        w = cls(name, fn)
+        w.start()
+        return w
 
     def run(self) -> None:
         try:
@@ -174,10 +183,115 @@ class Worker(threading.Thread):
         return self.result
 
 
-def abandon(worker: Worker | None, sock: socket.socket | None) -> None:
-    """After a failure: cut the worker's connection so it stops, and give it time to."""
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
+def abandon(worker: Worker | None, transport: Any, wait: float = 10.0) -> None:
+    """After a failure: cut the worker's connection (``transport``, a
+    :class:`fixedram.qmp.transport.Transport` or None) so it stops, and give it time to."""
+    if transport is not None:
+        transport.abandon()
     if worker is not None:
-        worker.join(10.0)
+        worker.join(wait)
+
+
+@dataclass
+class Reading:
+    """QEMU's state at one moment of a migration."""
+
+    migration: dict[str, Any]  # query-migrate
+    run: str = ""  # run state (query-status; read on a destination only)
+
+    @property
+    def status(self) -> str | None:
+        """The migration's status (None before any migration)."""
+        return self.migration.get("status")
+
+
+class Watch:
+    """The wait of a save, a restore and a lazy restore for their migration.
+
+    Listens for :data:`WAKE_EVENTS` from its creation (before the command that starts the
+    migration, so that no event is missed). :meth:`until` reads QEMU's state at once, then at
+    every event or ``every`` seconds without one. A source (``incoming`` None) is read with
+    ``query-migrate``; a destination with ``query-status`` and ``query-migrate`` in one round
+    trip, ``incoming`` naming what it does in error messages (``"the load"``). A failure
+    raises: the migration's, or that of :attr:`worker`, the thread at fixedram's end of the
+    stream (its own error says more than QEMU's, unless it only saw the stream end).
+    """
+
+    def __init__(self, qmp: QMP, *, incoming: str | None = None) -> None:
+        self.qmp = qmp
+        self.incoming = incoming
+        self.worker: Worker | None = None
+        self.events = qmp.events(*WAKE_EVENTS)
+
+    def close(self) -> None:
+        """Stop listening."""
+        self.events.close()
+
+    def until(
+        self,
+        done: Callable[[Reading], bool],
+        *,
+        every: float = POLL,
+        deadline: float | None = None,
+        late: Callable[[Reading], str] | None = None,
+        each: Callable[[Reading], None] | None = None,
+    ) -> Reading:
+        """Read QEMU's state until ``done`` holds for a reading, and return that reading.
+        ``each`` sees every reading first. Past ``deadline`` (a :func:`time.monotonic`
+        value) raise :class:`VMError` with ``late(reading)`` (a source's migration is
+        cancelled first)."""
+        while True:
+            r = self._read()
+            if each is not None:
+                each(r)
+            self._check(r)
+            if done(r):
+                return r
+            if deadline is not None and time.monotonic() > deadline:
+                if self.incoming is None:
+                    self._cancel()
+                raise VMError(late(r) if late is not None else "the migration took too long")
+            wait_event(self.events, every)
+
+    def _read(self) -> Reading:
+        if self.incoming is None:
+            return Reading(self.qmp.query_migrate())
+        try:
+            status, mig = self.qmp.batch(("query-status", None), ("query-migrate", None))
+            return Reading(dict(mig), str(status["status"]))
+        except VMError:
+            worker = self.worker
+            if worker is not None:
+                worker.join(5.0)
+                if worker.error is not None:
+                    raise worker.error from None
+            raise VMError(f"the destination QEMU exited during {self.incoming} (its stderr "
+                          "says why)") from None
+
+    def _check(self, r: Reading) -> None:
+        """Raise when the migration or the worker failed."""
+        worker = self.worker
+        if self.incoming is not None:
+            if worker is not None and worker.error is not None:
+                raise worker.error
+            if r.status == "failed":
+                desc = r.migration.get("error-desc", "")
+                raise VMError(f"{self.incoming} failed" + (f": {desc}" if desc else ""))
+            return
+        if r.status in ("failed", "cancelled"):
+            if worker is not None:
+                worker.join(5.0)
+                # the writer's own failure (disk full...) says more than QEMU's; "the source
+                # closed the connection" says less
+                if worker.error is not None and not isinstance(worker.error, EndpointError):
+                    raise worker.error
+            desc = r.migration.get("error-desc", "")
+            raise VMError(f"migration {r.status}" + (f": {desc}" if desc else ""))
+        if r.status != "completed" and worker is not None and worker.error is not None:
+            self._cancel()
+            raise worker.error
+
+
+    def _cancel(self) -> None:
+        with contextlib.suppress(FixedramError):
+            self.qmp.cmd("migrate_cancel")

@@ -24,10 +24,7 @@ Once the guest runs, a failure of the image or of fixedram cannot be recovered: 
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -35,23 +32,25 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from fixedram.errors import EndpointError, VMError
+from fixedram.errors import VMError
+from fixedram.io.channel import Channel
 from fixedram.qmp.client import QMP
 from fixedram.qmp.common import (
-    WAKE_EVENTS,
     MigrationSettings,
+    Watch,
     Worker,
     abandon,
-    hand_socket,
+    incoming_blocks,
     read_facts,
-    wait_event,
 )
 from fixedram.qmp.progress import Progress
+from fixedram.qmp.transport import ExecTransport, FdTransport, UnixConnect
 
 __all__ = ["LazyRestoreReport", "lazy_restore"]
 
 Transport = Literal["fd", "unix", "exec"]
 ProgressFn = Callable[[Progress], None]
+_Way = FdTransport | UnixConnect | ExecTransport
 
 _FD_NAME = "fixedram-lazy"
 _POLL = 0.005
@@ -97,33 +96,6 @@ def _lazy_progress(progress: ProgressFn) -> Callable[[Any], None]:
     return cb
 
 
-def _private_dir() -> Path:
-    """A private directory for the unix socket or the exec: child's report (fd needs none)."""
-    import tempfile
-
-    return Path(tempfile.mkdtemp(prefix="fixedram-lazy-"))
-
-
-def _poll_state(qmp: QMP, worker: Worker | None) -> tuple[str, dict[str, Any]]:
-    """Run state and incoming migration state; raise when the load failed."""
-    if worker is not None and worker.error is not None:
-        raise worker.error
-    try:
-        status, mig = qmp.batch(("query-status", None), ("query-migrate", None))
-        st = str(status["status"])
-    except VMError:
-        if worker is not None:
-            worker.join(5.0)
-            if worker.error is not None:
-                raise worker.error from None
-        raise VMError("the destination QEMU exited during the lazy restore (its stderr says "
-                      "why)") from None
-    if mig.get("status") == "failed":
-        desc = mig.get("error-desc", "")
-        raise VMError("the lazy restore failed" + (f": {desc}" if desc else ""))
-    return st, mig
-
-
 def lazy_restore(
     qmp: QMP,
     image: str | os.PathLike[str],
@@ -146,140 +118,48 @@ def lazy_restore(
     anything is sent, :class:`~fixedram.endpoint.postcopy.PostcopyFailed` when the restore
     broke after the guest started.
     """
-    from fixedram.endpoint.postcopy import check_page_sizes, send_postcopy
-    from fixedram.endpoint.send import (
-        dest_page_sizes_from_hmp,
-        dest_ramblocks_from_hmp,
-        validate,
-    )
+    from fixedram.endpoint.postcopy import check_page_sizes
+    from fixedram.endpoint.send import dest_page_sizes_from_hmp, validate
     from fixedram.image import open_image
-    from fixedram.io.channel import Channel, SocketChannel, connect
 
     t0 = time.monotonic() if started is None else started
     path = Path(image).absolute()
     if transport not in ("fd", "unix", "exec"):
         raise VMError(f"unknown transport {transport!r} (fd, unix or exec)")
     facts = read_facts(qmp)
-    if facts.status != "inmigrate":
-        raise VMError(f"QEMU at {qmp.path} is not waiting for an incoming migration (status "
-                      f"{facts.status}); start it with -incoming defer")
-    if facts.migration not in (None, "none"):
-        raise VMError(f"QEMU at {qmp.path} already has an incoming migration")
-    machine = facts.machine
-    ramblocks = facts.ramblocks
-    dest_blocks = dest_ramblocks_from_hmp(ramblocks)
-    if not dest_blocks:
-        raise VMError(f"cannot read the RAM blocks of QEMU at {qmp.path} (info ramblock)")
-    check_page_sizes(dest_page_sizes_from_hmp(ramblocks))
+    dest_blocks = incoming_blocks(qmp, facts, name_state=False)
+    check_page_sizes(dest_page_sizes_from_hmp(facts.ramblocks))
     with open_image(path) as img:
-        validate(img, dest_machine=machine, dest_blocks=dest_blocks)
+        validate(img, dest_machine=facts.machine, dest_blocks=dest_blocks)
         pages = sum(img.count_present(n) for n in img.blocks)
         ram_size, fmt = img.ram_size, img.format
+        sender = _Sender(img, facts.machine, dest_blocks, progress, push_rate)
+        way = _transport(qmp, transport, path, push_rate)
         settings = MigrationSettings(qmp, facts)
-        events = qmp.events(*WAKE_EVENTS)
-        worker: Worker | None = None
-        ours: socket.socket | None = None
-        tmp = _private_dir() if transport != "fd" else None
-        report_file = tmp / "report.json" if tmp is not None else None
-        run_sent: list[float] = []
+        watch = Watch(qmp, incoming="the lazy restore")
         try:
             settings.set({"postcopy-ram": True, "mapped-ram": False, "multifd": False}, {})
             if not paused:
                 qmp.cmd("cont")  # while inmigrate: start the guest as soon as RUN arrives
-            cb = _lazy_progress(progress) if progress is not None else None
-
-            def start_sender(chan: Channel) -> Worker:
-                def run() -> Any:
-                    return send_postcopy(img, chan, dest_machine=machine,
-                                         dest_blocks=dest_blocks, progress=cb,
-                                         on_running=lambda: run_sent.append(time.monotonic()),
-                                         push_rate=push_rate)
-                w = Worker("fixedram-postcopy", run)
-                w.start()
-                return w
-
-            if transport == "fd":
-                ours = hand_socket(qmp, _FD_NAME, large_buffers=False)
-                # the sender prepares and writes the stream's head while QEMU starts the
-                # load: the socket holds it until QEMU reads (a refused load ends the sender)
-                worker = start_sender(SocketChannel(ours))
-                try:
-                    qmp.cmd("migrate-incoming", uri=f"fd:{_FD_NAME}")
-                except BaseException:
-                    qmp.close_fd(_FD_NAME)
-                    raise
-            elif transport == "unix":
-                assert tmp is not None
-                sock = tmp / "mig.sock"
-                qmp.cmd("migrate-incoming", uri=f"unix:{sock}")
-                chan = connect(f"unix:{sock}", large_buffers=False)
-                ours = chan.sock
-                worker = start_sender(chan)
-            else:
-                import shlex
-
-                assert report_file is not None
-                argv = [str(Path(sys.executable).absolute()), "-m", "fixedram", "send",
-                        "--postcopy", "--quiet", "--report-json", str(report_file), str(path)]
-                if push_rate:
-                    argv[5:5] = ["--push-rate", str(int(push_rate))]
-                qmp.cmd("migrate-incoming", uri="exec:" + shlex.join(argv))
-            # time to running: QEMU leaves inmigrate once it has processed RUN
-            deadline = None if timeout is None else t0 + timeout
-            while True:
-                st, _ = _poll_state(qmp, worker)
-                if st != "inmigrate":
-                    t_running = time.monotonic() - t0
-                    break
-                if deadline is not None and time.monotonic() > deadline:
-                    raise VMError(f"the guest did not start within {timeout:.0f} s")
-                wait_event(events, _POLL)
-            # then every page: wait for completion
-            while True:
-                st, mig = _poll_state(qmp, worker)
-                done = mig.get("status") in ("completed", None, "none")
-                if done and (worker is None or not worker.is_alive()):
-                    break
-                if deadline is not None and time.monotonic() > deadline:
-                    raise VMError(f"the lazy restore did not finish within {timeout:.0f} s "
-                                  f"(status {mig.get('status')})")
-                wait_event(events, 0.05)
-            if worker is not None:
-                rep = worker.outcome()
-                counts = {"pages_on_demand": rep.pages_on_demand,
-                          "pages_pushed": rep.pages_pushed,
-                          "zero_on_demand": rep.zero_on_demand, "requests": rep.requests,
-                          "bytes_sent": rep.bytes_sent}
-            else:
-                assert report_file is not None
-                try:
-                    counts = json.loads(report_file.read_text())
-                except (OSError, ValueError):
-                    raise EndpointError("the exec: child left no report (QEMU's stderr says "
-                                        "why)") from None
+            watch.worker = _start(qmp, way, sender)
+            t_running, counts = _wait(watch, way, t0, timeout)
         except BaseException:
-            abandon(worker, ours)
+            abandon(watch.worker, way)
             raise
         finally:
-            events.close()
+            watch.close()
             settings.restore()
-            if ours is not None:
-                ours.close()
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    (tmp / "report.json").unlink(missing_ok=True)
-                    (tmp / "mig.sock").unlink(missing_ok=True)
-                    tmp.rmdir()
+            way.close()
     if paused and qmp.status() == "running":
         qmp.cmd("stop")
     return LazyRestoreReport(
         image=str(path),
         transport=transport,
         qemu_version=qmp.version_str,
-        machine=machine,
+        machine=facts.machine,
         image_format=fmt,
         time_to_running=t_running,
-        time_to_run_sent=run_sent[0] - t0 if run_sent else None,
+        time_to_run_sent=sender.run_sent[0] - t0 if sender.run_sent else None,
         total_time=time.monotonic() - t0,
         pages=pages,
         pages_on_demand=int(counts["pages_on_demand"]),
@@ -291,3 +171,84 @@ def lazy_restore(
         status=qmp.status(),
         caps_changed=dict(settings.caps),
     )
+
+
+class _Sender:
+    """The postcopy source in a thread of this process (fd and unix transports)."""
+
+    def __init__(self, img: Any, machine: str, dest_blocks: list[tuple[str, int]],
+                 progress: ProgressFn | None, push_rate: float | None) -> None:
+        self.img, self.machine, self.dest_blocks = img, machine, dest_blocks
+        self.progress = _lazy_progress(progress) if progress is not None else None
+        self.push_rate = push_rate
+        self.run_sent: list[float] = []  # when RUN was written
+
+    def start(self, chan: Channel) -> Worker:
+        from fixedram.endpoint.postcopy import send_postcopy
+
+        def run() -> Any:
+            return send_postcopy(self.img, chan, dest_machine=self.machine,
+                                 dest_blocks=self.dest_blocks, progress=self.progress,
+                                 on_running=lambda: self.run_sent.append(time.monotonic()),
+                                 push_rate=self.push_rate)
+
+        return Worker.started("fixedram-postcopy", run)
+
+
+def _transport(qmp: QMP, kind: Transport, path: Path, push_rate: float | None) -> _Way:
+    """The transport ``kind``, made before QEMU is touched. Its sockets keep the kernel's
+    default buffers: a page the guest waits for must not queue behind megabytes of pages
+    pushed in the background (:data:`fixedram.io.channel.UNIX_SOCKET_BUFFER`)."""
+    if kind == "fd":
+        return FdTransport(qmp, _FD_NAME, large_buffers=False)
+    if kind == "unix":
+        return UnixConnect("fixedram-lazy-")
+
+    def argv(report_file: Path) -> list[str]:
+        rate = ["--push-rate", str(int(push_rate))] if push_rate else []
+        return [str(Path(sys.executable).absolute()), "-m", "fixedram", "send", "--postcopy",
+                *rate, "--quiet", "--report-json", str(report_file), str(path)]
+
+    return ExecTransport(argv)
+
+
+def _start(qmp: QMP, way: _Way, sender: _Sender) -> Worker | None:
+    """Start the load on ``way``; return the sender's thread (None: QEMU runs the exec:
+    child)."""
+    def incoming(uri: str) -> None:
+        qmp.cmd("migrate-incoming", uri=uri)
+
+    if isinstance(way, FdTransport):
+        # the sender prepares and writes the stream's head while QEMU starts the load: the
+        # socket holds it until QEMU reads (a refused load ends the sender)
+        way.hand()
+        worker = sender.start(way.channel)
+        way.migrate(incoming)
+        return worker
+    way.migrate(incoming)
+    if isinstance(way, UnixConnect):
+        return sender.start(way.connect(large_buffers=False))
+    return None
+
+
+def _wait(watch: Watch, way: _Way, t0: float,
+          timeout: float | None) -> tuple[float, dict[str, Any]]:
+    """Wait for the guest to run, then for every page; return the time to running and the
+    sender's counts."""
+    deadline = None if timeout is None else t0 + timeout
+    # time to running: QEMU leaves inmigrate once it has processed RUN
+    watch.until(lambda r: r.run != "inmigrate", every=_POLL, deadline=deadline,
+                late=lambda r: f"the guest did not start within {timeout:.0f} s")
+    t_running = time.monotonic() - t0
+    worker = watch.worker
+    watch.until(lambda r: r.status in ("completed", None, "none")
+                and (worker is None or not worker.is_alive()), every=0.05, deadline=deadline,
+                late=lambda r: f"the lazy restore did not finish within {timeout:.0f} s "
+                               f"(status {r.status})")
+    if worker is None:
+        assert isinstance(way, ExecTransport)
+        return t_running, way.report()
+    rep = worker.outcome()
+    return t_running, {"pages_on_demand": rep.pages_on_demand, "pages_pushed": rep.pages_pushed,
+                       "zero_on_demand": rep.zero_on_demand, "requests": rep.requests,
+                       "bytes_sent": rep.bytes_sent}

@@ -21,7 +21,6 @@ not inherit ``mapped-ram``). The VM is resumed (``cont``) unless ``paused``.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -31,18 +30,19 @@ from typing import Any, Literal
 from fixedram.errors import MismatchError, VMError
 from fixedram.image.reader import DirectIO
 from fixedram.io.files import open_direct, warn_no_direct_io
-from fixedram.qmp.client import QMP, Events
+from fixedram.qmp.client import QMP
 from fixedram.qmp.common import (
-    WAKE_EVENTS,
+    Facts,
     MigrationSettings,
+    Watch,
     Worker,
     abandon,
-    hand_socket,
+    incoming_blocks,
     ram_with_data,
     read_facts,
-    wait_event,
 )
 from fixedram.qmp.progress import Progress
+from fixedram.qmp.transport import FdTransport, Transport, UnixConnect
 from fixedram.versions import MAPPED_RAM
 
 __all__ = ["RestoreReport", "choose_restore_via", "restore"]
@@ -51,7 +51,6 @@ Via = Literal["auto", "native", "proxy"]
 ProgressFn = Callable[[Progress], None]
 
 _FD_NAME = "fixedram-restore"
-_POLL = 0.02
 _PAGE = 4096
 
 
@@ -109,35 +108,6 @@ def _send_progress(progress: ProgressFn) -> Callable[[Any], None]:
     return cb
 
 
-def _wait_loaded(qmp: QMP, worker: Worker | None, timeout: float | None,
-                 events: Events | None = None) -> str:
-    """Wait until QEMU leaves ``inmigrate``; return the new run state. A poll every 20 ms,
-    or at once on one of ``events``."""
-    t0 = time.monotonic()
-    while True:
-        if worker is not None and worker.error is not None:
-            raise worker.error
-        try:
-            status, mig = qmp.batch(("query-status", None), ("query-migrate", None))
-            st = str(status["status"])
-        except VMError:
-            if worker is not None:
-                worker.join(5.0)
-                if worker.error is not None:
-                    raise worker.error from None
-            raise VMError("the destination QEMU exited during the load (its stderr says why)") \
-                from None
-        mst = mig.get("status")
-        if mst == "failed":
-            desc = mig.get("error-desc", "")
-            raise VMError("the load failed" + (f": {desc}" if desc else ""))
-        if st != "inmigrate" and mst in (None, "none", "completed"):
-            return st
-        if timeout is not None and time.monotonic() - t0 > timeout:
-            raise VMError(f"the load did not finish within {timeout:.0f} s (status {st}/{mst})")
-        wait_event(events, _POLL)
-
-
 def restore(
     qmp: QMP,
     image: str | os.PathLike[str],
@@ -154,142 +124,179 @@ def restore(
 
     ``paused``: leave the VM paused after the load (else ``cont``). ``channels``: multifd
     channels (0 = none); ``native``: QEMU's reader threads; ``proxy``: fixedram is a multifd
-    source with that many connections, over a unix socket it owns (:func:`_start_multifd`).
-    ``readers``: read-ahead depth of a single-stream ``proxy``. ``direct_io``: page data is
-    read with O_DIRECT, by fixedram (``proxy``) or by QEMU (``native``, which then needs
-    multifd: at least one channel); ``"required"`` refuses, before QEMU sees a byte, where
-    the filesystem does not support it, else fixedram warns and reads buffered. ``progress``
-    gets a :class:`Progress` now and then (``proxy`` only). Raises
-    :class:`~fixedram.errors.MismatchError` / :class:`~fixedram.errors.ImageError` before
-    anything is sent when the image does not fit, :class:`VMError` when QEMU fails.
+    source with that many connections, over a unix socket QEMU listens on
+    (:meth:`_Load.multifd`). ``readers``: read-ahead depth of a single-stream ``proxy``.
+    ``direct_io``: page data is read with O_DIRECT, by fixedram (``proxy``) or by QEMU
+    (``native``, which then needs multifd: at least one channel); ``"required"`` refuses,
+    before QEMU sees a byte, where the filesystem does not support it, else fixedram warns
+    and reads buffered. ``progress`` gets a :class:`Progress` now and then (``proxy`` only).
+    Raises :class:`~fixedram.errors.MismatchError` / :class:`~fixedram.errors.ImageError`
+    before anything is sent when the image does not fit, :class:`VMError` when QEMU fails.
     """
-    from fixedram.endpoint.send import dest_ramblocks_from_hmp, send, validate
+    from fixedram.endpoint.send import validate
     from fixedram.image import open_image
 
     t0 = time.monotonic()
     path = Path(image).absolute()
     facts = read_facts(qmp)
-    if facts.status != "inmigrate":
-        raise VMError(f"QEMU at {qmp.path} is not waiting for an incoming migration (status "
-                      f"{facts.status}); start it with -incoming defer")
-    if facts.migration not in (None, "none"):
-        raise VMError(f"QEMU at {qmp.path} already has an incoming migration "
-                      f"({facts.migration})")
-    machine = facts.machine
-    dest_blocks = dest_ramblocks_from_hmp(facts.ramblocks)
-    if not dest_blocks:
-        raise VMError(f"cannot read the RAM blocks of QEMU at {qmp.path} (info ramblock)")
+    dest_blocks = incoming_blocks(qmp, facts)
     with open_image(path) as img:
-        validate(img, dest_machine=machine, dest_blocks=dest_blocks)
-        how = choose_restore_via(qmp.version, img.format, via)
-        # RAM that may hold data before the load: every page is sent, none left as it is
-        held = ram_with_data(qmp, facts)
-        if held and how == "native":
-            if via != "auto":
-                raise MismatchError(
-                    f"the destination's RAM {', '.join(held)} is a file that already holds "
-                    f"data, and QEMU's own load leaves the image's zero pages as the file has "
-                    f"them: use --via proxy")
-            how = "proxy"
-        fresh = not held
+        validate(img, dest_machine=facts.machine, dest_blocks=dest_blocks)
+        how, fresh = _choose(qmp, facts, img.format, via)
         if how == "proxy":
             img.open_direct(direct_io)
         elif direct_io and not _direct_ok(path, direct_io):
             direct_io = False
+        if how == "native" and direct_io:
+            channels = max(1, channels)  # QEMU reads with O_DIRECT only under multifd
         pages = sum(img.count_present(n) for n in img.blocks)
-        ram_size = img.ram_size
-        settings = MigrationSettings(qmp, facts)
-        events = qmp.events(*WAKE_EVENTS)
-        worker: Worker | None = None
-        ours: socket.socket | None = None
-        sockdir: str | None = None
+        load = _Load(qmp, img, facts, dest_blocks, fresh=fresh, progress=progress)
+        watch = Watch(qmp, incoming="the load")
         try:
             if how == "native":
-                if direct_io:
-                    channels = max(1, channels)  # QEMU reads with O_DIRECT only under multifd
-                caps = {"mapped-ram": True, "multifd": channels > 0}
-                params: dict[str, Any] = {"multifd-channels": channels} if channels else {}
-                if direct_io:
-                    params["direct-io"] = True
-                settings.set(caps, params)
-                uri = f"file:{path}" + (f",offset={img.base_offset}" if img.base_offset else "")
-                t_load = time.monotonic()
-                qmp.cmd("migrate-incoming", uri=uri)
+                load.native(path, channels, direct_io=bool(direct_io))
             elif channels:
-                import tempfile
-
-                sockdir = tempfile.mkdtemp(prefix="fixedram-restore-")
-                worker, t_load = _start_multifd(qmp, img, settings, channels, sockdir, machine,
-                                                dest_blocks, progress, fresh)
+                watch.worker = load.multifd(channels)
             else:
-                # a plain precopy stream: mapped-ram/multifd would make QEMU refuse fd:
-                settings.set({"mapped-ram": False, "multifd": False}, {})
-                ours = hand_socket(qmp, _FD_NAME)
-                from fixedram.io.channel import SocketChannel
-
-                chan = SocketChannel(ours)
-                cb = _send_progress(progress) if progress is not None else None
-                t_load = time.monotonic()
-                try:
-                    qmp.cmd("migrate-incoming", uri=f"fd:{_FD_NAME}")
-                except BaseException:
-                    qmp.close_fd(_FD_NAME)
-                    raise
-
-                def run_send() -> Any:
-                    return send(img, chan, dest_machine=machine, dest_blocks=dest_blocks,
-                                readers=readers, progress=cb, direct_io=direct_io,
-                                fresh=fresh)
-
-                worker = Worker("fixedram-send", run_send)
-                worker.start()
-            st = _wait_loaded(qmp, worker, timeout, events)
-            t_load = time.monotonic() - t_load
-            if progress is not None and worker is None:  # native: QEMU reports no progress
+                watch.worker = load.fd(readers=readers, direct_io=direct_io)
+            deadline = None if timeout is None else time.monotonic() + timeout
+            st = watch.until(lambda r: r.run != "inmigrate"
+                             and r.status in (None, "none", "completed"), deadline=deadline,
+                             late=lambda r: f"the load did not finish within {timeout:.0f} s "
+                                            f"(status {r.run}/{r.status})").run
+            t_load = time.monotonic() - load.started
+            if progress is not None and watch.worker is None:  # native: QEMU reports none
                 progress(Progress(phase="restore", status="completed", done_bytes=pages * _PAGE,
                                   total_bytes=pages * _PAGE, pages=pages))
-            report = None
-            if worker is not None:
-                report = worker.outcome()
+            report = watch.worker.outcome() if watch.worker is not None else None
         except BaseException:
-            abandon(worker, ours)
+            abandon(watch.worker, load.way)
             raise
         finally:
-            events.close()
-            settings.restore()
-            if ours is not None:
-                ours.close()
-            if sockdir is not None:
-                import shutil
-
-                shutil.rmtree(sockdir, ignore_errors=True)
-    final = st
-    if paused and st == "running":
-        qmp.cmd("stop")  # QEMU started without -S runs the guest as soon as it is loaded
-        final = qmp.status()
-    elif not paused and st != "running":
-        qmp.cmd("cont")
-        final = qmp.status()
+            watch.close()
+            load.close()
+    final = _run_state(qmp, st, paused)
     nbytes = pages * _PAGE
     return RestoreReport(
         image=str(path),
         via=how,
         qemu_version=qmp.version_str,
-        machine=machine,
+        machine=facts.machine,
         image_format=img.format,
         total_time=time.monotonic() - t0,
         load_time=t_load,
         bytes=nbytes,
         bytes_sent=report.bytes_sent if report is not None else None,
         pages=pages,
-        zero_pages=ram_size // _PAGE - pages,
-        ram_size=ram_size,
+        zero_pages=img.ram_size // _PAGE - pages,
+        ram_size=img.ram_size,
         mb_per_s=nbytes / t_load / 1e6 if t_load > 0 else 0.0,
         status=final,
-        caps_changed=dict(settings.caps),
+        caps_changed=dict(load.settings.caps),
         channels=channels,
         direct_io=bool(direct_io) and (how == "native" or img.direct),
     )
+
+
+def _choose(qmp: QMP, facts: Facts, image_format: str, via: Via) -> tuple[str, bool]:
+    """``via`` resolved, and whether the destination's RAM is fresh (all zeros): RAM that may
+    hold data before the load needs every page sent, none left as it is, which QEMU's own
+    load does not do."""
+    how = choose_restore_via(qmp.version, image_format, via)
+    held = ram_with_data(qmp, facts)
+    if held and how == "native":
+        if via != "auto":
+            raise MismatchError(
+                f"the destination's RAM {', '.join(held)} is a file that already holds "
+                f"data, and QEMU's own load leaves the image's zero pages as the file has "
+                f"them: use --via proxy")
+        how = "proxy"
+    return how, not held
+
+
+def _run_state(qmp: QMP, st: str, paused: bool) -> str:
+    """Pause or resume the loaded VM as asked; return its run state."""
+    if paused and st == "running":
+        qmp.cmd("stop")  # QEMU started without -S runs the guest as soon as it is loaded
+        return qmp.status()
+    if not paused and st != "running":
+        qmp.cmd("cont")
+        return qmp.status()
+    return st
+
+
+class _Load:
+    """The three ways of a load: the settings each needs, its transport, the migrate command
+    and the sender's thread. :attr:`started` is when ``migrate-incoming`` was issued."""
+
+    def __init__(self, qmp: QMP, img: Any, facts: Facts, dest_blocks: list[tuple[str, int]],
+                 *, fresh: bool, progress: ProgressFn | None) -> None:
+        self.qmp, self.img, self.machine, self.dest_blocks = qmp, img, facts.machine, dest_blocks
+        self.fresh = fresh
+        self.progress = _send_progress(progress) if progress is not None else None
+        self.settings = MigrationSettings(qmp, facts)
+        self.way: Transport | None = None
+        self.started = 0.0
+
+    def _incoming(self, uri: str) -> None:
+        self.started = time.monotonic()
+        self.qmp.cmd("migrate-incoming", uri=uri)
+
+    def native(self, path: Path, channels: int, *, direct_io: bool) -> None:
+        """QEMU reads the mapped-ram image itself (``file:IMAGE[,offset=N]``)."""
+        params: dict[str, Any] = {"multifd-channels": channels} if channels else {}
+        if direct_io:
+            params["direct-io"] = True
+        self.settings.set({"mapped-ram": True, "multifd": channels > 0}, params)
+        base = self.img.base_offset
+        self._incoming(f"file:{path}" + (f",offset={base}" if base else ""))
+
+    def fd(self, *, readers: int, direct_io: DirectIO) -> Worker:
+        """A plain precopy stream over a socket pair (mapped-ram/multifd would make QEMU
+        refuse ``fd:``), written by :func:`~fixedram.endpoint.send.send`."""
+        from fixedram.endpoint.send import send
+
+        self.settings.set({"mapped-ram": False, "multifd": False}, {})
+        way = self.way = FdTransport(self.qmp, _FD_NAME)
+        way.migrate(self._incoming)
+
+        def run() -> Any:
+            return send(self.img, way.channel, dest_machine=self.machine,
+                        dest_blocks=self.dest_blocks, readers=readers, progress=self.progress,
+                        direct_io=direct_io, fresh=self.fresh)
+
+        return Worker.started("fixedram-send", run)
+
+    def multifd(self, channels: int) -> Worker:
+        """A multifd load: ``migrate-incoming`` on a unix socket QEMU listens on, and
+        :func:`~fixedram.endpoint.multifd_send.send_multifd` connecting 1 + ``channels``
+        times. Unless ``fresh``, every page without data goes as a ZERO record on the main
+        connection (a zero-page list entry does not clear a page QEMU has not received,
+        ``docs/fresh-destination.md``)."""
+        from fixedram.endpoint.multifd_send import parse_uuid, send_multifd
+
+        way = self.way = UnixConnect("fixedram-restore-")
+        self.settings.set({"mapped-ram": False, "postcopy-ram": False, "multifd": True},
+                          {"multifd-channels": channels, "multifd-compression": "none"})
+        uuid = parse_uuid(str(self.qmp.cmd("query-uuid").get("UUID", "")))
+        version = self.qmp.version
+        way.migrate(self._incoming)
+        fresh = self.fresh
+
+        def run() -> Any:
+            return send_multifd(self.img, way.uri, channels, uuid=uuid,
+                                dest_machine=self.machine, dest_blocks=self.dest_blocks,
+                                dest_version=version, progress=self.progress, fresh=fresh,
+                                zero="auto" if fresh else "main")
+
+        return Worker.started("fixedram-send-multifd", run)
+
+    def close(self) -> None:
+        """Put the settings back and release the transport."""
+        self.settings.restore()
+        if self.way is not None:
+            self.way.close()
+
 
 def _direct_ok(path: Path, mode: DirectIO) -> bool:
     """Whether ``path``'s filesystem takes O_DIRECT (checked before QEMU is asked to)."""
@@ -302,32 +309,3 @@ def _direct_ok(path: Path, mode: DirectIO) -> bool:
     warn_no_direct_io(path.parent, fallback="QEMU reads buffered")
     return False
 
-
-def _start_multifd(qmp: QMP, img: Any, settings: MigrationSettings, channels: int,
-                   sockdir: str, machine: str, dest_blocks: list[tuple[str, int]],
-                   progress: ProgressFn | None, fresh: bool) -> tuple[Worker, float]:
-    """Start a multifd load: capability multifd and ``multifd-channels`` on the destination,
-    ``migrate-incoming`` on a unix socket in ``sockdir``, and
-    :func:`~fixedram.endpoint.multifd_send.send_multifd` in a thread. Returns the thread and
-    the time the load started. Unless ``fresh``, every page without data goes as a ZERO
-    record on the main connection (a zero-page list entry does not clear a page QEMU has not
-    received, ``docs/fresh-destination.md``)."""
-    from fixedram.endpoint.multifd_send import parse_uuid, send_multifd
-
-    settings.set({"mapped-ram": False, "postcopy-ram": False, "multifd": True},
-                 {"multifd-channels": channels, "multifd-compression": "none"})
-    uuid = parse_uuid(str(qmp.cmd("query-uuid").get("UUID", "")))
-    version = qmp.version
-    address = f"unix:{sockdir}/mig.sock"
-    cb = _send_progress(progress) if progress is not None else None
-    t_load = time.monotonic()
-    qmp.cmd("migrate-incoming", uri=address)
-
-    def run_send() -> Any:
-        return send_multifd(img, address, channels, uuid=uuid, dest_machine=machine,
-                            dest_blocks=dest_blocks, dest_version=version, progress=cb,
-                            fresh=fresh, zero="auto" if fresh else "main")
-
-    worker = Worker("fixedram-send-multifd", run_send)
-    worker.start()
-    return worker, t_load

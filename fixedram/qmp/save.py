@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -41,19 +39,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from fixedram.errors import EndpointError, FixedramError, ImageError, VMError
-from fixedram.io.channel import Listener
+from fixedram.errors import FixedramError, ImageError, VMError
 from fixedram.io.files import AtomicFile, drop_cached
-from fixedram.qmp.client import QMP, Events
+from fixedram.qmp.client import QMP
 from fixedram.qmp.common import (
-    WAKE_EVENTS,
+    Facts,
     MigrationSettings,
+    Reading,
+    Watch,
     Worker,
-    hand_socket,
+    abandon,
     read_facts,
-    wait_event,
 )
 from fixedram.qmp.progress import Progress, from_query_migrate
+from fixedram.qmp.transport import FdTransport, Transport, UnixListen
 from fixedram.versions import MAPPED_RAM, MAPPED_RAM_DIRECT_IO
 
 __all__ = ["MAX_BANDWIDTH", "SaveReport", "Via", "choose_save_via", "save"]
@@ -65,7 +64,6 @@ Via = Literal["auto", "native", "proxy"]
 ProgressFn = Callable[[Progress], None]
 
 _FD_NAME = "fixedram-save"
-_POLL = 0.02
 
 
 @dataclass
@@ -128,51 +126,6 @@ def _ram_size(ramblocks_text: str) -> tuple[int, dict[str, int]]:
 
     blocks = dict(dest_ramblocks_from_hmp(ramblocks_text))
     return sum(blocks.values()), blocks
-
-
-def _wait_migration(
-    qmp: QMP,
-    progress: ProgressFn | None,
-    *,
-    worker: Worker | None = None,
-    stop_after: float | None = None,
-    timeout: float | None = None,
-    events: Events | None = None,
-) -> dict[str, Any]:
-    """Poll ``query-migrate`` until completed (every 20 ms, or at once on one of ``events``);
-    raise on failure (cancelling what runs)."""
-    t0 = time.monotonic()
-    stopped = False
-    while True:
-        info = qmp.query_migrate()
-        st = info.get("status", "")
-        if progress is not None and info.get("ram"):
-            progress(from_query_migrate(info))
-        if st == "completed":
-            return info
-        if st in ("failed", "cancelled"):
-            if worker is not None:
-                worker.join(5.0)
-                # the writer's own failure (disk full...) says more than QEMU's; "the source
-                # closed the connection" says less
-                if worker.error is not None and not isinstance(worker.error, EndpointError):
-                    raise _writer_error(worker.error, worker.target)
-            desc = info.get("error-desc", "")
-            raise VMError(f"migration {st}" + (f": {desc}" if desc else ""))
-        if worker is not None and worker.error is not None:
-            with contextlib.suppress(FixedramError):
-                qmp.cmd("migrate_cancel")
-            raise _writer_error(worker.error, worker.target)
-        el = time.monotonic() - t0
-        if stop_after is not None and not stopped and el > stop_after and st == "active":
-            with contextlib.suppress(FixedramError):
-                qmp.cmd("stop")  # a live save that does not converge: finish it paused
-            stopped = True
-        if timeout is not None and el > timeout:
-            with contextlib.suppress(FixedramError):
-                qmp.cmd("migrate_cancel")
-            raise VMError(f"the save did not finish within {timeout:.0f} s (status {st})")
-        wait_event(events, _POLL)
 
 
 def _check_image(path: Path, machine: str, blocks: dict[str, int]) -> int:
@@ -255,13 +208,6 @@ def _drop_from_cache(image: Path) -> None:
                          daemon=True).start()
 
 
-def _writer_error(e: BaseException, target: Path) -> BaseException:
-    """The image writer's exception, with the image named when it is a bare OSError."""
-    if isinstance(e, OSError) and not isinstance(e, FixedramError):
-        return FixedramError(f"writing {target}: {e.strerror or e}")
-    return e
-
-
 def _dir_check(image: Path) -> None:
     parent = image.parent
     if not parent.is_dir():
@@ -274,16 +220,6 @@ def _dir_check(image: Path) -> None:
             pass
     except OSError as e:
         raise FixedramError(f"cannot create a file in {parent}: {e.strerror}") from None
-
-
-def _migrate(qmp: QMP, uri: str, status: str) -> None:
-    try:
-        qmp.cmd("migrate", uri=uri)
-    except VMError as e:
-        if status == "postmigrate":
-            raise VMError(f"{e} (the VM is still paused after an earlier save or migration: "
-                          "resume it with QMP 'cont' first, or save with --resume)") from None
-        raise
 
 
 def save(
@@ -314,178 +250,247 @@ def save(
     t0 = time.monotonic()
     target = Path(image).absolute()
     _dir_check(target)
-    version = qmp.version
-    how = choose_save_via(version, via, direct_io=direct_io)
+    how = choose_save_via(qmp.version, via, direct_io=direct_io)
     channels = multifd_channels if multifd_channels is not None else (
         2 if how == "native" else 0)
     if channels < 0 or channels > 64:
         raise VMError(f"{channels} multifd channels requested (0 to 64)")
     facts = read_facts(qmp)
-    status = facts.status
+    _check_source(facts)
+    run = _Save(qmp, facts, target, t0, progress=progress, timeout=timeout,
+                stop_after=stop_after if live else None)
+    try:
+        run.settings.set(*_settings(how, channels, direct_io, max_bandwidth))
+        if not live and run.was_running:
+            qmp.cmd("stop")
+            run.stopped_by_us = True
+        if how == "native":
+            run.native()
+        else:
+            run.proxy(channels, direct_io)
+    except BaseException:
+        run.abandon()
+        raise
+    finally:
+        run.close()
+    if resume:
+        qmp.cmd("cont")
+    return run.report(how, live=live, resumed=resume)
+
+
+def _check_source(facts: Facts) -> None:
+    """Refuse a QEMU that is migrating or waiting for an incoming migration."""
     mig = facts.migration
     if mig in ("setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug"):
         raise VMError(f"a migration is already in progress (status {mig})")
-    if status == "inmigrate":
+    if facts.status == "inmigrate":
         raise VMError("this QEMU is waiting for an incoming migration; there is nothing to save")
-    machine = facts.machine
-    ram_size = 0
-    blocks: dict[str, int] = {}
-    settings = MigrationSettings(qmp, facts)
-    events = qmp.events(*WAKE_EVENTS)
-    t_setup = t_check = t_commit = 0.0
-    was_running = status == "running"
-    stopped_by_us = False
-    atomic: AtomicFile | None = None
-    worker: Worker | None = None
-    ours: socket.socket | None = None
-    listener: Listener | None = None
-    done = False
-    try:
-        caps: dict[str, bool] = {}
-        params: dict[str, Any] = {"max-bandwidth": int(max_bandwidth)}
-        if how == "proxy":
-            # QEMU then completes only after receive() has fsynced and renamed the image and
-            # answered SHUT(0); a failure on our side makes QEMU fail (and resume) the source.
-            caps["return-path"] = True
-            if channels:
-                caps["multifd"] = True
-                params["multifd-channels"] = channels
+
+
+def _settings(how: str, channels: int, direct_io: bool,
+              max_bandwidth: int) -> tuple[dict[str, bool], dict[str, Any]]:
+    """The migration capabilities and parameters a save ``how`` needs."""
+    caps: dict[str, bool] = {}
+    params: dict[str, Any] = {"max-bandwidth": int(max_bandwidth)}
+    if how == "proxy":
+        # QEMU then completes only after receive() has fsynced and renamed the image and
+        # answered SHUT(0); a failure on our side makes QEMU fail (and resume) the source.
+        caps["return-path"] = True
+        if channels:
+            caps["multifd"] = True
+            params["multifd-channels"] = channels
+    else:
+        caps["mapped-ram"] = True
+        if channels or direct_io:
+            caps["multifd"] = True
+            params["multifd-channels"] = max(1, channels)
+        if direct_io:
+            params["direct-io"] = True
+    return caps, params
+
+
+class _Save:
+    """One save under way: what it changed in QEMU (to undo on failure), its transport or
+    temporary file, the image writer's thread, and the times and figures of the report."""
+
+    def __init__(self, qmp: QMP, facts: Facts, target: Path, t0: float, *,
+                 progress: ProgressFn | None, timeout: float | None,
+                 stop_after: float | None) -> None:
+        self.qmp, self.facts, self.target, self.t0 = qmp, facts, target, t0
+        self.progress, self.timeout, self.stop_after = progress, timeout, stop_after
+        self.was_running = facts.status == "running"
+        self.stopped_by_us = False
+        self.settings = MigrationSettings(qmp, facts)
+        self.watch = Watch(qmp)
+        self.atomic: AtomicFile | None = None  # native: QEMU's file, until renamed
+        self.way: Transport | None = None  # proxy
+        self.done = False
+        self.t_mig = self.t_setup = self.t_check = self.t_commit = 0.0
+        self.info: dict[str, Any] = {}
+        self.ram_size = self.pages = 0
+        self.blocks: dict[str, int] = {}
+
+    def _migrate(self, uri: str) -> None:
+        self.t_mig = time.monotonic()
+        self.t_setup = self.t_mig - self.t0
+        try:
+            self.qmp.cmd("migrate", uri=uri)
+        except VMError as e:
+            if self.facts.status == "postmigrate":
+                raise VMError(f"{e} (the VM is still paused after an earlier save or "
+                              "migration: resume it with QMP 'cont' first, or save with "
+                              "--resume)") from None
+            raise
+
+    def _wait(self) -> None:
+        """Until QEMU completes (every 20 ms, or at once on an event); a live save still
+        running after ``stop_after`` seconds is paused, one past ``timeout`` cancelled."""
+        self.ram_size, self.blocks = _ram_size(self.facts.ramblocks)
+        start = time.monotonic()
+        stop_at = None if self.stop_after is None else start + self.stop_after
+        stopped = False
+
+        def completed(r: Reading) -> bool:
+            nonlocal stopped
+            if r.status == "completed":
+                return True
+            if stop_at is not None and not stopped and time.monotonic() > stop_at \
+                    and r.status == "active":
+                with contextlib.suppress(FixedramError):
+                    self.qmp.cmd("stop")  # a live save that does not converge: finish paused
+                stopped = True
+            return False
+
+        def each(r: Reading) -> None:
+            if self.progress is not None and r.migration.get("ram"):
+                self.progress(from_query_migrate(r.migration))
+
+        timeout = self.timeout
+        self.info = self.watch.until(
+            completed, each=each, deadline=None if timeout is None else start + timeout,
+            late=lambda r: f"the save did not finish within {timeout:.0f} s "
+                           f"(status {r.migration.get('status', '')})").migration
+
+    def native(self) -> None:
+        """QEMU writes the file; fixedram checks it, makes it durable and names it."""
+        # Created by us (mode 0600) so an unwritable directory fails before QEMU starts.
+        atomic = self.atomic = AtomicFile(self.target)
+        self._migrate(f"file:{atomic.temp}")
+        self._wait()
+        self.t_check = time.monotonic()
+        self.t_mig = self.t_check - self.t_mig
+        self.pages = _check_image(atomic.temp, self.facts.machine, self.blocks)
+        self.t_commit = time.monotonic()
+        self.t_check = self.t_commit - self.t_check
+        # fsync file, rename over IMAGE, fsync directory; then out of the page cache
+        atomic.commit()
+        self.t_commit = time.monotonic() - self.t_commit
+        _drop_from_cache(self.target)
+        self.done = True
+
+    def proxy(self, channels: int, direct_io: bool) -> None:
+        """QEMU migrates into :func:`~fixedram.endpoint.receive.receive`, in a thread, which
+        writes the image; on ``channels`` multifd connections to a private unix socket
+        (:func:`~fixedram.endpoint.receive.receive_listening`), else on a socket pair."""
+        from fixedram.endpoint.receive import receive, receive_listening
+
+        target = self.target
+        way: Transport
+        if channels:  # multifd needs a socket QEMU can connect to 1 + N times
+            way = listening = UnixListen(channels + 1)
+
+            def receiving() -> Any:
+                return receive_listening(listening.listener, target, channels=channels,
+                                         direct_io=direct_io, accept_timeout=60.0)
         else:
-            caps["mapped-ram"] = True
-            if channels or direct_io:
-                caps["multifd"] = True
-                params["multifd-channels"] = max(1, channels)
-            if direct_io:
-                params["direct-io"] = True
-        settings.set(caps, params)
-        if not live and was_running:
-            qmp.cmd("stop")
-            stopped_by_us = True
-        if how == "native":
-            # Created by us (mode 0600) so an unwritable directory fails before QEMU starts.
-            atomic = AtomicFile(target)
-            t_mig = time.monotonic()
-            t_setup = t_mig - t0
-            _migrate(qmp, f"file:{atomic.temp}", status)
-            ram_size, blocks = _ram_size(facts.ramblocks)
-            info = _wait_migration(qmp, progress, stop_after=stop_after if live else None,
-                                   timeout=timeout, events=events)
-            t_check = time.monotonic()
-            t_mig = t_check - t_mig
-            pages_in_image = _check_image(atomic.temp, machine, blocks)
-            t_commit = time.monotonic()
-            t_check = t_commit - t_check
-            # fsync file, rename over IMAGE, fsync directory; then out of the page cache
-            atomic.commit()
-            t_commit = time.monotonic() - t_commit
-            _drop_from_cache(target)
-        else:
-            from fixedram.endpoint.receive import receive, receive_listening
-            from fixedram.io.channel import SocketChannel, listen
+            way = pair = FdTransport(self.qmp, _FD_NAME)
 
-            if channels:
-                # multifd needs a socket QEMU can connect to 1 + N times
-                sockdir = tempfile.mkdtemp(prefix="fixedram-", dir="/tmp")
-                lst = listen(f"unix:{sockdir}/mig.sock", backlog=channels + 2)
-                listener = lst
-                uri = f"unix:{sockdir}/mig.sock"
+            def receiving() -> Any:
+                return receive(pair.channel, target, direct_io=direct_io)
+        self.way = way
+        way.hand()
+        worker = self.watch.worker = Worker.started("fixedram-receive",
+                                                    _writing(receiving, target, way))
+        way.migrate(self._migrate)
+        self._wait()
+        self.t_mig = time.monotonic() - self.t_mig
+        worker.join(self.timeout if self.timeout is not None else 600.0)
+        if worker.is_alive():
+            raise VMError("QEMU finished the migration but the image writer did not")
+        if worker.error is not None:
+            raise worker.error
+        self.t_check = time.monotonic()
+        self.pages = _check_image(target, self.facts.machine, self.blocks)
+        self.t_check = time.monotonic() - self.t_check
+        self.done = True
 
-                def run_receive() -> Any:
-                    try:
-                        return receive_listening(lst, target, channels=channels,
-                                                 direct_io=direct_io, accept_timeout=60.0)
-                    finally:
-                        lst.close()
-                        shutil.rmtree(sockdir, ignore_errors=True)
-            else:
-                ours = hand_socket(qmp, _FD_NAME)
-                chan = SocketChannel(ours)
-                uri = f"fd:{_FD_NAME}"
-
-                def run_receive() -> Any:
-                    try:
-                        return receive(chan, target, direct_io=direct_io)
-                    finally:
-                        chan.close()
-
-            worker = Worker("fixedram-receive", run_receive)
-            worker.target = target
-            worker.start()
-            t_mig = time.monotonic()
-            t_setup = t_mig - t0
-            try:
-                _migrate(qmp, uri, status)
-            except BaseException:
-                if listener is not None:
-                    listener.close()
-                else:
-                    qmp.close_fd(_FD_NAME)
-                raise
-            ram_size, blocks = _ram_size(facts.ramblocks)
-            info = _wait_migration(qmp, progress, worker=worker,
-                                   stop_after=stop_after if live else None, timeout=timeout,
-                                   events=events)
-            t_mig = time.monotonic() - t_mig
-            worker.join(timeout if timeout is not None else 600.0)
-            if worker.is_alive():
-                raise VMError("QEMU finished the migration but the image writer did not")
-            if worker.error is not None:
-                raise _writer_error(worker.error, target)
-            t_check = time.monotonic()
-            pages_in_image = _check_image(target, machine, blocks)
-            t_check = time.monotonic() - t_check
-        done = True
-    except BaseException:
+    def abandon(self) -> None:
+        """After a failure: stop QEMU's migration and the writer; no file left behind."""
+        worker = self.watch.worker
         if worker is not None and worker.is_alive():
             with contextlib.suppress(FixedramError):
-                qmp.cmd("migrate_cancel")
-            if ours is not None:
-                with contextlib.suppress(OSError):
-                    ours.shutdown(socket.SHUT_RDWR)
-            if listener is not None:
-                listener.close()
-            worker.join(30.0)
-        if atomic is not None:
+                self.qmp.cmd("migrate_cancel")
+            abandon(worker, self.way, 30.0)
+        if self.atomic is not None:
             with contextlib.suppress(FixedramError):
-                st = qmp.query_migrate().get("status")
+                st = self.qmp.query_migrate().get("status")
                 if st not in (None, "completed", "failed", "cancelled"):
-                    qmp.cmd("migrate_cancel")
-            atomic.abort()
-        raise
-    finally:
-        events.close()
-        settings.restore()
-        if not done and (was_running or stopped_by_us):
+                    self.qmp.cmd("migrate_cancel")
+            self.atomic.abort()
+
+    def close(self) -> None:
+        """Put the settings back; after a failure, run a VM that ran before. (The writer's
+        thread closes the transport when it ends.)"""
+        if self.way is not None and self.watch.worker is None:
+            self.way.close()
+        self.watch.close()
+        self.settings.restore()
+        if not self.done and (self.was_running or self.stopped_by_us):
             with contextlib.suppress(FixedramError):
-                if qmp.status() != "running":
-                    qmp.cmd("cont")
-    resumed = False
-    if resume:
-        qmp.cmd("cont")
-        resumed = True
-    st = os.stat(target)
-    ram = info.get("ram") or {}
-    return SaveReport(
-        image=str(target),
-        via=how,
-        qemu_version=qmp.version_str,
-        machine=machine,
-        live=live,
-        resumed=resumed,
-        total_time=time.monotonic() - t0,
-        migration_time=t_mig,
-        qemu_total_time=info["total-time"] / 1000 if "total-time" in info else None,
-        downtime=info["downtime"] / 1000 if "downtime" in info else None,
-        bytes_transferred=int(ram.get("transferred", 0)),
-        pages_transferred=int(ram.get("normal", 0)),
-        dirty_passes=int(ram["dirty-sync-count"]) if "dirty-sync-count" in ram else None,
-        pages_in_image=pages_in_image,
-        ram_size=ram_size,
-        image_apparent_size=st.st_size,
-        image_allocated_size=st.st_blocks * 512,
-        caps_changed=settings.caps,
-        params_changed=settings.params,
-        setup_time=t_setup,
-        check_time=t_check,
-        commit_time=t_commit,
-    )
+                if self.qmp.status() != "running":
+                    self.qmp.cmd("cont")
+
+    def report(self, how: str, *, live: bool, resumed: bool) -> SaveReport:
+        """What the save did (once it succeeded)."""
+        st = os.stat(self.target)
+        info = self.info
+        ram = info.get("ram") or {}
+        return SaveReport(
+            image=str(self.target),
+            via=how,
+            qemu_version=self.qmp.version_str,
+            machine=self.facts.machine,
+            live=live,
+            resumed=resumed,
+            total_time=time.monotonic() - self.t0,
+            migration_time=self.t_mig,
+            qemu_total_time=info["total-time"] / 1000 if "total-time" in info else None,
+            downtime=info["downtime"] / 1000 if "downtime" in info else None,
+            bytes_transferred=int(ram.get("transferred", 0)),
+            pages_transferred=int(ram.get("normal", 0)),
+            dirty_passes=int(ram["dirty-sync-count"]) if "dirty-sync-count" in ram else None,
+            pages_in_image=self.pages,
+            ram_size=self.ram_size,
+            image_apparent_size=st.st_size,
+            image_allocated_size=st.st_blocks * 512,
+            caps_changed=self.settings.caps,
+            params_changed=self.settings.params,
+            setup_time=self.t_setup,
+            check_time=self.t_check,
+            commit_time=self.t_commit,
+        )
+
+
+def _writing(receiving: Callable[[], Any], target: Path,
+             way: Transport) -> Callable[[], Any]:
+    """``receiving``, then ``way`` closed; a bare OSError of the image writer becomes one
+    naming the image."""
+    def run() -> Any:
+        try:
+            return receiving()
+        except OSError as e:
+            raise FixedramError(f"writing {target}: {e.strerror or e}") from None
+        finally:
+            way.close()
+
+    return run
