@@ -59,15 +59,20 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fixedram.endpoint.send import (
+from fixedram.endpoint.send import validate
+from fixedram.endpoint.source import (
     LINGER_SECONDS,
+    PROGRESS_INTERVAL,
+    ImageArg,
+    Progress,
+    ReturnPathDrain,
     SendStats,
-    _open,
-    _stream_head,
-    _stream_tail,
     absent_runs,
+    image_of,
+    part_end,
     skips_absent,
-    validate,
+    stream_head,
+    stream_tail,
 )
 from fixedram.errors import EndpointError, FixedramError, ImageError, MismatchError
 from fixedram.image import Image
@@ -77,13 +82,7 @@ from fixedram.image.reader import BlockInfo, DirectIO
 from fixedram.image.sections import ram_section_id
 from fixedram.io.channel import connect
 from fixedram.io.files import IOV_MAX, advance, aligned_buffer
-from fixedram.stream import (
-    EndOfSection,
-    SectionFooter,
-    SectionPart,
-    StreamEncoder,
-    encode,
-)
+from fixedram.stream import SectionPart, StreamEncoder, encode
 from fixedram.stream.format import (
     MULTIFD_PAGES_PER_PACKET,
     TARGET_PAGE_SIZE,
@@ -118,8 +117,6 @@ MAX_CHANNELS = 255
 _SENDFILE_RUNS = 8
 #: Seconds without any byte accepted by the destination before giving up.
 STALL_SECONDS = 60.0
-
-_PROGRESS_INTERVAL = 0.2
 
 
 @dataclass(frozen=True)
@@ -299,6 +296,14 @@ class _State:
             self.packet_num += 1
             return pkt, num
 
+    def stats(self, main_bytes: int, zero_main: int, pages_total: int,
+              t0: float) -> SendStats:
+        """Progress so far, with the main connection's bytes and ZERO records added."""
+        with self.lock:
+            return SendStats(main_bytes + sum(self.chan_bytes), self.pages,
+                             self.zero_pages + zero_main, pages_total, self.reads,
+                             time.monotonic() - t0)
+
     def number(self) -> int:
         with self.lock:
             num = self.packet_num
@@ -431,7 +436,7 @@ def _shutdown(socks: Sequence[socket.socket]) -> None:
 
 
 def send_multifd(
-    image: str | os.PathLike[str] | Image,
+    image: ImageArg,
     address: str,
     channels: int,
     *,
@@ -468,8 +473,7 @@ def send_multifd(
         raise EndpointError(f"multifd needs 1 to {MAX_CHANNELS} channels, not {channels}")
     if uuid is not None and len(uuid) != 16:
         raise EndpointError("the uuid of a multifd source must be 16 bytes")
-    img, owned = _open(image)
-    try:
+    with image_of(image) as img:
         validate(img, dest_machine=dest_machine, dest_blocks=dest_blocks)
         opened = not img.direct and img.format == "mapped-ram" and img.open_direct(direct_io)
         try:
@@ -478,9 +482,6 @@ def send_multifd(
         finally:
             if opened:
                 img.close_direct()
-    finally:
-        if owned:
-            img.close()
 
 
 def _page_checks(img: Image) -> Callable[[str], PageCheck | None]:
@@ -521,7 +522,7 @@ def _send(img: Image, address: str, nchan: int, uuid: bytes | None,
     # the first sync point: QEMU's channel threads write pages as soon as they read them,
     # and only the setup of the load (done before this marker) allocates what they write
     # into: a page read earlier crashes QEMU 10 (SIGSEGV, observed)
-    head = _stream_head(img, flush=sync == "flush")
+    head = stream_head(img, flush=sync == "flush")
     checks = _page_checks(img)
     state = _State(_plan(img, blocks, zero == "packet" and not fresh), nchan, checks)
     if img.format != "mapped-ram":
@@ -574,19 +575,23 @@ def _send(img: Image, address: str, nchan: int, uuid: bytes | None,
                 zero_main += blk.npages - img.count_present(blk.name)
         if sync == "flush":
             mid.append(encode(MultifdFlush()))
-        mid += [encode(EndOfSection()), encode(SectionFooter(sid))]
+        mid += part_end(sid)
         main_bytes += _sendmsg_all(msock, mid)
 
-        _wait_threads(threads, state, progress, t0, pages_total, zero_main, main_bytes)
+        _wait_threads(threads, state, Progress(
+            progress, lambda: state.stats(main_bytes, zero_main, pages_total, t0)))
         _wait_drained(socks[1:], state, stall)
         for blk in blocks:  # a bad extent stops the stream before the device state
             check = checks(blk.name)
             if check is not None:
                 check.block_done(blk.name)
-        main_bytes += _sendmsg_all(msock, _stream_tail(img, switchover))
+        main_bytes += _sendmsg_all(msock, stream_tail(img, switchover))
         with contextlib.suppress(OSError):
             msock.shutdown(socket.SHUT_WR)
-        received = _linger(msock)
+        msock.settimeout(LINGER_SECONDS)
+        drain = ReturnPathDrain(main)
+        drain.wait(LINGER_SECONDS)
+        received = drain.received
     except TimeoutError:
         _shutdown(socks)
         raise EndpointError(f"the destination at {address} read nothing on the main "
@@ -638,20 +643,14 @@ def _send(img: Image, address: str, nchan: int, uuid: bytes | None,
 
 
 def _wait_threads(threads: Sequence[_ChannelThread], state: _State,
-                  progress: Callable[[SendStats], None] | None, t0: float, pages_total: int,
-                  zero_main: int, main_bytes: int) -> None:
+                  progress: Progress[SendStats]) -> None:
     """Join the channel threads (reporting progress); raise the first error of any."""
     for t in threads:
         while t.is_alive():
-            t.join(_PROGRESS_INTERVAL)
+            t.join(PROGRESS_INTERVAL)
             if state.failed.is_set():
                 break
-            if progress is not None:
-                with state.lock:
-                    s = SendStats(main_bytes + sum(state.chan_bytes), state.pages,
-                                  state.zero_pages + zero_main, pages_total, state.reads,
-                                  time.monotonic() - t0)
-                progress(s)
+            progress.tick(force=True)
         if state.failed.is_set():
             break
     if state.error is not None:
@@ -675,20 +674,6 @@ def _wait_drained(socks: Sequence[socket.socket], state: _State, stall: float) -
                 f"for {stall:.0f} s): does it have capability multifd on and multifd-channels "
                 f"= {len(socks)}?")
         time.sleep(0.005)
-
-
-def _linger(sock: socket.socket) -> int:
-    """Read (and drop) what the destination sends until it closes; returns the byte count."""
-    n = 0
-    sock.settimeout(LINGER_SECONDS)
-    buf = bytearray(4096)
-    with contextlib.suppress(OSError):
-        while True:
-            k = sock.recv_into(buf)
-            if k <= 0:
-                break
-            n += k
-    return n
 
 
 # ---------------------------------------------------------------------------------------------
