@@ -80,7 +80,7 @@ from fixedram.image.checksum import digests_of
 from fixedram.image.layout import index_runs
 from fixedram.image.reader import BlockInfo, DirectIO
 from fixedram.image.sections import ram_section_id
-from fixedram.io.channel import connect
+from fixedram.io.channel import SocketChannel, connect
 from fixedram.io.files import IOV_MAX, advance, aligned_buffer
 from fixedram.stream import SectionPart, StreamEncoder, encode
 from fixedram.stream.format import (
@@ -516,7 +516,6 @@ def _send(img: Image, address: str, nchan: int, uuid: bytes | None,
     switchover = wants_switchover_start(machine, img.commands)
     if uuid is None:
         uuid = cfg.uuid if cfg.uuid is not None and len(cfg.uuid) == 16 else bytes(16)
-    sid = ram_section_id(img)
     total = sum(b.length for b in blocks)
     pages_total = total // PS
     # the first sync point: QEMU's channel threads write pages as soon as they read them,
@@ -529,55 +528,19 @@ def _send(img: Image, address: str, nchan: int, uuid: bytes | None,
         state.read_lock = threading.Lock()
 
     socks: list[socket.socket] = []
-    main_bytes = 0
     threads: list[_ChannelThread] = []
     try:
-        # main first (QEMU 7.2 takes the first connection as the main one), its header at
-        # once (QEMU 10 peeks at the first bytes of every connection to classify it)
-        main = connect(address, timeout=connect_timeout)
-        msock = main.sock
-        socks.append(msock)
-        msock.settimeout(stall)
-        main_bytes += _sendmsg_all(msock, head)
-        for i in range(nchan):
-            try:
-                ch = connect(address, timeout=connect_timeout)
-            except EndpointError as e:
-                raise EndpointError(
-                    f"multifd channel {i + 1} of {nchan}: {e} (the destination needs "
-                    f"capability multifd on and multifd-channels {nchan})") from None
-            socks.append(ch.sock)
-            ch.sock.settimeout(stall)
-            _sendmsg_all(ch.sock, [encode_init(i, uuid)])
-            state.chan_bytes[i] += 64
+        main, main_bytes = _connect(address, nchan, uuid, stall, connect_timeout, head, state,
+                                    socks)
         # one SYNC per marker: START's (flush or EOS) first; then PART's, and END's EOS
         first, last = 1, (2 if sync == "eos" else 1)
         threads = [_ChannelThread(i, socks[i + 1], img, state, first, last)
                    for i in range(nchan)]
         for t in threads:
             t.start()
-
-        # the rest of the main stream up to the last sync marker
-        mid = [encode(SectionPart(sid))]
-        zero_main = 0
-        enc = StreamEncoder()
-        for blk in blocks:
-            # a fresh destination: ZERO records for the blocks whose pages without data are
-            # not skipped (a zero list entry would not clear a page QEMU has not received)
-            if (zero == "main" and not fresh) or (fresh and not skips_absent(blk, fresh)):
-                for p, k in absent_runs(img, blk.name, 1 << 16):
-                    zero_main += k
-                    mid.append(enc.zero_run(blk.name, p * PS, k))
-                    if len(mid) >= 64:
-                        main_bytes += _sendmsg_all(msock, mid)
-                        mid = []
-            elif skips_absent(blk, fresh):  # not sent, but counted
-                zero_main += blk.npages - img.count_present(blk.name)
-        if sync == "flush":
-            mid.append(encode(MultifdFlush()))
-        mid += part_end(sid)
-        main_bytes += _sendmsg_all(msock, mid)
-
+        sent, zero_main = _main_part(img, main.sock, zero == "main" and not fresh, fresh,
+                                     sync == "flush")
+        main_bytes += sent
         _wait_threads(threads, state, Progress(
             progress, lambda: state.stats(main_bytes, zero_main, pages_total, t0)))
         _wait_drained(socks[1:], state, stall)
@@ -585,13 +548,8 @@ def _send(img: Image, address: str, nchan: int, uuid: bytes | None,
             check = checks(blk.name)
             if check is not None:
                 check.block_done(blk.name)
-        main_bytes += _sendmsg_all(msock, stream_tail(img, switchover))
-        with contextlib.suppress(OSError):
-            msock.shutdown(socket.SHUT_WR)
-        msock.settimeout(LINGER_SECONDS)
-        drain = ReturnPathDrain(main)
-        drain.wait(LINGER_SECONDS)
-        received = drain.received
+        sent, received = _end_main(main, img, switchover)
+        main_bytes += sent
     except TimeoutError:
         _shutdown(socks)
         raise EndpointError(f"the destination at {address} read nothing on the main "
@@ -640,6 +598,72 @@ def _send(img: Image, address: str, nchan: int, uuid: bytes | None,
         channel_bytes=tuple(state.chan_bytes),
         bytes_received=received,
     )
+
+
+def _connect(address: str, nchan: int, uuid: bytes, stall: float, connect_timeout: float,
+             head: Sequence[bytes], state: _State, socks: list[socket.socket],
+             ) -> tuple[SocketChannel, int]:
+    """Open the main connection and send it ``head``, then the ``nchan`` channels with their
+    init packets; each socket is appended to ``socks`` as it opens (for the caller to close).
+    Returns the main connection and the bytes written on it."""
+    # main first (QEMU 7.2 takes the first connection as the main one), its header at
+    # once (QEMU 10 peeks at the first bytes of every connection to classify it)
+    main = connect(address, timeout=connect_timeout)
+    socks.append(main.sock)
+    main.sock.settimeout(stall)
+    main_bytes = _sendmsg_all(main.sock, head)
+    for i in range(nchan):
+        try:
+            ch = connect(address, timeout=connect_timeout)
+        except EndpointError as e:
+            raise EndpointError(
+                f"multifd channel {i + 1} of {nchan}: {e} (the destination needs "
+                f"capability multifd on and multifd-channels {nchan})") from None
+        socks.append(ch.sock)
+        ch.sock.settimeout(stall)
+        _sendmsg_all(ch.sock, [encode_init(i, uuid)])
+        state.chan_bytes[i] += 64
+    return main, main_bytes
+
+
+def _main_part(img: Image, msock: socket.socket, zero_records: bool, fresh: bool,
+               flush: bool) -> tuple[int, int]:
+    """The main connection's PART section, up to the last sync marker: ZERO records for the
+    pages without data that need them (all with ``zero_records``; else, for a ``fresh``
+    destination, those of the blocks :func:`skips_absent` does not skip), then
+    [MULTIFD_FLUSH] EOS. Returns the bytes written and the pages without data accounted."""
+    sid = ram_section_id(img)
+    mid = [encode(SectionPart(sid))]
+    main_bytes = zero_main = 0
+    enc = StreamEncoder()
+    for blk in img.blocks.values():
+        # a fresh destination: ZERO records for the blocks whose pages without data are
+        # not skipped (a zero list entry would not clear a page QEMU has not received)
+        if zero_records or (fresh and not skips_absent(blk, fresh)):
+            for p, k in absent_runs(img, blk.name, 1 << 16):
+                zero_main += k
+                mid.append(enc.zero_run(blk.name, p * PS, k))
+                if len(mid) >= 64:
+                    main_bytes += _sendmsg_all(msock, mid)
+                    mid = []
+        elif skips_absent(blk, fresh):  # not sent, but counted
+            zero_main += blk.npages - img.count_present(blk.name)
+    if flush:
+        mid.append(encode(MultifdFlush()))
+    mid += part_end(sid)
+    return main_bytes + _sendmsg_all(msock, mid), zero_main
+
+
+def _end_main(main: SocketChannel, img: Image, switchover: bool) -> tuple[int, int]:
+    """The stream's tail on the main connection, whose write side is then shut down, and
+    whatever the destination sends back drained until it closes (at most
+    :data:`LINGER_SECONDS`). Returns the bytes written and the bytes received."""
+    sent = _sendmsg_all(main.sock, stream_tail(img, switchover))
+    main.shutdown_write()
+    main.sock.settimeout(LINGER_SECONDS)
+    drain = ReturnPathDrain(main)
+    drain.wait(LINGER_SECONDS)
+    return sent, drain.received
 
 
 def _wait_threads(threads: Sequence[_ChannelThread], state: _State,

@@ -53,7 +53,7 @@ from fixedram.endpoint.source import (
 from fixedram.errors import ImageError, MismatchError
 from fixedram.image import Image
 from fixedram.image.layout import bitmap_bytes
-from fixedram.image.reader import READ_CHUNK, DirectIO, PageSlots
+from fixedram.image.reader import READ_CHUNK, BlockInfo, DirectIO, PageSlots
 from fixedram.image.sections import ram_section_id
 from fixedram.io.channel import Buffer, Channel
 from fixedram.stream import SectionPart, StreamEncoder, encode
@@ -346,6 +346,37 @@ def _read(img: Image, name: str, pieces: Iterable[tuple[int, int]],
         k += 1
 
 
+class _PieceReader:
+    """Reads a block's pages piece by piece into record buffers (:func:`_read`), with kernel
+    read-ahead (``readers`` > 1, :func:`_pieces`) or, for an image read with O_DIRECT, the
+    next piece read in a thread meanwhile into a second buffer."""
+
+    def __init__(self, img: Image, readers: int) -> None:
+        self.img = img
+        self.depth = readers - 1
+        # O_DIRECT reads wait for the disk: read the next piece in a thread meanwhile, into
+        # a second record buffer (a buffered image has kernel read-ahead instead)
+        self.pool = (ThreadPoolExecutor(1, thread_name_prefix="fixedram-read") if img.direct
+                     else None)
+        self.pairs = [_record_buffer() for _ in range(2 if self.pool is not None else 1)]
+        self.hint_fd = -1
+        if (readers > 1 and img.format == "mapped-ram" and not img.direct
+                and hasattr(os, "posix_fadvise")):
+            self.hint_fd = os.open(img.path, os.O_RDONLY)
+
+    def pieces(self, name: str,
+               ) -> Iterator[tuple[int, int, tuple[PageRecords, PageSlots], int]]:
+        """``(first, npages, (records, slots), reads)`` per piece of ``name`` (:func:`_read`)."""
+        pieces = _pieces(self.img, name, self.hint_fd, self.depth)
+        return _read(self.img, name, pieces, self.pairs, self.pool)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+        if self.hint_fd >= 0:
+            os.close(self.hint_fd)
+
+
 def send(image: ImageArg, channel: Channel, *,
          dest_machine: str | None = None,
          dest_blocks: Sequence[tuple[str, int]] | None = None,
@@ -397,6 +428,38 @@ def _zeros(out: _Sender, enc: StreamEncoder, name: str, start: int, stop: int,
         out.maybe_flush()
 
 
+def _send_block(out: _Sender, enc: StreamEncoder, reader: _PieceReader, blk: BlockInfo,
+                sid: int, check: PageCheck | None, skip: bool) -> None:
+    """One PART section with every page of ``blk``: PAGE records piece by piece (one read,
+    one numpy header assignment and one write per piece), ZERO records for the gaps unless
+    ``skip``."""
+    out.add([encode(SectionPart(sid))])
+    cursor = 0
+    for first, npages, (recs, slots), nreads in reader.pieces(blk.name):
+        out.reads += nreads
+        if check is not None:
+            check.pages(blk.name, first, slots.views[:npages])
+        if first > cursor:
+            _zeros(out, enc, blk.name, cursor, first, skip)
+        data: Buffer = enc.page_records(blk.name, first * PS, npages, recs)
+        small = len(data) < _SMALL_PIECE
+        if small:  # copy, to batch it with the next pieces into one write
+            data = bytes(data)
+        out.add([data])
+        out.pages_sent += npages
+        cursor = first + npages
+        if small:
+            out.maybe_flush()
+        else:
+            out.flush()  # the record buffer is reused by the next piece
+    if check is not None:  # a bad extent stops the stream before the device state
+        check.block_done(blk.name)
+    if cursor < blk.npages:
+        _zeros(out, enc, blk.name, cursor, blk.npages, skip)
+    out.add(part_end(sid))
+    out.maybe_flush()
+
+
 def _send(img: Image, channel: Channel, readers: int,
           progress: Callable[[SendStats], None] | None,
           direct_io: DirectIO = False, fresh: bool = True) -> SendReport:
@@ -409,55 +472,18 @@ def _send(img: Image, channel: Channel, readers: int,
     out = _Sender(channel, total // PS, progress)
     check = _page_check(img)
     opened_direct = not img.direct and img.open_direct(direct_io)
-    # O_DIRECT reads wait for the disk: read the next piece in a thread meanwhile, into a
-    # second record buffer (a buffered image has kernel read-ahead instead)
-    pool = ThreadPoolExecutor(1, thread_name_prefix="fixedram-read") if img.direct else None
-    pairs = [_record_buffer() for _ in range(2 if pool is not None else 1)]
+    reader = _PieceReader(img, readers)
     drain = ReturnPathDrain(channel)
-    hint_fd = -1
-    if (readers > 1 and img.format == "mapped-ram" and not img.direct
-            and hasattr(os, "posix_fadvise")):
-        hint_fd = os.open(img.path, os.O_RDONLY)
     try:
         faults.point("send-setup")
         out.add(head)
         for blk in blocks:
-            out.add([encode(SectionPart(sid))])
-            cursor = 0
-            skip = skips_absent(blk, fresh)
-            pieces = _pieces(img, blk.name, hint_fd, readers - 1)
-            for first, npages, (recs, slots), nreads in _read(img, blk.name, pieces, pairs,
-                                                             pool):
-                out.reads += nreads
-                if check is not None:
-                    check.pages(blk.name, first, slots.views[:npages])
-                if first > cursor:
-                    _zeros(out, enc, blk.name, cursor, first, skip)
-                data: Buffer = enc.page_records(blk.name, first * PS, npages, recs)
-                small = len(data) < _SMALL_PIECE
-                if small:  # copy, to batch it with the next pieces into one write
-                    data = bytes(data)
-                out.add([data])
-                out.pages_sent += npages
-                cursor = first + npages
-                if small:
-                    out.maybe_flush()
-                else:
-                    out.flush()  # the record buffer is reused by the next piece
-            if check is not None:  # a bad extent stops the stream before the device state
-                check.block_done(blk.name)
-            if cursor < blk.npages:
-                _zeros(out, enc, blk.name, cursor, blk.npages, skip)
-            out.add(part_end(sid))
-            out.maybe_flush()
+            _send_block(out, enc, reader, blk, sid, check, skips_absent(blk, fresh))
         faults.point("send-device")
         out.add(stream_tail(img, switchover))
         out.flush()
     finally:
-        if pool is not None:
-            pool.shutdown()
-        if hint_fd >= 0:
-            os.close(hint_fd)
+        reader.close()
         was_direct = img.direct
         if opened_direct:
             img.close_direct()
