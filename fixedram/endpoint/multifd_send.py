@@ -69,6 +69,7 @@ from fixedram.endpoint.source import (
     SendStats,
     absent_runs,
     image_of,
+    page_check,
     part_end,
     skips_absent,
     stream_head,
@@ -268,13 +269,15 @@ class _State:
     """What the channel threads share: the packet plan, counters, the first error."""
 
     def __init__(self, plan: Iterator[_Packet], nchan: int,
-                 checks: Callable[[str], PageCheck | None]) -> None:
+                 check: PageCheck | None) -> None:
         self.lock = threading.Lock()
         self.plan = plan
         self.packet_num = 0
         self.error: BaseException | None = None
         self.failed = threading.Event()
-        self.checks = checks
+        #: Checks pages against the image's checksums (None: it has none); its calls are
+        #: made under ``check_lock``.
+        self.check = check
         self.check_lock = threading.Lock()
         self.pages = 0
         self.zero_pages = 0
@@ -403,7 +406,7 @@ class _ChannelThread(threading.Thread):
             nn = len(pkt.normal)
             packet_header_into(self.hdr, block=pkt.name, normal=pkt.normal * PS,
                                zero=pkt.zero * PS, packet_num=num)
-            check = st.checks(blk.name) if nn else None
+            check = st.check if nn else None
             runs = index_runs(pkt.normal)
             # pages to check must be read anyway: into the buffer they are sent from
             # (measured: hashing through a mapping of the file, then sendfile, costs more)
@@ -484,25 +487,6 @@ def send_multifd(
                 img.close_direct()
 
 
-def _page_checks(img: Image) -> Callable[[str], PageCheck | None]:
-    """A per-block :class:`PageCheck` factory (None where the image has no checksums)."""
-    from fixedram.image.verify import PageCheck, check_metadata
-
-    cs = check_metadata(img)
-    made: dict[str, PageCheck] = {}
-    lock = threading.Lock()
-
-    def get(name: str) -> PageCheck | None:
-        if cs is None:
-            return None
-        with lock:
-            if name not in made:
-                made[name] = PageCheck(img, cs)
-            return made[name]
-
-    return get
-
-
 def _send(img: Image, address: str, nchan: int, uuid: bytes | None,
           dest_version: tuple[int, int, int] | None, sync_opt: SyncMode, zero_opt: ZeroMode,
           stall: float, connect_timeout: float,
@@ -522,8 +506,8 @@ def _send(img: Image, address: str, nchan: int, uuid: bytes | None,
     # and only the setup of the load (done before this marker) allocates what they write
     # into: a page read earlier crashes QEMU 10 (SIGSEGV, observed)
     head = stream_head(img, flush=sync == "flush")
-    checks = _page_checks(img)
-    state = _State(_plan(img, blocks, zero == "packet" and not fresh), nchan, checks)
+    check = page_check(img)
+    state = _State(_plan(img, blocks, zero == "packet" and not fresh), nchan, check)
     if img.format != "mapped-ram":
         state.read_lock = threading.Lock()
 
@@ -544,9 +528,8 @@ def _send(img: Image, address: str, nchan: int, uuid: bytes | None,
         _wait_threads(threads, state, Progress(
             progress, lambda: state.stats(main_bytes, zero_main, pages_total, t0)))
         _wait_drained(socks[1:], state, stall)
-        for blk in blocks:  # a bad extent stops the stream before the device state
-            check = checks(blk.name)
-            if check is not None:
+        if check is not None:  # a bad extent stops the stream before the device state
+            for blk in blocks:
                 check.block_done(blk.name)
         sent, received = _end_main(main, img, switchover)
         main_bytes += sent

@@ -44,6 +44,7 @@ from fixedram.endpoint.source import (
     SendStats,
     absent_runs,
     image_of,
+    page_check,
     part_end,
     skips_absent,
     split_runs,
@@ -408,14 +409,6 @@ def send(image: ImageArg, channel: Channel, *,
         return _send(img, channel, readers, progress, direct_io, fresh)
 
 
-def _page_check(img: Image) -> PageCheck | None:
-    """Checks pages against the image's checksum extension as they are read (or None)."""
-    from fixedram.image.verify import PageCheck, check_metadata
-
-    cs = check_metadata(img)
-    return PageCheck(img, cs) if cs is not None else None
-
-
 def _zeros(out: _Sender, enc: StreamEncoder, name: str, start: int, stop: int,
            skip: bool) -> None:
     """Pages ``[start, stop)`` of ``name`` hold no data: counted, and unless ``skip``
@@ -470,7 +463,7 @@ def _send(img: Image, channel: Channel, readers: int,
     total = sum(b.length for b in blocks)
     head = stream_head(img)
     out = _Sender(channel, total // PS, progress)
-    check = _page_check(img)
+    check = page_check(img)
     opened_direct = not img.direct and img.open_direct(direct_io)
     reader = _PieceReader(img, readers)
     drain = ReturnPathDrain(channel)

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from fixedram.errors import EndpointError
 from fixedram.image import Image, open_image
@@ -57,9 +57,13 @@ from fixedram.stream import (
 )
 from fixedram.stream.format import RAM_SECTION, RAM_SECTION_VERSION, Command
 
+if TYPE_CHECKING:
+    from fixedram.image.verify import PageCheck
+
 __all__ = [
     "SendStats",
     "image_of",
+    "page_check",
     "stream_head",
     "part_end",
     "ram_end",
@@ -122,6 +126,15 @@ def image_of(image: ImageArg) -> Iterator[Image]:
         yield img
     finally:
         img.close()
+
+
+def page_check(img: Image) -> PageCheck | None:
+    """Checks pages against the image's checksum extension as they are read (None: the
+    image has none)."""
+    from fixedram.image.verify import PageCheck, check_metadata
+
+    cs = check_metadata(img)
+    return PageCheck(img, cs) if cs is not None else None
 
 
 # ---------------------------------------------------------------------------------------------
