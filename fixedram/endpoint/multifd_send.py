@@ -65,7 +65,7 @@ from fixedram.endpoint.source import (
     PROGRESS_INTERVAL,
     ImageArg,
     Progress,
-    ReturnPathDrain,
+    ReturnPathReader,
     SendStats,
     absent_runs,
     image_of,
@@ -644,7 +644,7 @@ def _end_main(main: SocketChannel, img: Image, switchover: bool) -> tuple[int, i
     sent = _sendmsg_all(main.sock, stream_tail(img, switchover))
     main.shutdown_write()
     main.sock.settimeout(LINGER_SECONDS)
-    drain = ReturnPathDrain(main)
+    drain = ReturnPathReader(main)
     drain.wait(LINGER_SECONDS)
     return sent, drain.received
 

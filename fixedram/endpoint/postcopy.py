@@ -54,6 +54,7 @@ from fixedram.endpoint.send import validate
 from fixedram.endpoint.source import (
     ImageArg,
     Progress,
+    ReturnPathReader,
     image_of,
     is_bidirectional,
     part_end,
@@ -221,33 +222,29 @@ class _ReturnPath:
         self.shut: int | None = None
         self.closed = False
         self.error: str | None = None
-        self.received = 0
         self.nrequests = 0
         self.bad_requests = 0
         self._blocks = blocks
         self._last_block: str | None = None
-        self._channel = channel
-        self._thread = threading.Thread(target=self._run, name="fixedram-postcopy-rp",
-                                        daemon=True)
-        self._thread.start()
+        self._dec = ReturnPathDecoder()
+        self._reader = ReturnPathReader(channel, on_data=self._feed, on_closed=self._closed,
+                                        name="fixedram-postcopy-rp", chunk=65536)
 
-    def _run(self) -> None:
-        dec = ReturnPathDecoder()
-        buf = memoryview(bytearray(65536))
-        try:
-            while True:
-                n = self._channel.recv_into(buf)
-                if n <= 0:
-                    break
-                self.received += n
-                msgs = dec.feed(bytes(buf[:n]))
-                if msgs:
-                    with self.cond:
-                        for kind, payload in msgs:
-                            self._handle(kind, payload)
-                        self.cond.notify_all()
-        except (OSError, FixedramError, ValueError) as e:
-            self.error = str(e) or type(e).__name__
+    @property
+    def received(self) -> int:
+        """Bytes read from the destination."""
+        return self._reader.received
+
+    def _feed(self, data: memoryview) -> None:
+        msgs = self._dec.feed(bytes(data))
+        if msgs:
+            with self.cond:
+                for kind, payload in msgs:
+                    self._handle(kind, payload)
+                self.cond.notify_all()
+
+    def _closed(self, error: str | None) -> None:
+        self.error = error
         with self.cond:
             self.closed = True
             self.cond.notify_all()
@@ -287,7 +284,7 @@ class _ReturnPath:
 
     def join(self, timeout: float) -> None:
         """Wait for the reader thread to end."""
-        self._thread.join(timeout)
+        self._reader.join(timeout)
 
 
 # ---------------------------------------------------------------------------------------------

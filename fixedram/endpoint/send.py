@@ -40,7 +40,7 @@ from fixedram.endpoint.source import (
     LINGER_SECONDS,
     ImageArg,
     Progress,
-    ReturnPathDrain,
+    ReturnPathReader,
     SendStats,
     absent_runs,
     image_of,
@@ -466,7 +466,7 @@ def _send(img: Image, channel: Channel, readers: int,
     check = page_check(img)
     opened_direct = not img.direct and img.open_direct(direct_io)
     reader = _PieceReader(img, readers)
-    drain = ReturnPathDrain(channel)
+    drain = ReturnPathReader(channel)
     try:
         faults.point("send-setup")
         out.add(head)

@@ -11,8 +11,9 @@ same and live here:
   :func:`stream_tail` (END section, device state, EOF, VM description);
 * which pages go out at all: :func:`skips_absent` (a fresh destination needs nothing for
   pages without data, ``docs/fresh-destination.md``) and :func:`absent_runs`;
-* the return path: :func:`is_bidirectional` and :class:`ReturnPathDrain`, which reads
-  and drops what the destination sends back until it closes;
+* the return path: :func:`is_bidirectional` and :class:`ReturnPathReader`, which reads
+  what the destination sends back until it closes (and drops it, unless told what to do
+  with it);
 * progress callbacks at a bounded rate (:class:`Progress`, :class:`SendStats`);
 * image ownership (:func:`image_of`: a path is opened and closed here, an
   :class:`~fixedram.image.Image` stays the caller's).
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from fixedram.errors import EndpointError
+from fixedram.errors import FixedramError
 from fixedram.image import Image, open_image
 from fixedram.image.reader import BlockInfo
 from fixedram.image.sections import ram_section_id
@@ -72,7 +73,7 @@ __all__ = [
     "absent_runs",
     "split_runs",
     "is_bidirectional",
-    "ReturnPathDrain",
+    "ReturnPathReader",
     "Progress",
     "FRESH_MIN_BLOCK",
     "LINGER_SECONDS",
@@ -235,35 +236,62 @@ def is_bidirectional(channel: Channel) -> bool:
     return stat.S_ISSOCK(mode) or stat.S_ISFIFO(mode)
 
 
-class ReturnPathDrain:
-    """Reads and discards whatever the destination sends back on ``channel``, in a thread,
-    until it closes (a channel that cannot receive is not read)."""
+class ReturnPathReader:
+    """Reads whatever the destination sends back on ``channel``, in a thread, until it
+    closes (a channel that cannot receive is not read).
 
-    def __init__(self, channel: Channel) -> None:
+    Each chunk read goes to ``on_data`` (without one, it is dropped: the destination's
+    messages of a precopy stream need no answer, but must not fill the socket); at the end
+    ``on_closed`` gets why reading stopped (None: the destination closed its side).
+    ``received`` counts the bytes read.
+    """
+
+    def __init__(
+        self,
+        channel: Channel,
+        *,
+        on_data: Callable[[memoryview], None] | None = None,
+        on_closed: Callable[[str | None], None] | None = None,
+        name: str = "fixedram-send-rp",
+        chunk: int = 4096,
+    ) -> None:
         self.received = 0
-        self.closed = threading.Event()
+        self._done = threading.Event()
         self._channel = channel
+        self._on_data = on_data
+        self._on_closed = on_closed
+        self._chunk = chunk
         self._thread: threading.Thread | None = None
         if is_bidirectional(channel):
-            self._thread = threading.Thread(target=self._run, name="fixedram-send-rp", daemon=True)
+            self._thread = threading.Thread(target=self._run, name=name, daemon=True)
             self._thread.start()
 
     def _run(self) -> None:
-        buf = memoryview(bytearray(4096))
+        buf = memoryview(bytearray(self._chunk))
+        error = None
         try:
             while True:
                 n = self._channel.recv_into(buf)
                 if n <= 0:
                     break
                 self.received += n
-        except (OSError, EndpointError, ValueError):
-            pass
-        self.closed.set()
+                if self._on_data is not None:
+                    self._on_data(buf[:n])
+        except (OSError, FixedramError, ValueError) as e:
+            error = str(e) or type(e).__name__
+        if self._on_closed is not None:
+            self._on_closed(error)
+        self._done.set()
 
     def wait(self, timeout: float) -> None:
         """Wait until the destination closed its side (or ``timeout`` passes)."""
         if self._thread is not None:
-            self.closed.wait(timeout)
+            self._done.wait(timeout)
+
+    def join(self, timeout: float) -> None:
+        """Wait for the reading thread to end (or ``timeout`` to pass)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
 
 
 # ---------------------------------------------------------------------------------------------
