@@ -81,8 +81,8 @@ from fixedram.image.checksum import digests_of
 from fixedram.image.layout import index_runs
 from fixedram.image.reader import BlockInfo, DirectIO
 from fixedram.image.sections import ram_section_id
-from fixedram.io.channel import SocketChannel, connect
-from fixedram.io.files import IOV_MAX, advance, aligned_buffer
+from fixedram.io.channel import SocketChannel, connect, writev_all
+from fixedram.io.files import aligned_buffer
 from fixedram.stream import SectionPart, StreamEncoder, encode
 from fixedram.stream.format import (
     MULTIFD_PAGES_PER_PACKET,
@@ -220,16 +220,6 @@ def _packets(runs: Iterable[tuple[int, int]]) -> Iterator[np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _sendmsg_all(sock: socket.socket, bufs: Sequence[bytes | bytearray | memoryview]) -> int:
-    """Write every buffer with vectored sends; returns the bytes written."""
-    views = [memoryview(b).cast("B") for b in bufs if len(b)]
-    total = sum(len(v) for v in views)
-    i = 0
-    while i < len(views):
-        i = advance(views, i, sock.sendmsg(views[i : i + IOV_MAX]))
-    return total
-
-
 def _sendfile_all(sock: socket.socket, fd: int, offset: int, count: int) -> int:
     """Send ``count`` bytes of file ``fd`` from ``offset`` (``sendfile``: page-cache pages
     go to the socket without a copy through fixedram). Waits at most the socket's timeout
@@ -363,7 +353,7 @@ class _ChannelThread(threading.Thread):
         st = self.state
         packet_header_into(self.hdr, block=b"", normal=_EMPTY, packet_num=st.number(),
                            sync=True)
-        n = _sendmsg_all(self.sock, [self.hdr])
+        n = writev_all(self.sock.sendmsg, [self.hdr])
         with st.lock:
             st.syncs += 1
             st.chan_bytes[self.index] += n
@@ -384,12 +374,12 @@ class _ChannelThread(threading.Thread):
                 self.img.read_into(name, first, view)
             if check is not None:
                 self._check(check, name, first, view)
-        return _sendmsg_all(self.sock, [self.hdr, data])
+        return writev_all(self.sock.sendmsg, [self.hdr, data])
 
     def _send_file(self, name: str, runs: Sequence[tuple[int, int, int]]) -> int:
         """The packet header, then each run straight from the file (``sendfile``)."""
         img = self.img
-        n = _sendmsg_all(self.sock, [self.hdr])
+        n = writev_all(self.sock.sendmsg, [self.hdr])
         for _, first, k in runs:
             n += _sendfile_all(self.sock, img.fileno(), img.page_offset(name, first), k * PS)
         return n
@@ -594,7 +584,7 @@ def _connect(address: str, nchan: int, uuid: bytes, stall: float, connect_timeou
     main = connect(address, timeout=connect_timeout)
     socks.append(main.sock)
     main.sock.settimeout(stall)
-    main_bytes = _sendmsg_all(main.sock, head)
+    main_bytes = writev_all(main.sock.sendmsg, head)
     for i in range(nchan):
         try:
             ch = connect(address, timeout=connect_timeout)
@@ -604,7 +594,7 @@ def _connect(address: str, nchan: int, uuid: bytes, stall: float, connect_timeou
                 f"capability multifd on and multifd-channels {nchan})") from None
         socks.append(ch.sock)
         ch.sock.settimeout(stall)
-        _sendmsg_all(ch.sock, [encode_init(i, uuid)])
+        writev_all(ch.sock.sendmsg, [encode_init(i, uuid)])
         state.chan_bytes[i] += 64
     return main, main_bytes
 
@@ -627,21 +617,21 @@ def _main_part(img: Image, msock: socket.socket, zero_records: bool, fresh: bool
                 zero_main += k
                 mid.append(enc.zero_run(blk.name, p * PS, k))
                 if len(mid) >= 64:
-                    main_bytes += _sendmsg_all(msock, mid)
+                    main_bytes += writev_all(msock.sendmsg, mid)
                     mid = []
         elif skips_absent(blk, fresh):  # not sent, but counted
             zero_main += blk.npages - img.count_present(blk.name)
     if flush:
         mid.append(encode(MultifdFlush()))
     mid += part_end(sid)
-    return main_bytes + _sendmsg_all(msock, mid), zero_main
+    return main_bytes + writev_all(msock.sendmsg, mid), zero_main
 
 
 def _end_main(main: SocketChannel, img: Image, switchover: bool) -> tuple[int, int]:
     """The stream's tail on the main connection, whose write side is then shut down, and
     whatever the destination sends back drained until it closes (at most
     :data:`LINGER_SECONDS`). Returns the bytes written and the bytes received."""
-    sent = _sendmsg_all(main.sock, stream_tail(img, switchover))
+    sent = writev_all(main.sock.sendmsg, stream_tail(img, switchover))
     main.shutdown_write()
     main.sock.settimeout(LINGER_SECONDS)
     drain = ReturnPathReader(main)
