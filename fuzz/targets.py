@@ -141,7 +141,7 @@ def run_image(data: bytes, workdir: Path, *, heavy: bool = True, trace: bool = T
     ``heavy`` also runs extract and convert (both directions) into an empty directory.
     Returns ``"ok"`` if the image was accepted by validate, else ``"refused"``.
     """
-    from fixedram.endpoint.send import _send, validate
+    from fixedram.endpoint.send import send, validate
     from fixedram.image import open_image
     from fixedram.image.verify import verify_image
     from fixedram.io.channel import SinkChannel
@@ -164,7 +164,7 @@ def run_image(data: bytes, workdir: Path, *, heavy: bool = True, trace: bool = T
             with open_image(src) as img:
                 validate(img)
                 outcome = "ok"
-                _send(img, SinkChannel(lambda bufs: None), 1, None)
+                send(img, SinkChannel(lambda bufs: None))
 
         _clean("validate/send", send_all)
         if heavy:

@@ -123,6 +123,28 @@ def test_page_records_equal_page_run() -> None:
         b.page_records("pc.ram", 0, 9, recs)
 
 
+def test_page_records_at_equal_page_run() -> None:
+    """Runs framed in place at any slot of one buffer == page_run's records (a run past slot 0
+    that names its block, CONTINUE runs, slot 0), whatever the buffer held before."""
+    recs = PageRecords(16)
+    slots = PageSlots(recs.buf, recs.slot_offset, recs.stride, recs.capacity)
+    recs.buf[:] = b"\xa5" * len(recs.buf)
+    a, b = StreamEncoder(), StreamEncoder()
+    want: list[bytes] = []
+    got: list[bytes] = []
+    slot = 0
+    for block, first, n in [("pc.ram", 4, 3), ("pc.ram", 9, 2), ("/rom@etc/acpi/tables", 2, 1),
+                            ("pc.rom", 0, 4), ("pc.ram", 1 << 18, 5), ("pc.ram", 40, 1)]:
+        data = _pages(n, first + n)
+        want += [bytes(x) for x in a.page_run(block, first * PS, data)]
+        slots.array[slot : slot + n] = np.frombuffer(data, np.uint8).reshape(n, PS)
+        got += [bytes(x) for x in b.page_records_at(block, first * PS, slot, n, recs)]
+        slot += n
+    assert b"".join(got) == b"".join(want)
+    with pytest.raises(ValueError):
+        b.page_records_at("pc.ram", 0, 10, 7, recs)
+
+
 def _legacy_stream(path: Path) -> dict[str, dict[int, bytes]]:
     """A legacy stream file with runs, re-sent pages, pages zeroed again and block switches;
     returns the final content (block -> page -> data) it describes."""

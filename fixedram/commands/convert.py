@@ -60,7 +60,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
 
     Returns a one-line summary.
     """
-    from fixedram.endpoint.receive import Receiver, _ImageFile
+    from fixedram.endpoint.receive import ImageFile, Receiver
 
     sp, dp = Path(src), Path(dst)
     if sp.resolve() == dp.resolve():
@@ -94,7 +94,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
         return rep.summary()
     if to != "stream":
         raise FixedramError(f"unknown output format '{to}' (mapped-ram or stream)")
-    with open_image(sp) as img, _ImageFile(dp) as out:
+    with open_image(sp) as img, ImageFile(dp) as out:
         written = 0
 
         def write(bufs: Sequence[Buffer]) -> None:

@@ -9,7 +9,7 @@ import time
 import click
 
 from fixedram.cli import cli, direct_io_options, direct_mode, one_line_errors
-from fixedram.commands.save import _show_progress
+from fixedram.commands.save import show_progress
 from fixedram.units import format_size
 
 __all__ = ["restore_command"]
@@ -67,7 +67,7 @@ def restore_command(image: str, qmp_socket: str, via: str, paused: bool,
         return
 
     with QMP.connect(qmp_socket) as qmp, \
-            ProgressBar("restore", disable=not _show_progress(progress)) as bar:
+            ProgressBar("restore", disable=not show_progress(progress)) as bar:
         r = restore(qmp, image, via=via, paused=paused,  # type: ignore[arg-type]
                     progress=bar, channels=channels, direct_io=direct)
     if as_json:
@@ -93,7 +93,7 @@ def _lazy(image: str, qmp_socket: str, paused: bool, progress: bool | None, as_j
 
     rate = parse_rate(push_rate) if push_rate else None
     with QMP.connect(qmp_socket) as qmp, \
-            ProgressBar("lazy restore", disable=not _show_progress(progress)) as bar:
+            ProgressBar("lazy restore", disable=not show_progress(progress)) as bar:
         r = lazy_restore(qmp, image, transport=transport,  # type: ignore[arg-type]
                          paused=paused, progress=bar, push_rate=rate,
                          started=started)

@@ -12,7 +12,7 @@ import click
 from fixedram.cli import cli, one_line_errors
 from fixedram.units import format_size
 
-__all__ = ["parse_rate", "save_command"]
+__all__ = ["parse_rate", "save_command", "show_progress"]
 
 
 def parse_rate(text: str) -> int:
@@ -27,7 +27,9 @@ def _ms(s: float | None) -> str:
     return "?" if s is None else f"{s * 1000:.0f} ms"
 
 
-def _show_progress(flag: bool | None) -> bool:
+def show_progress(flag: bool | None) -> bool:
+    """Whether a command draws a progress bar: ``--progress/--no-progress`` if given, else
+    when stderr is a terminal."""
     return sys.stderr.isatty() if flag is None else flag
 
 
@@ -68,7 +70,7 @@ def save_command(image: str, qmp_socket: str, live: bool, via: str, resume: bool
 
     rate = parse_rate(bandwidth) if bandwidth else MAX_BANDWIDTH
     with QMP.connect(qmp_socket) as qmp, \
-            ProgressBar("save", disable=not _show_progress(progress)) as bar:
+            ProgressBar("save", disable=not show_progress(progress)) as bar:
         r = save(qmp, image, live=live, via=via,  # type: ignore[arg-type]
                  resume=resume, direct_io=direct_io, progress=bar, max_bandwidth=rate,
                  stop_after=live_timeout, multifd_channels=channels)

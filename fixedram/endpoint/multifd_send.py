@@ -59,15 +59,21 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fixedram.endpoint.send import (
+from fixedram.endpoint.send import validate
+from fixedram.endpoint.source import (
     LINGER_SECONDS,
+    PROGRESS_INTERVAL,
+    ImageArg,
+    Progress,
+    ReturnPathReader,
     SendStats,
-    _open,
-    _stream_head,
-    _stream_tail,
     absent_runs,
+    image_of,
+    page_check,
+    part_end,
     skips_absent,
-    validate,
+    stream_head,
+    stream_tail,
 )
 from fixedram.errors import EndpointError, FixedramError, ImageError, MismatchError
 from fixedram.image import Image
@@ -75,15 +81,9 @@ from fixedram.image.checksum import digests_of
 from fixedram.image.layout import index_runs
 from fixedram.image.reader import BlockInfo, DirectIO
 from fixedram.image.sections import ram_section_id
-from fixedram.io.channel import connect
-from fixedram.io.files import IOV_MAX, advance, aligned_buffer
-from fixedram.stream import (
-    EndOfSection,
-    SectionFooter,
-    SectionPart,
-    StreamEncoder,
-    encode,
-)
+from fixedram.io.channel import SocketChannel, connect, writev_all
+from fixedram.io.files import aligned_buffer
+from fixedram.stream import SectionPart, StreamEncoder, encode
 from fixedram.stream.format import (
     MULTIFD_PAGES_PER_PACKET,
     TARGET_PAGE_SIZE,
@@ -118,8 +118,6 @@ MAX_CHANNELS = 255
 _SENDFILE_RUNS = 8
 #: Seconds without any byte accepted by the destination before giving up.
 STALL_SECONDS = 60.0
-
-_PROGRESS_INTERVAL = 0.2
 
 
 @dataclass(frozen=True)
@@ -222,16 +220,6 @@ def _packets(runs: Iterable[tuple[int, int]]) -> Iterator[np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _sendmsg_all(sock: socket.socket, bufs: Sequence[bytes | bytearray | memoryview]) -> int:
-    """Write every buffer with vectored sends; returns the bytes written."""
-    views = [memoryview(b).cast("B") for b in bufs if len(b)]
-    total = sum(len(v) for v in views)
-    i = 0
-    while i < len(views):
-        i = advance(views, i, sock.sendmsg(views[i : i + IOV_MAX]))
-    return total
-
-
 def _sendfile_all(sock: socket.socket, fd: int, offset: int, count: int) -> int:
     """Send ``count`` bytes of file ``fd`` from ``offset`` (``sendfile``: page-cache pages
     go to the socket without a copy through fixedram). Waits at most the socket's timeout
@@ -271,13 +259,15 @@ class _State:
     """What the channel threads share: the packet plan, counters, the first error."""
 
     def __init__(self, plan: Iterator[_Packet], nchan: int,
-                 checks: Callable[[str], PageCheck | None]) -> None:
+                 check: PageCheck | None) -> None:
         self.lock = threading.Lock()
         self.plan = plan
         self.packet_num = 0
         self.error: BaseException | None = None
         self.failed = threading.Event()
-        self.checks = checks
+        #: Checks pages against the image's checksums (None: it has none); its calls are
+        #: made under ``check_lock``.
+        self.check = check
         self.check_lock = threading.Lock()
         self.pages = 0
         self.zero_pages = 0
@@ -298,6 +288,14 @@ class _State:
             num = self.packet_num
             self.packet_num += 1
             return pkt, num
+
+    def stats(self, main_bytes: int, zero_main: int, pages_total: int,
+              t0: float) -> SendStats:
+        """Progress so far, with the main connection's bytes and ZERO records added."""
+        with self.lock:
+            return SendStats(main_bytes + sum(self.chan_bytes), self.pages,
+                             self.zero_pages + zero_main, pages_total, self.reads,
+                             time.monotonic() - t0)
 
     def number(self) -> int:
         with self.lock:
@@ -355,7 +353,7 @@ class _ChannelThread(threading.Thread):
         st = self.state
         packet_header_into(self.hdr, block=b"", normal=_EMPTY, packet_num=st.number(),
                            sync=True)
-        n = _sendmsg_all(self.sock, [self.hdr])
+        n = writev_all(self.sock.sendmsg, [self.hdr])
         with st.lock:
             st.syncs += 1
             st.chan_bytes[self.index] += n
@@ -376,12 +374,12 @@ class _ChannelThread(threading.Thread):
                 self.img.read_into(name, first, view)
             if check is not None:
                 self._check(check, name, first, view)
-        return _sendmsg_all(self.sock, [self.hdr, data])
+        return writev_all(self.sock.sendmsg, [self.hdr, data])
 
     def _send_file(self, name: str, runs: Sequence[tuple[int, int, int]]) -> int:
         """The packet header, then each run straight from the file (``sendfile``)."""
         img = self.img
-        n = _sendmsg_all(self.sock, [self.hdr])
+        n = writev_all(self.sock.sendmsg, [self.hdr])
         for _, first, k in runs:
             n += _sendfile_all(self.sock, img.fileno(), img.page_offset(name, first), k * PS)
         return n
@@ -398,7 +396,7 @@ class _ChannelThread(threading.Thread):
             nn = len(pkt.normal)
             packet_header_into(self.hdr, block=pkt.name, normal=pkt.normal * PS,
                                zero=pkt.zero * PS, packet_num=num)
-            check = st.checks(blk.name) if nn else None
+            check = st.check if nn else None
             runs = index_runs(pkt.normal)
             # pages to check must be read anyway: into the buffer they are sent from
             # (measured: hashing through a mapping of the file, then sendfile, costs more)
@@ -431,7 +429,7 @@ def _shutdown(socks: Sequence[socket.socket]) -> None:
 
 
 def send_multifd(
-    image: str | os.PathLike[str] | Image,
+    image: ImageArg,
     address: str,
     channels: int,
     *,
@@ -468,8 +466,7 @@ def send_multifd(
         raise EndpointError(f"multifd needs 1 to {MAX_CHANNELS} channels, not {channels}")
     if uuid is not None and len(uuid) != 16:
         raise EndpointError("the uuid of a multifd source must be 16 bytes")
-    img, owned = _open(image)
-    try:
+    with image_of(image) as img:
         validate(img, dest_machine=dest_machine, dest_blocks=dest_blocks)
         opened = not img.direct and img.format == "mapped-ram" and img.open_direct(direct_io)
         try:
@@ -478,28 +475,6 @@ def send_multifd(
         finally:
             if opened:
                 img.close_direct()
-    finally:
-        if owned:
-            img.close()
-
-
-def _page_checks(img: Image) -> Callable[[str], PageCheck | None]:
-    """A per-block :class:`PageCheck` factory (None where the image has no checksums)."""
-    from fixedram.image.verify import PageCheck, check_metadata
-
-    cs = check_metadata(img)
-    made: dict[str, PageCheck] = {}
-    lock = threading.Lock()
-
-    def get(name: str) -> PageCheck | None:
-        if cs is None:
-            return None
-        with lock:
-            if name not in made:
-                made[name] = PageCheck(img, cs)
-            return made[name]
-
-    return get
 
 
 def _send(img: Image, address: str, nchan: int, uuid: bytes | None,
@@ -515,78 +490,39 @@ def _send(img: Image, address: str, nchan: int, uuid: bytes | None,
     switchover = wants_switchover_start(machine, img.commands)
     if uuid is None:
         uuid = cfg.uuid if cfg.uuid is not None and len(cfg.uuid) == 16 else bytes(16)
-    sid = ram_section_id(img)
     total = sum(b.length for b in blocks)
     pages_total = total // PS
     # the first sync point: QEMU's channel threads write pages as soon as they read them,
     # and only the setup of the load (done before this marker) allocates what they write
     # into: a page read earlier crashes QEMU 10 (SIGSEGV, observed)
-    head = _stream_head(img, flush=sync == "flush")
-    checks = _page_checks(img)
-    state = _State(_plan(img, blocks, zero == "packet" and not fresh), nchan, checks)
+    head = stream_head(img, flush=sync == "flush")
+    check = page_check(img)
+    state = _State(_plan(img, blocks, zero == "packet" and not fresh), nchan, check)
     if img.format != "mapped-ram":
         state.read_lock = threading.Lock()
 
     socks: list[socket.socket] = []
-    main_bytes = 0
     threads: list[_ChannelThread] = []
     try:
-        # main first (QEMU 7.2 takes the first connection as the main one), its header at
-        # once (QEMU 10 peeks at the first bytes of every connection to classify it)
-        main = connect(address, timeout=connect_timeout)
-        msock = main.sock
-        socks.append(msock)
-        msock.settimeout(stall)
-        main_bytes += _sendmsg_all(msock, head)
-        for i in range(nchan):
-            try:
-                ch = connect(address, timeout=connect_timeout)
-            except EndpointError as e:
-                raise EndpointError(
-                    f"multifd channel {i + 1} of {nchan}: {e} (the destination needs "
-                    f"capability multifd on and multifd-channels {nchan})") from None
-            socks.append(ch.sock)
-            ch.sock.settimeout(stall)
-            _sendmsg_all(ch.sock, [encode_init(i, uuid)])
-            state.chan_bytes[i] += 64
+        main, main_bytes = _connect(address, nchan, uuid, stall, connect_timeout, head, state,
+                                    socks)
         # one SYNC per marker: START's (flush or EOS) first; then PART's, and END's EOS
         first, last = 1, (2 if sync == "eos" else 1)
         threads = [_ChannelThread(i, socks[i + 1], img, state, first, last)
                    for i in range(nchan)]
         for t in threads:
             t.start()
-
-        # the rest of the main stream up to the last sync marker
-        mid = [encode(SectionPart(sid))]
-        zero_main = 0
-        enc = StreamEncoder()
-        for blk in blocks:
-            # a fresh destination: ZERO records for the blocks whose pages without data are
-            # not skipped (a zero list entry would not clear a page QEMU has not received)
-            if (zero == "main" and not fresh) or (fresh and not skips_absent(blk, fresh)):
-                for p, k in absent_runs(img, blk.name, 1 << 16):
-                    zero_main += k
-                    mid.append(enc.zero_run(blk.name, p * PS, k))
-                    if len(mid) >= 64:
-                        main_bytes += _sendmsg_all(msock, mid)
-                        mid = []
-            elif skips_absent(blk, fresh):  # not sent, but counted
-                zero_main += blk.npages - img.count_present(blk.name)
-        if sync == "flush":
-            mid.append(encode(MultifdFlush()))
-        mid += [encode(EndOfSection()), encode(SectionFooter(sid))]
-        main_bytes += _sendmsg_all(msock, mid)
-
-        _wait_threads(threads, state, progress, t0, pages_total, zero_main, main_bytes)
+        sent, zero_main = _main_part(img, main.sock, zero == "main" and not fresh, fresh,
+                                     sync == "flush")
+        main_bytes += sent
+        _wait_threads(threads, state, Progress(
+            progress, lambda: state.stats(main_bytes, zero_main, pages_total, t0)))
         _wait_drained(socks[1:], state, stall)
-        for blk in blocks:  # a bad extent stops the stream before the device state
-            check = checks(blk.name)
-            if check is not None:
+        if check is not None:  # a bad extent stops the stream before the device state
+            for blk in blocks:
                 check.block_done(blk.name)
-        main_bytes += _sendmsg_all(msock, _stream_tail(img, switchover))
-        with contextlib.suppress(OSError):
-            msock.shutdown(socket.SHUT_WR)
-        received = _linger(msock)
+        sent, received = _end_main(main, img, switchover)
+        main_bytes += sent
     except TimeoutError:
         _shutdown(socks)
         raise EndpointError(f"the destination at {address} read nothing on the main "
@@ -637,21 +573,81 @@ def _send(img: Image, address: str, nchan: int, uuid: bytes | None,
     )
 
 
+def _connect(address: str, nchan: int, uuid: bytes, stall: float, connect_timeout: float,
+             head: Sequence[bytes], state: _State, socks: list[socket.socket],
+             ) -> tuple[SocketChannel, int]:
+    """Open the main connection and send it ``head``, then the ``nchan`` channels with their
+    init packets; each socket is appended to ``socks`` as it opens (for the caller to close).
+    Returns the main connection and the bytes written on it."""
+    # main first (QEMU 7.2 takes the first connection as the main one), its header at
+    # once (QEMU 10 peeks at the first bytes of every connection to classify it)
+    main = connect(address, timeout=connect_timeout)
+    socks.append(main.sock)
+    main.sock.settimeout(stall)
+    main_bytes = writev_all(main.sock.sendmsg, head)
+    for i in range(nchan):
+        try:
+            ch = connect(address, timeout=connect_timeout)
+        except EndpointError as e:
+            raise EndpointError(
+                f"multifd channel {i + 1} of {nchan}: {e} (the destination needs "
+                f"capability multifd on and multifd-channels {nchan})") from None
+        socks.append(ch.sock)
+        ch.sock.settimeout(stall)
+        writev_all(ch.sock.sendmsg, [encode_init(i, uuid)])
+        state.chan_bytes[i] += 64
+    return main, main_bytes
+
+
+def _main_part(img: Image, msock: socket.socket, zero_records: bool, fresh: bool,
+               flush: bool) -> tuple[int, int]:
+    """The main connection's PART section, up to the last sync marker: ZERO records for the
+    pages without data that need them (all with ``zero_records``; else, for a ``fresh``
+    destination, those of the blocks :func:`skips_absent` does not skip), then
+    [MULTIFD_FLUSH] EOS. Returns the bytes written and the pages without data accounted."""
+    sid = ram_section_id(img)
+    mid = [encode(SectionPart(sid))]
+    main_bytes = zero_main = 0
+    enc = StreamEncoder()
+    for blk in img.blocks.values():
+        # a fresh destination: ZERO records for the blocks whose pages without data are
+        # not skipped (a zero list entry would not clear a page QEMU has not received)
+        if zero_records or (fresh and not skips_absent(blk, fresh)):
+            for p, k in absent_runs(img, blk.name, 1 << 16):
+                zero_main += k
+                mid.append(enc.zero_run(blk.name, p * PS, k))
+                if len(mid) >= 64:
+                    main_bytes += writev_all(msock.sendmsg, mid)
+                    mid = []
+        elif skips_absent(blk, fresh):  # not sent, but counted
+            zero_main += blk.npages - img.count_present(blk.name)
+    if flush:
+        mid.append(encode(MultifdFlush()))
+    mid += part_end(sid)
+    return main_bytes + writev_all(msock.sendmsg, mid), zero_main
+
+
+def _end_main(main: SocketChannel, img: Image, switchover: bool) -> tuple[int, int]:
+    """The stream's tail on the main connection, whose write side is then shut down, and
+    whatever the destination sends back drained until it closes (at most
+    :data:`LINGER_SECONDS`). Returns the bytes written and the bytes received."""
+    sent = writev_all(main.sock.sendmsg, stream_tail(img, switchover))
+    main.shutdown_write()
+    main.sock.settimeout(LINGER_SECONDS)
+    drain = ReturnPathReader(main)
+    drain.wait(LINGER_SECONDS)
+    return sent, drain.received
+
+
 def _wait_threads(threads: Sequence[_ChannelThread], state: _State,
-                  progress: Callable[[SendStats], None] | None, t0: float, pages_total: int,
-                  zero_main: int, main_bytes: int) -> None:
+                  progress: Progress[SendStats]) -> None:
     """Join the channel threads (reporting progress); raise the first error of any."""
     for t in threads:
         while t.is_alive():
-            t.join(_PROGRESS_INTERVAL)
+            t.join(PROGRESS_INTERVAL)
             if state.failed.is_set():
                 break
-            if progress is not None:
-                with state.lock:
-                    s = SendStats(main_bytes + sum(state.chan_bytes), state.pages,
-                                  state.zero_pages + zero_main, pages_total, state.reads,
-                                  time.monotonic() - t0)
-                progress(s)
+            progress.tick(force=True)
         if state.failed.is_set():
             break
     if state.error is not None:
@@ -675,20 +671,6 @@ def _wait_drained(socks: Sequence[socket.socket], state: _State, stall: float) -
                 f"for {stall:.0f} s): does it have capability multifd on and multifd-channels "
                 f"= {len(socks)}?")
         time.sleep(0.005)
-
-
-def _linger(sock: socket.socket) -> int:
-    """Read (and drop) what the destination sends until it closes; returns the byte count."""
-    n = 0
-    sock.settimeout(LINGER_SECONDS)
-    buf = bytearray(4096)
-    with contextlib.suppress(OSError):
-        while True:
-            k = sock.recv_into(buf)
-            if k <= 0:
-                break
-            n += k
-    return n
 
 
 # ---------------------------------------------------------------------------------------------

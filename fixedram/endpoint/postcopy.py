@@ -43,49 +43,39 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
-import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from fixedram.endpoint.send import validate
+from fixedram.endpoint.source import (
+    ImageArg,
+    Progress,
+    ReturnPathReader,
+    image_of,
+    is_bidirectional,
+    part_end,
+    ram_end,
+    stream_head,
+)
 from fixedram.errors import EndpointError, FixedramError, ImageError, MismatchError
-from fixedram.image import Image, open_image
+from fixedram.image import Image
 from fixedram.image.layout import runs
+from fixedram.image.reader import PageSlots
 from fixedram.image.sections import ram_section_id
 from fixedram.image.sparse import SparseBits
 from fixedram.io.channel import Buffer, Channel
-from fixedram.stream import (
-    CommandRecord,
-    Configuration,
-    EndOfFile,
-    EndOfSection,
-    FileHeader,
-    MemSize,
-    Packaged,
-    RamBlock,
-    SectionEnd,
-    SectionFooter,
-    SectionPart,
-    SectionStart,
-    StreamEncoder,
-    encode,
-)
-from fixedram.stream.encoder import counted
+from fixedram.stream import CommandRecord, EndOfFile, Packaged, SectionPart, StreamEncoder, encode
+from fixedram.stream.encoder import PageRecords, counted
 from fixedram.stream.format import (
     BE32,
     BE64,
     MAX_PACKAGED,
-    RAM_SECTION,
-    RAM_SECTION_VERSION,
     TARGET_PAGE_SIZE,
     Command,
-    RamFlag,
     ReturnPathMsg,
 )
 from fixedram.stream.returnpath import ReturnPathDecoder
@@ -110,11 +100,7 @@ REQUEST_BATCH_PAGES = 1024
 ACCEPT_TIMEOUT = 60.0
 #: How long to wait for SHUT after EOF.
 SHUT_TIMEOUT = 120.0
-#: Minimum interval between two progress callbacks.
-_PROGRESS_INTERVAL = 0.2
-
 _PING_OPENED, _PING_ACCEPTED, _PING_RUNNING = 1, 2, 3
-_PAGE_CONT = int(RamFlag.PAGE | RamFlag.CONTINUE)
 
 
 class PostcopyFailed(EndpointError):
@@ -208,22 +194,14 @@ def check_page_sizes(page_sizes: dict[str, int]) -> None:
 
 def _preamble(img: Image) -> bytes:
     """Everything up to and including PING(2), before which the guest cannot run."""
-    cfg = img.configuration
-    blocks = list(img.blocks.values())
-    sid = ram_section_id(img)
     out = [
-        encode(FileHeader()),
-        encode(Configuration(cfg.machine, None, cfg.page_bits, cfg.uuid)),
-        _command(Command.OPEN_RETURN_PATH),
-        _command(Command.PING, BE32.pack(_PING_OPENED)),
-        _command(Command.POSTCOPY_ADVISE, BE64.pack(PS) + BE64.pack(PS)),
-        encode(SectionStart(sid, RAM_SECTION, 0, RAM_SECTION_VERSION)),
-        encode(MemSize(sum(b.length for b in blocks))),
-        *(encode(RamBlock(b.name, b.length)) for b in blocks),
-        encode(EndOfSection()),
-        encode(SectionFooter(sid)),
+        *stream_head(img, commands=[
+            Command.OPEN_RETURN_PATH,
+            (Command.PING, BE32.pack(_PING_OPENED)),
+            (Command.POSTCOPY_ADVISE, BE64.pack(PS) + BE64.pack(PS)),
+        ]),
         # at least one DISCARD before LISTEN, or QEMU deadlocks (see the module docstring)
-        *(discard_command(b.name, [(0, b.length)]) for b in blocks),
+        *(discard_command(b.name, [(0, b.length)]) for b in img.blocks.values()),
         _command(Command.PING, BE32.pack(_PING_ACCEPTED)),
     ]
     return b"".join(out)
@@ -244,33 +222,29 @@ class _ReturnPath:
         self.shut: int | None = None
         self.closed = False
         self.error: str | None = None
-        self.received = 0
         self.nrequests = 0
         self.bad_requests = 0
         self._blocks = blocks
         self._last_block: str | None = None
-        self._channel = channel
-        self._thread = threading.Thread(target=self._run, name="fixedram-postcopy-rp",
-                                        daemon=True)
-        self._thread.start()
+        self._dec = ReturnPathDecoder()
+        self._reader = ReturnPathReader(channel, on_data=self._feed, on_closed=self._closed,
+                                        name="fixedram-postcopy-rp", chunk=65536)
 
-    def _run(self) -> None:
-        dec = ReturnPathDecoder()
-        buf = memoryview(bytearray(65536))
-        try:
-            while True:
-                n = self._channel.recv_into(buf)
-                if n <= 0:
-                    break
-                self.received += n
-                msgs = dec.feed(bytes(buf[:n]))
-                if msgs:
-                    with self.cond:
-                        for kind, payload in msgs:
-                            self._handle(kind, payload)
-                        self.cond.notify_all()
-        except (OSError, FixedramError, ValueError) as e:
-            self.error = str(e) or type(e).__name__
+    @property
+    def received(self) -> int:
+        """Bytes read from the destination."""
+        return self._reader.received
+
+    def _feed(self, data: memoryview) -> None:
+        msgs = self._dec.feed(bytes(data))
+        if msgs:
+            with self.cond:
+                for kind, payload in msgs:
+                    self._handle(kind, payload)
+                self.cond.notify_all()
+
+    def _closed(self, error: str | None) -> None:
+        self.error = error
         with self.cond:
             self.closed = True
             self.cond.notify_all()
@@ -310,7 +284,7 @@ class _ReturnPath:
 
     def join(self, timeout: float) -> None:
         """Wait for the reader thread to end."""
-        self._thread.join(timeout)
+        self._reader.join(timeout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -351,9 +325,7 @@ class _Server:
         self.running = False
         self.push_rate = push_rate
         self.t0 = t0
-        self._progress = progress
-        self._last_progress = 0.0
-        self._named: str | None = None  # block named in the current pushed section
+        self.progress = Progress(progress, self.stats)
 
     # -- output --------------------------------------------------------------------------
 
@@ -366,14 +338,6 @@ class _Server:
                              self.zero_on_demand, self.rp.nrequests, self.bytes_sent,
                              time.monotonic() - self.t0, self.running)
 
-    def tick(self, force: bool = False) -> None:
-        if self._progress is None:
-            return
-        now = time.monotonic()
-        if force or now - self._last_progress >= _PROGRESS_INTERVAL:
-            self._last_progress = now
-            self._progress(self.stats())
-
     def _read(self, name: str, first: int, view: memoryview) -> None:
         """Pages ``first...`` of ``name`` (all present) into ``view``: one positional read."""
         self.reads += 1
@@ -381,8 +345,7 @@ class _Server:
 
     def _section(self, body: list[Buffer]) -> None:
         """One PART section around ``body``; its first record names its block."""
-        self.write([encode(SectionPart(self.sid)), *body, encode(EndOfSection()),
-                    encode(SectionFooter(self.sid))])
+        self.write([encode(SectionPart(self.sid)), *body, *part_end(self.sid)])
 
     # -- requests ------------------------------------------------------------------------
 
@@ -415,7 +378,7 @@ class _Server:
                 self.enc.forget_block()
         if body:
             self._section(body)
-        self.tick()
+        self.progress.tick()
 
     # -- background push -----------------------------------------------------------------
 
@@ -428,31 +391,15 @@ class _Server:
                     out.append((name, p, min(PUSH_BATCH_PAGES, first + n - p)))
         return out
 
-    def _records(self, rows: np.ndarray, name: str, first: int, data: memoryview,
-                 ) -> list[Buffer]:
-        """PAGE records for the pages in ``data`` (from page ``first`` of ``name``).
-
-        Records that can use CONTINUE are laid out header+page after header+page in ``rows``
-        (one contiguous buffer, vectorised), instead of two small buffers per page.
-        """
-        out: list[Buffer] = []
-        if name != self._named:  # the section's first record of a block names it
-            out += self.enc.page_run(name, first * PS, data[:PS])
-            self._named = name
-            data, first = data[PS:], first + 1
-        k = len(data) // PS
-        if k:
-            words = (np.arange(first, first + k, dtype=np.uint64) * np.uint64(PS)) \
-                | np.uint64(_PAGE_CONT)
-            rows[:k, :8] = words.astype(">u8").view(np.uint8).reshape(k, 8)
-            rows[:k, 8:] = np.frombuffer(data, dtype=np.uint8).reshape(k, PS)
-            out.append(rows[:k].data.cast("B"))
-        return out
-
     def push_all(self) -> None:
-        """Push every unsent page, in bounded batches; requests always go first."""
+        """Push every unsent page, in bounded batches; requests always go first.
+
+        A batch's pages are laid out header+page after header+page in one record buffer
+        (framed by the encoder, no per-page Python), instead of two small buffers per page.
+        """
         buf = memoryview(bytearray(PUSH_BATCH_PAGES * PS))
-        rows = np.empty((PUSH_BATCH_PAGES, PS + 8), dtype=np.uint8)
+        recs = PageRecords(PUSH_BATCH_PAGES)
+        slots = PageSlots(recs.buf, recs.slot_offset, recs.stride, recs.capacity)
         pieces = self._pieces()
         pushed_bytes = 0
         t_push = time.monotonic()
@@ -468,38 +415,30 @@ class _Server:
             # one batch: up to PUSH_BATCH_PAGES unsent pages, from one or more pieces
             body: list[Buffer] = []
             used = 0
-            self.enc.forget_block()
-            self._named = None
+            self.enc.forget_block()  # the section's first record of a block names it
             while i < len(pieces):
                 name, first, n = pieces[i]
                 if used and used + n > PUSH_BATCH_PAGES:
                     break
                 i += 1
                 for off, k in runs(~self.sent[name].get(first, n)):
-                    view = buf[used * PS : (used + k) * PS]
+                    view = buf[: k * PS]
                     self._read(name, first + off, view)
-                    body += self._records(rows[used : used + k], name, first + off, view)
+                    slots.array[used : used + k] = np.frombuffer(view, np.uint8).reshape(k, PS)
+                    body += self.enc.page_records_at(name, (first + off) * PS, used, k, recs)
                     self.sent[name].set(first + off, k)
                     self.pages_pushed += k
                     used += k
             if body:
                 self._section(body)
                 pushed_bytes += used * PS
-            self.tick()
+            self.progress.tick()
         self.serve_requests()
 
     def _check_alive(self) -> None:
         if self.rp.closed:
             raise EndpointError("the destination closed the return path"
                                 + (f" ({self.rp.error})" if self.rp.error else ""))
-
-
-def _bidirectional(channel: Channel) -> bool:
-    try:
-        mode = os.fstat(channel.fileno_read()).st_mode
-    except (OSError, ValueError):
-        return False
-    return stat.S_ISSOCK(mode) or stat.S_ISFIFO(mode)
 
 
 def _hang_up(channel: Channel) -> None:
@@ -515,7 +454,7 @@ def _failed_after_run(why: str) -> PostcopyFailed:
         "stuck (postcopy-paused) and must be killed; restore the image again.")
 
 
-def send_postcopy(image: str | os.PathLike[str] | Image, channel: Channel, *,
+def send_postcopy(image: ImageArg, channel: Channel, *,
                   dest_machine: str | None = None,
                   dest_blocks: Sequence[tuple[str, int]] | None = None,
                   progress: Callable[[PostcopyStats], None] | None = None,
@@ -541,22 +480,17 @@ def send_postcopy(image: str | os.PathLike[str] | Image, channel: Channel, *,
     not closed.
     """
     t0 = time.monotonic()
-    owned = not isinstance(image, Image)
-    img = image if isinstance(image, Image) else open_image(Path(image))
-    try:
+    with image_of(image) as img:
         validate(img, dest_machine=dest_machine, dest_blocks=dest_blocks)
         package = postcopy_package(img.device_state)
         preamble = _preamble(img)
-        if not _bidirectional(channel):
+        if not is_bidirectional(channel):
             raise EndpointError("a lazy (postcopy) restore needs a bidirectional channel for "
                                 "QEMU's page requests (a socket, or exec: with stdin)")
         for name in img.blocks:  # read every bitmap now: a bad one must fail before RUN
             img.last_present(name)
         return _run(img, channel, preamble, package, progress, on_running, on_last_page,
                     push_rate, accept_timeout, shut_timeout, t0)
-    finally:
-        if owned:
-            img.close()
 
 
 def _report(img: Image, srv: _Server, rp: _ReturnPath, t_run: float, t0: float,
@@ -603,12 +537,11 @@ def _run(img: Image, channel: Channel, preamble: bytes, package: bytes,
         srv.write([package])
         t_run = time.monotonic() - t0
         srv.running = True
-        srv.tick(force=True)
+        srv.progress.tick(force=True)
         if on_running is not None:
             on_running()
         srv.push_all()
-        tail = [encode(SectionEnd(srv.sid)), encode(EndOfSection()),
-                encode(SectionFooter(srv.sid)), encode(EndOfFile())]
+        tail = [*ram_end(srv.sid), encode(EndOfFile())]
         if on_last_page is not None:
             on_last_page(_report(img, srv, rp, t_run, t0, sum(map(len, tail))))
         srv.write(tail)
@@ -618,7 +551,7 @@ def _run(img: Image, channel: Channel, preamble: bytes, package: bytes,
     except FixedramError as e:
         _hang_up(channel)
         raise _failed_after_run(str(e)) from e
-    srv.tick(force=True)
+    srv.progress.tick(force=True)
     rp.wait(lambda: rp.shut is not None, shut_timeout)
     channel.shutdown_write()
     if rp.shut is None:

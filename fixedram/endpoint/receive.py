@@ -93,6 +93,7 @@ __all__ = [
     "MAX_CHANNELS",
     "RECV_CHUNK",
     "DirectIO",
+    "ImageFile",
     "ReceiveReport",
     "ReceiveStats",
     "Receiver",
@@ -171,7 +172,7 @@ class ReceiveReport:
                 + ("; page data written with O_DIRECT" if self.direct_io else ""))
 
 
-class _ImageFile(AtomicFile):
+class ImageFile(AtomicFile):
     """:class:`AtomicFile` on an unnamed ``O_TMPFILE`` where the filesystem has it.
 
     The file gets a name only at :meth:`commit` (linked under the temporary name,
@@ -298,7 +299,7 @@ class Receiver:
         self._ops: list[tuple[str, int, list[Buffer], int, int]] = []
         self._inflight: list[Future[None] | None] = []
         self._io = ThreadPoolExecutor(1, thread_name_prefix="fixedram-write")
-        self.file = _ImageFile(self.image)
+        self.file = ImageFile(self.image)
         self._direct_fd = -1
         self._stage: memoryview | None = None
         self._stage_map: mmap.mmap | None = None

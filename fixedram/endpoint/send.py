@@ -28,46 +28,38 @@ from __future__ import annotations
 import collections
 import os
 import re
-import stat
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fixedram import faults
-from fixedram.errors import EndpointError, MismatchError
-from fixedram.image import Image, open_image
+from fixedram.endpoint.source import (
+    FRESH_MIN_BLOCK,
+    LINGER_SECONDS,
+    ImageArg,
+    Progress,
+    ReturnPathReader,
+    SendStats,
+    absent_runs,
+    image_of,
+    page_check,
+    part_end,
+    skips_absent,
+    split_runs,
+    stream_head,
+    stream_tail,
+)
+from fixedram.errors import MismatchError
+from fixedram.image import Image
 from fixedram.image.check import require_restorable
 from fixedram.image.reader import READ_CHUNK, BlockInfo, DirectIO, PageSlots
 from fixedram.image.sections import ram_section_id
 from fixedram.io.channel import Buffer, Channel
-from fixedram.stream import (
-    CommandRecord,
-    Configuration,
-    EndOfFile,
-    EndOfSection,
-    FileHeader,
-    MemSize,
-    MultifdFlush,
-    RamBlock,
-    SectionEnd,
-    SectionFooter,
-    SectionPart,
-    SectionStart,
-    StreamEncoder,
-    VMDescription,
-    encode,
-)
+from fixedram.stream import SectionPart, StreamEncoder, encode
 from fixedram.stream.encoder import PageRecords
-from fixedram.stream.format import (
-    RAM_SECTION,
-    RAM_SECTION_VERSION,
-    TARGET_PAGE_SIZE,
-    Command,
-)
+from fixedram.stream.format import TARGET_PAGE_SIZE
 from fixedram.units import format_size
 from fixedram.versions import wants_switchover_start
 
@@ -88,39 +80,12 @@ __all__ = [
 ]
 
 PS = TARGET_PAGE_SIZE
-#: Blocks longer than this are guest RAM that a fresh destination holds as zeros: their
-#: pages without data need not be sent (``docs/fresh-destination.md``). Smaller blocks
-#: (firmware, ROM blobs QEMU fills at start-up, video RAM) get ZERO records for them anyway.
-FRESH_MIN_BLOCK = 64 << 20
 #: Pieces smaller than this are copied and batched with their neighbours into one write.
 _SMALL_PIECE = 64 << 10
 #: Most pages encoded as ZERO records in one go (9 bytes each).
 _ZERO_PIECE = 1 << 16
 #: Flush batched buffers once they hold this many bytes.
 _BATCH_BYTES = 1 << 20
-#: How long to wait, after the last byte, for the destination to close its side.
-LINGER_SECONDS = 30.0
-#: Minimum interval between two progress callbacks.
-_PROGRESS_INTERVAL = 0.2
-
-
-
-@dataclass(frozen=True)
-class SendStats:
-    """Progress of a running :func:`send`."""
-
-    bytes_sent: int
-    pages_sent: int
-    zero_pages: int
-    pages_total: int
-    preadv_calls: int
-    elapsed: float
-
-    @property
-    def pages_done(self) -> int:
-        """Pages accounted for so far (data and zero)."""
-        return self.pages_sent + self.zero_pages
-
 
 @dataclass(frozen=True)
 class SendReport:
@@ -198,13 +163,7 @@ def machine_from_qom_type(qom_type: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _open(image: str | os.PathLike[str] | Image) -> tuple[Image, bool]:
-    if isinstance(image, Image):
-        return image, False
-    return open_image(Path(image)), True
-
-
-def validate(image: str | os.PathLike[str] | Image, *, dest_machine: str | None = None,
+def validate(image: ImageArg, *, dest_machine: str | None = None,
              dest_blocks: Sequence[tuple[str, int]] | None = None) -> None:
     """Refuse an image that cannot be restored, or does not fit the destination.
 
@@ -213,13 +172,9 @@ def validate(image: str | os.PathLike[str] | Image, *, dest_machine: str | None 
     the file. Destination checks raise :class:`MismatchError`: machine type differing, a
     block missing on either side or of another size.
     """
-    img, owned = _open(image)
-    try:
+    with image_of(image) as img:
         require_restorable(img)
         _validate_dest(img, dest_machine, dest_blocks)
-    finally:
-        if owned:
-            img.close()
 
 
 def _validate_dest(img: Image, dest_machine: str | None,
@@ -255,70 +210,6 @@ def _validate_dest(img: Image, dest_machine: str | None,
 # ---------------------------------------------------------------------------------------------
 
 
-def _stream_head(img: Image, *, flush: bool = False) -> list[bytes]:
-    """The stream up to the end of the RAM setup section: header, configuration, RAM block
-    list (``flush``: a MULTIFD_FLUSH before its EOS, a multifd sync point)."""
-    cfg = img.configuration
-    blocks = list(img.blocks.values())
-    sid = ram_section_id(img)
-    return [
-        encode(FileHeader()),
-        encode(Configuration(cfg.machine, None, cfg.page_bits, cfg.uuid)),
-        encode(SectionStart(sid, RAM_SECTION, 0, RAM_SECTION_VERSION)),
-        encode(MemSize(sum(b.length for b in blocks))),
-        *(encode(RamBlock(b.name, b.length)) for b in blocks),
-        *([encode(MultifdFlush())] if flush else []),
-        encode(EndOfSection()),
-        encode(SectionFooter(sid)),
-    ]
-
-
-def _stream_tail(img: Image, switchover: bool) -> list[Buffer]:
-    """From the last RAM section to the end: [SWITCHOVER_START], the END section, the
-    stored device state, EOF and the VM description."""
-    sid = ram_section_id(img)
-    tail: list[Buffer] = []
-    if switchover:
-        tail.append(encode(CommandRecord(Command.SWITCHOVER_START)))
-    return [*tail, encode(SectionEnd(sid)), encode(EndOfSection()), encode(SectionFooter(sid)),
-            img.device_state, encode(EndOfFile()), encode(VMDescription(img.vmdesc or b""))]
-
-
-class _Drain:
-    """Reads and discards whatever the destination sends back, until it closes."""
-
-    def __init__(self, channel: Channel) -> None:
-        self.received = 0
-        self.closed = threading.Event()
-        self._channel = channel
-        self._thread: threading.Thread | None = None
-        try:
-            mode = os.fstat(channel.fileno_read()).st_mode
-        except (OSError, ValueError):
-            return
-        if stat.S_ISSOCK(mode) or stat.S_ISFIFO(mode):
-            self._thread = threading.Thread(target=self._run, name="fixedram-send-rp",
-                                            daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
-        buf = memoryview(bytearray(4096))
-        try:
-            while True:
-                n = self._channel.recv_into(buf)
-                if n <= 0:
-                    break
-                self.received += n
-        except (OSError, EndpointError, ValueError):
-            pass
-        self.closed.set()
-
-    def wait(self, timeout: float) -> None:
-        """Wait until the destination closed its side (or ``timeout`` passes)."""
-        if self._thread is not None:
-            self.closed.wait(timeout)
-
-
 class _Sender:
     """Batches buffers into vectored writes and keeps the counters."""
 
@@ -333,8 +224,7 @@ class _Sender:
         self.reads = 0
         self.pages_total = pages_total
         self.t0 = time.monotonic()
-        self._progress = progress
-        self._last_progress = 0.0
+        self.progress = Progress(progress, self.stats)
 
     def add(self, bufs: Sequence[Buffer], nbytes: int | None = None) -> None:
         self.pending.extend(bufs)
@@ -347,11 +237,7 @@ class _Sender:
             self.bytes_sent += self.pending_bytes
             self.pending = []
             self.pending_bytes = 0
-        if self._progress is not None:
-            now = time.monotonic()
-            if now - self._last_progress >= _PROGRESS_INTERVAL:
-                self._last_progress = now
-                self._progress(self.stats())
+        self.progress.tick()
 
     def maybe_flush(self) -> None:
         if self.pending_bytes >= _BATCH_BYTES or len(self.pending) >= 1024:
@@ -370,7 +256,7 @@ def _pieces(img: Image, name: str, hint_fd: int, depth: int) -> Iterator[tuple[i
     with sending without reader threads fighting the sender for the GIL.
     """
     blk = img.block(name)
-    plan = _split(img.runs(name), READ_CHUNK // PS)
+    plan = split_runs(img.runs(name), READ_CHUNK // PS)
     if hint_fd < 0 or blk.mapped is None or depth <= 0:
         yield from plan
         return
@@ -382,32 +268,6 @@ def _pieces(img: Image, name: str, hint_fd: int, depth: int) -> Iterator[tuple[i
         if len(ahead) > depth:
             yield ahead.popleft()
     yield from ahead
-
-
-def skips_absent(blk: BlockInfo, fresh: bool) -> bool:
-    """Whether the pages of ``blk`` without data go unsent (``fresh`` destination, and a
-    block larger than :data:`FRESH_MIN_BLOCK`, see ``docs/fresh-destination.md``)."""
-    return fresh and blk.length > FRESH_MIN_BLOCK
-
-
-def _split(runs: Iterable[tuple[int, int]], per: int) -> Iterator[tuple[int, int]]:
-    """``(first, npages)`` pieces of at most ``per`` pages of each run, in order."""
-    for first, n in runs:
-        for p in range(first, first + n, per):
-            yield p, min(per, first + n - p)
-
-
-def absent_runs(img: Image, name: str, per: int = 1 << 20) -> Iterator[tuple[int, int]]:
-    """``(first, npages)`` pieces of at most ``per`` pages of the stretches of block ``name``
-    the image holds no data for (the gaps between :meth:`Image.runs`), in order."""
-    cursor = 0
-    for first, n in img.runs(name):
-        if first > cursor:
-            yield from _split([(cursor, first - cursor)], per)
-        cursor = first + n
-    npages = img.block(name).npages
-    if cursor < npages:
-        yield from _split([(cursor, npages - cursor)], per)
 
 
 def _record_buffer() -> tuple[PageRecords, PageSlots]:
@@ -442,7 +302,38 @@ def _read(img: Image, name: str, pieces: Iterable[tuple[int, int]],
         k += 1
 
 
-def send(image: str | os.PathLike[str] | Image, channel: Channel, *,
+class _PieceReader:
+    """Reads a block's pages piece by piece into record buffers (:func:`_read`), with kernel
+    read-ahead (``readers`` > 1, :func:`_pieces`) or, for an image read with O_DIRECT, the
+    next piece read in a thread meanwhile into a second buffer."""
+
+    def __init__(self, img: Image, readers: int) -> None:
+        self.img = img
+        self.depth = readers - 1
+        # O_DIRECT reads wait for the disk: read the next piece in a thread meanwhile, into
+        # a second record buffer (a buffered image has kernel read-ahead instead)
+        self.pool = (ThreadPoolExecutor(1, thread_name_prefix="fixedram-read") if img.direct
+                     else None)
+        self.pairs = [_record_buffer() for _ in range(2 if self.pool is not None else 1)]
+        self.hint_fd = -1
+        if (readers > 1 and img.format == "mapped-ram" and not img.direct
+                and hasattr(os, "posix_fadvise")):
+            self.hint_fd = os.open(img.path, os.O_RDONLY)
+
+    def pieces(self, name: str,
+               ) -> Iterator[tuple[int, int, tuple[PageRecords, PageSlots], int]]:
+        """``(first, npages, (records, slots), reads)`` per piece of ``name`` (:func:`_read`)."""
+        pieces = _pieces(self.img, name, self.hint_fd, self.depth)
+        return _read(self.img, name, pieces, self.pairs, self.pool)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+        if self.hint_fd >= 0:
+            os.close(self.hint_fd)
+
+
+def send(image: ImageArg, channel: Channel, *,
          dest_machine: str | None = None,
          dest_blocks: Sequence[tuple[str, int]] | None = None,
          readers: int = 1,
@@ -468,21 +359,9 @@ def send(image: str | os.PathLike[str] | Image, channel: Channel, *,
     before anything is sent). The write side of ``channel`` is shut down at the end; the
     channel is not closed.
     """
-    img, owned = _open(image)
-    try:
+    with image_of(image) as img:
         validate(img, dest_machine=dest_machine, dest_blocks=dest_blocks)
         return _send(img, channel, readers, progress, direct_io, fresh)
-    finally:
-        if owned:
-            img.close()
-
-
-def _page_check(img: Image) -> PageCheck | None:
-    """Checks pages against the image's checksum extension as they are read (or None)."""
-    from fixedram.image.verify import PageCheck, check_metadata
-
-    cs = check_metadata(img)
-    return PageCheck(img, cs) if cs is not None else None
 
 
 def _zeros(out: _Sender, enc: StreamEncoder, name: str, start: int, stop: int,
@@ -492,9 +371,41 @@ def _zeros(out: _Sender, enc: StreamEncoder, name: str, start: int, stop: int,
     out.zero_pages += stop - start
     if skip:
         return
-    for p, k in _split([(start, stop - start)], _ZERO_PIECE):
+    for p, k in split_runs([(start, stop - start)], _ZERO_PIECE):
         out.add([enc.zero_run(name, p * PS, k)])
         out.maybe_flush()
+
+
+def _send_block(out: _Sender, enc: StreamEncoder, reader: _PieceReader, blk: BlockInfo,
+                sid: int, check: PageCheck | None, skip: bool) -> None:
+    """One PART section with every page of ``blk``: PAGE records piece by piece (one read,
+    one numpy header assignment and one write per piece), ZERO records for the gaps unless
+    ``skip``."""
+    out.add([encode(SectionPart(sid))])
+    cursor = 0
+    for first, npages, (recs, slots), nreads in reader.pieces(blk.name):
+        out.reads += nreads
+        if check is not None:
+            check.pages(blk.name, first, slots.views[:npages])
+        if first > cursor:
+            _zeros(out, enc, blk.name, cursor, first, skip)
+        data: Buffer = enc.page_records(blk.name, first * PS, npages, recs)
+        small = len(data) < _SMALL_PIECE
+        if small:  # copy, to batch it with the next pieces into one write
+            data = bytes(data)
+        out.add([data])
+        out.pages_sent += npages
+        cursor = first + npages
+        if small:
+            out.maybe_flush()
+        else:
+            out.flush()  # the record buffer is reused by the next piece
+    if check is not None:  # a bad extent stops the stream before the device state
+        check.block_done(blk.name)
+    if cursor < blk.npages:
+        _zeros(out, enc, blk.name, cursor, blk.npages, skip)
+    out.add(part_end(sid))
+    out.maybe_flush()
 
 
 def _send(img: Image, channel: Channel, readers: int,
@@ -505,59 +416,22 @@ def _send(img: Image, channel: Channel, readers: int,
     enc = StreamEncoder()
     sid = ram_section_id(img)
     total = sum(b.length for b in blocks)
-    head = _stream_head(img)
+    head = stream_head(img)
     out = _Sender(channel, total // PS, progress)
-    check = _page_check(img)
+    check = page_check(img)
     opened_direct = not img.direct and img.open_direct(direct_io)
-    # O_DIRECT reads wait for the disk: read the next piece in a thread meanwhile, into a
-    # second record buffer (a buffered image has kernel read-ahead instead)
-    pool = ThreadPoolExecutor(1, thread_name_prefix="fixedram-read") if img.direct else None
-    pairs = [_record_buffer() for _ in range(2 if pool is not None else 1)]
-    drain = _Drain(channel)
-    hint_fd = -1
-    if (readers > 1 and img.format == "mapped-ram" and not img.direct
-            and hasattr(os, "posix_fadvise")):
-        hint_fd = os.open(img.path, os.O_RDONLY)
+    reader = _PieceReader(img, readers)
+    drain = ReturnPathReader(channel)
     try:
         faults.point("send-setup")
         out.add(head)
         for blk in blocks:
-            out.add([encode(SectionPart(sid))])
-            cursor = 0
-            skip = skips_absent(blk, fresh)
-            pieces = _pieces(img, blk.name, hint_fd, readers - 1)
-            for first, npages, (recs, slots), nreads in _read(img, blk.name, pieces, pairs,
-                                                             pool):
-                out.reads += nreads
-                if check is not None:
-                    check.pages(blk.name, first, slots.views[:npages])
-                if first > cursor:
-                    _zeros(out, enc, blk.name, cursor, first, skip)
-                data: Buffer = enc.page_records(blk.name, first * PS, npages, recs)
-                small = len(data) < _SMALL_PIECE
-                if small:  # copy, to batch it with the next pieces into one write
-                    data = bytes(data)
-                out.add([data])
-                out.pages_sent += npages
-                cursor = first + npages
-                if small:
-                    out.maybe_flush()
-                else:
-                    out.flush()  # the record buffer is reused by the next piece
-            if check is not None:  # a bad extent stops the stream before the device state
-                check.block_done(blk.name)
-            if cursor < blk.npages:
-                _zeros(out, enc, blk.name, cursor, blk.npages, skip)
-            out.add([encode(EndOfSection()), encode(SectionFooter(sid))])
-            out.maybe_flush()
+            _send_block(out, enc, reader, blk, sid, check, skips_absent(blk, fresh))
         faults.point("send-device")
-        out.add(_stream_tail(img, switchover))
+        out.add(stream_tail(img, switchover))
         out.flush()
     finally:
-        if pool is not None:
-            pool.shutdown()
-        if hint_fd >= 0:
-            os.close(hint_fd)
+        reader.close()
         was_direct = img.direct
         if opened_direct:
             img.close_direct()

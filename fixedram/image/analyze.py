@@ -72,7 +72,9 @@ def _block_report(img: Image, name: str) -> dict[str, Any]:
             "bitmap_bytes": bitmap_bytes(blk.npages),
             "pages_offset": m.pages_offset,
             "pages_end": m.pages_offset + blk.length,
-            "allocated_bytes": data_bytes(img._fd, m.pages_offset, m.pages_offset + blk.length),
+            "allocated_bytes": data_bytes(
+                img.fileno(), m.pages_offset, m.pages_offset + blk.length
+            ),
         }
     return out
 

@@ -179,7 +179,7 @@ def checksum_metadata(img: Image) -> tuple[Checksums | None, list[Problem]]:
     from fixedram.image.checksum import Geometry, find
 
     geom = Geometry.of_image(img)
-    found = find(img._fd, geom)
+    found = find(img.fileno(), geom)
     if found.checksums is None:
         if found.error is None:
             return None, []
@@ -235,7 +235,7 @@ def _meta_problems(img: Image, cs: Checksums, geom: Geometry) -> list[Problem]:
             if what == "tail"
             else (sums[name].header_digest if what == "header" else sums[name].bitmap_digest)
         )
-        if hash_range(img._fd, start, end) != want:
+        if hash_range(img.fileno(), start, end) != want:
             where = f"RAM block '{name}': " if name else ""
             out.append(
                 Problem(

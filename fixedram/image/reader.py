@@ -372,7 +372,8 @@ class Image:
         raise NotImplementedError
 
     def fileno(self) -> int:
-        """The image's (buffered) file descriptor, for ``sendfile``."""
+        """The image's (buffered) file descriptor: for ``sendfile``, and for the checks and
+        reports that look at the file's layout (holes, checksummed ranges)."""
         return self._fd
 
     def page_offset(self, name: str, first_page: int) -> int:

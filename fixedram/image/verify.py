@@ -17,7 +17,7 @@
 place (QEMU's own included; see :func:`fixedram.image.checksum.store` for why an
 interrupted update leaves no extension or a complete one).
 :class:`PageCheck` is what ``send`` checks page data with as it reads it, after
-:func:`~fixedram.image.check.check_metadata` (exported here too).
+:func:`~fixedram.image.check.check_metadata`.
 """
 
 from __future__ import annotations
@@ -61,7 +61,6 @@ __all__ = [
     "VerifyReport",
     "verify_image",
     "add_checksums",
-    "check_metadata",
     "verify_pages",
     "PageCheck",
     "require_checksums",

@@ -30,6 +30,7 @@ __all__ = [
     "connect",
     "from_fd",
     "stdio",
+    "writev_all",
 ]
 
 Buffer = bytes | bytearray | memoryview
@@ -65,12 +66,16 @@ class Channel(Protocol):
 
 
 
-def _writev_all(write_v: Callable[[list[memoryview]], int], bufs: Sequence[Buffer]) -> None:
-    """Call ``write_v`` (os.writev-like) until every byte of ``bufs`` is written."""
+def writev_all(write_v: Callable[[list[memoryview]], int], bufs: Sequence[Buffer]) -> int:
+    """Call ``write_v`` (``os.writev``-like: ``socket.sendmsg``, a bound ``os.writev``) until
+    every byte of ``bufs`` is written, at most ``IOV_MAX`` buffers a call. Returns the
+    bytes written."""
     views = [memoryview(b).cast("B") for b in bufs if len(b)]
+    total = sum(len(v) for v in views)
     i = 0
     while i < len(views):
         i = advance(views, i, write_v(views[i : i + IOV_MAX]))
+    return total
 
 
 class FdChannel:
@@ -90,7 +95,7 @@ class FdChannel:
 
     def sendv(self, bufs: Sequence[Buffer]) -> None:
         try:
-            _writev_all(lambda b: os.writev(self.write_fd, b), bufs)
+            writev_all(lambda b: os.writev(self.write_fd, b), bufs)
         except BrokenPipeError:
             raise EndpointError("the peer closed the connection") from None
 
@@ -137,7 +142,7 @@ class SocketChannel:
 
     def sendv(self, bufs: Sequence[Buffer]) -> None:
         try:
-            _writev_all(self.sock.sendmsg, bufs)
+            writev_all(self.sock.sendmsg, bufs)
         except (BrokenPipeError, ConnectionResetError):
             raise EndpointError("the peer closed the connection") from None
 

@@ -147,6 +147,8 @@ def encode(r: Record, *, continued: bool = False) -> bytes:
 #: A ZERO record in CONTINUE form: the big-endian word, then the fill byte (9 bytes, packed).
 _ZERO_REC = np.dtype([("word", ">u8"), ("fill", "u1")])
 _ZERO_CONT = int(RamFlag.ZERO | RamFlag.CONTINUE)
+#: The flags of a PAGE record in CONTINUE form (the page's offset is or-ed in).
+_PAGE_CONT = int(RamFlag.PAGE | RamFlag.CONTINUE)
 
 
 class StreamEncoder:
@@ -201,10 +203,7 @@ class StreamEncoder:
         """
         if not 0 < npages <= recs.capacity:
             raise ValueError(f"{npages} pages do not fit a {recs.capacity}-page record buffer")
-        tmp = recs.scratch[:npages]
-        np.add(recs.steps[:npages], np.uint64(offset), out=tmp)
-        tmp |= np.uint64(_PAGE_CONT)
-        recs.words[:npages] = tmp
+        _cont_headers(recs, 0, offset, npages)
         start = _NAME_ROOM
         if block != self._last_block:
             head = BE64.pack(offset | RamFlag.PAGE) + counted(block)
@@ -212,6 +211,31 @@ class StreamEncoder:
             recs.buf[start : _NAME_ROOM + 8] = head
             self._last_block = block
         return recs.view[start : _NAME_ROOM + npages * PAGE_RECORD]
+
+    def page_records_at(self, block: str, offset: int, slot: int, npages: int,
+                        recs: PageRecords) -> list[bytes | memoryview]:
+        """PAGE records for ``npages`` pages from ``offset`` whose data is in ``recs``' slots
+        ``slot…``: several runs of pages can share one buffer, each framed in place.
+
+        As :meth:`page_records` (which this is for ``slot`` 0); past slot 0 a record that
+        names its block has no room in the buffer, and goes out as :meth:`page_run` gives
+        it. Views of ``recs.buf``, valid until ``recs`` is reused.
+        """
+        if slot == 0:
+            return [self.page_records(block, offset, npages, recs)]
+        if not 0 < npages <= recs.capacity - slot:
+            raise ValueError(f"{npages} pages from slot {slot} do not fit a "
+                             f"{recs.capacity}-page record buffer")
+        out: list[bytes | memoryview] = []
+        if block != self._last_block:
+            at = recs.slot_offset + slot * PAGE_RECORD
+            out += self.page_run(block, offset, recs.view[at : at + TARGET_PAGE_SIZE])
+            slot, offset, npages = slot + 1, offset + TARGET_PAGE_SIZE, npages - 1
+        if npages:
+            _cont_headers(recs, slot, offset, npages)
+            start = _NAME_ROOM + slot * PAGE_RECORD
+            out.append(recs.view[start : start + npages * PAGE_RECORD])
+        return out
 
     def zero_run(self, block: str, offset: int, npages: int) -> bytes:
         """ZERO records for ``npages`` consecutive pages starting at ``offset``."""
@@ -241,7 +265,14 @@ class StreamEncoder:
         self._last_block = None
 
 
-_PAGE_CONT = int(RamFlag.PAGE | RamFlag.CONTINUE)
+
+def _cont_headers(recs: PageRecords, slot: int, offset: int, npages: int) -> None:
+    """Write the CONTINUE headers of records ``slot…slot + npages`` of ``recs`` (pages from
+    byte ``offset``), one numpy assignment."""
+    tmp = recs.scratch[:npages]
+    np.add(recs.steps[:npages], np.uint64(offset), out=tmp)
+    tmp |= np.uint64(_PAGE_CONT)
+    recs.words[slot : slot + npages] = tmp
 
 
 class PageRecords:
