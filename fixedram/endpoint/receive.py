@@ -405,21 +405,21 @@ class Receiver:
                             self.sections)
 
     def _handle(self, records: list[Record]) -> None:
-        runs = self._runs
+        run, zeros, page = self._runs.run, self._runs.zeros, self._runs.page
         for r in records:
             if isinstance(r, PageRun):
-                runs.run(r.block, r.offset >> _PAGE_SHIFT, r.data, r.stride)
+                run(r.block, r.offset >> _PAGE_SHIFT, r.data, r.stride)
             elif isinstance(r, ZeroRun):
                 self.zero_records += r.npages
-                runs.zeros(r.block, r.offset >> _PAGE_SHIFT, r.npages)
+                zeros(r.block, r.offset >> _PAGE_SHIFT, r.npages)
             elif isinstance(r, Page):
-                runs.page(r.block, r.offset >> _PAGE_SHIFT, r.data)
+                page(r.block, r.offset >> _PAGE_SHIFT, r.data)
             elif isinstance(r, Zero):
                 if r.fill:
                     raise UnsupportedRecord(f"ZERO record with fill byte 0x{r.fill:02x} "
                                             f"(block '{r.block}')")
                 self.zero_records += 1
-                runs.zeros(r.block, r.offset >> _PAGE_SHIFT, 1)
+                zeros(r.block, r.offset >> _PAGE_SHIFT, 1)
             else:
                 self._sync()
                 self._other(r)
