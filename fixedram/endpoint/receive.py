@@ -11,7 +11,10 @@ image's directory (or a hidden temporary name where the filesystem lacks
 ``O_TMPFILE``), so a crash of either side leaves any previous image untouched.
 
 :class:`Receiver` is the core without a channel: bytes in, return-path replies
-out. ``fixedram convert`` feeds it from a file.
+out. ``fixedram convert`` feeds it from a file. It handles the protocol (records,
+commands, the return path) and hands page and zero records to
+:mod:`fixedram.endpoint.pagewrites`, which coalesces them into runs and writes them
+once per feed (inline, or with O_DIRECT in a writer thread).
 
 Multifd (``docs/multifd.md`` §1, §7): the source opens the main connection
 plus N channel connections to one ``unix:``/``tcp:`` address, in no fixed order.
@@ -29,22 +32,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import mmap
 import os
 import select
 import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-
 from fixedram import faults
 from fixedram.endpoint.multifd import MultifdReceiver, MultifdStats
+from fixedram.endpoint.pagewrites import RunCoalescer, WriteQueue
 from fixedram.errors import (
     EndpointError,
     FixedramError,
@@ -52,7 +52,7 @@ from fixedram.errors import (
     TruncatedStream,
     UnsupportedRecord,
 )
-from fixedram.image.layout import PAGE_SIZE, page_slices
+from fixedram.image.layout import PAGE_SIZE
 from fixedram.image.writer import Buffer, MappedRamWriter, mapped_configuration
 from fixedram.io.channel import Channel, Listener, SocketChannel
 from fixedram.io.files import (
@@ -112,8 +112,6 @@ RECV_CHUNK = 1 << 20
 #: arrive; a source that stops (e.g. waiting for a reply) costs one FILL_WAIT.
 FILL = 256 << 10
 FILL_WAIT = 1
-#: Most pages written by one pwritev (1 MiB).
-MAX_RUN = 256
 #: Seconds between progress callbacks.
 PROGRESS_INTERVAL = 0.25
 #: Most multifd channels (QEMU's ``multifd-channels`` limit).
@@ -293,16 +291,10 @@ class Receiver:
         self._last_progress = self._t0
         # page runs are views of the records as received (no copy of page data)
         self.dec = StreamDecoder(views=True)
-        # queued writes (block, first page, buffers, zero pages, stride of a run of
-        # received records or 0), performed in order at the end of each feed (by the
-        # writer thread with O_DIRECT)
-        self._ops: list[tuple[str, int, list[Buffer], int, int]] = []
-        self._inflight: list[Future[None] | None] = []
-        self._io = ThreadPoolExecutor(1, thread_name_prefix="fixedram-write")
+        # page and zero records become write operations, written at the end of each feed
+        self._runs = RunCoalescer()
         self.file = ImageFile(self.image)
         self._direct_fd = -1
-        self._stage: memoryview | None = None
-        self._stage_map: mmap.mmap | None = None
         self.multifd: MultifdReceiver | None = None
         self.multifd_stats: MultifdStats | None = None
         self._before_marker = before_marker
@@ -321,10 +313,11 @@ class Receiver:
                 sink = self.writer if self.direct else _WritebackSink(self.writer, self.file.fd)
                 self.multifd = MultifdReceiver(sink, multifd_channels, serialize=False,
                                                payload_buffer=payload, on_error=multifd_error)
+            self._writes = WriteQueue(self.multifd or self.writer, self.writer, self.file.fd,
+                                      direct=self.direct)
         except BaseException:
-            self.abort()
+            self._discard()
             raise
-        self._sink: MultifdReceiver | MappedRamWriter = self.multifd or self.writer
         self.bytes_received = 0
         self.zero_records = 0
         self.sections = 0
@@ -338,12 +331,6 @@ class Receiver:
         self._device: bytes | None = None
         self._vmdesc: bytes | None = None
         self._ended = False
-        # the pending run: consecutive pages (or zero pages) of one block
-        self._kind = 0  # 0 none, 1 pages, 2 zeros
-        self._blk = ""
-        self._first = 0
-        self._n = 0
-        self._bufs: list[Buffer] = []
 
     # -- setup -------------------------------------------------------------------
 
@@ -356,9 +343,6 @@ class Receiver:
             warn_no_direct_io(where)
             return
         self._direct_fd = fd
-        stage = aligned_buffer(MAX_RUN * PAGE_SIZE)
-        self._stage_map = stage
-        self._stage = memoryview(stage)
 
     @property
     def direct(self) -> bool:
@@ -381,7 +365,7 @@ class Receiver:
         other record is handled).
         """
         self.bytes_received += len(data)
-        self._wait(1)
+        self._writes.wait(1)
         self._fed(self.dec.feed(data))
 
     def recv_space(self) -> memoryview:
@@ -390,7 +374,7 @@ class Receiver:
         Bytes received here are decoded in place and their pages written straight from
         it: no copy of page data in fixedram.
         """
-        self._wait(1)  # the space may reuse memory of the feed before the last one
+        self._writes.wait(1)  # the space may reuse memory of the feed before the last one
         return self.dec.recv_space(RECV_CHUNK)[:RECV_CHUNK]
 
     def received(self, n: int) -> None:
@@ -400,8 +384,7 @@ class Receiver:
 
     def _fed(self, records: list[Record]) -> None:
         self._handle(records)
-        self._flush()
-        self._submit()
+        self._writes.submit(self._runs.take())
         if self._progress is not None:
             now = time.monotonic()
             if now - self._last_progress >= PROGRESS_INTERVAL:
@@ -419,137 +402,33 @@ class Receiver:
         if self.multifd is not None:
             extra = sum(c.bytes for c in self.multifd.stats().channels)
         return ReceiveStats(self.bytes_received + extra,
-                            self.writer.pages_written + self._pending(), self.sections)
-
-    def _pending(self) -> int:
-        return self._n if self._kind == 1 else 0
+                            self.writer.pages_written + self._runs.pending_pages,
+                            self.sections)
 
     def _handle(self, records: list[Record]) -> None:
+        run, zeros, page = self._runs.run, self._runs.zeros, self._runs.page
         for r in records:
             if isinstance(r, PageRun):
-                self._flush()
-                self._ops.append((r.block, r.offset >> _PAGE_SHIFT, [r.data], 0, r.stride))
+                run(r.block, r.offset >> _PAGE_SHIFT, r.data, r.stride)
             elif isinstance(r, ZeroRun):
                 self.zero_records += r.npages
-                self._zeros(r.block, r.offset >> _PAGE_SHIFT, r.npages)
+                zeros(r.block, r.offset >> _PAGE_SHIFT, r.npages)
             elif isinstance(r, Page):
-                pg = r.offset >> _PAGE_SHIFT
-                if (self._kind != 1 or r.block != self._blk or pg != self._first + self._n
-                        or self._n >= MAX_RUN):
-                    self._flush()
-                    self._kind, self._blk, self._first = 1, r.block, pg
-                self._bufs.append(r.data)
-                self._n += 1
+                page(r.block, r.offset >> _PAGE_SHIFT, r.data)
             elif isinstance(r, Zero):
                 if r.fill:
                     raise UnsupportedRecord(f"ZERO record with fill byte 0x{r.fill:02x} "
                                             f"(block '{r.block}')")
                 self.zero_records += 1
-                self._zeros(r.block, r.offset >> _PAGE_SHIFT, 1)
+                zeros(r.block, r.offset >> _PAGE_SHIFT, 1)
             else:
-                self._flush()
                 self._sync()
                 self._other(r)
 
-    def _zeros(self, block: str, first: int, n: int) -> None:
-        if self._kind != 2 or block != self._blk or first != self._first + self._n:
-            self._flush()
-            self._kind, self._blk, self._first = 2, block, first
-        self._n += n
-
-    def _flush(self) -> None:
-        """Queue the pending run (pages or zeros) as one write operation."""
-        n = self._n
-        if not n:
-            return
-        if self._kind == 1:
-            self._ops.append((self._blk, self._first, self._bufs, 0, 0))
-            self._bufs = []
-        else:
-            self._ops.append((self._blk, self._first, [], n, 0))
-        self._kind = 0
-        self._n = 0
-
-    def _submit(self) -> None:
-        """Perform the queued write operations: buffered, at once; with O_DIRECT, in the
-        writer thread (as one batch, overlapping the next receive).
-
-        Buffered writes only copy into the page cache, work the writer thread would do
-        on the same (shared) cores plus a hand-over per feed: measured with QEMU on 2
-        cores, inline writes save ~20 % of the wall time. O_DIRECT writes wait for the
-        device, which the thread overlaps. Every feed ends with exactly one entry (None
-        when nothing is in flight), so :meth:`_wait` counts feeds: the decoder's buffers
-        are reused by feed.
-        """
-        fut = None
-        if self._ops:
-            ops, self._ops = self._ops, []
-            if self._stage is None:
-                self._apply(ops)
-            else:
-                fut = self._io.submit(self._apply, ops)
-        self._inflight.append(fut)
-
-    def _wait(self, keep: int) -> None:
-        """Wait until the batches of all but the last ``keep`` feeds are written."""
-        q = self._inflight
-        while len(q) > keep:
-            fut = q.pop(0)
-            if fut is not None:
-                fut.result()  # re-raises the writer's error here
-
     def _sync(self) -> None:
         """Everything queued is written (before records that depend on it)."""
-        self._flush()
-        self._submit()
-        self._wait(0)
-
-    def _apply(self, ops: list[tuple[str, int, list[Buffer], int, int]]) -> None:
-        """Writer thread: perform queued writes in order (stage copy for O_DIRECT)."""
-        sink = self._sink
-        stage = self._stage
-        lo, hi = -1, -1
-        for block, first, bufs, zeros, stride in ops:
-            faults.point("receive-pages")
-            if zeros:
-                sink.zero_pages(block, first, zeros)
-                continue
-            if stride:
-                data = memoryview(bufs[0])
-                npages = (len(data) + stride - PAGE_SIZE) // stride
-                if stage is None:
-                    n = sink.write_page_views(block, first,
-                                              list(map(data.__getitem__,
-                                                       page_slices(npages, stride))))
-                else:
-                    n = 0
-                    per = len(stage) // PAGE_SIZE
-                    while n < npages:
-                        k = min(per, npages - n)
-                        src = np.ndarray((k, PAGE_SIZE), dtype=np.uint8, buffer=data,
-                                         offset=n * stride, strides=(stride, 1))
-                        dst = np.frombuffer(stage, dtype=np.uint8, count=k * PAGE_SIZE)
-                        np.copyto(dst.reshape(k, PAGE_SIZE), src)
-                        del src, dst
-                        n += sink.write_pages(block, first + n, [stage[: k * PAGE_SIZE]])
-            elif stage is None:
-                n = sink.write_pages(block, first, bufs)
-            else:
-                n = 0
-                for buf in bufs:
-                    data = memoryview(buf)
-                    for at in range(0, len(data), len(stage)):
-                        piece = data[at : at + len(stage)]
-                        stage[: len(piece)] = piece
-                        n += sink.write_pages(block, first + n, [stage[: len(piece)]])
-            blk = self.writer.blocks.get(block)
-            if blk is not None:
-                a = blk.pages_offset + first * PAGE_SIZE
-                b = a + n * PAGE_SIZE
-                lo = a if lo < 0 else min(lo, a)
-                hi = max(hi, b)
-        if lo >= 0 and stage is None:
-            drop_cached(self.file.fd, lo, hi - lo)  # writeback starts now, not at fsync
+        self._writes.submit(self._runs.take())
+        self._writes.wait(0)
 
     def _send(self, data: bytes) -> None:
         if self._reply is not None:
@@ -651,7 +530,7 @@ class Receiver:
         if not self.dec.done:
             raise StreamError("the migration stream is not complete", self.dec.next_offset)
         self._sync()
-        self._io.shutdown()
+        self._writes.close()
         if not self._begun or not self._ended or self._device is None:
             raise StreamError("the migration stream has no complete RAM section")
         zero = self.zero_records
@@ -688,17 +567,13 @@ class Receiver:
         if self._direct_fd >= 0:
             os.close(self._direct_fd)
             self._direct_fd = -1
-        if self._stage is not None:
-            self._stage.release()
-            self._stage = None
-        if self._stage_map is not None:
-            self._stage_map.close()
-            self._stage_map = None
 
     def abort(self) -> None:
-        """Stop any multifd channel threads; discard the partial image."""
-        self._io.shutdown(cancel_futures=True)
-        self._inflight = []
+        """Stop the writer and any multifd channel threads; discard the partial image."""
+        self._writes.abort()
+        self._discard()
+
+    def _discard(self) -> None:
         if self.multifd is not None:
             self.multifd.abort()
         self._close_direct()
