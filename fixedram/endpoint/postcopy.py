@@ -59,17 +59,17 @@ from fixedram.endpoint.source import (
     is_bidirectional,
     part_end,
     ram_end,
+    record_buffer,
     stream_head,
 )
 from fixedram.errors import EndpointError, FixedramError, ImageError, MismatchError
 from fixedram.image import Image
 from fixedram.image.layout import runs
-from fixedram.image.reader import PageSlots
 from fixedram.image.sections import ram_section_id
 from fixedram.image.sparse import SparseBits
 from fixedram.io.channel import Buffer, Channel
 from fixedram.stream import CommandRecord, EndOfFile, Packaged, SectionPart, StreamEncoder, encode
-from fixedram.stream.encoder import PageRecords, counted
+from fixedram.stream.encoder import counted
 from fixedram.stream.format import (
     BE32,
     BE64,
@@ -398,8 +398,7 @@ class _Server:
         (framed by the encoder, no per-page Python), instead of two small buffers per page.
         """
         buf = memoryview(bytearray(PUSH_BATCH_PAGES * PS))
-        recs = PageRecords(PUSH_BATCH_PAGES)
-        slots = PageSlots(recs.buf, recs.slot_offset, recs.stride, recs.capacity)
+        recs, slots = record_buffer(PUSH_BATCH_PAGES)
         pieces = self._pieces()
         pushed_bytes = 0
         t_push = time.monotonic()

@@ -46,6 +46,7 @@ from fixedram.endpoint.source import (
     image_of,
     page_check,
     part_end,
+    record_buffer,
     skips_absent,
     split_runs,
     stream_head,
@@ -272,8 +273,7 @@ def _pieces(img: Image, name: str, hint_fd: int, depth: int) -> Iterator[tuple[i
 
 def _record_buffer() -> tuple[PageRecords, PageSlots]:
     """A buffer of PAGE records for one piece, and the page slots reads fill in it."""
-    recs = PageRecords(READ_CHUNK // PS)
-    return recs, PageSlots(recs.buf, recs.slot_offset, recs.stride, recs.capacity)
+    return record_buffer(READ_CHUNK // PS)
 
 
 def _read(img: Image, name: str, pieces: Iterable[tuple[int, int]],

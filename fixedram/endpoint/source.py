@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 from fixedram.errors import FixedramError
 from fixedram.image import Image, open_image
-from fixedram.image.reader import BlockInfo
+from fixedram.image.reader import BlockInfo, PageSlots
 from fixedram.image.sections import ram_section_id
 from fixedram.io.channel import Buffer, Channel
 from fixedram.stream import (
@@ -56,6 +56,7 @@ from fixedram.stream import (
     VMDescription,
     encode,
 )
+from fixedram.stream.encoder import PageRecords
 from fixedram.stream.format import RAM_SECTION, RAM_SECTION_VERSION, Command
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ __all__ = [
     "skips_absent",
     "absent_runs",
     "split_runs",
+    "record_buffer",
     "is_bidirectional",
     "ReturnPathReader",
     "Progress",
@@ -81,6 +83,12 @@ __all__ = [
 ]
 
 ImageArg = str | os.PathLike[str] | Image
+
+
+def record_buffer(npages: int) -> tuple[PageRecords, PageSlots]:
+    """A buffer of ``npages`` PAGE records, and the page slots that reads fill in it."""
+    recs = PageRecords(npages)
+    return recs, PageSlots(recs.buf, recs.slot_offset, recs.stride, recs.capacity)
 
 #: Blocks longer than this are guest RAM that a fresh destination holds as zeros: their
 #: pages without data need not be sent (``docs/fresh-destination.md``). Smaller blocks

@@ -134,9 +134,13 @@ def lazy_restore(
         pages = sum(img.count_present(n) for n in img.blocks)
         ram_size, fmt = img.ram_size, img.format
         sender = _Sender(img, facts.machine, dest_blocks, progress, push_rate)
-        way = _transport(qmp, transport, path, push_rate)
         settings = MigrationSettings(qmp, facts)
         watch = Watch(qmp, incoming="the lazy restore")
+        try:
+            way = _transport(qmp, transport, path, push_rate)
+        except BaseException:
+            watch.close()
+            raise
         try:
             settings.set({"postcopy-ram": True, "mapped-ram": False, "multifd": False}, {})
             if not paused:
