@@ -36,6 +36,11 @@ __all__ = ["restore_command"]
               show_default=True, help="--lazy: how the stream reaches QEMU.")
 @click.option("--push-rate", type=str, default=None, metavar="RATE",
               help="--lazy: throttle the background push to RATE bytes/s (64M, 1G...).")
+@click.option("--no-record", "no_record", is_flag=True,
+              help="--lazy: do not record the pages the guest asked for in the image's "
+                   "working-set record.")
+@click.option("--no-prefetch", "no_prefetch", is_flag=True,
+              help="--lazy: do not push the image's recorded working set first.")
 @direct_io_options("Read")
 @click.option("--channels", type=click.IntRange(0, 255), default=0, show_default=True,
               metavar="N",
@@ -48,7 +53,8 @@ def restore_command(image: str, qmp_socket: str, via: str, paused: bool,
                     lazy: bool = False, transport: str = "fd",
                     push_rate: str | None = None, direct_io: bool = False,
                     require_direct_io: bool = False,
-                    channels: int = 0) -> None:
+                    channels: int = 0, no_record: bool = False,
+                    no_prefetch: bool = False) -> None:
     """Restore IMAGE into the waiting QEMU behind --qmp, then resume the VM.
 
     The image is checked against the destination's machine type and RAM blocks first; a
@@ -63,8 +69,11 @@ def restore_command(image: str, qmp_socket: str, via: str, paused: bool,
     if lazy:
         if channels or direct:
             raise click.UsageError("--lazy takes neither --channels nor --direct-io")
-        _lazy(image, qmp_socket, paused, progress, as_json, transport, push_rate, started)
+        _lazy(image, qmp_socket, paused, progress, as_json, transport, push_rate, started,
+              not no_prefetch, not no_record)
         return
+    if no_record or no_prefetch:
+        raise click.UsageError("--no-record and --no-prefetch go with --lazy")
 
     with QMP.connect(qmp_socket) as qmp, \
             ProgressBar("restore", disable=not show_progress(progress)) as bar:
@@ -84,7 +93,8 @@ def restore_command(image: str, qmp_socket: str, via: str, paused: bool,
 
 
 def _lazy(image: str, qmp_socket: str, paused: bool, progress: bool | None, as_json: bool,
-          transport: str, push_rate: str | None, started: float) -> None:
+          transport: str, push_rate: str | None, started: float, prefetch: bool,
+          record: bool) -> None:
     """``restore --lazy``: :func:`fixedram.qmp.lazy.lazy_restore` and its report."""
     from fixedram.commands.save import parse_rate
     from fixedram.qmp.client import QMP
@@ -96,7 +106,7 @@ def _lazy(image: str, qmp_socket: str, paused: bool, progress: bool | None, as_j
             ProgressBar("lazy restore", disable=not show_progress(progress)) as bar:
         r = lazy_restore(qmp, image, transport=transport,  # type: ignore[arg-type]
                          paused=paused, progress=bar, push_rate=rate,
-                         started=started)
+                         started=started, prefetch=prefetch, record=record)
     if as_json:
         click.echo(json.dumps(r.as_dict(), indent=2))
         return
@@ -108,5 +118,8 @@ def _lazy(image: str, qmp_socket: str, paused: bool, progress: bool | None, as_j
         f"  {r.pages} pages: {r.pages_on_demand} served on demand ({r.requests} requests), "
         f"{r.pages_pushed} pushed; {r.zero_on_demand} zero pages on demand; RAM "
         f"{format_size(r.ram_size)}\n"
+        + (f"  working set: {r.pages_prefetched + r.zero_prefetched} of "
+           f"{r.working_set_pages} recorded pages prefetched\n" if r.working_set_pages else "")
+        + f"  working-set record: {r.record}\n"
         f"  VM {r.status}"
     )

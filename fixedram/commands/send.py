@@ -71,6 +71,11 @@ def _stdio_channel() -> FdChannel:
 @click.option("--push-rate", type=str, default=None, metavar="RATE",
               help="--postcopy: throttle the background push to RATE bytes/s (64M, 1G...); "
                    "requested pages are always served at once.")
+@click.option("--no-record", "no_record", is_flag=True,
+              help="--postcopy: do not record the requested pages in the image's working-set "
+                   "record.")
+@click.option("--no-prefetch", "no_prefetch", is_flag=True,
+              help="--postcopy: do not push the image's recorded working set first.")
 @click.option("--report-json", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Write the report as JSON to FILE.")
 @direct_io_options("Read")
@@ -86,7 +91,8 @@ def send_command(image: str, address: str | None, fd: int | None, qmp_socket: st
                  push_rate: str | None = None, report_json: str | None = None,
                  verify_first: bool = False, direct_io: bool = False,
                  require_direct_io: bool = False,
-                 channels: int = 0, uuid_text: str | None = None) -> None:
+                 channels: int = 0, uuid_text: str | None = None, no_record: bool = False,
+                 no_prefetch: bool = False) -> None:
     """Restore IMAGE into a waiting QEMU (stream on stdout unless --connect/--fd)."""
     from fixedram.endpoint.send import send, validate
     from fixedram.image import open_image
@@ -110,8 +116,11 @@ def send_command(image: str, address: str | None, fd: int | None, qmp_socket: st
         return
     if uuid_text is not None:
         raise EndpointError("--uuid is for --channels (multifd)")
+    if (no_record or no_prefetch) and not postcopy:
+        raise click.UsageError("--no-record and --no-prefetch go with --postcopy")
     if postcopy:
-        _send_postcopy(image, address, fd, qmp_socket, quiet, push_rate, report_json)
+        _send_postcopy(image, address, fd, qmp_socket, quiet, push_rate, report_json,
+                       not no_prefetch, not no_record)
         return
     with open_image(image) as img:
         dest_machine = dest_blocks = None
@@ -169,7 +178,8 @@ def _page_bar(quiet: bool, total: Callable[[], int], desc: str) -> tuple[Any, An
 
 
 def _send_postcopy(image: str, address: str | None, fd: int | None, qmp_socket: str | None,
-                   quiet: bool, push_rate: str | None, report_json: str | None) -> None:
+                   quiet: bool, push_rate: str | None, report_json: str | None,
+                   prefetch: bool = True, record: bool = True) -> None:
     """``send --postcopy``: serve IMAGE lazily (see :mod:`fixedram.endpoint.postcopy`)."""
     import json
     from dataclasses import asdict
@@ -208,6 +218,7 @@ def _send_postcopy(image: str, address: str | None, fd: int | None, qmp_socket: 
             # stop this process as soon as the restore completes.
             report = send_postcopy(img, channel, dest_machine=dest_machine,
                                    dest_blocks=dest_blocks, progress=progress, push_rate=rate,
+                                   prefetch=prefetch, record=record,
                                    on_last_page=write_report if report_json else None)
         finally:
             if bar is not None:

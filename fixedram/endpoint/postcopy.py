@@ -46,7 +46,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -67,6 +67,7 @@ from fixedram.image import Image
 from fixedram.image.layout import runs
 from fixedram.image.sections import ram_section_id
 from fixedram.image.sparse import SparseBits
+from fixedram.image.workingset import Observation, WorkingSet
 from fixedram.io.channel import Buffer, Channel
 from fixedram.stream import CommandRecord, EndOfFile, Packaged, SectionPart, StreamEncoder, encode
 from fixedram.stream.encoder import counted
@@ -101,6 +102,10 @@ ACCEPT_TIMEOUT = 60.0
 #: How long to wait for SHUT after EOF.
 SHUT_TIMEOUT = 120.0
 _PING_OPENED, _PING_ACCEPTED, _PING_RUNNING = 1, 2, 3
+#: The report gives the time until the guest's first N requests were served, for these N.
+REQUEST_MARKS = (1, 10, 100, 1000)
+#: Requests kept for the working-set record (the rest are not recorded).
+MAX_LOGGED_REQUESTS = 1 << 20
 
 
 class PostcopyFailed(EndpointError):
@@ -142,6 +147,15 @@ class PostcopyReport:
     machine: str
     blocks: tuple[tuple[str, int], ...]
     bytes_received: int
+    pages_prefetched: int = 0  # pages with data pushed first, from the working-set record
+    zero_prefetched: int = 0  # absent pages of the record, sent first as ZERO records
+    working_set_pages: int = 0  # pages in the record used for prefetching (0: none)
+    #: seconds from the call until the guest's first N requests were answered (N in
+    #: :data:`REQUEST_MARKS` that were reached)
+    time_to_requests: dict[int, float] = field(default_factory=dict)
+    bytes_read: int = 0  # page data read from the image
+    record: str = "off"  # the working-set record: recorded, unchanged, skipped or off
+    warnings: tuple[str, ...] = ()
 
     @property
     def pages_sent(self) -> int:
@@ -224,6 +238,10 @@ class _ReturnPath:
         self.error: str | None = None
         self.nrequests = 0
         self.bad_requests = 0
+        #: valid requests ``(block, first, npages, cursor)`` in arrival order, for the record
+        self.log: list[tuple[str, int, int, int]] = []
+        #: pages of the prefetched record handled so far (set by the sender)
+        self.cursor = 0
         self._blocks = blocks
         self._last_block: str | None = None
         self._dec = ReturnPathDecoder()
@@ -268,7 +286,15 @@ class _ReturnPath:
                 self.bad_requests += 1
                 return
             first = start // PS
-            self.requests.append((blk, first, -(-length // PS)))
+            npages = -(-length // PS)
+            self.requests.append((blk, first, npages))
+            if len(self.log) < MAX_LOGGED_REQUESTS:
+                self.log.append((blk, first, npages, self.cursor))
+
+    def observation(self, prefetched: bool) -> Observation:
+        """The requests seen so far, for the working-set record."""
+        with self.cond:
+            return Observation(list(self.log), prefetched)
 
     def take_requests(self) -> list[tuple[str, int, int]]:
         """Every request queued so far (caller holds no lock)."""
@@ -309,7 +335,7 @@ class _Server:
 
     def __init__(self, img: Image, channel: Channel, rp: _ReturnPath,
                  progress: Callable[[PostcopyStats], None] | None,
-                 push_rate: float | None, t0: float) -> None:
+                 push_rate: float | None, t0: float, prefetch: WorkingSet | None) -> None:
         self.img = img
         self.sid = ram_section_id(img)
         self.channel = channel
@@ -320,7 +346,13 @@ class _Server:
         self.pages_on_demand = 0
         self.pages_pushed = 0
         self.zero_on_demand = 0
+        self.pages_prefetched = 0
+        self.zero_prefetched = 0
+        self.prefetch = prefetch
+        self.served = 0  # requests answered
+        self.served_at: dict[int, float] = {}
         self.reads = 0
+        self.bytes_read = 0
         self.bytes_sent = 0
         self.running = False
         self.push_rate = push_rate
@@ -341,6 +373,7 @@ class _Server:
     def _read(self, name: str, first: int, view: memoryview) -> None:
         """Pages ``first...`` of ``name`` (all present) into ``view``: one positional read."""
         self.reads += 1
+        self.bytes_read += len(view)
         self.img.read_into(name, first, view)
 
     def _section(self, body: list[Buffer]) -> None:
@@ -378,24 +411,37 @@ class _Server:
                 self.enc.forget_block()
         if body:
             self._section(body)
+        before, self.served = self.served, self.served + len(reqs)
+        now = time.monotonic() - self.t0
+        for mark in REQUEST_MARKS:
+            if before < mark <= self.served:
+                self.served_at[mark] = now
         self.progress.tick()
 
     # -- background push -----------------------------------------------------------------
 
-    def _pieces(self) -> list[tuple[str, int, int]]:
-        """``(block, first, npages)`` pieces of at most a batch, covering every present page."""
+    def _pieces(self) -> list[tuple[str, int, int, bool]]:
+        """``(block, first, npages, prefetch)`` pieces of at most a batch: the record's pages
+        in its order (``prefetch``; absent pages included), then every present page."""
         out = []
+        if self.prefetch is not None:
+            for name, first, n in self.prefetch.runs():
+                for p in range(first, first + n, PUSH_BATCH_PAGES):
+                    out.append((name, p, min(PUSH_BATCH_PAGES, first + n - p), True))
         for name in self.img.blocks:
             for first, n in self.img.runs(name):
                 for p in range(first, first + n, PUSH_BATCH_PAGES):
-                    out.append((name, p, min(PUSH_BATCH_PAGES, first + n - p)))
+                    out.append((name, p, min(PUSH_BATCH_PAGES, first + n - p), False))
         return out
 
     def push_all(self) -> None:
         """Push every unsent page, in bounded batches; requests always go first.
 
-        A batch's pages are laid out header+page after header+page in one record buffer
-        (framed by the encoder, no per-page Python), instead of two small buffers per page.
+        The working-set record's pages go first, in its order (absent ones as ZERO records,
+        so the guest need not ask for them); then the rest in file order. A page already
+        sent (asked for, or prefetched) is never sent again. A batch's pages are laid out
+        header+page after header+page in one record buffer (framed by the encoder, no
+        per-page Python), instead of two small buffers per page.
         """
         buf = memoryview(bytearray(PUSH_BATCH_PAGES * PS))
         recs, slots = record_buffer(PUSH_BATCH_PAGES)
@@ -413,21 +459,33 @@ class _Server:
                     self._check_alive()
             # one batch: up to PUSH_BATCH_PAGES unsent pages, from one or more pieces
             body: list[Buffer] = []
-            used = 0
+            used = taken = 0
             self.enc.forget_block()  # the section's first record of a block names it
             while i < len(pieces):
-                name, first, n = pieces[i]
-                if used and used + n > PUSH_BATCH_PAGES:
+                name, first, n, pre = pieces[i]
+                if taken and taken + n > PUSH_BATCH_PAGES:
                     break
                 i += 1
-                for off, k in runs(~self.sent[name].get(first, n)):
+                taken += n
+                unsent = ~self.sent[name].get(first, n)
+                if pre:
+                    pres = self.img.present_range(name, first, n)
+                    for off, k in runs(unsent & ~pres):
+                        body.append(self.enc.zero_run(name, (first + off) * PS, k))
+                        self.zero_prefetched += k
+                    unsent &= pres
+                for off, k in runs(unsent):
                     view = buf[: k * PS]
                     self._read(name, first + off, view)
                     slots.array[used : used + k] = np.frombuffer(view, np.uint8).reshape(k, PS)
                     body += self.enc.page_records_at(name, (first + off) * PS, used, k, recs)
-                    self.sent[name].set(first + off, k)
                     self.pages_pushed += k
+                    if pre:
+                        self.pages_prefetched += k
                     used += k
+                self.sent[name].set(first, n)
+                if pre:
+                    self.rp.cursor += n
             if body:
                 self._section(body)
                 pushed_bytes += used * PS
@@ -460,6 +518,8 @@ def send_postcopy(image: ImageArg, channel: Channel, *,
                   on_running: Callable[[], None] | None = None,
                   on_last_page: Callable[[PostcopyReport], None] | None = None,
                   push_rate: float | None = None,
+                  prefetch: bool = True,
+                  record: bool = True,
                   accept_timeout: float = ACCEPT_TIMEOUT,
                   shut_timeout: float = SHUT_TIMEOUT) -> PostcopyReport:
     """Restore ``image`` lazily: a postcopy migration into the QEMU at the end of ``channel``.
@@ -474,7 +534,12 @@ def send_postcopy(image: ImageArg, channel: Channel, *,
     stream's end is written: its counts are final, and the destination cannot complete
     (nor, under ``exec:``, stop this process) before the call returns;
     ``progress`` gets :class:`PostcopyStats` now and then. ``push_rate`` (bytes/s) throttles
-    the background push (requests are always served at once). A failure after RUN raises
+    the background push (requests are always served at once). ``prefetch``: push the pages
+    of the image's working-set record first (:mod:`fixedram.image.workingset`; a stale or
+    damaged record is ignored with a warning); ``record``: merge the pages QEMU asked for
+    into that record once every page is sent (an image that cannot take it gives a warning,
+    never an error). Warnings are logged (:mod:`fixedram.log`) and listed in the report.
+    A failure after RUN raises
     :class:`PostcopyFailed`. The channel's write side is shut down at the end; the channel is
     not closed.
     """
@@ -488,12 +553,59 @@ def send_postcopy(image: ImageArg, channel: Channel, *,
                                 "QEMU's page requests (a socket, or exec: with stdin)")
         for name in img.blocks:  # read every bitmap now: a bad one must fail before RUN
             img.last_present(name)
+        plan = _Plan(prefetch, record)
+        if prefetch or record:
+            plan.load(img)
         return _run(img, channel, preamble, package, progress, on_running, on_last_page,
-                    push_rate, accept_timeout, shut_timeout, t0)
+                    push_rate, accept_timeout, shut_timeout, t0, plan)
+
+
+class _Plan:
+    """The working-set record of one lazy restore: what to prefetch, whether to record, and
+    the warnings given."""
+
+    def __init__(self, prefetch: bool, record: bool) -> None:
+        self.prefetch, self.record = prefetch, record
+        self.ws: WorkingSet | None = None
+        self.warnings: list[str] = []
+        self.outcome = "off"
+
+    def warn(self, message: str) -> None:
+        from fixedram.log import warn
+
+        self.warnings.append(message)
+        warn("%s", message)
+
+    def load(self, img: Image) -> None:
+        from fixedram.image import workingset
+
+        try:
+            loaded = workingset.load(img)
+        except (OSError, FixedramError) as e:
+            self.warn(f"working-set record not read: {e}")
+            return
+        for w in loaded.warnings:
+            self.warn(w)
+        if self.prefetch:
+            self.ws = loaded.record
+
+    def save(self, img: Image, rp: _ReturnPath) -> None:
+        """Merge what QEMU asked for into the image's record (never raises)."""
+        if not self.record:
+            return
+        from fixedram.image import workingset
+
+        try:
+            res = workingset.record(img, rp.observation(prefetched=self.ws is not None))
+        except (OSError, FixedramError) as e:
+            res = workingset.RecordResult("skipped", warning=f"working set not recorded: {e}")
+        self.outcome = res.status
+        if res.warning:
+            self.warn(res.warning)
 
 
 def _report(img: Image, srv: _Server, rp: _ReturnPath, t_run: float, t0: float,
-            unsent: int) -> PostcopyReport:
+            unsent: int, plan: _Plan) -> PostcopyReport:
     """The report as of now, ``unsent`` bytes still to be written counted as sent."""
     acked = rp.pongs.get(_PING_RUNNING)
     return PostcopyReport(
@@ -509,6 +621,13 @@ def _report(img: Image, srv: _Server, rp: _ReturnPath, t_run: float, t0: float,
         machine=img.machine,
         blocks=tuple((b.name, b.length) for b in img.blocks.values()),
         bytes_received=rp.received,
+        pages_prefetched=srv.pages_prefetched,
+        zero_prefetched=srv.zero_prefetched,
+        working_set_pages=len(srv.prefetch) if srv.prefetch is not None else 0,
+        time_to_requests=dict(srv.served_at),
+        bytes_read=srv.bytes_read,
+        record=plan.outcome,
+        warnings=tuple(plan.warnings),
     )
 
 
@@ -516,9 +635,9 @@ def _run(img: Image, channel: Channel, preamble: bytes, package: bytes,
          progress: Callable[[PostcopyStats], None] | None,
          on_running: Callable[[], None] | None,
          on_last_page: Callable[[PostcopyReport], None] | None, push_rate: float | None,
-         accept_timeout: float, shut_timeout: float, t0: float) -> PostcopyReport:
+         accept_timeout: float, shut_timeout: float, t0: float, plan: _Plan) -> PostcopyReport:
     rp = _ReturnPath(channel, {n: b.length for n, b in img.blocks.items()})
-    srv = _Server(img, channel, rp, progress, push_rate, t0)
+    srv = _Server(img, channel, rp, progress, push_rate, t0, plan.ws)
     # -- before RUN: any failure leaves a destination that simply failed its load ----------
     try:
         srv.write([preamble])
@@ -540,9 +659,12 @@ def _run(img: Image, channel: Channel, preamble: bytes, package: bytes,
         if on_running is not None:
             on_running()
         srv.push_all()
+        # every page is sent: the record is complete, and under exec: QEMU may stop this
+        # process as soon as it has the stream's end
+        plan.save(img, rp)
         tail = [*ram_end(srv.sid), encode(EndOfFile())]
         if on_last_page is not None:
-            on_last_page(_report(img, srv, rp, t_run, t0, sum(map(len, tail))))
+            on_last_page(_report(img, srv, rp, t_run, t0, sum(map(len, tail)), plan))
         srv.write(tail)
     except (OSError, ImageError) as e:
         _hang_up(channel)
@@ -559,4 +681,4 @@ def _run(img: Image, channel: Channel, preamble: bytes, package: bytes,
     if rp.shut != 0:
         raise EndpointError("the destination reported an error at the end of the lazy restore "
                             "(QEMU's stderr says why)")
-    return _report(img, srv, rp, t_run, t0, 0)
+    return _report(img, srv, rp, t_run, t0, 0, plan)

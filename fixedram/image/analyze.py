@@ -114,6 +114,11 @@ def analyze_image(path: str | os.PathLike[str]) -> dict[str, Any]:
         present = sum(b["pages_present"] for b in blocks)
         pages = sum(b["pages"] for b in blocks)
         devices = _device_sections(desc)
+        working_set = None
+        if mapped:
+            from fixedram.image.workingset import load
+
+            working_set = load(img).describe()
         return {
             "schema": SCHEMA_VERSION,
             "path": str(Path(path)),
@@ -144,6 +149,7 @@ def analyze_image(path: str | os.PathLike[str]) -> dict[str, Any]:
                 "apparent_bytes": img.file_size,
                 "allocated_bytes": img.allocated_bytes(),
             },
+            "working_set": working_set,
         }
 
 
@@ -201,6 +207,12 @@ def format_report(report: dict[str, Any]) -> str:
     v = r["vmdesc"]
     vd = f"present, {v['bytes']} bytes" if v["present"] else "absent"
     lines.append(f"vmdesc:        {vd}")
+    ws = r.get("working_set")
+    if ws is not None:
+        lines.append(f"working set:   {ws['status']}: {ws['pages']} pages in {ws['runs']} runs, "
+                     f"{ws['restores']} restores merged"
+                     + (f", {ws['damaged_copies']} damaged copies" if ws["damaged_copies"]
+                        else ""))
     from fixedram.errors import printable  # names come from the file: no control characters
 
     return "\n".join(printable(line) for line in lines)

@@ -37,8 +37,9 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from fixedram.errors import FixedramError, ImageError
-from fixedram.image.layout import PAGE_SIZE, align_up, bitmap_bytes, page_slices
+from fixedram.errors import ImageError
+from fixedram.image.extensions import BlockGeometry, ExtensionError, Geometry
+from fixedram.image.layout import PAGE_SIZE, page_slices
 from fixedram.image.sparse import SparseArray
 
 __all__ = [
@@ -80,8 +81,6 @@ ALGORITHMS = {ALG_XXH3_PAGES: "xxh3-64/page+extent"}
 DEFAULT_EXTENT_SHIFT = 20
 #: Largest extent (1 TiB): beyond that the block has one extent anyway.
 MAX_EXTENT_SHIFT = 40
-#: Slots start 64-byte aligned, so the magic never straddles a sector.
-SLOT_ALIGN = 64
 HEADER = struct.Struct(">8sHHBBBBII5Q")  # 64 bytes
 #: Per-block entry before its extent digests: name (u8 len + bytes) then this.
 ENTRY = struct.Struct(">QQQQI")
@@ -100,97 +99,8 @@ Buffer = bytes | bytearray | memoryview
 assert HEADER.size == 64
 
 
-class ChecksumError(FixedramError):
+class ChecksumError(ExtensionError):
     """The checksum extension is damaged, unsupported, or cannot be written."""
-
-
-# -- geometry --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BlockGeometry:
-    """Where a block's header, bitmap and pages lie (absolute file offsets)."""
-
-    name: str
-    length: int
-    bitmap_offset: int
-    pages_offset: int
-
-    @property
-    def npages(self) -> int:
-        return self.length // PAGE_SIZE
-
-    @property
-    def bitmap_end(self) -> int:
-        return self.bitmap_offset + bitmap_bytes(self.npages)
-
-    @property
-    def slot(self) -> int:
-        """Where an extension may start in this block's padding."""
-        return align_up(self.bitmap_end, SLOT_ALIGN)
-
-    @property
-    def room(self) -> int:
-        """Bytes available for an extension in this block's padding."""
-        return max(0, self.pages_offset - self.slot)
-
-    @property
-    def pages_end(self) -> int:
-        return self.pages_offset + self.length
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """The file layout an extension describes: blocks in stream order and the stream span."""
-
-    blocks: tuple[BlockGeometry, ...]
-    base: int  # first byte of the stream
-    stream_end: int  # size of the stream (the file size)
-
-    @classmethod
-    def of_image(cls, img: object) -> Geometry:
-        """The geometry of an opened mapped-ram :class:`~fixedram.image.Image`."""
-        from fixedram.image.reader import Image
-
-        assert isinstance(img, Image)
-        if img.format != "mapped-ram":
-            raise ChecksumError("checksums are only supported in mapped-ram images "
-                                f"(this is a {img.format} image)")
-        blocks = []
-        for b in img.blocks.values():
-            assert b.mapped is not None
-            blocks.append(BlockGeometry(b.name, b.length, b.mapped.bitmap_offset,
-                                        b.mapped.pages_offset))
-        return cls(tuple(blocks), img.base_offset, img.file_size)
-
-    def meta_regions(self) -> list[tuple[str, str, int, int]]:
-        """``(block, what, start, end)`` of every byte range QEMU reads besides page data.
-
-        Per block: ``header`` (from the end of the previous pages region, or the stream
-        start, to the bitmap: stream prefix, block record, MappedRamHeader) and
-        ``bitmap`` (up to the 64-byte aligned slot); then ``tail`` (block ``""``): from
-        the end of the last pages region to the end of the stream (EOS, PART/END ram,
-        device state, EOF, VM description). Padding after the slot is not covered.
-        """
-        out: list[tuple[str, str, int, int]] = []
-        start = self.base
-        for b in self.blocks:
-            out.append((b.name, "header", start, b.bitmap_offset))
-            out.append((b.name, "bitmap", b.bitmap_offset, b.slot))
-            start = b.pages_end
-        out.append(("", "tail", start, self.stream_end))
-        return out
-
-    def check(self) -> None:
-        """Regions must be in order and inside the stream (else checksums make no sense)."""
-        pos = self.base
-        for b in self.blocks:
-            if not pos <= b.bitmap_offset <= b.bitmap_end <= b.pages_offset:
-                raise ChecksumError(f"RAM block '{b.name}': header, bitmap and pages are not "
-                                    "in file order")
-            pos = b.pages_end
-        if pos > self.stream_end:
-            raise ChecksumError("pages regions run past the end of the stream")
 
 
 # -- digests -----------------------------------------------------------------------------
@@ -528,11 +438,14 @@ def compute(fd: int, geom: Geometry,
     ``extents(name, shift)`` returns block ``name``'s extent digests for extents of
     ``2**shift`` bytes (:meth:`PageDigests.extent_digests` while writing, or computed from
     the image's pages). The extent size is the smallest (from 1 MiB up) whose extension
-    fits in the largest padding slot; :class:`ChecksumError` if even one extent per block
-    does not fit.
+    fits in the largest :meth:`Geometry.checksum_room`; :class:`ChecksumError` if even one
+    extent per block does not fit.
     """
-    geom.check()
-    room = max((b.room for b in geom.blocks), default=0)
+    try:
+        geom.check()
+    except ExtensionError as e:
+        raise ChecksumError(str(e)) from None
+    room = max((geom.checksum_room(b) for b in geom.blocks), default=0)
     shift = DEFAULT_EXTENT_SHIFT
     while encoded_size(geom, shift) > room:
         if shift >= MAX_EXTENT_SHIFT:
@@ -551,7 +464,7 @@ def _fdatasync(fd: int) -> None:
 
 def store(fd: int, geom: Geometry, cs: Checksums, *, durable: bool = True,
           clear: Iterable[int] = ()) -> int:
-    """Write ``cs`` into the padding slot with the most room; returns its offset.
+    """Write ``cs`` into the slot of :meth:`Geometry.checksum_block`; returns its offset.
 
     ``clear`` are slots holding an older extension: their magic is zeroed first. With
     ``durable`` (updating an existing image in place) each step is synced before the
@@ -561,10 +474,10 @@ def store(fd: int, geom: Geometry, cs: Checksums, *, durable: bool = True,
     (a new image that is fsynced and renamed afterwards) it is one plain write.
     """
     data = encode(cs)
-    slot_blk = max(geom.blocks, key=lambda b: b.room)
-    if len(data) > slot_blk.room:
+    slot_blk = geom.checksum_block()
+    if slot_blk is None or len(data) > geom.checksum_room(slot_blk):
         raise ChecksumError(f"checksum extension of {len(data)} bytes does not fit in "
-                            f"{slot_blk.room} bytes of padding")
+                            f"the padding")
     at = slot_blk.slot
     if not durable:
         for old in clear:

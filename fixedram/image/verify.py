@@ -85,6 +85,7 @@ class VerifyReport:
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     checksums: dict[str, Any] | None = None
+    working_set: dict[str, Any] | None = None
     extents_checked: int = 0
     pages_read: int = 0
     elapsed: float = 0.0
@@ -101,6 +102,10 @@ class VerifyReport:
         """Human output: one line per problem, then a summary."""
         out = [f"{self.image}: {p.message}" for p in self.problems]
         out += [f"{self.image}: note: {n}" for n in self.notes]
+        ws = self.working_set
+        if ws is not None and ws["status"] == "ok":
+            out.append(f"{self.image}: working-set record: {ws['pages']} pages, "
+                       f"{ws['restores']} restores merged")
         if self.status == "ok":
             what = (f"{self.extents_checked} extents match their checksums"
                     if self.checksums else "structure ok, no checksums")
@@ -176,6 +181,7 @@ def verify_image(path: str | os.PathLike[str], *, pages: bool = True) -> VerifyR
                     if pages:
                         probs, rep.extents_checked, rep.pages_read = verify_pages(img, cs, skip)
                         rep.problems += probs
+                _working_set(img, rep)
         except (ImageError, StreamError) as e:
             rep.problems.append(Problem("unreadable", str(e)))
         except OSError as e:
@@ -184,6 +190,19 @@ def verify_image(path: str | os.PathLike[str], *, pages: bool = True) -> VerifyR
         rep.status = "corrupt"
     rep.elapsed = time.monotonic() - t0
     return rep
+
+
+def _working_set(img: Image, rep: VerifyReport) -> None:
+    """The working-set record: a damaged copy is a problem (its bytes do not match their
+    digest); a stale record is a note (a lazy restore ignores it and records anew)."""
+    from fixedram.image.workingset import load
+
+    ws = load(img)
+    rep.working_set = ws.describe()
+    rep.problems += [Problem("working-set", f"working-set record: {d}") for d in ws.damaged]
+    if ws.stale is not None:
+        rep.notes.append("working-set record is stale (recorded for other image content): "
+                         "lazy restores ignore it")
 
 
 @dataclass

@@ -18,6 +18,10 @@ Unless ``paused``, ``cont`` is issued while QEMU still waits (it then starts the
 moment it processes RUN, with no extra round trip). *Time to running* is measured from the
 call to the moment QEMU left ``inmigrate`` (guest running, or ready and paused).
 
+The image's working-set record (``docs/working-set.md``) is prefetched and updated unless
+``prefetch`` / ``record`` are off; its warnings (stale or damaged record, image not
+writable) are printed once, by whichever process read or wrote it.
+
 Once the guest runs, a failure of the image or of fixedram cannot be recovered: see
 :mod:`fixedram.endpoint.postcopy`.
 """
@@ -28,7 +32,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -78,6 +82,13 @@ class LazyRestoreReport:
     ram_size: int
     status: str  # run state at the end
     caps_changed: dict[str, bool]
+    pages_prefetched: int = 0  # pages with data pushed first, from the working-set record
+    zero_prefetched: int = 0  # absent pages of the record sent first (ZERO records)
+    working_set_pages: int = 0  # pages in the record prefetched from (0: none)
+    #: seconds from the start until the guest's first N requests were served ("N": s)
+    time_to_requests: dict[str, float] = field(default_factory=dict)
+    bytes_read: int = 0  # page data fixedram read from the image
+    record: str = "off"  # working-set record: recorded, unchanged, skipped, off
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -106,6 +117,8 @@ def lazy_restore(
     push_rate: float | None = None,
     timeout: float | None = None,
     started: float | None = None,
+    prefetch: bool = True,
+    record: bool = True,
 ) -> LazyRestoreReport:
     """Restore ``image`` lazily into the QEMU behind ``qmp`` (started ``-incoming defer``).
 
@@ -113,7 +126,8 @@ def lazy_restore(
     paused (it is ready at once, pages still arrive). ``push_rate`` (bytes/s) throttles the
     background push; ``progress`` gets a :class:`Progress` now and then (fd/unix only).
     ``started`` (a :func:`time.monotonic` value, default: now) is where the reported times
-    count from, e.g. the start of the command. Raises
+    count from, e.g. the start of the command. ``prefetch`` / ``record``: use and update the
+    image's working-set record. Raises
     :class:`~fixedram.errors.MismatchError` / :class:`~fixedram.errors.ImageError` before
     anything is sent, :class:`~fixedram.endpoint.postcopy.PostcopyFailed` when the restore
     broke after the guest started.
@@ -133,11 +147,11 @@ def lazy_restore(
         validate(img, dest_machine=facts.machine, dest_blocks=dest_blocks)
         pages = sum(img.count_present(n) for n in img.blocks)
         ram_size, fmt = img.ram_size, img.format
-        sender = _Sender(img, facts.machine, dest_blocks, progress, push_rate)
+        sender = _Sender(img, facts.machine, dest_blocks, progress, push_rate, prefetch, record)
         settings = MigrationSettings(qmp, facts)
         watch = Watch(qmp, incoming="the lazy restore")
         try:
-            way = _transport(qmp, transport, path, push_rate)
+            way = _transport(qmp, transport, path, push_rate, prefetch, record)
         except BaseException:
             watch.close()
             raise
@@ -174,6 +188,13 @@ def lazy_restore(
         ram_size=ram_size,
         status=qmp.status(),
         caps_changed=dict(settings.caps),
+        pages_prefetched=int(counts.get("pages_prefetched", 0)),
+        zero_prefetched=int(counts.get("zero_prefetched", 0)),
+        working_set_pages=int(counts.get("working_set_pages", 0)),
+        time_to_requests={str(k): float(v) for k, v in
+                          dict(counts.get("time_to_requests") or {}).items()},
+        bytes_read=int(counts.get("bytes_read", 0)),
+        record=str(counts.get("record", "off")),
     )
 
 
@@ -181,10 +202,12 @@ class _Sender:
     """The postcopy source in a thread of this process (fd and unix transports)."""
 
     def __init__(self, img: Any, machine: str, dest_blocks: list[tuple[str, int]],
-                 progress: ProgressFn | None, push_rate: float | None) -> None:
+                 progress: ProgressFn | None, push_rate: float | None, prefetch: bool,
+                 record: bool) -> None:
         self.img, self.machine, self.dest_blocks = img, machine, dest_blocks
         self.progress = _lazy_progress(progress) if progress is not None else None
         self.push_rate = push_rate
+        self.prefetch, self.record = prefetch, record
         self.run_sent: list[float] = []  # when RUN was written
 
     def start(self, chan: Channel) -> Worker:
@@ -194,12 +217,14 @@ class _Sender:
             return send_postcopy(self.img, chan, dest_machine=self.machine,
                                  dest_blocks=self.dest_blocks, progress=self.progress,
                                  on_running=lambda: self.run_sent.append(time.monotonic()),
-                                 push_rate=self.push_rate)
+                                 push_rate=self.push_rate, prefetch=self.prefetch,
+                                 record=self.record)
 
         return Worker.started("fixedram-postcopy", run)
 
 
-def _transport(qmp: QMP, kind: Transport, path: Path, push_rate: float | None) -> _Way:
+def _transport(qmp: QMP, kind: Transport, path: Path, push_rate: float | None,
+               prefetch: bool, record: bool) -> _Way:
     """The transport ``kind``, made before QEMU is touched. Its sockets keep the kernel's
     default buffers: a page the guest waits for must not queue behind megabytes of pages
     pushed in the background (:data:`fixedram.io.channel.UNIX_SOCKET_BUFFER`)."""
@@ -210,8 +235,9 @@ def _transport(qmp: QMP, kind: Transport, path: Path, push_rate: float | None) -
 
     def argv(report_file: Path) -> list[str]:
         rate = ["--push-rate", str(int(push_rate))] if push_rate else []
+        ws = [*([] if prefetch else ["--no-prefetch"]), *([] if record else ["--no-record"])]
         return [str(Path(sys.executable).absolute()), "-m", "fixedram", "send", "--postcopy",
-                *rate, "--quiet", "--report-json", str(report_file), str(path)]
+                *rate, *ws, "--quiet", "--report-json", str(report_file), str(path)]
 
     return ExecTransport(argv)
 
@@ -251,8 +277,14 @@ def _wait(watch: Watch, way: _Way, t0: float,
                                f"(status {r.status})")
     if worker is None:
         assert isinstance(way, ExecTransport)
-        return t_running, way.report()
+        counts = way.report()
+        from fixedram.log import warn
+
+        for w in counts.get("warnings") or ():  # the child's stderr is QEMU's: say them here
+            warn("%s", w)
+        return t_running, counts
     rep = worker.outcome()
-    return t_running, {"pages_on_demand": rep.pages_on_demand, "pages_pushed": rep.pages_pushed,
-                       "zero_on_demand": rep.zero_on_demand, "requests": rep.requests,
-                       "bytes_sent": rep.bytes_sent}
+    return t_running, {k: getattr(rep, k) for k in (
+        "pages_on_demand", "pages_pushed", "zero_on_demand", "requests", "bytes_sent",
+        "pages_prefetched", "zero_prefetched", "working_set_pages", "time_to_requests",
+        "bytes_read", "record")}

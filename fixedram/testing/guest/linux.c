@@ -14,6 +14,12 @@
  *     /dev/vda (O_DIRECT, a different block each time) and 16 bytes of /dev/hwrng (virtio-rng);
  *     a failed read prints "BAD device ..." and counts in err (a broken device hangs the
  *     heartbeat instead).
+ *   - touch: with `touch=N` (MiB, default 0 = off) it also fills N MiB of anonymous memory
+ *     with a known pattern at start (page i: w[0]='TUCH', w[1]=i, w[2]=~i) and then does
+ *     nothing with it until a 't' arrives on the second serial port (/dev/ttyS1, polled
+ *     without blocking): it then reads those three words of every page of the region, in
+ *     order, and prints "TOUCH <k> pages=<n> bad=<b> ms=<ms>" (k counts the commands). After
+ *     a restore that is "the workload resumes": every page it reads must be in RAM first.
  * Every `hb=MS` ms (default 1000) it prints on stdout (the serial console):
  *   HB <n> gen=<g> cur=<page> err=<e> KiBps=<k> data=<16 hex digits of the digest>
  * Parameters are key=value words of the kernel command line (/proc/cmdline).
@@ -29,12 +35,14 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/random.h>
+#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 
 #define MAGIC 0x54524944u
 #define PAGE_WORDS 1024u
 #define MAX_BAD_LINES 64u
+#define TOUCH_MAGIC 0x48435554u
 
 static char cmdline[4096];
 static uint32_t err, bad_lines;
@@ -136,6 +144,55 @@ static void stamp(uint32_t *w, uint32_t i, uint32_t gen) {
     for (uint32_t k = 3; k < PAGE_WORDS; k++) w[k] = b ^ k;
 }
 
+/* The touch region: filled once; read page by page on each 't' from the command port. */
+static uint32_t *touch_mem;
+static uint32_t touch_pages, touches;
+static int cmd_fd = -1;
+
+static void touch_setup(uint32_t mib) {
+    if (!mib) return;
+    touch_pages = mib * 256u;
+    touch_mem = mmap(0, (size_t)touch_pages * 4096u, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+    if (touch_mem == MAP_FAILED) {
+        say("lxguest: cannot map the touch region\n");
+        touch_mem = 0;
+        return;
+    }
+    for (uint32_t i = 0; i < touch_pages; i++) {
+        uint32_t *w = touch_mem + (size_t)i * PAGE_WORDS;
+        w[0] = TOUCH_MAGIC;
+        w[1] = i;
+        w[2] = ~i;
+    }
+    cmd_fd = open("/dev/ttyS1", O_RDWR | O_NOCTTY | O_NONBLOCK);
+    struct termios t;
+    if (cmd_fd >= 0 && tcgetattr(cmd_fd, &t) == 0) {
+        cfmakeraw(&t);
+        tcsetattr(cmd_fd, TCSANOW, &t);
+    }
+}
+
+/* A 't' on the command port: read the region, say how long it took. */
+static void touch_poll(void) {
+    char c[16], line[120];
+    if (cmd_fd < 0 || !touch_mem) return;
+    ssize_t n = read(cmd_fd, c, sizeof c);
+    for (ssize_t k = 0; k < n; k++) {
+        if (c[k] != 't') continue;
+        uint64_t t0 = now_ms();
+        uint32_t bad = 0;
+        for (uint32_t i = 0; i < touch_pages; i++) {
+            const volatile uint32_t *w = touch_mem + (size_t)i * PAGE_WORDS;
+            if (w[0] != TOUCH_MAGIC || w[1] != i || w[2] != ~i) bad++;
+        }
+        err += bad;
+        snprintf(line, sizeof line, "TOUCH %u pages=%u bad=%u ms=%llu\n", touches++,
+                 touch_pages, bad, (unsigned long long)(now_ms() - t0));
+        say(line);
+    }
+}
+
 int main(void) {
     int fd = open("/proc/cmdline", O_RDONLY);
     if (fd >= 0) {
@@ -144,7 +201,7 @@ int main(void) {
         close(fd);
     }
     uint32_t data_mib = param("data", 16), mib = param("mib", 16);
-    uint32_t rate = param("rate", 4), hb_ms = param("hb", 1000);
+    uint32_t rate = param("rate", 4), hb_ms = param("hb", 1000), touch_mib = param("touch", 0);
     if (hb_ms == 0) hb_ms = 1000;
     if (mib == 0) mib = 1;
     char line[200];
@@ -190,15 +247,18 @@ int main(void) {
         close(rng_fd);
         rng_fd = -1;
     }
+    touch_setup(touch_mib);
     snprintf(line, sizeof line,
-             "fixedram lxguest: data=%u MiB digest=%016llx mib=%u rate=%u hb=%u vda=%d hwrng=%d\n",
-             data_mib, (unsigned long long)want, mib, rate, hb_ms, disk_fd >= 0, rng_fd >= 0);
+             "fixedram lxguest: data=%u MiB digest=%016llx mib=%u rate=%u hb=%u vda=%d hwrng=%d"
+             " touch=%u cmd=%d\n", data_mib, (unsigned long long)want, mib, rate, hb_ms,
+             disk_fd >= 0, rng_fd >= 0, touch_mem ? touch_mib : 0, cmd_fd >= 0);
     say(line);
 
     uint64_t pps = (uint64_t)rate * 256u, credit = 0, cap = pps * 100u;
     uint32_t gen = 0, cur = 0, hb = 0, stamped = 0;
     uint64_t last = now_ms(), hb_last = last, next_hb = last;
     for (;;) {
+        touch_poll();
         uint64_t now = now_ms();
         if (now >= next_hb) {
             poke_devices(hb);

@@ -12,26 +12,38 @@ and the sources next to this file:
   ``/lxguest``, ``linux.c`` built with ``gcc -static``.
 
 The guest's kernel command line takes ``console=ttyS0`` plus the workload's parameters
-(``data=``, ``mib=``, ``rate=``, ``hb=``; see ``linux.c``): :func:`linux_append`. Its
-heartbeat ``HB <n> gen=<g> cur=<c> err=<e> KiBps=<k> data=<digest>`` is what
+(``data=``, ``mib=``, ``rate=``, ``hb=``, ``touch=``; see ``linux.c``): :func:`linux_append`.
+Its heartbeat ``HB <n> gen=<g> cur=<c> err=<e> KiBps=<k> data=<digest>`` is what
 :func:`fixedram.testing.vm.parse_heartbeats` reads.
+
+**The touch workload** (``touch=N``): the guest fills N MiB at start and reads all of it
+whenever it gets a ``t`` on its second serial port, then prints
+``TOUCH <k> pages=<n> bad=<b> ms=<ms>``. The port is a QEMU socket chardev,
+:data:`COMMAND_PORT_ARGS` (same on source and destination: ``{guest}`` is each QEMU's name,
+the path is relative to its working directory); :func:`send_touch` sends the command and
+:func:`parse_touches` reads the answers. A benchmark sends it right after a restore starts
+the guest: the answer's arrival is when the workload has resumed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import lzma
+import re
 import shutil
 import subprocess
 import tempfile
+import time
 import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 
 from fixedram.errors import VMError
 
-__all__ = ["LinuxGuest", "build_linux_guest", "find_debs", "linux_append"]
+__all__ = ["LinuxGuest", "build_linux_guest", "find_debs", "linux_append", "COMMAND_PORT_ARGS",
+           "send_touch", "parse_touches", "Touch"]
 
 _SOURCES = ("linux.c", "init.sh")
 #: Kernel modules put in the initramfs, in load order (init.sh loads them): the drivers of
@@ -51,11 +63,56 @@ class LinuxGuest:
 
 
 def linux_append(*, data: int = 16, mib: int = 16, rate: int = 4, hb: int = 1000,
-                 extra: str = "") -> str:
-    """The kernel command line for the guest: serial console, quiet, no reboot on panic."""
+                 touch: int = 0, extra: str = "") -> str:
+    """The kernel command line for the guest: serial console, quiet, no reboot on panic.
+    ``touch`` (MiB) turns on the touch workload (it needs :data:`COMMAND_PORT_ARGS`)."""
     words = ["console=ttyS0", "quiet", "panic=-1", "tsc=reliable", f"data={data}", f"mib={mib}",
-             f"rate={rate}", f"hb={hb}"]
+             f"rate={rate}", f"hb={hb}", *([f"touch={touch}"] if touch else [])]
     return " ".join([*words, extra]).strip()
+
+
+#: QEMU arguments of the touch workload's command port (the guest's ttyS1): a unix socket
+#: ``<name>.cmd`` in the QEMU's working directory that :func:`send_touch` connects to.
+COMMAND_PORT_ARGS = ("-chardev", "socket,id=lxcmd,path={guest}.cmd,server=on,wait=off",
+                     "-device", "isa-serial,chardev=lxcmd")
+
+
+class Touch(NamedTuple):
+    """One ``TOUCH`` line: the k-th touch of ``pages`` pages, ``bad`` of them wrong."""
+
+    k: int
+    pages: int
+    bad: int
+    ms: int
+
+
+_TOUCH = re.compile(rb"^TOUCH (\d+) pages=(\d+) bad=(\d+) ms=(\d+)\r?$", re.M)
+
+
+def parse_touches(serial: bytes) -> list[Touch]:
+    """Every complete ``TOUCH`` line of the serial output."""
+    return [Touch(*map(int, m.groups())) for m in _TOUCH.finditer(serial)]
+
+
+def send_touch(pid: int, name: str, timeout: float = 10.0) -> None:
+    """Ask the guest ``name`` (QEMU process ``pid``, started with :data:`COMMAND_PORT_ARGS`)
+    to read its touch region. The socket is reached through ``/proc/<pid>/cwd``: a short
+    path, whatever the QEMU's working directory."""
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(f"/proc/{pid}/cwd/{name}.cmd")
+            s.sendall(b"t")
+            return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise VMError(f"cannot reach the command port of guest {name}: {e}") from e
+            time.sleep(0.05)
+        finally:
+            s.close()
 
 
 def _cache_dirs() -> list[Path]:

@@ -1,0 +1,246 @@
+"""Lazy restore with and without the recorded working set, and a fan-out of lazy restores.
+
+The Linux test guest (``fixedram/testing/guest/linux.py``) runs its touch workload
+(``touch=N`` MiB, read in full on a command from its second serial port). It is saved once
+(``fixedram save --via proxy``, image on disk: ``--dir``, default a temporary directory under
+``/tmp``), then:
+
+1. **Working set.** Restored lazily (``--push-rate``, default 64M: storage slower than the
+   guest) ``--repeat`` times *without* the recorded set (``--no-prefetch``; the first of these
+   records it), then ``--repeat`` times *with* it. Right after the guest runs the harness sends
+   the touch command; *time to resume the workload* is from the start of ``fixedram restore``
+   until the guest's ``TOUCH`` line appears on its serial console (polled every 5 ms), and
+   *time to heartbeat* until its first heartbeat after the restore. Page requests (QEMU's, on
+   the guest's critical path) and fixedram's ``time_to_requests`` come from the JSON report.
+2. **Fan-out.** The image is dropped from the page cache, one lazy restore runs alone, the
+   cache is dropped again, and ``--fanout`` lazy restores of the same image run at once into
+   as many destinations. For each: time to running (fixedram's report), page data fixedram
+   read from the image (``bytes_read``) and bytes the kernel read from storage for that
+   process (``ru_inblock`` of the child from ``wait4``: page-cache misses, whoever missed
+   first pays). Each guest's heartbeat must resume.
+
+Usage::
+
+    .venv/bin/python -m bench.workingset                      # 256M guests, 8-way fan-out
+    .venv/bin/python -m bench.workingset --repeat 1 --fanout 3   # quick
+
+Writes ``bench/results/workingset-<stamp>.json`` and prints a summary. Not run by the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from fixedram.testing.guest.linux import (
+    COMMAND_PORT_ARGS,
+    build_linux_guest,
+    linux_append,
+    parse_touches,
+    send_touch,
+)
+from fixedram.testing.vm import Guest, choose_accel, find_qemu
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXEDRAM = [sys.executable, "-m", "fixedram"]
+
+
+def drop_cache(path: Path) -> None:
+    """Evict the image's pages from the page cache (clean pages: no privilege needed)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def start_restore(dst: Guest, img: Path, extra: list[str], out: Path) -> subprocess.Popen[bytes]:
+    assert dst.control_path is not None
+    with open(out, "wb") as f:
+        return subprocess.Popen([*FIXEDRAM, "restore", "--lazy", "--qmp", str(dst.control_path),
+                                 "--json", "--no-progress", *extra, str(img)], stdout=f,
+                                stderr=subprocess.PIPE)
+
+
+def finish(p: subprocess.Popen[bytes], out: Path) -> tuple[dict[str, Any], int]:
+    """Wait for a restore; its report and the bytes it read from storage (``ru_inblock``)."""
+    _, status, ru = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    err = p.stderr.read().decode() if p.stderr is not None else ""
+    if p.returncode:
+        raise RuntimeError(f"fixedram restore failed: {err.strip()}")
+    return json.loads(out.read_text()), ru.ru_inblock * 512
+
+
+def one_restore(src: Guest, img: Path, extra: list[str], work: Path,
+                last_hb: int) -> dict[str, Any]:
+    """One lazy restore with the touch command sent as soon as the guest runs."""
+    dst = Guest.like(src, name="dst", incoming=True)
+    with dst:
+        t0 = time.monotonic()
+        p = start_restore(dst, img, extra, work / "rep.json")
+        ttr = t_touch = t_hb = None
+        while t_touch is None or t_hb is None:
+            now = time.monotonic() - t0
+            if now > 300:
+                raise RuntimeError("the workload did not resume within 300 s")
+            if ttr is None and dst.status() == "running":
+                ttr = now
+                assert dst.pid is not None
+                send_touch(dst.pid, dst.name)
+            if ttr is not None:
+                serial = dst.serial()
+                if t_touch is None and parse_touches(serial):
+                    t_touch = now
+                if t_hb is None and any(b.n > last_hb for b in dst.heartbeats()):
+                    t_hb = now
+            time.sleep(0.005)
+        rep, inblock = finish(p, work / "rep.json")
+        touch = parse_touches(dst.serial())[0]
+        if touch.bad:
+            raise RuntimeError(f"the guest found {touch.bad} wrong pages")
+    return {"time_to_running": ttr, "time_to_workload": t_touch, "time_to_heartbeat": t_hb,
+            "guest_touch_ms": touch.ms, "requests": rep["requests"],
+            "pages_on_demand": rep["pages_on_demand"], "pages_prefetched": rep["pages_prefetched"],
+            "zero_prefetched": rep["zero_prefetched"],
+            "working_set_pages": rep["working_set_pages"],
+            "time_to_requests": rep["time_to_requests"], "record": rep["record"],
+            "total_time": rep["total_time"], "storage_read": inblock}
+
+
+def fanout(src: Guest, img: Path, n: int, extra: list[str], work: Path,
+           last_hb: int) -> list[dict[str, Any]]:
+    """``n`` lazy restores of ``img`` at once (image evicted from the page cache first)."""
+    dsts = [Guest.like(src, name=f"f{i}", incoming=True) for i in range(n)]
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for d in dsts:
+            d.start()
+        drop_cache(img)
+        for i, d in enumerate(dsts):
+            procs.append(start_restore(d, img, extra, work / f"f{i}.json"))
+        out = []
+        for i, p in enumerate(procs):
+            rep, inblock = finish(p, work / f"f{i}.json")
+            out.append({"time_to_running": rep["time_to_running"],
+                        "total_time": rep["total_time"], "bytes_read": rep["bytes_read"],
+                        "storage_read": inblock, "requests": rep["requests"]})
+        for d in dsts:
+            d.wait_heartbeat(after=last_hb, timeout=300)
+        return out
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                p.kill()
+                p.wait()
+        for d in dsts:
+            d.kill()
+
+
+def main() -> None:
+    """Run the benchmark and print the summary."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--mem", default="256M", help="guest RAM")
+    ap.add_argument("--touch", type=int, default=32, help="MiB the workload reads")
+    ap.add_argument("--push-rate", default="64M", help="restore --push-rate")
+    ap.add_argument("--repeat", type=int, default=3, help="restores without and with")
+    ap.add_argument("--fanout", type=int, default=8, help="concurrent restores (0: skip)")
+    ap.add_argument("--dir", type=Path, default=None, help="where the image goes")
+    args = ap.parse_args()
+    qemu = find_qemu("10")
+    lx = build_linux_guest()
+    accel = choose_accel(qemu)
+    work = Path(tempfile.mkdtemp(prefix="fixedram-bench-ws-"))
+    imgdir = args.dir or work
+    img = imgdir / "ws.img"
+    res: dict[str, Any] = {"host": platform.node(), "qemu": qemu.version_str, "accel": accel,
+                           "mem": args.mem, "touch_mib": args.touch,
+                           "push_rate": args.push_rate, "image_dir": str(imgdir)}
+    src = Guest(qemu, work, name="src", kernel=lx.kernel, initrd=lx.initrd, mem=args.mem,
+                append=linux_append(data=8, mib=4, rate=1, hb=500, touch=args.touch),
+                extra_args=COMMAND_PORT_ARGS, control=True, qmp_timeout=300)
+    try:
+        with src:
+            src.wait_heartbeat(gen_at_least=1, timeout=300)
+            assert src.control_path is not None
+            r = subprocess.run([*FIXEDRAM, "save", "--qmp", str(src.control_path), "--via",
+                                "proxy", "--json", "--no-progress", str(img)],
+                               capture_output=True, text=True, check=False)
+            if r.returncode:
+                raise RuntimeError(f"save failed: {r.stderr.strip()}")
+            last_hb = src.heartbeats()[-1].n
+            rate = ["--push-rate", args.push_rate]
+            runs: dict[str, list[dict[str, Any]]] = {"without": [], "with": []}
+            for i in range(args.repeat):
+                print(f"# without {i + 1}", file=sys.stderr, flush=True)
+                extra = [*rate, "--no-prefetch", *([] if i == 0 else ["--no-record"])]
+                runs["without"].append(one_restore(src, img, extra, work, last_hb))
+            for i in range(args.repeat):
+                print(f"# with {i + 1}", file=sys.stderr, flush=True)
+                runs["with"].append(one_restore(src, img, rate, work, last_hb))
+            res["restores"] = runs
+            if args.fanout:
+                print("# fan-out: 1", file=sys.stderr, flush=True)
+                drop_cache(img)
+                res["single"] = fanout(src, img, 1, [], work, last_hb)[0]
+                print(f"# fan-out: {args.fanout}", file=sys.stderr, flush=True)
+                res["fanout"] = fanout(src, img, args.fanout, [], work, last_hb)
+    finally:
+        with contextlib.suppress(OSError):
+            img.unlink()
+        shutil.rmtree(work, ignore_errors=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = ROOT / "bench" / "results" / f"workingset-{stamp}.json"
+    dest.parent.mkdir(exist_ok=True)
+    dest.write_text(json.dumps(res, indent=2))
+    report(res)
+    print(f"results: {dest}")
+
+
+def report(res: dict[str, Any]) -> None:
+    """Print the summary table of a results dict."""
+    med = statistics.median
+    print(f"QEMU {res['qemu']} ({res['accel']}); {res['mem']} guest, touch {res['touch_mib']} "
+          f"MiB, push rate {res['push_rate']}; medians")
+    print(f"{'':<8} {'requests':>9} {'to running':>11} {'to workload':>12} "
+          f"{'to heartbeat':>13} {'first 100 req':>14} {'prefetched':>11}")
+    for k, rs in res["restores"].items():
+        t100 = [r["time_to_requests"].get("100") for r in rs]
+        t100s = f"{med(t100):>11.2f} s" if all(t is not None for t in t100) else f"{'-':>13}"
+        print(f"{k:<8} {med([r['requests'] for r in rs]):>9.0f} "
+              f"{med([r['time_to_running'] for r in rs]):>9.2f} s "
+              f"{med([r['time_to_workload'] for r in rs]):>10.2f} s "
+              f"{med([r['time_to_heartbeat'] for r in rs]):>11.2f} s {t100s} "
+              f"{med([r['pages_prefetched'] + r['zero_prefetched'] for r in rs]):>11.0f}")
+    w, p = res["restores"]["without"], res["restores"]["with"]
+    print(f"requests without/with: {med([r['requests'] for r in w]) / max(1, med([r['requests'] for r in p])):.1f}x; "  # noqa: E501
+          f"time to workload without/with: "
+          f"{med([r['time_to_workload'] for r in w]) / med([r['time_to_workload'] for r in p]):.2f}x")  # noqa: E501
+    if "fanout" in res:
+        one, many = res["single"], res["fanout"]
+        n = len(many)
+        read1, readn = one["storage_read"], sum(f["storage_read"] for f in many)
+        print(f"fan-out of {n}: storage read {readn / 2**20:.0f} MiB vs {read1 / 2**20:.0f} MiB "
+              f"for one ({readn / max(1, read1):.2f}x); fixedram read "
+              f"{sum(f['bytes_read'] for f in many) / 2**20:.0f} MiB vs "
+              f"{one['bytes_read'] / 2**20:.0f} MiB")
+        ttrs = sorted(f["time_to_running"] for f in many)
+        print(f"time to running: one {one['time_to_running']:.2f} s; {n} at once: median "
+              f"{med(ttrs):.2f} s, max {ttrs[-1]:.2f} s; total one {one['total_time']:.2f} s, "
+              f"{n} at once max {max(f['total_time'] for f in many):.2f} s")
+
+
+if __name__ == "__main__":
+    main()
