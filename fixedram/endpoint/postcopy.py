@@ -17,6 +17,12 @@ Pages are read at their fixed offset in the image (one positional read per run o
 adjacent requests merged into one run). Every page with data is sent exactly once, as a PAGE
 record; a page already sent is never sent again, even when QEMU asks for it (it is on its way).
 
+**Working set** (``docs/working-set.md``): the image's recorded working set, if any, is
+pushed first, in its order (absent pages of it as ZERO records), then the rest; the pages
+QEMU asks for are logged and merged into that record once every page is sent
+(:mod:`fixedram.image.workingset`). The record only orders the push: it never decides a
+page's content.
+
 **Absent pages** (zero in the image) are not pushed. The whole-block DISCARD sent before
 LISTEN drops every page of every block on the destination, firmware ROM blocks included, so
 a page that never arrives reads as zero once the postcopy ends, which is exactly the image's
@@ -47,6 +53,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -67,7 +74,6 @@ from fixedram.image import Image
 from fixedram.image.layout import runs
 from fixedram.image.sections import ram_section_id
 from fixedram.image.sparse import SparseBits
-from fixedram.image.workingset import Observation, WorkingSet
 from fixedram.io.channel import Buffer, Channel
 from fixedram.stream import CommandRecord, EndOfFile, Packaged, SectionPart, StreamEncoder, encode
 from fixedram.stream.encoder import counted
@@ -80,6 +86,9 @@ from fixedram.stream.format import (
     ReturnPathMsg,
 )
 from fixedram.stream.returnpath import ReturnPathDecoder
+
+if TYPE_CHECKING:  # imported when used: xxhash stays out of a restore without a record
+    from fixedram.image.workingset import Observation, WorkingSet
 
 __all__ = [
     "PostcopyFailed",
@@ -293,6 +302,8 @@ class _ReturnPath:
 
     def observation(self, prefetched: bool) -> Observation:
         """The requests seen so far, for the working-set record."""
+        from fixedram.image.workingset import Observation
+
         with self.cond:
             return Observation(list(self.log), prefetched)
 
