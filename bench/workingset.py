@@ -149,12 +149,28 @@ def fanout(src: Guest, img: Path, n: int, extra: list[str], work: Path,
             d.kill()
 
 
+def copy_image(src: Path, dst: Path) -> Path:
+    """A sparse copy of the image (each push rate starts from an image without a record)."""
+    subprocess.run(["cp", "--sparse=always", str(src), str(dst)], check=True)
+    return dst
+
+
+#: The restores of one push rate: (name, ``restore`` flags, how many; ``None`` = --repeat).
+PLAN = (
+    ("without", ["--no-prefetch", "--no-record"], None),  # no record used or made
+    ("recording", ["--no-prefetch"], 1),  # the first restore of the image: records it
+    ("with", [], None),  # prefetch the record (and merge into it)
+)
+
+
 def main() -> None:
     """Run the benchmark and print the summary."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mem", default="256M", help="guest RAM")
     ap.add_argument("--touch", type=int, default=32, help="MiB the workload reads")
-    ap.add_argument("--push-rate", default="64M", help="restore --push-rate")
+    ap.add_argument("--push-rate", default="16M,128M",
+                    help="restore --push-rate values, comma-separated")
+    ap.add_argument("--prefetch-rate", default=None, help="restore --prefetch-rate")
     ap.add_argument("--repeat", type=int, default=3, help="restores without and with")
     ap.add_argument("--fanout", type=int, default=8, help="concurrent restores (0: skip)")
     ap.add_argument("--dir", type=Path, default=None, help="where the image goes")
@@ -163,11 +179,14 @@ def main() -> None:
     lx = build_linux_guest()
     accel = choose_accel(qemu)
     work = Path(tempfile.mkdtemp(prefix="fixedram-bench-ws-"))
-    imgdir = args.dir or work
+    imgdir = Path(tempfile.mkdtemp(prefix="fixedram-bench-ws-", dir=args.dir)) if args.dir \
+        else work
     img = imgdir / "ws.img"
+    rates = [r.strip() for r in args.push_rate.split(",") if r.strip()]
     res: dict[str, Any] = {"host": platform.node(), "qemu": qemu.version_str, "accel": accel,
-                           "mem": args.mem, "touch_mib": args.touch,
-                           "push_rate": args.push_rate, "image_dir": str(imgdir)}
+                           "mem": args.mem, "touch_mib": args.touch, "push_rates": rates,
+                           "prefetch_rate": args.prefetch_rate, "image_dir": str(imgdir),
+                           "command": " ".join(["python -m bench.workingset", *sys.argv[1:]])}
     src = Guest(qemu, work, name="src", kernel=lx.kernel, initrd=lx.initrd, mem=args.mem,
                 append=linux_append(data=8, mib=4, rate=1, hb=500, touch=args.touch),
                 extra_args=COMMAND_PORT_ARGS, control=True, qmp_timeout=300)
@@ -181,26 +200,33 @@ def main() -> None:
             if r.returncode:
                 raise RuntimeError(f"save failed: {r.stderr.strip()}")
             last_hb = src.heartbeats()[-1].n
-            rate = ["--push-rate", args.push_rate]
-            runs: dict[str, list[dict[str, Any]]] = {"without": [], "with": []}
-            for i in range(args.repeat):
-                print(f"# without {i + 1}", file=sys.stderr, flush=True)
-                extra = [*rate, "--no-prefetch", *([] if i == 0 else ["--no-record"])]
-                runs["without"].append(one_restore(src, img, extra, work, last_hb))
-            for i in range(args.repeat):
-                print(f"# with {i + 1}", file=sys.stderr, flush=True)
-                runs["with"].append(one_restore(src, img, rate, work, last_hb))
-            res["restores"] = runs
-            if args.fanout:
+            res["restores"] = {}
+            recorded = img
+            for rate in rates:
+                recorded = copy_image(img, imgdir / f"ws-{rate}.img")
+                flags = ["--push-rate", rate, *(["--prefetch-rate", args.prefetch_rate]
+                                                if args.prefetch_rate else [])]
+                runs: dict[str, list[dict[str, Any]]] = {}
+                for name, extra, count in PLAN:
+                    runs[name] = []
+                    for i in range(count or args.repeat):
+                        print(f"# {rate} {name} {i + 1}", file=sys.stderr, flush=True)
+                        runs[name].append(one_restore(src, recorded, [*flags, *extra], work,
+                                                      last_hb))
+                res["restores"][rate] = runs
+            if args.fanout:  # the image recorded at the last rate; full speed
                 print("# fan-out: 1", file=sys.stderr, flush=True)
-                drop_cache(img)
-                res["single"] = fanout(src, img, 1, [], work, last_hb)[0]
+                drop_cache(recorded)
+                res["single"] = fanout(src, recorded, 1, [], work, last_hb)[0]
                 print(f"# fan-out: {args.fanout}", file=sys.stderr, flush=True)
-                res["fanout"] = fanout(src, img, args.fanout, [], work, last_hb)
+                res["fanout"] = fanout(src, recorded, args.fanout, [], work, last_hb)
     finally:
-        with contextlib.suppress(OSError):
-            img.unlink()
+        for f in imgdir.glob("ws*.img"):
+            with contextlib.suppress(OSError):
+                f.unlink()
         shutil.rmtree(work, ignore_errors=True)
+        if imgdir != work:
+            shutil.rmtree(imgdir, ignore_errors=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     dest = ROOT / "bench" / "results" / f"workingset-{stamp}.json"
     dest.parent.mkdir(exist_ok=True)
@@ -209,37 +235,50 @@ def main() -> None:
     print(f"results: {dest}")
 
 
+def _med(rs: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(r[key] for r in rs)
+
+
+def _served(rs: list[dict[str, Any]], n: int) -> str:
+    """Median time until the first ``n`` requests were served, '-' when a restore made fewer."""
+    ts = [r["time_to_requests"].get(str(n)) for r in rs]
+    return f"{statistics.median(ts):.2f}" if all(t is not None for t in ts) else "-"
+
+
 def report(res: dict[str, Any]) -> None:
-    """Print the summary table of a results dict."""
-    med = statistics.median
-    print(f"QEMU {res['qemu']} ({res['accel']}); {res['mem']} guest, touch {res['touch_mib']} "
-          f"MiB, push rate {res['push_rate']}; medians")
-    print(f"{'':<8} {'requests':>9} {'to running':>11} {'to workload':>12} "
-          f"{'to heartbeat':>13} {'first 100 req':>14} {'prefetched':>11}")
-    for k, rs in res["restores"].items():
-        t100 = [r["time_to_requests"].get("100") for r in rs]
-        t100s = f"{med(t100):>11.2f} s" if all(t is not None for t in t100) else f"{'-':>13}"
-        print(f"{k:<8} {med([r['requests'] for r in rs]):>9.0f} "
-              f"{med([r['time_to_running'] for r in rs]):>9.2f} s "
-              f"{med([r['time_to_workload'] for r in rs]):>10.2f} s "
-              f"{med([r['time_to_heartbeat'] for r in rs]):>11.2f} s {t100s} "
-              f"{med([r['pages_prefetched'] + r['zero_prefetched'] for r in rs]):>11.0f}")
-    w, p = res["restores"]["without"], res["restores"]["with"]
-    print(f"requests without/with: {med([r['requests'] for r in w]) / max(1, med([r['requests'] for r in p])):.1f}x; "  # noqa: E501
-          f"time to workload without/with: "
-          f"{med([r['time_to_workload'] for r in w]) / med([r['time_to_workload'] for r in p]):.2f}x")  # noqa: E501
+    """Print the results as markdown tables, with the command that made them."""
+    print(f"`{res['command']}`: QEMU {res['qemu']} ({res['accel']}), {res['mem']} Linux guest, "
+          f"touch workload {res['touch_mib']} MiB, image on disk; medians of "
+          f"{len(next(iter(res['restores'].values()))['with'])} restores (recording: 1)."
+          " Times in s from the start of `fixedram restore`.\n")
+    print("| push rate | restore | requests | prefetched | first 10 / 100 / 1000 served "
+          "| running | heartbeat | workload |")
+    print("|---|---|---:|---:|---|---:|---:|---:|")
+    for rate, runs in res["restores"].items():
+        for name, rs in runs.items():
+            pre = statistics.median(r["pages_prefetched"] + r["zero_prefetched"] for r in rs)
+            print(f"| {rate} | {name} | {_med(rs, 'requests'):.0f} | {pre:.0f} | "
+                  f"{_served(rs, 10)} / {_served(rs, 100)} / {_served(rs, 1000)} | "
+                  f"{_med(rs, 'time_to_running'):.2f} | {_med(rs, 'time_to_heartbeat'):.2f} | "
+                  f"{_med(rs, 'time_to_workload'):.2f} |")
+    print()
+    for rate, runs in res["restores"].items():
+        w, p = runs["without"], runs["with"]
+        print(f"- {rate}: requests without / with the record "
+              f"{_med(w, 'requests') / max(1.0, _med(p, 'requests')):.1f}x; time to workload "
+              f"{_med(w, 'time_to_workload') / _med(p, 'time_to_workload'):.2f}x")
     if "fanout" in res:
         one, many = res["single"], res["fanout"]
         n = len(many)
         read1, readn = one["storage_read"], sum(f["storage_read"] for f in many)
-        print(f"fan-out of {n}: storage read {readn / 2**20:.0f} MiB vs {read1 / 2**20:.0f} MiB "
-              f"for one ({readn / max(1, read1):.2f}x); fixedram read "
-              f"{sum(f['bytes_read'] for f in many) / 2**20:.0f} MiB vs "
-              f"{one['bytes_read'] / 2**20:.0f} MiB")
         ttrs = sorted(f["time_to_running"] for f in many)
-        print(f"time to running: one {one['time_to_running']:.2f} s; {n} at once: median "
-              f"{med(ttrs):.2f} s, max {ttrs[-1]:.2f} s; total one {one['total_time']:.2f} s, "
-              f"{n} at once max {max(f['total_time'] for f in many):.2f} s")
+        print(f"- fan-out, {n} lazy restores of one image at once (page cache dropped first): "
+              f"read from storage {readn / 2**20:.0f} MiB vs {read1 / 2**20:.0f} MiB for one "
+              f"({readn / max(1, read1):.2f}x; fixedram read "
+              f"{sum(f['bytes_read'] for f in many) / 2**20:.0f} MiB from the page cache); "
+              f"time to running {one['time_to_running']:.2f} s alone, median "
+              f"{statistics.median(ttrs):.2f} s / max {ttrs[-1]:.2f} s of {n} at once "
+              f"({os.cpu_count()} CPUs, TCG)")
 
 
 if __name__ == "__main__":

@@ -381,7 +381,9 @@ def test_prefetch_never_sends_a_page_twice(recorded: tuple[Any, Path], tmp_path:
         up = _Tap(qemu_side, mid, keep=False)
         down.start()
         up.start()
-        rep = send_postcopy(img, SocketChannel(ours), push_rate=24e6, record=False)
+        # the prefetch throttled too, so that the guest asks while it runs
+        rep = send_postcopy(img, SocketChannel(ours), push_rate=24e6, prefetch_rate=24e6,
+                            record=False)
         ours.close()
         down.join(10)
         dec = StreamDecoder()

@@ -35,7 +35,11 @@ __all__ = ["restore_command"]
 @click.option("--transport", type=click.Choice(["fd", "unix", "exec"]), default="fd",
               show_default=True, help="--lazy: how the stream reaches QEMU.")
 @click.option("--push-rate", type=str, default=None, metavar="RATE",
-              help="--lazy: throttle the background push to RATE bytes/s (64M, 1G...).")
+              help="--lazy: throttle the background push to RATE bytes/s (64M, 1G...); the "
+                   "recorded working set goes first at full speed (see --prefetch-rate).")
+@click.option("--prefetch-rate", type=str, default=None, metavar="RATE",
+              help="--lazy: throttle the push of the recorded working set too (default: "
+                   "full speed).")
 @click.option("--no-record", "no_record", is_flag=True,
               help="--lazy: do not record the pages the guest asked for in the image's "
                    "working-set record.")
@@ -54,7 +58,7 @@ def restore_command(image: str, qmp_socket: str, via: str, paused: bool,
                     push_rate: str | None = None, direct_io: bool = False,
                     require_direct_io: bool = False,
                     channels: int = 0, no_record: bool = False,
-                    no_prefetch: bool = False) -> None:
+                    no_prefetch: bool = False, prefetch_rate: str | None = None) -> None:
     """Restore IMAGE into the waiting QEMU behind --qmp, then resume the VM.
 
     The image is checked against the destination's machine type and RAM blocks first; a
@@ -70,10 +74,10 @@ def restore_command(image: str, qmp_socket: str, via: str, paused: bool,
         if channels or direct:
             raise click.UsageError("--lazy takes neither --channels nor --direct-io")
         _lazy(image, qmp_socket, paused, progress, as_json, transport, push_rate, started,
-              not no_prefetch, not no_record)
+              not no_prefetch, not no_record, prefetch_rate)
         return
-    if no_record or no_prefetch:
-        raise click.UsageError("--no-record and --no-prefetch go with --lazy")
+    if no_record or no_prefetch or prefetch_rate:
+        raise click.UsageError("--no-record, --no-prefetch and --prefetch-rate go with --lazy")
 
     with QMP.connect(qmp_socket) as qmp, \
             ProgressBar("restore", disable=not show_progress(progress)) as bar:
@@ -94,7 +98,7 @@ def restore_command(image: str, qmp_socket: str, via: str, paused: bool,
 
 def _lazy(image: str, qmp_socket: str, paused: bool, progress: bool | None, as_json: bool,
           transport: str, push_rate: str | None, started: float, prefetch: bool,
-          record: bool) -> None:
+          record: bool, prefetch_rate: str | None) -> None:
     """``restore --lazy``: :func:`fixedram.qmp.lazy.lazy_restore` and its report."""
     from fixedram.commands.save import parse_rate
     from fixedram.qmp.client import QMP
@@ -102,11 +106,13 @@ def _lazy(image: str, qmp_socket: str, paused: bool, progress: bool | None, as_j
     from fixedram.qmp.progress import ProgressBar
 
     rate = parse_rate(push_rate) if push_rate else None
+    pre_rate = parse_rate(prefetch_rate) if prefetch_rate else None
     with QMP.connect(qmp_socket) as qmp, \
             ProgressBar("lazy restore", disable=not show_progress(progress)) as bar:
         r = lazy_restore(qmp, image, transport=transport,  # type: ignore[arg-type]
                          paused=paused, progress=bar, push_rate=rate,
-                         started=started, prefetch=prefetch, record=record)
+                         started=started, prefetch=prefetch, record=record,
+                         prefetch_rate=pre_rate)
     if as_json:
         click.echo(json.dumps(r.as_dict(), indent=2))
         return

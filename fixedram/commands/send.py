@@ -76,6 +76,9 @@ def _stdio_channel() -> FdChannel:
                    "record.")
 @click.option("--no-prefetch", "no_prefetch", is_flag=True,
               help="--postcopy: do not push the image's recorded working set first.")
+@click.option("--prefetch-rate", type=str, default=None, metavar="RATE",
+              help="--postcopy: throttle the push of the recorded working set to RATE bytes/s "
+                   "(default: full speed; --push-rate throttles the rest).")
 @click.option("--report-json", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Write the report as JSON to FILE.")
 @direct_io_options("Read")
@@ -92,7 +95,7 @@ def send_command(image: str, address: str | None, fd: int | None, qmp_socket: st
                  verify_first: bool = False, direct_io: bool = False,
                  require_direct_io: bool = False,
                  channels: int = 0, uuid_text: str | None = None, no_record: bool = False,
-                 no_prefetch: bool = False) -> None:
+                 no_prefetch: bool = False, prefetch_rate: str | None = None) -> None:
     """Restore IMAGE into a waiting QEMU (stream on stdout unless --connect/--fd)."""
     from fixedram.endpoint.send import send, validate
     from fixedram.image import open_image
@@ -116,11 +119,12 @@ def send_command(image: str, address: str | None, fd: int | None, qmp_socket: st
         return
     if uuid_text is not None:
         raise EndpointError("--uuid is for --channels (multifd)")
-    if (no_record or no_prefetch) and not postcopy:
-        raise click.UsageError("--no-record and --no-prefetch go with --postcopy")
+    if (no_record or no_prefetch or prefetch_rate) and not postcopy:
+        raise click.UsageError("--no-record, --no-prefetch and --prefetch-rate go with "
+                               "--postcopy")
     if postcopy:
         _send_postcopy(image, address, fd, qmp_socket, quiet, push_rate, report_json,
-                       not no_prefetch, not no_record)
+                       not no_prefetch, not no_record, prefetch_rate)
         return
     with open_image(image) as img:
         dest_machine = dest_blocks = None
@@ -179,7 +183,8 @@ def _page_bar(quiet: bool, total: Callable[[], int], desc: str) -> tuple[Any, An
 
 def _send_postcopy(image: str, address: str | None, fd: int | None, qmp_socket: str | None,
                    quiet: bool, push_rate: str | None, report_json: str | None,
-                   prefetch: bool = True, record: bool = True) -> None:
+                   prefetch: bool = True, record: bool = True,
+                   prefetch_rate: str | None = None) -> None:
     """``send --postcopy``: serve IMAGE lazily (see :mod:`fixedram.endpoint.postcopy`)."""
     import json
     from dataclasses import asdict
@@ -191,6 +196,7 @@ def _send_postcopy(image: str, address: str | None, fd: int | None, qmp_socket: 
     from fixedram.qmp.destination import query_destination
 
     rate = parse_rate(push_rate) if push_rate else None
+    pre_rate = parse_rate(prefetch_rate) if prefetch_rate else None
     with open_image(image) as img:
         dest_machine = dest_blocks = None
         if qmp_socket is not None:
@@ -218,7 +224,7 @@ def _send_postcopy(image: str, address: str | None, fd: int | None, qmp_socket: 
             # stop this process as soon as the restore completes.
             report = send_postcopy(img, channel, dest_machine=dest_machine,
                                    dest_blocks=dest_blocks, progress=progress, push_rate=rate,
-                                   prefetch=prefetch, record=record,
+                                   prefetch=prefetch, record=record, prefetch_rate=pre_rate,
                                    on_last_page=write_report if report_json else None)
         finally:
             if bar is not None:

@@ -115,6 +115,11 @@ _PING_OPENED, _PING_ACCEPTED, _PING_RUNNING = 1, 2, 3
 REQUEST_MARKS = (1, 10, 100, 1000)
 #: Requests kept for the working-set record (the rest are not recorded).
 MAX_LOGGED_REQUESTS = 1 << 20
+#: A restore that records without prefetching holds the background push until the guest
+#: has asked for no page for this long (s), so that the push does not hide its working set...
+LEARN_QUIET = 0.5
+#: ... but at most this long after RUN (s).
+LEARN_MAX = 10.0
 
 
 class PostcopyFailed(EndpointError):
@@ -251,6 +256,7 @@ class _ReturnPath:
         self.log: list[tuple[str, int, int, int]] = []
         #: pages of the prefetched record handled so far (set by the sender)
         self.cursor = 0
+        self.last_request = 0.0  # time.monotonic() of the last valid request
         self._blocks = blocks
         self._last_block: str | None = None
         self._dec = ReturnPathDecoder()
@@ -297,6 +303,7 @@ class _ReturnPath:
             first = start // PS
             npages = -(-length // PS)
             self.requests.append((blk, first, npages))
+            self.last_request = now
             if len(self.log) < MAX_LOGGED_REQUESTS:
                 self.log.append((blk, first, npages, self.cursor))
 
@@ -346,7 +353,7 @@ class _Server:
 
     def __init__(self, img: Image, channel: Channel, rp: _ReturnPath,
                  progress: Callable[[PostcopyStats], None] | None,
-                 push_rate: float | None, t0: float, prefetch: WorkingSet | None) -> None:
+                 t0: float, plan: _Plan) -> None:
         self.img = img
         self.sid = ram_section_id(img)
         self.channel = channel
@@ -359,15 +366,21 @@ class _Server:
         self.zero_on_demand = 0
         self.pages_prefetched = 0
         self.zero_prefetched = 0
-        self.prefetch = prefetch
+        self.prefetch = plan.ws
         self.served = 0  # requests answered
         self.served_at: dict[int, float] = {}
         self.reads = 0
         self.bytes_read = 0
         self.bytes_sent = 0
         self.running = False
-        self.push_rate = push_rate
+        self.push_rate, self.prefetch_rate = plan.push_rate, plan.prefetch_rate
+        self.learn = plan.learn  # hold the push until the guest stops asking (_learn)
         self.t0 = t0
+        self.t_running = t0  # set at RUN
+        self.pieces = self._pieces()
+        self._buf = memoryview(bytearray(PUSH_BATCH_PAGES * PS))
+        self._recs = record_buffer(PUSH_BATCH_PAGES)
+        self._clocks: dict[bool, list[float]] = {}
         self.progress = Progress(progress, self.stats)
 
     # -- output --------------------------------------------------------------------------
@@ -445,63 +458,97 @@ class _Server:
                     out.append((name, p, min(PUSH_BATCH_PAGES, first + n - p), False))
         return out
 
+    def _batch(self, i: int) -> int:
+        """Send one PART section of at most :data:`PUSH_BATCH_PAGES` unsent pages from
+        ``pieces[i:]``, all prefetch or all not; the index of the next piece.
+
+        The batch's pages are laid out header+page after header+page in one record buffer
+        (framed by the encoder, no per-page Python), instead of two small buffers per page.
+        """
+        pieces, buf = self.pieces, self._buf
+        recs, slots = self._recs
+        body: list[Buffer] = []
+        used = taken = 0
+        kind = pieces[i][3]
+        self.enc.forget_block()  # the section's first record of a block names it
+        while i < len(pieces):
+            name, first, n, pre = pieces[i]
+            if pre != kind or (taken and taken + n > PUSH_BATCH_PAGES):
+                break
+            i += 1
+            taken += n
+            unsent = ~self.sent[name].get(first, n)
+            if pre:
+                pres = self.img.present_range(name, first, n)
+                for off, k in runs(unsent & ~pres):
+                    body.append(self.enc.zero_run(name, (first + off) * PS, k))
+                    self.zero_prefetched += k
+                unsent &= pres
+            for off, k in runs(unsent):
+                view = buf[: k * PS]
+                self._read(name, first + off, view)
+                slots.array[used : used + k] = np.frombuffer(view, np.uint8).reshape(k, PS)
+                body += self.enc.page_records_at(name, (first + off) * PS, used, k, recs)
+                self.pages_pushed += k
+                if pre:
+                    self.pages_prefetched += k
+                used += k
+            self.sent[name].set(first, n)
+            if pre:
+                self.rp.cursor += n
+        if body:
+            self._section(body)
+        self._clock(kind)[1] += used * PS
+        return i
+
+    def _clock(self, prefetch: bool) -> list[float]:
+        """``[start, bytes sent]`` of the prefetch's or the rest's throttle, started when
+        first asked for."""
+        return self._clocks.setdefault(prefetch, [time.monotonic(), 0.0])
+
     def push_all(self) -> None:
         """Push every unsent page, in bounded batches; requests always go first.
 
         The working-set record's pages go first, in its order (absent ones as ZERO records,
-        so the guest need not ask for them); then the rest in file order. A page already
-        sent (asked for, or prefetched) is never sent again. A batch's pages are laid out
-        header+page after header+page in one record buffer (framed by the encoder, no
-        per-page Python), instead of two small buffers per page.
+        so the guest need not ask for them), throttled by ``prefetch_rate`` only; then the
+        rest in file order, under ``push_rate``. When this restore records without
+        prefetching, the rest waits until the guest has stopped asking (:meth:`_learn`). A
+        page already sent (asked for, or prefetched) is never sent again.
         """
-        buf = memoryview(bytearray(PUSH_BATCH_PAGES * PS))
-        recs, slots = record_buffer(PUSH_BATCH_PAGES)
-        pieces = self._pieces()
-        pushed_bytes = 0
-        t_push = time.monotonic()
         i = 0
-        while i < len(pieces):
+        while i < len(self.pieces):
             self.serve_requests()
-            if self.push_rate:  # throttled (tests, benchmarks): wait, serving requests
-                due = t_push + pushed_bytes / self.push_rate
-                while (delay := due - time.monotonic()) > 0:
-                    self.rp.wait(lambda: bool(self.rp.requests), delay)
-                    self.serve_requests()
-                    self._check_alive()
-            # one batch: up to PUSH_BATCH_PAGES unsent pages, from one or more pieces
-            body: list[Buffer] = []
-            used = taken = 0
-            self.enc.forget_block()  # the section's first record of a block names it
-            while i < len(pieces):
-                name, first, n, pre = pieces[i]
-                if taken and taken + n > PUSH_BATCH_PAGES:
-                    break
-                i += 1
-                taken += n
-                unsent = ~self.sent[name].get(first, n)
-                if pre:
-                    pres = self.img.present_range(name, first, n)
-                    for off, k in runs(unsent & ~pres):
-                        body.append(self.enc.zero_run(name, (first + off) * PS, k))
-                        self.zero_prefetched += k
-                    unsent &= pres
-                for off, k in runs(unsent):
-                    view = buf[: k * PS]
-                    self._read(name, first + off, view)
-                    slots.array[used : used + k] = np.frombuffer(view, np.uint8).reshape(k, PS)
-                    body += self.enc.page_records_at(name, (first + off) * PS, used, k, recs)
-                    self.pages_pushed += k
-                    if pre:
-                        self.pages_prefetched += k
-                    used += k
-                self.sent[name].set(first, n)
-                if pre:
-                    self.rp.cursor += n
-            if body:
-                self._section(body)
-                pushed_bytes += used * PS
+            pre = self.pieces[i][3]
+            if not pre and self.learn:
+                self._learn()
+                self.learn = False
+            rate = self.prefetch_rate if pre else self.push_rate
+            if rate:  # throttled: wait, serving requests
+                start, sent = self._clock(pre)
+                self._wait_serving(start + sent / rate)
+            i = self._batch(i)
             self.progress.tick()
         self.serve_requests()
+
+    def _wait_serving(self, until: float) -> None:
+        """Serve requests until ``until`` (monotonic)."""
+        while (delay := until - time.monotonic()) > 0:
+            self.rp.wait(lambda: bool(self.rp.requests), delay)
+            self.serve_requests()
+            self._check_alive()
+
+    def _learn(self) -> None:
+        """Hold the push while the guest is still asking for pages, so that the record sees
+        its working set: until no request came for :data:`LEARN_QUIET` s, at most
+        :data:`LEARN_MAX` s after RUN (``docs/working-set.md``, "Recording")."""
+        limit = self.t_running + LEARN_MAX
+        while True:
+            self.serve_requests()
+            self._check_alive()
+            end = min(limit, max(self.rp.last_request, self.t_running) + LEARN_QUIET)
+            if time.monotonic() >= end:
+                return
+            self.rp.wait(lambda: bool(self.rp.requests), end - time.monotonic())
 
     def _check_alive(self) -> None:
         if self.rp.closed:
@@ -529,6 +576,7 @@ def send_postcopy(image: ImageArg, channel: Channel, *,
                   on_running: Callable[[], None] | None = None,
                   on_last_page: Callable[[PostcopyReport], None] | None = None,
                   push_rate: float | None = None,
+                  prefetch_rate: float | None = None,
                   prefetch: bool = True,
                   record: bool = True,
                   accept_timeout: float = ACCEPT_TIMEOUT,
@@ -544,11 +592,12 @@ def send_postcopy(image: ImageArg, channel: Channel, *,
     ``on_last_page`` gets the report as it stands when every page is sent, before the
     stream's end is written: its counts are final, and the destination cannot complete
     (nor, under ``exec:``, stop this process) before the call returns;
-    ``progress`` gets :class:`PostcopyStats` now and then. ``push_rate`` (bytes/s) throttles
-    the background push (requests are always served at once). ``prefetch``: push the pages
-    of the image's working-set record first (:mod:`fixedram.image.workingset`; a stale or
-    damaged record is ignored with a warning); ``record``: merge the pages QEMU asked for
-    into that record once every page is sent (an image that cannot take it gives a warning,
+    ``progress`` gets :class:`PostcopyStats` now and then. ``prefetch``: push the pages of
+    the image's working-set record first (:mod:`fixedram.image.workingset`; a stale or
+    damaged record is ignored with a warning), throttled to ``prefetch_rate`` (bytes/s;
+    None: at full speed); ``push_rate`` throttles the rest of the background push
+    (requests are always served at once). ``record``: merge the pages QEMU asked for into
+    that record once every page is sent (an image that cannot take it gives a warning,
     never an error). Warnings are logged (:mod:`fixedram.log`) and listed in the report.
     A failure after RUN raises
     :class:`PostcopyFailed`. The channel's write side is shut down at the end; the channel is
@@ -564,20 +613,24 @@ def send_postcopy(image: ImageArg, channel: Channel, *,
                                 "QEMU's page requests (a socket, or exec: with stdin)")
         for name in img.blocks:  # read every bitmap now: a bad one must fail before RUN
             img.last_present(name)
-        plan = _Plan(prefetch, record)
+        plan = _Plan(prefetch, record, push_rate, prefetch_rate)
         if prefetch or record:
             plan.load(img)
         return _run(img, channel, preamble, package, progress, on_running, on_last_page,
-                    push_rate, accept_timeout, shut_timeout, t0, plan)
+                    accept_timeout, shut_timeout, t0, plan)
 
 
 class _Plan:
-    """The working-set record of one lazy restore: what to prefetch, whether to record, and
-    the warnings given."""
+    """How one lazy restore pushes: the rates, the working-set record to prefetch, whether to
+    record, and the warnings given."""
 
-    def __init__(self, prefetch: bool, record: bool) -> None:
+    def __init__(self, prefetch: bool, record: bool, push_rate: float | None,
+                 prefetch_rate: float | None) -> None:
         self.prefetch, self.record = prefetch, record
+        self.push_rate, self.prefetch_rate = push_rate, prefetch_rate
         self.ws: WorkingSet | None = None
+        #: record with nothing to prefetch: hold the push while the guest asks for pages
+        self.learn = False
         self.warnings: list[str] = []
         self.outcome = "off"
 
@@ -599,6 +652,7 @@ class _Plan:
             self.warn(w)
         if self.prefetch:
             self.ws = loaded.record
+        self.learn = self.record and self.ws is None and workingset.can_record(img)
 
     def save(self, img: Image, rp: _ReturnPath) -> None:
         """Merge what QEMU asked for into the image's record (never raises)."""
@@ -645,10 +699,10 @@ def _report(img: Image, srv: _Server, rp: _ReturnPath, t_run: float, t0: float,
 def _run(img: Image, channel: Channel, preamble: bytes, package: bytes,
          progress: Callable[[PostcopyStats], None] | None,
          on_running: Callable[[], None] | None,
-         on_last_page: Callable[[PostcopyReport], None] | None, push_rate: float | None,
+         on_last_page: Callable[[PostcopyReport], None] | None,
          accept_timeout: float, shut_timeout: float, t0: float, plan: _Plan) -> PostcopyReport:
     rp = _ReturnPath(channel, {n: b.length for n, b in img.blocks.items()})
-    srv = _Server(img, channel, rp, progress, push_rate, t0, plan.ws)
+    srv = _Server(img, channel, rp, progress, t0, plan)
     # -- before RUN: any failure leaves a destination that simply failed its load ----------
     try:
         srv.write([preamble])
@@ -664,7 +718,8 @@ def _run(img: Image, channel: Channel, preamble: bytes, package: bytes,
     # -- RUN: from here on the guest depends on us ---------------------------------------
     try:
         srv.write([package])
-        t_run = time.monotonic() - t0
+        srv.t_running = time.monotonic()
+        t_run = srv.t_running - t0
         srv.running = True
         srv.progress.tick(force=True)
         if on_running is not None:

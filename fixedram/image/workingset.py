@@ -55,6 +55,7 @@ __all__ = [
     "WorkingSetError",
     "load",
     "record",
+    "can_record",
     "merge",
     "observed_ranks",
     "binding",
@@ -432,6 +433,12 @@ class RecordResult:
     pages: int = 0
     restores: int = 0
     warning: str | None = None
+
+
+def can_record(img: Any) -> bool:
+    """Whether :func:`record` may be able to write into the open image ``img`` (a mapped-ram
+    image whose file this process may write); a quick check made before a restore."""
+    return img.format == "mapped-ram" and os.access(img.path, os.W_OK)
 
 
 def record(img: Any, obs: Observation) -> RecordResult:

@@ -119,6 +119,7 @@ def lazy_restore(
     started: float | None = None,
     prefetch: bool = True,
     record: bool = True,
+    prefetch_rate: float | None = None,
 ) -> LazyRestoreReport:
     """Restore ``image`` lazily into the QEMU behind ``qmp`` (started ``-incoming defer``).
 
@@ -127,7 +128,8 @@ def lazy_restore(
     background push; ``progress`` gets a :class:`Progress` now and then (fd/unix only).
     ``started`` (a :func:`time.monotonic` value, default: now) is where the reported times
     count from, e.g. the start of the command. ``prefetch`` / ``record``: use and update the
-    image's working-set record. Raises
+    image's working-set record; ``prefetch_rate`` throttles the push of its pages (default:
+    full speed). Raises
     :class:`~fixedram.errors.MismatchError` / :class:`~fixedram.errors.ImageError` before
     anything is sent, :class:`~fixedram.endpoint.postcopy.PostcopyFailed` when the restore
     broke after the guest started.
@@ -147,11 +149,12 @@ def lazy_restore(
         validate(img, dest_machine=facts.machine, dest_blocks=dest_blocks)
         pages = sum(img.count_present(n) for n in img.blocks)
         ram_size, fmt = img.ram_size, img.format
-        sender = _Sender(img, facts.machine, dest_blocks, progress, push_rate, prefetch, record)
+        rates = (push_rate, prefetch_rate)
+        sender = _Sender(img, facts.machine, dest_blocks, progress, rates, prefetch, record)
         settings = MigrationSettings(qmp, facts)
         watch = Watch(qmp, incoming="the lazy restore")
         try:
-            way = _transport(qmp, transport, path, push_rate, prefetch, record)
+            way = _transport(qmp, transport, path, rates, prefetch, record)
         except BaseException:
             watch.close()
             raise
@@ -202,11 +205,11 @@ class _Sender:
     """The postcopy source in a thread of this process (fd and unix transports)."""
 
     def __init__(self, img: Any, machine: str, dest_blocks: list[tuple[str, int]],
-                 progress: ProgressFn | None, push_rate: float | None, prefetch: bool,
-                 record: bool) -> None:
+                 progress: ProgressFn | None, rates: tuple[float | None, float | None],
+                 prefetch: bool, record: bool) -> None:
         self.img, self.machine, self.dest_blocks = img, machine, dest_blocks
         self.progress = _lazy_progress(progress) if progress is not None else None
-        self.push_rate = push_rate
+        self.push_rate, self.prefetch_rate = rates
         self.prefetch, self.record = prefetch, record
         self.run_sent: list[float] = []  # when RUN was written
 
@@ -217,14 +220,15 @@ class _Sender:
             return send_postcopy(self.img, chan, dest_machine=self.machine,
                                  dest_blocks=self.dest_blocks, progress=self.progress,
                                  on_running=lambda: self.run_sent.append(time.monotonic()),
-                                 push_rate=self.push_rate, prefetch=self.prefetch,
+                                 push_rate=self.push_rate, prefetch_rate=self.prefetch_rate,
+                                 prefetch=self.prefetch,
                                  record=self.record)
 
         return Worker.started("fixedram-postcopy", run)
 
 
-def _transport(qmp: QMP, kind: Transport, path: Path, push_rate: float | None,
-               prefetch: bool, record: bool) -> _Way:
+def _transport(qmp: QMP, kind: Transport, path: Path,
+               rates: tuple[float | None, float | None], prefetch: bool, record: bool) -> _Way:
     """The transport ``kind``, made before QEMU is touched. Its sockets keep the kernel's
     default buffers: a page the guest waits for must not queue behind megabytes of pages
     pushed in the background (:data:`fixedram.io.channel.UNIX_SOCKET_BUFFER`)."""
@@ -234,7 +238,8 @@ def _transport(qmp: QMP, kind: Transport, path: Path, push_rate: float | None,
         return UnixConnect("fixedram-lazy-")
 
     def argv(report_file: Path) -> list[str]:
-        rate = ["--push-rate", str(int(push_rate))] if push_rate else []
+        rate = [*(["--push-rate", str(int(rates[0]))] if rates[0] else []),
+                *(["--prefetch-rate", str(int(rates[1]))] if rates[1] else [])]
         ws = [*([] if prefetch else ["--no-prefetch"]), *([] if record else ["--no-record"])]
         return [str(Path(sys.executable).absolute()), "-m", "fixedram", "send", "--postcopy",
                 *rate, *ws, "--quiet", "--report-json", str(report_file), str(path)]
