@@ -11,6 +11,10 @@ which ``verify`` passes and QEMU still loads natively with RAM equal to the sour
 prefetch sends no page twice (every PAGE/ZERO record on the wire counted); a damaged or stale
 record is ignored with a warning and the restore is RAM-equal; a fan-out of lazy restores
 of one image all end RAM-equal (3 here, 8 with ``-m fanout``).
+
+With the Linux guest's touch workload: the first lazy restore records the region the guest
+reads (its push waits while the guest asks), the second prefetches it and the guest asks
+for a small fraction of those pages; the guest's own check of the region passes both times.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,6 +41,14 @@ from synth_images import write_mapped_image
 from fixedram.image import open_image
 from fixedram.image import workingset as wsm
 from fixedram.image.extensions import WS_AREA, WS_COPY, BlockGeometry, Geometry
+from fixedram.testing.guest.linux import (
+    COMMAND_PORT_ARGS,
+    LinuxGuest,
+    Touch,
+    linux_append,
+    parse_touches,
+    send_touch,
+)
 from fixedram.testing.vm import Guest
 
 PY = str(Path(sys.executable).absolute())
@@ -459,3 +472,68 @@ def test_fanout_8_ram_equal(recorded: tuple[Any, Path], shm_dir: Path, tmp_path:
                             sockdir: Path) -> None:
     case, img = recorded
     _fanout(case, img, 8, shm_dir, tmp_path, sockdir)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Linux guest's touch workload: learn, then prefetch
+# ---------------------------------------------------------------------------------------------
+
+TOUCH_MIB = 8
+
+
+def _touch_after_restore(src: Guest, img: Path, name: str, last_hb: int,
+                         *extra: str) -> tuple[dict[str, Any], Touch]:
+    """Lazy restore of ``img`` into a new destination; the touch command is sent as soon as
+    the guest runs. The report and the guest's answer, once its heartbeat is back."""
+    dst = Guest.like(src, name=name, incoming=True)
+    with dst:
+        assert dst.control_path is not None and dst.pid is not None
+        p = _lazy(dst.control_path, img, *extra)
+        try:
+            while dst.status() != "running":
+                assert p.poll() is None, p.communicate()[1]
+            send_touch(dst.pid, dst.name)
+            rep, _ = _done(p)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        dst.wait_heartbeat(after=last_hb, timeout=120)
+        deadline = 120
+        while not (touches := parse_touches(dst.serial())) and deadline > 0:
+            time.sleep(0.1)
+            deadline -= 0.1
+    assert touches, f"guest {name} never answered the touch command"
+    return rep, touches[0]
+
+
+@pytest.mark.qemu
+def test_linux_touch_learned_then_prefetched(linux_guest: LinuxGuest, qemu10: Any,
+                                             tmp_path: Path) -> None:
+    """The first lazy restore of an image records while the guest reads its touch region
+    (the push waits while it asks, so the region is not hidden by it); the second pushes
+    the record first, and the guest asks for a small fraction of those pages. Both times
+    the guest's own check of every page of the region passes."""
+    touch_pages = TOUCH_MIB * 256
+    src = Guest(qemu10, tmp_path, name="src", kernel=linux_guest.kernel,
+                initrd=linux_guest.initrd, mem="256M", control=True, qmp_timeout=120,
+                append=linux_append(data=4, mib=2, rate=1, hb=500, touch=TOUCH_MIB),
+                extra_args=COMMAND_PORT_ARGS)
+    img = tmp_path / "touch.img"
+    with src:
+        src.wait_heartbeat(gen_at_least=1, timeout=300)
+        assert src.control_path is not None
+        r = fixedram("save", "--qmp", str(src.control_path), "--via", "proxy", str(img))
+        assert r.returncode == 0, r.stderr
+        last_hb = src.heartbeats()[-1].n
+        first, t1 = _touch_after_restore(src, img, "learn", last_hb)
+        second, t2 = _touch_after_restore(src, img, "prefetch", last_hb, "--no-record")
+    assert t1.bad == 0 and t2.bad == 0 and t1.pages == t2.pages == touch_pages, (t1, t2)
+    # the first restore had no record: it recorded, and saw the guest read its region
+    assert first["working_set_pages"] == 0 and first["record"] == "recorded", first
+    assert first["requests"] >= touch_pages, first
+    # the second prefetched that record, which holds at least the region
+    ws = second["working_set_pages"]
+    assert ws >= touch_pages and second["pages_prefetched"] > touch_pages, second
+    assert second["requests"] * 5 <= ws, second
+    assert second["requests"] * 5 <= first["requests"], (first, second)
