@@ -18,10 +18,13 @@ adjacent requests merged into one run). Every page with data is sent exactly onc
 record; a page already sent is never sent again, even when QEMU asks for it (it is on its way).
 
 **Working set** (``docs/working-set.md``): the image's recorded working set, if any, is
-pushed first, in its order (absent pages of it as ZERO records), then the rest; the pages
-QEMU asks for are logged and merged into that record once every page is sent
-(:mod:`fixedram.image.workingset`). The record only orders the push: it never decides a
-page's content.
+pushed first, in its order and at full speed (absent pages of it as ZERO records; its
+first :data:`BEFORE_RUN_PAGES` before RUN, as precopy pages, the rest right after RUN),
+then the rest under ``push_rate``; the pages QEMU asks for are logged and merged
+into that record once every page is sent (:mod:`fixedram.image.workingset`). A restore
+that records with no record to prefetch holds the rest of the push while the guest keeps
+asking, so that the push does not hide the pages it needs. The record only orders the
+push: it never decides a page's content.
 
 **Absent pages** (zero in the image) are not pushed. The whole-block DISCARD sent before
 LISTEN drops every page of every block on the destination, firmware ROM blocks included, so
@@ -120,6 +123,8 @@ MAX_LOGGED_REQUESTS = 1 << 20
 LEARN_QUIET = 0.5
 #: ... but at most this long after RUN (s).
 LEARN_MAX = 10.0
+#: Pages of the working-set record sent before RUN (16 MiB); the rest follows RUN at once.
+BEFORE_RUN_PAGES = 4096
 
 
 class PostcopyFailed(EndpointError):
@@ -378,6 +383,7 @@ class _Server:
         self.t0 = t0
         self.t_running = t0  # set at RUN
         self.pieces = self._pieces()
+        self.next_piece = 0  # pieces before it were sent before RUN
         self._buf = memoryview(bytearray(PUSH_BATCH_PAGES * PS))
         self._recs = record_buffer(PUSH_BATCH_PAGES)
         self._clocks: dict[bool, list[float]] = {}
@@ -506,6 +512,20 @@ class _Server:
         first asked for."""
         return self._clocks.setdefault(prefetch, [time.monotonic(), 0.0])
 
+    def prefetch_before_run(self) -> None:
+        """Send the record's first :data:`BEFORE_RUN_PAGES` pages now, before RUN.
+
+        QEMU loads them as ordinary precopy pages (the whole-block DISCARD came first) and
+        they stay in place under LISTEN: the guest finds the pages it touches first when it
+        starts, instead of faulting on pages still in the stream behind it
+        (``docs/working-set.md``, "Prefetch before and after RUN").
+        """
+        i = 0
+        while i < len(self.pieces) and self.pieces[i][3] and self.rp.cursor < BEFORE_RUN_PAGES:
+            self._pace(True)
+            i = self._batch(i)
+        self.next_piece = i
+
     def push_all(self) -> None:
         """Push every unsent page, in bounded batches; requests always go first.
 
@@ -515,23 +535,26 @@ class _Server:
         prefetching, the rest waits until the guest has stopped asking (:meth:`_learn`). A
         page already sent (asked for, or prefetched) is never sent again.
         """
-        i = 0
+        i = self.next_piece
         while i < len(self.pieces):
             self.serve_requests()
             pre = self.pieces[i][3]
             if not pre and self.learn:
                 self._learn()
                 self.learn = False
-            rate = self.prefetch_rate if pre else self.push_rate
-            if rate:  # throttled: wait, serving requests
-                start, sent = self._clock(pre)
-                self._wait_serving(start + sent / rate)
+            self._pace(pre)
             i = self._batch(i)
             self.progress.tick()
         self.serve_requests()
 
-    def _wait_serving(self, until: float) -> None:
-        """Serve requests until ``until`` (monotonic)."""
+    def _pace(self, prefetch: bool) -> None:
+        """Wait (serving requests) until the next batch of the prefetch or of the rest is
+        due under its rate."""
+        rate = self.prefetch_rate if prefetch else self.push_rate
+        if not rate:
+            return
+        start, sent = self._clock(prefetch)
+        until = start + sent / rate
         while (delay := until - time.monotonic()) > 0:
             self.rp.wait(lambda: bool(self.rp.requests), delay)
             self.serve_requests()
@@ -540,7 +563,8 @@ class _Server:
     def _learn(self) -> None:
         """Hold the push while the guest is still asking for pages, so that the record sees
         its working set: until no request came for :data:`LEARN_QUIET` s, at most
-        :data:`LEARN_MAX` s after RUN (``docs/working-set.md``, "Recording")."""
+        :data:`LEARN_MAX` s after RUN (``docs/working-set.md``, "Why the record sees the
+        working set")."""
         limit = self.t_running + LEARN_MAX
         while True:
             self.serve_requests()
@@ -715,6 +739,10 @@ def _run(img: Image, channel: Channel, preamble: bytes, package: bytes,
     if _PING_ACCEPTED not in rp.pongs:
         raise EndpointError("the destination refused the lazy restore before the guest started "
                             "(is capability postcopy-ram on? QEMU's stderr says why)")
+    try:
+        srv.prefetch_before_run()
+    except OSError as e:
+        raise ImageError(f"reading the image failed ({e}); the guest was not started") from e
     # -- RUN: from here on the guest depends on us ---------------------------------------
     try:
         srv.write([package])
