@@ -14,6 +14,9 @@ Hierarchy::
      +-- VMError              QEMU could not be started, reached or driven
  |    +-- QMPCommandError     QEMU answered a QMP command with an error
      +-- MismatchError        image and destination VM do not fit each other
+     +-- ExtensionError       an extension in a mapped-ram image's padding (defined with its
+          +-- ChecksumError       layout: image/extensions.py, image/checksum.py,
+          +-- WorkingSetError     image/workingset.py) is damaged or cannot be written
 """
 
 from __future__ import annotations

@@ -70,7 +70,8 @@ def _stdio_channel() -> FdChannel:
                    "fails after the guest started, the guest cannot continue.")
 @click.option("--push-rate", type=str, default=None, metavar="RATE",
               help="--postcopy: throttle the background push to RATE bytes/s (64M, 1G...); "
-                   "requested pages are always served at once.")
+                   "requested pages are always served at once, the recorded working set at "
+                   "full speed (see --prefetch-rate).")
 @click.option("--no-record", "no_record", is_flag=True,
               help="--postcopy: do not record the requested pages in the image's working-set "
                    "record.")
