@@ -24,6 +24,7 @@ import click
 from fixedram.cli import cli, one_line_errors
 from fixedram.endpoint.send import send
 from fixedram.errors import FixedramError, ImageError, printable
+from fixedram.image.libvirt import is_libvirt
 from fixedram.image.reader import open_image
 from fixedram.io.channel import SinkChannel
 from fixedram.io.files import pwritev_all
@@ -36,11 +37,14 @@ Buffer = bytes | bytearray | memoryview
 
 
 def _probe(path: Path) -> tuple[int, bool]:
-    """``(stream offset, is mapped-ram)`` from the head of ``path``."""
+    """``(stream offset, read through open_image)`` from the head of ``path``: a mapped-ram
+    or libvirt image is read through :func:`open_image`, a plain stream file byte by byte."""
     with open(path, "rb") as f:
         head = f.read(1 << 20)
     if not head:
         raise ImageError(f"{path} is empty")
+    if is_libvirt(head):  # read through open_image, which knows the header (and compression)
+        return 0, True
     magic = FILE_MAGIC.to_bytes(4, "big") + b"\x00\x00\x00\x03"
     base = 0 if head.startswith(magic[:4]) else head.find(magic)
     if base < 0:
