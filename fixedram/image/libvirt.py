@@ -48,6 +48,7 @@ __all__ = [
     "RESERVE",
     "decompress_payload",
     "refuse_compressed",
+    "read_domain_xml",
 ]
 
 MAGIC = b"LibvirtQemudSave"
@@ -284,3 +285,14 @@ def refuse_compressed(path: str | os.PathLike[str], what: str) -> None:
         raise ImageError(f"{path}: {what} needs random access to the pages, which a "
                          f"{hdr.format}-compressed libvirt image does not give: restore it "
                          "in full, or convert it first (fixedram convert)")
+
+
+def read_domain_xml(path: str | os.PathLike[str]) -> str:
+    """A domain XML file to put in a header (``--libvirt-xml``), checked to be one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            xml = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ImageError(f"cannot read the domain XML {path}: {e}") from None
+    summarize_xml(xml, str(path))
+    return xml
