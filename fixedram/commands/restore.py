@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import click
 
@@ -17,9 +18,16 @@ __all__ = ["restore_command"]
 
 @cli.command("restore")
 @click.argument("image", type=click.Path(dir_okay=False, exists=True))
-@click.option("--qmp", "qmp_socket", required=True, metavar="SOCKET", type=click.Path(),
+@click.option("--qmp", "qmp_socket", metavar="SOCKET", type=click.Path(),
               help="QMP unix socket of a QEMU started with the same VM options plus "
                    "-incoming defer.")
+@click.option("--libvirt", "use_libvirt", is_flag=True,
+              help="Instead of --qmp: start the image's libvirt domain (from its header XML, "
+                   "or --xml) and restore into it, as virsh restore does.")
+@click.option("--connect", "uri", metavar="URI", help="--libvirt: libvirt connection URI "
+              "(virsh -c; default: virsh's own).")
+@click.option("--xml", "xml_file", type=click.Path(dir_okay=False, exists=True), metavar="XML",
+              help="--libvirt: the domain XML (for images without a libvirt header).")
 @click.option("--via", type=click.Choice(["auto", "native", "proxy"]), default="auto",
               show_default=True,
               help="native: QEMU (>= 9.0) loads the mapped-ram file itself; proxy: fixedram "
@@ -48,7 +56,8 @@ def restore_command(image: str, qmp_socket: str, via: str, paused: bool,
                     lazy: bool = False, transport: str = "fd",
                     push_rate: str | None = None, direct_io: bool = False,
                     require_direct_io: bool = False,
-                    channels: int = 0) -> None:
+                    channels: int = 0, use_libvirt: bool = False, uri: str | None = None,
+                    xml_file: str | None = None) -> None:
     """Restore IMAGE into the waiting QEMU behind --qmp, then resume the VM.
 
     The image is checked against the destination's machine type and RAM blocks first; a
@@ -60,6 +69,12 @@ def restore_command(image: str, qmp_socket: str, via: str, paused: bool,
     from fixedram.qmp.restore import restore
 
     direct = direct_mode(direct_io, require_direct_io)
+    if use_libvirt == (qmp_socket is not None):
+        raise click.UsageError("give one of --qmp SOCKET and --libvirt")
+    if use_libvirt:
+        _libvirt(image, uri, xml_file, paused, lazy, via, progress, as_json, channels, direct)
+        return
+    assert qmp_socket is not None
     if lazy:
         if channels or direct:
             raise click.UsageError("--lazy takes neither --channels nor --direct-io")
@@ -110,3 +125,25 @@ def _lazy(image: str, qmp_socket: str, paused: bool, progress: bool | None, as_j
         f"{format_size(r.ram_size)}\n"
         f"  VM {r.status}"
     )
+
+
+def _libvirt(image: str, uri: str | None, xml_file: str | None, paused: bool, lazy: bool,
+             via: str, progress: bool | None, as_json: bool, channels: int,
+             direct: bool | str) -> None:
+    """``restore --libvirt``: :func:`fixedram.qmp.libvirt.restore_domain` and its report."""
+    from fixedram.qmp.libvirt import Virsh, restore_domain
+    from fixedram.qmp.progress import ProgressBar
+
+    if lazy and (channels or direct):
+        raise click.UsageError("--lazy takes neither --channels nor --direct-io")
+    kw: dict[str, Any] = {} if lazy else {"channels": channels, "direct_io": direct}
+    with ProgressBar("restore", disable=not show_progress(progress)) as bar:
+        name, r = restore_domain(Virsh(uri), image, xml_file=xml_file,
+                                 paused=True if paused else None, lazy=lazy, via=via,
+                                 progress=bar, **kw)
+    if as_json:
+        click.echo(json.dumps({"domain": name, **r.as_dict()}, indent=2))
+        return
+    how = "lazily" if lazy else f"via {r.via}"
+    click.echo(f"restored {r.image} ({r.image_format}) into libvirt domain {name} {how} in "
+               f"{r.total_time:.2f} s; RAM {format_size(r.ram_size)}")

@@ -650,7 +650,7 @@ def _ready_probe(channel: Channel) -> Callable[[bool], bool]:
 def receive(channel: Channel, image: str | os.PathLike[str], *, direct_io: DirectIO = False,
             progress: Callable[[ReceiveStats], None] | None = None,
             switchover_ack: bool | None = None,
-            libvirt_xml: str | None = None) -> ReceiveReport:
+            libvirt_xml: str | None = None, libvirt_running: bool = True) -> ReceiveReport:
     """Be the destination of a precopy migration and save it as a mapped-ram ``image``.
 
     Reads the stream from ``channel`` until its end (EOF record plus VM description;
@@ -659,11 +659,13 @@ def receive(channel: Channel, image: str | os.PathLike[str], *, direct_io: Direc
     with O_DIRECT (``"required"``: fail where unsupported instead of falling back).
     ``switchover_ack`` forces sending SWITCHOVER_ACK on or off (default: see
     :func:`wants_switchover_ack`). ``libvirt_xml``: write a libvirt sparse save image with
-    this domain XML in its header (``virsh restore`` loads it). The channel is not closed.
+    this domain XML in its header (``virsh restore`` loads it, running the domain if
+    ``libvirt_running``). The channel is not closed.
     A multifd migration needs :func:`receive_listening`.
     """
     with Receiver(image, direct_io=direct_io, progress=progress, reply=channel.sendall,
-                  switchover_ack=switchover_ack, libvirt_xml=libvirt_xml) as rx:
+                  switchover_ack=switchover_ack, libvirt_xml=libvirt_xml,
+                  was_running=libvirt_running) as rx:
         _pump(rx, channel)
         return rx.commit()
 
@@ -855,7 +857,8 @@ def receive_listening(listener: Listener, image: str | os.PathLike[str], *, chan
                       switchover_ack: bool | None = None, accept_timeout: float | None = None,
                       connect_timeout: float = CONNECT_TIMEOUT,
                       channel_grace: float = CHANNEL_GRACE,
-                      libvirt_xml: str | None = None) -> ReceiveReport:
+                      libvirt_xml: str | None = None,
+                      libvirt_running: bool = True) -> ReceiveReport:
     """:func:`receive` for a source that connects to ``listener``, with or without multifd.
 
     ``channels`` is the number of multifd channels to expect: the source's
@@ -879,7 +882,7 @@ def receive_listening(listener: Listener, image: str | os.PathLike[str], *, chan
     try:
         with Receiver(image, direct_io=direct_io, progress=progress, reply=reply,
                       switchover_ack=switchover_ack, multifd_channels=channels,
-                      libvirt_xml=libvirt_xml,
+                      libvirt_xml=libvirt_xml, was_running=libvirt_running,
                       multifd_error=conns.fail,
                       before_marker=conns.wait_channels if channels else None) as rx:
             conns.start(rx.multifd)
