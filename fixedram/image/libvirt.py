@@ -252,8 +252,7 @@ def decompress_payload(fd: int, header: LibvirtHeader, where: str = "image") -> 
     if exe is None:
         raise ImageError(f"{where}: a {tool}-compressed libvirt image needs the '{tool}' "
                          "program, which is not installed")
-    out = tempfile.TemporaryFile(prefix="fixedram-libvirt-")
-    try:
+    with tempfile.TemporaryFile(prefix="fixedram-libvirt-") as out:
         src = os.dup(fd)
         try:
             os.lseek(src, header.payload_offset, os.SEEK_SET)
@@ -266,8 +265,6 @@ def decompress_payload(fd: int, header: LibvirtHeader, where: str = "image") -> 
             raise ImageError(f"{where}: {tool} -dc could not decompress the libvirt payload: "
                              f"{msg}", header.payload_offset)
         return os.dup(out.fileno())
-    finally:
-        out.close()
 
 
 def refuse_compressed(path: str | os.PathLike[str], what: str) -> None:

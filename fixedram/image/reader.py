@@ -27,7 +27,6 @@ import numpy as np
 
 from fixedram.errors import FixedramError, ImageError, StreamError
 from fixedram.image.check import mapped_bounds, raise_first
-from fixedram.image.libvirt import LibvirtHeader, decompress_payload, is_libvirt, read_header
 from fixedram.image.layout import (
     BITMAP_PIECE_PAGES,
     PAGE_SIZE,
@@ -36,6 +35,7 @@ from fixedram.image.layout import (
     bitmap_to_bools,
     runs,
 )
+from fixedram.image.libvirt import LibvirtHeader, decompress_payload, is_libvirt, read_header
 from fixedram.image.sparse import SparseArray
 from fixedram.io.files import (
     IOV_MAX,

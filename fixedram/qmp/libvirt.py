@@ -208,6 +208,7 @@ def restore_domain(virsh: Virsh, image: str | os.PathLike[str], *,
         f.write(incoming_xml(xml))
         f.flush()
         virsh.run("create", "--paused", f.name)
+    report: Any
     try:
         mon = VirshMonitor(virsh, name)
         if lazy:
