@@ -10,6 +10,13 @@ and ``libvirtd.conf`` (unix sockets in ``workdir/run``, no authentication, no TC
 test's own. Clients connect with ``qemu:///system?socket=<workdir>/run/libvirt-sock``
 (:attr:`Libvirtd.uri`). Stopping destroys every domain the daemon still runs, then the daemon.
 
+libvirtd daemonizes QEMU, so a QEMU that exits is reaped by whatever adopts it. On a host
+that is the init system, at once; in a container or sandbox whose first process reaps its
+orphans only now and then, libvirt's stop of a domain (``virsh destroy``, the end of
+``virsh save``) would wait for that reaping, since it polls until the process is gone. The
+daemon therefore runs under a small child-subreaper (:data:`_REAPER`) that adopts and
+reaps its QEMUs at once, as a host's init does.
+
 :func:`domain_xml` writes the XML of a TCG domain running the bare test guest (or the Linux
 test guest) with its serial console in a file.
 """
@@ -17,9 +24,11 @@ test guest) with its serial console in a file.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
@@ -40,6 +49,27 @@ remember_owner = 0
 cgroup_controllers = [ ]
 stdio_handler = "file"
 namespaces = [ ]
+"""
+
+
+#: Runs ``argv`` as a child subreaper (``prctl(PR_SET_CHILD_SUBREAPER)``): QEMUs libvirtd
+#: orphans are reaped as soon as they exit; SIGTERM goes on to the daemon; exits with it.
+_REAPER = """
+import ctypes, os, signal, subprocess, sys
+ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
+d = subprocess.Popen(sys.argv[1:])
+signal.signal(signal.SIGTERM, lambda *_: d.send_signal(signal.SIGTERM))
+while True:
+    try:
+        pid, st = os.waitpid(-1, 0)
+    except ChildProcessError:
+        break
+    except InterruptedError:
+        continue
+    if pid == d.pid:
+        d.returncode = os.waitstatus_to_exitcode(st)
+        break
+sys.exit(d.returncode or 0)
 """
 
 
@@ -73,7 +103,8 @@ class Libvirtd:
             f'log_outputs = "3:file:{self.workdir / "libvirtd.log"}"\n')
         mounts = "; ".join(f"mkdir -p {dst} && mount --bind {self.workdir / src} {dst}"
                            for src, dst in _BINDS)
-        script = (f"set -e; {mounts}; exec {daemon} --config /etc/libvirt/libvirtd.conf "
+        script = (f"set -e; {mounts}; exec {shlex.quote(sys.executable)} -c "
+                  f"{shlex.quote(_REAPER)} {daemon} --config /etc/libvirt/libvirtd.conf "
                   f"--pid-file {self.workdir / 'libvirtd.pid'}")
         err = open(self.workdir / "libvirtd.err", "wb")  # noqa: SIM115 - the daemon's stderr
         try:
