@@ -6,6 +6,7 @@
 #   bash scripts/setup.sh          # system packages + .venv with the package
 #   bash scripts/setup.sh --dev    # also the test and lint dependencies, and libvirt
 #   bash scripts/setup.sh --libvirt  # the package and libvirt (virsh, libvirtd, the QEMU driver)
+#                                    # with its Python binding (the [libvirt] extra)
 #
 # Idempotent: what is already present is left alone.
 set -euo pipefail
@@ -73,9 +74,24 @@ if [ "$libvirt" = 1 ] && ! { command -v virsh >/dev/null 2>&1 && [ -x /usr/sbin/
   [ "$rc_made" = 0 ] || sudo_ rm -f /usr/sbin/policy-rc.d
 fi
 if [ "$libvirt" = 1 ]; then
-  # lzop: libvirt's lzop save format is read through the lzop tool, as libvirt writes it
-  command -v lzop >/dev/null 2>&1 || {
-    apt_update; sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq lzop; }
+  # lzop: libvirt's lzop save format is read through the lzop tool, as libvirt writes it.
+  # libvirt-python (the [libvirt] extra) is built by pip against the installed libvirt:
+  # its headers (libvirt-dev of the same release, hence backports), pkg-config, gcc and
+  # Python's own headers.
+  lv_pkgs=()
+  command -v lzop >/dev/null 2>&1 || lv_pkgs+=(lzop)
+  command -v pkg-config >/dev/null 2>&1 || lv_pkgs+=(pkg-config)
+  if ! pkg-config --exists libvirt-qemu 2>/dev/null; then
+    lv_pkgs+=("libvirt-dev/$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")-backports")
+  fi
+  python3 -c 'import sysconfig, os, sys
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' ||
+    lv_pkgs+=(python3-dev)
+  if [ ${#lv_pkgs[@]} -gt 0 ]; then
+    apt_update
+    sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      "${lv_pkgs[@]}"
+  fi
   echo "setup: libvirt $(virsh --version)"
 fi
 
@@ -122,8 +138,11 @@ echo "setup: Linux guest packages in $debs"
 cd "$here"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-if [ "$dev" = 1 ]; then
-  .venv/bin/python -m pip install -q -e ".[dev]"
+extras=()
+[ "$dev" = 1 ] && extras+=(dev)
+[ "$libvirt" = 1 ] && extras+=(libvirt)
+if [ ${#extras[@]} -gt 0 ]; then
+  .venv/bin/python -m pip install -q -e ".[$(IFS=,; echo "${extras[*]}")]"
 else
   .venv/bin/python -m pip install -q -e .
 fi

@@ -25,7 +25,7 @@ __all__ = ["restore_command"]
               help="Instead of --qmp: start the image's libvirt domain (from its header XML, "
                    "or --xml) and restore into it, as virsh restore does.")
 @click.option("--connect", "uri", metavar="URI", help="--libvirt: libvirt connection URI "
-              "(virsh -c; default: virsh's own).")
+              "(as virsh -c; default: libvirt's default).")
 @click.option("--xml", "xml_file", type=click.Path(dir_okay=False, exists=True), metavar="XML",
               help="--libvirt: the domain XML (for images without a libvirt header).")
 @click.option("--via", type=click.Choice(["auto", "native", "proxy"]), default="auto",
@@ -131,14 +131,15 @@ def _libvirt(image: str, uri: str | None, xml_file: str | None, paused: bool, la
              via: str, progress: bool | None, as_json: bool, channels: int,
              direct: bool | str) -> None:
     """``restore --libvirt``: :func:`fixedram.qmp.libvirt.restore_domain` and its report."""
-    from fixedram.qmp.libvirt import Virsh, restore_domain
+    from fixedram.qmp.libvirt import Libvirt, restore_domain
     from fixedram.qmp.progress import ProgressBar
 
     if lazy and (channels or direct):
         raise click.UsageError("--lazy takes neither --channels nor --direct-io")
     kw: dict[str, Any] = {} if lazy else {"channels": channels, "direct_io": direct}
-    with ProgressBar("restore", disable=not show_progress(progress)) as bar:
-        name, r = restore_domain(Virsh(uri), image, xml_file=xml_file,
+    with Libvirt(uri) as lv, \
+            ProgressBar("restore", disable=not show_progress(progress)) as bar:
+        name, r = restore_domain(lv, image, xml_file=xml_file,
                                  paused=True if paused else None, lazy=lazy, via=via,
                                  progress=bar, **kw)
     if as_json:

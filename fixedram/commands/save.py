@@ -42,7 +42,7 @@ def show_progress(flag: bool | None) -> bool:
               help="Save this libvirt domain (instead of --qmp) into a libvirt sparse image "
                    "that virsh restore loads; the domain ends stopped, as with virsh save.")
 @click.option("--connect", "uri", metavar="URI", help="--libvirt: libvirt connection URI "
-              "(virsh -c; default: virsh's own).")
+              "(as virsh -c; default: libvirt's default).")
 @click.option("--libvirt-xml", "libvirt_xml", type=click.Path(dir_okay=False, exists=True),
               metavar="XML", help="With --qmp: write a libvirt sparse image with this domain "
                                   "XML in its header.")
@@ -86,10 +86,10 @@ def save_command(image: str, qmp_socket: str | None, live: bool, via: str, resum
         if resume or libvirt_xml:
             raise click.UsageError("--libvirt stops the domain (as virsh save) and writes its "
                                    "own XML: no --resume, no --libvirt-xml")
-        from fixedram.qmp.libvirt import Virsh, save_domain
+        from fixedram.qmp.libvirt import Libvirt, save_domain
 
-        with ProgressBar("save", disable=not show_progress(progress)) as bar:
-            r = save_domain(Virsh(uri), domain, image, via=via, live=live,
+        with Libvirt(uri) as lv, ProgressBar("save", disable=not show_progress(progress)) as bar:
+            r = save_domain(lv, domain, image, via=via, live=live,
                             direct_io=direct_io, progress=bar, max_bandwidth=rate,
                             stop_after=live_timeout, multifd_channels=channels)
         _report(r, as_json, f"domain {domain} stopped")

@@ -41,6 +41,7 @@ __all__ = [
     "DomainSummary",
     "is_libvirt",
     "read_header",
+    "header_of",
     "header_bytes",
     "write_header",
     "mark_complete",
@@ -267,18 +268,26 @@ def decompress_payload(fd: int, header: LibvirtHeader, where: str = "image") -> 
         return os.dup(out.fileno())
 
 
+def header_of(path: str | os.PathLike[str]) -> LibvirtHeader | None:
+    """The libvirt header of the file ``path`` (checked as :func:`read_header` does), or
+    None when the file does not start with a libvirt magic."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise ImageError(f"cannot open {path}: {e.strerror}") from None
+    try:
+        if not is_libvirt(os.pread(fd, 16, 0)):
+            return None
+        return read_header(fd, os.fstat(fd).st_size, str(path))
+    finally:
+        os.close(fd)
+
+
 def refuse_compressed(path: str | os.PathLike[str], what: str) -> None:
     """Raise :class:`ImageError` if ``path`` is a compressed libvirt image: ``what`` (a lazy
     restore) needs the pages at fixed places in the file, which only raw and sparse have."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        head = os.pread(fd, 16, 0)
-        if not is_libvirt(head):
-            return
-        hdr = read_header(fd, os.fstat(fd).st_size, str(path))
-    finally:
-        os.close(fd)
-    if hdr.compressed:
+    hdr = header_of(path)
+    if hdr is not None and hdr.compressed:
         raise ImageError(f"{path}: {what} needs random access to the pages, which a "
                          f"{hdr.format}-compressed libvirt image does not give: restore it "
                          "in full, or convert it first (fixedram convert)")
