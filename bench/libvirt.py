@@ -13,19 +13,31 @@ start-up), apparent and allocated size of the image. Methods:
   (a libvirt sparse image) and ``fixedram restore --libvirt``;
 * ``fixedram -> virsh``: ``fixedram save --libvirt`` and ``virsh restore`` of its image.
 
-Usage (as root; libvirt from ``scripts/setup.sh --libvirt``)::
+Fairness: between a save and its restore, every image is fsynced (the time that takes is
+the ``fsync`` column: what a save left to write before its image was durable, about nothing
+for fixedram's saves, which fsync before they return, and for ``virsh save`` of a raw image,
+but the whole image for a sparse one) and then dropped from the page cache
+(``posix_fadvise(DONTNEED)``), so that every restore reads its image from the disk: a restore
+normally comes long after its save, and fixedram's save drops its image from the cache
+itself. fixedram's modules are byte-compiled first, as an installed package has them (with
+``PYTHONDONTWRITEBYTECODE`` set, every run would compile them again). Each method runs
+``--repeat`` times, the rounds interleaved; the table shows medians.
 
-    .venv/bin/python -m bench.libvirt                          # 1 GiB guest, 512 MiB data, 3 rounds
+Usage (as root; libvirt and its Python binding from ``scripts/setup.sh --libvirt``)::
+
+    .venv/bin/python -m bench.libvirt                          # 1 GiB guest, 256 MiB data, 5 rounds
     .venv/bin/python -m bench.libvirt --mem 256 --data 64 --repeat 1   # quick
 
-Prints a table of medians and writes ``bench/results/libvirt-<stamp>.json``. Not run by the
-tests.
+Prints the command and a markdown table of medians (as the README shows it) and writes
+``bench/results/libvirt-<stamp>.json``. Not run by the tests.
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -33,6 +45,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import fixedram
 from fixedram.testing.guest import build_guest
 from fixedram.testing.libvirt import Libvirtd, domain_xml
 from fixedram.testing.vm import parse_heartbeats
@@ -58,6 +71,19 @@ def _timed(argv: list[str]) -> float:
     return time.monotonic() - t
 
 
+def _sync_and_drop(path: Path) -> float:
+    """fsync ``path`` (seconds it took), then drop its pages from the page cache."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        t = time.monotonic()
+        os.fsync(fd)
+        took = time.monotonic() - t
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return took
+
+
 def _wait_idle(log: Path, gens: int, timeout: float = 300.0) -> int:
     """Until the guest reached generation ``gens`` (its data stamped); its last beat."""
     deadline = time.monotonic() + timeout
@@ -72,10 +98,11 @@ def _wait_idle(log: Path, gens: int, timeout: float = 300.0) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mem", type=int, default=1024, help="guest RAM, MiB")
-    ap.add_argument("--data", type=int, default=512, help="stamped data, MiB")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--data", type=int, default=256, help="stamped data, MiB")
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--dir", default="/var/tmp", help="where the images go")
     args = ap.parse_args()
+    compileall.compile_dir(Path(fixedram.__file__).parent, quiet=1)
     results: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS}
     with tempfile.TemporaryDirectory(prefix="fr-lvbench-") as tmp, \
             tempfile.TemporaryDirectory(prefix="fr-lvbench-img-", dir=args.dir) as imgdir:
@@ -97,23 +124,30 @@ def main() -> None:
                         t_save = _timed([*FIXEDRAM, "save", "--libvirt", NAME, "--connect",
                                          d.uri, *opts, str(img)])
                     st = img.stat()
+                    t_sync = _sync_and_drop(img)
                     if restorer == "virsh":
                         t_restore = _timed([*virsh, "restore", str(img)])
                     else:
                         t_restore = _timed([*FIXEDRAM, "restore", "--libvirt", "--connect",
                                             d.uri, str(img)])
-                    results[method].append({"save": t_save, "restore": t_restore,
+                    if d.virsh("domstate", NAME).strip() != "running":
+                        raise SystemExit(f"{method}: the domain is not running after restore")
+                    results[method].append({"save": t_save, "fsync": t_sync,
+                                            "restore": t_restore,
                                             "apparent": st.st_size,
                                             "allocated": st.st_blocks * 512})
                     img.unlink()
             d.virsh("destroy", NAME)
-    print(f"guest {args.mem} MiB, {args.data} MiB stamped; medians of {args.repeat} "
-          f"(wall s); images in {args.dir}")
-    print("| method | save s | restore s | apparent MiB | allocated MiB |\n|---|---|---|---|---|")
+    print(f"`python -m bench.libvirt --mem {args.mem} --data {args.data} --repeat "
+          f"{args.repeat}`: a {args.mem} MiB TCG guest with {args.data} MiB of data, saved "
+          f"running; medians of {args.repeat} rounds, wall seconds of each command; every "
+          "image fsynced and dropped from the page cache before its restore\n")
+    print("| method | save s | fsync after save s | restore s | image MiB (allocated) |\n"
+          "|---|---|---|---|---|")
     for m, rows in results.items():
         med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-        print(f"| {m} | {med['save']:.2f} | {med['restore']:.2f} | "
-              f"{med['apparent'] / 2**20:.0f} | {med['allocated'] / 2**20:.0f} |")
+        print(f"| {m} | {med['save']:.2f} | {med['fsync']:.2f} | {med['restore']:.2f} | "
+              f"{med['apparent'] / 2**20:.0f} ({med['allocated'] / 2**20:.0f}) |")
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"libvirt-{time.strftime('%Y%m%d-%H%M%S')}.json"

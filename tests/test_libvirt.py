@@ -16,6 +16,7 @@ has about a minute of these; raw images, proxy saves and the Linux guest are beh
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from fixedram.testing.guest.linux import LinuxGuest, linux_append
-from fixedram.testing.libvirt import Libvirtd, domain_xml
+from fixedram.testing.libvirt import Libvirtd, domain_xml, emulator_script
 from fixedram.testing.vm import parse_heartbeats
 
 PY = str(Path(sys.executable).absolute())
@@ -118,7 +119,7 @@ def _save_paused(dom: Domain, image: Path, *virsh_opts: str) -> tuple[bytes, int
 
 @pytest.mark.qemu
 @pytest.mark.parametrize("fmt", [pytest.param("raw", marks=pytest.mark.libvirt_long),
-                                 "sparse", "zstd"])
+                                 "sparse", "zstd", "gzip"])
 def test_virsh_save_read_everywhere(bare: Domain, tmp_path: Path, fmt: str) -> None:
     """A ``virsh save`` image of each kind: analyze, verify, extract (= pmemsave), convert,
     then restore --libvirt (paused, as saved): RAM equal, and the guest carries on."""
@@ -135,10 +136,10 @@ def test_virsh_save_read_everywhere(bare: Domain, tmp_path: Path, fmt: str) -> N
     assert (tmp_path / "pc.ram").read_bytes() == ram
     ok("convert", str(img), str(tmp_path / "conv.img"))
     ok("verify", str(tmp_path / "conv.img"))
-    if fmt == "zstd":
+    if fmt in ("zstd", "gzip"):
         r = fr("restore", "--libvirt", "--connect", bare.d.uri, "--lazy", str(img))
         assert r.returncode == 2 and len(r.stderr.splitlines()) == 1
-        assert "zstd-compressed" in r.stderr
+        assert f"{fmt}-compressed" in r.stderr
     via = "proxy" if fmt == "sparse" else "auto"  # sparse: fixedram's send, not QEMU's load
     ok("restore", "--libvirt", "--connect", bare.d.uri, "--via", via, str(img))
     assert bare.state() == "paused"
@@ -179,6 +180,22 @@ def test_save_running_restore_lazy(bare: Domain, tmp_path: Path) -> None:
     ok("restore", "--libvirt", "--lazy", "--connect", bare.d.uri, str(img))
     assert bare.state() == "running"
     assert bare.wait_hb(after=hb) == hb + 1
+
+
+@pytest.mark.qemu
+def test_restore_refused_while_the_domain_runs(bare: Domain, tmp_path: Path) -> None:
+    """``restore --libvirt`` of an image whose domain (same name) is running again: one line,
+    and the running domain is left alone."""
+    img = tmp_path / "again.sav"
+    bare.d.virsh("save", bare.name, str(img))
+    bare.serial.write_bytes(b"")
+    bare.create()
+    hb = bare.wait_hb(after=1)
+    r = fr("restore", "--libvirt", "--connect", bare.d.uri, str(img))
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "frbare" in r.stderr and "already" in r.stderr, r.stderr
+    assert bare.state() == "running"
+    assert bare.wait_hb(after=hb) > hb
 
 
 def _corrupt(src: bytes, at: int, data: bytes) -> bytes:
@@ -255,3 +272,45 @@ def _header_xml(img: Path) -> str:
     with open_image(img) as im:
         assert im.libvirt is not None
         return im.libvirt.xml
+
+
+@pytest.mark.qemu
+@pytest.mark.libvirt_long
+def test_qemu72_domain_saved_restored_on_qemu10(libvirtd: Libvirtd, guest_elf: Path,
+                                               tmp_path: Path) -> None:
+    """A libvirt domain on QEMU 7.2 (machine pc-q35-7.2), saved by ``save --libvirt --via
+    proxy`` (7.2 has no mapped-ram: fixedram writes the sparse image), restored by ``virsh
+    restore --xml`` on QEMU 10 with the same machine: RAM equal, the guest carries on."""
+    emu = emulator_script(tmp_path / "qemu72", "7.2")
+    dom = Domain(libvirtd, "fr72", tmp_path,
+                 domain_xml("fr72", guest_elf, tmp_path / "fr72.log", mem_mib=MEM_MIB,
+                            cmdline="mib=16 rate=0 hb=100 gens=2", machine="pc-q35-7.2",
+                            emulator=str(emu)))
+    dom.create()
+    try:
+        dom.wait_hb(after=3)
+        assert dom.qmp("query-version")["qemu"]["major"] == 7  # type: ignore[index]
+        img = tmp_path / "q72.sav"
+        ram, hb = _save_paused_by_fixedram(dom, img, "--via", "proxy")
+        assert json.loads(ok("analyze", "--json", str(img)))["libvirt"]["format"] == "sparse"
+        xml = _header_xml(img).replace(str(emu), shutil.which("qemu-system-x86_64") or "")
+        (tmp_path / "q10.xml").write_text(xml)
+        dom.d.virsh("restore", "--xml", str(tmp_path / "q10.xml"), str(img))
+        assert dom.qmp("query-version")["qemu"]["major"] >= 10  # type: ignore[index]
+        assert dom.state() == "paused"
+        assert dom.pmemsave(tmp_path / "dst.mem") == ram
+        dom.d.virsh("resume", dom.name)
+        assert dom.wait_hb(after=hb) == hb + 1
+    finally:
+        dom.destroy()
+
+
+def _save_paused_by_fixedram(dom: Domain, image: Path, *opts: str) -> tuple[bytes, int]:
+    """Pause, dump RAM, ``fixedram save --libvirt``: the RAM and the last heartbeat before
+    the save; the domain is stopped afterwards."""
+    dom.d.virsh("suspend", dom.name)
+    ram = dom.pmemsave(image.with_suffix(".src.mem"))
+    hb = dom.last_hb()
+    ok("save", "--libvirt", dom.name, "--connect", dom.d.uri, *opts, str(image))
+    assert dom.state() not in ("running", "paused")
+    return ram, hb

@@ -35,7 +35,7 @@ from xml.sax.saxutils import quoteattr
 
 from fixedram.errors import VMError
 
-__all__ = ["Libvirtd", "domain_xml"]
+__all__ = ["Libvirtd", "domain_xml", "emulator_script"]
 
 _BINDS = (("etc", "/etc/libvirt"), ("lib", "/var/lib/libvirt"), ("log", "/var/log/libvirt"),
           ("cache", "/var/cache/libvirt"), ("run", "/run/libvirt"))
@@ -157,9 +157,12 @@ class Libvirtd:
 
 def domain_xml(name: str, kernel: str | os.PathLike[str], serial: str | os.PathLike[str], *,
                mem_mib: int = 128, cmdline: str = "", initrd: str | os.PathLike[str] | None = None,
-               machine: str = "q35", vcpus: int = 1) -> str:
+               machine: str = "q35", vcpus: int = 1, emulator: str | None = None) -> str:
     """A TCG domain booting ``kernel`` (the bare or the Linux test guest) with its serial
-    console appended to the file ``serial``; no disk, NIC, graphics or balloon."""
+    console appended to the file ``serial``; no disk, NIC, graphics or balloon.
+    ``emulator``: the QEMU binary (default: ``qemu-system-x86_64`` on ``PATH``)."""
+    if emulator is None:
+        emulator = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
     init = f"<initrd>{Path(initrd).resolve()}</initrd>" if initrd is not None else ""
     return f"""<domain type='qemu'>
   <name>{name}</name>
@@ -169,10 +172,26 @@ def domain_xml(name: str, kernel: str | os.PathLike[str], serial: str | os.PathL
     <kernel>{Path(kernel).resolve()}</kernel>{init}
     <cmdline>{cmdline}</cmdline></os>
   <devices>
-    <emulator>{shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"}</emulator>
+    <emulator>{emulator}</emulator>
     <serial type='file'><source path={quoteattr(str(Path(serial).resolve()))} append='on'/>
       <target port='0'/></serial>
     <memballoon model='none'/>
   </devices>
 </domain>
 """
+
+
+def emulator_script(path: str | os.PathLike[str], version: str) -> Path:
+    """An executable script at ``path`` that runs the QEMU ``version`` found by
+    :func:`fixedram.testing.vm.find_qemu` with the environment and ``-L`` options it needs
+    (an unpacked QEMU 7.2): a domain's ``<emulator>`` for it, since libvirt runs its
+    emulator with a clean environment and a command line of its own."""
+    from fixedram.testing.vm import find_qemu
+
+    q = find_qemu(version)
+    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in q.env.items())
+    p = Path(path).resolve()
+    p.write_text(f"#!/bin/sh\nexec env {env} {shlex.quote(str(q.path))} "
+                 f"{shlex.join(q.extra_args)} \"$@\"\n")
+    p.chmod(0o755)
+    return p
