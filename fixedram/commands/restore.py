@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from fixedram.cli import cli, direct_io_options, direct_mode, one_line_errors
-from fixedram.commands.save import show_progress
+from fixedram.commands.save import parse_rate, show_progress
 from fixedram.units import format_size
 
 __all__ = ["restore_command"]
@@ -64,22 +64,24 @@ def restore_command(image: str, qmp_socket: str, via: str, paused: bool,
     mismatch is refused before QEMU receives anything, and QEMU stays usable.
     """
     started = time.monotonic()
-    from fixedram.qmp.client import QMP
-    from fixedram.qmp.progress import ProgressBar
-    from fixedram.qmp.restore import restore
-
     direct = direct_mode(direct_io, require_direct_io)
     if use_libvirt == (qmp_socket is not None):
         raise click.UsageError("give one of --qmp SOCKET and --libvirt")
+    if lazy and (channels or direct):
+        raise click.UsageError("--lazy takes neither --channels nor --direct-io")
     if use_libvirt:
-        _libvirt(image, uri, xml_file, paused, lazy, via, progress, as_json, channels, direct)
+        _libvirt(image, uri, xml_file, paused, lazy, via, progress, as_json,
+                 {"transport": transport, "push_rate": parse_rate(push_rate) if push_rate
+                  else None, "started": started} if lazy
+                 else {"channels": channels, "direct_io": direct})
         return
     assert qmp_socket is not None
     if lazy:
-        if channels or direct:
-            raise click.UsageError("--lazy takes neither --channels nor --direct-io")
         _lazy(image, qmp_socket, paused, progress, as_json, transport, push_rate, started)
         return
+    from fixedram.qmp.client import QMP
+    from fixedram.qmp.progress import ProgressBar
+    from fixedram.qmp.restore import restore
 
     with QMP.connect(qmp_socket) as qmp, \
             ProgressBar("restore", disable=not show_progress(progress)) as bar:
@@ -101,7 +103,6 @@ def restore_command(image: str, qmp_socket: str, via: str, paused: bool,
 def _lazy(image: str, qmp_socket: str, paused: bool, progress: bool | None, as_json: bool,
           transport: str, push_rate: str | None, started: float) -> None:
     """``restore --lazy``: :func:`fixedram.qmp.lazy.lazy_restore` and its report."""
-    from fixedram.commands.save import parse_rate
     from fixedram.qmp.client import QMP
     from fixedram.qmp.lazy import lazy_restore
     from fixedram.qmp.progress import ProgressBar
@@ -128,15 +129,12 @@ def _lazy(image: str, qmp_socket: str, paused: bool, progress: bool | None, as_j
 
 
 def _libvirt(image: str, uri: str | None, xml_file: str | None, paused: bool, lazy: bool,
-             via: str, progress: bool | None, as_json: bool, channels: int,
-             direct: bool | str) -> None:
-    """``restore --libvirt``: :func:`fixedram.qmp.libvirt.restore_domain` and its report."""
+             via: str, progress: bool | None, as_json: bool, kw: dict[str, Any]) -> None:
+    """``restore --libvirt``: :func:`fixedram.qmp.libvirt.restore_domain` (``kw``: the options
+    of the load) and its report. The loader is imported there, while libvirt starts QEMU."""
     from fixedram.qmp.libvirt import Libvirt, restore_domain
     from fixedram.qmp.progress import ProgressBar
 
-    if lazy and (channels or direct):
-        raise click.UsageError("--lazy takes neither --channels nor --direct-io")
-    kw: dict[str, Any] = {} if lazy else {"channels": channels, "direct_io": direct}
     with Libvirt(uri) as lv, \
             ProgressBar("restore", disable=not show_progress(progress)) as bar:
         name, r = restore_domain(lv, image, xml_file=xml_file,

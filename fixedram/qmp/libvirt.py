@@ -86,8 +86,8 @@ class Libvirt:
     context manager; every libvirt failure is a one-line :class:`VMError`."""
 
     def __init__(self, uri: str | None = None) -> None:
-        libvirt, self._qemu = _binding()
-        self._lv = libvirt
+        libvirt, qemu = _binding()
+        self.api, self.qemu_api = libvirt, qemu  # the binding's two modules
         _start_event_loop(libvirt)
         # libvirt prints every error on stderr unless a handler takes it: ours are raised
         libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -102,7 +102,7 @@ class Libvirt:
         """``fn(*args)``, a libvirt failure raised as ``VMError("libvirt WHAT: ...")``."""
         try:
             return fn(*args)
-        except self._lv.libvirtError as e:
+        except self.api.libvirtError as e:
             raise VMError(f"libvirt {what}: {_message(e)}") from None
 
     def domain(self, name: str) -> Any:
@@ -111,7 +111,7 @@ class Libvirt:
 
     def state(self, dom: Any) -> str:
         """``running``, ``paused``, ``shut off``..."""
-        lv = self._lv
+        lv = self.api
         st = self.call("domain state", dom.state)[0]
         return {lv.VIR_DOMAIN_RUNNING: "running", lv.VIR_DOMAIN_PAUSED: "paused",
                 lv.VIR_DOMAIN_SHUTOFF: "shut off", lv.VIR_DOMAIN_SHUTDOWN: "in shutdown",
@@ -120,11 +120,11 @@ class Libvirt:
 
     def migratable_xml(self, dom: Any) -> str:
         """The domain's XML as ``virsh dumpxml --migratable`` (and ``virsh save``) give it."""
-        return str(self.call("dumpxml", dom.XMLDesc, self._lv.VIR_DOMAIN_XML_MIGRATABLE))
+        return str(self.call("dumpxml", dom.XMLDesc, self.api.VIR_DOMAIN_XML_MIGRATABLE))
 
     def create_paused(self, xml: str) -> Any:
         """Start a transient domain from ``xml``, paused (``virsh create --paused``)."""
-        return self.call("create", self.conn.createXML, xml, self._lv.VIR_DOMAIN_START_PAUSED)
+        return self.call("create", self.conn.createXML, xml, self.api.VIR_DOMAIN_START_PAUSED)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -151,7 +151,7 @@ class _LibvirtEvents(Events):
                 self._q.put({"event": event, "data": json.loads(details) if details else {},
                              "timestamp": {"seconds": secs, "microseconds": micros}})
 
-        self._id: int | None = lv.call("event registration", lv._qemu.qemuMonitorEventRegister,
+        self._id: int | None = lv.call("event registration", lv.qemu_api.qemuMonitorEventRegister,
                                         lv.conn, dom, None, cb, None, 0)
 
     def get(self, timeout: float) -> dict[str, Any] | None:
@@ -164,7 +164,7 @@ class _LibvirtEvents(Events):
         cid, self._id = self._id, None
         if cid is not None:
             with contextlib.suppress(Exception):
-                self._lv._qemu.qemuMonitorEventDeregister(self._lv.conn, cid)
+                self._lv.qemu_api.qemuMonitorEventDeregister(self._lv.conn, cid)
 
 
 class LibvirtMonitor(QMP):
@@ -191,13 +191,13 @@ class LibvirtMonitor(QMP):
         msg: dict[str, Any] = {"execute": name}
         if args:
             msg["arguments"] = dict(args)
-        q = self.lv._qemu
+        q = self.lv.qemu_api
         try:
             if fd is None:
                 out = q.qemuMonitorCommand(self.dom, json.dumps(msg), 0)
             else:
                 out = q.qemuMonitorCommandWithFiles(self.dom, json.dumps(msg), [fd], 0)[0]
-        except self.lv._lv.libvirtError as e:
+        except self.lv.api.libvirtError as e:
             raise QMPCommandError(f"QMP {name}: {_message(e)}") from None
         try:
             reply = json.loads(out)
