@@ -9,8 +9,8 @@ setup.sh --libvirt``, which ``--dev`` includes) the fixture fails with that mess
 A restore passes when the restored guest's RAM equals the saved guest's (``pmemsave`` of the
 paused domain before the save and after the restore, or ``extract`` of the image) and its
 heartbeat carries on from where it was saved: the next numbers, no reboot. The default run
-has about a minute of these; raw images, proxy saves and the Linux guest are behind
-``pytest -m libvirt_long``.
+has about a minute of these; raw images, proxy saves, the Linux guest and a domain on QEMU 7.2
+are behind ``pytest -m libvirt_long``.
 """
 
 from __future__ import annotations
@@ -196,6 +196,17 @@ def test_restore_refused_while_the_domain_runs(bare: Domain, tmp_path: Path) -> 
     assert "frbare" in r.stderr and "already" in r.stderr, r.stderr
     assert bare.state() == "running"
     assert bare.wait_hb(after=hb) > hb
+
+
+def test_without_the_binding_one_line(tmp_path: Path) -> None:
+    """``--libvirt`` where libvirt-python cannot be imported: one line naming the extra."""
+    for cmd in (["save", "--libvirt", "vm", str(tmp_path / "x.sav")],
+                ["restore", "--libvirt", __file__]):
+        r = subprocess.run([PY, "-c", "import sys; sys.modules['libvirt'] = None; "
+                            "from fixedram.cli import main; main()", *cmd],
+                           capture_output=True, text=True, timeout=60, check=False)
+        assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+        assert "fixedram[libvirt]" in r.stderr
 
 
 def _corrupt(src: bytes, at: int, data: bytes) -> bytes:
