@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import click
 
 from fixedram.cli import cli, direct_io_options, direct_mode, one_line_errors
-from fixedram.commands.save import show_progress
+from fixedram.commands.save import parse_rate, show_progress
 from fixedram.units import format_size
 
 __all__ = ["restore_command"]
@@ -17,9 +18,16 @@ __all__ = ["restore_command"]
 
 @cli.command("restore")
 @click.argument("image", type=click.Path(dir_okay=False, exists=True))
-@click.option("--qmp", "qmp_socket", required=True, metavar="SOCKET", type=click.Path(),
+@click.option("--qmp", "qmp_socket", metavar="SOCKET", type=click.Path(),
               help="QMP unix socket of a QEMU started with the same VM options plus "
                    "-incoming defer.")
+@click.option("--libvirt", "use_libvirt", is_flag=True,
+              help="Instead of --qmp: start the image's libvirt domain (from its header XML, "
+                   "or --xml) and restore into it, as virsh restore does.")
+@click.option("--connect", "uri", metavar="URI", help="--libvirt: libvirt connection URI "
+              "(as virsh -c; default: libvirt's default).")
+@click.option("--xml", "xml_file", type=click.Path(dir_okay=False, exists=True), metavar="XML",
+              help="--libvirt: the domain XML (for images without a libvirt header).")
 @click.option("--via", type=click.Choice(["auto", "native", "proxy"]), default="auto",
               show_default=True,
               help="native: QEMU (>= 9.0) loads the mapped-ram file itself; proxy: fixedram "
@@ -48,23 +56,32 @@ def restore_command(image: str, qmp_socket: str, via: str, paused: bool,
                     lazy: bool = False, transport: str = "fd",
                     push_rate: str | None = None, direct_io: bool = False,
                     require_direct_io: bool = False,
-                    channels: int = 0) -> None:
+                    channels: int = 0, use_libvirt: bool = False, uri: str | None = None,
+                    xml_file: str | None = None) -> None:
     """Restore IMAGE into the waiting QEMU behind --qmp, then resume the VM.
 
     The image is checked against the destination's machine type and RAM blocks first; a
     mismatch is refused before QEMU receives anything, and QEMU stays usable.
     """
     started = time.monotonic()
+    direct = direct_mode(direct_io, require_direct_io)
+    if use_libvirt == (qmp_socket is not None):
+        raise click.UsageError("give one of --qmp SOCKET and --libvirt")
+    if lazy and (channels or direct):
+        raise click.UsageError("--lazy takes neither --channels nor --direct-io")
+    if use_libvirt:
+        _libvirt(image, uri, xml_file, paused, lazy, via, progress, as_json,
+                 {"transport": transport, "push_rate": parse_rate(push_rate) if push_rate
+                  else None, "started": started} if lazy
+                 else {"channels": channels, "direct_io": direct})
+        return
+    assert qmp_socket is not None
+    if lazy:
+        _lazy(image, qmp_socket, paused, progress, as_json, transport, push_rate, started)
+        return
     from fixedram.qmp.client import QMP
     from fixedram.qmp.progress import ProgressBar
     from fixedram.qmp.restore import restore
-
-    direct = direct_mode(direct_io, require_direct_io)
-    if lazy:
-        if channels or direct:
-            raise click.UsageError("--lazy takes neither --channels nor --direct-io")
-        _lazy(image, qmp_socket, paused, progress, as_json, transport, push_rate, started)
-        return
 
     with QMP.connect(qmp_socket) as qmp, \
             ProgressBar("restore", disable=not show_progress(progress)) as bar:
@@ -86,7 +103,6 @@ def restore_command(image: str, qmp_socket: str, via: str, paused: bool,
 def _lazy(image: str, qmp_socket: str, paused: bool, progress: bool | None, as_json: bool,
           transport: str, push_rate: str | None, started: float) -> None:
     """``restore --lazy``: :func:`fixedram.qmp.lazy.lazy_restore` and its report."""
-    from fixedram.commands.save import parse_rate
     from fixedram.qmp.client import QMP
     from fixedram.qmp.lazy import lazy_restore
     from fixedram.qmp.progress import ProgressBar
@@ -110,3 +126,23 @@ def _lazy(image: str, qmp_socket: str, paused: bool, progress: bool | None, as_j
         f"{format_size(r.ram_size)}\n"
         f"  VM {r.status}"
     )
+
+
+def _libvirt(image: str, uri: str | None, xml_file: str | None, paused: bool, lazy: bool,
+             via: str, progress: bool | None, as_json: bool, kw: dict[str, Any]) -> None:
+    """``restore --libvirt``: :func:`fixedram.qmp.libvirt.restore_domain` (``kw``: the options
+    of the load) and its report. The loader is imported there, while libvirt starts QEMU."""
+    from fixedram.qmp.libvirt import Libvirt, restore_domain
+    from fixedram.qmp.progress import ProgressBar
+
+    with Libvirt(uri) as lv, \
+            ProgressBar("restore", disable=not show_progress(progress)) as bar:
+        name, r = restore_domain(lv, image, xml_file=xml_file,
+                                 paused=True if paused else None, lazy=lazy, via=via,
+                                 progress=bar, **kw)
+    if as_json:
+        click.echo(json.dumps({"domain": name, **r.as_dict()}, indent=2))
+        return
+    how = "lazily" if lazy else f"via {r.via}"
+    click.echo(f"restored {r.image} ({r.image_format}) into libvirt domain {name} {how} in "
+               f"{r.total_time:.2f} s; RAM {format_size(r.ram_size)}")
