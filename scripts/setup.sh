@@ -4,15 +4,19 @@
 # tests), and the Python package with its dependencies in .venv.
 #
 #   bash scripts/setup.sh          # system packages + .venv with the package
-#   bash scripts/setup.sh --dev    # also the test and lint dependencies
+#   bash scripts/setup.sh --dev    # also the test and lint dependencies, and libvirt
+#   bash scripts/setup.sh --libvirt  # the package and libvirt (virsh, libvirtd, the QEMU driver)
+#                                    # with its Python binding (the [libvirt] extra)
 #
 # Idempotent: what is already present is left alone.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 dev=0
+libvirt=0
 for a in "$@"; do
   case "$a" in
-    --dev) dev=1 ;;
+    --dev) dev=1; libvirt=1 ;;
+    --libvirt) libvirt=1 ;;
     *) echo "setup.sh: unknown option $a" >&2; exit 2 ;;
   esac
 done
@@ -48,6 +52,48 @@ if [ "$(qemu_major)" -lt 10 ]; then
   sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t "${codename}-backports" qemu-system-x86
 fi
 echo "setup: $(qemu-system-x86_64 --version | head -1)"
+
+# libvirt 11 from bookworm-backports (virsh save --image-format sparse needs >= 10.x): only
+# the libvirt packages are taken from backports (pkg/release), so their dependencies, systemd
+# among them, come from the stable release. No network, storage or firewall driver and no
+# service is started: the tests and bench run a private libvirtd (fixedram/testing/libvirt.py),
+# and /etc/libvirt is left as the package ships it.
+if [ "$libvirt" = 1 ] && ! { command -v virsh >/dev/null 2>&1 && [ -x /usr/sbin/libvirtd ] &&
+    virsh --version | grep -q '^1[1-9]\.'; }; then
+  codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
+  apt_update
+  rc_made=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then  # no daemon started by the packages' scripts
+    printf '#!/bin/sh\nexit 101\n' | sudo_ tee /usr/sbin/policy-rc.d >/dev/null
+    sudo_ chmod 755 /usr/sbin/policy-rc.d
+    rc_made=1
+  fi
+  sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    "libvirt-daemon/${codename}-backports" "libvirt-daemon-driver-qemu/${codename}-backports" \
+    "libvirt-clients/${codename}-backports"
+  [ "$rc_made" = 0 ] || sudo_ rm -f /usr/sbin/policy-rc.d
+fi
+if [ "$libvirt" = 1 ]; then
+  # lzop: libvirt's lzop save format is read through the lzop tool, as libvirt writes it.
+  # libvirt-python (the [libvirt] extra) is built by pip against the installed libvirt:
+  # its headers (libvirt-dev of the same release, hence backports), pkg-config, gcc and
+  # Python's own headers.
+  lv_pkgs=()
+  command -v lzop >/dev/null 2>&1 || lv_pkgs+=(lzop)
+  command -v pkg-config >/dev/null 2>&1 || lv_pkgs+=(pkg-config)
+  if ! pkg-config --exists libvirt-qemu 2>/dev/null; then
+    lv_pkgs+=("libvirt-dev/$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")-backports")
+  fi
+  python3 -c 'import sysconfig, os, sys
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' ||
+    lv_pkgs+=(python3-dev)
+  if [ ${#lv_pkgs[@]} -gt 0 ]; then
+    apt_update
+    sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      "${lv_pkgs[@]}"
+  fi
+  echo "setup: libvirt $(virsh --version)"
+fi
 
 # QEMU 7.2 (Debian bookworm), unpacked, not installed: interop tests use it.
 cache=${FIXEDRAM_CACHE:-$here/.cache}
@@ -92,8 +138,11 @@ echo "setup: Linux guest packages in $debs"
 cd "$here"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-if [ "$dev" = 1 ]; then
-  .venv/bin/python -m pip install -q -e ".[dev]"
+extras=()
+[ "$dev" = 1 ] && extras+=(dev)
+[ "$libvirt" = 1 ] && extras+=(libvirt)
+if [ ${#extras[@]} -gt 0 ]; then
+  .venv/bin/python -m pip install -q -e ".[$(IFS=,; echo "${extras[*]}")]"
 else
   .venv/bin/python -m pip install -q -e .
 fi

@@ -24,6 +24,7 @@ import click
 from fixedram.cli import cli, one_line_errors
 from fixedram.endpoint.send import send
 from fixedram.errors import FixedramError, ImageError, printable
+from fixedram.image.libvirt import is_libvirt, read_domain_xml
 from fixedram.image.reader import open_image
 from fixedram.io.channel import SinkChannel
 from fixedram.io.files import pwritev_all
@@ -36,11 +37,14 @@ Buffer = bytes | bytearray | memoryview
 
 
 def _probe(path: Path) -> tuple[int, bool]:
-    """``(stream offset, is mapped-ram)`` from the head of ``path``."""
+    """``(stream offset, read through open_image)`` from the head of ``path``: a mapped-ram
+    or libvirt image is read through :func:`open_image`, a plain stream file byte by byte."""
     with open(path, "rb") as f:
         head = f.read(1 << 20)
     if not head:
         raise ImageError(f"{path} is empty")
+    if is_libvirt(head):  # read through open_image, which knows the header (and compression)
+        return 0, True
     magic = FILE_MAGIC.to_bytes(4, "big") + b"\x00\x00\x00\x03"
     base = 0 if head.startswith(magic[:4]) else head.find(magic)
     if base < 0:
@@ -55,8 +59,11 @@ def _probe(path: Path) -> tuple[int, bool]:
 
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
-            to: str = "mapped-ram") -> str:
+            to: str = "mapped-ram", libvirt_xml: str | None = None) -> str:
     """Convert image ``src`` into ``dst`` (``to``: ``mapped-ram`` or ``stream``).
+
+    ``libvirt_xml`` (mapped-ram only): write a libvirt sparse save image with this domain
+    XML in its header, which ``virsh restore`` loads.
 
     Returns a one-line summary.
     """
@@ -66,8 +73,10 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     if sp.resolve() == dp.resolve():
         raise FixedramError("input and output are the same file")
     base, mapped = _probe(sp)
+    if libvirt_xml is not None and to != "mapped-ram":
+        raise FixedramError("--libvirt-xml writes a libvirt sparse image: use --to mapped-ram")
     if to == "mapped-ram":
-        with Receiver(dp) as rx:
+        with Receiver(dp, libvirt_xml=libvirt_xml) as rx:
             if mapped:
                 def feed(bufs: Sequence[Buffer]) -> None:
                     for b in bufs:
@@ -112,10 +121,14 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
 @click.argument("dst", metavar="OUT", type=click.Path(dir_okay=False))
 @click.option("--to", "to", type=click.Choice(["mapped-ram", "stream"]), default="mapped-ram",
               show_default=True, help="Output format.")
+@click.option("--libvirt-xml", "libvirt_xml", type=click.Path(dir_okay=False, exists=True),
+              metavar="XML", help="Write OUT as a libvirt (virsh save) sparse image with this "
+              "domain XML (virsh dumpxml --migratable) in its header.")
 @click.option("-q", "--quiet", is_flag=True, help="No summary on stderr.")
 @one_line_errors
-def convert_cmd(src: str, dst: str, to: str, quiet: bool) -> None:
-    """Convert the image IN (legacy stream or mapped-ram) into OUT."""
-    summary = convert(src, dst, to=to)
+def convert_cmd(src: str, dst: str, to: str, quiet: bool, libvirt_xml: str | None = None) -> None:
+    """Convert the image IN (legacy stream, mapped-ram or libvirt save image) into OUT."""
+    xml = read_domain_xml(libvirt_xml) if libvirt_xml else None
+    summary = convert(src, dst, to=to, libvirt_xml=xml)
     if not quiet:
         click.echo(f"fixedram: wrote {printable(summary)}", err=True)

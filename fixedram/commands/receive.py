@@ -30,6 +30,7 @@ import click
 from fixedram.cli import cli, direct_io_options, direct_mode, one_line_errors
 from fixedram.endpoint.receive import MAX_CHANNELS
 from fixedram.errors import EndpointError, FixedramError
+from fixedram.image.libvirt import read_domain_xml
 
 __all__ = ["receive_cmd"]
 
@@ -56,11 +57,15 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
               help="Allow --listen on a non-loopback tcp address.")
 @click.option("--accept-timeout", type=float, default=None, metavar="SECONDS",
               help="Give up if nobody connects to --listen within this time.")
+@click.option("--libvirt-xml", "libvirt_xml", type=click.Path(dir_okay=False, exists=True),
+              metavar="XML", help="Write a libvirt (virsh save) sparse image with this domain "
+              "XML (virsh dumpxml --migratable) in its header.")
 @click.option("-q", "--quiet", is_flag=True, help="No report on stderr.")
 @one_line_errors
 def receive_cmd(image: str, listen_spec: str | None, channels: int, fd: int | None,
                 direct_io: bool, require_direct_io: bool, allow_remote: bool,
-                accept_timeout: float | None, quiet: bool) -> None:
+                accept_timeout: float | None, quiet: bool,
+                libvirt_xml: str | None = None) -> None:
     """Receive a migration from QEMU and save it as the mapped-ram image IMAGE.
 
     IMAGE appears only once the whole migration has arrived and is on disk; a
@@ -75,6 +80,7 @@ def receive_cmd(image: str, listen_spec: str | None, channels: int, fd: int | No
         raise EndpointError("--channels needs --listen unix:PATH or tcp:HOST:PORT (QEMU opens "
                             "multifd channels only over unix: and tcp:, not exec: or fd:)")
     mode = direct_mode(direct_io, require_direct_io)
+    xml = read_domain_xml(libvirt_xml) if libvirt_xml else None
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
     report: ReceiveReport
@@ -85,13 +91,13 @@ def receive_cmd(image: str, listen_spec: str | None, channels: int, fd: int | No
             if not quiet:
                 click.echo(f"fixedram: listening on {lst.address}", err=True)
             report = receive_listening(lst, image, channels=channels, direct_io=mode,
-                                       accept_timeout=accept_timeout)
+                                       accept_timeout=accept_timeout, libvirt_xml=xml)
         finally:
             lst.close()
     else:
         channel: Channel = from_fd(fd) if fd is not None else stdio()
         try:
-            report = receive(channel, image, direct_io=mode)
+            report = receive(channel, image, direct_io=mode, libvirt_xml=xml)
         finally:
             channel.close()
     if not quiet:

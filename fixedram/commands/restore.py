@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import click
 
 from fixedram.cli import cli, direct_io_options, direct_mode, one_line_errors
-from fixedram.commands.save import show_progress
+from fixedram.commands.save import parse_rate, show_progress
 from fixedram.units import format_size
 
 __all__ = ["restore_command"]
@@ -17,9 +18,16 @@ __all__ = ["restore_command"]
 
 @cli.command("restore")
 @click.argument("image", type=click.Path(dir_okay=False, exists=True))
-@click.option("--qmp", "qmp_socket", required=True, metavar="SOCKET", type=click.Path(),
+@click.option("--qmp", "qmp_socket", metavar="SOCKET", type=click.Path(),
               help="QMP unix socket of a QEMU started with the same VM options plus "
                    "-incoming defer.")
+@click.option("--libvirt", "use_libvirt", is_flag=True,
+              help="Instead of --qmp: start the image's libvirt domain (from its header XML, "
+                   "or --xml) and restore into it, as virsh restore does.")
+@click.option("--connect", "uri", metavar="URI", help="--libvirt: libvirt connection URI "
+              "(as virsh -c; default: libvirt's default).")
+@click.option("--xml", "xml_file", type=click.Path(dir_okay=False, exists=True), metavar="XML",
+              help="--libvirt: the domain XML (for images without a libvirt header).")
 @click.option("--via", type=click.Choice(["auto", "native", "proxy"]), default="auto",
               show_default=True,
               help="native: QEMU (>= 9.0) loads the mapped-ram file itself; proxy: fixedram "
@@ -57,7 +65,8 @@ def restore_command(image: str, qmp_socket: str, via: str, paused: bool,
                     lazy: bool = False, transport: str = "fd",
                     push_rate: str | None = None, direct_io: bool = False,
                     require_direct_io: bool = False,
-                    channels: int = 0, no_record: bool = False,
+                    channels: int = 0, use_libvirt: bool = False, uri: str | None = None,
+                    xml_file: str | None = None, no_record: bool = False,
                     no_prefetch: bool = False, prefetch_rate: str | None = None) -> None:
     """Restore IMAGE into the waiting QEMU behind --qmp, then resume the VM.
 
@@ -65,19 +74,28 @@ def restore_command(image: str, qmp_socket: str, via: str, paused: bool,
     mismatch is refused before QEMU receives anything, and QEMU stays usable.
     """
     started = time.monotonic()
+    direct = direct_mode(direct_io, require_direct_io)
+    if use_libvirt == (qmp_socket is not None):
+        raise click.UsageError("give one of --qmp SOCKET and --libvirt")
+    if lazy and (channels or direct):
+        raise click.UsageError("--lazy takes neither --channels nor --direct-io")
+    if not lazy and (no_record or no_prefetch or prefetch_rate):
+        raise click.UsageError("--no-record, --no-prefetch and --prefetch-rate go with --lazy")
+    lazy_kw = {"transport": transport, "started": started,
+               "push_rate": parse_rate(push_rate) if push_rate else None,
+               "prefetch_rate": parse_rate(prefetch_rate) if prefetch_rate else None,
+               "prefetch": not no_prefetch, "record": not no_record}
+    if use_libvirt:
+        _libvirt(image, uri, xml_file, paused, lazy, via, progress, as_json,
+                 lazy_kw if lazy else {"channels": channels, "direct_io": direct})
+        return
+    assert qmp_socket is not None
+    if lazy:
+        _lazy(image, qmp_socket, paused, progress, as_json, lazy_kw)
+        return
     from fixedram.qmp.client import QMP
     from fixedram.qmp.progress import ProgressBar
     from fixedram.qmp.restore import restore
-
-    direct = direct_mode(direct_io, require_direct_io)
-    if lazy:
-        if channels or direct:
-            raise click.UsageError("--lazy takes neither --channels nor --direct-io")
-        _lazy(image, qmp_socket, paused, progress, as_json, transport, push_rate, started,
-              not no_prefetch, not no_record, prefetch_rate)
-        return
-    if no_record or no_prefetch or prefetch_rate:
-        raise click.UsageError("--no-record, --no-prefetch and --prefetch-rate go with --lazy")
 
     with QMP.connect(qmp_socket) as qmp, \
             ProgressBar("restore", disable=not show_progress(progress)) as bar:
@@ -97,22 +115,16 @@ def restore_command(image: str, qmp_socket: str, via: str, paused: bool,
 
 
 def _lazy(image: str, qmp_socket: str, paused: bool, progress: bool | None, as_json: bool,
-          transport: str, push_rate: str | None, started: float, prefetch: bool,
-          record: bool, prefetch_rate: str | None) -> None:
-    """``restore --lazy``: :func:`fixedram.qmp.lazy.lazy_restore` and its report."""
-    from fixedram.commands.save import parse_rate
+          kw: dict[str, Any]) -> None:
+    """``restore --lazy``: :func:`fixedram.qmp.lazy.lazy_restore` (``kw``: its options) and
+    its report."""
     from fixedram.qmp.client import QMP
     from fixedram.qmp.lazy import lazy_restore
     from fixedram.qmp.progress import ProgressBar
 
-    rate = parse_rate(push_rate) if push_rate else None
-    pre_rate = parse_rate(prefetch_rate) if prefetch_rate else None
     with QMP.connect(qmp_socket) as qmp, \
             ProgressBar("lazy restore", disable=not show_progress(progress)) as bar:
-        r = lazy_restore(qmp, image, transport=transport,  # type: ignore[arg-type]
-                         paused=paused, progress=bar, push_rate=rate,
-                         started=started, prefetch=prefetch, record=record,
-                         prefetch_rate=pre_rate)
+        r = lazy_restore(qmp, image, paused=paused, progress=bar, **kw)
     if as_json:
         click.echo(json.dumps(r.as_dict(), indent=2))
         return
@@ -129,3 +141,23 @@ def _lazy(image: str, qmp_socket: str, paused: bool, progress: bool | None, as_j
         + f"  working-set record: {r.record}\n"
         f"  VM {r.status}"
     )
+
+
+def _libvirt(image: str, uri: str | None, xml_file: str | None, paused: bool, lazy: bool,
+             via: str, progress: bool | None, as_json: bool, kw: dict[str, Any]) -> None:
+    """``restore --libvirt``: :func:`fixedram.qmp.libvirt.restore_domain` (``kw``: the options
+    of the load) and its report. The loader is imported there, while libvirt starts QEMU."""
+    from fixedram.qmp.libvirt import Libvirt, restore_domain
+    from fixedram.qmp.progress import ProgressBar
+
+    with Libvirt(uri) as lv, \
+            ProgressBar("restore", disable=not show_progress(progress)) as bar:
+        name, r = restore_domain(lv, image, xml_file=xml_file,
+                                 paused=True if paused else None, lazy=lazy, via=via,
+                                 progress=bar, **kw)
+    if as_json:
+        click.echo(json.dumps({"domain": name, **r.as_dict()}, indent=2))
+        return
+    how = "lazily" if lazy else f"via {r.via}"
+    click.echo(f"restored {r.image} ({r.image_format}) into libvirt domain {name} {how} in "
+               f"{r.total_time:.2f} s; RAM {format_size(r.ram_size)}")

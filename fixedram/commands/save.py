@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from typing import Any
 
 import click
 
@@ -35,8 +36,16 @@ def show_progress(flag: bool | None) -> bool:
 
 @cli.command("save")
 @click.argument("image", type=click.Path(dir_okay=False))
-@click.option("--qmp", "qmp_socket", required=True, metavar="SOCKET", type=click.Path(),
+@click.option("--qmp", "qmp_socket", metavar="SOCKET", type=click.Path(),
               help="QMP unix socket of the running QEMU (a free monitor).")
+@click.option("--libvirt", "domain", metavar="DOMAIN",
+              help="Save this libvirt domain (instead of --qmp) into a libvirt sparse image "
+                   "that virsh restore loads; the domain ends stopped, as with virsh save.")
+@click.option("--connect", "uri", metavar="URI", help="--libvirt: libvirt connection URI "
+              "(as virsh -c; default: libvirt's default).")
+@click.option("--libvirt-xml", "libvirt_xml", type=click.Path(dir_okay=False, exists=True),
+              metavar="XML", help="With --qmp: write a libvirt sparse image with this domain "
+                                  "XML in its header.")
 @click.option("--live", is_flag=True,
               help="Keep the guest running while RAM is copied (default: pause it first).")
 @click.option("--via", type=click.Choice(["auto", "native", "proxy"]), default="auto",
@@ -56,9 +65,11 @@ def show_progress(flag: bool | None) -> bool:
               help="Progress bar on stderr (default: when stderr is a terminal).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @one_line_errors
-def save_command(image: str, qmp_socket: str, live: bool, via: str, resume: bool,
+def save_command(image: str, qmp_socket: str | None, live: bool, via: str, resume: bool,
                  direct_io: bool, channels: int | None, bandwidth: str | None,
-                 live_timeout: float | None, progress: bool | None, as_json: bool) -> None:
+                 live_timeout: float | None, progress: bool | None, as_json: bool,
+                 domain: str | None = None, uri: str | None = None,
+                 libvirt_xml: str | None = None) -> None:
     """Save the RAM and device state of the VM behind --qmp into IMAGE (mapped-ram).
 
     IMAGE is replaced atomically, and only by a complete, fsynced image. The VM stays paused
@@ -69,11 +80,33 @@ def save_command(image: str, qmp_socket: str, live: bool, via: str, resume: bool
     from fixedram.qmp.save import MAX_BANDWIDTH, save
 
     rate = parse_rate(bandwidth) if bandwidth else MAX_BANDWIDTH
+    if (qmp_socket is None) == (domain is None):
+        raise click.UsageError("give one of --qmp SOCKET and --libvirt DOMAIN")
+    if domain is not None:
+        if resume or libvirt_xml:
+            raise click.UsageError("--libvirt stops the domain (as virsh save) and writes its "
+                                   "own XML: no --resume, no --libvirt-xml")
+        from fixedram.qmp.libvirt import Libvirt, save_domain
+
+        with Libvirt(uri) as lv, ProgressBar("save", disable=not show_progress(progress)) as bar:
+            r = save_domain(lv, domain, image, via=via, live=live,
+                            direct_io=direct_io, progress=bar, max_bandwidth=rate,
+                            stop_after=live_timeout, multifd_channels=channels)
+        _report(r, as_json, f"domain {domain} stopped")
+        return
+    from fixedram.image.libvirt import read_domain_xml
+
+    xml = read_domain_xml(libvirt_xml) if libvirt_xml else None
+    assert qmp_socket is not None
     with QMP.connect(qmp_socket) as qmp, \
             ProgressBar("save", disable=not show_progress(progress)) as bar:
         r = save(qmp, image, live=live, via=via,  # type: ignore[arg-type]
                  resume=resume, direct_io=direct_io, progress=bar, max_bandwidth=rate,
-                 stop_after=live_timeout, multifd_channels=channels)
+                 stop_after=live_timeout, multifd_channels=channels, libvirt_xml=xml)
+    _report(r, as_json, "VM " + ("resumed" if r.resumed else "left paused"))
+
+
+def _report(r: Any, as_json: bool, after: str) -> None:
     if as_json:
         click.echo(json.dumps(r.as_dict(), indent=2))
         return
@@ -85,5 +118,5 @@ def save_command(image: str, qmp_socket: str, live: bool, via: str, resume: bool
         f"{r.pages_transferred} pages, {r.dirty_passes} passes\n"
         f"  image: {r.pages_in_image} pages, {format_size(r.image_apparent_size)} apparent, "
         f"{format_size(r.image_allocated_size)} allocated; RAM {format_size(r.ram_size)}\n"
-        f"  VM {'resumed' if r.resumed else 'left paused'}"
+        f"  {after}"
     )

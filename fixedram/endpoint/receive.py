@@ -53,6 +53,7 @@ from fixedram.errors import (
     UnsupportedRecord,
 )
 from fixedram.image.layout import PAGE_SIZE
+from fixedram.image.libvirt import header_bytes, mark_complete, write_header
 from fixedram.image.writer import Buffer, MappedRamWriter, mapped_configuration
 from fixedram.io.channel import Channel, Listener, SocketChannel
 from fixedram.io.files import (
@@ -279,7 +280,8 @@ class Receiver:
                  reply: Callable[[bytes], None] | None = None,
                  switchover_ack: bool | None = None, multifd_channels: int = 0,
                  multifd_error: Callable[[BaseException], None] | None = None,
-                 before_marker: Callable[[], None] | None = None) -> None:
+                 before_marker: Callable[[], None] | None = None,
+                 libvirt_xml: str | None = None, was_running: bool = True) -> None:
         if not 0 <= multifd_channels <= MAX_CHANNELS:
             raise FixedramError(f"multifd channels must be 0..{MAX_CHANNELS}, not "
                                 f"{multifd_channels}")
@@ -301,8 +303,15 @@ class Receiver:
         try:
             if direct_io:
                 self._open_direct(direct_io)
+            base = 0
+            self.libvirt = libvirt_xml is not None
+            if libvirt_xml is not None:  # a libvirt sparse image: header first, partial magic
+                head = header_bytes(libvirt_xml, was_running=was_running, partial=True)
+                write_header(self.file.fd, head)
+                base = len(head)
             self.writer = MappedRamWriter(
-                self.file.fd, page_fd=self._direct_fd if self._direct_fd >= 0 else None)
+                self.file.fd, page_fd=self._direct_fd if self._direct_fd >= 0 else None,
+                base_offset=base)
             if multifd_channels:
                 # with O_DIRECT every page buffer must be page-aligned: each channel
                 # reads its packets into one aligned (anonymous mmap) buffer
@@ -547,6 +556,9 @@ class Receiver:
         direct = self.direct
         self._close_direct()
         faults.point("receive-commit")
+        if self.libvirt:  # libvirt's order: everything durable, then the complete magic
+            os.fsync(self.file.fd)
+            mark_complete(self.file.fd)
         self.file.commit(drop_cache=True)
         report = ReceiveReport(
             image=self.image, bytes_received=nbytes,
@@ -637,7 +649,8 @@ def _ready_probe(channel: Channel) -> Callable[[bool], bool]:
 
 def receive(channel: Channel, image: str | os.PathLike[str], *, direct_io: DirectIO = False,
             progress: Callable[[ReceiveStats], None] | None = None,
-            switchover_ack: bool | None = None) -> ReceiveReport:
+            switchover_ack: bool | None = None,
+            libvirt_xml: str | None = None, libvirt_running: bool = True) -> ReceiveReport:
     """Be the destination of a precopy migration and save it as a mapped-ram ``image``.
 
     Reads the stream from ``channel`` until its end (EOF record plus VM description;
@@ -645,11 +658,14 @@ def receive(channel: Channel, image: str | os.PathLike[str], *, direct_io: Direc
     return path (SWITCHOVER_ACK, PONG, finally SHUT). ``direct_io`` writes page data
     with O_DIRECT (``"required"``: fail where unsupported instead of falling back).
     ``switchover_ack`` forces sending SWITCHOVER_ACK on or off (default: see
-    :func:`wants_switchover_ack`). The channel is not closed. A multifd migration
-    needs :func:`receive_listening`.
+    :func:`wants_switchover_ack`). ``libvirt_xml``: write a libvirt sparse save image with
+    this domain XML in its header (``virsh restore`` loads it, running the domain if
+    ``libvirt_running``). The channel is not closed.
+    A multifd migration needs :func:`receive_listening`.
     """
     with Receiver(image, direct_io=direct_io, progress=progress, reply=channel.sendall,
-                  switchover_ack=switchover_ack) as rx:
+                  switchover_ack=switchover_ack, libvirt_xml=libvirt_xml,
+                  was_running=libvirt_running) as rx:
         _pump(rx, channel)
         return rx.commit()
 
@@ -840,7 +856,9 @@ def receive_listening(listener: Listener, image: str | os.PathLike[str], *, chan
                       progress: Callable[[ReceiveStats], None] | None = None,
                       switchover_ack: bool | None = None, accept_timeout: float | None = None,
                       connect_timeout: float = CONNECT_TIMEOUT,
-                      channel_grace: float = CHANNEL_GRACE) -> ReceiveReport:
+                      channel_grace: float = CHANNEL_GRACE,
+                      libvirt_xml: str | None = None,
+                      libvirt_running: bool = True) -> ReceiveReport:
     """:func:`receive` for a source that connects to ``listener``, with or without multifd.
 
     ``channels`` is the number of multifd channels to expect: the source's
@@ -850,7 +868,7 @@ def receive_listening(listener: Listener, image: str | os.PathLike[str], *, chan
     bounds the wait for the first connection; the others must follow within
     ``connect_timeout``, and all channels must be there ``channel_grace`` seconds
     after the first sync point. The accepted connections are closed at the end;
-    the listener is not.
+    the listener is not. ``libvirt_xml``: as for :func:`receive`.
     """
     if not 0 <= channels <= MAX_CHANNELS:
         raise FixedramError(f"multifd channels must be 0..{MAX_CHANNELS}, not {channels}")
@@ -864,6 +882,7 @@ def receive_listening(listener: Listener, image: str | os.PathLike[str], *, chan
     try:
         with Receiver(image, direct_io=direct_io, progress=progress, reply=reply,
                       switchover_ack=switchover_ack, multifd_channels=channels,
+                      libvirt_xml=libvirt_xml, was_running=libvirt_running,
                       multifd_error=conns.fail,
                       before_marker=conns.wait_channels if channels else None) as rx:
             conns.start(rx.multifd)

@@ -126,6 +126,7 @@ def analyze_image(path: str | os.PathLike[str]) -> dict[str, Any]:
             "machine": img.machine,
             "capabilities": list(img.capabilities),
             "stream_offset": img.base_offset,
+            "libvirt": img.libvirt.as_dict() if img.libvirt is not None else None,
             "commands": list(img.commands),
             "ram": {
                 "bytes": img.ram_size,
@@ -157,8 +158,19 @@ def format_report(report: dict[str, Any]) -> str:
     """Render an :func:`analyze_image` dict as text for people."""
     r = report
     ram = r["ram"]
-    lines = [
-        f"image:         {r['path']}",
+    lines = [f"image:         {r['path']}"]
+    lv = r.get("libvirt")
+    if lv is not None:
+        d = lv["domain"]
+        where = ("stream decompressed from" if lv["format"] not in ("raw", "sparse")
+                 else "stream") + f" byte {lv['payload_offset']}"
+        lines += [
+            f"libvirt:       save image v{lv['version']}, format {lv['format']} ({where}), "
+            f"restores {'running' if lv['was_running'] else 'paused'}",
+            f"domain:        {d['name']} ({d['type']}), {format_size(d['memory'])} RAM, "
+            f"{d['vcpus']} vCPU{'s' if d['vcpus'] != 1 else ''}, machine {d['machine']}",
+        ]
+    lines += [
         f"format:        {r['format']} (stream at byte {r['stream_offset']})",
         f"machine:       {r['machine']}",
         f"capabilities:  {', '.join(r['capabilities']) or '(none)'}",

@@ -35,6 +35,7 @@ from fixedram.image.layout import (
     bitmap_to_bools,
     runs,
 )
+from fixedram.image.libvirt import LibvirtHeader, decompress_payload, is_libvirt, read_header
 from fixedram.image.sparse import SparseArray
 from fixedram.io.files import (
     IOV_MAX,
@@ -157,6 +158,9 @@ class Image:
     sections: int = 0
     #: The id the RAM section had in the image's stream (see fixedram.image.sections).
     ram_section_id: int | None = None
+    #: The libvirt save header, when the image is a ``virsh save`` file
+    #: (:mod:`fixedram.image.libvirt`); a compressed one is read from a decompressed copy.
+    libvirt: LibvirtHeader | None = None
     _fd: int = -1
     _dfd: int = -1
     _dmode: DirectIO | Literal["refused"] = False
@@ -505,6 +509,19 @@ class MappedRamImage(Image):
                 blocks[key] = raw
         return raw
 
+    def count_present(self, name: str) -> int:
+        """Number of pages of block ``name`` with data, popcounted from the bitmap read in
+        pieces of :data:`BITMAP_PIECE_PAGES` pages (a bit set beyond the block is refused)."""
+        blk = self.block(name)
+        if name in self.__dict__.get("_bitmaps", {}):
+            return super().count_present(name)
+        total = 0
+        for p in range(0, blk.npages, BITMAP_PIECE_PAGES):
+            n = min(BITMAP_PIECE_PAGES, blk.npages - p)
+            raw = np.frombuffer(self._bitmap_bytes(blk, p, n), dtype=np.uint8)
+            total += int(np.count_nonzero(np.unpackbits(raw, bitorder="little", count=n)))
+        return total
+
     def _piece_runs(self, name: str, first: int, npages: int) -> Iterator[tuple[int, int]]:
         if first % 64 or name in self.__dict__.get("_bitmaps", {}):
             return super()._piece_runs(name, first, npages)
@@ -752,7 +769,9 @@ def open_image(path: str | os.PathLike[str], *, offset: int | None = None) -> Im
 
     ``offset`` is where the stream starts inside the file (``file:PATH,offset=N``);
     by default it is found by looking for the ``QEVM`` magic at 0 and then within
-    the first MiB.
+    the first MiB. A libvirt save image (``virsh save``) is recognised by its header: the
+    stream starts after it, and a compressed one is decompressed first
+    (:func:`fixedram.image.libvirt.decompress_payload`).
     """
     p = Path(path)
     try:
@@ -763,6 +782,15 @@ def open_image(path: str | os.PathLike[str], *, offset: int | None = None) -> Im
         size = os.fstat(fd).st_size
         if size == 0:
             raise ImageError(f"{p} is empty")
+        lv = read_header(fd, size, str(p)) if is_libvirt(os.pread(fd, 16, 0)) else None
+        if lv is not None and lv.compressed:
+            plain = decompress_payload(fd, lv, str(p))
+            os.close(fd)
+            fd = plain
+            size = os.fstat(fd).st_size
+            offset = 0
+        elif lv is not None:
+            offset = lv.payload_offset
         base = _find_base(fd, size) if offset is None else offset
         head = os.pread(fd, 4096, base)
         cfg_probe = StreamDecoder(base_offset=base)
@@ -771,6 +799,9 @@ def open_image(path: str | os.PathLike[str], *, offset: int | None = None) -> Im
         except StreamError as e:
             raise ImageError(e.message, e.offset) from None
         mapped = any(isinstance(r, Configuration) and r.mapped_ram for r in recs)
+        if lv is not None and mapped != (lv.format == "sparse"):
+            raise ImageError(f"{p}: the libvirt header says {lv.format} but the stream is "
+                             f"{'mapped-ram' if mapped else 'a plain stream'}", 28)
         try:
             dec, info = _walk(fd, base, size, index=not mapped)
         except StreamError as e:
@@ -786,7 +817,8 @@ def open_image(path: str | os.PathLike[str], *, offset: int | None = None) -> Im
                   configuration=info["config"], blocks=info["blocks"],
                   device_state=info["device"] or b"", vmdesc=info["vmdesc"],
                   base_offset=base, file_size=size, commands=info["commands"],
-                  sections=info["sections"], ram_section_id=info["ram_id"], _fd=fd)
+                  sections=info["sections"], ram_section_id=info["ram_id"], libvirt=lv,
+                  _fd=fd)
         if isinstance(img, StreamImage):
             img._where = info["where"]
         return img

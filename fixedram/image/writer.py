@@ -114,12 +114,16 @@ class MappedRamWriter:
     positional writes; ``page_fd`` (default ``fd``) receives page data, e.g. an
     ``O_DIRECT`` descriptor of the same file, in which case the buffers given to
     :meth:`write_pages` must be page-aligned. Page writes and zeroing may be called
-    from several threads at once for disjoint pages. ``base_offset`` is not supported: the
-    stream starts at byte 0.
+    from several threads at once for disjoint pages. ``base_offset`` is where the stream
+    starts in the file (what comes before it, e.g. a libvirt save header, is the caller's);
+    every bitmap and pages offset in the stream is absolute, as QEMU writes them for
+    ``file:PATH,offset=N``.
     """
 
-    def __init__(self, fd: int, *, page_fd: int | None = None, checksums: bool = True) -> None:
+    def __init__(self, fd: int, *, page_fd: int | None = None, checksums: bool = True,
+                 base_offset: int = 0) -> None:
         self.fd = fd
+        self.base_offset = base_offset
         # checksums: keep one digest per page and store the checksum extension at finish
         # (fixedram.image.checksum; 8 bytes of memory per page)
         self.checksums = checksums
@@ -159,7 +163,7 @@ class MappedRamWriter:
         for r in (FileHeader(), cfg, SectionStart(section_id, RAM_SECTION, 0, 4),
                   MemSize(total)):
             head += encode(r)
-        pos = 0
+        pos = self.base_offset
         pieces: list[tuple[int, bytes]] = []
         for name, length in norm:
             if length <= 0 or length % PAGE_SIZE:
@@ -322,7 +326,7 @@ class MappedRamWriter:
         os.ftruncate(self.fd, size)
         if self.digests is not None:
             geom = Geometry(tuple(BlockGeometry(b.name, b.length, b.bitmap_offset, b.pages_offset)
-                                  for b in self.blocks.values()), 0, size)
+                                  for b in self.blocks.values()), self.base_offset, size)
             self.checksum_info = write_new(self.fd, geom, self.digests)
         self._finished = True
         return size

@@ -137,11 +137,13 @@ def lazy_restore(
     from fixedram.endpoint.postcopy import check_page_sizes
     from fixedram.endpoint.send import dest_page_sizes_from_hmp, validate
     from fixedram.image import open_image
+    from fixedram.image.libvirt import refuse_compressed
 
     t0 = time.monotonic() if started is None else started
     path = Path(image).absolute()
     if transport not in ("fd", "unix", "exec"):
         raise VMError(f"unknown transport {transport!r} (fd, unix or exec)")
+    refuse_compressed(path, "a lazy restore")
     facts = read_facts(qmp)
     dest_blocks = incoming_blocks(qmp, facts, name_state=False)
     check_page_sizes(dest_page_sizes_from_hmp(facts.ramblocks))

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fixedram.errors import FixedramError, ImageError, VMError
+from fixedram.image.libvirt import header_bytes, mark_complete, write_header
 from fixedram.io.files import AtomicFile, drop_cached
 from fixedram.qmp.client import QMP
 from fixedram.qmp.common import (
@@ -140,41 +141,10 @@ def _check_image(path: Path, machine: str, blocks: dict[str, int]) -> int:
         got = {n: b.length for n, b in img.blocks.items()}
         if got != blocks:
             raise ImageError(f"{path}: RAM blocks {got} do not match the VM's {blocks}")
-        return _count_pages(path, [(n, b.npages, b.mapped.bitmap_offset)
-                                   for n, b in img.blocks.items() if b.mapped is not None])
-
-
-#: Bitmap bytes read at a time when counting pages (8 Mi pages, 32 GiB of RAM).
-_BITMAP_PIECE = 1 << 20
-
-
-def _count_pages(path: Path, bitmaps: list[tuple[str, int, int]]) -> int:
-    """Pages holding data, counted from the blocks' bitmaps ``(name, pages, offset)`` on disk
-    a piece at a time: the memory it takes does not grow with the RAM (a bool per page of a
-    1 TiB guest would be 256 MiB). A bit set beyond a block's last page is refused."""
-    import numpy as np
-
-    from fixedram.image.layout import bitmap_bytes
-    from fixedram.io.files import preadv_exact
-
-    total = 0
-    buf = bytearray(_BITMAP_PIECE)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for name, npages, offset in bitmaps:
-            nbytes = bitmap_bytes(npages)
-            for start in range(0, nbytes, _BITMAP_PIECE):
-                view = memoryview(buf)[: min(_BITMAP_PIECE, nbytes - start)]
-                preadv_exact(fd, view, offset + start, f"{path}: bitmap of RAM block '{name}'")
-                bits = np.unpackbits(np.frombuffer(view, dtype=np.uint8), bitorder="little")
-                inside = max(0, min(len(bits), npages - start * 8))
-                if bits[inside:].any():
-                    raise ImageError(f"{path}: RAM block '{name}': bitmap bits set beyond its "
-                                     f"{npages} pages")
-                total += int(np.count_nonzero(bits[:inside]))
-    finally:
-        os.close(fd)
-    return total
+        try:
+            return sum(img.count_present(n) for n in img.blocks)
+        except ImageError as e:
+            raise ImageError(f"{path}: {e.message}") from None
 
 
 def _drop_from_cache(image: Path) -> None:
@@ -235,6 +205,8 @@ def save(
     multifd_channels: int | None = None,
     stop_after: float | None = None,
     timeout: float | None = None,
+    libvirt_xml: str | None = None,
+    libvirt_running: bool = True,
 ) -> SaveReport:
     """Save the VM behind ``qmp`` into the mapped-ram file ``image`` (see the module doc).
 
@@ -245,7 +217,10 @@ def save(
     (default 2); ``proxy``: QEMU sends pages over that many extra connections to a private
     unix socket that fixedram receives on in parallel (default 0: one fd channel). ``progress``
     is called with
-    a :class:`Progress` about every 20 ms. Raises :class:`FixedramError` (one line) on failure.
+    a :class:`Progress` about every 20 ms. ``libvirt_xml``: write a libvirt sparse save
+    image (``virsh restore`` loads it) with this domain XML in its header, restoring to a
+    running domain if ``libvirt_running``. Raises :class:`FixedramError` (one line) on
+    failure.
     """
     t0 = time.monotonic()
     target = Path(image).absolute()
@@ -259,6 +234,7 @@ def save(
     _check_source(facts)
     run = _Save(qmp, facts, target, t0, progress=progress, timeout=timeout,
                 stop_after=stop_after if live else None)
+    run.libvirt = (libvirt_xml, libvirt_running) if libvirt_xml is not None else None
     try:
         run.settings.set(*_settings(how, channels, direct_io, max_bandwidth))
         if not live and run.was_running:
@@ -296,6 +272,10 @@ def _settings(how: str, channels: int, direct_io: bool,
         # QEMU then completes only after receive() has fsynced and renamed the image and
         # answered SHUT(0); a failure on our side makes QEMU fail (and resume) the source.
         caps["return-path"] = True
+        # a VM restored by QEMU's own mapped-ram load (virsh restore of a sparse image) still
+        # has mapped-ram and multifd on, and mapped-ram refuses a socket
+        caps["mapped-ram"] = False
+        caps["multifd"] = False
         if channels:
             caps["multifd"] = True
             params["multifd-channels"] = channels
@@ -329,6 +309,7 @@ class _Save:
         self.info: dict[str, Any] = {}
         self.ram_size = self.pages = 0
         self.blocks: dict[str, int] = {}
+        self.libvirt: tuple[str, bool] | None = None  # domain XML, was running
 
     def _migrate(self, uri: str) -> None:
         self.t_mig = time.monotonic()
@@ -375,8 +356,15 @@ class _Save:
         """QEMU writes the file; fixedram checks it, makes it durable and names it."""
         # Created by us (mode 0600) so an unwritable directory fails before QEMU starts.
         atomic = self.atomic = AtomicFile(self.target)
-        self._migrate(f"file:{atomic.temp}")
+        head = b""
+        if self.libvirt is not None:  # QEMU writes the stream after the libvirt header
+            head = header_bytes(self.libvirt[0], was_running=self.libvirt[1], partial=True)
+        self._migrate(f"file:{atomic.temp}" + (f",offset={len(head)}" if head else ""))
         self._wait()
+        if head:  # QEMU truncated the file: the header goes in now, complete once durable
+            write_header(atomic.fd, head)
+            os.fsync(atomic.fd)
+            mark_complete(atomic.fd)
         self.t_check = time.monotonic()
         self.t_mig = self.t_check - self.t_mig
         self.pages = _check_image(atomic.temp, self.facts.machine, self.blocks)
@@ -395,18 +383,20 @@ class _Save:
         from fixedram.endpoint.receive import receive, receive_listening
 
         target = self.target
+        lv: dict[str, Any] = {} if self.libvirt is None else {
+            "libvirt_xml": self.libvirt[0], "libvirt_running": self.libvirt[1]}
         way: Transport
         if channels:  # multifd needs a socket QEMU can connect to 1 + N times
             way = listening = UnixListen(channels + 1)
 
             def receiving() -> Any:
                 return receive_listening(listening.listener, target, channels=channels,
-                                         direct_io=direct_io, accept_timeout=60.0)
+                                         direct_io=direct_io, accept_timeout=60.0, **lv)
         else:
             way = pair = FdTransport(self.qmp, _FD_NAME)
 
             def receiving() -> Any:
-                return receive(pair.channel, target, direct_io=direct_io)
+                return receive(pair.channel, target, direct_io=direct_io, **lv)
         self.way = way
         way.hand()
         worker = self.watch.worker = Worker.started("fixedram-receive",
