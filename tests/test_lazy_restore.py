@@ -161,6 +161,34 @@ def test_lazy_restore(images: Callable[[str, str], tuple[Any, Path]], shm_dir: P
         _runs_on(dst, case)
 
 
+@pytest.mark.qemu
+def test_prefetch_before_run_qemu72(images: Callable[[str, str], tuple[Any, Path]],
+                                    shm_dir: Path, tmp_path: Path, sockdir: Path) -> None:
+    """QEMU 7.2 takes the working-set record's first pages as precopy pages before RUN
+    (``docs/working-set.md``): a running restore records, the next one prefetches, RAM
+    equal to the source's and the guest's own check clean."""
+    case, image = images("7.2", "ours")
+    img = tmp_path / "rec.img"
+    shutil.copyfile(image, img)
+    base = [PY, "-m", "fixedram", "restore", "--lazy", "--json", "--no-progress", str(img)]
+    reps = []
+    for name, extra in (("rec", []), ("pre", ["--paused", "--no-record"])):
+        dst, ctl = _destination(case, "7.2", tmp_path, sockdir, name)
+        with dst:
+            r = subprocess.run([*base, "--qmp", str(ctl), *extra], capture_output=True,
+                               text=True, timeout=120, check=False)
+            assert r.returncode == 0, r.stderr
+            reps.append(json.loads(r.stdout))
+            if name == "pre":
+                _same_ram(dst, case, shm_dir, "72-prefetch")
+                dst.cont()
+            _runs_on(dst, case)
+    rec, pre = reps
+    assert rec["record"] == "recorded" and rec["requests"] > 0, rec
+    assert pre["working_set_pages"] > 0 and pre["pages_prefetched"] > 0, pre
+    assert pre["pages"] == pre["pages_on_demand"] + pre["pages_pushed"], pre
+
+
 # ---------------------------------------------------------------------------------------------
 # The stream itself, against a scripted destination (no QEMU)
 # ---------------------------------------------------------------------------------------------
