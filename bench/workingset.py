@@ -5,26 +5,30 @@ The Linux test guest (``fixedram/testing/guest/linux.py``) runs its touch worklo
 (``fixedram save --via proxy``, image on disk: ``--dir``, default a temporary directory under
 ``/tmp``), then:
 
-1. **Working set.** Restored lazily (``--push-rate``, default 64M: storage slower than the
-   guest) ``--repeat`` times *without* the recorded set (``--no-prefetch``; the first of these
-   records it), then ``--repeat`` times *with* it. Right after the guest runs the harness sends
-   the touch command; *time to resume the workload* is from the start of ``fixedram restore``
-   until the guest's ``TOUCH`` line appears on its serial console (polled every 5 ms), and
-   *time to heartbeat* until its first heartbeat after the restore. Page requests (QEMU's, on
-   the guest's critical path) and fixedram's ``time_to_requests`` come from the JSON report.
-2. **Fan-out.** The image is dropped from the page cache, one lazy restore runs alone, the
-   cache is dropped again, and ``--fanout`` lazy restores of the same image run at once into
-   as many destinations. For each: time to running (fixedram's report), page data fixedram
-   read from the image (``bytes_read``) and bytes the kernel read from storage for that
-   process (``ru_inblock`` of the child from ``wait4``: page-cache misses, whoever missed
-   first pays). Each guest's heartbeat must resume.
+1. **Working set**, for each ``--push-rate`` (default 16M and 128M: storage slower and
+   faster than the guest), on a fresh copy of the image: ``--repeat`` restores *without* a
+   record (``--no-prefetch --no-record``), one *recording* restore (``--no-prefetch``: the
+   image's first, which holds the push while the guest asks and records), then ``--repeat``
+   restores *with* the record (the default: prefetch, and merge into it). Right after the
+   guest runs the harness sends the touch command; *workload* is the time from the start of
+   ``fixedram restore`` until the guest's ``TOUCH`` line appears on its serial console
+   (polled every 5 ms), *heartbeat* until its first heartbeat after the restore, *running*
+   until QMP reports it running. Page requests (QEMU's, on the guest's critical path) and
+   the time until the first N requests were served come from fixedram's JSON report.
+2. **Fan-out.** The image recorded at the last rate is dropped from the page cache, one lazy
+   restore runs alone, the cache is dropped again, and ``--fanout`` lazy restores of the
+   same image run at once into as many destinations. For each: time to running (fixedram's
+   report), page data fixedram read from the image (``bytes_read``) and bytes the kernel read
+   from storage for that process (``ru_inblock`` of the child from ``wait4``: page-cache
+   misses, whoever missed first pays). Each guest's heartbeat must resume.
 
 Usage::
 
-    .venv/bin/python -m bench.workingset                      # 256M guests, 8-way fan-out
+    .venv/bin/python -m bench.workingset                      # 256M guest, 8-way fan-out
     .venv/bin/python -m bench.workingset --repeat 1 --fanout 3   # quick
 
-Writes ``bench/results/workingset-<stamp>.json`` and prints a summary. Not run by the tests.
+Writes ``bench/results/workingset-<stamp>.json`` and prints markdown tables headed by the
+command that made them. Not run by the tests.
 """
 
 from __future__ import annotations
