@@ -12,6 +12,8 @@ the source with ``-incoming defer -S`` plus a second QMP monitor for fixedram.
 * running: the background push is throttled, so the guest runs while pages are still being
   pushed (heartbeats advance during ``postcopy-active``) and some pages are served on demand;
   then it completes and the guest's own page check stays clean.
+* QEMU 7.2 loads the working-set record's first pages, sent before RUN as precopy pages
+  (``docs/working-set.md``): RAM equal to the source's after a prefetching restore.
 """
 
 from __future__ import annotations
