@@ -1,14 +1,16 @@
 """Lazy restore: fixedram as a postcopy *source*, serving pages out of an image on demand.
 
 :func:`send_postcopy` makes a QEMU started with ``-incoming`` (capability ``postcopy-ram``
-on) run the saved guest at once, before any page of RAM has been sent, and then feeds it the
-pages: those the guest touches first (QEMU asks for them on the return path), the others in
-the background. The stream (``docs/protocol.md`` §8)::
+on) run the saved guest at once, before any page of RAM has been sent (except the first
+pages of the image's working-set record, if it has one), and then feeds it the pages: those
+the guest touches first (QEMU asks for them on the return path), the others in the
+background. The stream (``docs/protocol.md`` §8)::
 
     QEVM 3 | CONFIGURATION (no mapped-ram) | OPEN_RETURN_PATH | PING(1)
     | POSTCOPY_ADVISE(4096, 4096) | START ram: MEM_SIZE, blocks, EOS
     | POSTCOPY_RAM_DISCARD per block, covering the whole block | PING(2)
       -- wait for PONG(2): the destination accepted everything so far --
+    | PART ram: the working-set record's first pages, EOS  (precopy pages; only with a record)
     | PACKAGED{ LISTEN | device state | PING(3) | RUN }          <- the guest runs from here
     | PART ram: requested pages first, else a batch of unsent pages, EOS  (repeated)
     | END ram: EOS | EOF                                         -- wait for SHUT
