@@ -28,8 +28,10 @@ from types import FrameType
 import click
 
 from fixedram.cli import cli, direct_io_options, direct_mode, one_line_errors
-from fixedram.endpoint.receive import MAX_CHANNELS
+from fixedram.commands.save import local_image
+from fixedram.endpoint.receive import MAX_CHANNELS, ReceiveReport
 from fixedram.errors import EndpointError, FixedramError
+from fixedram.image.reader import DirectIO
 
 __all__ = ["receive_cmd"]
 
@@ -66,9 +68,6 @@ def receive_cmd(image: str, listen_spec: str | None, channels: int, fd: int | No
     IMAGE appears only once the whole migration has arrived and is on disk; a
     previous IMAGE stays untouched until then.
     """
-    from fixedram.endpoint.receive import ReceiveReport, receive, receive_listening
-    from fixedram.io.channel import Channel, from_fd, listen, stdio
-
     if listen_spec is not None and fd is not None:
         raise EndpointError("--listen and --fd exclude each other")
     if channels and listen_spec is None:
@@ -77,6 +76,22 @@ def receive_cmd(image: str, listen_spec: str | None, channels: int, fd: int | No
     mode = direct_mode(direct_io, require_direct_io)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
+    with local_image(image) as (target, uploads):
+        report = _receive(target, listen_spec, channels, fd, mode, allow_remote,
+                          accept_timeout, quiet)
+    if not quiet:
+        click.echo(f"fixedram: saved {report.summary()}", err=True)
+        for u in uploads:
+            click.echo(f"fixedram: {u.summary()}", err=True)
+    sys.stderr.flush()
+
+
+def _receive(image: str, listen_spec: str | None, channels: int, fd: int | None,
+             mode: DirectIO, allow_remote: bool, accept_timeout: float | None,
+             quiet: bool) -> ReceiveReport:
+    from fixedram.endpoint.receive import receive, receive_listening
+    from fixedram.io.channel import Channel, from_fd, listen, stdio
+
     report: ReceiveReport
     if listen_spec is not None:
         # the main connection plus N channels may all be pending at once
@@ -94,6 +109,4 @@ def receive_cmd(image: str, listen_spec: str | None, channels: int, fd: int | No
             report = receive(channel, image, direct_io=mode)
         finally:
             channel.close()
-    if not quiet:
-        click.echo(f"fixedram: saved {report.summary()}", err=True)
-    sys.stderr.flush()
+    return report

@@ -16,7 +16,7 @@ __all__ = ["restore_command"]
 
 
 @cli.command("restore")
-@click.argument("image", type=click.Path(dir_okay=False, exists=True))
+@click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--qmp", "qmp_socket", required=True, metavar="SOCKET", type=click.Path(),
               help="QMP unix socket of a QEMU started with the same VM options plus "
                    "-incoming defer.")

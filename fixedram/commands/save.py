@@ -6,13 +6,34 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import click
 
 from fixedram.cli import cli, one_line_errors
 from fixedram.units import format_size
 
-__all__ = ["parse_rate", "save_command", "show_progress"]
+__all__ = ["parse_rate", "save_command", "show_progress", "local_image"]
+
+
+@contextmanager
+def local_image(image: str) -> Iterator[tuple[str, list[Any]]]:
+    """The local path a command writes the image ``image`` to: ``image`` itself, or for an
+    object (``s3://bucket/key``) a staging file uploaded when the command succeeds (the
+    store is checked first, before anything irreversible). Yields ``(path, uploads)``:
+    ``uploads`` holds the upload's report afterwards."""
+    from fixedram.io.objstore import is_object_url
+
+    uploads: list[Any] = []
+    if not is_object_url(image):
+        yield image, uploads
+        return
+    from fixedram.image.chunked import staged
+
+    with staged(image, uploads) as local:
+        yield str(local), uploads
 
 
 def parse_rate(text: str) -> int:
@@ -69,14 +90,18 @@ def save_command(image: str, qmp_socket: str, live: bool, via: str, resume: bool
     from fixedram.qmp.save import MAX_BANDWIDTH, save
 
     rate = parse_rate(bandwidth) if bandwidth else MAX_BANDWIDTH
-    with QMP.connect(qmp_socket) as qmp, \
+    with local_image(image) as (target, uploads), QMP.connect(qmp_socket) as qmp, \
             ProgressBar("save", disable=not show_progress(progress)) as bar:
-        r = save(qmp, image, live=live, via=via,  # type: ignore[arg-type]
+        r = save(qmp, target, live=live, via=via,  # type: ignore[arg-type]
                  resume=resume, direct_io=direct_io, progress=bar, max_bandwidth=rate,
                  stop_after=live_timeout, multifd_channels=channels)
     if as_json:
-        click.echo(json.dumps(r.as_dict(), indent=2))
+        click.echo(json.dumps({**r.as_dict(), "image": image,
+                               **({"upload": uploads[0].as_dict()} if uploads else {})},
+                              indent=2))
         return
+    if uploads:
+        click.echo(uploads[0].summary())
     click.echo(
         f"saved {r.machine} (QEMU {r.qemu_version}) to {r.image} via {r.via}"
         f"{' (live)' if r.live else ''} in {r.total_time:.2f} s\n"

@@ -74,7 +74,7 @@ def _block_report(img: Image, name: str) -> dict[str, Any]:
             "pages_end": m.pages_offset + blk.length,
             "allocated_bytes": data_bytes(
                 img.fileno(), m.pages_offset, m.pages_offset + blk.length
-            ),
+            ) if img.pages_in_file else img.stored_bytes(name),  # type: ignore[attr-defined]
         }
     return out
 

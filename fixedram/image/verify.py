@@ -168,7 +168,12 @@ def verify_image(path: str | os.PathLike[str], *, pages: bool = True) -> VerifyR
             else:
                 cs, found = checksum_metadata(img)
                 rep.problems += found
-                if cs is None and not rep.problems:
+                if not img.pages_in_file and pages:  # an object image: every chunk
+                    bad, n = img.check_chunks()  # type: ignore[attr-defined]
+                    rep.problems += [Problem("chunk", m) for m in bad]
+                    rep.notes.append(f"{n} stored chunks fetched and checked against the "
+                                     "manifest")
+                if cs is None and not rep.problems and img.pages_in_file:
                     rep.notes.append("no checksum extension: page data not verified "
                                      "(`fixedram verify --add` adds one)")
                 if cs is not None:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fixedram.errors import VMError
+from fixedram.image.reader import image_location
 from fixedram.io.channel import Channel
 from fixedram.qmp.client import QMP
 from fixedram.qmp.common import (
@@ -123,7 +124,7 @@ def lazy_restore(
     from fixedram.image import open_image
 
     t0 = time.monotonic() if started is None else started
-    path = Path(image).absolute()
+    path = image_location(image)
     if transport not in ("fd", "unix", "exec"):
         raise VMError(f"unknown transport {transport!r} (fd, unix or exec)")
     facts = read_facts(qmp)
@@ -199,7 +200,7 @@ class _Sender:
         return Worker.started("fixedram-postcopy", run)
 
 
-def _transport(qmp: QMP, kind: Transport, path: Path, push_rate: float | None) -> _Way:
+def _transport(qmp: QMP, kind: Transport, path: Path | str, push_rate: float | None) -> _Way:
     """The transport ``kind``, made before QEMU is touched. Its sockets keep the kernel's
     default buffers: a page the guest waits for must not queue behind megabytes of pages
     pushed in the background (:data:`fixedram.io.channel.UNIX_SOCKET_BUFFER`)."""
