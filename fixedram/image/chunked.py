@@ -500,6 +500,7 @@ def read_manifest(store: Store, loc: ObjectURL) -> Manifest:
     """The manifest at ``loc`` (StoreError when there is none, ImageError when unusable)."""
     info = store.head(loc.key)
     if info is None:
+        next(iter(store.list(loc.key)), None)  # a missing bucket says so here (HEAD cannot)
         raise StoreError(f"{loc}: no such object")
     if info.size > MAX_MANIFEST:
         raise ImageError(f"{loc}: not a fixedram manifest ({info.size} bytes)")

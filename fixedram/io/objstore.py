@@ -234,8 +234,10 @@ def describe_error(e: BaseException, where: str, doing: str, endpoint: str) -> s
     if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
                 "ExpiredToken") or "Unauthenticated" in type(e).__name__:
         return f"{where}: the S3 credentials were refused ({code or 'unauthenticated'})"
-    if code == "AccessDenied" or isinstance(e, PermissionError):
-        return f"{where}: access denied ({code or 'permission'}) to {doing}"
+    if code == "AccessDenied":
+        return f"{where}: access denied to {doing} (AccessDenied)"
+    if isinstance(e, PermissionError) or "403 Forbidden" in text:
+        return f"{where}: the S3 credentials were refused or lack access (HTTP 403)"
     if "error sending request" in text or ("connect" in text.lower() and not code):
         return (f"{where}: the S3 server at {endpoint} is unreachable (gave up after "
                 f"{_retry_seconds():.0f} s of retries)")
