@@ -68,7 +68,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             raise FixedramError("an object image is mapped-ram: --to stream needs a local OUT")
         if str(src) == str(dst):
             raise FixedramError("input and output are the same object")
-        from fixedram.commands.save import local_image
+        from fixedram.image.chunked import local_image
 
         with local_image(str(dst)) as (local, uploads):
             _convert(src, local, to)

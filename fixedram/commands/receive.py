@@ -28,7 +28,6 @@ from types import FrameType
 import click
 
 from fixedram.cli import cli, direct_io_options, direct_mode, one_line_errors
-from fixedram.commands.save import local_image
 from fixedram.endpoint.receive import MAX_CHANNELS, ReceiveReport
 from fixedram.errors import EndpointError, FixedramError
 from fixedram.image.reader import DirectIO
@@ -76,6 +75,8 @@ def receive_cmd(image: str, listen_spec: str | None, channels: int, fd: int | No
     mode = direct_mode(direct_io, require_direct_io)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
+    from fixedram.image.chunked import local_image
+
     with local_image(image) as (target, uploads):
         report = _receive(target, listen_spec, channels, fd, mode, allow_remote,
                           accept_timeout, quiet)

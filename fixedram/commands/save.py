@@ -6,34 +6,13 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
 
 import click
 
 from fixedram.cli import cli, one_line_errors
 from fixedram.units import format_size
 
-__all__ = ["parse_rate", "save_command", "show_progress", "local_image"]
-
-
-@contextmanager
-def local_image(image: str) -> Iterator[tuple[str, list[Any]]]:
-    """The local path a command writes the image ``image`` to: ``image`` itself, or for an
-    object (``s3://bucket/key``) a staging file uploaded when the command succeeds (the
-    store is checked first, before anything irreversible). Yields ``(path, uploads)``:
-    ``uploads`` holds the upload's report afterwards."""
-    from fixedram.io.objstore import is_object_url
-
-    uploads: list[Any] = []
-    if not is_object_url(image):
-        yield image, uploads
-        return
-    from fixedram.image.chunked import staged
-
-    with staged(image, uploads) as local:
-        yield str(local), uploads
+__all__ = ["parse_rate", "save_command", "show_progress"]
 
 
 def parse_rate(text: str) -> int:
@@ -85,6 +64,7 @@ def save_command(image: str, qmp_socket: str, live: bool, via: str, resume: bool
     IMAGE is replaced atomically, and only by a complete, fsynced image. The VM stays paused
     afterwards unless --resume; if the save fails, a VM that was running runs again.
     """
+    from fixedram.image.chunked import local_image
     from fixedram.qmp.client import QMP
     from fixedram.qmp.progress import ProgressBar
     from fixedram.qmp.save import MAX_BANDWIDTH, save

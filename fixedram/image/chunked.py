@@ -52,9 +52,10 @@ import numpy as np
 
 from fixedram.errors import ImageError, StoreError
 from fixedram.image.layout import PAGE_SIZE
-from fixedram.io.objstore import ObjectURL, Store, parse_url
+from fixedram.io.objstore import ObjectURL, Store, is_object_url, parse_url
 
-__all__ = ["upload", "staged", "preflight", "collect_garbage", "Manifest", "ChunkRef",
+__all__ = ["upload", "staged", "local_image", "preflight", "collect_garbage", "Manifest",
+           "ChunkRef",
            "UploadReport", "GcReport", "read_manifest",
            "chunk_key", "chunk_name", "decode_chunk", "MANIFEST_VERSION", "CHUNK_SIZE",
            "CHUNK_PREFIX", "DEFAULT_GRACE", "read_grace", "write_grace"]
@@ -475,6 +476,21 @@ def staged(url: str, reports: list[UploadReport]) -> Iterator[Path]:
         reports.append(upload(local, url))
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+@contextmanager
+def local_image(image: str) -> Iterator[tuple[str, list[Any]]]:
+    """The local path a command writes the image ``image`` to: ``image`` itself, or for an
+    object (``s3://bucket/key``) a staging file uploaded when the command succeeds (the
+    store is checked first, before anything irreversible). Yields ``(path, uploads)``:
+    ``uploads`` holds the upload's report afterwards."""
+    uploads: list[Any] = []
+    if not is_object_url(image):
+        yield image, uploads
+        return
+    with staged(image, uploads) as local:
+        yield str(local), uploads
+
 
 
 def _pread_all(fd: int, buf: memoryview, pos: int) -> None:
