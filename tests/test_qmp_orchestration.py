@@ -127,25 +127,32 @@ def test_native_save_restore_put_settings_back_and_leave_the_cache(
 def test_page_count_reads_bitmaps_a_piece_at_a_time(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The count of a saved image's pages comes from the on-disk bitmaps in bounded pieces
-    (here 16 bytes), and a bit beyond a block's last page is refused."""
-    from fixedram.errors import ImageError
-    from fixedram.image.layout import bools_to_bitmap
-    from fixedram.qmp import save as save_mod
+    (here 128 pages), and a bit beyond a block's last page is refused."""
+    import numpy as np
+    from synth_images import write_mapped_image
 
-    monkeypatch.setattr(save_mod, "_BITMAP_PIECE", 16)
-    rng = __import__("numpy").random.default_rng(7)
-    a = rng.random(1000) < 0.3  # 1000 pages: 128 bitmap bytes, 8 pieces
-    b = rng.random(70) < 0.5
-    f = tmp_path / "bitmaps"
-    raw_a, raw_b = bools_to_bitmap(a), bools_to_bitmap(b)
-    f.write_bytes(b"\xff" * 5 + raw_a + raw_b)
-    n = save_mod._count_pages(f, [("a", 1000, 5), ("b", 70, 5 + len(raw_a))])
-    assert n == int(a.sum()) + int(b.sum())
-    bad = bytearray(raw_b)
-    bad[-1] |= 0x80  # page 127 of a 70-page block
-    f.write_bytes(b"\xff" * 5 + raw_a + bytes(bad))
-    with pytest.raises(ImageError, match="beyond its 70 pages"):
-        save_mod._count_pages(f, [("a", 1000, 5), ("b", 70, 5 + len(raw_a))])
+    from fixedram.errors import ImageError
+    from fixedram.image import open_image
+    from fixedram.image import reader as reader_mod
+
+    monkeypatch.setattr(reader_mod, "BITMAP_PIECE_PAGES", 128)
+    rng = np.random.default_rng(7)
+    a = np.flatnonzero(rng.random(1000) < 0.3)  # 1000 pages: 8 pieces
+    b = np.flatnonzero(rng.random(70) < 0.5)
+    page = b"\x5a" * 4096
+    f = tmp_path / "img"
+    heads = write_mapped_image(f, {"a": 1000 * 4096, "b": 70 * 4096},
+                               {"a": dict.fromkeys(a.tolist(), page),
+                                "b": dict.fromkeys(b.tolist(), page)})
+    with open_image(f) as img:
+        assert img.count_present("a") == len(a)
+        assert img.count_present("b") == len(b)
+        assert img.count_present("a") == sum(n for _, n in img.runs("a"))
+    with f.open("r+b") as fh:  # page 79 of a 70-page block: bit 7 of its bitmap's byte 9
+        fh.seek(heads["b"].bitmap_offset + 9)
+        fh.write(b"\x80")
+    with open_image(f) as img, pytest.raises(ImageError, match="beyond the block's 70 pages"):
+        img.count_present("b")
 
 
 def test_native_save_memory_does_not_follow_the_ram(qemu10: QemuBinary, accel: str,

@@ -512,6 +512,19 @@ class MappedRamImage(Image):
                 blocks[key] = raw
         return raw
 
+    def count_present(self, name: str) -> int:
+        """Number of pages of block ``name`` with data, popcounted from the bitmap read in
+        pieces of :data:`BITMAP_PIECE_PAGES` pages (a bit set beyond the block is refused)."""
+        blk = self.block(name)
+        if name in self.__dict__.get("_bitmaps", {}):
+            return super().count_present(name)
+        total = 0
+        for p in range(0, blk.npages, BITMAP_PIECE_PAGES):
+            n = min(BITMAP_PIECE_PAGES, blk.npages - p)
+            raw = np.frombuffer(self._bitmap_bytes(blk, p, n), dtype=np.uint8)
+            total += int(np.count_nonzero(np.unpackbits(raw, bitorder="little", count=n)))
+        return total
+
     def _piece_runs(self, name: str, first: int, npages: int) -> Iterator[tuple[int, int]]:
         if first % 64 or name in self.__dict__.get("_bitmaps", {}):
             return super()._piece_runs(name, first, npages)

@@ -140,41 +140,10 @@ def _check_image(path: Path, machine: str, blocks: dict[str, int]) -> int:
         got = {n: b.length for n, b in img.blocks.items()}
         if got != blocks:
             raise ImageError(f"{path}: RAM blocks {got} do not match the VM's {blocks}")
-        return _count_pages(path, [(n, b.npages, b.mapped.bitmap_offset)
-                                   for n, b in img.blocks.items() if b.mapped is not None])
-
-
-#: Bitmap bytes read at a time when counting pages (8 Mi pages, 32 GiB of RAM).
-_BITMAP_PIECE = 1 << 20
-
-
-def _count_pages(path: Path, bitmaps: list[tuple[str, int, int]]) -> int:
-    """Pages holding data, counted from the blocks' bitmaps ``(name, pages, offset)`` on disk
-    a piece at a time: the memory it takes does not grow with the RAM (a bool per page of a
-    1 TiB guest would be 256 MiB). A bit set beyond a block's last page is refused."""
-    import numpy as np
-
-    from fixedram.image.layout import bitmap_bytes
-    from fixedram.io.files import preadv_exact
-
-    total = 0
-    buf = bytearray(_BITMAP_PIECE)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for name, npages, offset in bitmaps:
-            nbytes = bitmap_bytes(npages)
-            for start in range(0, nbytes, _BITMAP_PIECE):
-                view = memoryview(buf)[: min(_BITMAP_PIECE, nbytes - start)]
-                preadv_exact(fd, view, offset + start, f"{path}: bitmap of RAM block '{name}'")
-                bits = np.unpackbits(np.frombuffer(view, dtype=np.uint8), bitorder="little")
-                inside = max(0, min(len(bits), npages - start * 8))
-                if bits[inside:].any():
-                    raise ImageError(f"{path}: RAM block '{name}': bitmap bits set beyond its "
-                                     f"{npages} pages")
-                total += int(np.count_nonzero(bits[:inside]))
-    finally:
-        os.close(fd)
-    return total
+        try:
+            return sum(img.count_present(n) for n in img.blocks)
+        except ImageError as e:
+            raise ImageError(f"{path}: {e.message}") from None
 
 
 def _drop_from_cache(image: Path) -> None:
