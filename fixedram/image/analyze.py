@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import os
-from pathlib import Path
 from typing import Any
 
 from fixedram.image import Image, open_image
@@ -116,7 +115,7 @@ def analyze_image(path: str | os.PathLike[str]) -> dict[str, Any]:
         devices = _device_sections(desc)
         return {
             "schema": SCHEMA_VERSION,
-            "path": str(Path(path)),
+            "path": img.where,
             "format": img.format,
             "machine": img.machine,
             "capabilities": list(img.capabilities),

@@ -241,6 +241,10 @@ class ObjectImage(MappedRamImage):
     url: ObjectURL
     source: ChunkSource
 
+    @property
+    def where(self) -> str:
+        return str(self.url)
+
     def close(self) -> None:
         src = self.__dict__.get("source")
         if src is not None:

@@ -169,6 +169,11 @@ class Image:
     #: :meth:`read_slots` / :meth:`read_into`.
     pages_in_file = True
 
+    @property
+    def where(self) -> str:
+        """The image's location as messages name it: its path, or an object's URL."""
+        return str(self.path)
+
     # -- lifecycle -------------------------------------------------------------
 
     def close(self) -> None:

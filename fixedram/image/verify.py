@@ -137,7 +137,7 @@ def verify_pages(img: Image, cs: Checksums,
             read += len(data) // PAGE_SIZE
         checked += len(s.extents)
         for e in check.bad_extents(s.name):
-            probs.append(_bad_extent(str(img.path), s.name, e, cs.extent_shift, s.length,
+            probs.append(_bad_extent(img.where, s.name, e, cs.extent_shift, s.length,
                                      s.pages_offset))
     return probs, checked, read
 
@@ -298,7 +298,7 @@ class PageCheck:
         bad = self.bad_extents(name)
         if bad:
             s = self.sums[name]
-            p = _bad_extent(str(self.img.path), name, bad[0], self.cs.extent_shift, s.length,
+            p = _bad_extent(self.img.where, name, bad[0], self.cs.extent_shift, s.length,
                             s.pages_offset)
             raise ImageError(f"{p.message}" + (f" (and {len(bad) - 1} more extents)"
                                                 if len(bad) > 1 else "")
