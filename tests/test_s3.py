@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,29 +28,14 @@ from test_save_restore import (
     source,
 )
 
+from fixedram.image.chunked import collect_garbage
 from fixedram.testing.guest import read_status
-from fixedram.testing.seaweed import Seaweed
+from fixedram.testing.seaweed import TEST_BUCKET, Seaweed
 from fixedram.testing.vm import find_qemu
 
 pytestmark = pytest.mark.qemu
 
-BUCKET = "fixedram-images"
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed]:
-    """One SeaweedFS server for the module, auth on, with the test bucket created."""
-    sw = Seaweed(tmp_path_factory.mktemp("seaweed"))
-    sw.start()
-    try:
-        import boto3
-
-        boto3.client("s3", endpoint_url=sw.endpoint, aws_access_key_id=sw.env()[
-            "AWS_ACCESS_KEY_ID"], aws_secret_access_key=sw.env()["AWS_SECRET_ACCESS_KEY"],
-            region_name="us-east-1").create_bucket(Bucket=BUCKET)
-        yield sw
-    finally:
-        sw.stop()
+BUCKET = TEST_BUCKET
 
 
 def host(sw: Seaweed, root: Path, name: str, **extra: str) -> dict[str, str]:
@@ -258,20 +242,132 @@ def _write_random_image(path: Path) -> None:
     write_mapped_image(path, {"pc.ram": 256 << 20}, {"pc.ram": pages})
 
 
-def _client(sw: Seaweed) -> Any:
-    import boto3
-
-    env = sw.env()
-    return boto3.client("s3", endpoint_url=sw.endpoint, region_name="us-east-1",
-                        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
-
-
 def _get(sw: Seaweed, url: str) -> bytes:
     bucket, key = url[5:].split("/", 1)
-    return _client(sw).get_object(Bucket=bucket, Key=key)["Body"].read()  # type: ignore[no-any-return]
+    return sw.client().get_object(Bucket=bucket, Key=key)["Body"].read()  # type: ignore[no-any-return]
 
 
 def _put(sw: Seaweed, url: str, data: bytes) -> None:
     bucket, key = url[5:].split("/", 1)
-    _client(sw).put_object(Bucket=bucket, Key=key, Body=data)
+    sw.client().put_object(Bucket=bucket, Key=key, Body=data)
+
+
+# -- gc -------------------------------------------------------------------------------------
+
+#: Grace period of the gc tests' buckets (seconds): long enough for their small uploads to
+#: finish within half of it, short enough to wait for.
+GC_GRACE = "8"
+PIECE = 4 << 20  # one chunk
+
+
+def _chunked_image(path: Path, pieces: list[bytes]) -> dict[int, bytes]:
+    """A mapped-ram image whose chunk ``k`` holds ``pieces[k]``; returns its pages."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from synth_images import write_mapped_image
+
+    pages = {k * 1024 + i: p[i * 4096 : (i + 1) * 4096]
+             for k, p in enumerate(pieces) for i in range(1024)}
+    write_mapped_image(path, {"pc.ram": 128 << 20}, {"pc.ram": pages})
+    return pages
+
+
+def _chunk_keys(sw: Seaweed, url: str) -> set[str]:
+    """The chunk keys the manifest at ``url`` names (its meta chunk included)."""
+    man = json.loads(_get(sw, url))
+
+    def key(name: str, codec: str) -> str:
+        return f".fixedram/chunks/{name}" + (".zst" if codec == "zstd" else "")
+
+    return {key(man["meta"]["name"], man["meta"]["codec"])} | {
+        key(n, c) for b in man["blocks"] for _, n, c, _ in b["chunks"]}
+
+
+def _stored_chunks(sw: Seaweed, bucket: str) -> set[str]:
+    pages = sw.client().get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=".fixedram/chunks/")
+    return {o["Key"] for p in pages for o in p.get("Contents", [])}
+
+
+def _same_pages(env: dict[str, str], url: str, pages: dict[int, bytes], out: Path) -> None:
+    """``url`` verifies (every chunk fetched from the store) and holds exactly ``pages``."""
+    fresh = dict(env, FIXEDRAM_CHUNK_CACHE="off")
+    r = fx(fresh, "verify", url)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = fx(fresh, "extract", url, "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    raw = out.read_bytes()
+    want = bytearray(len(raw))
+    for i, p in pages.items():
+        want[i * 4096 : (i + 1) * 4096] = p
+    assert raw == want
+
+
+def test_gc_deletes_old_unreferenced_chunks(s3: Seaweed, tmp_path: Path) -> None:
+    """gc deletes the chunks no manifest names once older than the grace period; chunks a
+    manifest names, and unreferenced ones younger than the grace period, stay; the images
+    are whole afterwards."""
+    bucket = "fixedram-gc"
+    s3.client().create_bucket(Bucket=bucket)
+    env = host(s3, tmp_path, "h")
+    ok(env, "gc", f"s3://{bucket}", "--grace", GC_GRACE)
+    p = [os.urandom(PIECE) for _ in range(5)]
+    a_pages = _chunked_image(tmp_path / "a.img", [p[0], p[1]])
+    _chunked_image(tmp_path / "b.img", [p[0], p[2], p[3]])
+    c_pages = _chunked_image(tmp_path / "c.img", [p[4]])
+    a, b = f"s3://{bucket}/a", f"s3://{bucket}/b"
+    for img, url in (("a.img", a), ("b.img", b)):
+        assert fx(env, "convert", str(tmp_path / img), url).returncode == 0
+    first_b = _chunk_keys(s3, b)
+    assert fx(env, "convert", str(tmp_path / "c.img"), b).returncode == 0  # replaces b
+    used = _chunk_keys(s3, a) | _chunk_keys(s3, b)
+    gone = first_b - used  # b's first chunks that no manifest names any more
+    assert len(gone) >= 2  # p[2] and p[3] at least (p[0] is a's too)
+    time.sleep(float(GC_GRACE) + 0.5)  # every chunk so far is older than the grace period
+    young = f".fixedram/chunks/{'f' * 32}"
+    s3.client().put_object(Bucket=bucket, Key=young, Body=b"an unreferenced young chunk")
+    dry = ok(env, "gc", f"s3://{bucket}", "--dry-run")
+    assert dry["deleted"] == len(gone) and _stored_chunks(s3, bucket) == used | gone | {young}
+    rep = ok(env, "gc", f"s3://{bucket}")
+    assert rep["manifests"] == 2 and rep["deleted"] == len(gone) and rep["young"] == 1
+    assert rep["referenced"] == len(used)
+    assert _stored_chunks(s3, bucket) == used | {young}
+    _same_pages(env, a, a_pages, tmp_path / "a.raw")
+    _same_pages(env, b, c_pages, tmp_path / "b.raw")
+
+
+def test_gc_during_save(s3: Seaweed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gc runs while a save uploads, and the old unreferenced chunks it may delete include
+    chunks of the image being saved: the save does not rely on them (it uploads chunks
+    older than half the grace period again), so its image is whole afterwards."""
+    bucket = "fixedram-gc-save"
+    s3.client().create_bucket(Bucket=bucket)
+    env = host(s3, tmp_path, "h", FIXEDRAM_CHUNK_CACHE="off")
+    ok(env, "gc", f"s3://{bucket}", "--grace", GC_GRACE)
+    p = [os.urandom(PIECE) for _ in range(24)]
+    _chunked_image(tmp_path / "old.img", p[:4])
+    old = f"s3://{bucket}/old"
+    assert fx(env, "convert", str(tmp_path / "old.img"), old).returncode == 0
+    s3.client().delete_object(Bucket=bucket, Key="old")  # its chunks: unreferenced
+    time.sleep(float(GC_GRACE) + 0.5)  # ... and older than the grace period
+    before = _stored_chunks(s3, bucket)
+    new_pages = _chunked_image(tmp_path / "new.img", p)  # the old chunks and 20 more
+    new = f"s3://{bucket}/new"
+    save = subprocess.Popen([sys.executable, "-m", "fixedram", "convert",
+                             str(tmp_path / "new.img"), new], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (_stored_chunks(s3, bucket) - before) and time.monotonic() < deadline:
+        time.sleep(0.005)  # until the save stored a new chunk: it looked at the old ones
+    save.send_signal(signal.SIGSTOP)
+    try:
+        assert save.poll() is None, "the save ended before gc could run"
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        rep = collect_garbage(f"s3://{bucket}")  # while the save is under way
+    finally:
+        save.send_signal(signal.SIGCONT)
+    _, err = save.communicate(timeout=120)
+    assert save.returncode == 0, err
+    assert rep.manifests == 0  # the save's manifest was not written yet
+    ok(env, "gc", f"s3://{bucket}")  # and once more after it
+    _same_pages(env, new, new_pages, tmp_path / "new.raw")

@@ -22,11 +22,14 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
-__all__ = ["Seaweed", "weed_binary", "ACCESS_KEY", "SECRET_KEY"]
+__all__ = ["Seaweed", "weed_binary", "ACCESS_KEY", "SECRET_KEY", "TEST_BUCKET"]
 
 ACCESS_KEY = "FIXEDRAMTEST"
 SECRET_KEY = "fixedram-test-secret"
+#: The bucket the tests' server fixture creates.
+TEST_BUCKET = "fixedram-images"
 
 # every listening port weed mini takes (a gRPC port each, besides the HTTP ones)
 _PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
@@ -90,6 +93,13 @@ class Seaweed:
                    AWS_SECRET_ACCESS_KEY=SECRET_KEY, AWS_DEFAULT_REGION="us-east-1",
                    AWS_EC2_METADATA_DISABLED="true", **extra)
         return env
+
+    def client(self) -> Any:
+        """A boto3 client of this server: an S3 view independent of fixedram's own."""
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY)
 
     def start(self, timeout: float = 30.0) -> Seaweed:
         """Start the server and wait until S3 answers."""
