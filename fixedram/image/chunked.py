@@ -52,13 +52,13 @@ import numpy as np
 
 from fixedram.errors import ImageError, StoreError
 from fixedram.image.layout import PAGE_SIZE
+from fixedram.io.files import scratch_writes
 from fixedram.io.objstore import ObjectURL, Store, is_object_url, parse_url
 
 __all__ = ["upload", "staged", "local_image", "preflight", "collect_garbage", "Manifest",
-           "ChunkRef",
-           "UploadReport", "GcReport", "read_manifest",
-           "chunk_key", "chunk_name", "decode_chunk", "MANIFEST_VERSION", "CHUNK_SIZE",
-           "CHUNK_PREFIX", "DEFAULT_GRACE", "read_grace", "write_grace"]
+           "ChunkRef", "UploadReport", "GcReport", "read_manifest", "chunk_key", "chunk_name",
+           "encode_chunk", "decode_chunk", "MANIFEST_VERSION", "CHUNK_SIZE", "CHUNK_PREFIX",
+           "DEFAULT_GRACE", "read_grace", "write_grace"]
 
 #: Version of the manifest document; a reader refuses any other.
 MANIFEST_VERSION = 1
@@ -78,6 +78,10 @@ WORKERS = 4
 #: compressed (else stored raw: decompressing it would cost more than it saves).
 ZSTD_LEVEL = 1
 ZSTD_KEEP = 0.875
+#: A chunk is judged first by a sample (three pieces of this many bytes, from its start,
+#: middle and end): one whose sample does not shrink to ZSTD_KEEP is stored raw without
+#: compressing the rest (random or already compressed data then costs almost nothing).
+ZSTD_SAMPLE = 32 << 10
 #: Largest manifest a reader accepts (bytes): a 1 TiB guest full of data lists 262144
 #: chunks of about 60 bytes each.
 MAX_MANIFEST = 64 << 20
@@ -121,6 +125,19 @@ def _compressor() -> Any:
     return c
 
 
+def encode_chunk(data: memoryview) -> tuple[str, Any]:
+    """``(codec, body)`` of a chunk as stored: zstd where it shrinks the chunk to
+    :data:`ZSTD_KEEP` of its size, else raw (see :data:`ZSTD_SAMPLE`)."""
+    n = len(data)
+    if n >= 4 * ZSTD_SAMPLE:
+        mid = (n - ZSTD_SAMPLE) // 2
+        sample = b"".join(data[i : i + ZSTD_SAMPLE] for i in (0, mid, n - ZSTD_SAMPLE))
+        if len(_compressor().compress(sample)) > len(sample) * ZSTD_KEEP:
+            return "raw", data
+    z = _compressor().compress(data)
+    return ("zstd", z) if len(z) <= n * ZSTD_KEEP else ("raw", data)
+
+
 def decode_chunk(raw: Any, codec: str, length: int, name: str, where: str) -> memoryview:
     """A stored chunk's bytes, decompressed and checked against its name; ImageError when
     they do not match (nothing of a bad chunk is ever returned)."""
@@ -128,7 +145,7 @@ def decode_chunk(raw: Any, codec: str, length: int, name: str, where: str) -> me
         import zstandard
 
         try:
-            data = zstandard.ZstdDecompressor().decompress(bytes(raw), max_output_size=length)
+            data = zstandard.ZstdDecompressor().decompress(raw, max_output_size=length)
         except zstandard.ZstdError as e:
             raise ImageError(f"{where}: chunk {name} does not decompress ({e})") from None
     elif codec == "raw":
@@ -315,7 +332,7 @@ class UploadReport:
         return dict(self.__dict__)
 
     def summary(self) -> str:
-        return (f"uploaded {self.url}: {self.chunks} chunks, {self.uploaded} uploaded "
+        return (f"{self.url}: {self.chunks} chunks, {self.uploaded} uploaded "
                 f"({self.uploaded_bytes / 2**20:.1f} MiB), {self.reused} reused, "
                 f"{self.zero_chunks} zero; {self.data_bytes / 2**20:.1f} MiB of data in "
                 f"{self.seconds:.2f} s")
@@ -331,8 +348,7 @@ class _Uploader:
         self.lock = threading.Lock()
         self.done: dict[str, Future[ChunkRef]] = {}
 
-    def store_chunk(self, index: int, data: memoryview, pool: ThreadPoolExecutor | None
-                    ) -> ChunkRef:
+    def store_chunk(self, index: int, data: memoryview) -> ChunkRef:
         name = chunk_name(data)
         with self.lock:
             fut = self.done.get(name)
@@ -353,8 +369,7 @@ class _Uploader:
         return ChunkRef(index, ref.name, ref.codec, ref.stored)
 
     def _store(self, name: str, data: memoryview) -> ChunkRef:
-        z = _compressor().compress(data)
-        codec, body = ("zstd", z) if len(z) <= len(data) * ZSTD_KEEP else ("raw", data)
+        codec, body = encode_chunk(data)
         key = chunk_key(name, codec)
         have = self.store.head(key)
         if have is not None and have.size == len(body) and have.modified >= self.fresh_after:
@@ -409,7 +424,7 @@ def upload(path: str | os.PathLike[str], url: str, *, chunk_size: int = CHUNK_SI
                         return
                     with up.lock:
                         report.data_bytes += n
-                    be.chunks[i] = up.store_chunk(i, buf, pool)
+                    be.chunks[i] = up.store_chunk(i, buf)
                 finally:
                     sem.release()
 
@@ -435,7 +450,7 @@ def upload(path: str | os.PathLike[str], url: str, *, chunk_size: int = CHUNK_SI
                 part = memoryview(bytearray(n))
                 _pread_all(fd, part, off)
                 meta += part
-            man.meta = up.store_chunk(-1, memoryview(meta), None)
+            man.meta = up.store_chunk(-1, memoryview(meta))
             man.meta_length = len(meta)
         man.data_bytes = report.data_bytes
         report.chunks = sum(1 for _ in man.refs())
@@ -472,7 +487,8 @@ def staged(url: str, reports: list[UploadReport]) -> Iterator[Path]:
     d = tempfile.mkdtemp(prefix="fixedram-stage-", dir=base)
     try:
         local = Path(d) / "image"
-        yield local
+        with scratch_writes():  # read back at once, then removed: no fsync, kept cached
+            yield local
         reports.append(upload(local, url))
     finally:
         shutil.rmtree(d, ignore_errors=True)
