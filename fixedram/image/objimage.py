@@ -11,8 +11,9 @@ checks it against the manifest (xxh3-128 of its bytes) before any byte of it is 
 keeps the last few in memory and reads ahead the next ones of the block in parallel
 GETs, so a sequential reader (a full restore, verify, the background push of a lazy
 restore) runs at the store's parallel speed while a random one (a lazy restore's page
-requests) pays one GET per chunk. With a :class:`DiskCache` (on by default, shared by
-every fixedram process of the user) a chunk is fetched from the store once per host.
+requests) pays one GET per chunk. A :class:`DiskCache` (on by default, shared by every
+fixedram process of the user) keeps the chunks readers asked for (not those read ahead),
+so a guest's working set is fetched from the store once per host.
 
 An object image has no file holding its page data: :attr:`ObjectImage.pages_in_file` is
 False, so code that would hand the image's file descriptor to ``sendfile`` or look for
@@ -46,6 +47,9 @@ __all__ = ["open_object_image", "ObjectImage", "ChunkSource", "DiskCache", "cach
 
 #: Chunks read ahead of the one asked for, in the same block.
 READ_AHEAD = 6
+#: Chunks kept in memory (the most recently used): a lazy restore's page requests come
+#: back to the chunks of the guest's working set while the background push goes on.
+MEMORY_CHUNKS = 32
 #: Default bound of the shared chunk cache (bytes).
 CACHE_MAX = 4 << 30
 
@@ -153,7 +157,7 @@ class ChunkSource:
         self.lock = threading.Lock()
         self.mem: OrderedDict[tuple[str, int], memoryview] = OrderedDict()
         self.flight: dict[tuple[str, int], Future[memoryview]] = {}
-        self.keep = READ_AHEAD + workers + 2
+        self.keep = max(MEMORY_CHUNKS, READ_AHEAD + workers + 2)
         self.blocks = {b.name: b for b in manifest.blocks}
         self.order = {b.name: sorted(b.chunks) for b in manifest.blocks}
         self.fetched = 0
@@ -167,8 +171,9 @@ class ChunkSource:
         b = self.blocks[block]
         return min(self.manifest.chunk_size, b.length - index * self.manifest.chunk_size)
 
-    def fetch(self, ref: ChunkRef, length: int) -> memoryview:
-        """One chunk's bytes, from the cache or the store, checked against its name."""
+    def fetch(self, ref: ChunkRef, length: int, *, keep: bool = True) -> memoryview:
+        """One chunk's bytes, from the cache or the store, checked against its name;
+        ``keep``: a chunk fetched from the store goes into the disk cache."""
         if self.cache is not None:
             raw = self.cache.get(ref.key)
             if raw is not None:
@@ -185,13 +190,15 @@ class ChunkSource:
         with self.lock:
             self.fetched += 1
             self.fetched_bytes += len(got)
-        if self.cache is not None:
+        if self.cache is not None and keep:
             self.cache.put(ref.key, got)
         return data
 
-    def _future(self, block: str, index: int) -> Future[memoryview] | memoryview | None:
+    def _future(self, block: str, index: int, asked: bool
+                ) -> Future[memoryview] | memoryview | None:
         """Under the lock: the chunk if in memory, its fetch (started if need be), or None
-        when the chunk is not stored (reads as zeros)."""
+        when the chunk is not stored (reads as zeros). ``asked``: a reader waits for this
+        chunk (else it is read ahead)."""
         key = (block, index)
         got = self.mem.get(key)
         if got is not None:
@@ -202,12 +209,15 @@ class ChunkSource:
             ref = self.blocks[block].chunks.get(index)
             if ref is None:
                 return None
-            fut = self.pool.submit(self._fetch_into_memory, block, index, ref)
+            fut = self.pool.submit(self._fetch_into_memory, block, index, ref, asked)
             self.flight[key] = fut
         return fut
 
-    def _fetch_into_memory(self, block: str, index: int, ref: ChunkRef) -> memoryview:
-        data = self.fetch(ref, self.length(block, index))
+    def _fetch_into_memory(self, block: str, index: int, ref: ChunkRef,
+                           asked: bool) -> memoryview:
+        # the disk cache keeps the chunks readers asked for (a lazy restore's page
+        # requests: the guest's working set), not those read ahead of a sequential read
+        data = self.fetch(ref, self.length(block, index), keep=asked)
         with self.lock:
             self.flight.pop((block, index), None)
             self.mem[(block, index)] = data
@@ -218,12 +228,12 @@ class ChunkSource:
     def chunk(self, block: str, index: int) -> memoryview | None:
         """Chunk ``index`` of ``block`` (None: not stored, all zeros); reads ahead."""
         with self.lock:
-            got = self._future(block, index)
+            got = self._future(block, index, True)
             order = self.order[block]
             at = bisect.bisect_right(order, index)
             for nxt in order[at : at + READ_AHEAD]:
                 if (block, nxt) not in self.mem:
-                    self._future(block, nxt)
+                    self._future(block, nxt, False)
         if isinstance(got, Future):
             try:
                 return got.result()
