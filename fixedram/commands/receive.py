@@ -80,10 +80,9 @@ def receive_cmd(image: str, listen_spec: str | None, channels: int, fd: int | No
     with local_image(image) as (target, uploads):
         report = _receive(target, listen_spec, channels, fd, mode, allow_remote,
                           accept_timeout, quiet)
-    if not quiet:
-        click.echo(f"fixedram: saved {report.summary()}", err=True)
-        for u in uploads:
-            click.echo(f"fixedram: {u.summary()}", err=True)
+    if not quiet:  # an object image: what was uploaded (the staging copy is gone)
+        click.echo(f"fixedram: uploaded {uploads[0].summary()}" if uploads else
+                   f"fixedram: saved {report.summary()}", err=True)
     sys.stderr.flush()
 
 

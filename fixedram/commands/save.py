@@ -81,9 +81,10 @@ def save_command(image: str, qmp_socket: str, live: bool, via: str, resume: bool
                               indent=2))
         return
     if uploads:
-        click.echo(uploads[0].summary())
+        click.echo(f"uploaded {uploads[0].summary()}")
     click.echo(
-        f"saved {r.machine} (QEMU {r.qemu_version}) to {r.image} via {r.via}"
+        f"saved {r.machine} (QEMU {r.qemu_version}) to {image if uploads else r.image} "
+        f"via {r.via}"
         f"{' (live)' if r.live else ''} in {r.total_time:.2f} s\n"
         f"  migration {r.migration_time:.2f} s (QEMU total {_ms(r.qemu_total_time)}, "
         f"downtime {_ms(r.downtime)}), {format_size(r.bytes_transferred)} transferred, "

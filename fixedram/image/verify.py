@@ -169,7 +169,10 @@ def verify_image(path: str | os.PathLike[str], *, pages: bool = True) -> VerifyR
                 cs, found = checksum_metadata(img)
                 rep.problems += found
                 if not img.pages_in_file and pages:  # an object image: every chunk
-                    bad, n = img.check_chunks()  # type: ignore[attr-defined]
+                    from fixedram.image.objimage import ObjectImage
+
+                    assert isinstance(img, ObjectImage)
+                    bad, n = img.check_chunks()
                     rep.problems += [Problem("chunk", m) for m in bad]
                     rep.notes.append(f"{n} stored chunks fetched and checked against the "
                                      "manifest")
