@@ -27,7 +27,8 @@ Usage::
     nice -n 10 .venv/bin/python -m bench.s3 --mem 512M --data-mib 128 --dirty-mib 24   # quick
 
 Writes ``bench/results/s3-<stamp>.json`` and ``.md`` (the markdown table, as the README
-shows it) and prints the table. Not run by the tests.
+shows it) and prints the table; ``--table RESULTS.json`` prints it again from a results
+file. Not run by the tests.
 """
 
 from __future__ import annotations
@@ -253,8 +254,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                            "mem": args.mem, "data_mib": args.data_mib,
                            "dirty_mib": args.dirty_mib, "workers": WORKERS,
                            "chunk_size": CHUNK_SIZE, "load_before": os.getloadavg(),
-                           "command": "nice -n 10 .venv/bin/python -m bench.s3 "
-                           + shlex.join(sys.argv[1:])}
+                           "command": " ".join(["nice -n 10 .venv/bin/python -m bench.s3",
+                                                shlex.join(sys.argv[1:])]).strip()}
     sw = Seaweed(work / "weed")
     src: Guest | None = None
     try:
@@ -384,7 +385,7 @@ def table(r: dict[str, Any]) -> str:
          f"obstore GETs {rate(get_o)}; boto3 {rate(get_b)}",
          f"{get_o / rst_s:.2f}x", ">= 0.8x"),
         ("&nbsp;&nbsp;restore from a local image (proxy)", f"{m('restore_local', 'wall'):.2f} s",
-         "", f"{m('restore_local', 'wall') / rst_s:.2f}x", ""),
+         "", f"S3: {m('restore_local', 'wall') / rst_s:.2f}x of local", ""),
         ("fixedram's read of the image: `send s3://… >/dev/null`", rate(snd_s),
          f"obstore GETs {rate(get_o)}", f"{get_o / snd_s:.2f}x", ">= 0.8x"),
         (f"re-save after {100 * r['changed_pages'] / r['guest_pages']:.1f} % of RAM changed",
@@ -414,11 +415,12 @@ def table(r: dict[str, Any]) -> str:
             f"`weed mini` on loopback, {r['workers']} requests in flight, "
             f"{r['chunk_size'] >> 20} MiB chunks; load average "
             f"{r['load_before'][0]:.1f} before, {r['load_after'][0]:.1f} after "
-            f"(2 cores, shared); medians of {len(r['restore_s3'])} restores.")
+            "(2 cores, shared)" + (f"; medians of {len(r['restore_s3'])} restores."
+                                  if len(r["restore_s3"]) > 1 else "."))
     lines = [head, "", "| | fixedram | client library alone | ratio | goal |",
              "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    lines += ["", f"`{r['command']}`"]
+    lines += ["", f"`{r['command'].strip()}`"]
     return "\n".join(lines)
 
 
@@ -440,7 +442,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="restores of each kind (median)")
     ap.add_argument("--dir", default="/var/tmp",
                     help="where the server's data, images and staging go (default /var/tmp)")
+    ap.add_argument("--table", metavar="RESULTS.json", type=Path,
+                    help="only print the table of an earlier run's results")
     args = ap.parse_args()
+    if args.table is not None:
+        print(table(json.loads(args.table.read_text())))
+        return
     parse_mem_size(args.mem)
     r = bench(args)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -90,7 +90,7 @@ def test_save_restore_incremental_lazy(s3: Seaweed, accel: str, tmp_path: Path,
     st = read_status(src_mem.read_bytes()[: 0x400000])
     # host B: nothing local but the URL
     rep = ok(b, "analyze", url, cwd=tmp_path / "b")
-    assert rep["format"] == "mapped-ram"
+    assert rep["format"] == "mapped-ram" and rep["path"] == url  # as given, not s3:/...
     r = fx(b, "verify", url, cwd=tmp_path / "b")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "chunks fetched and checked" in r.stdout

@@ -64,7 +64,7 @@ __all__ = ["upload", "staged", "local_image", "preflight", "collect_garbage", "M
 MANIFEST_VERSION = 1
 #: Marks a manifest (its first key).
 MAGIC = "fixedram-chunked-image"
-#: Bytes of guest RAM per chunk (see docs/object-storage.md for the measurement behind it).
+#: Bytes of guest RAM per chunk (docs/object-storage.md: the measurement behind it).
 CHUNK_SIZE = 4 << 20
 #: Where chunks live in a bucket, shared by every image of the bucket.
 CHUNK_PREFIX = ".fixedram/chunks/"

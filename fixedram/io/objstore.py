@@ -1,12 +1,11 @@
 """An S3 object-store client: ``s3://bucket/key`` locations, whole and ranged GETs, PUTs,
 HEAD, listings and deletes, with failures as one-line :class:`~fixedram.errors.StoreError`.
 
-The transport is ``obstore`` (Python bindings of the Rust ``object_store`` crate). It was
-chosen over boto3 by measurement on the 2-core development VM against SeaweedFS: for the
-same 4 MiB PUTs it spent about 1.1 CPU-seconds per GiB where boto3 spent 2.6 (the upload
-is CPU-bound here, the server taking most of the rest), and GETs 1.5 against 2.1
-(``bench/s3.py`` measures both again). It also imports in milliseconds, which a command's
-start-up feels.
+The transport is ``obstore`` (Python bindings of the Rust ``object_store`` crate), chosen
+over boto3 by measurement (``bench/s3.py``, ``docs/object-storage.md``): for the same
+4 MiB PUTs and GETs it was as fast or faster and spent about a third of boto3's CPU on
+PUTs and half on GETs, which matters where uploads are CPU-bound. It also imports in
+milliseconds, which a command's start-up feels.
 
 Where a store is and who we are come from the standard places, in this order:
 
