@@ -191,15 +191,14 @@ class Store:
 
     # -- writes -----------------------------------------------------------------------
 
-    def put(self, key: str, data: Any) -> ObjectInfo:
-        """Store ``data`` (bytes-like) as ``key`` in one PUT; returns what was stored."""
+    def put(self, key: str, data: Any) -> None:
+        """Store ``data`` (bytes-like) as ``key`` in one PUT, confirmed by the server."""
         try:
             r = self._ob.put(self._store, key, data)
         except Exception as e:
             raise self._fail(e, key, "write") from None
         if not r.get("e_tag"):
             raise StoreError(f"{self.where(key)}: the server did not confirm the write")
-        return ObjectInfo(key, len(memoryview(data)), datetime.now())
 
     def delete(self, keys: Iterable[str]) -> None:
         """Delete objects (absent ones are not an error)."""
