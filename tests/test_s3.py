@@ -4,7 +4,9 @@ A save on one "host" (a process with its own working and staging directories and
 cache) is restored on another; a re-save uploads only changed chunks; faults (bad
 credentials, a server that is gone, a save killed half way, a damaged chunk) leave the
 previous image intact and say so in one line; the server restarts in the middle of a
-full restore and the restore completes.
+full restore and the restore completes; gc deletes unreferenced chunks older than the
+grace period and nothing else, also while a save uploads. (The Linux guest's lazy
+restore from S3 is in test_linux.py, next to the guest it reuses.)
 """
 
 from __future__ import annotations
@@ -309,6 +311,7 @@ def test_gc_deletes_old_unreferenced_chunks(s3: Seaweed, tmp_path: Path) -> None
     bucket = "fixedram-gc"
     s3.client().create_bucket(Bucket=bucket)
     env = host(s3, tmp_path, "h")
+    assert "whole bucket" in one_line_error(fx(env, "gc", f"s3://{bucket}/a"))
     ok(env, "gc", f"s3://{bucket}", "--grace", GC_GRACE)
     p = [os.urandom(PIECE) for _ in range(5)]
     a_pages = _chunked_image(tmp_path / "a.img", [p[0], p[1]])

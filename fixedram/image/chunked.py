@@ -574,6 +574,9 @@ def collect_garbage(bucket_url: str, *, grace: float | None = None,
     ``.fixedram/`` that starts like a manifest but cannot be read stops gc before it
     deletes anything."""
     loc = parse_url(bucket_url, key=False)
+    if loc.key:
+        raise StoreError(f"gc works on a whole bucket (s3://{loc.bucket}), not on "
+                         f"{bucket_url}: chunks are shared by every image of the bucket")
     store = Store(loc.bucket)
     if grace is not None:
         write_grace(store, grace)
