@@ -92,8 +92,17 @@ class _LazyGroup(click.Group):
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fixedram")
-def cli() -> None:
-    """Save and restore QEMU guest RAM in fixed-offset (mapped-ram) images."""
+@click.option("--endpoint", metavar="URL", default=None,
+              help="S3 endpoint for s3://BUCKET/KEY images (sets AWS_ENDPOINT_URL for the "
+                   "command and the processes it starts).")
+def cli(endpoint: str | None = None) -> None:
+    """Save and restore QEMU guest RAM in fixed-offset (mapped-ram) images.
+
+    Wherever an image is named, s3://BUCKET/KEY names one in an object store (endpoint and
+    credentials from the usual AWS_* variables and profiles; docs/object-storage.md).
+    """
+    if endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
 
 
 def _load_commands() -> None:

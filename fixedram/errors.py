@@ -10,6 +10,7 @@ Hierarchy::
      |    +-- UnsupportedRecord   a valid record fixedram does not handle
      |    +-- TruncatedStream     the stream ended inside a record
      +-- ImageError           an image file is malformed, incomplete or inconsistent
+     +-- StoreError           an object store (S3) refused or could not serve a request
      +-- EndpointError        a migration peer misbehaved or went away
      +-- VMError              QEMU could not be started, reached or driven
  |    +-- QMPCommandError     QEMU answered a QMP command with an error
@@ -27,6 +28,7 @@ __all__ = [
     "UnsupportedRecord",
     "TruncatedStream",
     "ImageError",
+    "StoreError",
     "EndpointError",
     "VMError",
     "QMPCommandError",
@@ -63,6 +65,11 @@ class ImageError(FixedramError):
         self.message = message
         self.offset = offset
         super().__init__(message if offset is None else f"{message} (at byte {offset})")
+
+
+class StoreError(FixedramError):
+    """An object store (S3) could not be reached, refused the credentials, or has no such
+    bucket or object; the message names the location and the reason in one line."""
 
 
 class EndpointError(FixedramError):

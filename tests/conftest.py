@@ -1,4 +1,4 @@
-"""Shared fixtures: the bare test guest, QEMU binaries, and QEMU-written images.
+"""Shared fixtures: the bare test guest, QEMU binaries, QEMU-written images, an S3 server.
 
 QEMU fixtures never skip: if QEMU is missing, :func:`fixedram.testing.vm.find_qemu` raises
 :class:`fixedram.errors.VMError` saying so (and that ``scripts/setup.sh`` installs it), and the
@@ -18,6 +18,7 @@ from qemu_images import KINDS, ImageCase, ImageSpec, make_image
 
 from fixedram.testing.guest import build_guest
 from fixedram.testing.guest.linux import LinuxGuest, build_linux_guest
+from fixedram.testing.seaweed import TEST_BUCKET, Seaweed
 from fixedram.testing.vm import QemuBinary, choose_accel, find_qemu
 
 
@@ -88,3 +89,17 @@ def linux_guest() -> LinuxGuest:
     """The Linux test guest (kernel + initramfs), built once from the packages
     ``scripts/setup.sh`` downloaded, and cached (see :mod:`fixedram.testing.guest.linux`)."""
     return build_linux_guest()
+
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seaweed]:
+    """A SeaweedFS server (``weed mini`` on loopback, authentication on) for the module,
+    with the bucket ``TEST_BUCKET`` created; killed afterwards."""
+    sw = Seaweed(tmp_path_factory.mktemp("seaweed"))
+    sw.start()
+    try:
+        sw.client().create_bucket(Bucket=TEST_BUCKET)
+        yield sw
+    finally:
+        sw.stop()

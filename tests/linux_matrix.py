@@ -178,7 +178,7 @@ def destination(src: Source, qemu: str, name: str) -> Guest:
 
 
 def restore(saved: Saved, src: Source, how: str, *, qemu: str = "10", paused: bool = True,
-            name: str = "dst", image: Path | None = None) -> tuple[Guest, dict[str, Any]]:
+            name: str = "dst", image: Path | str | None = None) -> tuple[Guest, dict[str, Any]]:
     """Start a destination and restore ``saved`` into it with ``fixedram restore``.
 
     ``how``: ``native``, ``proxy``, ``proxy-mf`` (2 channels) or ``lazy``. Returns the
@@ -207,7 +207,7 @@ def restore(saved: Saved, src: Source, how: str, *, qemu: str = "10", paused: bo
 
 
 def check_restore(saved: Saved, src: Source, how: str, *, qemu: str = "10",
-                  paused: bool = True, image: Path | None = None) -> None:
+                  paused: bool = True, image: Path | str | None = None) -> None:
     """Restore and judge: RAM equal (paused), then the guest runs on."""
     dst, rep = restore(saved, src, how, qemu=qemu, paused=paused, image=image)
     with dst:

@@ -13,11 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from linux_matrix import Config, Source, check_restore
+from linux_matrix import Config, Source, check_restore, fixedram
 
 from fixedram.image import open_image
 from fixedram.image.sections import device_section_ids, ram_section_id
 from fixedram.testing.guest.linux import LinuxGuest
+from fixedram.testing.seaweed import TEST_BUCKET, Seaweed
 
 DEFAULTS = Config("defaults", defaults=True, mem="384M")
 
@@ -118,3 +119,18 @@ def test_ram_section_id_avoids_device_ids() -> None:
     # no VM description: the loose set; the chosen id is still none of the real ones
     sid = ram_section_id(_Img(blob, None, 1))  # type: ignore[arg-type]
     assert sid not in (0, 1, 2)
+
+
+@pytest.mark.qemu
+def test_lazy_restore_from_s3(source: Source, s3: Seaweed, tmp_path: Path,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guest's image in S3 (a real server), restored lazily from there: pages are
+    served from the chunks as the guest asks, and the guest runs on."""
+    for k, v in s3.env(FIXEDRAM_CHUNK_CACHE=str(tmp_path / "cache"),
+                       FIXEDRAM_STAGING=str(tmp_path)).items():
+        monkeypatch.setenv(k, v)
+    saved = source.save("proxy")
+    url = f"s3://{TEST_BUCKET}/linux/defaults"
+    r = fixedram("convert", str(saved.path), url)
+    assert r.returncode == 0, r.stderr
+    check_restore(saved, source, "lazy", paused=False, image=url)

@@ -60,15 +60,48 @@ def _probe(path: Path) -> tuple[int, bool]:
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             to: str = "mapped-ram", libvirt_xml: str | None = None) -> str:
-    """Convert image ``src`` into ``dst`` (``to``: ``mapped-ram`` or ``stream``).
+    """Convert image ``src`` into ``dst`` (``to``: ``mapped-ram`` or ``stream``); either
+    may be an object image (``s3://bucket/key``, mapped-ram only).
 
     ``libvirt_xml`` (mapped-ram only): write a libvirt sparse save image with this domain
     XML in its header, which ``virsh restore`` loads.
 
     Returns a one-line summary.
     """
-    from fixedram.endpoint.receive import ImageFile, Receiver
+    from fixedram.io.objstore import is_object_url
 
+    if libvirt_xml is not None and is_object_url(str(dst)):
+        raise FixedramError("--libvirt-xml writes a libvirt image: OUT must be a local file")
+    if is_object_url(str(dst)):
+        if to != "mapped-ram":
+            raise FixedramError("an object image is mapped-ram: --to stream needs a local OUT")
+        if str(src) == str(dst):
+            raise FixedramError("input and output are the same object")
+        from fixedram.image.chunked import local_image
+
+        with local_image(str(dst)) as (local, uploads):
+            _convert(src, local, to)
+        return uploads[0].summary()
+    return _convert(src, dst, to, libvirt_xml)
+
+
+def _convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], to: str,
+             libvirt_xml: str | None = None) -> str:
+    from fixedram.endpoint.receive import Receiver
+    from fixedram.io.objstore import is_object_url
+
+    if to not in ("mapped-ram", "stream"):
+        raise FixedramError(f"unknown output format '{to}' (mapped-ram or stream)")
+    if is_object_url(str(src)):  # an object image: always mapped-ram, read through its pages
+        if to == "stream":
+            return _to_stream(str(src), Path(dst))
+        with Receiver(Path(dst), libvirt_xml=libvirt_xml) as rx, open_image(str(src)) as img:
+            def feed_rx(bufs: Sequence[Buffer]) -> None:
+                for b in bufs:
+                    rx.feed(b)
+
+            send(img, SinkChannel(feed_rx))
+            return rx.commit().summary()
     sp, dp = Path(src), Path(dst)
     if sp.resolve() == dp.resolve():
         raise FixedramError("input and output are the same file")
@@ -101,8 +134,12 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
                     os.close(fd)
             rep = rx.commit()
         return rep.summary()
-    if to != "stream":
-        raise FixedramError(f"unknown output format '{to}' (mapped-ram or stream)")
+    return _to_stream(sp, dp)
+
+
+def _to_stream(sp: str | Path, dp: Path) -> str:
+    from fixedram.endpoint.receive import ImageFile
+
     with open_image(sp) as img, ImageFile(dp) as out:
         written = 0
 
@@ -117,7 +154,7 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
 
 
 @cli.command("convert")
-@click.argument("src", metavar="IN", type=click.Path(dir_okay=False, exists=True))
+@click.argument("src", metavar="IN", type=click.Path(dir_okay=False))
 @click.argument("dst", metavar="OUT", type=click.Path(dir_okay=False))
 @click.option("--to", "to", type=click.Choice(["mapped-ram", "stream"]), default="mapped-ram",
               show_default=True, help="Output format.")

@@ -28,9 +28,10 @@ from types import FrameType
 import click
 
 from fixedram.cli import cli, direct_io_options, direct_mode, one_line_errors
-from fixedram.endpoint.receive import MAX_CHANNELS
+from fixedram.endpoint.receive import MAX_CHANNELS, ReceiveReport
 from fixedram.errors import EndpointError, FixedramError
 from fixedram.image.libvirt import read_domain_xml
+from fixedram.image.reader import DirectIO
 
 __all__ = ["receive_cmd"]
 
@@ -71,9 +72,6 @@ def receive_cmd(image: str, listen_spec: str | None, channels: int, fd: int | No
     IMAGE appears only once the whole migration has arrived and is on disk; a
     previous IMAGE stays untouched until then.
     """
-    from fixedram.endpoint.receive import ReceiveReport, receive, receive_listening
-    from fixedram.io.channel import Channel, from_fd, listen, stdio
-
     if listen_spec is not None and fd is not None:
         raise EndpointError("--listen and --fd exclude each other")
     if channels and listen_spec is None:
@@ -83,6 +81,26 @@ def receive_cmd(image: str, listen_spec: str | None, channels: int, fd: int | No
     xml = read_domain_xml(libvirt_xml) if libvirt_xml else None
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
+    from fixedram.image.chunked import local_image
+    from fixedram.io.objstore import is_object_url
+
+    if xml is not None and is_object_url(image):
+        raise FixedramError("--libvirt-xml writes a libvirt image: IMAGE must be a local file")
+    with local_image(image) as (target, uploads):
+        report = _receive(target, listen_spec, channels, fd, mode, allow_remote,
+                          accept_timeout, quiet, xml)
+    if not quiet:  # an object image: what was uploaded (the staging copy is gone)
+        click.echo(f"fixedram: uploaded {uploads[0].summary()}" if uploads else
+                   f"fixedram: saved {report.summary()}", err=True)
+    sys.stderr.flush()
+
+
+def _receive(image: str, listen_spec: str | None, channels: int, fd: int | None,
+             mode: DirectIO, allow_remote: bool, accept_timeout: float | None,
+             quiet: bool, xml: str | None) -> ReceiveReport:
+    from fixedram.endpoint.receive import receive, receive_listening
+    from fixedram.io.channel import Channel, from_fd, listen, stdio
+
     report: ReceiveReport
     if listen_spec is not None:
         # the main connection plus N channels may all be pending at once
@@ -100,6 +118,4 @@ def receive_cmd(image: str, listen_spec: str | None, channels: int, fd: int | No
             report = receive(channel, image, direct_io=mode, libvirt_xml=xml)
         finally:
             channel.close()
-    if not quiet:
-        click.echo(f"fixedram: saved {report.summary()}", err=True)
-    sys.stderr.flush()
+    return report

@@ -17,7 +17,7 @@ __all__ = ["restore_command"]
 
 
 @cli.command("restore")
-@click.argument("image", type=click.Path(dir_okay=False, exists=True))
+@click.argument("image", type=click.Path(dir_okay=False))
 @click.option("--qmp", "qmp_socket", metavar="SOCKET", type=click.Path(),
               help="QMP unix socket of a QEMU started with the same VM options plus "
                    "-incoming defer.")
@@ -86,6 +86,10 @@ def restore_command(image: str, qmp_socket: str, via: str, paused: bool,
                "prefetch_rate": parse_rate(prefetch_rate) if prefetch_rate else None,
                "prefetch": not no_prefetch, "record": not no_record}
     if use_libvirt:
+        from fixedram.io.objstore import is_object_url
+
+        if is_object_url(image):
+            raise click.UsageError("--libvirt restores a local image file, not an s3:// object")
         _libvirt(image, uri, xml_file, paused, lazy, via, progress, as_json,
                  lazy_kw if lazy else {"channels": channels, "direct_io": direct})
         return

@@ -75,6 +75,8 @@ def save_command(image: str, qmp_socket: str | None, live: bool, via: str, resum
     IMAGE is replaced atomically, and only by a complete, fsynced image. The VM stays paused
     afterwards unless --resume; if the save fails, a VM that was running runs again.
     """
+    from fixedram.image.chunked import local_image
+    from fixedram.io.objstore import is_object_url
     from fixedram.qmp.client import QMP
     from fixedram.qmp.progress import ProgressBar
     from fixedram.qmp.save import MAX_BANDWIDTH, save
@@ -82,6 +84,8 @@ def save_command(image: str, qmp_socket: str | None, live: bool, via: str, resum
     rate = parse_rate(bandwidth) if bandwidth else MAX_BANDWIDTH
     if (qmp_socket is None) == (domain is None):
         raise click.UsageError("give one of --qmp SOCKET and --libvirt DOMAIN")
+    if (domain or libvirt_xml) and is_object_url(image):
+        raise click.UsageError("a libvirt image is a local file, not an s3:// object")
     if domain is not None:
         if resume or libvirt_xml:
             raise click.UsageError("--libvirt stops the domain (as virsh save) and writes its "
@@ -92,26 +96,33 @@ def save_command(image: str, qmp_socket: str | None, live: bool, via: str, resum
             r = save_domain(lv, domain, image, via=via, live=live,
                             direct_io=direct_io, progress=bar, max_bandwidth=rate,
                             stop_after=live_timeout, multifd_channels=channels)
-        _report(r, as_json, f"domain {domain} stopped")
+        _report(r, as_json, f"domain {domain} stopped", image, None)
         return
     from fixedram.image.libvirt import read_domain_xml
 
     xml = read_domain_xml(libvirt_xml) if libvirt_xml else None
     assert qmp_socket is not None
-    with QMP.connect(qmp_socket) as qmp, \
+    with local_image(image) as (target, uploads), QMP.connect(qmp_socket) as qmp, \
             ProgressBar("save", disable=not show_progress(progress)) as bar:
-        r = save(qmp, image, live=live, via=via,  # type: ignore[arg-type]
+        r = save(qmp, target, live=live, via=via,  # type: ignore[arg-type]
                  resume=resume, direct_io=direct_io, progress=bar, max_bandwidth=rate,
                  stop_after=live_timeout, multifd_channels=channels, libvirt_xml=xml)
-    _report(r, as_json, "VM " + ("resumed" if r.resumed else "left paused"))
+    _report(r, as_json, "VM " + ("resumed" if r.resumed else "left paused"), image,
+            uploads[0] if uploads else None)
 
 
-def _report(r: Any, as_json: bool, after: str) -> None:
+def _report(r: Any, as_json: bool, after: str, image: str, upload: Any) -> None:
+    """The save's report; ``upload``: what an object-store save uploaded (or None)."""
     if as_json:
-        click.echo(json.dumps(r.as_dict(), indent=2))
+        click.echo(json.dumps({**r.as_dict(), "image": image,
+                               **({"upload": upload.as_dict()} if upload else {})},
+                              indent=2))
         return
+    if upload:
+        click.echo(f"uploaded {upload.summary()}")
     click.echo(
-        f"saved {r.machine} (QEMU {r.qemu_version}) to {r.image} via {r.via}"
+        f"saved {r.machine} (QEMU {r.qemu_version}) to {image if upload else r.image} "
+        f"via {r.via}"
         f"{' (live)' if r.live else ''} in {r.total_time:.2f} s\n"
         f"  migration {r.migration_time:.2f} s (QEMU total {_ms(r.qemu_total_time)}, "
         f"downtime {_ms(r.downtime)}), {format_size(r.bytes_transferred)} transferred, "

@@ -329,7 +329,7 @@ class _ChannelThread(threading.Thread):
                                   else bytearray(PER_PACKET * PS))
         # a buffered mapped-ram image: each run of a packet's pages is contiguous in the
         # file, so the kernel hands its page-cache pages to the socket (sendfile), no copy
-        self.zero_copy = img.format == "mapped-ram" and not img.direct
+        self.zero_copy = img.format == "mapped-ram" and not img.direct and img.pages_in_file
 
     def run(self) -> None:
         try:

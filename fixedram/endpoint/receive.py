@@ -60,6 +60,7 @@ from fixedram.io.files import (
     AtomicFile,
     aligned_buffer,
     drop_cached,
+    fsync,
     open_direct,
     remove_stale_partials,
     warn_no_direct_io,
@@ -205,7 +206,7 @@ class ImageFile(AtomicFile):
         if not self.anonymous:
             super().commit(drop_cache=drop_cache)
             return
-        os.fsync(self.fd)
+        fsync(self.fd)
         if drop_cache:
             drop_cached(self.fd)
         dfd = os.open(self.target.parent, os.O_RDONLY | os.O_DIRECTORY)
@@ -224,7 +225,7 @@ class ImageFile(AtomicFile):
             except BaseException:
                 os.unlink(self.temp.name, dir_fd=dfd)
                 raise
-            os.fsync(dfd)
+            fsync(dfd)
         finally:
             os.close(dfd)
         self.committed = True

@@ -317,7 +317,7 @@ class _PieceReader:
         self.pairs = [_record_buffer() for _ in range(2 if self.pool is not None else 1)]
         self.hint_fd = -1
         if (readers > 1 and img.format == "mapped-ram" and not img.direct
-                and hasattr(os, "posix_fadvise")):
+                and img.pages_in_file and hasattr(os, "posix_fadvise")):
             self.hint_fd = os.open(img.path, os.O_RDONLY)
 
     def pieces(self, name: str,

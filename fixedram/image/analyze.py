@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import os
-from pathlib import Path
 from typing import Any
 
 from fixedram.image import Image, open_image
@@ -72,11 +71,20 @@ def _block_report(img: Image, name: str) -> dict[str, Any]:
             "bitmap_bytes": bitmap_bytes(blk.npages),
             "pages_offset": m.pages_offset,
             "pages_end": m.pages_offset + blk.length,
-            "allocated_bytes": data_bytes(
-                img.fileno(), m.pages_offset, m.pages_offset + blk.length
-            ),
+            "allocated_bytes": _allocated(img, name, m.pages_offset, blk.length),
         }
     return out
+
+
+def _allocated(img: Image, name: str, start: int, length: int) -> int:
+    """Bytes block ``name``'s page data takes: on disk, or for an object image in the
+    store (its stored chunks)."""
+    if img.pages_in_file:
+        return data_bytes(img.fileno(), start, start + length)
+    from fixedram.image.objimage import ObjectImage
+
+    assert isinstance(img, ObjectImage)
+    return img.stored_bytes(name)
 
 
 def _device_sections(desc: Any) -> list[dict[str, Any]]:
@@ -121,7 +129,7 @@ def analyze_image(path: str | os.PathLike[str]) -> dict[str, Any]:
             working_set = load(img).describe()
         return {
             "schema": SCHEMA_VERSION,
-            "path": str(Path(path)),
+            "path": img.where,
             "format": img.format,
             "machine": img.machine,
             "capabilities": list(img.capabilities),

@@ -44,6 +44,7 @@ from fixedram.io.files import (
     preadv_exact,
     warn_no_direct_io,
 )
+from fixedram.io.objstore import is_object_url
 from fixedram.stream import (
     CommandRecord,
     Configuration,
@@ -61,8 +62,8 @@ from fixedram.stream import (
 )
 from fixedram.stream.format import FILE_MAGIC
 
-__all__ = ["open_image", "Image", "MappedRamImage", "StreamImage", "BlockInfo", "PageSlots",
-           "READ_CHUNK", "DirectIO", "PageIndex"]
+__all__ = ["open_image", "image_location", "Image", "MappedRamImage", "StreamImage",
+           "BlockInfo", "PageSlots", "READ_CHUNK", "DirectIO", "PageIndex"]
 
 #: Largest single read when streaming page data (bytes).
 READ_CHUNK = 1 << 20
@@ -165,6 +166,17 @@ class Image:
     _dfd: int = -1
     _dmode: DirectIO | Literal["refused"] = False
     _stage: mmap.mmap | None = None
+
+    #: Whether page data lies in the file behind :meth:`fileno` at :meth:`page_offset`
+    #: (``sendfile`` from it, holes in it mean something). False for an image whose pages
+    #: come from elsewhere (:class:`fixedram.image.objimage.ObjectImage`): read them with
+    #: :meth:`read_slots` / :meth:`read_into`.
+    pages_in_file = True
+
+    @property
+    def where(self) -> str:
+        """The image's location as messages name it: its path, or an object's URL."""
+        return str(self.path)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -765,7 +777,8 @@ def _walk(fd: int, base: int, size: int, index: bool) -> tuple[StreamDecoder, di
 
 
 def open_image(path: str | os.PathLike[str], *, offset: int | None = None) -> Image:
-    """Open an image file of either format.
+    """Open an image file of either format, or an object image (``s3://bucket/key``,
+    :func:`fixedram.image.objimage.open_object_image`).
 
     ``offset`` is where the stream starts inside the file (``file:PATH,offset=N``);
     by default it is found by looking for the ``QEVM`` magic at 0 and then within
@@ -773,6 +786,10 @@ def open_image(path: str | os.PathLike[str], *, offset: int | None = None) -> Im
     stream starts after it, and a compressed one is decompressed first
     (:func:`fixedram.image.libvirt.decompress_payload`).
     """
+    if is_object_url(path):
+        from fixedram.image.objimage import open_object_image
+
+        return open_object_image(str(path))
     p = Path(path)
     try:
         fd = os.open(p, os.O_RDONLY)
@@ -825,6 +842,12 @@ def open_image(path: str | os.PathLike[str], *, offset: int | None = None) -> Im
     except BaseException:
         os.close(fd)
         raise
+
+
+def image_location(image: str | os.PathLike[str]) -> Path | str:
+    """An image argument as a location that stays valid from any working directory: an
+    absolute path, or an object URL (``s3://bucket/key``) as it is."""
+    return str(image) if is_object_url(str(image)) else Path(image).absolute()
 
 
 def _find_base(fd: int, size: int) -> int:

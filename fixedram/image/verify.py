@@ -142,7 +142,7 @@ def verify_pages(img: Image, cs: Checksums,
             read += len(data) // PAGE_SIZE
         checked += len(s.extents)
         for e in check.bad_extents(s.name):
-            probs.append(_bad_extent(str(img.path), s.name, e, cs.extent_shift, s.length,
+            probs.append(_bad_extent(img.where, s.name, e, cs.extent_shift, s.length,
                                      s.pages_offset))
     return probs, checked, read
 
@@ -173,7 +173,15 @@ def verify_image(path: str | os.PathLike[str], *, pages: bool = True) -> VerifyR
             else:
                 cs, found = checksum_metadata(img)
                 rep.problems += found
-                if cs is None and not rep.problems:
+                if not img.pages_in_file and pages:  # an object image: every chunk
+                    from fixedram.image.objimage import ObjectImage
+
+                    assert isinstance(img, ObjectImage)
+                    bad, n = img.check_chunks()
+                    rep.problems += [Problem("chunk", m) for m in bad]
+                    rep.notes.append(f"{n} stored chunks fetched and checked against the "
+                                     "manifest")
+                if cs is None and not rep.problems and img.pages_in_file:
                     rep.notes.append("no checksum extension: page data not verified "
                                      "(`fixedram verify --add` adds one)")
                 if cs is not None:
@@ -312,7 +320,7 @@ class PageCheck:
         bad = self.bad_extents(name)
         if bad:
             s = self.sums[name]
-            p = _bad_extent(str(self.img.path), name, bad[0], self.cs.extent_shift, s.length,
+            p = _bad_extent(self.img.where, name, bad[0], self.cs.extent_shift, s.length,
                             s.pages_offset)
             raise ImageError(f"{p.message}" + (f" (and {len(bad) - 1} more extents)"
                                                 if len(bad) > 1 else "")

@@ -5,6 +5,12 @@ Hot paths write or read one run of contiguous pages per system call
 under a temporary name in the target's directory and renames it over the target
 only when :meth:`AtomicFile.commit` is called after an fsync of file and
 directory, so an existing good file is never replaced by a partial one.
+
+Durability is decided here, once: every fsync and every page-cache drop goes through
+:func:`fsync` and :func:`drop_cached`, which do nothing inside :func:`scratch_writes`
+(a staging copy read back at once and then removed, as an object-store save writes:
+syncing it would wait for the disk, and dropping it from the cache would make the
+upload read it back from the disk).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import errno
 import functools
 import mmap
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +28,8 @@ from fixedram.errors import FixedramError, ImageError
 
 __all__ = [
     "pwritev_all",
+    "fsync",
+    "scratch_writes",
     "advance",
     "preadv_exact",
     "aligned_buffer",
@@ -123,14 +131,36 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
 
+_scratch = False
+
+
+@contextlib.contextmanager
+def scratch_writes() -> Iterator[None]:
+    """Within this block (process-wide) the files written are scratch copies: neither
+    fsynced nor dropped from the page cache (:func:`fsync`, :func:`drop_cached`)."""
+    global _scratch
+    before, _scratch = _scratch, True
+    try:
+        yield
+    finally:
+        _scratch = before
+
+
+def fsync(fd: int) -> None:
+    """fsync ``fd``, except inside :func:`scratch_writes`."""
+    if not _scratch:
+        os.fsync(fd)
+
+
 def drop_cached(fd: int, offset: int = 0, length: int = 0) -> None:
     """Ask the kernel to write back and forget the cached pages of a file range.
 
     Dirty pages are queued for writeback at once (so a later fsync has less to do);
     clean ones leave the page cache, so a large image does not evict the host's
-    working set. ``length`` 0 means to the end. A no-op where unsupported.
+    working set. ``length`` 0 means to the end. A no-op where unsupported, and inside
+    :func:`scratch_writes`.
     """
-    if _FADVISE:
+    if _FADVISE and not _scratch:
         with contextlib.suppress(OSError):
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
@@ -159,7 +189,7 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
     """fsync a directory so a rename or create inside it is durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
+        fsync(fd)
     finally:
         os.close(fd)
 
@@ -225,7 +255,7 @@ class AtomicFile:
 
         ``drop_cache``: once durable, the file's pages leave the page cache.
         """
-        os.fsync(self.fd)
+        fsync(self.fd)
         if drop_cache:
             drop_cached(self.fd)
         os.close(self.fd)

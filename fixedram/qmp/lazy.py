@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fixedram.errors import VMError
+from fixedram.image.reader import image_location
 from fixedram.io.channel import Channel
 from fixedram.qmp.client import QMP
 from fixedram.qmp.common import (
@@ -140,7 +141,7 @@ def lazy_restore(
     from fixedram.image.libvirt import refuse_compressed
 
     t0 = time.monotonic() if started is None else started
-    path = Path(image).absolute()
+    path = image_location(image)
     if transport not in ("fd", "unix", "exec"):
         raise VMError(f"unknown transport {transport!r} (fd, unix or exec)")
     refuse_compressed(path, "a lazy restore")
@@ -229,7 +230,7 @@ class _Sender:
         return Worker.started("fixedram-postcopy", run)
 
 
-def _transport(qmp: QMP, kind: Transport, path: Path,
+def _transport(qmp: QMP, kind: Transport, path: Path | str,
                rates: tuple[float | None, float | None], prefetch: bool, record: bool) -> _Way:
     """The transport ``kind``, made before QEMU is touched. Its sockets keep the kernel's
     default buffers: a page the guest waits for must not queue behind megabytes of pages

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fixedram.errors import MismatchError, VMError
-from fixedram.image.reader import DirectIO
+from fixedram.image.reader import DirectIO, image_location
 from fixedram.io.files import open_direct, warn_no_direct_io
 from fixedram.qmp.client import QMP
 from fixedram.qmp.common import (
@@ -137,15 +137,20 @@ def restore(
     from fixedram.image import open_image
 
     t0 = time.monotonic()
-    path = Path(image).absolute()
+    path = image_location(image)
     facts = read_facts(qmp)
     dest_blocks = incoming_blocks(qmp, facts)
     with open_image(path) as img:
         validate(img, dest_machine=facts.machine, dest_blocks=dest_blocks)
+        if not img.pages_in_file:  # QEMU reads only files: the proxy serves it the pages
+            if via == "native":
+                raise VMError(f"--via native needs a local image file; {image} is not one "
+                              "(use --via proxy)")
+            via = "proxy"
         how, fresh = _choose(qmp, facts, img.format, via)
         if how == "proxy":
             img.open_direct(direct_io)
-        elif direct_io and not _direct_ok(path, direct_io):
+        elif direct_io and isinstance(path, Path) and not _direct_ok(path, direct_io):
             direct_io = False
         if how == "native" and direct_io:
             channels = max(1, channels)  # QEMU reads with O_DIRECT only under multifd
@@ -154,6 +159,7 @@ def restore(
         watch = Watch(qmp, incoming="the load")
         try:
             if how == "native":
+                assert isinstance(path, Path)
                 load.native(path, channels, direct_io=bool(direct_io))
             elif channels:
                 watch.worker = load.multifd(channels)

@@ -1,0 +1,610 @@
+"""Images in an object store: a mapped-ram image kept as content-named chunks plus a manifest.
+
+The format (``docs/object-storage.md`` describes it in full):
+
+* Each RAM block's pages region is cut into chunks of ``chunk_size`` bytes at fixed
+  offsets (chunk ``i`` holds pages ``[i * chunk_pages, (i + 1) * chunk_pages)``). A chunk
+  with no page of data (bitmap bits clear) or only zero bytes is not stored: it reads as
+  zeros. Every other chunk is stored once per bucket under
+  ``.fixedram/chunks/<xxh3-128 of its bytes>`` (``.zst`` appended when zstd-compressed),
+  so images of one guest, or of guests booted from one base, share their common chunks.
+* Everything else of the mapped-ram file (stream prefix, block headers, bitmaps, the
+  checksum extension, device state and VM description) is one more chunk, the *meta*
+  chunk: the file's bytes outside the pages regions, concatenated.
+* The manifest, a small JSON document stored at the image's own key, names the meta
+  chunk and every stored chunk with its checksum. It is written last, in one PUT, after
+  every chunk it names is confirmed stored: the previous image under that key stays
+  whole until then.
+
+:func:`upload` turns a local mapped-ram image into such an object (reusing chunks the
+bucket holds already), :func:`collect_garbage` deletes chunks no manifest names, and
+:class:`Manifest` reads and checks a manifest. Reading an object image is
+:mod:`fixedram.image.objimage`.
+
+**Garbage collection and concurrent saves.** A chunk may be deleted only when no manifest
+names it *and* the server's clock shows it unmodified for the bucket's grace period
+(:data:`DEFAULT_GRACE`, kept in ``.fixedram/gc.json``). A save reuses a stored chunk only
+if it was written less than half the grace period ago, uploading it again otherwise
+(which renews its time), and refuses to write its manifest once half the grace period
+has passed since it looked: a chunk a running save relies on is therefore younger than
+the grace period until that save's manifest exists, and gc, which reads the manifests
+after listing the chunks, sees the manifest before the chunk is old enough to delete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fixedram.errors import ImageError, StoreError
+from fixedram.image.layout import PAGE_SIZE
+from fixedram.io.files import scratch_writes
+from fixedram.io.objstore import ObjectURL, Store, is_object_url, parse_url
+
+__all__ = ["upload", "staged", "local_image", "preflight", "collect_garbage", "Manifest",
+           "ChunkRef", "UploadReport", "GcReport", "read_manifest", "chunk_key", "chunk_name",
+           "encode_chunk", "decode_chunk", "MANIFEST_VERSION", "CHUNK_SIZE", "CHUNK_PREFIX",
+           "DEFAULT_GRACE", "read_grace", "write_grace"]
+
+#: Version of the manifest document; a reader refuses any other.
+MANIFEST_VERSION = 1
+#: Marks a manifest (its first key).
+MAGIC = "fixedram-chunked-image"
+#: Bytes of guest RAM per chunk (docs/object-storage.md: the measurement behind it).
+CHUNK_SIZE = 4 << 20
+#: Where chunks live in a bucket, shared by every image of the bucket.
+CHUNK_PREFIX = ".fixedram/chunks/"
+#: The bucket's garbage-collection settings.
+GC_KEY = ".fixedram/gc.json"
+#: Default grace period of a bucket (seconds): unreferenced chunks younger than this stay.
+DEFAULT_GRACE = 24 * 3600
+#: Parallel requests of an upload or a download (2-4 saturate a 2-core host).
+WORKERS = 4
+#: zstd level of chunks, and the share of its size a chunk must shrink to to be kept
+#: compressed (else stored raw: decompressing it would cost more than it saves).
+ZSTD_LEVEL = 1
+ZSTD_KEEP = 0.875
+#: A chunk is judged first by a sample (three pieces of this many bytes, from its start,
+#: middle and end): one whose sample does not shrink to ZSTD_KEEP is stored raw without
+#: compressing the rest (random or already compressed data then costs almost nothing).
+ZSTD_SAMPLE = 32 << 10
+#: Largest manifest a reader accepts (bytes): a 1 TiB guest full of data lists 262144
+#: chunks of about 60 bytes each.
+MAX_MANIFEST = 64 << 20
+
+
+def chunk_name(data: Any) -> str:
+    """The content name of a chunk: xxh3-128 of its uncompressed bytes, 32 hex digits."""
+    import xxhash
+
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+def chunk_key(name: str, codec: str) -> str:
+    """The object key of chunk ``name`` stored with ``codec`` (``raw`` or ``zstd``)."""
+    return CHUNK_PREFIX + name + (".zst" if codec == "zstd" else "")
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    """A stored chunk: its index in the block, content name, codec, stored size."""
+
+    index: int
+    name: str
+    codec: str
+    stored: int
+
+    @property
+    def key(self) -> str:
+        return chunk_key(self.name, self.codec)
+
+
+_local = threading.local()
+
+
+def _compressor() -> Any:
+    c = getattr(_local, "zc", None)
+    if c is None:
+        import zstandard
+
+        c = _local.zc = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return c
+
+
+def encode_chunk(data: memoryview) -> tuple[str, Any]:
+    """``(codec, body)`` of a chunk as stored: zstd where it shrinks the chunk to
+    :data:`ZSTD_KEEP` of its size, else raw (see :data:`ZSTD_SAMPLE`)."""
+    n = len(data)
+    if n >= 4 * ZSTD_SAMPLE:
+        mid = (n - ZSTD_SAMPLE) // 2
+        sample = b"".join(data[i : i + ZSTD_SAMPLE] for i in (0, mid, n - ZSTD_SAMPLE))
+        if len(_compressor().compress(sample)) > len(sample) * ZSTD_KEEP:
+            return "raw", data
+    z = _compressor().compress(data)
+    return ("zstd", z) if len(z) <= n * ZSTD_KEEP else ("raw", data)
+
+
+def decode_chunk(raw: Any, codec: str, length: int, name: str, where: str) -> memoryview:
+    """A stored chunk's bytes, decompressed and checked against its name; ImageError when
+    they do not match (nothing of a bad chunk is ever returned)."""
+    if codec == "zstd":
+        import zstandard
+
+        try:
+            data = zstandard.ZstdDecompressor().decompress(raw, max_output_size=length)
+        except zstandard.ZstdError as e:
+            raise ImageError(f"{where}: chunk {name} does not decompress ({e})") from None
+    elif codec == "raw":
+        data = raw
+    else:
+        raise ImageError(f"{where}: chunk {name} has unknown codec {codec!r}")
+    if len(data) != length or chunk_name(data) != name:
+        raise ImageError(f"{where}: chunk {name} does not match its checksum (corrupt or "
+                         "replaced object)")
+    return memoryview(data)
+
+
+# -- the manifest ---------------------------------------------------------------------------
+
+
+@dataclass
+class BlockEntry:
+    """A RAM block of a manifest: where its pages are in the file, its stored chunks."""
+
+    name: str
+    length: int
+    pages_offset: int
+    chunks: dict[int, ChunkRef] = field(default_factory=dict)
+
+
+@dataclass
+class Manifest:
+    """The manifest of an object image (the JSON document at the image's key)."""
+
+    file_size: int
+    chunk_size: int
+    meta: ChunkRef
+    meta_length: int
+    blocks: list[BlockEntry]
+    machine: str = ""
+    created: str = ""
+    data_bytes: int = 0
+
+    def to_json(self) -> bytes:
+        return json.dumps({
+            MAGIC: MANIFEST_VERSION,
+            "created": self.created,
+            "machine": self.machine,
+            "file_size": self.file_size,
+            "chunk_size": self.chunk_size,
+            "data_bytes": self.data_bytes,
+            "meta": {"name": self.meta.name, "codec": self.meta.codec,
+                     "stored": self.meta.stored, "length": self.meta_length},
+            "blocks": [{"name": b.name, "length": b.length, "pages_offset": b.pages_offset,
+                        "chunks": [[c.index, c.name, c.codec, c.stored]
+                                   for c in sorted(b.chunks.values(), key=lambda c: c.index)]}
+                       for b in self.blocks],
+        }, separators=(",", ":")).encode()
+
+    def refs(self) -> Iterator[ChunkRef]:
+        """The meta chunk and every stored chunk."""
+        yield self.meta
+        for b in self.blocks:
+            yield from b.chunks.values()
+
+    def regions(self) -> list[tuple[int, int]]:
+        """``(offset, length)`` of the file's bytes outside the pages regions, in order:
+        what the meta chunk holds."""
+        out, pos = [], 0
+        for b in sorted(self.blocks, key=lambda b: b.pages_offset):
+            if b.pages_offset > pos:
+                out.append((pos, b.pages_offset - pos))
+            pos = max(pos, b.pages_offset + b.length)
+        if self.file_size > pos:
+            out.append((pos, self.file_size - pos))
+        return out
+
+    @classmethod
+    def parse(cls, raw: Any, where: str) -> Manifest:
+        """Read and check a manifest; ImageError naming the first problem."""
+        def bad(why: str) -> ImageError:
+            return ImageError(f"{where}: not a usable fixedram manifest: {why}")
+
+        try:
+            doc = json.loads(bytes(raw))
+        except (ValueError, UnicodeDecodeError):
+            raise bad("not JSON") from None
+        if not isinstance(doc, dict) or MAGIC not in doc:
+            raise bad("no format marker")
+        if doc[MAGIC] != MANIFEST_VERSION:
+            raise bad(f"manifest version {doc[MAGIC]!r}, this fixedram reads "
+                      f"{MANIFEST_VERSION}")
+        try:
+            cs = _int(doc["chunk_size"])
+            if cs < PAGE_SIZE or cs % PAGE_SIZE or cs > 1 << 30:
+                raise bad(f"chunk size {cs}")
+            fsize = _int(doc["file_size"])
+            m = doc["meta"]
+            meta = ChunkRef(-1, _name(m["name"]), _codec(m["codec"]), _int(m["stored"]))
+            blocks = []
+            for b in doc["blocks"]:
+                be = BlockEntry(str(b["name"]), _int(b["length"]), _int(b["pages_offset"]))
+                if be.length % PAGE_SIZE or be.pages_offset + be.length > fsize:
+                    raise bad(f"RAM block '{be.name}' outside the file")
+                nchunks = -(-be.length // cs)
+                for i, n, c, s in b["chunks"]:
+                    if not 0 <= _int(i) < nchunks:
+                        raise bad(f"RAM block '{be.name}': chunk index {i} out of range")
+                    be.chunks[i] = ChunkRef(i, _name(n), _codec(c), _int(s))
+                blocks.append(be)
+            out = cls(fsize, cs, meta, _int(m["length"]), blocks, str(doc.get("machine", "")),
+                      str(doc.get("created", "")), _int(doc.get("data_bytes", 0)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise bad(f"malformed ({type(e).__name__}: {e})") from None
+        if sum(n for _, n in out.regions()) != out.meta_length:
+            raise bad("the meta chunk's length does not fit the layout")
+        return out
+
+
+def _int(v: Any) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ValueError(f"expected a non-negative integer, got {v!r}")
+    return v
+
+
+def _name(v: Any) -> str:
+    if not isinstance(v, str) or len(v) != 32 or any(c not in "0123456789abcdef" for c in v):
+        raise ValueError(f"bad chunk name {v!r}")
+    return v
+
+
+def _codec(v: Any) -> str:
+    if v not in ("raw", "zstd"):
+        raise ValueError(f"bad codec {v!r}")
+    return str(v)
+
+
+# -- the bucket's gc grace period -----------------------------------------------------------
+
+
+def read_grace(store: Store) -> float:
+    """The bucket's grace period in seconds (:data:`DEFAULT_GRACE` when it has none set)."""
+    if store.head(GC_KEY) is None:
+        return DEFAULT_GRACE
+    try:
+        v = json.loads(bytes(store.get(GC_KEY)))["grace_seconds"]
+        return float(v) if isinstance(v, int | float) and v > 0 else DEFAULT_GRACE
+    except (ValueError, KeyError, TypeError):
+        return DEFAULT_GRACE
+
+
+def write_grace(store: Store, seconds: float) -> None:
+    """Set the bucket's grace period (saves started afterwards follow it)."""
+    store.put(GC_KEY, json.dumps({"grace_seconds": seconds}).encode())
+
+
+def server_now(store: Store) -> datetime:
+    """The store's clock: the modification time of a small object written now."""
+    key = f".fixedram/clock/{uuid.uuid4().hex}"
+    store.put(key, b"")
+    try:
+        info = store.head(key)
+    finally:
+        store.delete([key])
+    if info is None:
+        raise StoreError(f"{store.where(key)}: an object just written is missing")
+    return info.modified
+
+
+# -- upload ---------------------------------------------------------------------------------
+
+
+@dataclass
+class UploadReport:
+    """What :func:`upload` stored."""
+
+    url: str
+    chunks: int = 0           # chunks the manifest names (the meta chunk included)
+    uploaded: int = 0         # of those, uploaded by this save
+    reused: int = 0           # already in the bucket (and recent enough to rely on)
+    zero_chunks: int = 0      # chunks with page data that were all zeros (not stored)
+    data_bytes: int = 0       # bytes of the chunks with data (uncompressed)
+    uploaded_bytes: int = 0   # bytes sent (compressed)
+    stored_bytes: int = 0     # bytes the manifest's chunks take in the store
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def summary(self) -> str:
+        return (f"{self.url}: {self.chunks} chunks, {self.uploaded} uploaded "
+                f"({self.uploaded_bytes / 2**20:.1f} MiB), {self.reused} reused, "
+                f"{self.zero_chunks} zero; {self.data_bytes / 2**20:.1f} MiB of data in "
+                f"{self.seconds:.2f} s")
+
+
+class _Uploader:
+    """Stores chunks, each at most once, reusing those the bucket holds recently enough."""
+
+    def __init__(self, store: Store, report: UploadReport, fresh_after: datetime) -> None:
+        self.store = store
+        self.report = report
+        self.fresh_after = fresh_after
+        self.lock = threading.Lock()
+        self.done: dict[str, Future[ChunkRef]] = {}
+
+    def store_chunk(self, index: int, data: memoryview) -> ChunkRef:
+        name = chunk_name(data)
+        with self.lock:
+            fut = self.done.get(name)
+            if fut is None:
+                fut = self.done[name] = Future()
+                mine = True
+            else:
+                mine = False
+        if not mine:
+            ref = fut.result()
+            return ChunkRef(index, ref.name, ref.codec, ref.stored)
+        try:
+            ref = self._store(name, data)
+        except BaseException as e:
+            fut.set_exception(e)
+            raise
+        fut.set_result(ref)
+        return ChunkRef(index, ref.name, ref.codec, ref.stored)
+
+    def _store(self, name: str, data: memoryview) -> ChunkRef:
+        codec, body = encode_chunk(data)
+        key = chunk_key(name, codec)
+        have = self.store.head(key)
+        if have is not None and have.size == len(body) and have.modified >= self.fresh_after:
+            with self.lock:
+                self.report.reused += 1
+            return ChunkRef(-1, name, codec, len(body))
+        self.store.put(key, body)
+        with self.lock:
+            self.report.uploaded += 1
+            self.report.uploaded_bytes += len(body)
+        return ChunkRef(-1, name, codec, len(body))
+
+
+def upload(path: str | os.PathLike[str], url: str, *, chunk_size: int = CHUNK_SIZE,
+           workers: int = WORKERS) -> UploadReport:
+    """Store the local mapped-ram image at ``path`` as the object image ``url``.
+
+    Chunks the bucket already holds (written within half its grace period) are reused,
+    the others uploaded, ``workers`` at a time; the manifest is written last, in one PUT,
+    once every chunk is confirmed. Until then an earlier image at ``url`` stays intact.
+    """
+    from fixedram.image.reader import open_image
+
+    t0, c0 = time.monotonic(), time.process_time()
+    loc = parse_url(url)
+    if chunk_size % PAGE_SIZE or chunk_size <= 0:
+        raise ImageError(f"chunk size {chunk_size} is not a multiple of {PAGE_SIZE}")
+    store = Store(loc.bucket)
+    report = UploadReport(str(loc))
+    with open_image(path) as img:
+        if img.format != "mapped-ram":
+            raise ImageError(f"{path}: only mapped-ram images go to an object store "
+                             "(fixedram convert makes one)")
+        grace = read_grace(store)
+        now = server_now(store)
+        looked = time.monotonic()
+        up = _Uploader(store, report, datetime.fromtimestamp(now.timestamp() - grace / 2,
+                                                              UTC))
+        cpages = chunk_size // PAGE_SIZE
+        blocks: list[BlockEntry] = []
+        fd = img.fileno()
+        with ThreadPoolExecutor(workers, thread_name_prefix="fixedram-upload") as pool:
+            sem = threading.BoundedSemaphore(2 * workers)
+
+            def one(be: BlockEntry, i: int, pos: int, n: int) -> None:
+                try:
+                    buf = memoryview(bytearray(n))
+                    _pread_all(fd, buf, pos)
+                    if not np.frombuffer(buf, np.uint8).any():
+                        with up.lock:
+                            report.zero_chunks += 1
+                        return
+                    with up.lock:
+                        report.data_bytes += n
+                    be.chunks[i] = up.store_chunk(i, buf)
+                finally:
+                    sem.release()
+
+            futs: list[Future[None]] = []
+            for name, blk in img.blocks.items():
+                assert blk.mapped is not None
+                be = BlockEntry(name, blk.length, blk.mapped.pages_offset)
+                blocks.append(be)
+                for i in _chunks_with_data(img, name, cpages):
+                    start = i * chunk_size
+                    n = min(chunk_size, blk.length - start)
+                    sem.acquire()
+                    futs.append(pool.submit(one, be, i, blk.mapped.pages_offset + start, n))
+                    if futs[0].done():
+                        futs.pop(0).result()  # a failure stops the walk early
+            for f in futs:
+                f.result()
+            man = Manifest(img.file_size, chunk_size, ChunkRef(-1, "0" * 32, "raw", 0), 0,
+                           blocks, img.machine,
+                           datetime.now(UTC).isoformat(timespec="seconds"))
+            meta = bytearray()
+            for off, n in man.regions():
+                part = memoryview(bytearray(n))
+                _pread_all(fd, part, off)
+                meta += part
+            man.meta = up.store_chunk(-1, memoryview(meta))
+            man.meta_length = len(meta)
+        man.data_bytes = report.data_bytes
+        report.chunks = sum(1 for _ in man.refs())
+        report.stored_bytes = sum(r.stored for r in man.refs())
+        if time.monotonic() - looked > grace / 2:
+            raise StoreError(f"{loc}: the upload took longer than half the bucket's gc grace "
+                             f"period ({grace:.0f} s): its chunks may have been collected; "
+                             "nothing was written, save again")
+        store.put(loc.key, man.to_json())
+    report.seconds = time.monotonic() - t0
+    report.cpu_seconds = time.process_time() - c0
+    return report
+
+
+def preflight(url: str) -> Store:
+    """Check, before anything irreversible, that ``url``'s bucket takes writes with these
+    credentials (one tiny object written and deleted); StoreError in one line if not."""
+    loc = parse_url(url)
+    store = Store(loc.bucket)
+    server_now(store)
+    return store
+
+
+@contextmanager
+def staged(url: str, reports: list[UploadReport]) -> Iterator[Path]:
+    """A local path to write an image to, uploaded to ``url`` once the block succeeds
+    (the report appended to ``reports``); the local copy is removed in every case.
+
+    The staging directory is ``FIXEDRAM_STAGING``, else ``TMPDIR``, else ``/var/tmp``:
+    it needs room for the image's data (holes cost nothing).
+    """
+    preflight(url)
+    base = os.environ.get("FIXEDRAM_STAGING") or os.environ.get("TMPDIR") or "/var/tmp"
+    d = tempfile.mkdtemp(prefix="fixedram-stage-", dir=base)
+    try:
+        local = Path(d) / "image"
+        with scratch_writes():  # read back at once, then removed: no fsync, kept cached
+            yield local
+        reports.append(upload(local, url))
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@contextmanager
+def local_image(image: str) -> Iterator[tuple[str, list[Any]]]:
+    """The local path a command writes the image ``image`` to: ``image`` itself, or for an
+    object (``s3://bucket/key``) a staging file uploaded when the command succeeds (the
+    store is checked first, before anything irreversible). Yields ``(path, uploads)``:
+    ``uploads`` holds the upload's report afterwards."""
+    uploads: list[Any] = []
+    if not is_object_url(image):
+        yield image, uploads
+        return
+    with staged(image, uploads) as local:
+        yield str(local), uploads
+
+
+
+def _pread_all(fd: int, buf: memoryview, pos: int) -> None:
+    got = 0
+    while got < len(buf):
+        n = os.preadv(fd, [buf[got:]], pos + got)
+        if n <= 0:  # a short file: the rest of the region reads as zeros
+            buf[got:] = bytes(len(buf) - got)
+            return
+        got += n
+
+
+def _chunks_with_data(img: Any, name: str, cpages: int) -> Iterator[int]:
+    """Indices of the chunks of block ``name`` that hold at least one page of data."""
+    last = -1
+    for first, n in img.runs(name):
+        for i in range(max(first // cpages, last + 1), (first + n - 1) // cpages + 1):
+            yield i
+            last = i
+
+
+def read_manifest(store: Store, loc: ObjectURL) -> Manifest:
+    """The manifest at ``loc`` (StoreError when there is none, ImageError when unusable)."""
+    info = store.head(loc.key)
+    if info is None:
+        next(iter(store.list(loc.key)), None)  # a missing bucket says so here (HEAD cannot)
+        raise StoreError(f"{loc}: no such object")
+    if info.size > MAX_MANIFEST:
+        raise ImageError(f"{loc}: not a fixedram manifest ({info.size} bytes)")
+    return Manifest.parse(store.get(loc.key), str(loc))
+
+
+# -- garbage collection ---------------------------------------------------------------------
+
+
+@dataclass
+class GcReport:
+    """What :func:`collect_garbage` found and did."""
+
+    bucket: str
+    grace_seconds: float
+    manifests: int = 0
+    chunks: int = 0
+    referenced: int = 0
+    young: int = 0
+    deleted: int = 0
+    deleted_bytes: int = 0
+    dry_run: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def summary(self) -> str:
+        verb = "would delete" if self.dry_run else "deleted"
+        return (f"gc s3://{self.bucket}: {self.manifests} manifests, {self.chunks} chunks: "
+                f"{self.referenced} referenced, {self.young} unreferenced but younger than "
+                f"{self.grace_seconds:.0f} s, {verb} {self.deleted} "
+                f"({self.deleted_bytes / 2**20:.1f} MiB)")
+
+
+def collect_garbage(bucket_url: str, *, grace: float | None = None,
+                    dry_run: bool = False) -> GcReport:
+    """Delete the chunks of a bucket that no manifest names and that are older than the
+    bucket's grace period (``grace`` sets a new one first). Any object outside
+    ``.fixedram/`` that starts like a manifest but cannot be read stops gc before it
+    deletes anything."""
+    loc = parse_url(bucket_url, key=False)
+    if loc.key:
+        raise StoreError(f"gc works on a whole bucket (s3://{loc.bucket}), not on "
+                         f"{bucket_url}: chunks are shared by every image of the bucket")
+    store = Store(loc.bucket)
+    if grace is not None:
+        write_grace(store, grace)
+    g = read_grace(store)
+    report = GcReport(loc.bucket, g, dry_run=dry_run)
+    now = server_now(store)
+    chunks = list(store.list(CHUNK_PREFIX))  # listed before the manifests are read
+    report.chunks = len(chunks)
+    used: set[str] = set()
+    for obj in store.list(""):
+        if obj.key.startswith(".fixedram/") or obj.size > MAX_MANIFEST:
+            continue
+        head = store.get_range(obj.key, 0, min(obj.size, 64)) if obj.size else b""
+        if MAGIC.encode() not in bytes(head):
+            continue
+        man = Manifest.parse(store.get(obj.key), store.where(obj.key))
+        report.manifests += 1
+        used.update(r.key for r in man.refs())
+    doomed = []
+    for c in chunks:
+        if c.key in used:
+            report.referenced += 1
+        elif (now - c.modified).total_seconds() < g:
+            report.young += 1
+        else:
+            doomed.append(c)
+    report.deleted = len(doomed)
+    report.deleted_bytes = sum(c.size for c in doomed)
+    if not dry_run:
+        store.delete(c.key for c in doomed)
+    return report

@@ -1,0 +1,368 @@
+"""Reading an image kept in an object store (``s3://bucket/key``, :mod:`fixedram.image.chunked`).
+
+:func:`open_object_image` reads the manifest and the meta chunk, lays the meta chunk's
+bytes out at their file offsets in an anonymous sparse memory file, and parses that as a
+mapped-ram file: the result, an :class:`ObjectImage`, answers every question a local
+:class:`~fixedram.image.reader.MappedRamImage` answers (blocks, bitmaps, device state,
+the checksum extension) and reads page data from the chunks instead of a file.
+
+Page data: :class:`ChunkSource` fetches a chunk the first time a page of it is read,
+checks it against the manifest (xxh3-128 of its bytes) before any byte of it is used,
+keeps the last few in memory and reads ahead the next ones of the block in parallel
+GETs, so a sequential reader (a full restore, verify, the background push of a lazy
+restore) runs at the store's parallel speed while a random one (a lazy restore's page
+requests) pays one GET per chunk. A :class:`DiskCache` (on by default, shared by every
+fixedram process of the user) keeps the chunks readers asked for (not those read ahead),
+so a guest's working set is fetched from the store once per host.
+
+An object image has no file holding its page data: :attr:`ObjectImage.pages_in_file` is
+False, so code that would hand the image's file descriptor to ``sendfile`` or look for
+holes in it reads pages through :meth:`~fixedram.image.reader.Image.read_slots` instead.
+Its :meth:`fileno` is the memory file holding the metadata (headers, bitmaps, the
+checksum extension, the stream tail) at their offsets.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import dataclasses
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fixedram.errors import ImageError
+from fixedram.image.chunked import WORKERS, ChunkRef, Manifest, decode_chunk, read_manifest
+from fixedram.image.layout import PAGE_SIZE
+from fixedram.image.reader import BlockInfo, MappedRamImage, PageSlots, open_image
+from fixedram.io.objstore import ObjectURL, Store, parse_url
+
+__all__ = ["open_object_image", "ObjectImage", "ChunkSource", "DiskCache", "cache_from_env"]
+
+#: Chunks read ahead of the one asked for, in the same block.
+READ_AHEAD = 6
+#: Chunks kept in memory (the most recently used): a lazy restore's page requests come
+#: back to the chunks of the guest's working set while the background push goes on.
+MEMORY_CHUNKS = 32
+#: Default bound of the shared chunk cache (bytes).
+CACHE_MAX = 4 << 30
+
+
+class DiskCache:
+    """Chunks as fetched (compressed or not), one file per chunk named by its key, shared
+    safely by concurrent processes: a chunk is written under a temporary name and renamed
+    into place (readers see a whole file or none), and every chunk read from the cache is
+    checked against its name like one from the store (a damaged file is dropped and
+    fetched again). Bounded: when the files pass ``max_bytes`` the least recently used
+    (by modification time, renewed on every hit) are removed."""
+
+    def __init__(self, root: str | os.PathLike[str], max_bytes: int = CACHE_MAX) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self._added = 0
+        self._lock = threading.Lock()
+
+    def _path(self, key: str) -> Path:
+        name = key.rsplit("/", 1)[-1]
+        return self.root / name[:2] / name
+
+    def get(self, key: str) -> bytes | None:
+        p = self._path(key)
+        try:
+            data = p.read_bytes()
+            os.utime(p)
+            return data
+        except OSError:
+            return None
+
+    def drop(self, key: str) -> None:
+        with contextlib.suppress(OSError):
+            self._path(key).unlink()
+
+    def put(self, key: str, data: Any) -> None:
+        p = self._path(key)
+        try:
+            p.parent.mkdir(exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, p)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        except OSError:
+            return  # a full or read-only cache costs a refetch, never the restore
+        with self._lock:
+            self._added += len(data)
+            trim = self._added > self.max_bytes // 8
+            if trim:
+                self._added = 0
+        if trim:
+            self.trim()
+
+    def trim(self) -> None:
+        """Remove least recently used chunks until the cache is under its bound."""
+        files = []
+        for sub in self.root.iterdir():
+            if sub.is_dir():
+                for f in sub.iterdir():
+                    with contextlib.suppress(OSError):
+                        st = f.stat()
+                        files.append((st.st_mtime, st.st_size, f))
+        total = sum(s for _, s, _ in files)
+        for _, size, f in sorted(files):
+            if total <= self.max_bytes:
+                break
+            with contextlib.suppress(OSError):
+                f.unlink()
+            total -= size
+
+
+def cache_from_env() -> DiskCache | None:
+    """The shared chunk cache: ``FIXEDRAM_CHUNK_CACHE`` (a directory, or ``off``), else
+    ``$XDG_CACHE_HOME/fixedram/chunks`` (``~/.cache/...``); bounded by
+    ``FIXEDRAM_CHUNK_CACHE_MAX`` bytes (default 4 GiB)."""
+    where = os.environ.get("FIXEDRAM_CHUNK_CACHE")
+    if where == "off":
+        return None
+    if not where:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+        where = os.path.join(base, "fixedram", "chunks")
+    try:
+        cap = int(os.environ.get("FIXEDRAM_CHUNK_CACHE_MAX", CACHE_MAX))
+        return DiskCache(where, cap)
+    except (OSError, ValueError):
+        return None
+
+
+class ChunkSource:
+    """Fetches, checks, caches and reads ahead the chunks of one object image."""
+
+    def __init__(self, store: Store, manifest: Manifest, where: str,
+                 cache: DiskCache | None, workers: int = WORKERS) -> None:
+        self.store = store
+        self.manifest = manifest
+        self.where = where
+        self.cache = cache
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="fixedram-fetch")
+        self.lock = threading.Lock()
+        self.mem: OrderedDict[tuple[str, int], memoryview] = OrderedDict()
+        self.flight: dict[tuple[str, int], Future[memoryview]] = {}
+        self.keep = max(MEMORY_CHUNKS, READ_AHEAD + workers + 2)
+        self.blocks = {b.name: b for b in manifest.blocks}
+        self.order = {b.name: sorted(b.chunks) for b in manifest.blocks}
+        self.fetched = 0
+        self.fetched_bytes = 0
+        self.cache_hits = 0
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def length(self, block: str, index: int) -> int:
+        b = self.blocks[block]
+        return min(self.manifest.chunk_size, b.length - index * self.manifest.chunk_size)
+
+    def fetch(self, ref: ChunkRef, length: int, *, keep: bool = True) -> memoryview:
+        """One chunk's bytes, from the cache or the store, checked against its name;
+        ``keep``: a chunk fetched from the store goes into the disk cache."""
+        if self.cache is not None:
+            raw = self.cache.get(ref.key)
+            if raw is not None:
+                try:
+                    data = decode_chunk(raw, ref.codec, length, ref.name, self.where)
+                except ImageError:
+                    self.cache.drop(ref.key)
+                else:
+                    with self.lock:
+                        self.cache_hits += 1
+                    return data
+        got = self.store.get(ref.key)
+        data = decode_chunk(got, ref.codec, length, ref.name, self.where)
+        with self.lock:
+            self.fetched += 1
+            self.fetched_bytes += len(got)
+        if self.cache is not None and keep:
+            self.cache.put(ref.key, got)
+        return data
+
+    def _future(self, block: str, index: int, asked: bool
+                ) -> Future[memoryview] | memoryview | None:
+        """Under the lock: the chunk if in memory, its fetch (started if need be), or None
+        when the chunk is not stored (reads as zeros). ``asked``: a reader waits for this
+        chunk (else it is read ahead)."""
+        key = (block, index)
+        got = self.mem.get(key)
+        if got is not None:
+            self.mem.move_to_end(key)
+            return got
+        fut = self.flight.get(key)
+        if fut is None:
+            ref = self.blocks[block].chunks.get(index)
+            if ref is None:
+                return None
+            fut = self.pool.submit(self._fetch_into_memory, block, index, ref, asked)
+            self.flight[key] = fut
+        return fut
+
+    def _fetch_into_memory(self, block: str, index: int, ref: ChunkRef,
+                           asked: bool) -> memoryview:
+        # the disk cache keeps the chunks readers asked for (a lazy restore's page
+        # requests: the guest's working set), not those read ahead of a sequential read
+        data = self.fetch(ref, self.length(block, index), keep=asked)
+        with self.lock:
+            self.flight.pop((block, index), None)
+            self.mem[(block, index)] = data
+            while len(self.mem) > self.keep:
+                self.mem.popitem(last=False)
+        return data
+
+    def chunk(self, block: str, index: int) -> memoryview | None:
+        """Chunk ``index`` of ``block`` (None: not stored, all zeros); reads ahead."""
+        with self.lock:
+            got = self._future(block, index, True)
+            order = self.order[block]
+            at = bisect.bisect_right(order, index)
+            for nxt in order[at : at + READ_AHEAD]:
+                if (block, nxt) not in self.mem:
+                    self._future(block, nxt, False)
+        if isinstance(got, Future):
+            try:
+                return got.result()
+            except BaseException:
+                with self.lock:
+                    self.flight.pop((block, index), None)
+                raise
+        return got
+
+
+class ObjectImage(MappedRamImage):
+    """A mapped-ram image whose page data lives in an object store's chunks."""
+
+    pages_in_file = False
+    url: ObjectURL
+    source: ChunkSource
+
+    @property
+    def where(self) -> str:
+        return str(self.url)
+
+    def close(self) -> None:
+        src = self.__dict__.get("source")
+        if src is not None:
+            src.close()
+        super().close()
+
+    def open_direct(self, mode: Any = True) -> bool:
+        return False  # no local file: nothing for O_DIRECT to bypass
+
+    def allocated_bytes(self) -> int:
+        return sum(r.stored for r in self.source.manifest.refs())
+
+    def stored_bytes(self, name: str) -> int:
+        """Bytes the chunks of block ``name`` take in the store."""
+        return sum(r.stored for b in self.source.manifest.blocks if b.name == name
+                   for r in b.chunks.values())
+
+    def check_chunks(self) -> tuple[list[str], int]:
+        """Fetch every chunk and check it against the manifest: ``(problems, chunks)``."""
+        probs: list[str] = []
+        n = 0
+        for b in self.source.manifest.blocks:
+            for i in sorted(b.chunks):
+                n += 1
+                try:
+                    self.source.chunk(b.name, i)
+                except ImageError as e:
+                    probs.append(f"RAM block '{b.name}' chunk {i}: {e}")
+        return probs, n
+
+    def page_offset(self, name: str, first_page: int) -> int:
+        raise ImageError(f"{self.url}: an object image has no page data in a file")
+
+    def _read_into(self, blk: BlockInfo, first: int, dest: memoryview) -> None:
+        self._copy(blk.name, first, len(dest) // PAGE_SIZE,
+                   np.frombuffer(dest, np.uint8).reshape(-1, PAGE_SIZE))
+
+    def read_slots(self, name: str, first_page: int, npages: int, slots: PageSlots) -> int:
+        self.block(name)
+        assert 0 < npages <= slots.count
+        self._copy(name, first_page, npages, slots.array[:npages])
+        return 1
+
+    def _copy(self, name: str, first: int, npages: int, out: np.ndarray) -> None:
+        """Pages ``[first, first + npages)`` of block ``name`` into ``out`` (npages x 4096)."""
+        per = self.source.manifest.chunk_size // PAGE_SIZE
+        done = 0
+        while done < npages:
+            p = first + done
+            i, off = divmod(p, per)
+            k = min(per - off, npages - done)
+            data = self.source.chunk(name, i)
+            if data is None:
+                out[done : done + k] = 0
+            else:
+                out[done : done + k] = np.frombuffer(
+                    data, np.uint8, k * PAGE_SIZE, off * PAGE_SIZE).reshape(k, PAGE_SIZE)
+            done += k
+
+
+def open_object_image(url: str, *, cache: DiskCache | bool | None = True) -> ObjectImage:
+    """Open the object image at ``url`` (``s3://bucket/key``).
+
+    Reads the manifest and the meta chunk (both checked) and nothing of the page data.
+    ``cache``: True for the shared chunk cache (:func:`cache_from_env`), False for none,
+    or a :class:`DiskCache`.
+    """
+    loc = parse_url(url)
+    store = Store(loc.bucket)
+    man = read_manifest(store, loc)
+    where = str(loc)
+    dc = cache_from_env() if cache is True else (cache or None)
+    src = ChunkSource(store, man, where, dc)
+    fd = -1
+    try:
+        meta = src.fetch(man.meta, man.meta_length)
+        fd = os.memfd_create("fixedram-meta", os.MFD_CLOEXEC)
+        os.ftruncate(fd, man.file_size)
+        pos = 0
+        for off, n in man.regions():
+            view = meta[pos : pos + n]
+            w = 0
+            while w < n:
+                w += os.pwrite(fd, view[w:], off + w)
+            pos += n
+        with open_image(f"/proc/self/fd/{fd}") as local:
+            fields = {f.name: getattr(local, f.name)
+                      for f in dataclasses.fields(local) if f.init}
+            if local.format != "mapped-ram":
+                raise ImageError(f"{where}: the manifest's metadata is not a mapped-ram "
+                                 "image")
+        names = {b.name for b in man.blocks}
+        if names != set(fields["blocks"]):
+            raise ImageError(f"{where}: the manifest lists blocks {sorted(names)}, its "
+                             f"metadata {sorted(fields['blocks'])}")
+        for b in man.blocks:
+            mb = fields["blocks"][b.name].mapped
+            if mb is None or mb.pages_offset != b.pages_offset or \
+                    fields["blocks"][b.name].length != b.length:
+                raise ImageError(f"{where}: RAM block '{b.name}' differs between the "
+                                 "manifest and its metadata")
+        fields.update(path=Path(where), _fd=fd)
+        img = ObjectImage(**fields)
+        img.url = loc
+        img.source = src
+        return img
+    except BaseException:
+        src.close()
+        if fd >= 0:
+            os.close(fd)
+        raise

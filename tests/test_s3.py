@@ -1,0 +1,376 @@
+"""Images in S3 object storage, against a real SeaweedFS server (``weed mini`` on loopback).
+
+A save on one "host" (a process with its own working and staging directories and chunk
+cache) is restored on another; a re-save uploads only changed chunks; faults (bad
+credentials, a server that is gone, a save killed half way, a damaged chunk) leave the
+previous image intact and say so in one line; the server restarts in the middle of a
+full restore and the restore completes; gc deletes unreferenced chunks older than the
+grace period and nothing else, also while a save uploads. (The Linux guest's lazy
+restore from S3 is in test_linux.py, next to the guest it reuses.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_save_restore import (
+    check_continues,
+    destination,
+    one_line_error,
+    same_ram,
+    socks,  # noqa: F401 - fixture
+    source,
+)
+
+from fixedram.image.chunked import collect_garbage
+from fixedram.testing.guest import read_status
+from fixedram.testing.seaweed import TEST_BUCKET, Seaweed
+from fixedram.testing.vm import find_qemu
+
+pytestmark = pytest.mark.qemu
+
+BUCKET = TEST_BUCKET
+
+
+def host(sw: Seaweed, root: Path, name: str, **extra: str) -> dict[str, str]:
+    """The environment of one "host": its own staging directory and chunk cache."""
+    d = root / name
+    (d / "stage").mkdir(parents=True, exist_ok=True)
+    return sw.env(**{"FIXEDRAM_STAGING": str(d / "stage"),
+                     "FIXEDRAM_CHUNK_CACHE": str(d / "cache"),
+                     "FIXEDRAM_S3_RETRY_SECONDS": "3", **extra})
+
+
+def fx(env: dict[str, str], *args: str, cwd: Path | None = None,
+       timeout: float = 180.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fixedram", *args], capture_output=True,
+                          text=True, timeout=timeout, check=False, env=env, cwd=cwd)
+
+
+def ok(env: dict[str, str], *args: str, cwd: Path | None = None) -> dict[str, Any]:
+    r = fx(env, *args, "--json", cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_save_restore_incremental_lazy(s3: Seaweed, accel: str, tmp_path: Path,
+                                       shm_dir: Path, socks: Path) -> None:  # noqa: F811
+    """Save to S3 on host A; analyze, verify, restore (proxy and lazy) on host B; a re-save
+    of the same guest uploads only the chunks that changed."""
+    qemu = find_qemu("10")
+    a, b = host(s3, tmp_path, "a"), host(s3, tmp_path, "b")
+    url = f"s3://{BUCKET}/guests/vm1"
+    dumps = shm_dir / "s3-rt"
+    dumps.mkdir()
+    src = source(qemu, tmp_path, socks, accel)
+    with src:
+        src.wait_heartbeat(gen_at_least=1)
+        ctl = str(socks / "src-ctl.qmp")
+        first = ok(a, "save", "--qmp", ctl, url, "--via", "proxy", "--resume",
+                   cwd=tmp_path / "a")
+        up1 = first["upload"]
+        assert up1["uploaded"] == up1["chunks"] > 8 and up1["reused"] == 0
+        assert up1["uploaded_bytes"] < 64 << 20  # 128 MiB of RAM, about 40 MiB of data
+        n = src.heartbeats()[-1].n
+        src.wait_heartbeat(after=n)
+        second = ok(a, "save", "--qmp", ctl, url, "--via", "proxy", cwd=tmp_path / "a")
+        up2 = second["upload"]
+        # the guest rewrites 32 MiB of stamped pages: those chunks changed, the rest not
+        assert up2["reused"] > 0 and up2["uploaded"] < up2["chunks"]
+        assert up2["uploaded_bytes"] < up1["uploaded_bytes"]
+        assert not list((tmp_path / "a" / "stage").iterdir())  # staging copy removed
+        src_mem = src.pmemsave(dumps / "src.mem")
+        last_hb = src.heartbeats()[-1].n
+    st = read_status(src_mem.read_bytes()[: 0x400000])
+    # host B: nothing local but the URL
+    rep = ok(b, "analyze", url, cwd=tmp_path / "b")
+    assert rep["format"] == "mapped-ram" and rep["path"] == url  # as given, not s3:/...
+    r = fx(b, "verify", url, cwd=tmp_path / "b")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "chunks fetched and checked" in r.stdout
+    dst = destination(src, socks, "dst1")
+    with dst:
+        e = one_line_error(fx(b, "restore", "--qmp", str(socks / "dst1-ctl.qmp"), url,
+                              "--via", "native"))
+        assert "needs a local image file" in e
+        rep = ok(b, "restore", "--qmp", str(socks / "dst1-ctl.qmp"), url, "--paused")
+        assert rep["via"] == "proxy"
+        assert same_ram(src_mem, dst.pmemsave(dumps / "dst1.mem"), accel) == []
+        dst.cont()
+        check_continues(dst, last_hb, st["gen"])
+    dst = destination(src, socks, "dst2")
+    with dst:
+        rep = ok(host(s3, tmp_path, "c"), "restore", "--qmp", str(socks / "dst2-ctl.qmp"),
+                 url, "--lazy")
+        assert rep["status"] == "running"
+        check_continues(dst, last_hb, st["gen"])
+    # and back to a local file, equal page for page
+    local = tmp_path / "b" / "vm.img"
+    r = fx(b, "convert", url, str(local))
+    assert r.returncode == 0, r.stderr
+    r = fx(b, "extract", url, "-o", str(tmp_path / "b" / "from-s3.raw"))
+    assert r.returncode == 0, r.stderr
+    r = fx(b, "extract", str(local), "-o", str(tmp_path / "b" / "from-local.raw"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "b" / "from-s3.raw").read_bytes() == \
+        (tmp_path / "b" / "from-local.raw").read_bytes()
+    # gc keeps every chunk the manifest names
+    g = ok(b, "gc", f"s3://{BUCKET}", "--dry-run")
+    assert g["manifests"] >= 1 and g["deleted"] == 0
+
+
+def _image(qemu_image: Any) -> Path:
+    return qemu_image("mapped-ram").path  # type: ignore[no-any-return]
+
+
+def test_faults_leave_previous_image(s3: Seaweed, tmp_path: Path, qemu_image: Any) -> None:
+    """Bad credentials, missing bucket/key, a server that is gone, a killed upload and a
+    damaged chunk: one line each, and the previous image stays whole."""
+    img = _image(qemu_image)
+    env = host(s3, tmp_path, "h")
+    url = f"s3://{BUCKET}/faults/vm"
+    assert fx(env, "convert", str(img), url).returncode == 0
+    before = fx(env, "analyze", url, "--json")
+    assert before.returncode == 0
+
+    def intact() -> None:
+        r = fx(env, "verify", url)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert fx(env, "analyze", url, "--json").stdout == before.stdout
+
+    bad = dict(env, AWS_SECRET_ACCESS_KEY="wrong")
+    e = one_line_error(fx(bad, "convert", str(img), url))
+    assert "credentials were refused" in e
+    e = one_line_error(fx(bad, "analyze", url))
+    assert "credentials were refused" in e and url in e
+    e = one_line_error(fx(env, "analyze", f"s3://{BUCKET}/faults/nope"))
+    assert "no such object" in e
+    e = one_line_error(fx(env, "analyze", "s3://no-such-bucket-here/x"))
+    assert "no such bucket" in e
+    intact()
+    # a save killed half way: chunks may be stored, the manifest is not replaced
+    big = tmp_path / "big.img"
+    _write_random_image(big)
+    slow = dict(env, FIXEDRAM_CHUNK_CACHE="off")
+    p = subprocess.Popen([sys.executable, "-m", "fixedram", "convert", str(big), url],
+                         env=slow, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stage = tmp_path / "h" / "stage"
+    deadline = time.monotonic() + 60
+    while not any(stage.glob("*/image")) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.5)  # into the upload
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    intact()
+    # the server is gone: one line, nothing changed once it is back
+    s3.stop()
+    try:
+        e = one_line_error(fx(env, "convert", str(img), url))
+        assert "unreachable" in e
+    finally:
+        s3.start()
+    intact()
+    # a damaged chunk: verify names it, a read refuses it before any byte is used
+    man = json.loads(_get(s3, url))
+    blk = next(b for b in man["blocks"] if b["chunks"])
+    idx, name, codec, _ = blk["chunks"][0]
+    key = f".fixedram/chunks/{name}" + (".zst" if codec == "zstd" else "")
+    _put(s3, f"s3://{BUCKET}/{key}", b"\0" * 4096)
+    fresh = dict(env, FIXEDRAM_CHUNK_CACHE="off")
+    r = fx(fresh, "verify", url)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"chunk {idx}" in r.stdout and name in r.stdout
+    e = one_line_error(fx(fresh, "extract", url, "--block", blk["name"],
+                          "-o", str(tmp_path / "x.raw")))
+    assert "does not" in e and name in e
+    assert not (tmp_path / "x.raw").exists()
+    # a re-save repairs it (the damaged object's size differs: uploaded again)
+    assert fx(env, "convert", str(img), url).returncode == 0
+    assert fx(fresh, "verify", url).returncode == 0
+
+
+def test_server_restart_during_restore(s3: Seaweed, accel: str, tmp_path: Path,
+                                       socks: Path, shm_dir: Path) -> None:  # noqa: F811
+    """The server is killed and started again while a full restore reads chunks: the
+    requests are retried and the restored RAM equals the saved one."""
+    qemu = find_qemu("10")
+    env = host(s3, tmp_path, "h", FIXEDRAM_S3_RETRY_SECONDS="20")
+    url = f"s3://{BUCKET}/restart/vm"
+    dumps = shm_dir / "s3-restart"
+    dumps.mkdir()
+    src = source(qemu, tmp_path, socks, accel, mem="512M", append="mib=160 rate=32 hb=100")
+    with src:
+        src.wait_heartbeat(gen_at_least=1)
+        ok(env, "save", "--qmp", str(socks / "src-ctl.qmp"), url, "--via", "proxy")
+        src_mem = src.pmemsave(dumps / "src.mem")
+    dst = destination(src, socks, "dst")
+    with dst:
+        p = subprocess.Popen([sys.executable, "-m", "fixedram", "restore", "--qmp",
+                              str(socks / "dst-ctl.qmp"), url, "--paused", "--json"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cache = tmp_path / "h" / "cache"
+        deadline = time.monotonic() + 60
+        while len(list(cache.glob("*/*"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)  # the meta chunk and the first asked for: it reads pages
+        os.kill(p.pid, signal.SIGSTOP)
+        try:
+            assert p.poll() is None, "the restore ended before the server was stopped"
+            s3.stop()
+        finally:
+            os.kill(p.pid, signal.SIGCONT)
+        time.sleep(1.0)  # its requests fail and are retried meanwhile
+        s3.start()
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        assert json.loads(out)["pages"] > 160 * 256
+        assert same_ram(src_mem, dst.pmemsave(dumps / "dst.mem"), accel) == []
+
+
+def _write_random_image(path: Path) -> None:
+    """A mapped-ram image with 192 MiB of incompressible data (uploads for a while)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from synth_images import write_mapped_image
+
+    blob = os.urandom(192 << 20)
+    pages = {i: blob[i * 4096 : (i + 1) * 4096] for i in range(49152)}
+    write_mapped_image(path, {"pc.ram": 256 << 20}, {"pc.ram": pages})
+
+
+def _get(sw: Seaweed, url: str) -> bytes:
+    bucket, key = url[5:].split("/", 1)
+    return sw.client().get_object(Bucket=bucket, Key=key)["Body"].read()  # type: ignore[no-any-return]
+
+
+def _put(sw: Seaweed, url: str, data: bytes) -> None:
+    bucket, key = url[5:].split("/", 1)
+    sw.client().put_object(Bucket=bucket, Key=key, Body=data)
+
+
+# -- gc -------------------------------------------------------------------------------------
+
+#: Grace period of the gc tests' buckets (seconds): long enough for their small uploads to
+#: finish within half of it, short enough to wait for.
+GC_GRACE = "8"
+PIECE = 4 << 20  # one chunk
+
+
+def _chunked_image(path: Path, pieces: list[bytes]) -> dict[int, bytes]:
+    """A mapped-ram image whose chunk ``k`` holds ``pieces[k]``; returns its pages."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from synth_images import write_mapped_image
+
+    pages = {k * 1024 + i: p[i * 4096 : (i + 1) * 4096]
+             for k, p in enumerate(pieces) for i in range(1024)}
+    write_mapped_image(path, {"pc.ram": 128 << 20}, {"pc.ram": pages})
+    return pages
+
+
+def _chunk_keys(sw: Seaweed, url: str) -> set[str]:
+    """The chunk keys the manifest at ``url`` names (its meta chunk included)."""
+    man = json.loads(_get(sw, url))
+
+    def key(name: str, codec: str) -> str:
+        return f".fixedram/chunks/{name}" + (".zst" if codec == "zstd" else "")
+
+    return {key(man["meta"]["name"], man["meta"]["codec"])} | {
+        key(n, c) for b in man["blocks"] for _, n, c, _ in b["chunks"]}
+
+
+def _stored_chunks(sw: Seaweed, bucket: str) -> set[str]:
+    pages = sw.client().get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=".fixedram/chunks/")
+    return {o["Key"] for p in pages for o in p.get("Contents", [])}
+
+
+def _same_pages(env: dict[str, str], url: str, pages: dict[int, bytes], out: Path) -> None:
+    """``url`` verifies (every chunk fetched from the store) and holds exactly ``pages``."""
+    fresh = dict(env, FIXEDRAM_CHUNK_CACHE="off")
+    r = fx(fresh, "verify", url)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = fx(fresh, "extract", url, "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    raw = out.read_bytes()
+    want = bytearray(len(raw))
+    for i, p in pages.items():
+        want[i * 4096 : (i + 1) * 4096] = p
+    assert raw == want
+
+
+def test_gc_deletes_old_unreferenced_chunks(s3: Seaweed, tmp_path: Path) -> None:
+    """gc deletes the chunks no manifest names once older than the grace period; chunks a
+    manifest names, and unreferenced ones younger than the grace period, stay; the images
+    are whole afterwards."""
+    bucket = "fixedram-gc"
+    s3.client().create_bucket(Bucket=bucket)
+    env = host(s3, tmp_path, "h")
+    assert "whole bucket" in one_line_error(fx(env, "gc", f"s3://{bucket}/a"))
+    ok(env, "gc", f"s3://{bucket}", "--grace", GC_GRACE)
+    p = [os.urandom(PIECE) for _ in range(5)]
+    a_pages = _chunked_image(tmp_path / "a.img", [p[0], p[1]])
+    _chunked_image(tmp_path / "b.img", [p[0], p[2], p[3]])
+    c_pages = _chunked_image(tmp_path / "c.img", [p[4]])
+    a, b = f"s3://{bucket}/a", f"s3://{bucket}/b"
+    for img, url in (("a.img", a), ("b.img", b)):
+        assert fx(env, "convert", str(tmp_path / img), url).returncode == 0
+    first_b = _chunk_keys(s3, b)
+    assert fx(env, "convert", str(tmp_path / "c.img"), b).returncode == 0  # replaces b
+    used = _chunk_keys(s3, a) | _chunk_keys(s3, b)
+    gone = first_b - used  # b's first chunks that no manifest names any more
+    assert len(gone) >= 2  # p[2] and p[3] at least (p[0] is a's too)
+    time.sleep(float(GC_GRACE) + 0.5)  # every chunk so far is older than the grace period
+    young = f".fixedram/chunks/{'f' * 32}"
+    s3.client().put_object(Bucket=bucket, Key=young, Body=b"an unreferenced young chunk")
+    dry = ok(env, "gc", f"s3://{bucket}", "--dry-run")
+    assert dry["deleted"] == len(gone) and _stored_chunks(s3, bucket) == used | gone | {young}
+    rep = ok(env, "gc", f"s3://{bucket}")
+    assert rep["manifests"] == 2 and rep["deleted"] == len(gone) and rep["young"] == 1
+    assert rep["referenced"] == len(used)
+    assert _stored_chunks(s3, bucket) == used | {young}
+    _same_pages(env, a, a_pages, tmp_path / "a.raw")
+    _same_pages(env, b, c_pages, tmp_path / "b.raw")
+
+
+def test_gc_during_save(s3: Seaweed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gc runs while a save uploads, and the old unreferenced chunks it may delete include
+    chunks of the image being saved: the save does not rely on them (it uploads chunks
+    older than half the grace period again), so its image is whole afterwards."""
+    bucket = "fixedram-gc-save"
+    s3.client().create_bucket(Bucket=bucket)
+    env = host(s3, tmp_path, "h", FIXEDRAM_CHUNK_CACHE="off")
+    ok(env, "gc", f"s3://{bucket}", "--grace", GC_GRACE)
+    p = [os.urandom(PIECE) for _ in range(24)]
+    _chunked_image(tmp_path / "old.img", p[:4])
+    old = f"s3://{bucket}/old"
+    assert fx(env, "convert", str(tmp_path / "old.img"), old).returncode == 0
+    s3.client().delete_object(Bucket=bucket, Key="old")  # its chunks: unreferenced
+    time.sleep(float(GC_GRACE) + 0.5)  # ... and older than the grace period
+    before = _stored_chunks(s3, bucket)
+    new_pages = _chunked_image(tmp_path / "new.img", p)  # the old chunks and 20 more
+    new = f"s3://{bucket}/new"
+    save = subprocess.Popen([sys.executable, "-m", "fixedram", "convert",
+                             str(tmp_path / "new.img"), new], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (_stored_chunks(s3, bucket) - before) and time.monotonic() < deadline:
+        time.sleep(0.005)  # until the save stored a new chunk: it looked at the old ones
+    save.send_signal(signal.SIGSTOP)
+    try:
+        assert save.poll() is None, "the save ended before gc could run"
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        rep = collect_garbage(f"s3://{bucket}")  # while the save is under way
+    finally:
+        save.send_signal(signal.SIGCONT)
+    _, err = save.communicate(timeout=120)
+    assert save.returncode == 0, err
+    assert rep.manifests == 0  # the save's manifest was not written yet
+    ok(env, "gc", f"s3://{bucket}")  # and once more after it
+    _same_pages(env, new, new_pages, tmp_path / "new.raw")
