@@ -487,6 +487,20 @@ def test_stream_cut(where: str, legacy_stream: bytes, tmp_path: Path) -> None:
     assert leftovers(tmp_path, set()) == []
 
 
+def _wait_catching_sigterm(pid: int, timeout: float = 60) -> None:
+    """Wait until process ``pid`` catches SIGTERM (``SigCgt`` in /proc), which ``fixedram
+    receive`` arranges first thing: a signal sent earlier would meet Python's default."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = Path(f"/proc/{pid}/status").read_text()
+        caught = int(next(ln.split()[1] for ln in status.splitlines()
+                          if ln.startswith("SigCgt:")), 16)
+        if caught & 1 << (15 - 1):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} did not set up its SIGTERM handler in {timeout} s")
+
+
 @pytest.mark.qemu
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
 @pytest.mark.parametrize("where", ["early", "mid-pages", "vmdesc"])
@@ -500,6 +514,7 @@ def test_receiver_killed(where: str, sig: str, legacy_stream: bytes, tmp_path: P
     assert proc.stdin is not None
     proc.stdin.write(legacy_stream[:cut])
     proc.stdin.flush()
+    _wait_catching_sigterm(proc.pid)  # its handler is in place: the command has started
     time.sleep(0.5)  # let it process what it got
     proc.send_signal(getattr(__import__("signal"), sig))
     _, err = proc.communicate(timeout=30)

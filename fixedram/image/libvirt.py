@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fixedram.errors import ImageError
+from fixedram.io.objstore import is_object_url
 
 __all__ = [
     "MAGIC",
@@ -270,7 +271,10 @@ def decompress_payload(fd: int, header: LibvirtHeader, where: str = "image") -> 
 
 def header_of(path: str | os.PathLike[str]) -> LibvirtHeader | None:
     """The libvirt header of the file ``path`` (checked as :func:`read_header` does), or
-    None when the file does not start with a libvirt magic."""
+    None when the file does not start with a libvirt magic or ``path`` names an object
+    (``s3://``: object images are never libvirt images)."""
+    if is_object_url(path):
+        return None
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as e:
