@@ -82,9 +82,9 @@ def _clean(what: str, fn: Callable[[], Any]) -> Any:
 
 def _cli(runner: CliRunner, args: list[str]) -> int:
     """Run one command in-process: exit 0, or 2 with exactly one error line."""
-    from fixedram.cli import _load_commands, cli
+    from fixedram.commands import cli, load_commands
 
-    _load_commands()
+    load_commands()
     t0 = time.monotonic()
     res = runner.invoke(cli, args, catch_exceptions=True)
     _timed(f"fixedram {args[0]}", t0)

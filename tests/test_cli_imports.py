@@ -37,9 +37,9 @@ def cli_modules(*args: str) -> set[str]:
 def test_every_command_module_registers_its_command() -> None:
     from click import Context
 
-    from fixedram.cli import _load_commands, cli
+    from fixedram.commands import cli, load_commands
 
-    _load_commands()
+    load_commands()
     names = cli.list_commands(Context(cli))
     assert {"analyze", "extract", "save", "restore", "send", "receive", "verify", "convert",
             "demo"} <= set(names)
@@ -111,4 +111,45 @@ def test_runtime_modules_do_not_import_the_test_support() -> None:
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             offenders += [f"{path.relative_to(REPO)}: {n}" for n in names
                           if n == "fixedram.testing" or n.startswith("fixedram.testing.")]
+    assert not offenders, offenders
+
+
+#: The package's layers, lowest first: a module imports only from its own layer or below.
+LAYERS = [
+    {"errors", "units", "log", "_lazy", "faults"},
+    {"stream", "io", "versions"},  # versions: the QEMU-version rules, over the stream format
+    {"image"},
+    {"endpoint"},
+    {"qmp"},
+    {"commands", "demo"},  # demo: the demo command's body
+    {"cli", "__main__"},
+]
+
+
+def _layer(module: str) -> int:
+    top = module.split(".")[1]
+    return next(i for i, names in enumerate(LAYERS) if top in names)
+
+
+def test_layers_import_only_downward() -> None:
+    """codec and io -> image -> endpoint -> orchestration (qmp) -> commands -> cli: no module
+    imports from a layer above its own, at module level or inside a function
+    (``fixedram.testing`` is test support and stands apart)."""
+    import ast
+
+    pkg = REPO / "fixedram"
+    offenders = []
+    for path in sorted(pkg.rglob("*.py")):
+        rel = path.relative_to(REPO).with_suffix("")
+        if path == pkg / "__init__.py" or (pkg / "testing") in path.parents:
+            continue
+        me = ".".join(rel.parts if rel.name != "__init__" else rel.parts[:-1])
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for n in names:
+                if not n.startswith("fixedram.") or n.startswith("fixedram.testing"):
+                    continue
+                if _layer(n) > _layer(me):
+                    offenders.append(f"{me} imports {n}")
     assert not offenders, offenders

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from fixedram.cli import _load_commands, cli
+from fixedram.commands import cli, load_commands
 from fixedram.commands.convert import convert
 from fixedram.endpoint.receive import Receiver
 from fixedram.errors import EndpointError, FixedramError, ImageError, StreamError
@@ -67,7 +67,7 @@ def stream(blocks: list[tuple[str, int]], body: list[Record] | None = None, *,
 
 
 def cli_run(*args: str) -> tuple[int, str]:
-    _load_commands()
+    load_commands()
     r = CliRunner().invoke(cli, list(args))
     assert r.exception is None or isinstance(r.exception, SystemExit), r.exc_info
     return r.exit_code, r.stderr

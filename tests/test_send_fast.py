@@ -330,9 +330,9 @@ def test_cli_direct_io_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     same stream; ``--require-direct-io`` fails with one line and sends nothing."""
     from click.testing import CliRunner
 
-    from fixedram.cli import _load_commands, cli
+    from fixedram.commands import cli, load_commands
 
-    _load_commands()
+    load_commands()
     path = tmp_path / "legacy.stream"
     _legacy_stream(path)
     runner = CliRunner()

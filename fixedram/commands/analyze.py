@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from fixedram.cli import cli, one_line_errors
+from fixedram.commands import cli, one_line_errors
 
 __all__ = ["analyze_cmd"]
 

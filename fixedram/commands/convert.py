@@ -21,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from fixedram.cli import cli, one_line_errors
+from fixedram.commands import cli, one_line_errors
 from fixedram.endpoint.send import send
 from fixedram.errors import FixedramError, ImageError, printable
 from fixedram.image.libvirt import is_libvirt, read_domain_xml

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from fixedram.cli import cli, one_line_errors
+from fixedram.commands import cli, one_line_errors
 
 __all__ = ["demo_command"]
 

@@ -11,7 +11,7 @@ import json
 
 import click
 
-from fixedram.cli import cli, one_line_errors
+from fixedram.commands import cli, one_line_errors
 
 __all__ = ["gc_cmd"]
 

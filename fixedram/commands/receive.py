@@ -27,7 +27,7 @@ from types import FrameType
 
 import click
 
-from fixedram.cli import cli, direct_io_options, direct_mode, one_line_errors
+from fixedram.commands import cli, direct_io_options, direct_mode, one_line_errors
 from fixedram.endpoint.receive import MAX_CHANNELS, ReceiveReport
 from fixedram.errors import EndpointError, FixedramError
 from fixedram.image.libvirt import read_domain_xml

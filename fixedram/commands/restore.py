@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from fixedram.cli import cli, direct_io_options, direct_mode, one_line_errors
+from fixedram.commands import cli, direct_io_options, direct_mode, one_line_errors
 from fixedram.commands.save import parse_rate, show_progress
 from fixedram.units import format_size
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from fixedram.cli import cli, one_line_errors
+from fixedram.commands import cli, one_line_errors
 from fixedram.units import format_size
 
 __all__ = ["parse_rate", "save_command", "show_progress"]

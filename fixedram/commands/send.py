@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import click
 
-from fixedram.cli import cli, direct_io_options, direct_mode, one_line_errors
+from fixedram.commands import cli, direct_io_options, direct_mode, one_line_errors
 from fixedram.errors import EndpointError
 from fixedram.io.channel import Channel, FdChannel, connect, from_fd
 from fixedram.units import format_size

@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from fixedram.cli import cli, one_line_errors
+from fixedram.commands import cli, one_line_errors
 from fixedram.errors import ImageError, printable
 
 __all__ = ["verify_cmd"]
