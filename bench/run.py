@@ -443,7 +443,8 @@ def main() -> None:
         for i in range(args.repeat):
             print(f"bench: {name} ({i + 1}/{args.repeat}) ...", file=sys.stderr)
             runs.append(bench_target(name, dirs[name], args, qemu, accel, kernel))
-            shutil.rmtree(dirs[name], ignore_errors=True)
+            if not args.keep:
+                shutil.rmtree(dirs[name], ignore_errors=True)
         res["targets"].append(median_of(runs))
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)

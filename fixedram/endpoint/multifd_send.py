@@ -45,8 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import os
-import select
 import socket
 import struct
 import termios
@@ -75,13 +73,13 @@ from fixedram.endpoint.source import (
     stream_head,
     stream_tail,
 )
-from fixedram.errors import EndpointError, FixedramError, ImageError, MismatchError
+from fixedram.errors import EndpointError, FixedramError, MismatchError
 from fixedram.image import Image
 from fixedram.image.checksum import digests_of
 from fixedram.image.layout import index_runs
 from fixedram.image.reader import BlockInfo, DirectIO
 from fixedram.image.sections import ram_section_id
-from fixedram.io.channel import SocketChannel, connect, writev_all
+from fixedram.io.channel import SocketChannel, connect, sendfile_all, writev_all
 from fixedram.io.files import aligned_buffer
 from fixedram.stream import SectionPart, StreamEncoder, encode
 from fixedram.stream.format import (
@@ -220,31 +218,6 @@ def _packets(runs: Iterable[tuple[int, int]]) -> Iterator[np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _sendfile_all(sock: socket.socket, fd: int, offset: int, count: int) -> int:
-    """Send ``count`` bytes of file ``fd`` from ``offset`` (``sendfile``: page-cache pages
-    go to the socket without a copy through fixedram). Waits at most the socket's timeout
-    for room; :class:`TimeoutError` after that, :class:`ImageError` if the file ends."""
-    out = sock.fileno()
-    done = 0
-    poller: select.poll | None = None
-    while done < count:
-        try:
-            n = os.sendfile(out, fd, offset + done, count - done)
-        except BlockingIOError:
-            if poller is None:
-                poller = select.poll()
-                poller.register(out, select.POLLOUT)
-            timeout = sock.gettimeout()
-            if not poller.poll(None if timeout is None else int(timeout * 1000)):
-                raise TimeoutError from None
-            continue
-        if n == 0:
-            raise ImageError(f"image ends at byte {offset + done}, expected page data up to "
-                             f"byte {offset + count}", offset + done)
-        done += n
-    return done
-
-
 def _outq(sock: socket.socket) -> int:
     """Bytes written to ``sock`` that the peer has not consumed yet (``SIOCOUTQ``).
 
@@ -381,7 +354,8 @@ class _ChannelThread(threading.Thread):
         img = self.img
         n = writev_all(self.sock.sendmsg, [self.hdr])
         for _, first, k in runs:
-            n += _sendfile_all(self.sock, img.fileno(), img.page_offset(name, first), k * PS)
+            n += sendfile_all(self.sock.fileno(), img.fileno(), img.page_offset(name, first),
+                              k * PS, self.sock.gettimeout())
         return n
 
     def _run(self) -> None:
