@@ -29,10 +29,11 @@ the destination's QEMU version when known):
   data of guest RAM are not sent at all, and those of small blocks go as ZERO records on
   the main connection whatever the mode.
 
-A packet of a buffered mapped-ram image without checksums goes out as its header and then
-each run of its pages by ``sendfile`` from the image (page-cache pages handed to the
-socket, no copy through fixedram); pages that are checked against the image's checksums
-are read into the packet buffer once, digested there and sent from it.
+A packet of a buffered mapped-ram image goes out as its header and then each run of its
+pages by ``sendfile`` from the image (page-cache pages handed to the socket, no copy
+through fixedram); pages that are checked against the image's checksums are first read
+into the packet buffer and digested there (a legacy stream image, or one read with
+O_DIRECT, is read into the buffer and sent from it).
 
 The device state is written only after every channel's data (and its last SYNC) has
 been read by the destination (the socket's output queue is empty): a QEMU that does not
@@ -349,6 +350,15 @@ class _ChannelThread(threading.Thread):
                 self._check(check, name, first, view)
         return writev_all(self.sock.sendmsg, [self.hdr, data])
 
+    def _read_check(self, name: str, nn: int, runs: Sequence[tuple[int, int, int]],
+                    check: PageCheck) -> None:
+        """Read the packet's pages into its buffer (one read per run) and check them."""
+        data = self.payload[: nn * PS]
+        for slot, first, k in runs:
+            view = data[slot * PS : (slot + k) * PS]
+            self.img.read_into(name, first, view)
+            self._check(check, name, first, view)
+
     def _send_file(self, name: str, runs: Sequence[tuple[int, int, int]]) -> int:
         """The packet header, then each run straight from the file (``sendfile``)."""
         img = self.img
@@ -372,9 +382,14 @@ class _ChannelThread(threading.Thread):
                                zero=pkt.zero * PS, packet_num=num)
             check = st.check if nn else None
             runs = index_runs(pkt.normal)
-            # pages to check must be read anyway: into the buffer they are sent from
-            # (measured: hashing through a mapping of the file, then sendfile, costs more)
-            if self.zero_copy and check is None and len(runs) <= _SENDFILE_RUNS:
+            # pages to check are read into the packet buffer and digested there, then
+            # sent from the file, now in the page cache: the socket's copy is saved
+            # (bench.endpoint, 1.5 GiB on tmpfs, 2 channels: system time 0.41 -> 0.35 s per
+            # GiB). Hashing through a mapping of the file instead of reading costs more:
+            # mapping and unmapping 4 KiB page-cache pages costs about what copying them does
+            if self.zero_copy and len(runs) <= _SENDFILE_RUNS:
+                if check is not None:
+                    self._read_check(blk.name, nn, runs, check)
                 n = self._send_file(blk.name, runs)
             else:
                 n = self._send_read(blk.name, nn, runs, check)
