@@ -19,7 +19,13 @@ straight into the page slots of a buffer laid out as ``header|page|header|pageâ€
 numpy assignment writes the headers (:class:`~fixedram.stream.encoder.PageRecords`), and
 the piece goes out as one buffer; runs of zero pages are encoded as one numpy array. No
 Python runs per page. With ``direct_io`` pages are read through an O_DIRECT descriptor (no
-page cache). :func:`validate` makes every check that can refuse the image before the first byte goes
+page cache). A legacy stream image holds its pages as the records the stream carries
+(header, page, header, page...): where the channel writes to a descriptor, each stretch of
+such records goes out from the file by ``sendfile`` after a header of ours for its first
+(:meth:`~fixedram.stream.StreamEncoder.stored_page_records`), with no copy through
+fixedram. A mapped-ram image is still read into record buffers: measured, sending its
+pages from a mapping of the file cost more CPU than reading them (mapping and unmapping
+4 KiB page-cache pages costs about what copying them does). :func:`validate` makes every check that can refuse the image before the first byte goes
 out: QEMU stops at the first inconsistency and cannot be reused after a failed load.
 """
 
