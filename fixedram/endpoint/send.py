@@ -25,7 +25,9 @@ such records goes out from the file by ``sendfile`` after a header of ours for i
 (:meth:`~fixedram.stream.StreamEncoder.stored_page_records`), with no copy through
 fixedram. A mapped-ram image is still read into record buffers: measured, sending its
 pages from a mapping of the file cost more CPU than reading them (mapping and unmapping
-4 KiB page-cache pages costs about what copying them does). :func:`validate` makes every check that can refuse the image before the first byte goes
+4 KiB page-cache pages costs about what copying them does).
+
+:func:`validate` makes every check that can refuse the image before the first byte goes
 out: QEMU stops at the first inconsistency and cannot be reused after a failed load.
 """
 
