@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from fixedram.image import Image, open_image
 from fixedram.image import reader as reader_mod
 from fixedram.image.reader import PageSlots
 from fixedram.image.sections import ram_section_id
+from fixedram.io.channel import Channel, FdChannel, SocketChannel
 from fixedram.qmp.client import QMP
 from fixedram.qmp.restore import restore
 from fixedram.stream import (
@@ -96,6 +99,39 @@ def reference_stream(img: Image, fresh: bool = True) -> bytes:
     out += [encode(SectionEnd(sid)), encode(EndOfSection()), encode(SectionFooter(sid)),
             img.device_state, encode(EndOfFile()), encode(VMDescription(img.vmdesc or b""))]
     return b"".join(out)
+
+
+def wire_stream(img: Image, how: str, fresh: bool = True) -> bytes:
+    """What ``send()`` writes through a real descriptor (``how``: a unix socket or a pipe,
+    read by a thread): where the channel has one, page data may go out from the file itself
+    (a legacy stream's stored records by sendfile) rather than through buffers."""
+    if how == "socket":
+        a, b = socket.socketpair()
+        ch: Channel = SocketChannel(a)
+        rd, keep = b.fileno(), [a, b]
+    else:
+        r, w = os.pipe()  # the channel reads nothing back (/dev/null), the thread reads r
+        ch, rd, keep = FdChannel(os.open(os.devnull, os.O_RDONLY), w), r, []
+    out = bytearray()
+
+    def drain() -> None:
+        while chunk := os.read(rd, 1 << 20):
+            out.extend(chunk)
+        if how == "socket":  # as a destination does at the end: the sender stops waiting
+            keep[1].shutdown(socket.SHUT_RDWR)
+
+    t = threading.Thread(target=drain)
+    t.start()
+    try:
+        send(img, ch, fresh=fresh)
+    finally:
+        t.join(30)
+        ch.close()
+        for s in keep:
+            s.close()
+        if how == "pipe":
+            os.close(rd)
+    return bytes(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,6 +259,16 @@ def test_stream_image_gather(tmp_path: Path, direct: bool) -> None:
             ch = MemoryChannel()
             send(img, ch, fresh=False)
             assert bytes(ch.data) == reference_stream(img, fresh=False)
+            # through descriptors: buffered, the stored records go out by sendfile
+            for how in ("socket", "pipe"):
+                for fresh in (True, False):
+                    assert wire_stream(img, how, fresh) == reference_stream(img, fresh), how
+            for first, n in img.runs("pc.ram"):  # stretches of stored records cover each run
+                spans = img.record_spans("pc.ram", first, n)
+                assert spans is not None and sum(k for _, k, _ in spans) == n
+                assert [p for p, _, _ in spans] == sorted({p for p, _, _ in spans})
+            with pytest.raises(FixedramError, match="do not all hold data"):
+                img.record_spans("pc.ram", 0, 300)  # page 7 was zeroed again
     finally:
         shutil.rmtree(disk, ignore_errors=True)
 
@@ -279,6 +325,9 @@ def test_stream_equals_record_framing(qemu_image: Callable[[Any], Any], disk_dir
             report = send(path, ch, direct_io=direct, fresh=fresh)
             assert report.direct_io == bool(direct)
             assert bytes(ch.data) == want[fresh], (direct, fresh)
+    with open_image(path) as img:  # through a socket: a legacy stream's records by sendfile
+        for fresh in (True, False):
+            assert wire_stream(img, "socket", fresh) == want[fresh], fresh
 
 
 @pytest.mark.qemu

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,13 +25,15 @@ import pytest
 from qemu_images import ImageSpec
 from test_send import _check_runs_on, _compare_ram
 from test_send_fast import _cached_fraction, _drop_from_cache
+from test_verify import a_present_page, flip, synth
 
 from fixedram.commands.convert import convert
 from fixedram.endpoint.multifd_send import (
     check_multifd_settings,
     send_multifd,
 )
-from fixedram.errors import EndpointError, MismatchError
+from fixedram.errors import EndpointError, ImageError, MismatchError
+from fixedram.image import open_image
 from fixedram.qmp.destination import query_multifd_dest
 from fixedram.stream import StreamEncoder
 from fixedram.stream.multifd import (
@@ -313,3 +317,47 @@ def test_send_channels_direct_io(qemu_image: Callable[[Any], Any], shm_dir: Path
             _check_runs_on(dst, case)
     finally:
         shutil.rmtree(disk, ignore_errors=True)
+
+
+def test_bad_extent_stops_multifd_before_device_state(tmp_path: Path) -> None:
+    """Pages checked against the image's checksums while the channels send them by
+    sendfile: a flipped byte makes send_multifd fail naming the extent, and the main
+    connection never carries the device state (the destination's load cannot complete)."""
+    img = synth(tmp_path / "s.mr")
+    _, at = a_present_page(img, nth=1)  # in the run of pages 0-2: one sendfile
+    flip(img, at + 17)
+    with open_image(img) as im:
+        device = im.device_state
+    addr = tmp_path / "mig.sock"
+    lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lst.bind(str(addr))
+    lst.listen(8)
+    got: list[bytearray] = []
+
+    def drain() -> None:  # main connection first, then the channels; each read to its end
+        conns = [lst.accept()[0] for _ in range(3)]
+        threads = [threading.Thread(target=_read_all, args=(c, got)) for c in conns]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+
+    t = threading.Thread(target=drain)
+    t.start()
+    with pytest.raises(ImageError, match="refusing to complete the restore") as err:
+        send_multifd(img, f"unix:{addr}", 2, uuid=bytes(16), zero="packet", sync="flush")
+    # the one extent with the flip, the others checked good (pages never checked would
+    # count as zero pages, and their extents as bad too)
+    assert "'pc.ram' offset 0x0" in str(err.value) and "more extents" not in str(err.value)
+    t.join(30)
+    lst.close()
+    assert len(got) == 3 and sum(map(len, got)) > 3 * PS
+    assert all(device not in bytes(b) for b in got)
+
+
+def _read_all(conn: socket.socket, into: list[bytearray]) -> None:
+    buf = bytearray()
+    while chunk := conn.recv(1 << 20):
+        buf += chunk
+    conn.close()
+    into.append(buf)

@@ -19,7 +19,15 @@ straight into the page slots of a buffer laid out as ``header|page|header|pageâ€
 numpy assignment writes the headers (:class:`~fixedram.stream.encoder.PageRecords`), and
 the piece goes out as one buffer; runs of zero pages are encoded as one numpy array. No
 Python runs per page. With ``direct_io`` pages are read through an O_DIRECT descriptor (no
-page cache). :func:`validate` makes every check that can refuse the image before the first byte goes
+page cache). A legacy stream image holds its pages as the records the stream carries
+(header, page, header, page...): where the channel writes to a descriptor, each stretch of
+such records goes out from the file by ``sendfile`` after a header of ours for its first
+(:meth:`~fixedram.stream.StreamEncoder.stored_page_records`), with no copy through
+fixedram. A mapped-ram image is still read into record buffers: measured, sending its
+pages from a mapping of the file cost more CPU than reading them (mapping and unmapping
+4 KiB page-cache pages costs about what copying them does).
+
+:func:`validate` makes every check that can refuse the image before the first byte goes
 out: QEMU stops at the first inconsistency and cannot be reused after a failed load.
 """
 
@@ -52,14 +60,14 @@ from fixedram.endpoint.source import (
     stream_head,
     stream_tail,
 )
-from fixedram.errors import MismatchError
+from fixedram.errors import EndpointError, MismatchError
 from fixedram.image import Image
 from fixedram.image.check import require_restorable
 from fixedram.image.reader import READ_CHUNK, BlockInfo, DirectIO, PageSlots
 from fixedram.image.sections import ram_section_id
-from fixedram.io.channel import Buffer, Channel
+from fixedram.io.channel import Buffer, Channel, sendfile_all, write_fd
 from fixedram.stream import SectionPart, StreamEncoder, encode
-from fixedram.stream.encoder import PageRecords
+from fixedram.stream.encoder import FileRange, PageRecords
 from fixedram.stream.format import TARGET_PAGE_SIZE
 from fixedram.units import format_size
 from fixedram.versions import wants_switchover_start
@@ -87,6 +95,8 @@ _SMALL_PIECE = 64 << 10
 _ZERO_PIECE = 1 << 16
 #: Flush batched buffers once they hold this many bytes.
 _BATCH_BYTES = 1 << 20
+#: Most pages of a legacy stream image looked up at once for records sent as they are stored.
+_STORED_PIECE = 1 << 16
 
 @dataclass(frozen=True)
 class SendReport:
@@ -217,6 +227,8 @@ class _Sender:
     def __init__(self, channel: Channel, pages_total: int,
                  progress: Callable[[SendStats], None] | None) -> None:
         self.channel = channel
+        #: where data that bypasses the batch goes (-1: the channel takes buffers only)
+        self.fd = write_fd(channel)
         self.pending: list[Buffer] = []
         self.pending_bytes = 0
         self.bytes_sent = 0
@@ -243,6 +255,24 @@ class _Sender:
     def maybe_flush(self) -> None:
         if self.pending_bytes >= _BATCH_BYTES or len(self.pending) >= 1024:
             self.flush()
+
+    def _drain(self) -> None:
+        """Write the batched buffers (before data that does not go through the batch)."""
+        if self.pending:
+            self.channel.sendv(self.pending)
+            self.bytes_sent += self.pending_bytes
+            self.pending = []
+            self.pending_bytes = 0
+
+    def send_file(self, fd: int, rng: FileRange) -> None:
+        """Send a range of the image file as it is (after the batched buffers)."""
+        faults.point("send-pages")
+        self._drain()
+        try:
+            self.bytes_sent += sendfile_all(self.fd, fd, rng.offset, rng.length)
+        except (BrokenPipeError, ConnectionResetError):
+            raise EndpointError("the peer closed the connection") from None
+        self.progress.tick()
 
     def stats(self) -> SendStats:
         return SendStats(self.bytes_sent, self.pages_sent, self.zero_pages, self.pages_total,
@@ -307,9 +337,13 @@ class _PieceReader:
     read-ahead (``readers`` > 1, :func:`_pieces`) or, for an image read with O_DIRECT, the
     next piece read in a thread meanwhile into a second buffer."""
 
-    def __init__(self, img: Image, readers: int) -> None:
+    def __init__(self, img: Image, readers: int, zero_copy: bool = False) -> None:
         self.img = img
         self.depth = readers - 1
+        # zero_copy (the channel writes to a descriptor): a legacy stream's records go out
+        # as the file stores them, by sendfile
+        self.stored = (zero_copy and img.format == "stream" and not img.direct
+                       and img.fileno() >= 0)
         # O_DIRECT reads wait for the disk: read the next piece in a thread meanwhile, into
         # a second record buffer (a buffered image has kernel read-ahead instead)
         self.pool = (ThreadPoolExecutor(1, thread_name_prefix="fixedram-read") if img.direct
@@ -382,6 +416,45 @@ def _send_block(out: _Sender, enc: StreamEncoder, reader: _PieceReader, blk: Blo
     one numpy header assignment and one write per piece), ZERO records for the gaps unless
     ``skip``."""
     out.add([encode(SectionPart(sid))])
+    if reader.stored:
+        cursor = _send_stored(out, enc, reader, blk, skip)
+    else:
+        cursor = _send_read(out, enc, reader, blk, check, skip)
+    if check is not None:  # a bad extent stops the stream before the device state
+        check.block_done(blk.name)
+    if cursor < blk.npages:
+        _zeros(out, enc, blk.name, cursor, blk.npages, skip)
+    out.add(part_end(sid))
+    out.maybe_flush()
+
+
+def _send_stored(out: _Sender, enc: StreamEncoder, reader: _PieceReader, blk: BlockInfo,
+                 skip: bool) -> int:
+    """The runs of pages of a legacy stream image's block: where the file holds them as
+    consecutive records they go out as stored (``sendfile``), after a header of ours for
+    the first. Returns the page after the last run."""
+    img = reader.img
+    fd = img.fileno()
+    cursor = 0
+    for first, npages in split_runs(img.runs(blk.name), _STORED_PIECE):
+        if first > cursor:
+            _zeros(out, enc, blk.name, cursor, first, skip)
+        for p, k, pos in img.record_spans(blk.name, first, npages) or ():
+            head, rng = enc.stored_page_records(blk.name, p * PS, k, pos)
+            assert isinstance(rng, FileRange) and not isinstance(head, FileRange)
+            out.add([head])
+            out.send_file(fd, rng)
+            out.reads += 1
+        out.pages_sent += npages
+        cursor = first + npages
+    return cursor
+
+
+def _send_read(out: _Sender, enc: StreamEncoder, reader: _PieceReader, blk: BlockInfo,
+               check: PageCheck | None, skip: bool) -> int:
+    """The runs of pages of ``blk`` read piece by piece into record buffers (one read, one
+    numpy header assignment and one write per piece). Returns the page after the last
+    run."""
     cursor = 0
     for first, npages, (recs, slots), nreads in reader.pieces(blk.name):
         out.reads += nreads
@@ -400,12 +473,7 @@ def _send_block(out: _Sender, enc: StreamEncoder, reader: _PieceReader, blk: Blo
             out.maybe_flush()
         else:
             out.flush()  # the record buffer is reused by the next piece
-    if check is not None:  # a bad extent stops the stream before the device state
-        check.block_done(blk.name)
-    if cursor < blk.npages:
-        _zeros(out, enc, blk.name, cursor, blk.npages, skip)
-    out.add(part_end(sid))
-    out.maybe_flush()
+    return cursor
 
 
 def _send(img: Image, channel: Channel, readers: int,
@@ -420,7 +488,7 @@ def _send(img: Image, channel: Channel, readers: int,
     out = _Sender(channel, total // PS, progress)
     check = page_check(img)
     opened_direct = not img.direct and img.open_direct(direct_io)
-    reader = _PieceReader(img, readers)
+    reader = _PieceReader(img, readers, zero_copy=out.fd >= 0)
     drain = ReturnPathReader(channel)
     try:
         faults.point("send-setup")

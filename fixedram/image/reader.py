@@ -397,6 +397,15 @@ class Image:
         ``npages`` pages from there are contiguous in the file)."""
         raise ImageError("a legacy stream image has no fixed page offsets")
 
+    def record_spans(self, name: str, first_page: int,
+                     npages: int) -> list[tuple[int, int, int]] | None:
+        """Where pages ``[first_page, first_page + npages)`` of ``name`` (all holding data)
+        lie in the file as consecutive CONTINUE PAGE records, exactly as a stream carries
+        them: ``(first, n, offset)`` per stretch, ``offset`` being the file offset of page
+        ``first``'s data (each following page's 8-byte header and data come next). None
+        where the image does not keep pages as records (mapped-ram)."""
+        return None
+
     def read_slots(self, name: str, first_page: int, npages: int, slots: PageSlots) -> int:
         """Read pages ``[first_page, first_page + npages)`` of ``name`` into slots ``0..``.
 
@@ -617,6 +626,18 @@ class StreamImage(Image):
         assert 0 < npages <= slots.count
         return self._gather(self._where[name].get(first_page, npages), slots)
 
+    def record_spans(self, name: str, first_page: int,
+                     npages: int) -> list[tuple[int, int, int]] | None:
+        self.block(name)
+        where = self._where[name].get(first_page, npages)
+        if (where < 0).any():
+            raise ImageError(f"pages {first_page}..{first_page + npages} of RAM block "
+                             f"'{name}' do not all hold data")
+        starts = _record_breaks(where)
+        ends = [*starts[1:], len(where)]
+        return [(first_page + s, e - s, int(where[s])) for s, e in zip(starts, ends,
+                                                                        strict=True)]
+
     def _gather(self, where: np.ndarray, slots: PageSlots) -> int:
         """Fill slots with the pages stored at file offsets ``where`` (-1: zero page).
 
@@ -628,11 +649,7 @@ class StreamImage(Image):
         n = len(where)
         if not n:
             return 0
-        absent = where < 0
-        brk = np.ones(n, dtype=bool)
-        if n > 1:
-            brk[1:] = (np.diff(where) != _REC) | absent[1:] | absent[:-1]
-        starts = np.flatnonzero(brk).tolist()
+        starts = _record_breaks(where)
         reads = 0
         for s, e in zip(starts, [*starts[1:], n], strict=True):
             pos = int(where[s])
@@ -686,6 +703,17 @@ class PageIndex(SparseArray):
         self.reset(first, npages, free=True)
 
 
+def _record_breaks(where: np.ndarray) -> list[int]:
+    """Indices where a stretch of pages stored as consecutive records (``_REC`` bytes apart in
+    the file) begins; an absent page (-1) is a stretch of its own."""
+    n = len(where)
+    absent = where < 0
+    brk = np.ones(n, dtype=bool)
+    if n > 1:
+        brk[1:] = (np.diff(where) != _REC) | absent[1:] | absent[:-1]
+    return list(np.flatnonzero(brk).tolist())
+
+
 class _DirectRefused(Exception):
     """An O_DIRECT read failed with EINVAL (alignment the filesystem does not accept)."""
 
@@ -710,14 +738,14 @@ def _stage_size() -> int:
 
 def _walk(fd: int, base: int, size: int, index: bool) -> tuple[StreamDecoder, dict[str, Any]]:
     """Run the decoder over the file, seeking over mapped-ram regions."""
-    dec = StreamDecoder(base_offset=base, runs=True)
+    # views: page runs are decoded where they were read, never copied (only their place in
+    # the file is kept)
+    dec = StreamDecoder(base_offset=base, views=True)
     info: dict[str, Any] = {"blocks": {}, "commands": [], "device": None, "vmdesc": None,
                             "config": None, "where": {}, "sections": 0, "ram_id": None}
     where: dict[str, PageIndex] = info["where"]
     pos = base
     chunk = READ_CHUNK if index else METADATA_CHUNK
-    buf = bytearray(READ_CHUNK)
-    mv = memoryview(buf)
     while True:
         want = dec.next_offset
         if want != pos:
@@ -731,8 +759,13 @@ def _walk(fd: int, base: int, size: int, index: bool) -> tuple[StreamDecoder, di
         # such a boundary, so the decoder sees each block header (and skips the pages)
         # before a read could reach page data. Opening a mapped-ram image thus reads
         # metadata only, in small pieces since it is small and scattered.
-        n = os.preadv(fd, [mv[: min(chunk, READ_CHUNK - pos % READ_CHUNK)]], pos)
-        records = dec.feed(mv[:n]) if n else dec.feed_eof()
+        want = min(chunk, READ_CHUNK - pos % READ_CHUNK)
+        space = dec.recv_space(want)  # read straight into the decoder's buffer
+        n = os.preadv(fd, [space[:want]], pos)
+        del space
+        records = dec.feed_received(n)
+        if not n:
+            records += dec.feed_eof()
         pos += n
         for r in records:
             if isinstance(r, PageRun):

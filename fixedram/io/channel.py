@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from fixedram.errors import EndpointError
+from fixedram.errors import EndpointError, ImageError
 from fixedram.io.files import IOV_MAX, advance
 
 __all__ = [
@@ -31,6 +32,8 @@ __all__ = [
     "from_fd",
     "stdio",
     "writev_all",
+    "write_fd",
+    "sendfile_all",
 ]
 
 Buffer = bytes | bytearray | memoryview
@@ -185,6 +188,42 @@ class SinkChannel:
 
     def close(self) -> None:
         pass
+
+
+def write_fd(channel: Channel) -> int:
+    """The descriptor a channel writes to, for data sent without passing through a buffer
+    (``sendfile``, iovec arrays: :mod:`fixedram.io.zerocopy`); -1 for a channel that takes
+    buffers only (a sink)."""
+    if isinstance(channel, SocketChannel):
+        return channel.sock.fileno()
+    if isinstance(channel, FdChannel):
+        return channel.write_fd
+    return -1
+
+
+def sendfile_all(out_fd: int, in_fd: int, offset: int, count: int,
+                 timeout: float | None = None) -> int:
+    """Send ``count`` bytes of file ``in_fd`` from ``offset`` to ``out_fd`` with ``sendfile``
+    (page-cache pages go to the socket without a copy through fixedram). A non-blocking
+    ``out_fd`` (a socket with a timeout) is waited on for at most ``timeout`` seconds without
+    progress, then :class:`TimeoutError`; :class:`ImageError` if the file ends first."""
+    done = 0
+    poller: select.poll | None = None
+    while done < count:
+        try:
+            n = os.sendfile(out_fd, in_fd, offset + done, count - done)
+        except BlockingIOError:
+            if poller is None:
+                poller = select.poll()
+                poller.register(out_fd, select.POLLOUT)
+            if not poller.poll(None if timeout is None else int(timeout * 1000)):
+                raise TimeoutError from None
+            continue
+        if n == 0:
+            raise ImageError(f"image ends at byte {offset + done}, expected data up to "
+                             f"byte {offset + count}", offset + done)
+        done += n
+    return done
 
 
 def parse_address(spec: str) -> tuple[str, str | tuple[str, int]]:

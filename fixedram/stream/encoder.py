@@ -10,9 +10,17 @@ data is never copied into an intermediate bytes object.
 :meth:`StreamEncoder.page_records` writes all the headers of a piece with one numpy
 assignment, so a piece of up to ``capacity`` pages goes out as one buffer with no
 per-page Python. The bytes are the same as :meth:`StreamEncoder.page_run`'s.
+
+Records that a file already holds exactly as they go on the wire (a legacy stream keeps a
+run of pages as consecutive CONTINUE records) are described rather than copied, so the
+endpoint can send them from the file without a buffer (the codec does no I/O):
+:meth:`StreamEncoder.stored_page_records` gives the first record's header (which may have
+to name the block) and a :class:`FileRange` for the rest. Same bytes again.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -52,7 +60,7 @@ from fixedram.stream.records import (
     Zero,
 )
 
-__all__ = ["encode", "StreamEncoder", "PageRecords", "counted"]
+__all__ = ["encode", "StreamEncoder", "PageRecords", "FileRange", "Segment", "counted"]
 
 #: Bytes of a PAGE record with CONTINUE: the 8-byte header, then the page.
 PAGE_RECORD = TARGET_PAGE_SIZE + 8
@@ -151,6 +159,19 @@ _ZERO_CONT = int(RamFlag.ZERO | RamFlag.CONTINUE)
 _PAGE_CONT = int(RamFlag.PAGE | RamFlag.CONTINUE)
 
 
+@dataclass(frozen=True)
+class FileRange:
+    """``length`` bytes of the file being sent, from byte ``offset``, that go on the wire as
+    they are."""
+
+    offset: int
+    length: int
+
+
+#: What an encoder hands to a sender: bytes, or data it describes in the file being sent.
+Segment = bytes | bytearray | memoryview | FileRange
+
+
 class StreamEncoder:
     """Encodes a stream record by record, tracking the block CONTINUE refers to."""
 
@@ -236,6 +257,26 @@ class StreamEncoder:
             start = _NAME_ROOM + slot * PAGE_RECORD
             out.append(recs.view[start : start + npages * PAGE_RECORD])
         return out
+
+    def _first_header(self, block: str, offset: int) -> bytes:
+        """The header of a PAGE record of ``block`` at ``offset``: one naming the block when
+        the block changes, else the CONTINUE form."""
+        if block != self._last_block:
+            self._last_block = block
+            return BE64.pack(offset | RamFlag.PAGE) + counted(block)
+        return BE64.pack(offset | _PAGE_CONT)
+
+    def stored_page_records(self, block: str, offset: int, npages: int,
+                            file_offset: int) -> list[Segment]:
+        """PAGE records for ``npages`` pages of ``block`` from ``offset`` that a file holds
+        as consecutive CONTINUE records (header, page, header, page... as on the wire; a
+        legacy stream), the first page's data at ``file_offset``: the first record's header
+        (made here: it may have to name the block), then the rest as a :class:`FileRange`
+        of the file. Same bytes as :meth:`page_run` over the pages."""
+        if npages <= 0:
+            raise ValueError("no pages")
+        head = self._first_header(block, offset)
+        return [head, FileRange(file_offset, (npages - 1) * PAGE_RECORD + TARGET_PAGE_SIZE)]
 
     def zero_run(self, block: str, offset: int, npages: int) -> bytes:
         """ZERO records for ``npages`` consecutive pages starting at ``offset``."""
