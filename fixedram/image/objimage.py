@@ -13,7 +13,14 @@ GETs, so a sequential reader (a full restore, verify, the background push of a l
 restore) runs at the store's parallel speed while a random one (a lazy restore's page
 requests) pays one GET per chunk. A :class:`DiskCache` (on by default, shared by every
 fixedram process of the user) keeps the chunks readers asked for (not those read ahead),
-so a guest's working set is fetched from the store once per host.
+so a guest's working set is fetched from the store once per host; a lazy restore keeps
+every chunk it fetches (:meth:`ObjectImage.shared_reads`), and processes about to fetch
+the same chunk wait for one another (a lock file per chunk), so a fan-out of lazy
+restores of one image fetches each chunk about once.
+
+An object image's working-set record (:mod:`fixedram.image.workingset`) is a small object
+of its own next to the manifest (:data:`RECORD_PREFIX` + key), read and written whole by
+:meth:`ObjectImage.read_record` / :meth:`ObjectImage.write_record`.
 
 An object image has no file holding its page data: :attr:`ObjectImage.pages_in_file` is
 False, so code that would hand the image's file descriptor to ``sendfile`` or look for
