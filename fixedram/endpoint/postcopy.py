@@ -175,6 +175,7 @@ class PostcopyReport:
     #: :data:`REQUEST_MARKS` that were reached)
     time_to_requests: dict[int, float] = field(default_factory=dict)
     bytes_read: int = 0  # page data read from the image
+    bytes_fetched: int = 0  # bytes fetched from an object store (GETs; 0 for a local file)
     record: str = "off"  # the working-set record: recorded, unchanged, skipped or off
     warnings: tuple[str, ...] = ()
 
@@ -642,6 +643,7 @@ def send_postcopy(image: ImageArg, channel: Channel, *,
         plan = _Plan(prefetch, record, push_rate, prefetch_rate)
         if prefetch or record:
             plan.load(img)
+        img.shared_reads()  # other lazy restores of the image may push the same pages
         return _run(img, channel, preamble, package, progress, on_running, on_last_page,
                     accept_timeout, shut_timeout, t0, plan)
 
@@ -717,6 +719,7 @@ def _report(img: Image, srv: _Server, rp: _ReturnPath, t_run: float, t0: float,
         working_set_pages=len(srv.prefetch) if srv.prefetch is not None else 0,
         time_to_requests=dict(srv.served_at),
         bytes_read=srv.bytes_read,
+        bytes_fetched=img.fetched_bytes,
         record=plan.outcome,
         warnings=tuple(plan.warnings),
     )

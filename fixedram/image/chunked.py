@@ -183,6 +183,9 @@ class Manifest:
     machine: str = ""
     created: str = ""
     data_bytes: int = 0
+    #: xxh3-64 of the manifest's bytes as read (0 for one not read from a store): what an
+    #: object image's working-set record is bound to (``docs/working-set.md``)
+    digest: int = 0
 
     def to_json(self) -> bytes:
         return json.dumps({
@@ -257,6 +260,9 @@ class Manifest:
             raise bad(f"malformed ({type(e).__name__}: {e})") from None
         if sum(n for _, n in out.regions()) != out.meta_length:
             raise bad("the meta chunk's length does not fit the layout")
+        import xxhash
+
+        out.digest = xxhash.xxh3_64_intdigest(bytes(raw))
         return out
 
 

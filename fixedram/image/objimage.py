@@ -13,7 +13,14 @@ GETs, so a sequential reader (a full restore, verify, the background push of a l
 restore) runs at the store's parallel speed while a random one (a lazy restore's page
 requests) pays one GET per chunk. A :class:`DiskCache` (on by default, shared by every
 fixedram process of the user) keeps the chunks readers asked for (not those read ahead),
-so a guest's working set is fetched from the store once per host.
+so a guest's working set is fetched from the store once per host; a lazy restore keeps
+every chunk it fetches (:meth:`ObjectImage.shared_reads`), and processes about to fetch
+the same chunk wait for one another (a lock file per chunk), so a fan-out of lazy
+restores of one image fetches each chunk about once.
+
+An object image's working-set record (:mod:`fixedram.image.workingset`) is a small object
+of its own next to the manifest (:data:`RECORD_PREFIX` + key), read and written whole by
+:meth:`ObjectImage.read_record` / :meth:`ObjectImage.write_record`.
 
 An object image has no file holding its page data: :attr:`ObjectImage.pages_in_file` is
 False, so code that would hand the image's file descriptor to ``sendfile`` or look for
@@ -27,23 +34,26 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import fcntl
 import os
 import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fixedram.errors import ImageError
+from fixedram.errors import ImageError, StoreError
 from fixedram.image.chunked import WORKERS, ChunkRef, Manifest, decode_chunk, read_manifest
 from fixedram.image.layout import PAGE_SIZE
 from fixedram.image.reader import BlockInfo, MappedRamImage, PageSlots, open_image
 from fixedram.io.objstore import ObjectURL, Store, parse_url
 
-__all__ = ["open_object_image", "ObjectImage", "ChunkSource", "DiskCache", "cache_from_env"]
+__all__ = ["open_object_image", "ObjectImage", "ChunkSource", "DiskCache", "cache_from_env",
+           "RECORD_PREFIX"]
 
 #: Chunks read ahead of the one asked for, in the same block.
 READ_AHEAD = 6
@@ -52,6 +62,11 @@ READ_AHEAD = 6
 MEMORY_CHUNKS = 32
 #: Default bound of the shared chunk cache (bytes).
 CACHE_MAX = 4 << 30
+#: Where an object image's working-set record lives: ``RECORD_PREFIX + KEY`` in its bucket
+#: (``docs/working-set.md``, "Object images").
+RECORD_PREFIX = ".fixedram/working-sets/"
+#: The largest working-set record object read (a record holds at most 64 KiB).
+RECORD_MAX = 1 << 20
 
 
 class DiskCache:
@@ -81,6 +96,28 @@ class DiskCache:
             return data
         except OSError:
             return None
+
+    @contextlib.contextmanager
+    def locked(self, key: str) -> Iterator[None]:
+        """Hold chunk ``key``'s lock file (``<name>.lock`` beside it, ``flock``): processes
+        that would fetch the same chunk at the same time fetch it one after the other, and
+        those that waited find it in the cache. A cache that cannot hold the lock just does
+        not coalesce."""
+        p = self._path(key)
+        lock = p.with_name(p.name + ".lock")
+        try:
+            p.parent.mkdir(exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(lock)  # waiters hold the old file; they find the chunk cached
+            os.close(fd)
 
     def drop(self, key: str) -> None:
         with contextlib.suppress(OSError):
@@ -163,6 +200,8 @@ class ChunkSource:
         self.fetched = 0
         self.fetched_bytes = 0
         self.cache_hits = 0
+        #: keep the chunks read ahead in the disk cache too (:meth:`ObjectImage.shared_reads`)
+        self.share = False
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -173,18 +212,33 @@ class ChunkSource:
 
     def fetch(self, ref: ChunkRef, length: int, *, keep: bool = True) -> memoryview:
         """One chunk's bytes, from the cache or the store, checked against its name;
-        ``keep``: a chunk fetched from the store goes into the disk cache."""
-        if self.cache is not None:
-            raw = self.cache.get(ref.key)
-            if raw is not None:
-                try:
-                    data = decode_chunk(raw, ref.codec, length, ref.name, self.where)
-                except ImageError:
-                    self.cache.drop(ref.key)
-                else:
-                    with self.lock:
-                        self.cache_hits += 1
-                    return data
+        ``keep``: a chunk fetched from the store goes into the disk cache, and processes
+        fetching it at the same time wait for one another (:meth:`DiskCache.locked`)."""
+        data = self._cached(ref, length)
+        if data is not None:
+            return data
+        if self.cache is None or not keep:
+            return self._get(ref, length, False)
+        with self.cache.locked(ref.key):
+            data = self._cached(ref, length)  # fetched by another process meanwhile
+            return data if data is not None else self._get(ref, length, True)
+
+    def _cached(self, ref: ChunkRef, length: int) -> memoryview | None:
+        if self.cache is None:
+            return None
+        raw = self.cache.get(ref.key)
+        if raw is None:
+            return None
+        try:
+            data = decode_chunk(raw, ref.codec, length, ref.name, self.where)
+        except ImageError:
+            self.cache.drop(ref.key)
+            return None
+        with self.lock:
+            self.cache_hits += 1
+        return data
+
+    def _get(self, ref: ChunkRef, length: int, keep: bool) -> memoryview:
         got = self.store.get(ref.key)
         data = decode_chunk(got, ref.codec, length, ref.name, self.where)
         with self.lock:
@@ -216,8 +270,9 @@ class ChunkSource:
     def _fetch_into_memory(self, block: str, index: int, ref: ChunkRef,
                            asked: bool) -> memoryview:
         # the disk cache keeps the chunks readers asked for (a lazy restore's page
-        # requests: the guest's working set), not those read ahead of a sequential read
-        data = self.fetch(ref, self.length(block, index), keep=asked)
+        # requests: the guest's working set), not those read ahead of a sequential read,
+        # unless other processes may read them too (share)
+        data = self.fetch(ref, self.length(block, index), keep=asked or self.share)
         with self.lock:
             self.flight.pop((block, index), None)
             self.mem[(block, index)] = data
@@ -263,6 +318,40 @@ class ObjectImage(MappedRamImage):
 
     def open_direct(self, mode: Any = True) -> bool:
         return False  # no local file: nothing for O_DIRECT to bypass
+
+    def shared_reads(self) -> None:
+        """Keep every chunk fetched in the shared disk cache, read ahead or not: other
+        processes reading the image at the same time (a fan-out of lazy restores) take them
+        from there, or wait for this one's fetch, instead of fetching them again."""
+        self.source.share = True
+
+    @property
+    def fetched_bytes(self) -> int:
+        return self.source.fetched_bytes
+
+    @property
+    def record_key(self) -> str:
+        """The key of this image's working-set record in its bucket."""
+        return RECORD_PREFIX + self.url.key
+
+    def read_record(self) -> bytes | None:
+        """The working-set record object's bytes (None: there is none). StoreError when the
+        store cannot be read."""
+        info = self.source.store.head(self.record_key)
+        if info is None:
+            return None
+        try:  # a record is at most 64 KiB: a larger object is cut and found damaged
+            return bytes(self.source.store.get_range(self.record_key, 0,
+                                                     min(info.size, RECORD_MAX)))
+        except StoreError:
+            if self.source.store.head(self.record_key) is None:
+                return None  # deleted between the two requests
+            raise
+
+    def write_record(self, data: bytes) -> None:
+        """Store the working-set record object (one PUT: readers see the old or the new
+        one). StoreError when the store refuses it."""
+        self.source.store.put(self.record_key, data)
 
     def allocated_bytes(self) -> int:
         return sum(r.stored for r in self.source.manifest.refs())

@@ -445,6 +445,15 @@ class Image:
         """Disk space the image file uses."""
         return os.fstat(self._fd).st_blocks * 512
 
+    def shared_reads(self) -> None:
+        """Hint: other processes may read this whole image at the same time (a fan-out of
+        lazy restores). Nothing to do for a file: the page cache shares it."""
+
+    @property
+    def fetched_bytes(self) -> int:
+        """Bytes fetched from an object store so far (0 for a local file)."""
+        return 0
+
 
 class MappedRamImage(Image):
     """A mapped-ram file: every page at ``pages_offset + index * page_size``."""

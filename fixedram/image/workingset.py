@@ -15,8 +15,11 @@ digest fails; it is ignored with a warning and overwritten next time). Concurren
 writers (fixedram processes restoring the same image) are serialised by an exclusive
 ``flock`` around read-merge-write; readers take a shared one.
 
-The same blob could live in an object store's manifest: nothing in it depends on where it
-is stored (its binding is a digest of the image's block layout and stream tail).
+The same blob lives, for an object image (``s3://bucket/key``), in an object of its own
+next to the manifest (:data:`fixedram.image.objimage.RECORD_PREFIX` + key), bound to the
+manifest's bytes: a re-save under the key makes it stale. There, read-merge-write has no
+lock (S3 has none): a PUT replaces the object whole, so concurrent restores may lose one
+another's contribution, never leave a damaged or wrong record.
 
 Merge (:func:`merge`), for a record of pages ``R`` (ranks = positions) merged over ``n``
 restores and this restore's observation ``O`` (ranks: :func:`observed_ranks`):
@@ -299,6 +302,7 @@ class Loaded:
     warnings: list[str]
     stale: WorkingSet | None = None  # a valid record bound to other content
     damaged: list[str] = field(default_factory=list)  # damaged copies, one line each
+    where: str | None = None  # an object image's record: its s3:// URL
 
     def describe(self) -> dict[str, Any] | None:
         """For ``analyze`` / ``verify --json``: None when the image has no record."""
@@ -310,7 +314,40 @@ class Loaded:
             "file_offset": None, "size": 0}
         out["status"] = "ok" if self.record else "stale" if self.stale else "damaged"
         out["damaged_copies"] = len(self.damaged)
+        if self.where is not None:
+            out["object"] = self.where
         return out
+
+
+def _object(img: Any) -> Any:
+    """``img`` if it is an object image (its record is an object of its own), else None."""
+    if img.pages_in_file:
+        return None
+    from fixedram.image.objimage import ObjectImage
+
+    return img if isinstance(img, ObjectImage) else None
+
+
+def _load_object(img: Any) -> Loaded:
+    from fixedram.errors import StoreError
+
+    where = img.source.store.where(img.record_key)
+    try:
+        data = img.read_record()
+    except StoreError as e:
+        return Loaded(None, [f"working-set record not read: {e}"])
+    if data is None:
+        return Loaded(None, [])
+    try:
+        ws = decode(data, blocks={b.name: b.npages for b in Geometry.of_image(img).blocks})
+    except WorkingSetError as e:
+        return Loaded(None, [f"working-set record ignored: {e} ({where})"],
+                      damaged=[f"{e} ({where})"], where=where)
+    if ws.binding != img.source.manifest.digest:
+        return Loaded(None, ["working-set record ignored: it was recorded for other image "
+                             f"content (stale: {img.where} was saved again)"], stale=ws,
+                      where=where)
+    return Loaded(ws, [], where=where)
 
 
 def load(img: Any) -> Loaded:
@@ -321,6 +358,8 @@ def load(img: Any) -> Loaded:
     """
     if img.format != "mapped-ram":
         return Loaded(None, [])
+    if _object(img) is not None:
+        return _load_object(img)
     geom = Geometry.of_image(img)
     fd = img.fileno()
     with _locked(fd, fcntl.LOCK_SH):
@@ -438,6 +477,8 @@ class RecordResult:
 def can_record(img: Any) -> bool:
     """Whether :func:`record` may be able to write into the open image ``img`` (a mapped-ram
     image whose file this process may write); a quick check made before a restore."""
+    if _object(img) is not None:
+        return True  # whether the credentials may write is known only by trying
     return img.format == "mapped-ram" and os.access(img.path, os.W_OK)
 
 
@@ -451,6 +492,8 @@ def record(img: Any, obs: Observation) -> RecordResult:
         return RecordResult("skipped", warning="working set not recorded: a legacy stream "
                             "image has no room for it (`fixedram convert` makes a mapped-ram "
                             "image)")
+    if _object(img) is not None:
+        return _record_object(img, obs)
     path = img.path
     try:
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -500,6 +543,36 @@ def _record(fd: int, geom: Geometry, obs: Observation) -> RecordResult:
         os.fdatasync(fd)
     kept = HEADER.unpack_from(data)[7]
     return RecordResult("recorded", pages=kept, restores=ws.restores)
+
+
+def _record_object(img: Any, obs: Observation) -> RecordResult:
+    """Read-merge-write of an object image's record object. No lock: a concurrent restore's
+    write in between is lost (a PUT replaces the object whole), never mixed in."""
+    from fixedram.errors import StoreError
+
+    bind = img.source.manifest.digest
+    try:
+        data = img.read_record()
+    except StoreError as e:
+        return RecordResult("skipped", warning=f"working set not recorded: {e}; the restore "
+                            "is not affected")
+    geom = Geometry.of_image(img)
+    old = None
+    if data is not None:
+        with contextlib.suppress(WorkingSetError):  # damaged: start over
+            old = decode(data, blocks={b.name: b.npages for b in geom.blocks})
+    gen = old.generation if old is not None else 0
+    if old is not None and old.binding != bind:
+        old = None  # stale: start over
+    ws = merge(old, obs, [b.name for b in geom.blocks])
+    ws.binding, ws.generation = bind, gen + 1
+    data = encode(ws)
+    try:
+        img.write_record(data)
+    except StoreError as e:
+        return RecordResult("skipped", warning=f"working set not recorded: {e}; the restore "
+                            "is not affected")
+    return RecordResult("recorded", pages=HEADER.unpack_from(data)[7], restores=ws.restores)
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:

