@@ -145,8 +145,7 @@ def lazy_restore(
     path = image_location(image)
     if transport not in ("fd", "unix", "exec"):
         raise VMError(f"unknown transport {transport!r} (fd, unix or exec)")
-    if isinstance(path, Path):  # an object URL (str) has no libvirt header
-        refuse_compressed(path, "a lazy restore")
+    refuse_compressed(path, "a lazy restore")
     facts = read_facts(qmp)
     dest_blocks = incoming_blocks(qmp, facts, name_state=False)
     check_page_sizes(dest_page_sizes_from_hmp(facts.ramblocks))
