@@ -300,6 +300,19 @@ class ObjectImage(MappedRamImage):
     def open_direct(self, mode: Any = True) -> bool:
         return False  # no local file: nothing for O_DIRECT to bypass
 
+    def prefetch(self) -> None:
+        """Start fetching the first chunks a sequential read of the image asks for (those
+        a full restore's stream starts with), so that they arrive while the caller sets
+        up the destination."""
+        src = self.source
+        with src.lock:
+            for name in self.blocks:
+                order = src.order.get(name)
+                if order:
+                    for i in order[:READ_AHEAD]:
+                        src._future(name, i, False)
+                    return
+
     def allocated_bytes(self) -> int:
         return sum(r.stored for r in self.source.manifest.refs())
 
