@@ -8,10 +8,12 @@ the checksum extension) and reads page data from the chunks instead of a file.
 
 Page data: :class:`ChunkSource` fetches a chunk the first time a page of it is read,
 checks it against the manifest (xxh3-128 of its bytes) before any byte of it is used,
-keeps the last few in memory and reads ahead the next ones of the block in parallel
-GETs, so a sequential reader (a full restore, verify, the background push of a lazy
+reads ahead the next ones of the block in parallel GETs and keeps recent ones in
+memory, so a sequential reader (a full restore, verify, the background push of a lazy
 restore) runs at the store's parallel speed while a random one (a lazy restore's page
-requests) pays one GET per chunk. A :class:`DiskCache` (on by default, shared by every
+requests) pays one GET per chunk. Chunks read ahead for a sequential reader leave memory
+once it has passed them (memory bounded by the read-ahead window); those of random
+requests stay among the most recently used. A :class:`DiskCache` (on by default, shared by every
 fixedram process of the user) keeps the chunks readers asked for (not those read ahead),
 so a guest's working set is fetched from the store once per host.
 
