@@ -490,8 +490,11 @@ def _touch_after_restore(src: Guest, img: Path, name: str, last_hb: int,
         assert dst.control_path is not None and dst.pid is not None
         p = _lazy(dst.control_path, img, *extra)
         try:
+            deadline = time.monotonic() + 180
             while dst.status() != "running":
                 assert p.poll() is None, p.communicate()[1]
+                assert time.monotonic() < deadline, f"guest {name} never ran"
+                time.sleep(0.05)
             send_touch(dst.pid, dst.name)
             rep, _ = _done(p)
         finally:
@@ -527,13 +530,19 @@ def test_linux_touch_learned_then_prefetched(linux_guest: LinuxGuest, qemu10: An
         assert r.returncode == 0, r.stderr
         last_hb = src.heartbeats()[-1].n
         first, t1 = _touch_after_restore(src, img, "learn", last_hb)
+        learned = load(img).record
         second, t2 = _touch_after_restore(src, img, "prefetch", last_hb, "--no-record")
     assert t1.bad == 0 and t2.bad == 0 and t1.pages == t2.pages == touch_pages, (t1, t2)
-    # the first restore had no record: it recorded, and saw the guest read its region
+    # the first restore had no record: it recorded what the guest asked for
     assert first["working_set_pages"] == 0 and first["record"] == "recorded", first
-    assert first["requests"] >= touch_pages, first
-    # the second prefetched that record, which holds at least the region
+    assert first["requests"] > 0 and learned is not None, first
+    # (how many of the region's pages the guest asked for, rather than got from the push,
+    # depends on how long the guest pauses while reading; the second restore shows what
+    # was learned:) it prefetched that record whole (at least the region's size), and the
+    # guest, reading every page of the region again, asked for few pages: the record
+    # covered the region, and far fewer requests than the record's pages were needed
     ws = second["working_set_pages"]
-    assert ws >= touch_pages and second["pages_prefetched"] > touch_pages, second
+    assert ws == len(learned) >= touch_pages, (second, len(learned))
+    assert second["pages_prefetched"] > touch_pages, second
+    assert second["pages_on_demand"] * 4 <= touch_pages, second
     assert second["requests"] * 5 <= ws, second
-    assert second["requests"] * 5 <= first["requests"], (first, second)
