@@ -197,7 +197,7 @@ def _manifest_doc() -> dict[str, object]:
                         "chunks": [[0, "b" * 32, "zstd", 4096]]}]}
 
 
-_JSON = st.recursive(st.none() | st.booleans() | st.sampled_from(_EDGES + [-1, -(1 << 70)])
+_JSON = st.recursive(st.none() | st.booleans() | st.sampled_from([*_EDGES, -1, -(1 << 70)])
                      | st.floats() | st.text(max_size=8),
                      lambda inner: st.lists(inner, max_size=5)
                      | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)

@@ -347,6 +347,52 @@ def test_concurrent_recording_valid_and_native_load(recorded: tuple[Any, Path], 
         _same_ram(dst, case, shm_dir, "native")
 
 
+@pytest.mark.qemu
+def test_record_never_delays_the_end(recorded: tuple[Any, Path], tmp_path: Path,
+                                     sockdir: Path) -> None:
+    """A record that cannot be written yet (another process holds a lock on the image):
+    with the fd transport the destination completes first and the record follows once the
+    lock is free; under exec the restore ends without it, with one warning line."""
+    import fcntl
+
+    case, img = recorded
+    args = ("--no-prefetch", "--push-rate", "24M")  # the guest asks: there is a record
+    holder = os.open(img, os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_SH)
+        dst, ctl = _dest(case, tmp_path, sockdir, "held")
+        with dst:
+            p = _lazy(ctl, img, *args)
+            try:
+                deadline = time.monotonic() + 120
+                while dst.query_migrate().get("status") != "completed":
+                    assert p.poll() is None, p.communicate()[1]
+                    assert time.monotonic() < deadline, "the restore waited for the record"
+                    time.sleep(0.1)
+                assert p.poll() is None  # still waiting for the lock, the guest running
+            finally:
+                fcntl.flock(holder, fcntl.LOCK_UN)
+            rep, _ = _done(p)
+            assert rep["record"] == "recorded" and rep["requests"] > 0, rep
+            assert dst.status() == "running"
+        fcntl.flock(holder, fcntl.LOCK_SH)
+        dst, ctl = _dest(case, tmp_path, sockdir, "held-exec")
+        with dst:
+            p = _lazy(ctl, img, "--transport", "exec", *args)
+            try:
+                rep, err = _done(p)
+            finally:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            assert rep["record"] == "skipped" and rep["requests"] > 0, rep
+            assert "working set not recorded: the image did not take it within" in err, err
+            assert dst.status() == "running"
+    finally:
+        os.close(holder)
+    assert wsm.load(open_image(img)).record is not None  # the record stays valid
+
+
 class _Tap(threading.Thread):
     """Forwards one direction of a connection, keeping a copy of what passed."""
 
