@@ -168,6 +168,45 @@ def test_workingset_hostile_varints_refused() -> None:
         wsm.decode(ok, blocks={"pc.ram": 10})
 
 
+def test_hostile_record_in_an_image(tmp_path: Path) -> None:
+    """Both copies of an image's record replaced by a hostile one (valid digests, a run of
+    2^63 pages): analyze and verify report it in one line, a restore's load ignores it with
+    a warning, and recording overwrites it. A record save that fails in any way (here: a
+    block the image lacks) is a skipped record with a warning, never an exception."""
+    from synth_images import write_mapped_image
+
+    from fixedram.endpoint.postcopy import _record
+    from fixedram.image import open_image
+    from fixedram.image.extensions import Geometry
+
+    img = tmp_path / "a.img"
+    write_mapped_image(img, {"pc.ram": 2048 * 4096}, {"pc.ram": {1: b"\x01" * 4096}})
+    with open_image(img) as im:
+        blk = Geometry.of_image(im).working_set_block()
+    assert blk is not None
+    hostile = forge_record(_runs_body([(0, 0, 1 << 63)]), 0, 1)
+    with open(img, "r+b") as f:
+        for at in blk.ws_copies:
+            f.seek(at)
+            f.write(hostile)
+    for cmd, status in (("analyze", 0), ("verify", 1)):
+        r = subprocess.run([sys.executable, "-m", "fixedram", cmd, str(img)],
+                           capture_output=True, text=True, timeout=60, check=False)
+        assert r.returncode == status and "Traceback" not in r.stderr, r
+        assert "2 damaged copies" in r.stdout or "malformed varint" in r.stdout, r
+    with open_image(img) as im:
+        got = wsm.load(im)
+        assert got.record is None and len(got.warnings) == 2, got.warnings
+        obs = wsm.Observation([("pc.ram", 7, 2, 0)], False)
+        assert wsm.record(im, obs).status == "recorded"
+        assert _record(im, obs).status == "recorded"
+        bad = _record(im, wsm.Observation([("nosuch", 1, 1, 0)], False))
+    assert bad.status == "skipped" and bad.warning and "\n" not in bad.warning, bad
+    with open_image(img) as im:
+        got = wsm.load(im)
+    assert got.record is not None and got.record.restores == 2 and got.warnings == []
+
+
 @fuzz_settings(600)
 @given(runs=st.lists(st.tuples(st.sampled_from([0, 1, 2, 255, 1 << 62]) | st.integers(0, 3),
                                st.sampled_from(_EDGES) | st.integers(0, 1 << 20),
