@@ -1,4 +1,6 @@
-"""Fuzz targets: one input through the code paths of analyze, verify, send and receive.
+"""Fuzz targets: one input through the code paths of analyze, verify, send and receive,
+and through the parsers of the working-set record (:func:`run_workingset`, also forged
+with valid digests) and of an object image's manifest (:func:`run_manifest`).
 
 Shared by the atheris drivers (``fuzz_stream.py``, ``fuzz_image.py``), the long run
 (``run.py``) and the CI tests (``tests/test_fuzz.py``). Each ``run_*`` function takes
