@@ -623,8 +623,9 @@ def send_postcopy(image: ImageArg, channel: Channel, *,
     :class:`~fixedram.errors.MismatchError` or :class:`~fixedram.errors.EndpointError` and
     the guest never started. ``on_running`` is called right after RUN is written;
     ``on_last_page`` gets the report as it stands when every page is sent, before the
-    stream's end is written: its counts are final, and the destination cannot complete
-    (nor, under ``exec:``, stop this process) before the call returns;
+    stream's end is written: its counts are final (its ``record`` only with
+    ``record_deadline``), and the destination cannot complete (nor, under ``exec:``, stop
+    this process) before the call returns (a failure of it is a warning);
     ``progress`` gets :class:`PostcopyStats` now and then. ``prefetch``: push the pages of
     the image's working-set record first (:mod:`fixedram.image.workingset`; a stale or
     damaged record is ignored with a warning), throttled to ``prefetch_rate`` (bytes/s;
