@@ -32,6 +32,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.common import drop_cache
+
 MIB = 1 << 20
 CHUNK = MIB
 _F_SETPIPE_SZ = 1031
@@ -190,17 +192,6 @@ def _restore_splice(path: Path, size: int) -> Callable[[socket.socket], None]:
     return run
 
 
-def _drop_cache(path: Path) -> None:
-    """Make a restore path read the file cold where the kernel lets us (no-op on tmpfs)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def measure(directory: str | os.PathLike[str], size_mib: int = 1024) -> dict[str, float]:
     """MiB/s of every path through ``directory`` (files removed afterwards)."""
     d = Path(directory)
@@ -221,7 +212,7 @@ def measure(directory: str | os.PathLike[str], size_mib: int = 1024) -> dict[str
                     "restore sendfile": _restore_sendfile(f, size),
                     "restore splice": _restore_splice(f, size)}
         for name, fn in restores.items():
-            _drop_cache(f)
+            drop_cache(f)
             out[name] = _timed(_drain, fn, size)
     finally:
         f.unlink(missing_ok=True)

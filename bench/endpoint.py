@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import compile_package
+
 GIB = 1 << 30
 FIXEDRAM = [sys.executable, "-m", "fixedram"]
 BUFFER = 4 << 20
@@ -182,17 +184,6 @@ def restore(image: Path, workdir: Path, channels: int, perf: str | None) -> dict
     with open_image(image) as im:
         res["bytes"] = sum(im.count_present(b) for b in im.blocks) * 4096
     return res
-
-
-def compile_package() -> None:
-    """Byte-compile fixedram where it is imported from, as an installed package is: without
-    it (an editable install under PYTHONDONTWRITEBYTECODE) every fixedram process measured
-    would compile its modules at start-up, a cost no installed fixedram pays."""
-    import compileall
-
-    import fixedram
-
-    compileall.compile_dir(str(Path(fixedram.__file__).parent), quiet=1)
 
 
 def main() -> None:

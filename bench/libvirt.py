@@ -35,7 +35,6 @@ Prints the command and a markdown table of medians (as the README shows it) and 
 from __future__ import annotations
 
 import argparse
-import compileall
 import json
 import os
 import statistics
@@ -45,7 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import fixedram
+from bench.common import compile_package
 from fixedram.testing.guest import build_guest
 from fixedram.testing.libvirt import Libvirtd, domain_xml
 from fixedram.testing.vm import parse_heartbeats
@@ -102,7 +101,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--dir", default="/var/tmp", help="where the images go")
     args = ap.parse_args()
-    compileall.compile_dir(Path(fixedram.__file__).parent, quiet=1)
+    compile_package()
     results: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS}
     with tempfile.TemporaryDirectory(prefix="fr-lvbench-") as tmp, \
             tempfile.TemporaryDirectory(prefix="fr-lvbench-img-", dir=args.dir) as imgdir:

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import compile_package
 from fixedram.testing.guest import build_guest
 from fixedram.testing.vm import Guest, choose_accel, find_qemu
 
@@ -409,17 +410,6 @@ def chart(res: dict[str, Any], data_mib: int, path: Path) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-
-
-def compile_package() -> None:
-    """Byte-compile fixedram where it is imported from, as an installed package is: without
-    it (an editable install under PYTHONDONTWRITEBYTECODE) every fixedram process measured
-    would compile its modules at start-up, a cost no installed fixedram pays."""
-    import compileall
-
-    import fixedram
-
-    compileall.compile_dir(str(Path(fixedram.__file__).parent), quiet=1)
 
 
 def main() -> None:

@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import drop_cache
 from fixedram.testing.guest.linux import (
     COMMAND_PORT_ARGS,
     build_linux_guest,
@@ -58,16 +59,6 @@ from fixedram.testing.vm import Guest, choose_accel, find_qemu
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXEDRAM = [sys.executable, "-m", "fixedram"]
-
-
-def drop_cache(path: Path) -> None:
-    """Evict the image's pages from the page cache (clean pages: no privilege needed)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def start_restore(dst: Guest, img: Path, extra: list[str], out: Path) -> subprocess.Popen[bytes]:

@@ -1,4 +1,6 @@
-"""Fuzz targets: one input through the code paths of analyze, verify, send and receive.
+"""Fuzz targets: one input through the code paths of analyze, verify, send and receive,
+and through the parsers of the working-set record (:func:`run_workingset`, also forged
+with valid digests) and of an object image's manifest (:func:`run_manifest`).
 
 Shared by the atheris drivers (``fuzz_stream.py``, ``fuzz_image.py``), the long run
 (``run.py``) and the CI tests (``tests/test_fuzz.py``). Each ``run_*`` function takes
@@ -39,6 +41,9 @@ __all__ = [
     "run_image",
     "run_multifd",
     "run_stream",
+    "run_workingset",
+    "run_manifest",
+    "forge_record",
 ]
 
 #: Seconds one input may take, all paths together.
@@ -283,6 +288,67 @@ def run_multifd(data: bytes, *, seed: int = 0, trace: bool = True) -> int:
         _clean("MultifdChannelDecoder.feed", feed)
         _clean("MultifdChannelDecoder zero-copy", zero_copy)
     return count
+
+
+def forge_record(body: bytes, npages: int, nruns: int) -> bytes:
+    """A working-set record around ``body`` whose digests are right: the digests are plain
+    xxh3, so a hostile file can carry such a record; only the checks of the body stand."""
+    import xxhash
+
+    from fixedram.image import workingset as wsm
+
+    h, digest = wsm.HEADER, xxhash.xxh3_64_intdigest
+    head = h.pack(wsm.MAGIC, wsm.VERSION, h.size, 0, 1, 0, len(body), npages & 0xFFFFFFFF,
+                  nruns & 0xFFFFFFFF, 1, digest(body), 0)
+    return head[:56] + digest(head[8:56]).to_bytes(8, "big") + body
+
+
+#: Block sizes (pages) a forged record is also checked against, as restore and verify do.
+_WS_BLOCKS = {"pc.ram": 1 << 18, "vga": 16}
+
+
+def run_workingset(data: bytes, *, trace: bool = True) -> str:
+    """``data`` as a working-set record (``workingset.decode``, as analyze, verify and a
+    lazy restore read it): as given, and forged (``data[8:]`` the body, ``data[:8]`` the
+    header's page and run counts, digests made valid). An accepted record re-encodes to
+    the same pages. Returns ``"ok"`` when the forged record was accepted."""
+    import struct
+
+    import numpy as np
+
+    from fixedram.image import workingset as wsm
+
+    outcome = "refused"
+    with _Measure("workingset", len(data), trace=trace):
+        npages, nruns = struct.unpack(">II", data[:8].ljust(8, b"\0"))
+        forged = forge_record(data[8:], npages, nruns)
+        for raw in (data, forged):
+            for blocks in (None, _WS_BLOCKS):
+                ws = _clean("workingset.decode",
+                            lambda r=raw, b=blocks: wsm.decode(r, blocks=b))  # type: ignore[misc]
+                if ws is None:
+                    continue
+                if raw is forged:
+                    outcome = "ok"
+                back = _clean("workingset round trip",
+                              lambda w=ws: wsm.decode(wsm.encode(w)))  # type: ignore[misc]
+                if back is None or not (np.array_equal(back.page, ws.page[: len(back)])
+                                        and np.array_equal(back.block, ws.block[: len(back)])):
+                    raise Violation("workingset: an accepted record does not round-trip")
+    return outcome
+
+
+def run_manifest(data: bytes, *, trace: bool = True) -> str:
+    """``data`` as an object image's manifest (``chunked.Manifest.parse``, what opening
+    an ``s3://`` image reads first). Returns ``"ok"`` when it was accepted."""
+    from fixedram.image.chunked import Manifest
+
+    with _Measure("manifest", len(data), trace=trace):
+        got = _clean("Manifest.parse", lambda: Manifest.parse(data, "fuzz"))
+        if got is not None:
+            _clean("Manifest round trip",
+                   lambda: Manifest.parse(got.to_json(), "fuzz"))  # type: ignore[union-attr]
+    return "refused" if got is None else "ok"
 
 
 def seed_dir() -> Path:

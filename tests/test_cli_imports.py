@@ -153,3 +153,20 @@ def test_layers_import_only_downward() -> None:
                 if _layer(n) > _layer(me):
                     offenders.append(f"{me} imports {n}")
     assert not offenders, offenders
+
+
+def test_lazy_options_are_one_definition() -> None:
+    """``restore --lazy`` and ``send --postcopy`` take the same lazy-restore options, with
+    the same help but for the flag that makes the restore lazy."""
+    from fixedram.commands import cli, load_commands
+
+    load_commands()
+    names = ("push_rate", "prefetch_rate", "no_record", "no_prefetch")
+
+    def opts(command: str, flag: str) -> dict[str, tuple[object, ...]]:
+        params = {p.name: p for p in cli.commands[command].params}
+        return {n: (tuple(params[n].opts), params[n].type.name, params[n].default,  # type: ignore[attr-defined]
+                    (params[n].help or "").replace(flag, "FLAG"))  # type: ignore[attr-defined]
+                for n in names}
+
+    assert opts("restore", "--lazy") == opts("send", "--postcopy")

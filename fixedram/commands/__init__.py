@@ -20,7 +20,8 @@ import click
 
 from fixedram.errors import FixedramError, printable
 
-__all__ = ["cli", "one_line_errors", "direct_io_options", "direct_mode", "load_commands"]
+__all__ = ["cli", "one_line_errors", "direct_io_options", "lazy_options", "direct_mode",
+           "load_commands"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -55,6 +56,32 @@ def direct_io_options(what: str) -> Callable[[F], F]:
             "--direct-io", is_flag=True,
             help=f"{what} page data with O_DIRECT (aligned buffers), keeping the page cache "
                  "clean.")(fn)
+
+    return deco
+
+
+def lazy_options(flag: str) -> Callable[[F], F]:
+    """The options of a lazy (postcopy) restore: ``--push-rate``, ``--prefetch-rate``,
+    ``--no-record``, ``--no-prefetch``; ``flag``: the option that makes the restore lazy
+    (``--lazy``, ``--postcopy``), named in the help."""
+
+    def deco(fn: F) -> F:
+        fn = click.option(
+            "--no-prefetch", "no_prefetch", is_flag=True,
+            help=f"{flag}: do not push the image's recorded working set first.")(fn)
+        fn = click.option(
+            "--no-record", "no_record", is_flag=True,
+            help=f"{flag}: do not record the pages the guest asked for in the image's "
+                 "working-set record.")(fn)
+        fn = click.option(
+            "--prefetch-rate", type=str, default=None, metavar="RATE",
+            help=f"{flag}: throttle the push of the recorded working set to RATE bytes/s "
+                 "too (default: full speed; --push-rate throttles the rest).")(fn)
+        return click.option(
+            "--push-rate", type=str, default=None, metavar="RATE",
+            help=f"{flag}: throttle the background push to RATE bytes/s (64M, 1G...); "
+                 "requested pages are always served at once, the recorded working set "
+                 "first at full speed (see --prefetch-rate).")(fn)
 
     return deco
 

@@ -9,7 +9,13 @@ from typing import Any
 
 import click
 
-from fixedram.commands import cli, direct_io_options, direct_mode, one_line_errors
+from fixedram.commands import (
+    cli,
+    direct_io_options,
+    direct_mode,
+    lazy_options,
+    one_line_errors,
+)
 from fixedram.commands.save import parse_rate, show_progress
 from fixedram.units import format_size
 
@@ -42,17 +48,7 @@ __all__ = ["restore_command"]
                    "continue and must be killed.")
 @click.option("--transport", type=click.Choice(["fd", "unix", "exec"]), default="fd",
               show_default=True, help="--lazy: how the stream reaches QEMU.")
-@click.option("--push-rate", type=str, default=None, metavar="RATE",
-              help="--lazy: throttle the background push to RATE bytes/s (64M, 1G...); the "
-                   "recorded working set goes first at full speed (see --prefetch-rate).")
-@click.option("--prefetch-rate", type=str, default=None, metavar="RATE",
-              help="--lazy: throttle the push of the recorded working set too (default: "
-                   "full speed).")
-@click.option("--no-record", "no_record", is_flag=True,
-              help="--lazy: do not record the pages the guest asked for in the image's "
-                   "working-set record.")
-@click.option("--no-prefetch", "no_prefetch", is_flag=True,
-              help="--lazy: do not push the image's recorded working set first.")
+@lazy_options("--lazy")
 @direct_io_options("Read")
 @click.option("--channels", type=click.IntRange(0, 255), default=0, show_default=True,
               metavar="N",

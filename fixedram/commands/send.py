@@ -20,7 +20,13 @@ from typing import Any, Literal
 
 import click
 
-from fixedram.commands import cli, direct_io_options, direct_mode, one_line_errors
+from fixedram.commands import (
+    cli,
+    direct_io_options,
+    direct_mode,
+    lazy_options,
+    one_line_errors,
+)
 from fixedram.errors import EndpointError
 from fixedram.io.channel import Channel, FdChannel, connect, from_fd
 from fixedram.units import format_size
@@ -68,18 +74,7 @@ def _stdio_channel() -> FdChannel:
               help="Lazy restore: the guest runs at once and its pages are served on demand "
                    "(the destination needs capability postcopy-ram). If the image or fixedram "
                    "fails after the guest started, the guest cannot continue.")
-@click.option("--push-rate", type=str, default=None, metavar="RATE",
-              help="--postcopy: throttle the background push to RATE bytes/s (64M, 1G...); "
-                   "requested pages are always served at once, the recorded working set at "
-                   "full speed (see --prefetch-rate).")
-@click.option("--no-record", "no_record", is_flag=True,
-              help="--postcopy: do not record the requested pages in the image's working-set "
-                   "record.")
-@click.option("--no-prefetch", "no_prefetch", is_flag=True,
-              help="--postcopy: do not push the image's recorded working set first.")
-@click.option("--prefetch-rate", type=str, default=None, metavar="RATE",
-              help="--postcopy: throttle the push of the recorded working set to RATE bytes/s "
-                   "(default: full speed; --push-rate throttles the rest).")
+@lazy_options("--postcopy")
 @click.option("--report-json", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Write the report as JSON to FILE.")
 @direct_io_options("Read")
@@ -191,7 +186,7 @@ def _send_postcopy(image: str, address: str | None, fd: int | None, qmp_socket: 
     from dataclasses import asdict
 
     from fixedram.commands.save import parse_rate
-    from fixedram.endpoint.postcopy import PostcopyReport, send_postcopy
+    from fixedram.endpoint.postcopy import RECORD_DEADLINE, PostcopyReport, send_postcopy
     from fixedram.endpoint.send import validate
     from fixedram.image import open_image
     from fixedram.qmp.destination import query_destination
@@ -221,11 +216,14 @@ def _send_postcopy(image: str, address: str | None, fd: int | None, qmp_socket: 
             os.replace(tmp, report_json)
 
         try:
-            # Written once every page is sent, before the stream's end: under exec: QEMU may
+            # The report and (bounded in time) the record are written once every page is
+            # sent, before the stream's end: under exec: (the stream on stdout) QEMU may
             # stop this process as soon as the restore completes.
+            under_exec = address is None and fd is None
             report = send_postcopy(img, channel, dest_machine=dest_machine,
                                    dest_blocks=dest_blocks, progress=progress, push_rate=rate,
                                    prefetch=prefetch, record=record, prefetch_rate=pre_rate,
+                                   record_deadline=RECORD_DEADLINE if under_exec else None,
                                    on_last_page=write_report if report_json else None)
         finally:
             if bar is not None:

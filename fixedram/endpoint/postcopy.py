@@ -23,7 +23,8 @@ record; a page already sent is never sent again, even when QEMU asks for it (it 
 pushed first, in its order and at full speed (absent pages of it as ZERO records; its
 first :data:`BEFORE_RUN_PAGES` before RUN, as precopy pages, the rest right after RUN),
 then the rest under ``push_rate``; the pages QEMU asks for are logged and merged
-into that record once every page is sent (:mod:`fixedram.image.workingset`). A restore
+into that record once every page is sent (:mod:`fixedram.image.workingset`; after the
+stream's end, or before it and bounded in time under ``exec:``; never an error). A restore
 that records with no record to prefetch holds the rest of the push while the guest keeps
 asking, so that the push does not hide the pages it needs. The record only orders the
 push: it never decides a page's content.
@@ -93,13 +94,14 @@ from fixedram.stream.format import (
 from fixedram.stream.returnpath import ReturnPathDecoder
 
 if TYPE_CHECKING:  # imported when used: xxhash stays out of a restore without a record
-    from fixedram.image.workingset import Observation, WorkingSet
+    from fixedram.image.workingset import Observation, RecordResult, WorkingSet
 
 __all__ = [
     "PostcopyFailed",
     "PostcopyReport",
     "PostcopyStats",
     "send_postcopy",
+    "RECORD_DEADLINE",
     "check_page_sizes",
     "postcopy_package",
     "discard_command",
@@ -115,6 +117,9 @@ REQUEST_BATCH_PAGES = 1024
 ACCEPT_TIMEOUT = 60.0
 #: How long to wait for SHUT after EOF.
 SHUT_TIMEOUT = 120.0
+#: How long a restore that must record before the stream's end (``exec:``) waits for the
+#: working-set record to be written before it gives up on it (s).
+RECORD_DEADLINE = 5.0
 _PING_OPENED, _PING_ACCEPTED, _PING_RUNNING = 1, 2, 3
 #: The report gives the time until the guest's first N requests were served, for these N.
 REQUEST_MARKS = (1, 10, 100, 1000)
@@ -606,6 +611,7 @@ def send_postcopy(image: ImageArg, channel: Channel, *,
                   prefetch_rate: float | None = None,
                   prefetch: bool = True,
                   record: bool = True,
+                  record_deadline: float | None = None,
                   accept_timeout: float = ACCEPT_TIMEOUT,
                   shut_timeout: float = SHUT_TIMEOUT) -> PostcopyReport:
     """Restore ``image`` lazily: a postcopy migration into the QEMU at the end of ``channel``.
@@ -617,16 +623,19 @@ def send_postcopy(image: ImageArg, channel: Channel, *,
     :class:`~fixedram.errors.MismatchError` or :class:`~fixedram.errors.EndpointError` and
     the guest never started. ``on_running`` is called right after RUN is written;
     ``on_last_page`` gets the report as it stands when every page is sent, before the
-    stream's end is written: its counts are final, and the destination cannot complete
-    (nor, under ``exec:``, stop this process) before the call returns;
+    stream's end is written: its counts are final (its ``record`` only with
+    ``record_deadline``), and the destination cannot complete (nor, under ``exec:``, stop
+    this process) before the call returns (a failure of it is a warning);
     ``progress`` gets :class:`PostcopyStats` now and then. ``prefetch``: push the pages of
     the image's working-set record first (:mod:`fixedram.image.workingset`; a stale or
     damaged record is ignored with a warning), throttled to ``prefetch_rate`` (bytes/s;
     None: at full speed); ``push_rate`` throttles the rest of the background push
     (requests are always served at once). ``record``: merge the pages QEMU asked for into
     that record once every page is sent (an image that cannot take it gives a warning,
-    never an error). Warnings are logged (:mod:`fixedram.log`) and listed in the report.
-    A failure after RUN raises
+    never an error): after the stream's end is written, or, with ``record_deadline``
+    (seconds; for ``exec:``, where QEMU may stop this process once it has the end), before
+    it and for at most that long. Warnings are logged (:mod:`fixedram.log`) and listed in
+    the report. A failure after RUN raises
     :class:`PostcopyFailed`. The channel's write side is shut down at the end; the channel is
     not closed.
     """
@@ -645,7 +654,7 @@ def send_postcopy(image: ImageArg, channel: Channel, *,
             plan.load(img)
         img.shared_reads()  # other lazy restores of the image may push the same pages
         return _run(img, channel, preamble, package, progress, on_running, on_last_page,
-                    accept_timeout, shut_timeout, t0, plan)
+                    accept_timeout, shut_timeout, t0, plan, record_deadline)
 
 
 class _Plan:
@@ -682,19 +691,45 @@ class _Plan:
             self.ws = loaded.record
         self.learn = self.record and self.ws is None and workingset.can_record(img)
 
-    def save(self, img: Image, rp: _ReturnPath) -> None:
-        """Merge what QEMU asked for into the image's record (never raises)."""
+    def save(self, img: Image, rp: _ReturnPath, deadline: float | None = None) -> None:
+        """Merge what QEMU asked for into the image's record. Never raises: the guest runs,
+        and the stream's end must still be written. ``deadline`` (seconds): give up
+        waiting after it (the write goes on in the background, crash-safe) with a warning."""
         if not self.record:
             return
-        from fixedram.image import workingset
+        obs = rp.observation(prefetched=self.ws is not None)
+        if deadline is None:
+            self._done(_record(img, obs))
+            return
+        box: list[RecordResult] = []
+        t = threading.Thread(target=lambda: box.append(_record(img, obs)),
+                             name="fixedram-record", daemon=True)
+        t.start()
+        t.join(deadline)
+        if box:
+            self._done(box[0])
+        else:
+            self.outcome = "skipped"
+            self.warn(f"working set not recorded: the image did not take it within "
+                      f"{deadline:.0f} s; the restore is not affected")
 
-        try:
-            res = workingset.record(img, rp.observation(prefetched=self.ws is not None))
-        except (OSError, FixedramError) as e:
-            res = workingset.RecordResult("skipped", warning=f"working set not recorded: {e}")
+    def _done(self, res: RecordResult) -> None:
         self.outcome = res.status
         if res.warning:
             self.warn(res.warning)
+
+
+def _record(img: Image, obs: Observation) -> RecordResult:
+    """``workingset.record``, any failure turned into a skipped result with a one-line
+    warning (a bug there must not lose a running guest)."""
+    from fixedram.image import workingset
+
+    try:
+        return workingset.record(img, obs)
+    except Exception as e:  # after RUN nothing may escape
+        why = e if isinstance(e, (OSError, FixedramError)) else f"{type(e).__name__}: {e}"
+        return workingset.RecordResult("skipped", warning=f"working set not recorded: {why}; "
+                                       "the restore is not affected")
 
 
 def _report(img: Image, srv: _Server, rp: _ReturnPath, t_run: float, t0: float,
@@ -729,7 +764,8 @@ def _run(img: Image, channel: Channel, preamble: bytes, package: bytes,
          progress: Callable[[PostcopyStats], None] | None,
          on_running: Callable[[], None] | None,
          on_last_page: Callable[[PostcopyReport], None] | None,
-         accept_timeout: float, shut_timeout: float, t0: float, plan: _Plan) -> PostcopyReport:
+         accept_timeout: float, shut_timeout: float, t0: float, plan: _Plan,
+         record_deadline: float | None) -> PostcopyReport:
     rp = _ReturnPath(channel, {n: b.length for n, b in img.blocks.items()})
     srv = _Server(img, channel, rp, progress, t0, plan)
     # -- before RUN: any failure leaves a destination that simply failed its load ----------
@@ -758,13 +794,19 @@ def _run(img: Image, channel: Channel, preamble: bytes, package: bytes,
         if on_running is not None:
             on_running()
         srv.push_all()
-        # every page is sent: the record is complete, and under exec: QEMU may stop this
-        # process as soon as it has the stream's end
-        plan.save(img, rp)
         tail = [*ram_end(srv.sid), encode(EndOfFile())]
+        if record_deadline is not None:
+            # exec: QEMU may stop this process as soon as it has the stream's end, so the
+            # record goes first, bounded in time
+            plan.save(img, rp, record_deadline)
         if on_last_page is not None:
-            on_last_page(_report(img, srv, rp, t_run, t0, sum(map(len, tail)), plan))
+            try:
+                on_last_page(_report(img, srv, rp, t_run, t0, sum(map(len, tail)), plan))
+            except Exception as e:  # after RUN nothing may escape
+                plan.warn(f"the report was not written before the end: {e}")
         srv.write(tail)
+        if record_deadline is None:
+            plan.save(img, rp)  # the destination completes meanwhile
     except (OSError, ImageError) as e:
         _hang_up(channel)
         raise _failed_after_run(f"reading the image failed: {e}") from e

@@ -80,6 +80,9 @@ MAX_PAGES = 1 << 18
 #: The weight of the recorded order against one new restore saturates here.
 MAX_WEIGHT = 8
 _MAX_BLOCKS = 255
+#: Bounds of a decoded value: a varint, and a page index when the blocks are not known.
+_MAX_VARINT = 1 << 62
+_MAX_PAGE = 1 << 52
 _h = xxhash.xxh3_64_intdigest
 
 assert HEADER.size == 64
@@ -198,38 +201,57 @@ def decode(data: bytes, *, blocks: dict[str, int] | None = None) -> WorkingSet:
         raise WorkingSetError("working-set record: malformed block list") from None
     if len(vals) != 3 * nruns:
         raise WorkingSetError("working-set record: malformed runs")
-    trip = np.asarray(vals, dtype=np.int64).reshape(-1, 3)
-    bidx, zz, lens = trip[:, 0], trip[:, 1], trip[:, 2]
-    if nruns and (bidx.max() >= nb or lens.min() < 1 or int(lens.sum()) != npages):
+    sizes = [blocks.get(n, 0) if blocks is not None else _MAX_PAGE for n in names]
+    firsts, total = _check_runs(vals, sizes)
+    if total != npages:
         raise WorkingSetError("working-set record: runs do not match its header")
-    delta = (zz >> 1) ^ -(zz & 1)
-    firsts = np.empty(nruns, dtype=np.int64)
-    ends = [0] * nb
-    for i in range(nruns):  # per run (bounded by the copy's size), not per page
-        b = int(bidx[i])
-        firsts[i] = ends[b] + int(delta[i])
-        ends[b] = int(firsts[i] + lens[i])
-    page = np.repeat(firsts - (np.cumsum(lens) - lens), lens) + np.arange(npages,
+    # every value is now bounded (indices < nb, 1 <= length <= MAX_PAGES, pages inside
+    # their block or below 2^52), so the int64 arithmetic below cannot overflow
+    trip = np.asarray(vals, dtype=np.int64).reshape(-1, 3)
+    bidx, lens = trip[:, 0], trip[:, 2]
+    starts = np.asarray(firsts, dtype=np.int64)
+    page = np.repeat(starts - (np.cumsum(lens) - lens), lens) + np.arange(npages,
                                                                           dtype=np.int64)
     block = np.repeat(bidx, lens).astype(np.uint16)
-    if blocks is not None and nruns:
-        sizes = np.array([blocks.get(n, 0) for n in names], dtype=np.int64)
-        ends_ok = firsts + lens <= sizes[bidx]
-        if firsts.min() < 0 or not ends_ok.all():
-            raise WorkingSetError("working-set record names pages outside the image's blocks")
     return WorkingSet(names, block, page, restores, gen, bind, size=HEADER.size + body_size)
 
 
+def _check_runs(vals: list[int], sizes: list[int]) -> tuple[list[int], int]:
+    """The first page of every run and the page total, checked with Python ints (per run,
+    bounded by the copy's size): block index in range, length 1..MAX_PAGES, every run
+    inside its block (``sizes``: pages per block, in the record's block order)."""
+    nb = len(sizes)
+    ends = [0] * nb
+    firsts = []
+    total = 0
+    for i in range(0, len(vals), 3):
+        b, zz, n = vals[i], vals[i + 1], vals[i + 2]
+        if b >= nb or not 1 <= n <= MAX_PAGES:
+            raise WorkingSetError("working-set record: runs do not match its header")
+        first = ends[b] + ((zz >> 1) ^ -(zz & 1))
+        if first < 0 or first + n > sizes[b]:
+            raise WorkingSetError("working-set record names pages outside the image's blocks")
+        firsts.append(first)
+        ends[b] = first + n
+        total += n
+        if total > MAX_PAGES:
+            raise WorkingSetError("working-set record: runs do not match its header")
+    return firsts, total
+
+
 def _varints(buf: bytes, p: int) -> list[int]:
+    """Unsigned LEB128 values; each below :data:`_MAX_VARINT` (at most 9 bytes)."""
     out = []
     v = shift = 0
     for byte in buf[p:]:
         v |= (byte & 0x7F) << shift
         if byte & 0x80:
             shift += 7
-            if shift > 63:
+            if shift > 56:
                 raise WorkingSetError("working-set record: malformed varint")
         else:
+            if v >= _MAX_VARINT:
+                raise WorkingSetError("working-set record: malformed varint (too large)")
             out.append(v)
             v = shift = 0
     if shift:
