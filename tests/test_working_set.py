@@ -300,6 +300,19 @@ def _same_ram(dst: Guest, case: Any, shm: Path, tag: str) -> None:
         got.unlink(missing_ok=True)
 
 
+def _clear_record(path: Path) -> None:
+    """Remove any working-set record from image ``path`` (its copies' magic zeroed)."""
+    with open_image(path) as im:
+        geom = Geometry.of_image(im)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for at in wsm.find(fd, geom).copies:
+            os.pwrite(fd, bytes(8), at)
+        assert wsm.find(fd, geom).record is None
+    finally:
+        os.close(fd)
+
+
 @pytest.fixture(scope="module")
 def recorded_once(qemu_image: Callable[[str], Any], tmp_path_factory: pytest.TempPathFactory
                   ) -> Iterator[tuple[Any, Path]]:
@@ -310,6 +323,7 @@ def recorded_once(qemu_image: Callable[[str], Any], tmp_path_factory: pytest.Tem
     socks = Path(tempfile.mkdtemp(prefix="frw-", dir="/tmp"))
     img = work / "rec.img"
     shutil.copyfile(case.path, img)
+    _clear_record(img)  # other modules' lazy restores of the shared image recorded into it
     dsts = [_dest(case, work, socks, f"r{i}") for i in range(2)]
     try:
         procs = [_lazy(ctl, img, "--push-rate", "24M") for _, ctl in dsts]
