@@ -6,7 +6,9 @@ fresh QEMU (``-incoming defer``) by each method, guest running afterwards:
 
 * ``full proxy``: ``fixedram restore --via proxy`` (fixedram streams every page, then ``cont``);
 * ``full native``: ``fixedram restore --via native`` (QEMU reads the mapped-ram file);
-* ``lazy``: ``fixedram restore --lazy`` (postcopy: the guest runs at once, pages follow).
+* ``lazy``: ``fixedram restore --lazy --no-record`` (postcopy: the guest runs at once, pages
+  follow; ``--no-record`` keeps every repeat the same: no working set is learned into the
+  image or prefetched from it, ``bench/workingset.py`` measures those).
 
 *Time to running* is from starting the command to the destination's run state becoming
 ``running``, polled every 2 ms on a second QMP monitor, the same way for every method (so
@@ -41,7 +43,7 @@ FIXEDRAM = [sys.executable, "-m", "fixedram"]
 METHODS: dict[str, list[str]] = {
     "full proxy": ["--via", "proxy"],
     "full native": ["--via", "native"],
-    "lazy": ["--lazy"],
+    "lazy": ["--lazy", "--no-record"],
 }
 
 
