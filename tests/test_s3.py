@@ -473,3 +473,20 @@ def test_gc_during_save(s3: Seaweed, tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert {x0, x1} <= _stored_chunks(s3, bucket)
     ok(env, "gc", f"s3://{bucket}")  # and once more after it
     _same_pages(env, new, new_pages, tmp_path / "new.raw")
+
+
+def test_cache_trim_spares_others_files(tmp_path: Path) -> None:
+    """Trimming the chunk cache removes the least recently used chunks, never another
+    process's write in progress (``.tmp-*``) or lock (``*.lock``), however old."""
+    from fixedram.image.objimage import DiskCache
+
+    cache = DiskCache(tmp_path / "cache", max_bytes=2000)
+    sub = tmp_path / "cache" / "ab"
+    sub.mkdir()
+    for i, name in enumerate([".tmp-x1y2", "abcd.lock", "ab01", "ab02", "ab03"]):
+        f = sub / name
+        f.write_bytes(b"x" * 1000)
+        os.utime(f, (1000 + i, 1000 + i))  # the two others' files are the oldest
+    cache.trim()
+    assert sorted(f.name for f in sub.iterdir()) == [".tmp-x1y2", "ab02", "ab03",
+                                                      "abcd.lock"]
