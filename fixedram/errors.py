@@ -13,7 +13,7 @@ Hierarchy::
      +-- StoreError           an object store (S3) refused or could not serve a request
      +-- EndpointError        a migration peer misbehaved or went away
      +-- VMError              QEMU could not be started, reached or driven
- |    +-- QMPCommandError     QEMU answered a QMP command with an error
+     |    +-- QMPCommandError     QEMU answered a QMP command with an error
      +-- MismatchError        image and destination VM do not fit each other
      +-- ExtensionError       an extension in a mapped-ram image's padding (defined with its
           +-- ChecksumError       layout: image/extensions.py, image/checksum.py,

@@ -16,6 +16,7 @@ are behind ``pytest -m libvirt_long``.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -325,3 +326,26 @@ def _save_paused_by_fixedram(dom: Domain, image: Path, *opts: str) -> tuple[byte
     ok("save", "--libvirt", dom.name, "--connect", dom.d.uri, *opts, str(image))
     assert dom.state() not in ("running", "paused")
     return ram, hb
+
+
+def test_compressed_payload_bounded_by_the_domain_memory(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compressed payload that decompresses to more than a stream of the header's domain
+    memory can be (a compression bomb) is refused in one line, not written out to the disk."""
+    from fixedram.image import libvirt as lv
+
+    monkeypatch.setattr(lv, "DECOMPRESS_HEADROOM", 1 << 20)
+    xml = ("<domain type='qemu'><name>bomb</name><memory unit='KiB'>1024</memory>"
+           "<vcpu>1</vcpu><os><type machine='pc-q35-10.0'>hvm</type></os></domain>")
+    bomb = subprocess.run(["zstd", "-c", "-q"], input=bytes(16 << 20), capture_output=True,
+                          check=True).stdout
+    img = tmp_path / "bomb.sav"
+    img.write_bytes(lv.header_bytes(xml, fmt="zstd", partial=False) + bomb)
+    fd = os.open(img, os.O_RDONLY)
+    try:
+        hdr = lv.read_header(fd, img.stat().st_size)
+        with pytest.raises(Exception, match="decompresses to more than") as e:
+            lv.decompress_payload(fd, hdr)
+        assert type(e.value).__name__ == "ImageError"
+    finally:
+        os.close(fd)

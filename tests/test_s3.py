@@ -498,3 +498,35 @@ def test_cache_trim_spares_others_files(tmp_path: Path) -> None:
     cache.trim()
     assert sorted(f.name for f in sub.iterdir()) == [".tmp-x1y2", "ab02", "ab03",
                                                       "abcd.lock"]
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+
+def test_sequential_read_bounded_memory(s3: Seaweed, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sequential read of an object image (a full restore's) returns every page and keeps
+    only a few chunks in memory at its end (those read ahead and passed leave); chunks of
+    random requests (a lazy restore's) stay in memory."""
+    from fixedram.image.objimage import BEHIND, open_object_image
+    from fixedram.image.reader import PageSlots
+
+    env = host(s3, tmp_path, "h")
+    n = 24
+    pages = _chunked_image(tmp_path / "a.img", [os.urandom(PIECE) for _ in range(n)])
+    url = f"s3://{BUCKET}/seq"
+    assert fx(env, "convert", str(tmp_path / "a.img"), url).returncode == 0
+    for k, v in env.items():
+        if k.startswith("AWS_"):
+            monkeypatch.setenv(k, v)
+    with open_object_image(url, cache=False) as img:
+        slots = PageSlots(bytearray(256 * 4096), 0, 4096, 256)
+        for first in range(0, n * 1024, 256):
+            img.read_slots("pc.ram", first, 256, slots)
+            got = slots.array[:256].tobytes()
+            assert got == b"".join(pages[p] for p in range(first, first + 256))
+        src = img.source
+        assert len(src.mem) <= BEHIND + 1, sorted(src.mem)
+        for i in (20, 3, 11, 7):
+            src.chunk("pc.ram", i)
+        assert {("pc.ram", i) for i in (20, 3, 11, 7)} <= set(src.mem)

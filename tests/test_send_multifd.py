@@ -320,11 +320,11 @@ def test_send_channels_direct_io(qemu_image: Callable[[Any], Any], shm_dir: Path
 
 
 def test_bad_extent_stops_multifd_before_device_state(tmp_path: Path) -> None:
-    """Pages checked against the image's checksums while the channels send them by
-    sendfile: a flipped byte makes send_multifd fail naming the extent, and the main
-    connection never carries the device state (the destination's load cannot complete)."""
+    """Pages checked against the image's checksums while the channels send them: a flipped
+    byte makes send_multifd fail naming the extent, and the main connection never carries
+    the device state (the destination's load cannot complete)."""
     img = synth(tmp_path / "s.mr")
-    _, at = a_present_page(img, nth=1)  # in the run of pages 0-2: one sendfile
+    _, at = a_present_page(img, nth=1)  # in the run of pages 0-2
     flip(img, at + 17)
     with open_image(img) as im:
         device = im.device_state

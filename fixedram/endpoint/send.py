@@ -416,7 +416,8 @@ def _send_block(out: _Sender, enc: StreamEncoder, reader: _PieceReader, blk: Blo
     one numpy header assignment and one write per piece), ZERO records for the gaps unless
     ``skip``."""
     out.add([encode(SectionPart(sid))])
-    if reader.stored:
+    if reader.stored:  # a legacy stream image: it has no page checksums to check
+        assert check is None
         cursor = _send_stored(out, enc, reader, blk, skip)
     else:
         cursor = _send_read(out, enc, reader, blk, check, skip)

@@ -238,14 +238,25 @@ def mark_complete(fd: int) -> None:
         raise OSError("short write of the libvirt magic")
 
 
+#: Room a decompressed stream may take beyond the domain's memory: page headers, the device
+#: state, the VM description and RAM the domain XML does not count (video memory, ROMs).
+DECOMPRESS_HEADROOM = 1 << 30
+
+
 def decompress_payload(fd: int, header: LibvirtHeader, where: str = "image") -> int:
     """The stream of a compressed libvirt image, decompressed into an unnamed temporary file
     (in ``$TMPDIR``) by the format's own tool (``zstd -dc``...), as libvirt reads it.
 
-    Returns the temporary file's descriptor (the caller closes it; the file goes with it).
-    A missing tool or a payload the tool rejects raises :class:`ImageError`.
+    The output is bounded (``RLIMIT_FSIZE`` of the tool): a saved stream carries each page
+    once, so it is no larger than the header's domain memory plus
+    :data:`DECOMPRESS_HEADROOM`; a payload that decompresses to more is refused rather than
+    filling the disk. Returns the temporary file's descriptor (the caller closes it; the
+    file goes with it). A missing tool or a payload the tool rejects raises
+    :class:`ImageError`.
     """
+    import resource
     import shutil
+    import signal
     import subprocess
     import tempfile
 
@@ -254,14 +265,26 @@ def decompress_payload(fd: int, header: LibvirtHeader, where: str = "image") -> 
     if exe is None:
         raise ImageError(f"{where}: a {tool}-compressed libvirt image needs the '{tool}' "
                          "program, which is not installed")
+    memory = header.domain().memory
+    limit = memory + memory // 256 + DECOMPRESS_HEADROOM if memory > 0 else None
+
+    def bound() -> None:
+        if limit is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     with tempfile.TemporaryFile(prefix="fixedram-libvirt-") as out:
         src = os.dup(fd)
         try:
             os.lseek(src, header.payload_offset, os.SEEK_SET)
             r = subprocess.run([exe, "-dc"], stdin=src, stdout=out, stderr=subprocess.PIPE,
-                               check=False)
+                               check=False, preexec_fn=bound)
         finally:
             os.close(src)
+        if r.returncode == -signal.SIGXFSZ or (limit is not None and
+                                              os.fstat(out.fileno()).st_size >= limit):
+            raise ImageError(f"{where}: the {tool} payload decompresses to more than "
+                             f"{limit} bytes, more than a stream of the domain's "
+                             f"{memory} bytes of memory can be", header.payload_offset)
         if r.returncode != 0:
             msg = (r.stderr.decode(errors="replace").strip().splitlines() or ["failed"])[-1]
             raise ImageError(f"{where}: {tool} -dc could not decompress the libvirt payload: "

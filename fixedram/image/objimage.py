@@ -8,10 +8,12 @@ the checksum extension) and reads page data from the chunks instead of a file.
 
 Page data: :class:`ChunkSource` fetches a chunk the first time a page of it is read,
 checks it against the manifest (xxh3-128 of its bytes) before any byte of it is used,
-keeps the last few in memory and reads ahead the next ones of the block in parallel
-GETs, so a sequential reader (a full restore, verify, the background push of a lazy
+reads ahead the next ones of the block in parallel GETs and keeps recent ones in
+memory, so a sequential reader (a full restore, verify, the background push of a lazy
 restore) runs at the store's parallel speed while a random one (a lazy restore's page
-requests) pays one GET per chunk. A :class:`DiskCache` (on by default, shared by every
+requests) pays one GET per chunk. Chunks read ahead for a sequential reader leave memory
+once it has passed them (memory bounded by the read-ahead window); those of random
+requests stay among the most recently used. A :class:`DiskCache` (on by default, shared by every
 fixedram process of the user) keeps the chunks readers asked for (not those read ahead),
 so a guest's working set is fetched from the store once per host; a lazy restore keeps
 every chunk it fetches (:meth:`ObjectImage.shared_reads`), and processes about to fetch
@@ -32,6 +34,7 @@ checksum extension, the stream tail) at their offsets.
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import dataclasses
 import fcntl
@@ -55,8 +58,13 @@ from fixedram.io.objstore import ObjectURL, Store, parse_url
 __all__ = ["open_object_image", "ObjectImage", "ChunkSource", "DiskCache", "cache_from_env",
            "RECORD_PREFIX"]
 
-#: Chunks read ahead of the one asked for, in the same block.
-READ_AHEAD = 6
+#: Chunks read ahead of the one asked for, in the same block (64 MiB at 4 MiB chunks):
+#: enough to ride out a slow GET or a burst of the reader's while QEMU loads.
+READ_AHEAD = 16
+#: Chunks a sequential reader keeps behind the one it reads (those read ahead for it and
+#: passed are dropped from memory then, not when they are the least recently used:
+#: bounded memory, and their buffers are reused while still mapped).
+BEHIND = 2
 #: Chunks kept in memory (the most recently used): a lazy restore's page requests come
 #: back to the chunks of the guest's working set while the background push goes on.
 MEMORY_CHUNKS = 32
@@ -196,7 +204,12 @@ class ChunkSource:
         self.lock = threading.Lock()
         self.mem: OrderedDict[tuple[str, int], memoryview] = OrderedDict()
         self.flight: dict[tuple[str, int], Future[memoryview]] = {}
-        self.keep = max(MEMORY_CHUNKS, READ_AHEAD + workers + 2)
+        self.keep = max(MEMORY_CHUNKS, READ_AHEAD + workers + BEHIND)
+        #: chunks fetched by read-ahead that no reader asked for yet
+        self.ahead: set[tuple[str, int]] = set()
+        #: read-ahead chunks a sequential reader has reached, oldest first
+        self.passed: collections.deque[tuple[str, int]] = collections.deque()
+        self.last: dict[str, int] = {}
         self.blocks = {b.name: b for b in manifest.blocks}
         self.order = {b.name: sorted(b.chunks) for b in manifest.blocks}
         self.fetched = 0
@@ -267,7 +280,31 @@ class ChunkSource:
                 return None
             fut = self.pool.submit(self._fetch_into_memory, block, index, ref, asked)
             self.flight[key] = fut
+            if not asked:
+                self.ahead.add(key)
         return fut
+
+    def _reached(self, block: str, index: int) -> None:
+        """Under the lock: a reader asks for chunk ``index``. When it was read ahead for
+        a sequential reader (the block's previous request was for it or the one before),
+        the read-ahead chunks more than :data:`BEHIND` behind it leave memory; chunks of
+        random requests stay (the working set of a lazy restore)."""
+        key = (block, index)
+        last = self.last.get(block)
+        self.last[block] = index
+        if key not in self.ahead:
+            return
+        self.ahead.discard(key)
+        if last is None:
+            return
+        order = self.order[block]
+        nxt = bisect.bisect_right(order, last)
+        if index != last and not (nxt < len(order) and order[nxt] == index):
+            return
+        if not self.passed or self.passed[-1] != key:
+            self.passed.append(key)
+        while len(self.passed) > BEHIND:
+            self.mem.pop(self.passed.popleft(), None)
 
     def _fetch_into_memory(self, block: str, index: int, ref: ChunkRef,
                            asked: bool) -> memoryview:
@@ -286,6 +323,7 @@ class ChunkSource:
         """Chunk ``index`` of ``block`` (None: not stored, all zeros); reads ahead."""
         with self.lock:
             got = self._future(block, index, True)
+            self._reached(block, index)
             order = self.order[block]
             at = bisect.bisect_right(order, index)
             for nxt in order[at : at + READ_AHEAD]:
@@ -354,6 +392,19 @@ class ObjectImage(MappedRamImage):
         """Store the working-set record object (one PUT: readers see the old or the new
         one). StoreError when the store refuses it."""
         self.source.store.put(self.record_key, data)
+
+    def prefetch(self) -> None:
+        """Start fetching the first chunks a sequential read of the image asks for (those
+        a full restore's stream starts with), so that they arrive while the caller sets
+        up the destination."""
+        src = self.source
+        with src.lock:
+            for name in self.blocks:
+                order = src.order.get(name)
+                if order:
+                    for i in order[:READ_AHEAD]:
+                        src._future(name, i, False)
+                    return
 
     def allocated_bytes(self) -> int:
         return sum(r.stored for r in self.source.manifest.refs())

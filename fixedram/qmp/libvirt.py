@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fixedram.errors import FixedramError, QMPCommandError, VMError
+from fixedram.errors import ImageError, QMPCommandError, VMError
 from fixedram.qmp.client import DEFAULT_TIMEOUT, QMP, Events
 
 __all__ = ["Libvirt", "LibvirtMonitor", "save_domain", "restore_domain", "incoming_xml"]
@@ -223,7 +223,7 @@ def incoming_xml(xml: str) -> str:
     try:
         root = ET.fromstring(xml)
     except ET.ParseError as e:
-        raise FixedramError(f"the domain XML does not parse ({e})") from None
+        raise ImageError(f"the domain XML does not parse ({e})") from None
     cl = root.find(f"{{{_QEMU_NS}}}commandline")
     if cl is None:
         cl = ET.SubElement(root, f"{{{_QEMU_NS}}}commandline")
@@ -271,7 +271,7 @@ def restore_domain(lv: Libvirt, image: str | os.PathLike[str], *,
     else:
         hdr = header_of(image)
         if hdr is None:
-            raise FixedramError(f"{image} has no libvirt header: give the domain's XML "
+            raise ImageError(f"{image} has no libvirt header: give the domain's XML "
                                 "with --xml")
         xml, running = hdr.xml, hdr.was_running
     stay_paused = (not running) if paused is None else paused

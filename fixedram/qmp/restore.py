@@ -147,6 +147,10 @@ def restore(
                 raise VMError(f"--via native needs a local image file; {image} is not one "
                               "(use --via proxy)")
             via = "proxy"
+            from fixedram.image.objimage import ObjectImage
+
+            if isinstance(img, ObjectImage):
+                img.prefetch()  # the stream's first chunks, while the destination is set up
         how, fresh = _choose(qmp, facts, img.format, via)
         if how == "proxy":
             img.open_direct(direct_io)

@@ -144,8 +144,8 @@ class Libvirtd:
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            except subprocess.TimeoutExpired:  # the reaper, libvirtd and its QEMUs
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(5)
 
     def __enter__(self) -> Libvirtd:
