@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,16 @@ def test_save_restore_incremental_lazy(s3: Seaweed, accel: str, tmp_path: Path,
         up1 = first["upload"]
         assert up1["uploaded"] == up1["chunks"] > 8 and up1["reused"] == 0
         assert up1["uploaded_bytes"] < 64 << 20  # 128 MiB of RAM, about 40 MiB of data
+        assert first["resumed"]
+        n = src.heartbeats()[-1].n
+        src.wait_heartbeat(after=n)
+        # an upload that fails after the VM was paused and saved: it runs again, one line
+        # (a bucket whose grace period no upload can meet makes any upload fail)
+        s3.client().create_bucket(Bucket="fixedram-failing")
+        _put(s3, "s3://fixedram-failing/.fixedram/gc.json", b'{"grace_seconds": 0.001}')
+        e = one_line_error(fx(a, "save", "--qmp", ctl, "s3://fixedram-failing/vm",
+                              "--via", "proxy", cwd=tmp_path / "a"))
+        assert "grace period" in e and "the VM runs again" in e
         n = src.heartbeats()[-1].n
         src.wait_heartbeat(after=n)
         second = ok(a, "save", "--qmp", ctl, url, "--via", "proxy", cwd=tmp_path / "a")
@@ -108,7 +119,14 @@ def test_save_restore_incremental_lazy(s3: Seaweed, accel: str, tmp_path: Path,
         check_continues(dst, last_hb, st["gen"])
     dst = destination(src, socks, "dst2")
     with dst:
-        rep = ok(host(s3, tmp_path, "c"), "restore", "--qmp", str(socks / "dst2-ctl.qmp"),
+        c = host(s3, tmp_path, "c")
+        # QEMU would start an exec: child without fixedram's S3 settings: refused first
+        e = one_line_error(fx(c, "restore", "--qmp", str(socks / "dst2-ctl.qmp"), url,
+                              "--lazy", "--transport", "exec"))
+        assert "--transport fd or unix" in e
+        # --endpoint wins over AWS_ENDPOINT_URL_S3 (as over AWS_ENDPOINT_URL)
+        rep = ok(dict(c, AWS_ENDPOINT_URL_S3="http://127.0.0.1:9"), "--endpoint",
+                 c["AWS_ENDPOINT_URL"], "restore", "--qmp", str(socks / "dst2-ctl.qmp"),
                  url, "--lazy")
         assert rep["status"] == "running"
         check_continues(dst, last_hb, st["gen"])
@@ -162,11 +180,11 @@ def test_faults_leave_previous_image(s3: Seaweed, tmp_path: Path, qemu_image: An
     slow = dict(env, FIXEDRAM_CHUNK_CACHE="off")
     p = subprocess.Popen([sys.executable, "-m", "fixedram", "convert", str(big), url],
                          env=slow, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    stage = tmp_path / "h" / "stage"
+    before_kill = _stored_chunks(s3, BUCKET)
     deadline = time.monotonic() + 60
-    while not any(stage.glob("*/image")) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.5)  # into the upload
+    while not (_stored_chunks(s3, BUCKET) - before_kill) and time.monotonic() < deadline:
+        time.sleep(0.02)  # into the upload: a chunk of it is stored
+    assert p.poll() is None, "the upload ended before it could be killed"
     p.send_signal(signal.SIGKILL)
     p.wait()
     intact()
@@ -195,6 +213,21 @@ def test_faults_leave_previous_image(s3: Seaweed, tmp_path: Path, qemu_image: An
     # a re-save repairs it (the damaged object's size differs: uploaded again)
     assert fx(env, "convert", str(img), url).returncode == 0
     assert fx(fresh, "verify", url).returncode == 0
+    # a chunk deleted from the bucket: a problem naming it (exit 1), not an abort
+    s3.client().delete_object(Bucket=BUCKET, Key=key)
+    r = fx(fresh, "verify", url)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert f"chunk {idx}" in r.stdout and name in r.stdout and "missing" in r.stdout
+    # a server that cannot be reached still stops verify with one line (exit 2)
+    gone = dict(fresh, AWS_ENDPOINT_URL="http://127.0.0.1:9", FIXEDRAM_S3_RETRY_SECONDS="1")
+    gone.pop("AWS_ENDPOINT_URL_S3", None)
+    r = fx(gone, "verify", url)
+    assert r.returncode == 2 and "unreachable" in one_line_error(r)
+    assert fx(env, "convert", str(img), url).returncode == 0
+    assert fx(fresh, "verify", url).returncode == 0
+    # fixedram's own prefix is no place for an image
+    e = one_line_error(fx(env, "convert", str(img), f"s3://{BUCKET}/.fixedram/vm"))
+    assert "fixedram's own" in e
 
 
 def test_server_restart_during_restore(s3: Seaweed, accel: str, tmp_path: Path,
@@ -304,7 +337,8 @@ def _same_pages(env: dict[str, str], url: str, pages: dict[int, bytes], out: Pat
     assert raw == want
 
 
-def test_gc_deletes_old_unreferenced_chunks(s3: Seaweed, tmp_path: Path) -> None:
+def test_gc_deletes_old_unreferenced_chunks(s3: Seaweed, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """gc deletes the chunks no manifest names once older than the grace period; chunks a
     manifest names, and unreferenced ones younger than the grace period, stay; the images
     are whole afterwards."""
@@ -330,6 +364,23 @@ def test_gc_deletes_old_unreferenced_chunks(s3: Seaweed, tmp_path: Path) -> None
     s3.client().put_object(Bucket=bucket, Key=young, Body=b"an unreferenced young chunk")
     dry = ok(env, "gc", f"s3://{bucket}", "--dry-run")
     assert dry["deleted"] == len(gone) and _stored_chunks(s3, bucket) == used | gone | {young}
+    dry = ok(env, "gc", f"s3://{bucket}", "--dry-run", "--grace", "100000")
+    assert dry["deleted"] == 0  # with that grace period; the bucket's stays as it was:
+    assert json.loads(_get(s3, f"s3://{bucket}/.fixedram/gc.json"))["grace_seconds"] == 8
+    # a marked object larger than a reader accepts stops gc before it deletes anything
+    # (the limit lowered, in this process, to spare the server a 64 MiB object)
+    from fixedram.errors import ImageError
+    from fixedram.image import chunked
+
+    _put(s3, f"s3://{bucket}/huge", b'{"fixedram-chunked-image":1,' + b" " * 4000)
+    with monkeypatch.context() as m:
+        for k, v in env.items():
+            m.setenv(k, v)
+        m.setattr(chunked, "MAX_MANIFEST", 4000)
+        with pytest.raises(ImageError, match=r"huge.*nothing deleted"):
+            collect_garbage(f"s3://{bucket}")
+    assert _stored_chunks(s3, bucket) == used | gone | {young}
+    s3.client().delete_object(Bucket=bucket, Key="huge")
     rep = ok(env, "gc", f"s3://{bucket}")
     assert rep["manifests"] == 2 and rep["deleted"] == len(gone) and rep["young"] == 1
     assert rep["referenced"] == len(used)
@@ -339,41 +390,112 @@ def test_gc_deletes_old_unreferenced_chunks(s3: Seaweed, tmp_path: Path) -> None
 
 
 def test_gc_during_save(s3: Seaweed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """gc runs while a save uploads, and the old unreferenced chunks it may delete include
-    chunks of the image being saved: the save does not rely on them (it uploads chunks
-    older than half the grace period again), so its image is whole afterwards."""
+    """gc runs while a save uploads two old unreferenced chunks again, in the two ways a
+    listing goes stale: chunk 0 is written again after gc listed it (gc's check before
+    deleting sees the new time and keeps it), chunk 1 after gc checked it and before it
+    deletes it (the save finds it gone after writing its manifest and puts it again). The
+    save and gc run in this process, each request against the real server; the save is
+    held at those PUTs (and at its manifest until gc is done) to force the interleaving."""
+    from fixedram.image import chunked
+    from fixedram.io.objstore import Store
+
     bucket = "fixedram-gc-save"
     s3.client().create_bucket(Bucket=bucket)
     env = host(s3, tmp_path, "h", FIXEDRAM_CHUNK_CACHE="off")
-    ok(env, "gc", f"s3://{bucket}", "--grace", GC_GRACE)
-    p = [os.urandom(PIECE) for _ in range(24)]
-    _chunked_image(tmp_path / "old.img", p[:4])
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    grace = 12.0  # the held save must finish within half of it
+    chunked.write_grace(Store(bucket), grace)
+    p = [os.urandom(PIECE) for _ in range(6)]
+    _chunked_image(tmp_path / "old.img", p[:2])
     old = f"s3://{bucket}/old"
-    assert fx(env, "convert", str(tmp_path / "old.img"), old).returncode == 0
+    chunked.upload(tmp_path / "old.img", old)
+    x0, x1 = (chunked.chunk_key(chunked.chunk_name(c), "raw") for c in p[:2])
+    assert {x0, x1} <= _chunk_keys(s3, old)
     s3.client().delete_object(Bucket=bucket, Key="old")  # its chunks: unreferenced
-    time.sleep(float(GC_GRACE) + 0.5)  # ... and older than the grace period
-    before = _stored_chunks(s3, bucket)
-    new_pages = _chunked_image(tmp_path / "new.img", p)  # the old chunks and 20 more
+    time.sleep(grace + 0.5)  # ... and older than the grace period
+    new_pages = _chunked_image(tmp_path / "new.img", p)  # the old chunks and 4 more
     new = f"s3://{bucket}/new"
-    save = subprocess.Popen([sys.executable, "-m", "fixedram", "convert",
-                             str(tmp_path / "new.img"), new], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not (_stored_chunks(s3, bucket) - before) and time.monotonic() < deadline:
-        time.sleep(0.005)  # until the save stored a new chunk: it looked at the old ones
-    save.send_signal(signal.SIGSTOP)
+
+    ev = {k: threading.Event() for k in ("x0_at", "x0_go", "x0_done", "x1_at", "x1_go",
+                                          "x1_done", "gc_done")}
+    real_put, real_list, real_delete = Store.put, Store.list, Store.delete
+
+    def put(self: Store, key: str, data: Any) -> None:
+        for x, name in ((x0, "x0"), (x1, "x1")):
+            if key == x and not ev[f"{name}_done"].is_set():
+                ev[f"{name}_at"].set()  # HEADed (old), about to PUT it again
+                assert ev[f"{name}_go"].wait(60)
+                real_put(self, key, data)
+                ev[f"{name}_done"].set()
+                return
+        if key == "new":
+            assert ev["gc_done"].wait(60)
+        real_put(self, key, data)
+
+    def listing(self: Store, prefix: str) -> Any:
+        out = list(real_list(self, prefix))
+        if prefix == chunked.CHUNK_PREFIX:  # gc listed the chunks: x0 is written again
+            ev["x0_go"].set()
+            assert ev["x0_done"].wait(60)
+        return iter(out)
+
+    def delete(self: Store, keys: Any) -> None:
+        keys = list(keys)
+        if x1 in keys:  # gc checked x1 (unchanged), about to delete: x1 is written again
+            ev["x1_go"].set()
+            assert ev["x1_done"].wait(60)
+        real_delete(self, keys)
+
+    monkeypatch.setattr(Store, "put", put)
+    monkeypatch.setattr(Store, "list", listing)
+    monkeypatch.setattr(Store, "delete", delete)
+    result: list[Any] = []
+
+    def save() -> None:
+        try:
+            result.append(chunked.upload(tmp_path / "new.img", new))
+        except BaseException as e:  # reported below
+            result.append(e)
+            for e_ in ev.values():
+                e_.set()
+
+    t = threading.Thread(target=save)
+    t.start()
     try:
-        assert save.poll() is None, "the save ended before gc could run"
-        for k, v in env.items():
-            monkeypatch.setenv(k, v)
+        assert ev["x0_at"].wait(60) and ev["x1_at"].wait(60)
         rep = collect_garbage(f"s3://{bucket}")  # while the save is under way
     finally:
-        save.send_signal(signal.SIGCONT)
-    _, err = save.communicate(timeout=120)
-    assert save.returncode == 0, err
+        ev["gc_done"].set()
+        for k in ("x0_go", "x1_go", "x0_done", "x1_done"):
+            ev[k].set()
+        t.join(120)
+    monkeypatch.undo()
+    assert isinstance(result[0], chunked.UploadReport), result
     assert rep.manifests == 0  # the save's manifest was not written yet
+    assert rep.changed == 1  # x0: written again after the listing, kept
+    assert rep.deleted == 2  # x1 (put back by the save) and the old image's meta chunk
+    assert result[0].restored == 1  # x1
+    assert {x0, x1} <= _stored_chunks(s3, bucket)
     ok(env, "gc", f"s3://{bucket}")  # and once more after it
     _same_pages(env, new, new_pages, tmp_path / "new.raw")
+
+
+def test_cache_trim_spares_others_files(tmp_path: Path) -> None:
+    """Trimming the chunk cache removes the least recently used chunks, never another
+    process's write in progress (``.tmp-*``) or lock (``*.lock``), however old."""
+    from fixedram.image.objimage import DiskCache
+
+    cache = DiskCache(tmp_path / "cache", max_bytes=2000)
+    sub = tmp_path / "cache" / "ab"
+    sub.mkdir()
+    for i, name in enumerate([".tmp-x1y2", "abcd.lock", "ab01", "ab02", "ab03"]):
+        f = sub / name
+        f.write_bytes(b"x" * 1000)
+        os.utime(f, (1000 + i, 1000 + i))  # the two others' files are the oldest
+    cache.trim()
+    assert sorted(f.name for f in sub.iterdir()) == [".tmp-x1y2", "ab02", "ab03",
+                                                      "abcd.lock"]
 
 
 # -- reading ----------------------------------------------------------------------------------

@@ -121,8 +121,8 @@ class _LazyGroup(click.Group):
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fixedram")
 @click.option("--endpoint", metavar="URL", default=None,
-              help="S3 endpoint for s3://BUCKET/KEY images (sets AWS_ENDPOINT_URL for the "
-                   "command and the processes it starts).")
+              help="S3 endpoint for s3://BUCKET/KEY images (sets AWS_ENDPOINT_URL and "
+                   "AWS_ENDPOINT_URL_S3 for the command and the processes it starts).")
 def cli(endpoint: str | None = None) -> None:
     """Save and restore QEMU guest RAM in fixed-offset (mapped-ram) images.
 
@@ -130,7 +130,7 @@ def cli(endpoint: str | None = None) -> None:
     credentials from the usual AWS_* variables and profiles; docs/object-storage.md).
     """
     if endpoint:
-        os.environ["AWS_ENDPOINT_URL"] = endpoint
+        os.environ["AWS_ENDPOINT_URL"] = os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
 
 
 def load_commands() -> None:

@@ -20,7 +20,8 @@ __all__ = ["gc_cmd"]
 @click.argument("bucket", metavar="s3://BUCKET")
 @click.option("--grace", type=click.FloatRange(min=1), default=None, metavar="SECONDS",
               help="Set the bucket's grace period first (default 86400; saves started "
-                   "afterwards follow it).")
+                   "afterwards follow it). Lowering it while saves run is unsafe: a running "
+                   "save relies on the period it read when it started.")
 @click.option("--dry-run", is_flag=True, help="Report what would be deleted, delete nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @one_line_errors

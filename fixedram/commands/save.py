@@ -73,9 +73,11 @@ def save_command(image: str, qmp_socket: str | None, live: bool, via: str, resum
     """Save the RAM and device state of the VM behind --qmp into IMAGE (mapped-ram).
 
     IMAGE is replaced atomically, and only by a complete, fsynced image. The VM stays paused
-    afterwards unless --resume; if the save fails, a VM that was running runs again.
+    afterwards unless --resume; if the save fails, a VM that was running runs again (for an
+    s3:// IMAGE, also when the upload fails: it happens while fixedram still holds the VM).
     """
-    from fixedram.image.chunked import local_image
+    from fixedram.errors import FixedramError
+    from fixedram.image.chunked import staging
     from fixedram.io.objstore import is_object_url
     from fixedram.qmp.client import QMP
     from fixedram.qmp.progress import ProgressBar
@@ -102,13 +104,26 @@ def save_command(image: str, qmp_socket: str | None, live: bool, via: str, resum
 
     xml = read_domain_xml(libvirt_xml) if libvirt_xml else None
     assert qmp_socket is not None
-    with local_image(image) as (target, uploads), QMP.connect(qmp_socket) as qmp, \
-            ProgressBar("save", disable=not show_progress(progress)) as bar:
-        r = save(qmp, target, live=live, via=via,  # type: ignore[arg-type]
-                 resume=resume, direct_io=direct_io, progress=bar, max_bandwidth=rate,
-                 stop_after=live_timeout, multifd_channels=channels, libvirt_xml=xml)
-    _report(r, as_json, "VM " + ("resumed" if r.resumed else "left paused"), image,
-            uploads[0] if uploads else None)
+    obj = is_object_url(image)
+    with staging(image) as (target, finish), QMP.connect(qmp_socket) as qmp:
+        was_running = qmp.status() == "running"
+        with ProgressBar("save", disable=not show_progress(progress)) as bar:
+            r = save(qmp, target, live=live, via=via,  # type: ignore[arg-type]
+                     resume=resume and not obj, direct_io=direct_io, progress=bar,
+                     max_bandwidth=rate, stop_after=live_timeout, multifd_channels=channels,
+                     libvirt_xml=xml)
+        try:
+            upload = finish()
+        except FixedramError as e:
+            if not was_running:
+                raise
+            qmp.cmd("cont")  # as for any failed save: a VM that was running runs again
+            e.args = (f"{e} (the VM runs again)",)
+            raise
+        if resume and obj:
+            qmp.cmd("cont")
+            r.resumed = True
+    _report(r, as_json, "VM " + ("resumed" if r.resumed else "left paused"), image, upload)
 
 
 def _report(r: Any, as_json: bool, after: str, image: str, upload: Any) -> None:

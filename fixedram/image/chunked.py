@@ -29,6 +29,12 @@ if it was written less than half the grace period ago, uploading it again otherw
 has passed since it looked: a chunk a running save relies on is therefore younger than
 the grace period until that save's manifest exists, and gc, which reads the manifests
 after listing the chunks, sees the manifest before the chunk is old enough to delete.
+
+A listing can be stale, though: a save may upload an old chunk again after gc listed it
+and before gc deletes it. So gc HEADs each chunk it is about to delete and keeps any whose
+modification time changed since the listing, and a save, once its manifest is written,
+HEADs the chunks it uploaded and uploads again any that are gone (a delete that passed
+gc's check just before the save's upload).
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -53,9 +59,16 @@ import numpy as np
 from fixedram.errors import ImageError, StoreError
 from fixedram.image.layout import PAGE_SIZE
 from fixedram.io.files import scratch_writes
-from fixedram.io.objstore import ObjectURL, Store, is_object_url, parse_url
+from fixedram.io.objstore import (
+    RESERVED,
+    ObjectInfo,
+    ObjectURL,
+    Store,
+    is_object_url,
+    parse_url,
+)
 
-__all__ = ["upload", "staged", "local_image", "preflight", "collect_garbage", "Manifest",
+__all__ = ["upload", "staged", "local_image", "staging", "preflight", "collect_garbage", "Manifest",
            "ChunkRef", "UploadReport", "GcReport", "read_manifest", "chunk_key", "chunk_name",
            "encode_chunk", "decode_chunk", "MANIFEST_VERSION", "CHUNK_SIZE", "CHUNK_PREFIX",
            "DEFAULT_GRACE", "read_grace", "write_grace"]
@@ -330,6 +343,7 @@ class UploadReport:
     zero_chunks: int = 0      # chunks with page data that were all zeros (not stored)
     data_bytes: int = 0       # bytes of the chunks with data (uncompressed)
     uploaded_bytes: int = 0   # bytes sent (compressed)
+    restored: int = 0         # uploaded chunks found deleted after the manifest, put again
     stored_bytes: int = 0     # bytes the manifest's chunks take in the store
     seconds: float = 0.0
     cpu_seconds: float = 0.0
@@ -353,8 +367,11 @@ class _Uploader:
         self.fresh_after = fresh_after
         self.lock = threading.Lock()
         self.done: dict[str, Future[ChunkRef]] = {}
+        #: key -> how to read the chunk again, for every chunk this save PUT
+        self.put_keys: dict[str, Callable[[], memoryview]] = {}
 
-    def store_chunk(self, index: int, data: memoryview) -> ChunkRef:
+    def store_chunk(self, index: int, data: memoryview,
+                    again: Callable[[], memoryview] | None = None) -> ChunkRef:
         name = chunk_name(data)
         with self.lock:
             fut = self.done.get(name)
@@ -367,14 +384,15 @@ class _Uploader:
             ref = fut.result()
             return ChunkRef(index, ref.name, ref.codec, ref.stored)
         try:
-            ref = self._store(name, data)
+            ref = self._store(name, data, again or (lambda: data))
         except BaseException as e:
             fut.set_exception(e)
             raise
         fut.set_result(ref)
         return ChunkRef(index, ref.name, ref.codec, ref.stored)
 
-    def _store(self, name: str, data: memoryview) -> ChunkRef:
+    def _store(self, name: str, data: memoryview,
+               again: Callable[[], memoryview]) -> ChunkRef:
         codec, body = encode_chunk(data)
         key = chunk_key(name, codec)
         have = self.store.head(key)
@@ -384,9 +402,21 @@ class _Uploader:
             return ChunkRef(-1, name, codec, len(body))
         self.store.put(key, body)
         with self.lock:
+            self.put_keys[key] = again
             self.report.uploaded += 1
             self.report.uploaded_bytes += len(body)
         return ChunkRef(-1, name, codec, len(body))
+
+    def restore_deleted(self) -> int:
+        """After the manifest is written: upload again each chunk this save PUT that is
+        gone from the store (deleted by a gc that listed it before this save's PUT and
+        checked it just before too). Returns how many."""
+        n = 0
+        for key, again in self.put_keys.items():
+            if self.store.head(key) is None:
+                self.store.put(key, encode_chunk(again())[1])
+                n += 1
+        return n
 
 
 def upload(path: str | os.PathLike[str], url: str, *, chunk_size: int = CHUNK_SIZE,
@@ -430,7 +460,7 @@ def upload(path: str | os.PathLike[str], url: str, *, chunk_size: int = CHUNK_SI
                         return
                     with up.lock:
                         report.data_bytes += n
-                    be.chunks[i] = up.store_chunk(i, buf)
+                    be.chunks[i] = up.store_chunk(i, buf, lambda: _reread(fd, pos, n))
                 finally:
                     sem.release()
 
@@ -461,11 +491,17 @@ def upload(path: str | os.PathLike[str], url: str, *, chunk_size: int = CHUNK_SI
         man.data_bytes = report.data_bytes
         report.chunks = sum(1 for _ in man.refs())
         report.stored_bytes = sum(r.stored for r in man.refs())
+        doc = man.to_json()
+        if len(doc) > MAX_MANIFEST:
+            raise ImageError(f"{loc}: the manifest would take {len(doc)} bytes, more than "
+                             f"the {MAX_MANIFEST} a reader accepts (a smaller chunk size "
+                             "than this image needs); nothing was written")
         if time.monotonic() - looked > grace / 2:
             raise StoreError(f"{loc}: the upload took longer than half the bucket's gc grace "
                              f"period ({grace:.0f} s): its chunks may have been collected; "
                              "nothing was written, save again")
-        store.put(loc.key, man.to_json())
+        store.put(loc.key, doc)
+        report.restored = up.restore_deleted()
     report.seconds = time.monotonic() - t0
     report.cpu_seconds = time.process_time() - c0
     return report
@@ -481,6 +517,35 @@ def preflight(url: str) -> Store:
 
 
 @contextmanager
+def staging(image: str) -> Iterator[tuple[str, Callable[[], UploadReport | None]]]:
+    """``(path, finish)``: the local path a command writes the image ``image`` to, and the
+    function that stores it there. For a local ``image`` that is ``image`` itself and
+    ``finish`` does nothing (returns None); for an object (``s3://bucket/key``) a staging
+    file (the store checked first, before anything irreversible) that ``finish`` uploads,
+    removed in every case when the block ends. The caller chooses when to upload (a save
+    does it while it still controls the VM)."""
+    if not is_object_url(image):
+        yield image, lambda: None
+        return
+    with _stage_dir(image) as local:
+        yield str(local), lambda: upload(local, image)
+
+
+@contextmanager
+def _stage_dir(url: str) -> Iterator[Path]:
+    """A staging path for ``url`` (FIXEDRAM_STAGING, else TMPDIR, else /var/tmp), the store
+    checked first; the directory is removed when the block ends."""
+    preflight(url)
+    base = os.environ.get("FIXEDRAM_STAGING") or os.environ.get("TMPDIR") or "/var/tmp"
+    d = tempfile.mkdtemp(prefix="fixedram-stage-", dir=base)
+    try:
+        with scratch_writes():  # read back at once, then removed: no fsync, kept cached
+            yield Path(d) / "image"
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@contextmanager
 def staged(url: str, reports: list[UploadReport]) -> Iterator[Path]:
     """A local path to write an image to, uploaded to ``url`` once the block succeeds
     (the report appended to ``reports``); the local copy is removed in every case.
@@ -488,16 +553,9 @@ def staged(url: str, reports: list[UploadReport]) -> Iterator[Path]:
     The staging directory is ``FIXEDRAM_STAGING``, else ``TMPDIR``, else ``/var/tmp``:
     it needs room for the image's data (holes cost nothing).
     """
-    preflight(url)
-    base = os.environ.get("FIXEDRAM_STAGING") or os.environ.get("TMPDIR") or "/var/tmp"
-    d = tempfile.mkdtemp(prefix="fixedram-stage-", dir=base)
-    try:
-        local = Path(d) / "image"
-        with scratch_writes():  # read back at once, then removed: no fsync, kept cached
-            yield local
+    with _stage_dir(url) as local:
+        yield local
         reports.append(upload(local, url))
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @contextmanager
@@ -513,6 +571,12 @@ def local_image(image: str) -> Iterator[tuple[str, list[Any]]]:
     with staged(image, uploads) as local:
         yield str(local), uploads
 
+
+
+def _reread(fd: int, pos: int, n: int) -> memoryview:
+    buf = memoryview(bytearray(n))
+    _pread_all(fd, buf, pos)
+    return buf
 
 
 def _pread_all(fd: int, buf: memoryview, pos: int) -> None:
@@ -558,6 +622,7 @@ class GcReport:
     chunks: int = 0
     referenced: int = 0
     young: int = 0
+    changed: int = 0          # old in the listing, rewritten (or gone) since: kept
     deleted: int = 0
     deleted_bytes: int = 0
     dry_run: bool = False
@@ -569,35 +634,41 @@ class GcReport:
         verb = "would delete" if self.dry_run else "deleted"
         return (f"gc s3://{self.bucket}: {self.manifests} manifests, {self.chunks} chunks: "
                 f"{self.referenced} referenced, {self.young} unreferenced but younger than "
-                f"{self.grace_seconds:.0f} s, {verb} {self.deleted} "
+                f"{self.grace_seconds:.0f} s, {self.changed} rewritten since listed, "
+                f"{verb} {self.deleted} "
                 f"({self.deleted_bytes / 2**20:.1f} MiB)")
 
 
 def collect_garbage(bucket_url: str, *, grace: float | None = None,
                     dry_run: bool = False) -> GcReport:
     """Delete the chunks of a bucket that no manifest names and that are older than the
-    bucket's grace period (``grace`` sets a new one first). Any object outside
-    ``.fixedram/`` that starts like a manifest but cannot be read stops gc before it
-    deletes anything."""
+    bucket's grace period (``grace`` sets a new one first; not with ``dry_run``). Any object
+    outside ``.fixedram/`` that starts like a manifest but cannot be read (or is larger than
+    a reader accepts) stops gc before it deletes anything. Each chunk is HEADed just before
+    it is deleted and kept if it changed since the listing (a save wrote it again)."""
     loc = parse_url(bucket_url, key=False)
     if loc.key:
         raise StoreError(f"gc works on a whole bucket (s3://{loc.bucket}), not on "
                          f"{bucket_url}: chunks are shared by every image of the bucket")
     store = Store(loc.bucket)
-    if grace is not None:
+    if grace is not None and not dry_run:
         write_grace(store, grace)
-    g = read_grace(store)
+    g = read_grace(store) if grace is None else grace
     report = GcReport(loc.bucket, g, dry_run=dry_run)
     now = server_now(store)
     chunks = list(store.list(CHUNK_PREFIX))  # listed before the manifests are read
     report.chunks = len(chunks)
     used: set[str] = set()
     for obj in store.list(""):
-        if obj.key.startswith(".fixedram/") or obj.size > MAX_MANIFEST:
+        if obj.key.startswith(RESERVED) or not obj.size:
             continue
-        head = store.get_range(obj.key, 0, min(obj.size, 64)) if obj.size else b""
+        head = store.get_range(obj.key, 0, min(obj.size, 64))
         if MAGIC.encode() not in bytes(head):
             continue
+        if obj.size > MAX_MANIFEST:
+            raise ImageError(f"{store.where(obj.key)}: a manifest of {obj.size} bytes, more "
+                             f"than the {MAX_MANIFEST} a reader accepts: gc stops, nothing "
+                             "deleted (remove or replace that object first)")
         man = Manifest.parse(store.get(obj.key), store.where(obj.key))
         report.manifests += 1
         used.update(r.key for r in man.refs())
@@ -609,8 +680,20 @@ def collect_garbage(bucket_url: str, *, grace: float | None = None,
             report.young += 1
         else:
             doomed.append(c)
-    report.deleted = len(doomed)
-    report.deleted_bytes = sum(c.size for c in doomed)
-    if not dry_run:
-        store.delete(c.key for c in doomed)
+    if dry_run:
+        report.deleted = len(doomed)
+        report.deleted_bytes = sum(c.size for c in doomed)
+        return report
+    for i in range(0, len(doomed), 100):  # checked just before: a short window per batch
+        batch = [c for c in doomed[i : i + 100] if _unchanged(store, c)]
+        report.changed += min(100, len(doomed) - i) - len(batch)
+        store.delete(c.key for c in batch)
+        report.deleted += len(batch)
+        report.deleted_bytes += sum(c.size for c in batch)
     return report
+
+
+def _unchanged(store: Store, listed: ObjectInfo) -> bool:
+    """Whether chunk ``listed`` is still as the listing showed it (not written again)."""
+    now = store.head(listed.key)
+    return now is not None and now.modified == listed.modified and now.size == listed.size

@@ -160,6 +160,8 @@ class DiskCache:
         for sub in self.root.iterdir():
             if sub.is_dir():
                 for f in sub.iterdir():
+                    if f.name.startswith(".tmp-") or f.name.endswith(".lock"):
+                        continue  # another process's write or lock in progress
                     with contextlib.suppress(OSError):
                         st = f.stat()
                         files.append((st.st_mtime, st.st_size, f))
@@ -423,6 +425,12 @@ class ObjectImage(MappedRamImage):
                     self.source.chunk(b.name, i)
                 except ImageError as e:
                     probs.append(f"RAM block '{b.name}' chunk {i}: {e}")
+                except StoreError:
+                    ref = b.chunks[i]
+                    if self.source.store.head(ref.key) is not None:
+                        raise  # the store failed, not the image: stop (one line)
+                    probs.append(f"RAM block '{b.name}' chunk {i}: chunk {ref.name} is "
+                                 f"missing from the bucket ({ref.key})")
         return probs, n
 
     def page_offset(self, name: str, first_page: int) -> int:

@@ -173,6 +173,7 @@ def verify_image(path: str | os.PathLike[str], *, pages: bool = True) -> VerifyR
             else:
                 cs, found = checksum_metadata(img)
                 rep.problems += found
+                bad: list[str] = []
                 if not img.pages_in_file and pages:  # an object image: every chunk
                     from fixedram.image.objimage import ObjectImage
 
@@ -186,7 +187,10 @@ def verify_image(path: str | os.PathLike[str], *, pages: bool = True) -> VerifyR
                                      "(`fixedram verify --add` adds one)")
                 if cs is not None:
                     rep.checksums = cs.describe()
-                    if pages:
+                    if pages and bad:  # reading the pages would stop at the same chunks
+                        rep.notes.append("page checksums not checked: chunks are damaged "
+                                         "or missing")
+                    elif pages:
                         probs, rep.extents_checked, rep.pages_read = verify_pages(img, cs, skip)
                         rep.problems += probs
                 _working_set(img, rep)

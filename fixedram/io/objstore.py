@@ -32,10 +32,14 @@ from typing import Any
 
 from fixedram.errors import StoreError
 
-__all__ = ["ObjectURL", "Store", "ObjectInfo", "parse_url", "is_object_url", "RETRY_SECONDS"]
+__all__ = ["ObjectURL", "Store", "ObjectInfo", "parse_url", "is_object_url", "RETRY_SECONDS",
+           "RESERVED"]
 
 #: How long a request is retried on transport errors before it fails (seconds).
 RETRY_SECONDS = 20.0
+
+#: The key prefix of fixedram's own objects in a bucket (no image may live under it).
+RESERVED = ".fixedram/"
 
 _URL = re.compile(r"s3://([^/]+)(?:/(.*))?\Z", re.S)
 
@@ -58,10 +62,15 @@ def is_object_url(text: object) -> bool:
 
 def parse_url(text: str, *, key: bool = True) -> ObjectURL:
     """``s3://bucket/key`` -> :class:`ObjectURL`; :class:`StoreError` when malformed
-    (``key=False``: the key may be empty, as in ``s3://bucket`` or ``s3://bucket/prefix/``)."""
+    (``key=False``: the key may be empty, as in ``s3://bucket`` or ``s3://bucket/prefix/``).
+    An image's key (``key=True``) may not be under :data:`RESERVED`, fixedram's own objects
+    (chunks, settings), where gc would not look for it."""
     m = _URL.match(text)
     if not m or (key and not m[2]) or (m[2] or "").startswith("/"):
         raise StoreError(f"bad object location {text!r}: expected s3://BUCKET/KEY")
+    if key and m[2].startswith(RESERVED):
+        raise StoreError(f"{text}: keys under {RESERVED} are fixedram's own (chunks, "
+                         "settings), not for images: choose another key")
     return ObjectURL(m[1], m[2] or "")
 
 

@@ -39,6 +39,7 @@ from typing import Any, Literal
 from fixedram.errors import VMError
 from fixedram.image.reader import image_location
 from fixedram.io.channel import Channel
+from fixedram.io.objstore import is_object_url
 from fixedram.qmp.client import QMP
 from fixedram.qmp.common import (
     MigrationSettings,
@@ -145,6 +146,12 @@ def lazy_restore(
     path = image_location(image)
     if transport not in ("fd", "unix", "exec"):
         raise VMError(f"unknown transport {transport!r} (fd, unix or exec)")
+    if transport == "exec" and is_object_url(path):
+        # QEMU starts the exec: child with QEMU's environment, not fixedram's: the child
+        # would have none of the AWS_* settings, --endpoint or FIXEDRAM_CHUNK_CACHE
+        raise VMError(f"{path}: a lazy restore of an s3:// image runs over --transport fd "
+                      "or unix, not exec (QEMU would start the reader without fixedram's "
+                      "S3 settings)")
     refuse_compressed(path, "a lazy restore")
     facts = read_facts(qmp)
     dest_blocks = incoming_blocks(qmp, facts, name_state=False)
