@@ -401,6 +401,7 @@ def test_return_path(version: str, tmp_path: Path, shm_dir: Path, accel: str,
 
 
 @pytest.mark.qemu
+@pytest.mark.long
 def test_live_save_never_converging(tmp_path: Path, shm_dir: Path, accel: str,
                                     qemu10: QemuBinary, guest_elf: Path) -> None:
     """A guest dirtying faster than the 128 MiB/s default bandwidth, saved for ~12 s then

@@ -230,6 +230,7 @@ def test_faults_leave_previous_image(s3: Seaweed, tmp_path: Path, qemu_image: An
     assert "fixedram's own" in e
 
 
+@pytest.mark.long
 def test_server_restart_during_restore(s3: Seaweed, accel: str, tmp_path: Path,
                                        socks: Path, shm_dir: Path) -> None:  # noqa: F811
     """The server is killed and started again while a full restore reads chunks: the
@@ -337,6 +338,7 @@ def _same_pages(env: dict[str, str], url: str, pages: dict[int, bytes], out: Pat
     assert raw == want
 
 
+@pytest.mark.long
 def test_gc_deletes_old_unreferenced_chunks(s3: Seaweed, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """gc deletes the chunks no manifest names once older than the grace period; chunks a

@@ -362,6 +362,7 @@ def test_concurrent_recording_valid_and_native_load(recorded: tuple[Any, Path], 
 
 
 @pytest.mark.qemu
+@pytest.mark.long
 def test_record_never_delays_the_end(recorded: tuple[Any, Path], tmp_path: Path,
                                      sockdir: Path) -> None:
     """A record that cannot be written yet (another process holds a lock on the image):
