@@ -45,7 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -158,17 +158,21 @@ def run_client(args: list[str], env: dict[str, str]) -> dict[str, Any]:
     return json.loads(r.stdout)  # type: ignore[no-any-return]
 
 
-def data_chunks(path: Path) -> list[bytes]:
-    """The image's chunks holding data, as fixedram cuts them (zero chunks left out)."""
-    per = CHUNK_SIZE // PAGE_SIZE
-    out = []
+def data_pieces(path: Path, size: int) -> Iterator[bytearray]:
+    """The image's pieces of ``size`` bytes (block by block) that hold data, as fixedram
+    cuts its chunks (zero pieces left out)."""
+    per = size // PAGE_SIZE
     with open_image(path) as img:
         for name, blk in img.blocks.items():
             for first in range(0, blk.npages, per):
                 data = img.read(name, first, min(per, blk.npages - first))
                 if np.frombuffer(data, np.uint8).any():
-                    out.append(bytes(data))
-    return out
+                    yield data
+
+
+def data_chunks(path: Path) -> list[bytes]:
+    """The image's chunks holding data, as fixedram cuts them (zero chunks left out)."""
+    return [bytes(d) for d in data_pieces(path, CHUNK_SIZE)]
 
 
 # -- measurements on the images ------------------------------------------------------------
@@ -194,23 +198,12 @@ def resave_by_chunk_size(a: Path, b: Path, sizes: list[int]) -> dict[int, list[i
     chunks]`` (uncompressed), i.e. the chunks of ``b`` holding data that ``a`` has not."""
     out = {}
     for size in sizes:
-        per = size // PAGE_SIZE
         have: set[str] = set()
         first = 0
-        with open_image(a) as ia:
-            for name, blk in ia.blocks.items():
-                for p in range(0, blk.npages, per):
-                    data = ia.read(name, p, min(per, blk.npages - p))
-                    if np.frombuffer(data, np.uint8).any():
-                        have.add(chunk_name(data))
-                        first += len(data)
-        again = 0
-        with open_image(b) as ib:
-            for name, blk in ib.blocks.items():
-                for p in range(0, blk.npages, per):
-                    data = ib.read(name, p, min(per, blk.npages - p))
-                    if np.frombuffer(data, np.uint8).any() and chunk_name(data) not in have:
-                        again += len(data)
+        for data in data_pieces(a, size):
+            have.add(chunk_name(data))
+            first += len(data)
+        again = sum(len(d) for d in data_pieces(b, size) if chunk_name(d) not in have)
         out[size] = [again, first]
     return out
 
