@@ -32,8 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from fixedram._lazy import numpy as np
 from fixedram.errors import FixedramError
 
 __all__ = ["format_report", "run_demo"]

@@ -39,8 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
-
+from fixedram._lazy import numpy as np
 from fixedram.errors import EndpointError, FixedramError, StreamError, UnsupportedRecord
 from fixedram.image.layout import index_runs
 from fixedram.io.channel import Channel

@@ -56,8 +56,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-
+from fixedram._lazy import numpy as np
 from fixedram.endpoint.send import validate
 from fixedram.endpoint.source import (
     LINGER_SECONDS,

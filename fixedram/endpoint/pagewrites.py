@@ -33,9 +33,8 @@ import enum
 import mmap
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import numpy as np
-
 from fixedram import faults
+from fixedram._lazy import numpy as np
 from fixedram.endpoint.multifd import MultifdReceiver
 from fixedram.image.layout import PAGE_SIZE, page_slices
 from fixedram.image.writer import Buffer, MappedRamWriter

@@ -61,8 +61,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import numpy as np
-
+from fixedram._lazy import numpy as np
 from fixedram.endpoint.send import validate
 from fixedram.endpoint.source import (
     ImageArg,

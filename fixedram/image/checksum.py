@@ -34,9 +34,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import xxhash
 
+from fixedram._lazy import numpy as np
 from fixedram.errors import ImageError
 from fixedram.image.extensions import BlockGeometry, ExtensionError, Geometry
 from fixedram.image.layout import PAGE_SIZE, page_slices

@@ -54,8 +54,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from fixedram._lazy import numpy as np
 from fixedram.errors import ImageError, StoreError
 from fixedram.image.layout import PAGE_SIZE
 from fixedram.io.files import scratch_writes

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import numpy as np
-
+from fixedram._lazy import numpy as np
 from fixedram.stream.format import MAPPED_RAM_ALIGN, MAPPED_RAM_HEADER, TARGET_PAGE_SIZE
 
 __all__ = [
@@ -123,6 +122,14 @@ def bitmap_runs(raw: bytes | bytearray | memoryview, npages: int) -> Iterator[tu
     bits = np.unpackbits(words[nz].view(np.uint8), bitorder="little").reshape(len(nz), 64)
     pages = (nz[:, None] * 64 + np.arange(64))[bits.astype(bool)]
     return ((f, k) for _, f, k in index_runs(pages[pages < npages]))
+
+
+def bitmap_bits(raw: bytes | bytearray | memoryview, npages: int, skip: int = 0) -> int:
+    """Bits ``skip`` to ``npages - 1`` of ``raw`` (on-disk order: bit ``k`` is page ``k``) as
+    one integer, the others cleared: what counts and searches of a bitmap (its set bits'
+    number, its last or first set bit) start from, without numpy (opening and checking an
+    image does not load it)."""
+    return int.from_bytes(raw, "little") & ((1 << npages) - 1) & ~((1 << skip) - 1)
 
 
 _SLICES: dict[int, list[slice]] = {}

@@ -47,8 +47,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from fixedram._lazy import numpy as np
 from fixedram.errors import ImageError, StoreError
 from fixedram.image.chunked import WORKERS, ChunkRef, Manifest, decode_chunk, read_manifest
 from fixedram.image.layout import PAGE_SIZE

@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-
+from fixedram._lazy import numpy as np
 from fixedram.errors import FixedramError, ImageError, StreamError
 from fixedram.image.check import mapped_bounds, raise_first
 from fixedram.image.layout import (
     BITMAP_PIECE_PAGES,
     PAGE_SIZE,
+    bitmap_bits,
     bitmap_bytes,
     bitmap_runs,
     bitmap_to_bools,
@@ -495,10 +495,9 @@ class MappedRamImage(Image):
         raw = bytearray(bitmap_bytes(n) - b0)
         preadv_exact(self._fd, memoryview(raw), blk.mapped.bitmap_offset + b0,
                      f"bitmap of RAM block '{blk.name}'")
-        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
-        bits[: n & 7] = 0
-        if bits.any():
-            extra = int(np.flatnonzero(bits)[0]) + b0 * 8
+        bits = bitmap_bits(raw, len(raw) * 8, skip=n & 7)
+        if bits:
+            extra = (bits & -bits).bit_length() - 1 + b0 * 8
             raise ImageError(f"RAM block '{blk.name}': bitmap bit {extra} is set beyond the "
                              f"block's {n} pages", blk.mapped.bitmap_offset)
         done.add(blk.name)
@@ -548,9 +547,22 @@ class MappedRamImage(Image):
         total = 0
         for p in range(0, blk.npages, BITMAP_PIECE_PAGES):
             n = min(BITMAP_PIECE_PAGES, blk.npages - p)
-            raw = np.frombuffer(self._bitmap_bytes(blk, p, n), dtype=np.uint8)
-            total += int(np.count_nonzero(np.unpackbits(raw, bitorder="little", count=n)))
+            total += bitmap_bits(self._bitmap_bytes(blk, p, n), n).bit_count()
         return total
+
+    def last_present(self, name: str) -> int:
+        """Index of the last page of block ``name`` with data, or -1: the bitmap read in
+        pieces of :data:`BITMAP_PIECE_PAGES` pages (a bit set beyond the block is refused)."""
+        blk = self.block(name)
+        if name in self.__dict__.get("_bitmaps", {}):
+            return super().last_present(name)
+        last = -1
+        for p in range(0, blk.npages, BITMAP_PIECE_PAGES):
+            n = min(BITMAP_PIECE_PAGES, blk.npages - p)
+            bits = bitmap_bits(self._bitmap_bytes(blk, p, n), n)
+            if bits:
+                last = p + bits.bit_length() - 1
+        return last
 
     def _piece_runs(self, name: str, first: int, npages: int) -> Iterator[tuple[int, int]]:
         if first % 64 or name in self.__dict__.get("_bitmaps", {}):

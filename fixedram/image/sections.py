@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-
+from fixedram._lazy import numpy as np
 from fixedram.errors import FixedramError
 from fixedram.image.reader import Image
 from fixedram.stream.format import RecordType
@@ -23,9 +22,9 @@ from fixedram.stream.format import RecordType
 __all__ = ["device_section_ids", "ram_section_id"]
 
 #: Bytes that start a record carrying a section id: START, PART, END, FULL and the footer.
-_ID_MARKERS = np.array(
-    [RecordType.SECTION_START, RecordType.SECTION_PART, RecordType.SECTION_END,
-     RecordType.SECTION_FULL, RecordType.SECTION_FOOTER], dtype=np.uint8)
+_ID_MARKERS = [int(t) for t in (RecordType.SECTION_START, RecordType.SECTION_PART,
+                                RecordType.SECTION_END, RecordType.SECTION_FULL,
+                                RecordType.SECTION_FOOTER)]
 #: The id used when the image does not name RAM's own id and no device section uses it.
 PREFERRED_ID = 1
 

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-import numpy as np
-
+from fixedram._lazy import numpy as np
 from fixedram.image.layout import bools_to_bitmap, runs
 
 __all__ = ["SparseArray", "SparseBits"]

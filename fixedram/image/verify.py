@@ -30,8 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-
+from fixedram._lazy import numpy as np
 from fixedram.errors import FixedramError, ImageError, StreamError
 from fixedram.image.check import (
     Problem,

@@ -45,9 +45,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import xxhash
 
+from fixedram._lazy import numpy as np
 from fixedram.image.extensions import WS_COPY, ExtensionError, Geometry
 
 __all__ = [

@@ -33,8 +33,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
+from fixedram._lazy import numpy as np
 from fixedram.errors import FixedramError, UnsupportedRecord
 from fixedram.image.checksum import (
     BlockGeometry,

@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from fixedram._lazy import load_now
+from fixedram._lazy import numpy as np
 from fixedram.errors import VMError
 from fixedram.image.reader import image_location
 from fixedram.io.channel import Channel
@@ -161,6 +163,9 @@ def lazy_restore(
         pages = sum(img.count_present(n) for n in img.blocks)
         ram_size, fmt = img.ram_size, img.format
         rates = (push_rate, prefetch_rate)
+        # the sender needs numpy before RUN (its page bookkeeping): imported here, before
+        # the sender's thread and the QMP polling run, which make that import slower
+        load_now(np)
         sender = _Sender(img, facts.machine, dest_blocks, progress, rates, prefetch, record)
         settings = MigrationSettings(qmp, facts)
         watch = Watch(qmp, incoming="the lazy restore")

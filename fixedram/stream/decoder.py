@@ -27,8 +27,7 @@ import json
 from enum import Enum, auto
 from itertools import pairwise
 
-import numpy as np
-
+from fixedram._lazy import numpy as np
 from fixedram.errors import StreamError, TruncatedStream, UnsupportedRecord
 from fixedram.stream.buffer import NeedData, ReceiveBuffer
 from fixedram.stream.format import (

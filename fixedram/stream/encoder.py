@@ -22,8 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
+from fixedram._lazy import numpy as np
 from fixedram.stream.format import (
     BE16,
     BE32,
@@ -152,8 +151,10 @@ def encode(r: Record, *, continued: bool = False) -> bytes:
     raise TypeError(f"cannot encode {type(r).__name__}")
 
 
-#: A ZERO record in CONTINUE form: the big-endian word, then the fill byte (9 bytes, packed).
-_ZERO_REC = np.dtype([("word", ">u8"), ("fill", "u1")])
+#: A ZERO record in CONTINUE form: the big-endian word, then the fill byte (9 bytes, packed;
+#: a numpy dtype's fields, made into one where used).
+_ZERO_REC = [("word", ">u8"), ("fill", "u1")]
+_ZERO_REC_SIZE = 9
 _ZERO_CONT = int(RamFlag.ZERO | RamFlag.CONTINUE)
 #: The flags of a PAGE record in CONTINUE form (the page's offset is or-ed in).
 _PAGE_CONT = int(RamFlag.PAGE | RamFlag.CONTINUE)
@@ -298,7 +299,7 @@ class StreamEncoder:
         if block != self._last_block:
             self._last_block = block
             word = int(idx[0]) * TARGET_PAGE_SIZE | int(RamFlag.ZERO)
-            out = BE64.pack(word) + counted(block) + b"\x00" + out[_ZERO_REC.itemsize :]
+            out = BE64.pack(word) + counted(block) + b"\x00" + out[_ZERO_REC_SIZE :]
         return out
 
     def forget_block(self) -> None:

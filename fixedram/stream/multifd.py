@@ -28,8 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-import numpy as np
-
+from fixedram._lazy import numpy as np
 from fixedram.errors import StreamError, TruncatedStream, UnsupportedRecord
 from fixedram.stream.format import (
     BE32,
