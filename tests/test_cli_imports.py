@@ -9,6 +9,7 @@ and looks at ``sys.modules``.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -170,3 +171,51 @@ def test_lazy_options_are_one_definition() -> None:
                 for n in names}
 
     assert opts("restore", "--lazy") == opts("send", "--postcopy")
+
+
+def test_opening_and_checking_an_image_leaves_numpy_out(tmp_path: Path) -> None:
+    """The native save and restore and the lazy restore's checks before QEMU sees a byte
+    (open, validate, count and walk the bitmaps) read metadata only, without numpy: a
+    native restore never loads it. The counts equal numpy's, across the 4 GiB pieces a
+    bitmap is read in, and a bit set beyond a block is still refused."""
+    from synth_images import write_mapped_image
+
+    pages = {"pc.ram": {0: b"\x01" * 4096, 63: b"\x02" * 4096, 64: b"\x03" * 4096,
+                        (1 << 20) - 1: b"\x04" * 4096, (1 << 20) + 5: b"\x05" * 4096},
+             "rom": {2: b"\x06" * 4096}}
+    img = tmp_path / "meta.img"
+    headers = write_mapped_image(img, {"pc.ram": 5 << 30, "rom": 40 * 4096, "empty": 8192},
+                                 pages)
+    mods = modules_after(
+        "import fixedram.cli, fixedram.commands.restore, fixedram.commands.save, "
+        "fixedram.qmp.restore, fixedram.qmp.save, fixedram.qmp.lazy, "
+        "fixedram.endpoint.postcopy\n"
+        "from fixedram.image import open_image\n"
+        "from fixedram.endpoint.send import validate\n"
+        f"with open_image({str(img)!r}) as img:\n"
+        "    validate(img, dest_machine='pc-q35-10.0', dest_blocks=[(n, b.length) for n, b "
+        "in img.blocks.items()])\n"
+        "    counts = {n: (img.count_present(n), img.last_present(n)) for n in img.blocks}\n"
+        "print(counts)")
+    assert "numpy" not in mods
+    r = subprocess.run([sys.executable, "-c",
+                        "from fixedram.image import open_image\n"
+                        f"with open_image({str(img)!r}) as img:\n"
+                        "    print({n: (img.count_present(n), img.last_present(n)) "
+                        "for n in img.blocks})"],
+                       capture_output=True, text=True, cwd=REPO, timeout=60, check=True)
+    assert r.stdout.strip() == str({"pc.ram": (5, (1 << 20) + 5), "rom": (1, 2),
+                                    "empty": (0, -1)})
+    # bit 41 of the 40-page block: refused by the count, the walk and the check
+    fd = os.open(img, os.O_RDWR)
+    try:
+        os.pwrite(fd, bytes([0x04 | 0x02]), headers["rom"].bitmap_offset + 5)
+    finally:
+        os.close(fd)
+    for call in ("img.count_present('rom')", "img.last_present('rom')", "validate(img)"):
+        r = subprocess.run([sys.executable, "-c",
+                            "from fixedram.image import open_image\n"
+                            "from fixedram.endpoint.send import validate\n"
+                            f"with open_image({str(img)!r}) as img:\n    {call}"],
+                           capture_output=True, text=True, cwd=REPO, timeout=60, check=False)
+        assert "bitmap bit 41 is set beyond the block's 40 pages" in r.stderr, (call, r.stderr)

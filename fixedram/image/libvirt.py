@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import struct
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,6 +173,8 @@ def read_header(fd: int, size: int, where: str = "image") -> LibvirtHeader:
 
 def summarize_xml(xml: str, where: str = "image") -> DomainSummary:
     """Name, UUID, memory, machine type, vCPUs and type of a libvirt domain XML."""
+    import xml.etree.ElementTree as ET  # only for libvirt images: not on every restore's path
+
     if not xml.strip():
         raise ImageError(f"{where}: the libvirt header holds no domain XML", HEADER.size)
     try:
