@@ -163,8 +163,8 @@ def lazy_restore(
         pages = sum(img.count_present(n) for n in img.blocks)
         ram_size, fmt = img.ram_size, img.format
         rates = (push_rate, prefetch_rate)
-        # the sender needs numpy before RUN (its page bookkeeping): imported here, before
-        # the sender's thread and the QMP polling run, which make that import slower
+        # the sender needs numpy before RUN (its page bookkeeping): loaded here, before QEMU
+        # is touched, rather than by the sender while QEMU waits for the stream's head
         load_now(np)
         sender = _Sender(img, facts.machine, dest_blocks, progress, rates, prefetch, record)
         settings = MigrationSettings(qmp, facts)
