@@ -10,6 +10,7 @@ byte for byte, and after ``cont`` the guest's heartbeat carries on with ``err=0`
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -251,16 +252,20 @@ def test_send_channels_every_page(fixedram_image: Callable[[Any], tuple[Path, An
 
 
 @pytest.mark.qemu
-def test_restore_cli_channels(fixedram_image: Callable[[Any], tuple[Path, Any]],
+@pytest.mark.parametrize("channels", [[], ["--channels", "2"]], ids=["default", "2"])
+def test_restore_cli_channels(channels: list[str],
+                              fixedram_image: Callable[[Any], tuple[Path, Any]],
                               shm_dir: Path, tmp_path: Path, sockdir: Path) -> None:
+    """``restore --via proxy`` is a multifd source with 2 channels unless told otherwise."""
     img, case = fixedram_image("legacy")
     dst, qmp2, _ = _dest(case, tmp_path, sockdir, find_qemu("10"), "rst", 0)
     with dst:
-        r = _cli("restore", "--qmp", str(qmp2), "--via", "proxy", "--channels", "2",
+        r = _cli("restore", "--qmp", str(qmp2), "--via", "proxy", *channels,
                  "--paused", "--json", str(img))
         assert r.returncode == 0, r.stderr
         rep = json.loads(r.stdout)
         assert rep["via"] == "proxy" and rep["status"] == "paused"
+        assert rep["channels"] == 2
         assert rep["caps_changed"].get("multifd") is True
         # the settings are put back: a later migration of the VM must not inherit multifd
         assert not dst.cmd("query-migrate-capabilities") or not any(
@@ -268,6 +273,40 @@ def test_restore_cli_channels(fixedram_image: Callable[[Any], tuple[Path, Any]],
             if c["capability"] == "multifd")
         _compare_ram(dst, case, shm_dir, "restore-2")
         _check_runs_on(dst, case)
+
+
+@pytest.mark.qemu
+def test_restore_qemu_as_another_user(fixedram_image: Callable[[Any], tuple[Path, Any]],
+                                      shm_dir: Path, tmp_path: Path, sockdir: Path) -> None:
+    """A QEMU that runs as another user cannot listen in fixedram's private directory: asked
+    for channels, the restore is refused in one line before QEMU changes (it still waits and
+    takes the image); by default the restore goes over a single stream."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to start QEMU as another user")
+    img, case = fixedram_image("legacy")
+    dst = Guest.like(case.source, name="nobody", workdir=tmp_path, qemu=find_qemu("10"))
+    qmp2 = sockdir / "nobody.qmp"
+    dst.extra_args = ("-qmp", f"unix:{qmp2},server=on,wait=off", "-run-with", "user=nobody")
+    with dst.start():
+        r = _cli("restore", "--qmp", str(qmp2), "--via", "proxy", "--channels", "2",
+                 "--paused", str(img))
+        assert r.returncode == 2
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "cannot listen for multifd channels" in r.stderr, r.stderr
+        assert dst.status() == "inmigrate"
+        assert dst.query_migrate().get("status") in (None, "none")
+        r = _cli("restore", "--qmp", str(qmp2), "--via", "proxy", "--paused", "--json",
+                 str(img))
+        assert r.returncode == 0, r.stderr
+        rep = json.loads(r.stdout)
+        assert rep["channels"] == 0 and rep["status"] == "paused"
+        # a folder QEMU, as nobody, may write its pmemsave to
+        dumps = Path(tempfile.mkdtemp(prefix="fixedram-nobody-", dir=shm_dir.parent))
+        try:
+            dumps.chmod(0o777)
+            _compare_ram(dst, case, dumps, "restore-nobody")
+        finally:
+            shutil.rmtree(dumps, ignore_errors=True)
 
 
 @pytest.mark.qemu

@@ -6,9 +6,16 @@ its machine type (``qom-get /machine type``) and RAM blocks (HMP ``info ramblock
 and still waiting. Then:
 
 ``proxy``
-    one end of a socketpair goes to QEMU with ``getfd``, QEMU loads from it
-    (``migrate-incoming uri=fd:NAME``) and :func:`fixedram.endpoint.send.send` writes the
-    image into the other end in a thread. Works with any QEMU and any image format.
+    fixedram streams the image into QEMU; works with any QEMU and any image format. By
+    default as a multifd source with :data:`PROXY_CHANNELS` channels: QEMU listens on a unix
+    socket in a private directory of fixedram's (``migrate-incoming uri=unix:…``) and
+    :func:`fixedram.endpoint.multifd_send.send_multifd` connects 1 + N times, so that QEMU
+    reads the pages with one thread per channel straight into guest RAM. Where QEMU cannot
+    listen there (it runs as another user, or confined: a probe with ``chardev-add`` tells
+    before anything changes), and with ``channels=0``, one end of a socketpair
+    goes to QEMU with ``getfd`` (``migrate-incoming uri=fd:NAME``) and
+    :func:`fixedram.endpoint.send.send` writes the single precopy stream into the other,
+    which QEMU's main thread parses page by page.
 ``native``
     QEMU ≥ 9.0 loads a mapped-ram image itself: capability ``mapped-ram`` (plus multifd
     channels if asked) and ``migrate-incoming file:IMAGE[,offset=N]``.
@@ -51,6 +58,12 @@ Via = Literal["auto", "native", "proxy"]
 ProgressFn = Callable[[Progress], None]
 
 _FD_NAME = "fixedram-restore"
+
+#: Multifd channels of a proxy restore when none are asked for. QEMU loads a single precopy
+#: stream in one thread, header by header and page by page, at about the speed of its own
+#: load of a legacy stream; multifd channels are read by a thread each, with no per-page
+#: parsing (``docs/multifd.md``; ``bench/run.py`` measures both ways).
+PROXY_CHANNELS = 2
 _PAGE = 4096
 
 
@@ -115,7 +128,7 @@ def restore(
     via: Via = "auto",
     paused: bool = False,
     progress: ProgressFn | None = None,
-    channels: int = 0,
+    channels: int | None = None,
     readers: int = 1,
     timeout: float | None = None,
     direct_io: DirectIO = False,
@@ -123,9 +136,11 @@ def restore(
     """Load ``image`` into the QEMU behind ``qmp`` (started with ``-incoming defer``).
 
     ``paused``: leave the VM paused after the load (else ``cont``). ``channels``: multifd
-    channels (0 = none); ``native``: QEMU's reader threads; ``proxy``: fixedram is a multifd
-    source with that many connections, over a unix socket QEMU listens on
-    (:meth:`_Load.multifd`). ``readers``: read-ahead depth of a single-stream ``proxy``.
+    channels (0 = none); ``native``: QEMU's reader threads (default none); ``proxy``:
+    fixedram is a multifd source with that many connections, over a unix socket QEMU listens
+    on (:meth:`_Load.multifd`; default :data:`PROXY_CHANNELS`, or the single stream where
+    QEMU refuses to listen on that socket). ``readers``: read-ahead depth of a single-stream
+    ``proxy``.
     ``direct_io``: page data is read with O_DIRECT, by fixedram (``proxy``) or by QEMU
     (``native``, which then needs multifd: at least one channel); ``"required"`` refuses,
     before QEMU sees a byte, where the filesystem does not support it, else fixedram warns
@@ -156,6 +171,9 @@ def restore(
             img.open_direct(direct_io)
         elif direct_io and isinstance(path, Path) and not _direct_ok(path, direct_io):
             direct_io = False
+        asked = channels is not None
+        if channels is None:
+            channels = PROXY_CHANNELS if how == "proxy" else 0
         if how == "native" and direct_io:
             channels = max(1, channels)  # QEMU reads with O_DIRECT only under multifd
         pages = sum(img.count_present(n) for n in img.blocks)
@@ -166,7 +184,15 @@ def restore(
                 assert isinstance(path, Path)
                 load.native(path, channels, direct_io=bool(direct_io))
             elif channels:
-                watch.worker = load.multifd(channels)
+                try:
+                    watch.worker = load.multifd(channels)
+                except _CannotListen as e:
+                    if asked:
+                        raise VMError(f"QEMU cannot listen for multifd channels in "
+                                      f"fixedram's private directory ({e}): restore with "
+                                      f"--channels 0") from None
+                    channels = 0  # QEMU runs as another user, or confined
+                    watch.worker = load.fd(readers=readers, direct_io=direct_io)
             else:
                 watch.worker = load.fd(readers=readers, direct_io=direct_io)
             deadline = None if timeout is None else time.monotonic() + timeout
@@ -280,12 +306,18 @@ class _Load:
     def multifd(self, channels: int) -> Worker:
         """A multifd load: ``migrate-incoming`` on a unix socket QEMU listens on, and
         :func:`~fixedram.endpoint.multifd_send.send_multifd` connecting 1 + ``channels``
-        times. Unless ``fresh``, every page without data goes as a ZERO record on the main
-        connection (a zero-page list entry does not clear a page QEMU has not received,
-        ``docs/fresh-destination.md``)."""
+        times; raises :class:`_CannotListen`, with nothing changed in QEMU, where QEMU cannot
+        listen in the transport's private directory. Unless ``fresh``, every page without
+        data goes as a ZERO record on the main connection (a zero-page list entry does not
+        clear a page QEMU has not received, ``docs/fresh-destination.md``)."""
         from fixedram.endpoint.multifd_send import parse_uuid, send_multifd
 
-        way = self.way = UnixConnect("fixedram-restore-")
+        way = UnixConnect("fixedram-restore-")
+        why = way.can_listen(self.qmp)
+        if why is not None:
+            way.close()
+            raise _CannotListen(why)
+        self.way = way
         self.settings.set({"mapped-ram": False, "postcopy-ram": False, "multifd": True},
                           {"multifd-channels": channels, "multifd-compression": "none"})
         uuid = parse_uuid(str(self.qmp.cmd("query-uuid").get("UUID", "")))
@@ -306,6 +338,10 @@ class _Load:
         self.settings.restore()
         if self.way is not None:
             self.way.close()
+
+
+class _CannotListen(Exception):
+    """QEMU cannot listen on a socket in fixedram's private directory (its reason)."""
 
 
 def _direct_ok(path: Path, mode: DirectIO) -> bool:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shlex
 import shutil
 import socket
@@ -151,6 +152,25 @@ class UnixConnect(Transport):
         self.dir = _private_dir(prefix)
         self.uri = f"unix:{self.dir}/mig.sock"
         self.channel: SocketChannel | None = None
+
+    def can_listen(self, qmp: QMP) -> str | None:
+        """Whether QEMU can listen in the private directory; None if so, else QEMU's reason.
+
+        QEMU may run as another user, or confined, and a ``migrate-incoming`` that fails to
+        listen leaves QEMU unable to take another; so QEMU is first asked to listen on a
+        socket of its own there (``chardev-add``, removed at once), which changes nothing.
+        """
+        from fixedram.errors import QMPCommandError
+
+        name = f"fixedram-probe-{os.getpid()}"
+        try:
+            qmp.cmd("chardev-add", id=name, backend={"type": "socket", "data": {
+                "addr": {"type": "unix", "data": {"path": f"{self.dir}/probe.sock"}},
+                "server": True, "wait": False}})
+        except QMPCommandError as e:
+            return str(e)
+        qmp.cmd("chardev-remove", id=name)
+        return None
 
     def connect(self, *, large_buffers: bool = True) -> SocketChannel:
         """Connect to QEMU (once it listens: after ``migrate-incoming``)."""
