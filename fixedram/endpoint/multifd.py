@@ -43,7 +43,7 @@ import numpy as np
 
 from fixedram.errors import EndpointError, FixedramError, StreamError, UnsupportedRecord
 from fixedram.image.layout import index_runs
-from fixedram.io.channel import Channel
+from fixedram.io.channel import Channel, recv_whole
 from fixedram.stream.format import MULTIFD_PAGES_PER_PACKET, TARGET_PAGE_SIZE
 from fixedram.stream.multifd import (
     MULTIFD_PACKET_SIZE,
@@ -242,10 +242,13 @@ class MultifdReceiver:
         for first in dec.feed(conn.initial):
             self._event(conn, first)
         recv = conn.channel.recv_into
+        # Reads straight to where the decoder wants the next bytes (a packet's header, then
+        # its pages into ``buf``) wait until that region is full: one system call (and one
+        # return to Python) per header and per payload, however the kernel splits them.
+        whole = recv_whole(conn.channel)
         # After a packet without page data, the next bytes are read into ``stage``, many
         # packet headers at once, decoded together (feed_batch): a large guest's zero pages
-        # come as hundreds of thousands of such packets. Otherwise each read goes straight
-        # to where the decoder wants it (a packet's pages into ``buf``).
+        # come as hundreds of thousands of such packets.
         stage = memoryview(bytearray(_STAGE))
         batch = False
         while True:
@@ -253,7 +256,7 @@ class MultifdReceiver:
                 raise _Stop
             batch = batch and dec.at_boundary
             try:
-                n = recv(stage if batch else dec.get_buffer())
+                n = recv(stage) if batch else whole(dec.get_buffer())
             except (OSError, EndpointError) as e:
                 if self._closing:
                     raise _Stop from None
