@@ -58,6 +58,7 @@ __all__ = ["ChannelStats", "MultifdReceiver", "MultifdStats", "PageSink"]
 
 Buffer = bytes | bytearray | memoryview
 _SHIFT = TARGET_PAGE_SIZE.bit_length() - 1
+_SHIFT_U64 = np.uint64(_SHIFT)
 _PAYLOAD = MULTIFD_PAGES_PER_PACKET * TARGET_PAGE_SIZE
 #: Bytes of packet headers read at once after a packet without page data.
 _STAGE = 48 * MULTIFD_PACKET_SIZE
@@ -137,7 +138,7 @@ class _Conn:
 
 def _runs(offsets: np.ndarray) -> list[tuple[int, int, int]]:
     """``(index, first_page, count)`` for each run of consecutive page offsets (numpy)."""
-    return index_runs(offsets.astype(np.int64) >> _SHIFT)
+    return index_runs(offsets >> _SHIFT_U64)
 
 
 def _wake(channel: Channel) -> None:
@@ -336,14 +337,18 @@ class MultifdReceiver:
                 raise StreamError(f"{conn.name}: page offset 0x{top:x} outside RAM block "
                                   f"'{pkt.block}' (length 0x{length:x})", pkt.offset + 320)
             data = memoryview(pkt.data)
+            nn = len(pkt.normal_offsets)
             with self._lock:
-                # one write per run of consecutive pages, straight from the payload
-                nn = len(pkt.normal_offsets)
-                for i, first, n in _runs(offs[:nn]):
-                    self.sink.write_pages(pkt.block, first, [
-                        data[i * TARGET_PAGE_SIZE : (i + n) * TARGET_PAGE_SIZE]])
-                for _, first, n in _runs(offs[nn:]):
-                    self.sink.zero_pages(pkt.block, first, n)
+                # one write per run of consecutive pages, straight from the payload (a
+                # packet's pages are usually one run: one pwritev)
+                if nn:
+                    write = self.sink.write_pages
+                    for i, first, n in _runs(offs[:nn] if nn < len(offs) else offs):
+                        write(pkt.block, first, [
+                            data[i * TARGET_PAGE_SIZE : (i + n) * TARGET_PAGE_SIZE]])
+                if nn < len(offs):
+                    for _, first, n in _runs(offs[nn:]):
+                        self.sink.zero_pages(pkt.block, first, n)
         with cond:
             st = conn.stats
             st.packets += pkt.packets
