@@ -159,9 +159,10 @@ def _drop_from_cache(image: Path) -> None:
     """Drop the saved (fsynced, renamed) image's pages from the page cache, in a child
     process the command does not wait for.
 
-    QEMU wrote the image through the page cache (all of it, or its metadata with
-    direct-io); evicting a GiB of clean pages takes the kernel a few hundred milliseconds,
-    which the image does not need to be durable and complete. A thread reaps the child.
+    The image was written through the page cache (by QEMU, all of it or its metadata with
+    direct-io; or by the proxy's receiver); evicting a GiB of clean pages takes the kernel a
+    few hundred milliseconds, which the image does not need to be durable and complete. A
+    thread reaps the child.
     """
     try:
         fd = os.open(image, os.O_RDONLY)
@@ -400,12 +401,14 @@ class _Save:
 
             def receiving() -> Any:
                 return receive_listening(listening.listener, target, channels=channels,
-                                         direct_io=direct_io, accept_timeout=60.0, **lv)
+                                         direct_io=direct_io, accept_timeout=60.0,
+                                         drop_cache=False, **lv)
         else:
             way = pair = FdTransport(self.qmp, _FD_NAME)
 
             def receiving() -> Any:
-                return receive(pair.channel, target, direct_io=direct_io, **lv)
+                return receive(pair.channel, target, direct_io=direct_io, drop_cache=False,
+                               **lv)
         self.way = way
         way.hand()
         worker = self.watch.worker = Worker.started("fixedram-receive",
@@ -421,6 +424,9 @@ class _Save:
         self.t_check = time.monotonic()
         self.pages = _check_image(target, self.facts.machine, self.blocks)
         self.t_check = time.monotonic() - self.t_check
+        # the check read the image's metadata from the cache: only now do its pages go
+        # (in a child, as after a native save)
+        _drop_from_cache(target)
         self.done = True
 
     def abandon(self) -> None:
