@@ -71,7 +71,7 @@ _FD_NAME = "fixedram-save"
 #: feeds the progress bar and notices a live save that does not converge; every reading
 #: is a QMP round trip through the client's event loop thread, which competes for the cores
 #: (and the interpreter) with the proxy's receive threads: at the default 20 ms that cost
-#: a proxy save about a tenth of its CPU time.
+#: a proxy save 4-12 % of its CPU time (the more the busier the cores).
 SAVE_POLL = 0.1
 
 
