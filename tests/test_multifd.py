@@ -432,6 +432,50 @@ def test_receiver_abort_wakes_blocked_socket_reader() -> None:
     b.close()
 
 
+def _dribble(sock: socket.socket, data: bytes, piece: int) -> None:
+    """Send ``data`` in pieces of ``piece`` bytes, letting the reader run between them."""
+    for at in range(0, len(data), piece):
+        sock.sendall(data[at : at + piece])
+        time.sleep(0.0005)
+    sock.shutdown(socket.SHUT_WR)
+
+
+def test_receiver_socket_reads_whole_header_and_payload_from_pieces() -> None:
+    """Over a socket a channel waits for a whole header, then a whole payload (one read
+    each): a packet trickling in as small pieces still lands page for page, and a channel
+    cut inside a payload is reported as such."""
+    pages = {p: 0x100 + p for p in range(3, 40)}
+    ch = encode_init(0) + _pkt(sync=True) + _pkt(pages) + _pkt({50: 0x50}, sync=True)
+    a, b = socket.socketpair()
+    sink = MemorySink({"ram": 64 * PAGE})
+    rx = MultifdReceiver(sink, 1, marker_timeout=20)
+    rx.add_channel(SocketChannel(a))
+    t = threading.Thread(target=_dribble, args=(b, ch, 1000))
+    t.start()
+    for r in (RamBlock("ram", 64 * PAGE), MultifdFlush(), MultifdFlush()):
+        rx.handle(r)
+    st_ = rx.finish(eof_timeout=20)
+    t.join()
+    b.close()
+    m = sink.mem["ram"]
+    assert st_.pages == len(pages) + 1 and sink.writes == 2  # one write per run of pages
+    assert all(m[p * PAGE : (p + 1) * PAGE] == _page(v) for p, v in {**pages, 50: 0x50}.items())
+
+    cut = encode_init(0) + _pkt(sync=True) + _pkt(pages)[:-PAGE - 7]
+    a, b = socket.socketpair()
+    rx = MultifdReceiver(MemorySink({"ram": 64 * PAGE}), 1, marker_timeout=20)
+    rx.add_channel(SocketChannel(a))
+    t = threading.Thread(target=_dribble, args=(b, cut, 4096))
+    t.start()
+    rx.handle(RamBlock("ram", 64 * PAGE))
+    rx.handle(MultifdFlush())
+    with pytest.raises(StreamError, match=r"ended in the page data of a packet"):
+        rx.handle(MultifdFlush())
+    t.join()
+    b.close()
+    rx.abort()
+
+
 # ---------------------------------------------------------------------------------------------
 # Real QEMU sources
 # ---------------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 Batched commands keep their order and name a failing command; waits end on QEMU's events and
 every migration setting fixedram touched (capability ``events`` included) is put back; a
-native save's image leaves the page cache (in a child process the command does not wait for)
-once it is durable and named.
+native or proxy save's image leaves the page cache (in a child process the command does not
+wait for) once it is durable, named and checked.
 """
 
 from __future__ import annotations
@@ -120,6 +120,18 @@ def test_native_save_restore_put_settings_back_and_leave_the_cache(
                 assert settings(dst) == before
                 dst.cont()
                 dst.wait_heartbeat(after=src.heartbeats()[-1].n, timeout=60)
+            # a proxy save's image leaves the page cache too, after the check read it
+            src.cont()
+            proxy = d / "proxy.img"
+            rep = fixedram("save", "--qmp", str(socks / "src-ctl.qmp"), "--via", "proxy",
+                           str(proxy))
+            assert rep["via"] == "proxy" and rep["pages_in_image"] > 0
+            allocated = proxy.stat().st_blocks * 512
+            assert allocated > 16 << 20
+            deadline = time.monotonic() + 60
+            while resident(proxy) >= allocated // 20 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert resident(proxy) < allocated // 20, (resident(proxy), allocated)
     finally:
         shutil.rmtree(d, ignore_errors=True)
 

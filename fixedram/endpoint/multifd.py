@@ -42,7 +42,7 @@ from typing import Any, Protocol
 from fixedram._lazy import numpy as np
 from fixedram.errors import EndpointError, FixedramError, StreamError, UnsupportedRecord
 from fixedram.image.layout import index_runs
-from fixedram.io.channel import Channel
+from fixedram.io.channel import Channel, recv_whole
 from fixedram.stream.format import MULTIFD_PAGES_PER_PACKET, TARGET_PAGE_SIZE
 from fixedram.stream.multifd import (
     MULTIFD_PACKET_SIZE,
@@ -57,6 +57,7 @@ __all__ = ["ChannelStats", "MultifdReceiver", "MultifdStats", "PageSink"]
 
 Buffer = bytes | bytearray | memoryview
 _SHIFT = TARGET_PAGE_SIZE.bit_length() - 1
+_SHIFT_U64 = np.uint64(_SHIFT)
 _PAYLOAD = MULTIFD_PAGES_PER_PACKET * TARGET_PAGE_SIZE
 #: Bytes of packet headers read at once after a packet without page data.
 _STAGE = 48 * MULTIFD_PACKET_SIZE
@@ -136,7 +137,7 @@ class _Conn:
 
 def _runs(offsets: np.ndarray) -> list[tuple[int, int, int]]:
     """``(index, first_page, count)`` for each run of consecutive page offsets (numpy)."""
-    return index_runs(offsets.astype(np.int64) >> _SHIFT)
+    return index_runs(offsets >> _SHIFT_U64)
 
 
 def _wake(channel: Channel) -> None:
@@ -241,10 +242,13 @@ class MultifdReceiver:
         for first in dec.feed(conn.initial):
             self._event(conn, first)
         recv = conn.channel.recv_into
+        # Reads straight to where the decoder wants the next bytes (a packet's header, then
+        # its pages into ``buf``) wait until that region is full: one system call (and one
+        # return to Python) per header and per payload, however the kernel splits them.
+        whole = recv_whole(conn.channel)
         # After a packet without page data, the next bytes are read into ``stage``, many
         # packet headers at once, decoded together (feed_batch): a large guest's zero pages
-        # come as hundreds of thousands of such packets. Otherwise each read goes straight
-        # to where the decoder wants it (a packet's pages into ``buf``).
+        # come as hundreds of thousands of such packets.
         stage = memoryview(bytearray(_STAGE))
         batch = False
         while True:
@@ -252,7 +256,7 @@ class MultifdReceiver:
                 raise _Stop
             batch = batch and dec.at_boundary
             try:
-                n = recv(stage if batch else dec.get_buffer())
+                n = recv(stage) if batch else whole(dec.get_buffer())
             except (OSError, EndpointError) as e:
                 if self._closing:
                     raise _Stop from None
@@ -332,14 +336,18 @@ class MultifdReceiver:
                 raise StreamError(f"{conn.name}: page offset 0x{top:x} outside RAM block "
                                   f"'{pkt.block}' (length 0x{length:x})", pkt.offset + 320)
             data = memoryview(pkt.data)
+            nn = len(pkt.normal_offsets)
             with self._lock:
-                # one write per run of consecutive pages, straight from the payload
-                nn = len(pkt.normal_offsets)
-                for i, first, n in _runs(offs[:nn]):
-                    self.sink.write_pages(pkt.block, first, [
-                        data[i * TARGET_PAGE_SIZE : (i + n) * TARGET_PAGE_SIZE]])
-                for _, first, n in _runs(offs[nn:]):
-                    self.sink.zero_pages(pkt.block, first, n)
+                # one write per run of consecutive pages, straight from the payload (a
+                # packet's pages are usually one run: one pwritev)
+                if nn:
+                    write = self.sink.write_pages
+                    for i, first, n in _runs(offs[:nn] if nn < len(offs) else offs):
+                        write(pkt.block, first, [
+                            data[i * TARGET_PAGE_SIZE : (i + n) * TARGET_PAGE_SIZE]])
+                if nn < len(offs):
+                    for _, first, n in _runs(offs[nn:]):
+                        self.sink.zero_pages(pkt.block, first, n)
         with cond:
             st = conn.stats
             st.packets += pkt.packets

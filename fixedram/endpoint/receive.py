@@ -273,7 +273,8 @@ class Receiver:
     give it the N channel connections with ``add_channel``. ``multifd_error`` is
     called from a channel thread when a channel fails (so the caller can stop
     reading the main connection); ``before_marker`` is called before the first
-    multifd sync point (e.g. to check that all N channels connected).
+    multifd sync point (e.g. to check that all N channels connected). ``drop_cache``:
+    :meth:`commit` drops the image's pages from the page cache once it is durable.
     """
 
     def __init__(self, image: str | os.PathLike[str], *, direct_io: DirectIO = False,
@@ -282,11 +283,13 @@ class Receiver:
                  switchover_ack: bool | None = None, multifd_channels: int = 0,
                  multifd_error: Callable[[BaseException], None] | None = None,
                  before_marker: Callable[[], None] | None = None,
-                 libvirt_xml: str | None = None, was_running: bool = True) -> None:
+                 libvirt_xml: str | None = None, was_running: bool = True,
+                 drop_cache: bool = True) -> None:
         if not 0 <= multifd_channels <= MAX_CHANNELS:
             raise FixedramError(f"multifd channels must be 0..{MAX_CHANNELS}, not "
                                 f"{multifd_channels}")
         self.image = Path(image).absolute()
+        self._drop_cache = drop_cache
         self._progress = progress
         self._reply = reply
         self._switchover_ack = switchover_ack
@@ -560,7 +563,7 @@ class Receiver:
         if self.libvirt:  # libvirt's order: everything durable, then the complete magic
             os.fsync(self.file.fd)
             mark_complete(self.file.fd)
-        self.file.commit(drop_cache=True)
+        self.file.commit(drop_cache=self._drop_cache)
         report = ReceiveReport(
             image=self.image, bytes_received=nbytes,
             pages_written=w.pages_written, pages_present=w.pages_present,
@@ -651,7 +654,8 @@ def _ready_probe(channel: Channel) -> Callable[[bool], bool]:
 def receive(channel: Channel, image: str | os.PathLike[str], *, direct_io: DirectIO = False,
             progress: Callable[[ReceiveStats], None] | None = None,
             switchover_ack: bool | None = None,
-            libvirt_xml: str | None = None, libvirt_running: bool = True) -> ReceiveReport:
+            libvirt_xml: str | None = None, libvirt_running: bool = True,
+            drop_cache: bool = True) -> ReceiveReport:
     """Be the destination of a precopy migration and save it as a mapped-ram ``image``.
 
     Reads the stream from ``channel`` until its end (EOF record plus VM description;
@@ -661,12 +665,14 @@ def receive(channel: Channel, image: str | os.PathLike[str], *, direct_io: Direc
     ``switchover_ack`` forces sending SWITCHOVER_ACK on or off (default: see
     :func:`wants_switchover_ack`). ``libvirt_xml``: write a libvirt sparse save image with
     this domain XML in its header (``virsh restore`` loads it, running the domain if
-    ``libvirt_running``). The channel is not closed.
+    ``libvirt_running``). Once the image is durable its pages leave the page cache unless
+    ``drop_cache`` is false (a caller that reads the image next, or drops them itself). The
+    channel is not closed.
     A multifd migration needs :func:`receive_listening`.
     """
     with Receiver(image, direct_io=direct_io, progress=progress, reply=channel.sendall,
                   switchover_ack=switchover_ack, libvirt_xml=libvirt_xml,
-                  was_running=libvirt_running) as rx:
+                  was_running=libvirt_running, drop_cache=drop_cache) as rx:
         _pump(rx, channel)
         return rx.commit()
 
@@ -859,7 +865,7 @@ def receive_listening(listener: Listener, image: str | os.PathLike[str], *, chan
                       connect_timeout: float = CONNECT_TIMEOUT,
                       channel_grace: float = CHANNEL_GRACE,
                       libvirt_xml: str | None = None,
-                      libvirt_running: bool = True) -> ReceiveReport:
+                      libvirt_running: bool = True, drop_cache: bool = True) -> ReceiveReport:
     """:func:`receive` for a source that connects to ``listener``, with or without multifd.
 
     ``channels`` is the number of multifd channels to expect: the source's
@@ -869,7 +875,7 @@ def receive_listening(listener: Listener, image: str | os.PathLike[str], *, chan
     bounds the wait for the first connection; the others must follow within
     ``connect_timeout``, and all channels must be there ``channel_grace`` seconds
     after the first sync point. The accepted connections are closed at the end;
-    the listener is not. ``libvirt_xml``: as for :func:`receive`.
+    the listener is not. ``libvirt_xml``, ``drop_cache``: as for :func:`receive`.
     """
     if not 0 <= channels <= MAX_CHANNELS:
         raise FixedramError(f"multifd channels must be 0..{MAX_CHANNELS}, not {channels}")
@@ -884,7 +890,7 @@ def receive_listening(listener: Listener, image: str | os.PathLike[str], *, chan
         with Receiver(image, direct_io=direct_io, progress=progress, reply=reply,
                       switchover_ack=switchover_ack, multifd_channels=channels,
                       libvirt_xml=libvirt_xml, was_running=libvirt_running,
-                      multifd_error=conns.fail,
+                      drop_cache=drop_cache, multifd_error=conns.fail,
                       before_marker=conns.wait_channels if channels else None) as rx:
             conns.start(rx.multifd)
             ch, first = conns.wait_main()

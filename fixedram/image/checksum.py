@@ -135,6 +135,11 @@ def digest_views(views: Iterable[Buffer], n: int) -> np.ndarray:
 
 def digests_of(bufs: Sequence[Buffer]) -> np.ndarray:
     """The digests of the whole pages in ``bufs``, as a new array."""
+    if len(bufs) == 1:  # the usual case: one run of pages in one buffer
+        v = memoryview(bufs[0]).cast("B")
+        n = len(v) >> _PAGE_SHIFT
+        if n << _PAGE_SHIFT == len(v):
+            return digest_views(map(v.__getitem__, page_slices(n)), n)
     out = np.empty(sum(len(memoryview(b).cast("B")) for b in bufs) >> _PAGE_SHIFT,
                    dtype=np.uint64)
     digest_pages(out, 0, bufs)

@@ -30,6 +30,7 @@ __all__ = [
     "listen",
     "connect",
     "from_fd",
+    "recv_whole",
     "stdio",
     "writev_all",
     "write_fd",
@@ -137,6 +138,14 @@ class SocketChannel:
         except ConnectionResetError:
             raise EndpointError("the peer reset the connection") from None
 
+    def recv_whole(self, buf: memoryview) -> int:
+        """Read until ``buf`` is full (``MSG_WAITALL``: one system call however the bytes
+        arrive); fewer bytes only at end of stream, on a shutdown or a signal."""
+        try:
+            return self.sock.recv_into(buf, 0, socket.MSG_WAITALL)
+        except ConnectionResetError:
+            raise EndpointError("the peer reset the connection") from None
+
     def sendall(self, data: Buffer) -> None:
         try:
             self.sock.sendall(data)
@@ -188,6 +197,17 @@ class SinkChannel:
 
     def close(self) -> None:
         pass
+
+
+def recv_whole(channel: Channel) -> Callable[[memoryview], int]:
+    """A ``recv_into`` for ``channel`` that waits until the buffer is full where the channel
+    can do that in one system call (a socket: :meth:`SocketChannel.recv_whole`), else the
+    channel's own ``recv_into``. For a reader that knows how many bytes come next (a multifd
+    packet's header, then its page data) and would otherwise return to Python for every
+    piece the kernel hands over."""
+    if isinstance(channel, SocketChannel):
+        return channel.recv_whole
+    return channel.recv_into
 
 
 def write_fd(channel: Channel) -> int:

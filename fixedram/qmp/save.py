@@ -66,6 +66,14 @@ ProgressFn = Callable[[Progress], None]
 
 _FD_NAME = "fixedram-save"
 
+#: Seconds between two readings of QEMU's state during a save when no event arrives.
+#: QEMU's MIGRATION events end the wait at once (completion, failure), so the reading only
+#: feeds the progress bar and notices a live save that does not converge; every reading
+#: is a QMP round trip through the client's event loop thread, which competes for the cores
+#: (and the interpreter) with the proxy's receive threads: at the default 20 ms that cost
+#: a proxy save 4-12 % of its CPU time (the more the busier the cores).
+SAVE_POLL = 0.1
+
 
 @dataclass
 class SaveReport:
@@ -151,9 +159,10 @@ def _drop_from_cache(image: Path) -> None:
     """Drop the saved (fsynced, renamed) image's pages from the page cache, in a child
     process the command does not wait for.
 
-    QEMU wrote the image through the page cache (all of it, or its metadata with
-    direct-io); evicting a GiB of clean pages takes the kernel a few hundred milliseconds,
-    which the image does not need to be durable and complete. A thread reaps the child.
+    The image was written through the page cache (by QEMU, all of it or its metadata with
+    direct-io; or by the proxy's receiver); evicting a GiB of clean pages takes the kernel a
+    few hundred milliseconds, which the image does not need to be durable and complete. A
+    thread reaps the child.
     """
     try:
         fd = os.open(image, os.O_RDONLY)
@@ -348,7 +357,8 @@ class _Save:
 
         timeout = self.timeout
         self.info = self.watch.until(
-            completed, each=each, deadline=None if timeout is None else start + timeout,
+            completed, each=each, every=SAVE_POLL,
+            deadline=None if timeout is None else start + timeout,
             late=lambda r: f"the save did not finish within {timeout:.0f} s "
                            f"(status {r.migration.get('status', '')})").migration
 
@@ -391,12 +401,14 @@ class _Save:
 
             def receiving() -> Any:
                 return receive_listening(listening.listener, target, channels=channels,
-                                         direct_io=direct_io, accept_timeout=60.0, **lv)
+                                         direct_io=direct_io, accept_timeout=60.0,
+                                         drop_cache=False, **lv)
         else:
             way = pair = FdTransport(self.qmp, _FD_NAME)
 
             def receiving() -> Any:
-                return receive(pair.channel, target, direct_io=direct_io, **lv)
+                return receive(pair.channel, target, direct_io=direct_io, drop_cache=False,
+                               **lv)
         self.way = way
         way.hand()
         worker = self.watch.worker = Worker.started("fixedram-receive",
@@ -412,6 +424,9 @@ class _Save:
         self.t_check = time.monotonic()
         self.pages = _check_image(target, self.facts.machine, self.blocks)
         self.t_check = time.monotonic() - self.t_check
+        # the check read the image's metadata from the cache: only now do its pages go
+        # (in a child, as after a native save)
+        _drop_from_cache(target)
         self.done = True
 
     def abandon(self) -> None:
