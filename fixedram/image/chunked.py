@@ -70,7 +70,7 @@ from fixedram.io.objstore import (
 __all__ = ["upload", "staged", "local_image", "staging", "preflight", "collect_garbage", "Manifest",
            "ChunkRef", "UploadReport", "GcReport", "read_manifest", "chunk_key", "chunk_name",
            "encode_chunk", "decode_chunk", "MANIFEST_VERSION", "CHUNK_SIZE", "CHUNK_PREFIX",
-           "DEFAULT_GRACE", "read_grace", "write_grace"]
+           "DEFAULT_GRACE", "RECORD_PREFIX", "read_grace", "write_grace"]
 
 #: Version of the manifest document; a reader refuses any other.
 MANIFEST_VERSION = 1
@@ -80,6 +80,9 @@ MAGIC = "fixedram-chunked-image"
 CHUNK_SIZE = 4 << 20
 #: Where chunks live in a bucket, shared by every image of the bucket.
 CHUNK_PREFIX = ".fixedram/chunks/"
+#: Where an object image's working-set record lives: ``RECORD_PREFIX + KEY`` in its bucket
+#: (``docs/working-set.md``, "Object images"); gc removes those of keys holding no image.
+RECORD_PREFIX = ".fixedram/working-sets/"
 #: The bucket's garbage-collection settings.
 GC_KEY = ".fixedram/gc.json"
 #: Default grace period of a bucket (seconds): unreferenced chunks younger than this stay.
@@ -624,6 +627,8 @@ class GcReport:
     changed: int = 0          # old in the listing, rewritten (or gone) since: kept
     deleted: int = 0
     deleted_bytes: int = 0
+    records: int = 0          # working-set records in the bucket
+    orphan_records: int = 0   # of those, of keys holding no image, old enough: deleted
     dry_run: bool = False
 
     def as_dict(self) -> dict[str, Any]:
@@ -635,16 +640,19 @@ class GcReport:
                 f"{self.referenced} referenced, {self.young} unreferenced but younger than "
                 f"{self.grace_seconds:.0f} s, {self.changed} rewritten since listed, "
                 f"{verb} {self.deleted} "
-                f"({self.deleted_bytes / 2**20:.1f} MiB)")
+                f"({self.deleted_bytes / 2**20:.1f} MiB); {self.records} working-set "
+                f"records, {verb} {self.orphan_records} of deleted images")
 
 
 def collect_garbage(bucket_url: str, *, grace: float | None = None,
                     dry_run: bool = False) -> GcReport:
     """Delete the chunks of a bucket that no manifest names and that are older than the
-    bucket's grace period (``grace`` sets a new one first; not with ``dry_run``). Any object
-    outside ``.fixedram/`` that starts like a manifest but cannot be read (or is larger than
-    a reader accepts) stops gc before it deletes anything. Each chunk is HEADed just before
-    it is deleted and kept if it changed since the listing (a save wrote it again)."""
+    bucket's grace period (``grace`` sets a new one first; not with ``dry_run``), and the
+    working-set records (:data:`RECORD_PREFIX`) of keys that hold no image, older than the
+    grace period too. Any object outside ``.fixedram/`` that starts like a manifest but
+    cannot be read (or is larger than a reader accepts) stops gc before it deletes
+    anything. Each object is HEADed just before it is deleted and kept if it changed since
+    the listing (a save, or a lazy restore, wrote it again)."""
     loc = parse_url(bucket_url, key=False)
     if loc.key:
         raise StoreError(f"gc works on a whole bucket (s3://{loc.bucket}), not on "
@@ -655,9 +663,13 @@ def collect_garbage(bucket_url: str, *, grace: float | None = None,
     g = read_grace(store) if grace is None else grace
     report = GcReport(loc.bucket, g, dry_run=dry_run)
     now = server_now(store)
-    chunks = list(store.list(CHUNK_PREFIX))  # listed before the manifests are read
+    # chunks and records are listed before the manifests are read
+    chunks = list(store.list(CHUNK_PREFIX))
+    records = list(store.list(RECORD_PREFIX))
     report.chunks = len(chunks)
+    report.records = len(records)
     used: set[str] = set()
+    images: set[str] = set()
     for obj in store.list(""):
         if obj.key.startswith(RESERVED) or not obj.size:
             continue
@@ -670,18 +682,28 @@ def collect_garbage(bucket_url: str, *, grace: float | None = None,
                              "deleted (remove or replace that object first)")
         man = Manifest.parse(store.get(obj.key), store.where(obj.key))
         report.manifests += 1
+        images.add(obj.key)
         used.update(r.key for r in man.refs())
+
+    def old(o: ObjectInfo) -> bool:
+        return (now - o.modified).total_seconds() >= g
+
     doomed = []
     for c in chunks:
         if c.key in used:
             report.referenced += 1
-        elif (now - c.modified).total_seconds() < g:
+        elif not old(c):
             report.young += 1
         else:
             doomed.append(c)
+    # a record of a key with no image: the image was deleted (a record is only ever
+    # written by a lazy restore of an existing image; an old one bound to a manifest
+    # written since is stale, and deleting it costs only the hint)
+    orphans = [r for r in records if r.key[len(RECORD_PREFIX):] not in images and old(r)]
     if dry_run:
         report.deleted = len(doomed)
         report.deleted_bytes = sum(c.size for c in doomed)
+        report.orphan_records = len(orphans)
         return report
     for i in range(0, len(doomed), 100):  # checked just before: a short window per batch
         batch = [c for c in doomed[i : i + 100] if _unchanged(store, c)]
@@ -689,10 +711,13 @@ def collect_garbage(bucket_url: str, *, grace: float | None = None,
         store.delete(c.key for c in batch)
         report.deleted += len(batch)
         report.deleted_bytes += sum(c.size for c in batch)
+    gone = [r for r in orphans if _unchanged(store, r)]
+    store.delete(r.key for r in gone)
+    report.orphan_records = len(gone)
     return report
 
 
 def _unchanged(store: Store, listed: ObjectInfo) -> bool:
-    """Whether chunk ``listed`` is still as the listing showed it (not written again)."""
+    """Whether ``listed`` is still as the listing showed it (not written again)."""
     now = store.head(listed.key)
     return now is not None and now.modified == listed.modified and now.size == listed.size
