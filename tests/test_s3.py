@@ -249,6 +249,10 @@ def test_empty_and_bad_settings(s3: Seaweed, tmp_path: Path, qemu_image: Any,
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert Store(BUCKET).head(url.split("/", 3)[3]) is not None
+    with monkeypatch.context() as m:  # bodies signed instead of CRC64-NVME-checked
+        m.setenv("FIXEDRAM_S3_CHECKSUM", "sha256")
+        Store(BUCKET).put("settings/signed", b"x" * 5000)
+        assert bytes(Store(BUCKET).get("settings/signed")) == b"x" * 5000
     for var, value, says in (
             ("AWS_ENDPOINT_URL_S3", "garbage", "bad S3 endpoint 'garbage'"),
             ("AWS_ENDPOINT_URL_S3", "ftp://host", "bad S3 endpoint"),
@@ -256,7 +260,8 @@ def test_empty_and_bad_settings(s3: Seaweed, tmp_path: Path, qemu_image: Any,
             ("AWS_SECRET_ACCESS_KEY", "", "partial S3 credentials"),
             ("AWS_ACCESS_KEY_ID", " ", "partial S3 credentials"),
             ("FIXEDRAM_S3_RETRY_SECONDS", "-1", "FIXEDRAM_S3_RETRY_SECONDS='-1'"),
-            ("FIXEDRAM_S3_RETRY_SECONDS", "soon", "expected a number of seconds")):
+            ("FIXEDRAM_S3_RETRY_SECONDS", "soon", "expected a number of seconds"),
+            ("FIXEDRAM_S3_CHECKSUM", "md5", "FIXEDRAM_S3_CHECKSUM='md5'")):
         with monkeypatch.context() as m:
             m.setenv(var, value)
             with pytest.raises(StoreError, match=re.escape(says)):

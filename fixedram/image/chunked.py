@@ -40,6 +40,7 @@ gc's check just before the save's upload).
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -409,16 +410,21 @@ class _Uploader:
             self.report.uploaded_bytes += len(body)
         return ChunkRef(-1, name, codec, len(body))
 
-    def restore_deleted(self) -> int:
+    def restore_deleted(self, workers: int = WORKERS) -> int:
         """After the manifest is written: upload again each chunk this save PUT that is
         gone from the store (deleted by a gc that listed it before this save's PUT and
-        checked it just before too). Returns how many."""
-        n = 0
-        for key, again in self.put_keys.items():
-            if self.store.head(key) is None:
-                self.store.put(key, encode_chunk(again())[1])
-                n += 1
-        return n
+        checked it just before too), ``workers`` requests at a time. Returns how many."""
+        def check(item: tuple[str, Callable[[], memoryview]]) -> int:
+            key, again = item
+            if self.store.head(key) is not None:
+                return 0
+            self.store.put(key, encode_chunk(again())[1])
+            return 1
+
+        if not self.put_keys:
+            return 0
+        with ThreadPoolExecutor(workers, thread_name_prefix="fixedram-check") as pool:
+            return sum(pool.map(check, list(self.put_keys.items())))
 
 
 def upload(path: str | os.PathLike[str], url: str, *, chunk_size: int = CHUNK_SIZE,
@@ -451,12 +457,12 @@ def upload(path: str | os.PathLike[str], url: str, *, chunk_size: int = CHUNK_SI
         fd = img.fileno()
         with ThreadPoolExecutor(workers, thread_name_prefix="fixedram-upload") as pool:
             sem = threading.BoundedSemaphore(2 * workers)
+            size = os.fstat(fd).st_size
 
             def one(be: BlockEntry, i: int, pos: int, n: int) -> None:
                 try:
-                    buf = memoryview(bytearray(n))
-                    _pread_all(fd, buf, pos)
-                    if not np.frombuffer(buf, np.uint8).any():
+                    buf = _chunk_bytes(fd, pos, n, size)
+                    if not np.frombuffer(buf, np.uint64).any():
                         with up.lock:
                             report.zero_chunks += 1
                         return
@@ -503,7 +509,7 @@ def upload(path: str | os.PathLike[str], url: str, *, chunk_size: int = CHUNK_SI
                              f"period ({grace:.0f} s): its chunks may have been collected; "
                              "nothing was written, save again")
         store.put(loc.key, doc)
-        report.restored = up.restore_deleted()
+        report.restored = up.restore_deleted(workers)
     report.seconds = time.monotonic() - t0
     report.cpu_seconds = time.process_time() - c0
     return report
@@ -573,6 +579,19 @@ def local_image(image: str) -> Iterator[tuple[str, list[Any]]]:
     with staged(image, uploads) as local:
         yield str(local), uploads
 
+
+
+def _chunk_bytes(fd: int, pos: int, n: int, size: int) -> memoryview:
+    """Bytes ``[pos, pos + n)`` of the image file ``fd`` (``size`` bytes long): mapped
+    from the page cache where they lie inside the file (the staging copy is read back
+    while cached: no copy into a buffer of ours, and none to allocate and zero), else
+    read (a region past the end of a short file reads as zeros). The image must not
+    shrink meanwhile: it is the upload's own staging copy."""
+    if pos % mmap.ALLOCATIONGRANULARITY == 0 and pos + n <= size:
+        m = mmap.mmap(fd, n, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                      prot=mmap.PROT_READ, offset=pos)
+        return memoryview(m)  # unmapped when the last view of it goes
+    return _reread(fd, pos, n)
 
 
 def _reread(fd: int, pos: int, n: int) -> memoryview:
