@@ -346,6 +346,7 @@ class ObjectImage(MappedRamImage):
     """A mapped-ram image whose page data lives in an object store's chunks."""
 
     pages_in_file = False
+    pages_checked = True  # each chunk against its name before any byte of it is used
     url: ObjectURL
     source: ChunkSource
 
