@@ -591,9 +591,13 @@ def _chunk_bytes(fd: int, pos: int, n: int, size: int) -> memoryview:
     read (a region past the end of a short file reads as zeros). The image must not
     shrink meanwhile: it is the upload's own staging copy."""
     if pos % mmap.ALLOCATIONGRANULARITY == 0 and pos + n <= size:
-        m = mmap.mmap(fd, n, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
-                      prot=mmap.PROT_READ, offset=pos)
-        return memoryview(m)  # unmapped when the last view of it goes
+        try:
+            m = mmap.mmap(fd, n, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                          prot=mmap.PROT_READ, offset=pos)
+        except OSError:
+            pass  # a filesystem that cannot map files: read
+        else:
+            return memoryview(m)  # unmapped when the last view of it goes
     return _reread(fd, pos, n)
 
 
