@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -228,6 +229,43 @@ def test_faults_leave_previous_image(s3: Seaweed, tmp_path: Path, qemu_image: An
     # fixedram's own prefix is no place for an image
     e = one_line_error(fx(env, "convert", str(img), f"s3://{BUCKET}/.fixedram/vm"))
     assert "fixedram's own" in e
+
+
+def test_empty_and_bad_settings(s3: Seaweed, tmp_path: Path, qemu_image: Any,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Empty endpoint and credential variables count as unset (a command works); a
+    malformed endpoint, partial credentials or a bad retry setting are one line each,
+    never a traceback (obstore panics on some of them)."""
+    from fixedram.errors import StoreError
+    from fixedram.io.objstore import Store
+
+    env = host(s3, tmp_path, "h", AWS_ENDPOINT_URL_S3="", AWS_REGION="",
+               AWS_SESSION_TOKEN="", AWS_PROFILE="", FIXEDRAM_S3_RETRY_SECONDS="")
+    url = f"s3://{BUCKET}/settings/vm"
+    r = fx(env, "convert", str(_image(qemu_image)), url)
+    assert r.returncode == 0, r.stderr
+    e = one_line_error(fx(dict(env, AWS_ENDPOINT_URL="http://"), "analyze", url))
+    assert "bad S3 endpoint 'http://' (from AWS_ENDPOINT_URL)" in e
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert Store(BUCKET).head(url.split("/", 3)[3]) is not None
+    with monkeypatch.context() as m:  # bodies signed instead of CRC64-NVME-checked
+        m.setenv("FIXEDRAM_S3_CHECKSUM", "sha256")
+        Store(BUCKET).put("settings/signed", b"x" * 5000)
+        assert bytes(Store(BUCKET).get("settings/signed")) == b"x" * 5000
+    for var, value, says in (
+            ("AWS_ENDPOINT_URL_S3", "garbage", "bad S3 endpoint 'garbage'"),
+            ("AWS_ENDPOINT_URL_S3", "ftp://host", "bad S3 endpoint"),
+            ("AWS_ENDPOINT_URL", "http://127.0.0.1:99999", "bad S3 endpoint"),
+            ("AWS_SECRET_ACCESS_KEY", "", "partial S3 credentials"),
+            ("AWS_ACCESS_KEY_ID", " ", "partial S3 credentials"),
+            ("FIXEDRAM_S3_RETRY_SECONDS", "-1", "FIXEDRAM_S3_RETRY_SECONDS='-1'"),
+            ("FIXEDRAM_S3_RETRY_SECONDS", "soon", "expected a number of seconds"),
+            ("FIXEDRAM_S3_CHECKSUM", "md5", "FIXEDRAM_S3_CHECKSUM='md5'")):
+        with monkeypatch.context() as m:
+            m.setenv(var, value)
+            with pytest.raises(StoreError, match=re.escape(says)):
+                Store(BUCKET).head("settings/vm")
 
 
 @pytest.mark.long
@@ -481,6 +519,43 @@ def test_gc_during_save(s3: Seaweed, tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert {x0, x1} <= _stored_chunks(s3, bucket)
     ok(env, "gc", f"s3://{bucket}")  # and once more after it
     _same_pages(env, new, new_pages, tmp_path / "new.raw")
+
+
+def test_gc_removes_records_of_deleted_images(s3: Seaweed, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """gc deletes the working-set record (``.fixedram/working-sets/KEY``) of a key whose
+    image was deleted once it is older than the grace period; the records of existing
+    images, and young ones, stay (the rule gc applies to chunks)."""
+    from fixedram.image import chunked
+
+    bucket = "fixedram-gc-records"
+    s3.client().create_bucket(Bucket=bucket)
+    env = host(s3, tmp_path, "h")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    _chunked_image(tmp_path / "a.img", [os.urandom(PIECE)])
+    for key in ("keep", "gone"):
+        chunked.upload(tmp_path / "a.img", f"s3://{bucket}/{key}")
+        _put(s3, f"s3://{bucket}/{chunked.RECORD_PREFIX}{key}", b"a record")
+    s3.client().delete_object(Bucket=bucket, Key="gone")  # its record stays behind
+    young = chunked.RECORD_PREFIX + "never/saved"
+    grace = 3.0  # each young object below is read by gc well within it
+    rep = collect_garbage(f"s3://{bucket}", grace=grace)
+    assert rep.records == 2 and rep.orphan_records == 0  # younger than the grace period
+    time.sleep(grace + 0.5)
+    _put(s3, f"s3://{bucket}/{young}", b"a young record")
+    rep = collect_garbage(f"s3://{bucket}", dry_run=True)
+    assert rep.records == 3 and rep.orphan_records == 1
+    assert len(_records(s3, bucket)) == 3  # a dry run deletes nothing
+    rep = collect_garbage(f"s3://{bucket}")
+    assert rep.manifests == 1 and rep.orphan_records == 1
+    assert _records(s3, bucket) == {chunked.RECORD_PREFIX + "keep", young}
+    assert "1 of deleted images" in rep.summary()
+
+
+def _records(sw: Seaweed, bucket: str) -> set[str]:
+    got = sw.client().list_objects_v2(Bucket=bucket, Prefix=".fixedram/working-sets/")
+    return {o["Key"] for o in got.get("Contents", [])}
 
 
 def test_cache_trim_spares_others_files(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""``fixedram gc``: delete the chunks of an object-store bucket that no image references.
+"""``fixedram gc``: delete the chunks of an object-store bucket that no image references,
+and the working-set records of images that were deleted.
 
 Safe against saves running at the same time (the rule is in
 :mod:`fixedram.image.chunked` and ``docs/object-storage.md``): a chunk goes only when no
@@ -26,7 +27,8 @@ __all__ = ["gc_cmd"]
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @one_line_errors
 def gc_cmd(bucket: str, grace: float | None, dry_run: bool, as_json: bool) -> None:
-    """Delete the chunks in BUCKET that no image's manifest references."""
+    """Delete the chunks in BUCKET that no image's manifest references, and the
+    working-set records of deleted images."""
     from fixedram.image.chunked import collect_garbage
 
     r = collect_garbage(bucket, grace=grace, dry_run=dry_run)

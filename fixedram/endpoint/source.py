@@ -139,12 +139,14 @@ def image_of(image: ImageArg) -> Iterator[Image]:
 
 def page_check(img: Image) -> PageCheck | None:
     """Checks pages against the image's checksum extension as they are read (None: the
-    image has none)."""
+    image has none, or its pages are checked as they are read already: an object image's
+    chunks against their names, :attr:`~fixedram.image.reader.Image.pages_checked`). The
+    extension itself is checked in either case."""
     from fixedram.image.check import check_metadata
     from fixedram.image.verify import PageCheck
 
     cs = check_metadata(img)
-    return PageCheck(img, cs) if cs is not None else None
+    return PageCheck(img, cs) if cs is not None and not img.pages_checked else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ gc's check just before the save's upload).
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -70,7 +71,7 @@ from fixedram.io.objstore import (
 __all__ = ["upload", "staged", "local_image", "staging", "preflight", "collect_garbage", "Manifest",
            "ChunkRef", "UploadReport", "GcReport", "read_manifest", "chunk_key", "chunk_name",
            "encode_chunk", "decode_chunk", "MANIFEST_VERSION", "CHUNK_SIZE", "CHUNK_PREFIX",
-           "DEFAULT_GRACE", "read_grace", "write_grace"]
+           "DEFAULT_GRACE", "RECORD_PREFIX", "read_grace", "write_grace"]
 
 #: Version of the manifest document; a reader refuses any other.
 MANIFEST_VERSION = 1
@@ -80,6 +81,9 @@ MAGIC = "fixedram-chunked-image"
 CHUNK_SIZE = 4 << 20
 #: Where chunks live in a bucket, shared by every image of the bucket.
 CHUNK_PREFIX = ".fixedram/chunks/"
+#: Where an object image's working-set record lives: ``RECORD_PREFIX + KEY`` in its bucket
+#: (``docs/working-set.md``, "Object images"); gc removes those of keys holding no image.
+RECORD_PREFIX = ".fixedram/working-sets/"
 #: The bucket's garbage-collection settings.
 GC_KEY = ".fixedram/gc.json"
 #: Default grace period of a bucket (seconds): unreferenced chunks younger than this stay.
@@ -87,9 +91,12 @@ DEFAULT_GRACE = 24 * 3600
 #: Parallel requests of an upload or a download (2-4 saturate a 2-core host).
 WORKERS = 4
 #: zstd level of chunks, and the share of its size a chunk must shrink to to be kept
-#: compressed (else stored raw: decompressing it would cost more than it saves).
+#: compressed (else stored raw: decompressing it would cost more than it saves). 0.93
+#: rather than 7/8: a re-save of the bench.s3 guest uploaded 9.3 % of the first save's
+#: bytes instead of 10.2 % (its rewritten chunks shrink to 0.88), for about 0.1 CPU-s per
+#: GiB more decompression on restore (docs/object-storage.md).
 ZSTD_LEVEL = 1
-ZSTD_KEEP = 0.875
+ZSTD_KEEP = 0.93
 #: A chunk is judged first by a sample (three pieces of this many bytes, from its start,
 #: middle and end): one whose sample does not shrink to ZSTD_KEEP is stored raw without
 #: compressing the rest (random or already compressed data then costs almost nothing).
@@ -406,16 +413,21 @@ class _Uploader:
             self.report.uploaded_bytes += len(body)
         return ChunkRef(-1, name, codec, len(body))
 
-    def restore_deleted(self) -> int:
+    def restore_deleted(self, workers: int = WORKERS) -> int:
         """After the manifest is written: upload again each chunk this save PUT that is
         gone from the store (deleted by a gc that listed it before this save's PUT and
-        checked it just before too). Returns how many."""
-        n = 0
-        for key, again in self.put_keys.items():
-            if self.store.head(key) is None:
-                self.store.put(key, encode_chunk(again())[1])
-                n += 1
-        return n
+        checked it just before too), ``workers`` requests at a time. Returns how many."""
+        def check(item: tuple[str, Callable[[], memoryview]]) -> int:
+            key, again = item
+            if self.store.head(key) is not None:
+                return 0
+            self.store.put(key, encode_chunk(again())[1])
+            return 1
+
+        if not self.put_keys:
+            return 0
+        with ThreadPoolExecutor(workers, thread_name_prefix="fixedram-check") as pool:
+            return sum(pool.map(check, list(self.put_keys.items())))
 
 
 def upload(path: str | os.PathLike[str], url: str, *, chunk_size: int = CHUNK_SIZE,
@@ -448,12 +460,12 @@ def upload(path: str | os.PathLike[str], url: str, *, chunk_size: int = CHUNK_SI
         fd = img.fileno()
         with ThreadPoolExecutor(workers, thread_name_prefix="fixedram-upload") as pool:
             sem = threading.BoundedSemaphore(2 * workers)
+            size = os.fstat(fd).st_size
 
             def one(be: BlockEntry, i: int, pos: int, n: int) -> None:
                 try:
-                    buf = memoryview(bytearray(n))
-                    _pread_all(fd, buf, pos)
-                    if not np.frombuffer(buf, np.uint8).any():
+                    buf = _chunk_bytes(fd, pos, n, size)
+                    if not np.frombuffer(buf, np.uint64).any():
                         with up.lock:
                             report.zero_chunks += 1
                         return
@@ -500,7 +512,7 @@ def upload(path: str | os.PathLike[str], url: str, *, chunk_size: int = CHUNK_SI
                              f"period ({grace:.0f} s): its chunks may have been collected; "
                              "nothing was written, save again")
         store.put(loc.key, doc)
-        report.restored = up.restore_deleted()
+        report.restored = up.restore_deleted(workers)
     report.seconds = time.monotonic() - t0
     report.cpu_seconds = time.process_time() - c0
     return report
@@ -572,6 +584,23 @@ def local_image(image: str) -> Iterator[tuple[str, list[Any]]]:
 
 
 
+def _chunk_bytes(fd: int, pos: int, n: int, size: int) -> memoryview:
+    """Bytes ``[pos, pos + n)`` of the image file ``fd`` (``size`` bytes long): mapped
+    from the page cache where they lie inside the file (the staging copy is read back
+    while cached: no copy into a buffer of ours, and none to allocate and zero), else
+    read (a region past the end of a short file reads as zeros). The image must not
+    shrink meanwhile: it is the upload's own staging copy."""
+    if pos % mmap.ALLOCATIONGRANULARITY == 0 and pos + n <= size:
+        try:
+            m = mmap.mmap(fd, n, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                          prot=mmap.PROT_READ, offset=pos)
+        except OSError:
+            pass  # a filesystem that cannot map files: read
+        else:
+            return memoryview(m)  # unmapped when the last view of it goes
+    return _reread(fd, pos, n)
+
+
 def _reread(fd: int, pos: int, n: int) -> memoryview:
     buf = memoryview(bytearray(n))
     _pread_all(fd, buf, pos)
@@ -624,6 +653,8 @@ class GcReport:
     changed: int = 0          # old in the listing, rewritten (or gone) since: kept
     deleted: int = 0
     deleted_bytes: int = 0
+    records: int = 0          # working-set records in the bucket
+    orphan_records: int = 0   # of those, of keys holding no image, old enough: deleted
     dry_run: bool = False
 
     def as_dict(self) -> dict[str, Any]:
@@ -635,16 +666,19 @@ class GcReport:
                 f"{self.referenced} referenced, {self.young} unreferenced but younger than "
                 f"{self.grace_seconds:.0f} s, {self.changed} rewritten since listed, "
                 f"{verb} {self.deleted} "
-                f"({self.deleted_bytes / 2**20:.1f} MiB)")
+                f"({self.deleted_bytes / 2**20:.1f} MiB); {self.records} working-set "
+                f"records, {verb} {self.orphan_records} of deleted images")
 
 
 def collect_garbage(bucket_url: str, *, grace: float | None = None,
                     dry_run: bool = False) -> GcReport:
     """Delete the chunks of a bucket that no manifest names and that are older than the
-    bucket's grace period (``grace`` sets a new one first; not with ``dry_run``). Any object
-    outside ``.fixedram/`` that starts like a manifest but cannot be read (or is larger than
-    a reader accepts) stops gc before it deletes anything. Each chunk is HEADed just before
-    it is deleted and kept if it changed since the listing (a save wrote it again)."""
+    bucket's grace period (``grace`` sets a new one first; not with ``dry_run``), and the
+    working-set records (:data:`RECORD_PREFIX`) of keys that hold no image, older than the
+    grace period too. Any object outside ``.fixedram/`` that starts like a manifest but
+    cannot be read (or is larger than a reader accepts) stops gc before it deletes
+    anything. Each object is HEADed just before it is deleted and kept if it changed since
+    the listing (a save, or a lazy restore, wrote it again)."""
     loc = parse_url(bucket_url, key=False)
     if loc.key:
         raise StoreError(f"gc works on a whole bucket (s3://{loc.bucket}), not on "
@@ -655,9 +689,13 @@ def collect_garbage(bucket_url: str, *, grace: float | None = None,
     g = read_grace(store) if grace is None else grace
     report = GcReport(loc.bucket, g, dry_run=dry_run)
     now = server_now(store)
-    chunks = list(store.list(CHUNK_PREFIX))  # listed before the manifests are read
+    # chunks and records are listed before the manifests are read
+    chunks = list(store.list(CHUNK_PREFIX))
+    records = list(store.list(RECORD_PREFIX))
     report.chunks = len(chunks)
+    report.records = len(records)
     used: set[str] = set()
+    images: set[str] = set()
     for obj in store.list(""):
         if obj.key.startswith(RESERVED) or not obj.size:
             continue
@@ -670,18 +708,28 @@ def collect_garbage(bucket_url: str, *, grace: float | None = None,
                              "deleted (remove or replace that object first)")
         man = Manifest.parse(store.get(obj.key), store.where(obj.key))
         report.manifests += 1
+        images.add(obj.key)
         used.update(r.key for r in man.refs())
+
+    def old(o: ObjectInfo) -> bool:
+        return (now - o.modified).total_seconds() >= g
+
     doomed = []
     for c in chunks:
         if c.key in used:
             report.referenced += 1
-        elif (now - c.modified).total_seconds() < g:
+        elif not old(c):
             report.young += 1
         else:
             doomed.append(c)
+    # a record of a key with no image: the image was deleted (a record is only ever
+    # written by a lazy restore of an existing image; an old one bound to a manifest
+    # written since is stale, and deleting it costs only the hint)
+    orphans = [r for r in records if r.key[len(RECORD_PREFIX):] not in images and old(r)]
     if dry_run:
         report.deleted = len(doomed)
         report.deleted_bytes = sum(c.size for c in doomed)
+        report.orphan_records = len(orphans)
         return report
     for i in range(0, len(doomed), 100):  # checked just before: a short window per batch
         batch = [c for c in doomed[i : i + 100] if _unchanged(store, c)]
@@ -689,10 +737,13 @@ def collect_garbage(bucket_url: str, *, grace: float | None = None,
         store.delete(c.key for c in batch)
         report.deleted += len(batch)
         report.deleted_bytes += sum(c.size for c in batch)
+    gone = [r for r in orphans if _unchanged(store, r)]
+    store.delete(r.key for r in gone)
+    report.orphan_records = len(gone)
     return report
 
 
 def _unchanged(store: Store, listed: ObjectInfo) -> bool:
-    """Whether chunk ``listed`` is still as the listing showed it (not written again)."""
+    """Whether ``listed`` is still as the listing showed it (not written again)."""
     now = store.head(listed.key)
     return now is not None and now.modified == listed.modified and now.size == listed.size

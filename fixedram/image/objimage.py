@@ -49,7 +49,14 @@ from typing import Any
 
 from fixedram._lazy import numpy as np
 from fixedram.errors import ImageError, StoreError
-from fixedram.image.chunked import WORKERS, ChunkRef, Manifest, decode_chunk, read_manifest
+from fixedram.image.chunked import (
+    RECORD_PREFIX,
+    WORKERS,
+    ChunkRef,
+    Manifest,
+    decode_chunk,
+    read_manifest,
+)
 from fixedram.image.layout import PAGE_SIZE
 from fixedram.image.reader import BlockInfo, MappedRamImage, PageSlots, open_image
 from fixedram.io.objstore import ObjectURL, Store, parse_url
@@ -69,9 +76,6 @@ BEHIND = 2
 MEMORY_CHUNKS = 32
 #: Default bound of the shared chunk cache (bytes).
 CACHE_MAX = 4 << 30
-#: Where an object image's working-set record lives: ``RECORD_PREFIX + KEY`` in its bucket
-#: (``docs/working-set.md``, "Object images").
-RECORD_PREFIX = ".fixedram/working-sets/"
 #: The largest working-set record object read (a record holds at most 64 KiB).
 RECORD_MAX = 1 << 20
 
@@ -342,6 +346,7 @@ class ObjectImage(MappedRamImage):
     """A mapped-ram image whose page data lives in an object store's chunks."""
 
     pages_in_file = False
+    pages_checked = True  # each chunk against its name before any byte of it is used
     url: ObjectURL
     source: ChunkSource
 

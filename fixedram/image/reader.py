@@ -172,6 +172,11 @@ class Image:
     #: come from elsewhere (:class:`fixedram.image.objimage.ObjectImage`): read them with
     #: :meth:`read_slots` / :meth:`read_into`.
     pages_in_file = True
+    #: Whether every page read is already checked against a checksum as strong as the
+    #: checksum extension's page digests (an object image's chunks, checked against their
+    #: content names): a sender then does not digest the pages again as it reads them
+    #: (``verify`` still checks the extension).
+    pages_checked = False
 
     @property
     def where(self) -> str:

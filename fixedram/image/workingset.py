@@ -16,7 +16,7 @@ writers (fixedram processes restoring the same image) are serialised by an exclu
 ``flock`` around read-merge-write; readers take a shared one.
 
 The same blob lives, for an object image (``s3://bucket/key``), in an object of its own
-next to the manifest (:data:`fixedram.image.objimage.RECORD_PREFIX` + key), bound to the
+next to the manifest (:data:`fixedram.image.chunked.RECORD_PREFIX` + key), bound to the
 manifest's bytes: a re-save under the key makes it stale. There, read-merge-write has no
 lock (S3 has none): a PUT replaces the object whole, so concurrent restores may lose one
 another's contribution, never leave a damaged or wrong record.
