@@ -62,7 +62,9 @@ _FD_NAME = "fixedram-restore"
 #: Multifd channels of a proxy restore when none are asked for. QEMU loads a single precopy
 #: stream in one thread, header by header and page by page, at about the speed of its own
 #: load of a legacy stream; multifd channels are read by a thread each, with no per-page
-#: parsing (``docs/multifd.md``; ``bench/run.py`` measures both ways).
+#: parsing (``docs/multifd.md``; ``bench/run.py`` measures both ways). Not for an image in
+#: an object store, whose restore is bound by fetching and checking its chunks, where
+#: channels measured more CPU and no gain (``docs/object-storage.md``).
 PROXY_CHANNELS = 2
 _PAGE = 4096
 
@@ -172,8 +174,8 @@ def restore(
         elif direct_io and isinstance(path, Path) and not _direct_ok(path, direct_io):
             direct_io = False
         asked = channels is not None
-        if channels is None:
-            channels = PROXY_CHANNELS if how == "proxy" else 0
+        if channels is None:  # see PROXY_CHANNELS
+            channels = PROXY_CHANNELS if how == "proxy" and img.pages_in_file else 0
         if how == "native" and direct_io:
             channels = max(1, channels)  # QEMU reads with O_DIRECT only under multifd
         pages = sum(img.count_present(n) for n in img.blocks)
