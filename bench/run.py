@@ -68,15 +68,15 @@ RESTORES: dict[str, tuple[str, tuple[dict[str, bool], dict[str, Any]] | list[str
     "qemu load mapped-ram": ("qemu mapped-ram", ({"mapped-ram": True}, {})),
     "qemu load mapped-ram multifd2 dio": ("qemu mapped-ram multifd2 dio",
                                           QEMU_SAVES["qemu mapped-ram multifd2 dio"]),
-    # a proxy restore is a multifd source of 2 channels by default; "1 stream": --channels 0
+    # a proxy restore of a mapped-ram file is a multifd source of 2 channels by default;
+    # "1 stream": --channels 0
     "fixedram restore proxy": ("fixedram proxy", ["--via", "proxy"]),
     "fixedram restore proxy dio": ("fixedram proxy", ["--via", "proxy", "--direct-io"]),
     "fixedram restore proxy multifd4": ("fixedram proxy", ["--via", "proxy", "--channels", "4"]),
     "fixedram restore proxy 1 stream": ("fixedram proxy", ["--via", "proxy", "--channels", "0"]),
     "fixedram restore proxy (qemu mapped-ram)": ("qemu mapped-ram", ["--via", "proxy"]),
+    # a legacy stream image keeps the single stream by default (sent from the file)
     "fixedram restore proxy (legacy stream)": ("qemu legacy file:", ["--via", "proxy"]),
-    "fixedram restore proxy 1 stream (legacy stream)": ("qemu legacy file:",
-                                                        ["--via", "proxy", "--channels", "0"]),
     # each native restore loads the image its QEMU-alone counterpart loads
     "fixedram restore native": ("qemu mapped-ram", ["--via", "native"]),
     "fixedram restore native multifd2 dio": ("qemu mapped-ram multifd2 dio",

@@ -7,7 +7,8 @@ and still waiting. Then:
 
 ``proxy``
     fixedram streams the image into QEMU; works with any QEMU and any image format. By
-    default as a multifd source with :data:`PROXY_CHANNELS` channels: QEMU listens on a unix
+    default (a mapped-ram image in a local file) as a multifd source with
+    :data:`PROXY_CHANNELS` channels: QEMU listens on a unix
     socket in a private directory of fixedram's (``migrate-incoming uri=unix:…``) and
     :func:`fixedram.endpoint.multifd_send.send_multifd` connects 1 + N times, so that QEMU
     reads the pages with one thread per channel straight into guest RAM. Where QEMU cannot
@@ -62,9 +63,11 @@ _FD_NAME = "fixedram-restore"
 #: Multifd channels of a proxy restore when none are asked for. QEMU loads a single precopy
 #: stream in one thread, header by header and page by page, at about the speed of its own
 #: load of a legacy stream; multifd channels are read by a thread each, with no per-page
-#: parsing (``docs/multifd.md``; ``bench/run.py`` measures both ways). Not for an image in
-#: an object store, whose restore is bound by fetching and checking its chunks, where
-#: channels measured more CPU and no gain (``docs/object-storage.md``).
+#: parsing (``docs/multifd.md``; ``bench/run.py`` measures both ways). For a mapped-ram
+#: image in a local file only: a legacy stream image goes out by ``sendfile`` as the
+#: records it holds (channels would read and repack every page: measured, twice the CPU and
+#: slower), and an object image's restore is bound by fetching and checking its chunks,
+#: where channels measured more CPU and no gain (``docs/object-storage.md``).
 PROXY_CHANNELS = 2
 _PAGE = 4096
 
@@ -175,7 +178,8 @@ def restore(
             direct_io = False
         asked = channels is not None
         if channels is None:  # see PROXY_CHANNELS
-            channels = PROXY_CHANNELS if how == "proxy" and img.pages_in_file else 0
+            channels = (PROXY_CHANNELS if how == "proxy" and img.format == "mapped-ram"
+                        and img.pages_in_file else 0)
         if how == "native" and direct_io:
             channels = max(1, channels)  # QEMU reads with O_DIRECT only under multifd
         pages = sum(img.count_present(n) for n in img.blocks)
