@@ -276,6 +276,24 @@ def test_restore_cli_channels(channels: list[str],
 
 
 @pytest.mark.qemu
+def test_restore_legacy_stream_keeps_one_stream(qemu_image: Callable[[Any], Any],
+                                                shm_dir: Path, tmp_path: Path,
+                                                sockdir: Path) -> None:
+    """A legacy stream image goes out as the single stream by default (its records are
+    sent from the file; channels would read and repack every page)."""
+    case = qemu_image("legacy")
+    dst, qmp2, _ = _dest(case, tmp_path, sockdir, find_qemu("10"), "leg", 0)
+    with dst:
+        r = _cli("restore", "--qmp", str(qmp2), "--via", "proxy", "--paused", "--json",
+                 str(case.path))
+        assert r.returncode == 0, r.stderr
+        rep = json.loads(r.stdout)
+        assert rep["image_format"] == "stream" and rep["channels"] == 0
+        assert rep["caps_changed"] == {}
+        _compare_ram(dst, case, shm_dir, "restore-legacy")
+
+
+@pytest.mark.qemu
 def test_restore_qemu_as_another_user(fixedram_image: Callable[[Any], tuple[Path, Any]],
                                       shm_dir: Path, tmp_path: Path, sockdir: Path) -> None:
     """A QEMU that runs as another user cannot listen in fixedram's private directory: asked
