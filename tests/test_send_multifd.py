@@ -255,9 +255,16 @@ def test_send_channels_every_page(fixedram_image: Callable[[Any], tuple[Path, An
 @pytest.mark.parametrize("channels", [[], ["--channels", "2"]], ids=["default", "2"])
 def test_restore_cli_channels(channels: list[str],
                               fixedram_image: Callable[[Any], tuple[Path, Any]],
+                              qemu_image: Callable[[Any], Any],
                               shm_dir: Path, tmp_path: Path, sockdir: Path) -> None:
-    """``restore --via proxy`` is a multifd source with 2 channels unless told otherwise."""
-    img, case = fixedram_image("legacy")
+    """``restore --via proxy`` is a multifd source with 2 channels where the pages go from
+    the file by sendfile (QEMU's image, without checksums) unless told otherwise; an image
+    with checksums with ``--channels 2``."""
+    if channels:
+        img, case = fixedram_image("legacy")
+    else:
+        case = qemu_image("mapped-ram")
+        img = case.path
     dst, qmp2, _ = _dest(case, tmp_path, sockdir, find_qemu("10"), "rst", 0)
     with dst:
         r = _cli("restore", "--qmp", str(qmp2), "--via", "proxy", *channels,
@@ -271,7 +278,7 @@ def test_restore_cli_channels(channels: list[str],
         assert not dst.cmd("query-migrate-capabilities") or not any(
             c["state"] for c in dst.cmd("query-migrate-capabilities")
             if c["capability"] == "multifd")
-        _compare_ram(dst, case, shm_dir, "restore-2")
+        _compare_ram(dst, case, shm_dir, f"restore-2-{bool(channels)}")
         _check_runs_on(dst, case)
 
 
@@ -294,14 +301,15 @@ def test_restore_legacy_stream_keeps_one_stream(qemu_image: Callable[[Any], Any]
 
 
 @pytest.mark.qemu
-def test_restore_qemu_as_another_user(fixedram_image: Callable[[Any], tuple[Path, Any]],
+def test_restore_qemu_as_another_user(qemu_image: Callable[[Any], Any],
                                       shm_dir: Path, tmp_path: Path, sockdir: Path) -> None:
     """A QEMU that runs as another user cannot listen in fixedram's private directory: asked
     for channels, the restore is refused in one line before QEMU changes (it still waits and
     takes the image); by default the restore goes over a single stream."""
     if os.geteuid() != 0:
         pytest.skip("needs root, to start QEMU as another user")
-    img, case = fixedram_image("legacy")
+    case = qemu_image("mapped-ram")  # no checksums: 2 channels by default where possible
+    img = case.path
     dst = Guest.like(case.source, name="nobody", workdir=tmp_path, qemu=find_qemu("10"))
     qmp2 = sockdir / "nobody.qmp"
     dst.extra_args = ("-qmp", f"unix:{qmp2},server=on,wait=off", "-run-with", "user=nobody")

@@ -7,8 +7,8 @@ and still waiting. Then:
 
 ``proxy``
     fixedram streams the image into QEMU; works with any QEMU and any image format. By
-    default (a mapped-ram image in a local file) as a multifd source with
-    :data:`PROXY_CHANNELS` channels: QEMU listens on a unix
+    default, for an image whose pages go from its file by ``sendfile``, as a multifd source
+    with :data:`PROXY_CHANNELS` channels: QEMU listens on a unix
     socket in a private directory of fixedram's (``migrate-incoming uri=unix:…``) and
     :func:`fixedram.endpoint.multifd_send.send_multifd` connects 1 + N times, so that QEMU
     reads the pages with one thread per channel straight into guest RAM. Where QEMU cannot
@@ -60,14 +60,15 @@ ProgressFn = Callable[[Progress], None]
 
 _FD_NAME = "fixedram-restore"
 
-#: Multifd channels of a proxy restore when none are asked for. QEMU loads a single precopy
-#: stream in one thread, header by header and page by page, at about the speed of its own
-#: load of a legacy stream; multifd channels are read by a thread each, with no per-page
-#: parsing (``docs/multifd.md``; ``bench/run.py`` measures both ways). For a mapped-ram
-#: image in a local file only: a legacy stream image goes out by ``sendfile`` as the
-#: records it holds (channels would read and repack every page: measured, twice the CPU and
-#: slower), and an object image's restore is bound by fetching and checking its chunks,
-#: where channels measured more CPU and no gain (``docs/object-storage.md``).
+#: Multifd channels of a proxy restore when none are asked for, where the pages go to the
+#: channels from the image file by ``sendfile`` (:func:`_sent_from_file`). QEMU loads a
+#: single precopy stream in one thread, header by header and page by page; it reads
+#: multifd channels with a thread each. Measured (``bench/run.py``, 1.5 GiB): such an image
+#: loads 1.3-1.4x faster over 2 channels than over the single stream. Where fixedram reads
+#: the pages itself (to check them against the image's checksums, with O_DIRECT, from a
+#: legacy stream or an object store) the channels cost more CPU than the single stream and
+#: were not faster (slower on a disk), so those keep the single stream
+#: (``docs/multifd.md``, ``docs/object-storage.md``).
 PROXY_CHANNELS = 2
 _PAGE = 4096
 
@@ -178,8 +179,7 @@ def restore(
             direct_io = False
         asked = channels is not None
         if channels is None:  # see PROXY_CHANNELS
-            channels = (PROXY_CHANNELS if how == "proxy" and img.format == "mapped-ram"
-                        and img.pages_in_file else 0)
+            channels = PROXY_CHANNELS if how == "proxy" and _sent_from_file(img) else 0
         if how == "native" and direct_io:
             channels = max(1, channels)  # QEMU reads with O_DIRECT only under multifd
         pages = sum(img.count_present(n) for n in img.blocks)
@@ -344,6 +344,15 @@ class _Load:
         self.settings.restore()
         if self.way is not None:
             self.way.close()
+
+
+def _sent_from_file(img: Any) -> bool:
+    """Whether a multifd restore sends ``img``'s pages from its file by ``sendfile``: a
+    buffered mapped-ram file whose pages are not checked against a checksum extension."""
+    from fixedram.image.check import check_metadata
+
+    return (img.format == "mapped-ram" and img.pages_in_file and not img.direct
+            and check_metadata(img) is None)
 
 
 class _CannotListen(Exception):
