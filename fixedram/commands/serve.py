@@ -369,9 +369,12 @@ def _listen(path: str) -> socket.socket:
     old = os.umask(0o177)
     try:
         sock.bind(path)
+        sock.listen(64)
+    except OSError as e:
+        sock.close()
+        raise FixedramError(f"cannot listen on {path}: {e.strerror or e}") from None
     finally:
         os.umask(old)
-    sock.listen(64)
     return sock
 
 
