@@ -203,7 +203,7 @@ def test_server_killed_during_a_command(tmp_path: Path, sockdir: Path) -> None:
     srv = start_server(path)
     try:
         p = _receive(path, tmp_path / "x.img")
-        _wait_for(lambda: _children(srv.pid), "the server forked the command")
+        _wait_for(lambda: _reading_stdin(path, p.pid), "receive waits for its stream")
         srv.kill()
         srv.wait(timeout=30)
         assert p.poll() is None  # the command still runs; the client waits for it

@@ -22,8 +22,10 @@ The server forks, so it must have no threads: numpy's thread pools are held to o
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
+import pkgutil
 import signal
 import socket
 import struct
@@ -78,8 +80,8 @@ def serve_cmd(path: str) -> None:
 
 
 def preload() -> None:
-    """Import what the commands need: every command module and the modules their paths
-    import inside their functions."""
+    """Import what the commands need: every command module, every module of the layers
+    below (their paths import them inside their functions), and the libraries they use."""
     for name in _ONE_THREAD:
         os.environ[name] = "1"
     import asyncio  # noqa: F401
@@ -91,20 +93,26 @@ def preload() -> None:
     import tqdm  # noqa: F401
     import xxhash  # noqa: F401
 
-    import fixedram.endpoint.postcopy
-    import fixedram.endpoint.receive
-    import fixedram.endpoint.send
-    import fixedram.image.analyze
-    import fixedram.image.reader
-    import fixedram.image.verify
-    import fixedram.image.writer
+    import fixedram.endpoint
+    import fixedram.image
+    import fixedram.io
     import fixedram.log
-    import fixedram.qmp.client
-    import fixedram.qmp.lazy
-    import fixedram.qmp.progress
-    import fixedram.qmp.restore
-    import fixedram.qmp.save  # noqa: F401
+    import fixedram.qmp
+    import fixedram.stream
 
+    for package in (fixedram.stream, fixedram.io, fixedram.image, fixedram.endpoint,
+                    fixedram.qmp):
+        for module in pkgutil.iter_modules(package.__path__, f"{package.__name__}."):
+            try:
+                importlib.import_module(module.name)
+            except ImportError:
+                pass  # an optional dependency (fixedram[s3], fixedram[libvirt]) not installed
+    for optional in ("obstore", "obstore.store", "zstandard", "botocore.session", "libvirt",
+                     "libvirt_qemu"):
+        try:  # the extras' libraries, where installed: s3://, --libvirt
+            importlib.import_module(optional)
+        except ImportError:
+            pass
     load_commands()
 
 
