@@ -7,7 +7,9 @@ would, once through the server and, where the output is compared, once without i
   status through the server as without it;
 * a lazy restore of the bare test guest through the server: RAM equal to the source's, then
   the heartbeat carries on (the lazy restore tests' own checks);
+* descriptors the client inherited keep their numbers in the command;
 * Ctrl-C (SIGINT to the client) reaches the command, which reports it as the command line does;
+  a client killed outright hangs up on its command (SIGHUP);
 * a server killed during a command, and a socket with no server behind it: one line, exit 2;
 * another uid is refused by the socket's mode and, with the mode opened up, by the server's
   peer-credential check (needs root to run a process as another uid).
@@ -64,12 +66,14 @@ SERVERS: dict[Path, int] = {}
 
 
 def start_server(path: Path) -> subprocess.Popen[str]:
-    """A server on ``path``, once it listens."""
-    p = subprocess.Popen([PY, "-m", "fixedram", "serve", "--socket", str(path)],
-                         stderr=subprocess.PIPE, text=True, env=_env(None))
-    assert p.stderr is not None
-    line = p.stderr.readline()
-    assert line.startswith(f"fixedram: serving on {path}"), line + p.stderr.read()
+    """A server on ``path``, once it listens; its stderr goes to ``path`` + ``.log``."""
+    log = Path(f"{path}.log")
+    log.parent.mkdir(mode=0o700, exist_ok=True)
+    with open(log, "w") as f:
+        p = subprocess.Popen([PY, "-m", "fixedram", "serve", "--socket", str(path)],
+                             stderr=f, text=True, env=_env(None))
+    _wait_for(lambda: "serving on" in log.read_text() or p.poll() is not None, "serving")
+    assert log.read_text().startswith(f"fixedram: serving on {path}"), log.read_text()
     SERVERS[path] = p.pid
     return p
 
@@ -116,7 +120,7 @@ def test_commands_give_the_same_output_through_the_server(server: Path, image: P
     garbage = tmp_path / "garbage.img"
     garbage.write_bytes(b"not an image" * 100)
     cases = [("analyze", str(image)), ("analyze", "--json", str(image)),
-             ("verify", str(image)), ("verify", "--json", str(image)),
+             ("verify", "--json", str(image)),
              ("verify", str(damaged)), ("analyze", str(garbage)),
              ("verify", "--no-such-option", str(image)), ("--version",)]
     statuses = set()
@@ -131,6 +135,26 @@ def test_commands_give_the_same_output_through_the_server(server: Path, image: P
 def _timeless(out: str) -> str:
     """A report without its timings (verify's ``elapsed``, "0.02 s")."""
     return re.sub(r'"elapsed": [0-9.e-]+|[0-9.]+ s\)', "T", out)
+
+
+def test_descriptors_keep_their_numbers(server: Path, image: Path) -> None:
+    """A descriptor the client inherited besides stdin, stdout and stderr reaches the
+    command under the same number: ``analyze /dev/fd/N`` reads the image through it."""
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        plain, served = (fixedram(via, "analyze", "--json", f"/dev/fd/{fd}", pass_fds=[fd])
+                         for via in (None, server))
+    finally:
+        os.close(fd)
+    assert plain.returncode == 0, plain.stderr
+    assert (served.returncode, served.stdout, served.stderr) == \
+        (plain.returncode, plain.stdout, plain.stderr)
+
+
+def test_a_second_server_on_a_live_socket_is_refused(server: Path) -> None:
+    r = fixedram(None, "serve", "--socket", str(server))
+    assert (r.returncode, r.stderr) == (2, f"fixedram: error: a server is already listening "
+                                           f"on {server}\n")
 
 
 def test_bad_input_is_one_line_through_the_server(server: Path, tmp_path: Path) -> None:
@@ -196,6 +220,18 @@ def test_ctrl_c_reaches_the_command(server: Path, tmp_path: Path) -> None:
     assert results[1][0] == 130 and results[1][2] == "fixedram: error: interrupted\n"
 
 
+def test_client_killed_hangs_up_on_the_command(server: Path, tmp_path: Path) -> None:
+    """A client killed outright (no signal to forward): the server sends its command SIGHUP,
+    which ``receive`` answers by removing its partial image and ending."""
+    p = _receive(server, tmp_path / "hup.img")
+    _wait_for(lambda: _reading_stdin(server, p.pid), "receive waits for its stream")
+    command = _children(SERVERS[server])
+    p.kill()
+    p.wait(timeout=30)
+    _wait_for(lambda: not set(command) & set(_children(SERVERS[server])), "the command ended")
+    assert not list(tmp_path.iterdir())
+
+
 def test_server_killed_during_a_command(tmp_path: Path, sockdir: Path) -> None:
     """A server killed while its command runs: the client waits for the command to end, then
     says in one line that the exit status is unknown (exit 2)."""
@@ -256,7 +292,7 @@ def _connect_as(uid: int, path: Path) -> str:
     return got
 
 
-def test_another_uid_is_refused(server: Path) -> None:
+def test_another_uid_is_refused(server: Path, sockdir: Path) -> None:
     """The socket's mode keeps another user out; opened up, the server's SO_PEERCRED check
     still refuses it."""
     if os.getuid() != 0:
@@ -264,18 +300,16 @@ def test_another_uid_is_refused(server: Path) -> None:
     nobody = 65534
     assert _connect_as(nobody, server) == "OSError Permission denied"
     assert _connect_as(0, server).startswith("b'pid\\x00'")  # the owner's is served
-    own = Path(tempfile.mkdtemp(prefix="frs-open-", dir="/tmp"))
-    srv = start_server(own / "sock")
+    modes = {p: p.stat().st_mode & 0o777 for p in (sockdir, server.parent, server)}
     try:
-        os.chmod(own, 0o755)
-        os.chmod(own / "sock", 0o777)
-        got = _connect_as(nobody, own / "sock")
+        for p in modes:
+            os.chmod(p, 0o777)
+        got = _connect_as(nobody, server)
     finally:
-        srv.send_signal(signal.SIGTERM)
-        assert srv.wait(timeout=30) == 0
-        shutil.rmtree(own)
-    assert got == f"b'err\\x00' the server at {own / 'sock'} serves uid 0 only"
-    assert srv.stderr is not None and "uid 65534 is not the server's" in srv.stderr.read()
+        for p, mode in modes.items():
+            os.chmod(p, mode)
+    assert got == f"b'err\\x00' the server at {server} serves uid 0 only"
+    assert "uid 65534 is not the server's" in Path(f"{server}.log").read_text()
 
 
 @pytest.mark.qemu

@@ -69,12 +69,12 @@ def serve_cmd(path: str) -> None:
     working directory and terminal, as the command line would. SIGINT or SIGTERM stops the
     server: the socket is removed and commands still running are waited for.
     """
-    preload()
-    threads = len(os.listdir("/proc/self/task"))
-    if threads != 1:
-        raise FixedramError(f"the server has {threads} threads after loading its modules; "
-                            "it forks, so it must have one")
-    with Server(path) as server:
+    with Server(path) as server:  # listening first: a client started now waits in the backlog
+        preload()
+        threads = len(os.listdir("/proc/self/task"))
+        if threads != 1:
+            raise FixedramError(f"the server has {threads} threads after loading its modules; "
+                                "it forks, so it must have one")
         click.echo(f"fixedram: serving on {path} (pid {os.getpid()})", err=True)
         server.run()
 
