@@ -157,6 +157,17 @@ def test_a_second_server_on_a_live_socket_is_refused(server: Path) -> None:
                                            f"on {server}\n")
 
 
+def test_closed_stdio_and_the_socket_stays(server: Path, tmp_path: Path) -> None:
+    """A command whose stdout and stderr are closed (as ``>&- 2>&-``) exits as without the
+    server, and the server keeps its socket."""
+    closed = ["sh", "-c", 'exec "$@" >&- 2>&-', "sh", PY, "-m", "fixedram", "--version"]
+    for via in (None, server):
+        r = subprocess.run(closed, env=_env(via), timeout=60, check=False)
+        assert r.returncode == 0, via
+    assert server.exists()
+    assert fixedram(server, "--version").returncode == 0
+
+
 def test_bad_input_is_one_line_through_the_server(server: Path, tmp_path: Path) -> None:
     r = fixedram(server, "analyze", "missing.img", cwd=tmp_path)  # relative: the client's cwd
     assert r.returncode == 2
@@ -213,8 +224,10 @@ def test_ctrl_c_reaches_the_command(server: Path, tmp_path: Path) -> None:
         p = _receive(via, img)
         _wait_for(lambda via=via, p=p: _reading_stdin(via, p.pid), "receive waits for its stream")
         p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=60)
-        results.append((p.returncode, out, err))
+        p.wait(timeout=60)  # stdin stays open: the command ends by the signal, not by EOF
+        assert p.stdin is not None and p.stdout is not None and p.stderr is not None
+        results.append((p.returncode, p.stdout.read(), p.stderr.read()))
+        p.stdin.close()
         assert not img.exists()
     assert results[0] == results[1]
     assert results[1][0] == 130 and results[1][2] == "fixedram: error: interrupted\n"
@@ -299,7 +312,7 @@ def test_another_uid_is_refused(server: Path, sockdir: Path) -> None:
         pytest.skip("connecting as another uid needs root")
     nobody = 65534
     assert _connect_as(nobody, server) == "OSError Permission denied"
-    assert _connect_as(0, server).startswith("b'pid\\x00'")  # the owner's is served
+    assert _connect_as(0, server) == "b'pid\\x00' "  # the owner's is served
     modes = {p: p.stat().st_mode & 0o777 for p in (sockdir, server.parent, server)}
     try:
         for p in modes:

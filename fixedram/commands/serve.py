@@ -22,6 +22,7 @@ The server forks, so it must have no threads: numpy's thread pools are held to o
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import os
@@ -243,7 +244,10 @@ class Server:
             _send(conn, encode_reply(ERROR, 0, f"the server at {self.path} cannot start "
                                      f"the command: {e.strerror}"))
         if pid == 0:
-            self._child(req, fds)
+            try:  # the child never returns into the server's loop (nor unlinks its socket)
+                self._child(req, fds)
+            finally:
+                os._exit(1)
         for fd in fds:
             os.close(fd)
         if pid < 0:
@@ -293,8 +297,9 @@ class Server:
             tempfile.tempdir = None  # from the client's TMPDIR when next asked
             sys.argv = [os.fsdecode(a) for a in req.argv] or ["fixedram"]
             _new_stdio()
-        except BaseException as e:  # the child must not return to the loop
-            os.write(2, f"fixedram: error: cannot take on the command: {e}\n".encode())
+        except BaseException as e:
+            with contextlib.suppress(OSError):  # stderr may be closed
+                os.write(2, f"fixedram: error: cannot take on the command: {e}\n".encode())
             os._exit(2)
         import runpy
 
@@ -305,8 +310,9 @@ class Server:
         except BaseException:  # as the interpreter would report it
             import traceback
 
-            traceback.print_exc()
-            sys.stderr.flush()
+            with contextlib.suppress(Exception):
+                traceback.print_exc()
+                sys.stderr.flush()
         os._exit(1)
 
 
