@@ -19,6 +19,15 @@ lazy: every page sent and QEMU ``completed``). Usage::
     .venv/bin/python -m bench.lazy                       # 256M, 2G, 4G
     .venv/bin/python -m bench.lazy --sizes 256M,1G --repeat 1   # quick
 
+``--server`` adds the same restores sent to a resident server (``fixedram serve``,
+docs/resident-server.md; started by the benchmark on a private socket), whose time to running
+counts the client's start-up and not the imports, and ``qemu native``: QEMU loading the image
+alone (``migrate-incoming file:`` with mapped-ram, then ``cont``; its time to running from the
+harness's ``migrate-incoming``). Each repeat runs every method once, so the old and new ways
+alternate within the same minutes; ``--methods REGEX`` picks some::
+
+    .venv/bin/python -m bench.lazy --server --sizes 256M,2G --methods 'native|lazy'
+
 Writes ``bench/results/lazy-<stamp>.json`` and prints a table. Not run by the tests.
 """
 
@@ -26,7 +35,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -48,6 +59,36 @@ METHODS: dict[str, list[str]] = {
 }
 
 
+#: ``--server``: the same restores through the resident server, and QEMU loading alone.
+SERVER_METHODS: dict[str, list[str]] = {
+    "full native (server)": METHODS["full native"],
+    "lazy (server)": METHODS["lazy"],
+}
+QEMU_ALONE = "qemu native"
+
+
+def start_server(path: Path) -> subprocess.Popen[str]:
+    """``fixedram serve --socket PATH``, once it listens."""
+    p = subprocess.Popen([*FIXEDRAM, "serve", "--socket", str(path)], stderr=subprocess.PIPE,
+                         text=True)
+    assert p.stderr is not None
+    line = p.stderr.readline()
+    if not line.startswith("fixedram: serving on"):
+        p.kill()
+        raise RuntimeError(f"fixedram serve failed: {line}{p.stderr.read()}")
+    return p
+
+
+def qemu_alone(dst: Guest, img: Path) -> tuple[float, float]:
+    """QEMU loads ``img`` itself (mapped-ram), then runs: time to running, total (the same)."""
+    t = time.monotonic()
+    dst.migrate_incoming(f"file:{img}", caps={"mapped-ram": True})
+    dst.wait_incoming(600)
+    dst.cont()
+    wall = time.monotonic() - t
+    return wall, wall
+
+
 def run(args: list[str]) -> tuple[float, dict[str, Any]]:
     """Run a fixedram command; its wall time and JSON report."""
     t = time.monotonic()
@@ -58,12 +99,17 @@ def run(args: list[str]) -> tuple[float, dict[str, Any]]:
     return wall, json.loads(r.stdout)
 
 
-def run_watched(dst: Guest, args: list[str]) -> tuple[float, float, dict[str, Any]]:
-    """Run a fixedram restore; wall time, time until ``dst`` runs (polled from outside on
-    the harness's own QMP monitor, the same way for every method), and the JSON report."""
+def run_watched(dst: Guest, args: list[str],
+                server: Path | None = None) -> tuple[float, float, dict[str, Any]]:
+    """Run a fixedram restore (through the resident server at ``server``, if given); wall
+    time, time until ``dst`` runs (polled from outside on the harness's own QMP monitor, the
+    same way for every method), and the JSON report."""
+    env = {k: v for k, v in os.environ.items() if k != "FIXEDRAM_SERVER"}
+    if server is not None:
+        env["FIXEDRAM_SERVER"] = str(server)
     t = time.monotonic()
     p = subprocess.Popen([*FIXEDRAM, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+                         text=True, env=env)
     ttr = None
     while ttr is None and p.poll() is None:
         if dst.status() == "running":
@@ -78,8 +124,14 @@ def run_watched(dst: Guest, args: list[str]) -> tuple[float, float, dict[str, An
 
 
 def bench_size(mem: str, workdir: Path, imgdir: Path, qemu: Any, accel: str, kernel: Path,
-               repeat: int) -> dict[str, Any]:
-    """Save one guest of ``mem`` RAM, restore it ``repeat`` times by every method."""
+               repeat: int, server: Path | None = None,
+               pick: str | None = None) -> dict[str, Any]:
+    """Save one guest of ``mem`` RAM, restore it ``repeat`` times by every method (those
+    matching ``pick``; with ``server``, the server's and QEMU's alone too)."""
+    methods: dict[str, list[str] | None] = dict(METHODS)
+    if server is not None:
+        methods |= {**SERVER_METHODS, QEMU_ALONE: None}
+    methods = {m: a for m, a in methods.items() if pick is None or re.search(pick, m)}
     socks = Path(tempfile.mkdtemp(prefix="frl-", dir="/tmp"))
     data_mib = parse_mem_size(mem) // (2 << 20)
     img = imgdir / f"lazy-{mem}.img"
@@ -94,20 +146,31 @@ def bench_size(mem: str, workdir: Path, imgdir: Path, qemu: Any, accel: str, ker
             _, rep = run(["save", "--qmp", str(ctl), "--via", "native", "--json", str(img)])
             out["pages_in_image"] = rep["pages_in_image"]
         for _ in range(repeat):
-            for method, extra in METHODS.items():
+            for method, extra in methods.items():
                 dst = Guest.like(src, name=f"dst-{mem}", incoming=True)
                 dctl = socks / "dst.qmp"
                 dst.extra_args = ("-qmp", f"unix:{dctl},server=on,wait=off")
                 with dst:
-                    wall, ttr, rep = run_watched(
-                        dst, ["restore", "--qmp", str(dctl), "--json", "--no-progress",
-                              *extra, str(img)])
+                    if extra is None:
+                        wall, ttr = qemu_alone(dst, img)
+                        rep = {}
+                    else:
+                        wall, ttr, rep = run_watched(
+                            dst, ["restore", "--qmp", str(dctl), "--json", "--no-progress",
+                                  *extra, str(img)],
+                            server if method in SERVER_METHODS else None)
                     hb = src.heartbeats()[-1].n if src.heartbeats() else 0
                     dst.wait_heartbeat(after=hb, timeout=60)  # the guest really runs on
                 entry = out["methods"].setdefault(method, {"time_to_running": [], "total": []})
                 entry["time_to_running"].append(ttr)
                 entry["total"].append(wall)
-                if method == "lazy":
+                if method.startswith("full native"):
+                    # what fixedram adds to QEMU's load: start-up, checks, QMP round trips
+                    entry.setdefault("own", []).append(wall - rep["load_time"])
+                    # of which the command's own QMP work (first command to resumed)
+                    entry.setdefault("command_total", []).append(rep["total_time"])
+                    entry.setdefault("load_time", []).append(rep["load_time"])
+                if method.startswith("lazy"):
                     entry.setdefault("pages_on_demand", []).append(rep["pages_on_demand"])
                     entry.setdefault("lazy_total_time", []).append(rep["total_time"])
                     # fixedram's own figure: command start to QEMU leaving inmigrate
@@ -126,6 +189,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="restores per method and size")
     ap.add_argument("--dir", type=Path, default=Path("/dev/shm"),
                     help="where the image goes (default tmpfs)")
+    ap.add_argument("--server", action="store_true",
+                    help="also through a resident server (fixedram serve), and QEMU alone")
+    ap.add_argument("--methods", default=None, metavar="REGEX",
+                    help="only the methods matching REGEX")
     args = ap.parse_args()
     qemu = find_qemu("10")
     kernel = build_guest()
@@ -133,28 +200,38 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="fixedram-bench-lazy-"))
     results: dict[str, Any] = {"host": platform.node(), "qemu": qemu.version_str,
                                "accel": accel, "image_dir": str(args.dir), "sizes": []}
+    sockdir = Path(tempfile.mkdtemp(prefix="frs-", dir="/tmp"))
+    server = sockdir / "sock" if args.server else None
+    srv = start_server(server) if server is not None else None
     try:
         for mem in args.sizes.split(","):
             print(f"# {mem} ...", file=sys.stderr, flush=True)
             results["sizes"].append(bench_size(mem, workdir, args.dir, qemu, accel, kernel,
-                                               args.repeat))
+                                               args.repeat, server, args.methods))
     finally:
+        if srv is not None:
+            srv.terminate()
+            srv.wait()
         shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(sockdir, ignore_errors=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     dest = ROOT / "bench" / "results" / f"lazy-{stamp}.json"
     dest.parent.mkdir(exist_ok=True)
     dest.write_text(json.dumps(results, indent=2))
     med = statistics.median
     print(f"QEMU {results['qemu']} ({accel}); medians of {args.repeat}; image on {args.dir}")
-    print(f"{'RAM':>6} {'data':>7} {'method':<12} {'to running':>11} {'total':>8} "
-          f"{'on demand':>10}")
+    print(f"{'RAM':>6} {'data':>7} {'method':<20} {'to running':>11} {'total':>8} "
+          f"{'on demand':>10}  (native: wall less QEMU's load)")
     for s in results["sizes"]:
-        full = med(s["methods"]["full proxy"]["total"])
+        base = next((b for b in ("full proxy", QEMU_ALONE) if b in s["methods"]), None)
+        full = med(s["methods"][base]["total"]) if base else float("nan")
         for method, m in s["methods"].items():
             ttr, tot = med(m["time_to_running"]), med(m["total"])
             od = f"{med(m['pages_on_demand']):.0f}" if "pages_on_demand" in m else ""
-            ratio = f" ({tot / full:.2f}x proxy)" if method != "full proxy" else ""
-            print(f"{s['mem']:>6} {s['data_mib']:>5}Mi {method:<12} {ttr * 1000:>8.0f} ms "
+            od = f"own {med(m['own']) * 1000:.0f} ms" if "own" in m else od
+            label = "proxy" if base == "full proxy" else base
+            ratio = f" ({tot / full:.2f}x {label})" if method != base else ""
+            print(f"{s['mem']:>6} {s['data_mib']:>5}Mi {method:<20} {ttr * 1000:>8.0f} ms "
                   f"{tot:>6.2f} s {od:>10}{ratio}")
     print(f"results: {dest}")
 

@@ -11,18 +11,42 @@ from __future__ import annotations
 import os
 import sys
 
-from fixedram.commands import cli
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing and click stay out of a command sent to a server
+    from typing import Any
+
+    from fixedram.commands import cli
 
 __all__ = ["main", "cli"]
+
+
+def __getattr__(name: str) -> Any:
+    """``cli``, the command group, imported on first use: :func:`main` sends a command to a
+    resident server (``FIXEDRAM_SERVER``) without importing click or any command."""
+    if name == "cli":
+        from fixedram.commands import cli
+
+        return cli
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main() -> None:
     """Entry point of the ``fixedram`` console script.
 
+    With ``FIXEDRAM_SERVER`` set, the command runs in the resident server at that socket
+    (:mod:`fixedram.resident`, docs/resident-server.md), except ``fixedram serve`` itself.
+
     numpy's OpenBLAS starts a thread per core when numpy is imported, and fixedram does no
     linear algebra: one thread saves the command tens of milliseconds of CPU at start-up
     (set ``OPENBLAS_NUM_THREADS`` to override).
     """
+    server = os.environ.get("FIXEDRAM_SERVER")
+    if server and sys.argv[1:2] != ["serve"]:
+        from fixedram.resident import run_remote
+
+        run_remote(server)
+    from fixedram.commands import cli
+
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         cli(prog_name="fixedram")
@@ -51,6 +75,8 @@ def _exit_now(code: object) -> None:
             t.join()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # started with that descriptor closed
+            continue
         try:
             stream.flush()
         except (OSError, ValueError):

@@ -118,7 +118,7 @@ def test_runtime_modules_do_not_import_the_test_support() -> None:
 
 #: The package's layers, lowest first: a module imports only from its own layer or below.
 LAYERS = [
-    {"errors", "units", "log", "_lazy", "faults"},
+    {"errors", "units", "log", "_lazy", "faults", "resident"},  # resident: no fixedram import
     {"stream", "io", "versions"},  # versions: the QEMU-version rules, over the stream format
     {"image"},
     {"endpoint"},
@@ -155,6 +155,16 @@ def test_layers_import_only_downward() -> None:
                 if _layer(n) > _layer(me):
                     offenders.append(f"{me} imports {n}")
     assert not offenders, offenders
+
+
+def test_a_command_sent_to_a_server_imports_almost_nothing() -> None:
+    """With ``FIXEDRAM_SERVER`` set the entry point sends the command before importing click,
+    typing or any command (``fixedram.resident``)."""
+    mods = modules_after("import fixedram.cli, fixedram.resident")
+    ours = {m for m in mods if m.startswith("fixedram")}
+    assert ours == {"fixedram", "fixedram.cli", "fixedram.errors", "fixedram.resident"}, ours
+    for heavy in ("click", "typing", "socket", "selectors", "numpy", "asyncio"):
+        assert heavy not in mods, heavy
 
 
 def test_lazy_options_are_one_definition() -> None:
