@@ -4,8 +4,7 @@ For each RAM size a guest stamps half of its RAM, is saved once by ``fixedram sa
 native`` (a mapped-ram image, on tmpfs unless ``--dir``), and the image is restored into a
 fresh QEMU (``-incoming defer``) by each method, guest running afterwards:
 
-* ``full proxy``: ``fixedram restore --via proxy`` (fixedram streams every page over its
-  default 2 multifd channels, then ``cont``);
+* ``full proxy``: ``fixedram restore --via proxy`` (fixedram streams every page, then ``cont``);
 * ``full native``: ``fixedram restore --via native`` (QEMU reads the mapped-ram file);
 * ``lazy``: ``fixedram restore --lazy --no-record`` (postcopy: the guest runs at once, pages
   follow; ``--no-record`` keeps every repeat the same: no working set is learned into the

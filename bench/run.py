@@ -68,17 +68,13 @@ RESTORES: dict[str, tuple[str, tuple[dict[str, bool], dict[str, Any]] | list[str
     "qemu load mapped-ram": ("qemu mapped-ram", ({"mapped-ram": True}, {})),
     "qemu load mapped-ram multifd2 dio": ("qemu mapped-ram multifd2 dio",
                                           QEMU_SAVES["qemu mapped-ram multifd2 dio"]),
-    # a proxy restore is a multifd source of 2 channels by default where the pages go from
-    # the file by sendfile (QEMU's image: no checksums); fixedram's images (checked while
-    # sent) and legacy streams keep the single stream unless --channels N
     "fixedram restore proxy": ("fixedram proxy", ["--via", "proxy"]),
     "fixedram restore proxy dio": ("fixedram proxy", ["--via", "proxy", "--direct-io"]),
     "fixedram restore proxy multifd2": ("fixedram proxy", ["--via", "proxy", "--channels", "2"]),
     "fixedram restore proxy multifd4": ("fixedram proxy", ["--via", "proxy", "--channels", "4"]),
     "fixedram restore proxy (qemu mapped-ram)": ("qemu mapped-ram", ["--via", "proxy"]),
-    "fixedram restore proxy 1 stream (qemu mapped-ram)": ("qemu mapped-ram",
-                                                          ["--via", "proxy", "--channels", "0"]),
-    # a legacy stream image keeps the single stream by default (sent from the file)
+    "fixedram restore proxy multifd2 (qemu mapped-ram)": ("qemu mapped-ram",
+                                                          ["--via", "proxy", "--channels", "2"]),
     "fixedram restore proxy (legacy stream)": ("qemu legacy file:", ["--via", "proxy"]),
     # each native restore loads the image its QEMU-alone counterpart loads
     "fixedram restore native": ("qemu mapped-ram", ["--via", "native"]),

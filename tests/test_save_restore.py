@@ -22,8 +22,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fixedram.image import open_image
-from fixedram.image.check import check_metadata
 from fixedram.testing.guest import check_pages, read_status
 from fixedram.testing.vm import Guest, QemuBinary, find_qemu
 
@@ -119,17 +117,10 @@ def restore_and_check(src: Guest, socks: Path, image: Path, via: str, src_mem: P
                       last_hb: int, accel: str, name: str, *, paused: bool,
                       dumps: Path) -> dict[str, Any]:
     dst = destination(src, socks, name)
-    single = via == "proxy-1"  # the single precopy stream (by default a proxy restore is
-    via = via.removesuffix("-1")  # a multifd source of 2 channels)
     with dst:
-        args = ["restore", "--qmp", str(socks / f"{name}-ctl.qmp"), str(image), "--via", via,
-                *(["--channels", "0"] if single else [])]
+        args = ["restore", "--qmp", str(socks / f"{name}-ctl.qmp"), str(image), "--via", via]
         rep = run_ok(*args, *(["--paused"] if paused else []))
         assert rep["via"] == via
-        # by default, 2 channels where the pages go from the file by sendfile: no checksums
-        with open_image(image) as im:
-            unchecked = check_metadata(im) is None
-        assert rep["channels"] == (2 if via == "proxy" and not single and unchecked else 0)
         assert rep["pages"] > 0 and rep["bytes"] == rep["pages"] * 4096
         if paused:
             assert dst.status() == "paused"
@@ -143,11 +134,10 @@ def restore_and_check(src: Guest, socks: Path, image: Path, via: str, src_mem: P
             assert rep["status"] == "running"
             assert dst.status() == "running"
             st = read_status(src_mem.read_bytes()[: 0x400000])
-        assert rep["caps_changed"] == ({"mapped-ram": True} if via == "native" else
-                                       {"multifd": True} if rep["channels"] else {})
+        assert rep["caps_changed"] == ({"mapped-ram": True} if via == "native" else {})
         # capabilities are put back after the load
         caps = {c["capability"]: c["state"] for c in dst.cmd("query-migrate-capabilities")}
-        assert not caps.get("mapped-ram", False) and not caps.get("multifd", False)
+        assert not caps.get("mapped-ram", False)
         check_continues(dst, last_hb, st["gen"])
     return rep
 
@@ -157,9 +147,8 @@ def restore_and_check(src: Guest, socks: Path, image: Path, via: str, src_mem: P
 # ---------------------------------------------------------------------------------------------
 
 ROUNDTRIPS = [
-    # (qemu, save via, live, [(restore via, paused)]); proxy-1: --channels 0
-    pytest.param("10", "proxy", True, [("native", True), ("proxy-1", False)],
-                 id="10-proxy-live"),
+    # (qemu, save via, live, [(restore via, paused)])
+    pytest.param("10", "proxy", True, [("native", True), ("proxy", False)], id="10-proxy-live"),
     pytest.param("10", "native", False, [("proxy", True), ("native", False)], id="10-native"),
     pytest.param("7.2", "proxy", True, [("proxy", True)], id="7.2-proxy-live"),
 ]

@@ -252,22 +252,12 @@ def test_send_channels_every_page(fixedram_image: Callable[[Any], tuple[Path, An
 
 
 @pytest.mark.qemu
-@pytest.mark.parametrize("channels", [[], ["--channels", "2"]], ids=["default", "2"])
-def test_restore_cli_channels(channels: list[str],
-                              fixedram_image: Callable[[Any], tuple[Path, Any]],
-                              qemu_image: Callable[[Any], Any],
+def test_restore_cli_channels(fixedram_image: Callable[[Any], tuple[Path, Any]],
                               shm_dir: Path, tmp_path: Path, sockdir: Path) -> None:
-    """``restore --via proxy`` is a multifd source with 2 channels where the pages go from
-    the file by sendfile (QEMU's image, without checksums) unless told otherwise; an image
-    with checksums with ``--channels 2``."""
-    if channels:
-        img, case = fixedram_image("legacy")
-    else:
-        case = qemu_image("mapped-ram")
-        img = case.path
+    img, case = fixedram_image("legacy")
     dst, qmp2, _ = _dest(case, tmp_path, sockdir, find_qemu("10"), "rst", 0)
     with dst:
-        r = _cli("restore", "--qmp", str(qmp2), "--via", "proxy", *channels,
+        r = _cli("restore", "--qmp", str(qmp2), "--via", "proxy", "--channels", "2",
                  "--paused", "--json", str(img))
         assert r.returncode == 0, r.stderr
         rep = json.loads(r.stdout)
@@ -278,26 +268,8 @@ def test_restore_cli_channels(channels: list[str],
         assert not dst.cmd("query-migrate-capabilities") or not any(
             c["state"] for c in dst.cmd("query-migrate-capabilities")
             if c["capability"] == "multifd")
-        _compare_ram(dst, case, shm_dir, f"restore-2-{bool(channels)}")
+        _compare_ram(dst, case, shm_dir, "restore-2")
         _check_runs_on(dst, case)
-
-
-@pytest.mark.qemu
-def test_restore_legacy_stream_keeps_one_stream(qemu_image: Callable[[Any], Any],
-                                                shm_dir: Path, tmp_path: Path,
-                                                sockdir: Path) -> None:
-    """A legacy stream image goes out as the single stream by default (its records are
-    sent from the file; channels would read and repack every page)."""
-    case = qemu_image("legacy")
-    dst, qmp2, _ = _dest(case, tmp_path, sockdir, find_qemu("10"), "leg", 0)
-    with dst:
-        r = _cli("restore", "--qmp", str(qmp2), "--via", "proxy", "--paused", "--json",
-                 str(case.path))
-        assert r.returncode == 0, r.stderr
-        rep = json.loads(r.stdout)
-        assert rep["image_format"] == "stream" and rep["channels"] == 0
-        assert rep["caps_changed"] == {}
-        _compare_ram(dst, case, shm_dir, "restore-legacy")
 
 
 @pytest.mark.qemu
@@ -305,10 +277,10 @@ def test_restore_qemu_as_another_user(qemu_image: Callable[[Any], Any],
                                       shm_dir: Path, tmp_path: Path, sockdir: Path) -> None:
     """A QEMU that runs as another user cannot listen in fixedram's private directory: asked
     for channels, the restore is refused in one line before QEMU changes (it still waits and
-    takes the image); by default the restore goes over a single stream."""
+    takes the image over the single stream); so is a lazy restore over ``unix``."""
     if os.geteuid() != 0:
         pytest.skip("needs root, to start QEMU as another user")
-    case = qemu_image("mapped-ram")  # no checksums: 2 channels by default where possible
+    case = qemu_image("mapped-ram")
     img = case.path
     dst = Guest.like(case.source, name="nobody", workdir=tmp_path, qemu=find_qemu("10"))
     qmp2 = sockdir / "nobody.qmp"
@@ -321,6 +293,12 @@ def test_restore_qemu_as_another_user(qemu_image: Callable[[Any], Any],
         assert "cannot listen for multifd channels" in r.stderr, r.stderr
         assert dst.status() == "inmigrate"
         assert dst.query_migrate().get("status") in (None, "none")
+        r = _cli("restore", "--qmp", str(qmp2), "--lazy", "--transport", "unix", "--paused",
+                 str(img))
+        assert r.returncode == 2
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "cannot listen" in r.stderr and "--transport fd" in r.stderr, r.stderr
+        assert dst.status() == "inmigrate"
         r = _cli("restore", "--qmp", str(qmp2), "--via", "proxy", "--paused", "--json",
                  str(img))
         assert r.returncode == 0, r.stderr

@@ -252,7 +252,13 @@ def _transport(qmp: QMP, kind: Transport, path: Path | str,
     if kind == "fd":
         return FdTransport(qmp, _FD_NAME, large_buffers=False)
     if kind == "unix":
-        return UnixConnect("fixedram-lazy-")
+        way = UnixConnect("fixedram-lazy-")
+        why = way.can_listen(qmp)  # a failed listen would leave QEMU unable to take another
+        if why is not None:
+            way.close()
+            raise VMError(f"QEMU cannot listen in fixedram's private directory ({why}): "
+                          "use --transport fd")
+        return way
 
     def argv(report_file: Path) -> list[str]:
         rate = [*(["--push-rate", str(int(rates[0]))] if rates[0] else []),

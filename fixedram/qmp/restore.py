@@ -6,17 +6,15 @@ its machine type (``qom-get /machine type``) and RAM blocks (HMP ``info ramblock
 and still waiting. Then:
 
 ``proxy``
-    fixedram streams the image into QEMU; works with any QEMU and any image format. By
-    default, for an image whose pages go from its file by ``sendfile``, as a multifd source
-    with :data:`PROXY_CHANNELS` channels: QEMU listens on a unix
-    socket in a private directory of fixedram's (``migrate-incoming uri=unix:…``) and
-    :func:`fixedram.endpoint.multifd_send.send_multifd` connects 1 + N times, so that QEMU
-    reads the pages with one thread per channel straight into guest RAM. Where QEMU cannot
-    listen there (it runs as another user, or confined: a probe with ``chardev-add`` tells
-    before anything changes), and with ``channels=0``, one end of a socketpair
-    goes to QEMU with ``getfd`` (``migrate-incoming uri=fd:NAME``) and
-    :func:`fixedram.endpoint.send.send` writes the single precopy stream into the other,
-    which QEMU's main thread parses page by page.
+    fixedram streams the image into QEMU; works with any QEMU and any image format. One end
+    of a socketpair goes to QEMU with ``getfd`` (``migrate-incoming uri=fd:NAME``) and
+    :func:`fixedram.endpoint.send.send` writes the single precopy stream into the other.
+    With ``channels`` N, fixedram is a multifd source instead: QEMU listens on a unix socket
+    in a private directory of fixedram's (``migrate-incoming uri=unix:…``) and
+    :func:`fixedram.endpoint.multifd_send.send_multifd` connects 1 + N times. A
+    ``migrate-incoming`` whose listen fails leaves QEMU unable to take another, so QEMU is
+    first asked to listen there with a ``chardev-add`` it removes at once; where it cannot
+    (it runs as another user, or confined), the restore is refused before anything changed.
 ``native``
     QEMU ≥ 9.0 loads a mapped-ram image itself: capability ``mapped-ram`` (plus multifd
     channels if asked) and ``migrate-incoming file:IMAGE[,offset=N]``.
@@ -59,17 +57,6 @@ Via = Literal["auto", "native", "proxy"]
 ProgressFn = Callable[[Progress], None]
 
 _FD_NAME = "fixedram-restore"
-
-#: Multifd channels of a proxy restore when none are asked for, where the pages go to the
-#: channels from the image file by ``sendfile`` (:func:`_sent_from_file`). QEMU loads a
-#: single precopy stream in one thread, header by header and page by page; it reads
-#: multifd channels with a thread each. Measured (``bench/run.py``, 1.5 GiB): such an image
-#: loads 1.3-1.4x faster over 2 channels than over the single stream. Where fixedram reads
-#: the pages itself (to check them against the image's checksums, with O_DIRECT, from a
-#: legacy stream or an object store) the channels cost more CPU than the single stream and
-#: were not faster (slower on a disk), so those keep the single stream
-#: (``docs/multifd.md``, ``docs/object-storage.md``).
-PROXY_CHANNELS = 2
 _PAGE = 4096
 
 
@@ -134,7 +121,7 @@ def restore(
     via: Via = "auto",
     paused: bool = False,
     progress: ProgressFn | None = None,
-    channels: int | None = None,
+    channels: int = 0,
     readers: int = 1,
     timeout: float | None = None,
     direct_io: DirectIO = False,
@@ -142,11 +129,9 @@ def restore(
     """Load ``image`` into the QEMU behind ``qmp`` (started with ``-incoming defer``).
 
     ``paused``: leave the VM paused after the load (else ``cont``). ``channels``: multifd
-    channels (0 = none); ``native``: QEMU's reader threads (default none); ``proxy``:
-    fixedram is a multifd source with that many connections, over a unix socket QEMU listens
-    on (:meth:`_Load.multifd`; default :data:`PROXY_CHANNELS`, or the single stream where
-    QEMU refuses to listen on that socket). ``readers``: read-ahead depth of a single-stream
-    ``proxy``.
+    channels (0 = none); ``native``: QEMU's reader threads; ``proxy``: fixedram is a multifd
+    source with that many connections, over a unix socket QEMU listens on
+    (:meth:`_Load.multifd`). ``readers``: read-ahead depth of a single-stream ``proxy``.
     ``direct_io``: page data is read with O_DIRECT, by fixedram (``proxy``) or by QEMU
     (``native``, which then needs multifd: at least one channel); ``"required"`` refuses,
     before QEMU sees a byte, where the filesystem does not support it, else fixedram warns
@@ -177,9 +162,6 @@ def restore(
             img.open_direct(direct_io)
         elif direct_io and isinstance(path, Path) and not _direct_ok(path, direct_io):
             direct_io = False
-        asked = channels is not None
-        if channels is None:  # see PROXY_CHANNELS
-            channels = PROXY_CHANNELS if how == "proxy" and _sent_from_file(img) else 0
         if how == "native" and direct_io:
             channels = max(1, channels)  # QEMU reads with O_DIRECT only under multifd
         pages = sum(img.count_present(n) for n in img.blocks)
@@ -193,12 +175,9 @@ def restore(
                 try:
                     watch.worker = load.multifd(channels)
                 except _CannotListen as e:
-                    if asked:
-                        raise VMError(f"QEMU cannot listen for multifd channels in "
-                                      f"fixedram's private directory ({e}): restore with "
-                                      f"--channels 0") from None
-                    channels = 0  # QEMU runs as another user, or confined
-                    watch.worker = load.fd(readers=readers, direct_io=direct_io)
+                    raise VMError(f"QEMU cannot listen for multifd channels in fixedram's "
+                                  f"private directory ({e}): restore with --channels 0 (one "
+                                  f"stream)") from None
             else:
                 watch.worker = load.fd(readers=readers, direct_io=direct_io)
             deadline = None if timeout is None else time.monotonic() + timeout
@@ -344,15 +323,6 @@ class _Load:
         self.settings.restore()
         if self.way is not None:
             self.way.close()
-
-
-def _sent_from_file(img: Any) -> bool:
-    """Whether a multifd restore sends ``img``'s pages from its file by ``sendfile``: a
-    buffered mapped-ram file whose pages are not checked against a checksum extension."""
-    from fixedram.image.check import check_metadata
-
-    return (img.format == "mapped-ram" and img.pages_in_file and not img.direct
-            and check_metadata(img) is None)
 
 
 class _CannotListen(Exception):
