@@ -33,82 +33,27 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from fixedram.testing.guest.linux import (
-    COMMAND_PORT_ARGS,
-    build_linux_guest,
-    linux_append,
-    parse_touches,
-    send_touch,
-)
+from bench.touchguest import lazy_restores, save, touch_guest
 from fixedram.testing.seaweed import TEST_BUCKET, Seaweed
 from fixedram.testing.vm import Guest, choose_accel, find_qemu
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXEDRAM = [sys.executable, "-m", "fixedram"]
+#: What the table keeps of each restore (fixedram's report and the harness's times).
+KEYS = ("time_to_running", "time_to_workload", "requests", "bytes_fetched", "record",
+        "working_set_pages", "total_time")
 
 
 def restores(src: Guest, url: str, n: int, extra: list[str], env: dict[str, str],
              work: Path, last_hb: int) -> list[dict[str, Any]]:
-    """``n`` lazy restores of ``url`` at once; the touch command sent to each guest as soon
-    as it runs. Returns each one's figures."""
-    dsts = [Guest.like(src, name=f"d{i}", incoming=True) for i in range(n)]
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        for d in dsts:
-            d.start()
-        t0 = []
-        for i, d in enumerate(dsts):
-            assert d.control_path is not None
-            t0.append(time.monotonic())
-            with open(work / f"r{i}.json", "wb") as f:
-                procs.append(subprocess.Popen(
-                    [*FIXEDRAM, "restore", "--lazy", "--qmp", str(d.control_path), "--json",
-                     "--no-progress", *extra, url], env=env, stdout=f, stderr=subprocess.PIPE))
-        ran: list[float | None] = [None] * n
-        touched: list[float | None] = [None] * n
-        while any(t is None for t in touched):
-            for i, d in enumerate(dsts):
-                now = time.monotonic() - t0[i]
-                if now > 600:
-                    raise RuntimeError("a workload did not resume within 600 s")
-                if ran[i] is None and d.status() == "running":
-                    ran[i] = now
-                    assert d.pid is not None
-                    send_touch(d.pid, d.name)
-                if ran[i] is not None and touched[i] is None and parse_touches(d.serial()):
-                    touched[i] = now
-            time.sleep(0.01)
-        out = []
-        for i, p in enumerate(procs):
-            _, err = p.communicate(timeout=600)
-            if p.returncode:
-                raise RuntimeError(f"fixedram restore failed: {err.decode().strip()}")
-            rep = json.loads((work / f"r{i}.json").read_text())
-            touch = parse_touches(dsts[i].serial())[0]
-            if touch.bad:
-                raise RuntimeError(f"guest {i} found {touch.bad} wrong pages")
-            out.append({"time_to_running": rep["time_to_running"],
-                        "time_to_workload": touched[i], "requests": rep["requests"],
-                        "bytes_fetched": rep["bytes_fetched"], "record": rep["record"],
-                        "working_set_pages": rep["working_set_pages"],
-                        "total_time": rep["total_time"]})
-        for d in dsts:
-            d.wait_heartbeat(after=last_hb, timeout=300)
-        return out
-    finally:
-        for p in procs:
-            if p.returncode is None:
-                p.kill()
-                p.wait()
-        for d in dsts:
-            d.kill()
+    """``n`` lazy restores of ``url`` at once (:func:`bench.touchguest.lazy_restores`)."""
+    return [{k: r[k] for k in KEYS} for r in lazy_restores(src, url, n, extra, work, last_hb,
+                                                           env)]
 
 
 def main() -> None:
@@ -119,7 +64,6 @@ def main() -> None:
     ap.add_argument("--fanout", type=int, default=8, help="concurrent restores")
     args = ap.parse_args()
     qemu = find_qemu("10")
-    lx = build_linux_guest()
     accel = choose_accel(qemu)
     work = Path(tempfile.mkdtemp(prefix="fixedram-bench-s3fan-"))
     sw = Seaweed(work / "weed")
@@ -133,21 +77,13 @@ def main() -> None:
         return sw.env(FIXEDRAM_CHUNK_CACHE=str(work / f"cache{next(caches)}"),
                       FIXEDRAM_STAGING=str(work))
 
-    src = Guest(qemu, work, name="src", kernel=lx.kernel, initrd=lx.initrd, mem=args.mem,
-                append=linux_append(data=8, mib=4, rate=1, hb=500, touch=args.touch),
-                extra_args=COMMAND_PORT_ARGS, control=True, qmp_timeout=300)
+    src = touch_guest(qemu, work, args.mem, args.touch)
     try:
         sw.start()
         sw.client().create_bucket(Bucket=TEST_BUCKET)
         with src:
             src.wait_heartbeat(gen_at_least=1, timeout=300)
-            assert src.control_path is not None
-            r = subprocess.run([*FIXEDRAM, "save", "--qmp", str(src.control_path), "--via",
-                                "proxy", "--json", "--no-progress", url], env=env(),
-                               capture_output=True, text=True, check=False)
-            if r.returncode:
-                raise RuntimeError(f"save failed: {r.stderr.strip()}")
-            res["stored_bytes"] = json.loads(r.stdout)["upload"]["uploaded_bytes"]
+            res["stored_bytes"] = save(src, url, env())["upload"]["uploaded_bytes"]
             last_hb = src.heartbeats()[-1].n
             rows: dict[str, dict[str, Any]] = {}
             for name, extra in (("without record", ["--no-prefetch", "--no-record"]),

@@ -20,7 +20,9 @@ The Linux test guest (``fixedram/testing/guest/linux.py``) runs its touch worklo
    same image run at once into as many destinations. For each: time to running (fixedram's
    report), page data fixedram read from the image (``bytes_read``) and bytes the kernel read
    from storage for that process (``ru_inblock`` of the child from ``wait4``: page-cache
-   misses, whoever missed first pays). Each guest's heartbeat must resume.
+   misses, whoever missed first pays). Each guest is sent the touch command as it runs, as
+   in 1 (``bench/touchguest.py`` runs the restores of both parts); its pages must check
+   and its heartbeat resume.
 
 Usage::
 
@@ -48,100 +50,32 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import drop_cache
-from fixedram.testing.guest.linux import (
-    COMMAND_PORT_ARGS,
-    build_linux_guest,
-    linux_append,
-    parse_touches,
-    send_touch,
-)
+from bench.touchguest import lazy_restores, save, touch_guest
 from fixedram.testing.vm import Guest, choose_accel, find_qemu
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXEDRAM = [sys.executable, "-m", "fixedram"]
 
-
-def start_restore(dst: Guest, img: Path, extra: list[str], out: Path) -> subprocess.Popen[bytes]:
-    assert dst.control_path is not None
-    with open(out, "wb") as f:
-        return subprocess.Popen([*FIXEDRAM, "restore", "--lazy", "--qmp", str(dst.control_path),
-                                 "--json", "--no-progress", *extra, str(img)], stdout=f,
-                                stderr=subprocess.PIPE)
-
-
-def finish(p: subprocess.Popen[bytes], out: Path) -> tuple[dict[str, Any], int]:
-    """Wait for a restore; its report and the bytes it read from storage (``ru_inblock``)."""
-    _, status, ru = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    err = p.stderr.read().decode() if p.stderr is not None else ""
-    if p.returncode:
-        raise RuntimeError(f"fixedram restore failed: {err.strip()}")
-    return json.loads(out.read_text()), ru.ru_inblock * 512
+#: What a working-set row keeps of each restore (fixedram's report and the harness's times).
+ROW_KEYS = ("time_to_workload", "time_to_heartbeat", "guest_touch_ms", "requests",
+            "pages_on_demand", "pages_prefetched", "zero_prefetched", "working_set_pages",
+            "time_to_requests", "record", "total_time", "storage_read")
+#: What the fan-out keeps of each restore.
+FANOUT_KEYS = ("time_to_running", "total_time", "bytes_read", "storage_read", "requests",
+               "time_to_workload")
 
 
 def one_restore(src: Guest, img: Path, extra: list[str], work: Path,
                 last_hb: int) -> dict[str, Any]:
-    """One lazy restore with the touch command sent as soon as the guest runs."""
-    dst = Guest.like(src, name="dst", incoming=True)
-    with dst:
-        t0 = time.monotonic()
-        p = start_restore(dst, img, extra, work / "rep.json")
-        ttr = t_touch = t_hb = None
-        while t_touch is None or t_hb is None:
-            now = time.monotonic() - t0
-            if now > 300:
-                raise RuntimeError("the workload did not resume within 300 s")
-            if ttr is None and dst.status() == "running":
-                ttr = now
-                assert dst.pid is not None
-                send_touch(dst.pid, dst.name)
-            if ttr is not None:
-                serial = dst.serial()
-                if t_touch is None and parse_touches(serial):
-                    t_touch = now
-                if t_hb is None and any(b.n > last_hb for b in dst.heartbeats()):
-                    t_hb = now
-            time.sleep(0.005)
-        rep, inblock = finish(p, work / "rep.json")
-        touch = parse_touches(dst.serial())[0]
-        if touch.bad:
-            raise RuntimeError(f"the guest found {touch.bad} wrong pages")
-    return {"time_to_running": ttr, "time_to_workload": t_touch, "time_to_heartbeat": t_hb,
-            "guest_touch_ms": touch.ms, "requests": rep["requests"],
-            "pages_on_demand": rep["pages_on_demand"], "pages_prefetched": rep["pages_prefetched"],
-            "zero_prefetched": rep["zero_prefetched"],
-            "working_set_pages": rep["working_set_pages"],
-            "time_to_requests": rep["time_to_requests"], "record": rep["record"],
-            "total_time": rep["total_time"], "storage_read": inblock}
+    """One lazy restore; its running time as the harness saw it (QMP status polled)."""
+    r = lazy_restores(src, str(img), 1, extra, work, last_hb)[0]
+    return {"time_to_running": r["seen_running"], **{k: r[k] for k in ROW_KEYS}}
 
 
-def fanout(src: Guest, img: Path, n: int, extra: list[str], work: Path,
-           last_hb: int) -> list[dict[str, Any]]:
-    """``n`` lazy restores of ``img`` at once (image evicted from the page cache first)."""
-    dsts = [Guest.like(src, name=f"f{i}", incoming=True) for i in range(n)]
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        for d in dsts:
-            d.start()
-        drop_cache(img)
-        for i, d in enumerate(dsts):
-            procs.append(start_restore(d, img, extra, work / f"f{i}.json"))
-        out = []
-        for i, p in enumerate(procs):
-            rep, inblock = finish(p, work / f"f{i}.json")
-            out.append({"time_to_running": rep["time_to_running"],
-                        "total_time": rep["total_time"], "bytes_read": rep["bytes_read"],
-                        "storage_read": inblock, "requests": rep["requests"]})
-        for d in dsts:
-            d.wait_heartbeat(after=last_hb, timeout=300)
-        return out
-    finally:
-        for p in procs:
-            if p.returncode is None:
-                p.kill()
-                p.wait()
-        for d in dsts:
-            d.kill()
+def fanout(src: Guest, img: Path, n: int, work: Path, last_hb: int) -> list[dict[str, Any]]:
+    """``n`` lazy restores of ``img`` at once, the image evicted from the page cache first."""
+    drop_cache(img)
+    return [{k: r[k] for k in FANOUT_KEYS}
+            for r in lazy_restores(src, str(img), n, [], work, last_hb)]
 
 
 def copy_image(src: Path, dst: Path) -> Path:
@@ -171,7 +105,6 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None, help="where the image goes")
     args = ap.parse_args()
     qemu = find_qemu("10")
-    lx = build_linux_guest()
     accel = choose_accel(qemu)
     work = Path(tempfile.mkdtemp(prefix="fixedram-bench-ws-"))
     imgdir = Path(tempfile.mkdtemp(prefix="fixedram-bench-ws-", dir=args.dir)) if args.dir \
@@ -182,18 +115,11 @@ def main() -> None:
                            "mem": args.mem, "touch_mib": args.touch, "push_rates": rates,
                            "prefetch_rate": args.prefetch_rate, "image_dir": str(imgdir),
                            "command": " ".join(["python -m bench.workingset", *sys.argv[1:]])}
-    src = Guest(qemu, work, name="src", kernel=lx.kernel, initrd=lx.initrd, mem=args.mem,
-                append=linux_append(data=8, mib=4, rate=1, hb=500, touch=args.touch),
-                extra_args=COMMAND_PORT_ARGS, control=True, qmp_timeout=300)
+    src = touch_guest(qemu, work, args.mem, args.touch)
     try:
         with src:
             src.wait_heartbeat(gen_at_least=1, timeout=300)
-            assert src.control_path is not None
-            r = subprocess.run([*FIXEDRAM, "save", "--qmp", str(src.control_path), "--via",
-                                "proxy", "--json", "--no-progress", str(img)],
-                               capture_output=True, text=True, check=False)
-            if r.returncode:
-                raise RuntimeError(f"save failed: {r.stderr.strip()}")
+            save(src, str(img))
             last_hb = src.heartbeats()[-1].n
             res["restores"] = {}
             recorded = img
@@ -211,10 +137,9 @@ def main() -> None:
                 res["restores"][rate] = runs
             if args.fanout:  # the image recorded at the last rate; full speed
                 print("# fan-out: 1", file=sys.stderr, flush=True)
-                drop_cache(recorded)
-                res["single"] = fanout(src, recorded, 1, [], work, last_hb)[0]
+                res["single"] = fanout(src, recorded, 1, work, last_hb)[0]
                 print(f"# fan-out: {args.fanout}", file=sys.stderr, flush=True)
-                res["fanout"] = fanout(src, recorded, args.fanout, [], work, last_hb)
+                res["fanout"] = fanout(src, recorded, args.fanout, work, last_hb)
     finally:
         for f in imgdir.glob("ws*.img"):
             with contextlib.suppress(OSError):

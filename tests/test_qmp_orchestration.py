@@ -63,6 +63,16 @@ def resident(path: Path) -> int:
     return int(out.split()[0])
 
 
+def leaves_the_cache(path: Path) -> None:
+    """Wait (up to 60 s) until at most 5 % of ``path``'s allocated bytes are cached."""
+    allocated = path.stat().st_blocks * 512
+    assert allocated > 16 << 20
+    deadline = time.monotonic() + 60
+    while resident(path) >= allocated // 20 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert resident(path) < allocated // 20, (resident(path), allocated)
+
+
 def test_batch_order_errors_and_events(qemu10: QemuBinary, accel: str, tmp_path: Path,
                                        socks: Path) -> None:
     with guest(qemu10, tmp_path, socks, accel, paused=True) as g, \
@@ -103,13 +113,7 @@ def test_native_save_restore_put_settings_back_and_leave_the_cache(
             with open_image(img) as im:
                 assert im.format == "mapped-ram"
                 assert sum(int(im.present(n).sum()) for n in im.blocks) == rep["pages_in_image"]
-            allocated = img.stat().st_blocks * 512
-            assert allocated > 16 << 20
-            # the image leaves the page cache once saved (a child process drops it)
-            deadline = time.monotonic() + 60
-            while resident(img) >= allocated // 20 and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert resident(img) < allocated // 20, (resident(img), allocated)
+            leaves_the_cache(img)  # once saved (a child process drops it)
             dst = Guest.like(src, name="dst", incoming=True)
             dst.extra_args = ("-qmp", f"unix:{socks / 'dst'}-ctl.qmp,server=on,wait=off")
             with dst:
@@ -126,12 +130,7 @@ def test_native_save_restore_put_settings_back_and_leave_the_cache(
             rep = fixedram("save", "--qmp", str(socks / "src-ctl.qmp"), "--via", "proxy",
                            str(proxy))
             assert rep["via"] == "proxy" and rep["pages_in_image"] > 0
-            allocated = proxy.stat().st_blocks * 512
-            assert allocated > 16 << 20
-            deadline = time.monotonic() + 60
-            while resident(proxy) >= allocated // 20 and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert resident(proxy) < allocated // 20, (resident(proxy), allocated)
+            leaves_the_cache(proxy)
     finally:
         shutil.rmtree(d, ignore_errors=True)
 

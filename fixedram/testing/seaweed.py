@@ -102,15 +102,18 @@ class Seaweed:
                    AWS_EC2_METADATA_DISABLED="true", **extra)
         return env
 
-    def client(self) -> Any:
-        """A boto3 client of this server: an S3 view independent of fixedram's own."""
+    def client(self, config: Any = None) -> Any:
+        """A boto3 client of this server: an S3 view independent of fixedram's own
+        (``config``: a ``botocore.config.Config``)."""
         import boto3
 
         return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
-                            aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY)
+                            aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
+                            config=config)
 
     def start(self, timeout: float = 30.0) -> Seaweed:
-        """Start the server and wait until S3 answers."""
+        """Start the server and wait until S3 answers and, started again over data it holds
+        already, serves an object of it (its S3 port answers before its volumes are back)."""
         args = [str(weed_binary()), "mini", f"-dir={self.data}", "-ip=127.0.0.1",
                 "-ip.bind=127.0.0.1", "-master.telemetry=false", "-admin.ui=false",
                 "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
@@ -128,15 +131,33 @@ class Seaweed:
                 raise RuntimeError(f"weed mini exited with {self.proc.returncode}; see {self.log}")
             try:
                 urllib.request.urlopen(self.endpoint + "/", timeout=1).close()
-                return self
+                up = True
             except urllib.error.HTTPError:
-                return self  # 403 to an unsigned request: S3 is up
+                up = True  # 403 to an unsigned request: S3 is up
             except OSError:
-                pass
+                up = False
+            if up and self._serves_data():
+                return self
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"weed mini did not answer S3 within {timeout:.0f} s")
             time.sleep(0.1)
+
+    def _serves_data(self) -> bool:
+        """Whether the first object of every bucket reads (true with no object at all)."""
+        import botocore.config
+        import botocore.exceptions
+
+        c = self.client(botocore.config.Config(retries={"max_attempts": 1}, connect_timeout=2,
+                                               read_timeout=2))
+        try:
+            for b in c.list_buckets()["Buckets"]:
+                for o in c.list_objects_v2(Bucket=b["Name"], MaxKeys=1).get("Contents", []):
+                    if o["Size"]:
+                        c.get_object(Bucket=b["Name"], Key=o["Key"], Range="bytes=0-0")
+            return True
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError):
+            return False
 
     def stop(self) -> None:
         """Kill the server (SIGKILL to its process group) and wait for it."""
