@@ -105,13 +105,13 @@ def save_command(image: str, qmp_socket: str | None, live: bool, via: str, resum
     xml = read_domain_xml(libvirt_xml) if libvirt_xml else None
     assert qmp_socket is not None
     obj = is_object_url(image)
-    with staging(image) as (target, finish), QMP.connect(qmp_socket) as qmp:
+    with staging(image) as (target, finish, early), QMP.connect(qmp_socket) as qmp:
         was_running = qmp.status() == "running"
         with ProgressBar("save", disable=not show_progress(progress)) as bar:
             r = save(qmp, target, live=live, via=via,  # type: ignore[arg-type]
                      resume=resume and not obj, direct_io=direct_io, progress=bar,
                      max_bandwidth=rate, stop_after=live_timeout, multifd_channels=channels,
-                     libvirt_xml=xml)
+                     libvirt_xml=xml, observer=None if live else early)
         try:
             upload = finish()
         except FixedramError as e:

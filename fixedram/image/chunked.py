@@ -68,7 +68,8 @@ from fixedram.io.objstore import (
     parse_url,
 )
 
-__all__ = ["upload", "staged", "local_image", "staging", "preflight", "collect_garbage", "Manifest",
+__all__ = ["upload", "EarlyUpload", "staged", "local_image", "staging", "preflight",
+           "collect_garbage", "Manifest",
            "ChunkRef", "UploadReport", "GcReport", "read_manifest", "chunk_key", "chunk_name",
            "encode_chunk", "decode_chunk", "MANIFEST_VERSION", "CHUNK_SIZE", "CHUNK_PREFIX",
            "DEFAULT_GRACE", "RECORD_PREFIX", "read_grace", "write_grace"]
@@ -350,6 +351,7 @@ class UploadReport:
     data_bytes: int = 0       # bytes of the chunks with data (uncompressed)
     uploaded_bytes: int = 0   # bytes sent (compressed)
     restored: int = 0         # uploaded chunks found deleted after the manifest, put again
+    early: int = 0            # data chunks stored while the image was still being written
     stored_bytes: int = 0     # bytes the manifest's chunks take in the store
     seconds: float = 0.0
     cpu_seconds: float = 0.0
@@ -413,10 +415,11 @@ class _Uploader:
             self.report.uploaded_bytes += len(body)
         return ChunkRef(-1, name, codec, len(body))
 
-    def restore_deleted(self, workers: int = WORKERS) -> int:
-        """After the manifest is written: upload again each chunk this save PUT that is
-        gone from the store (deleted by a gc that listed it before this save's PUT and
-        checked it just before too), ``workers`` requests at a time. Returns how many."""
+    def restore_deleted(self, used: set[str], workers: int = WORKERS) -> int:
+        """After the manifest is written: upload again each chunk this save PUT and the
+        manifest names (``used``: keys) that is gone from the store (deleted by a gc that
+        listed it before this save's PUT and checked it just before too), ``workers``
+        requests at a time. Returns how many."""
         def check(item: tuple[str, Callable[[], memoryview]]) -> int:
             key, again = item
             if self.store.head(key) is not None:
@@ -424,37 +427,167 @@ class _Uploader:
             self.store.put(key, encode_chunk(again())[1])
             return 1
 
-        if not self.put_keys:
+        mine = [(k, again) for k, again in self.put_keys.items() if k in used]
+        if not mine:
             return 0
         with ThreadPoolExecutor(workers, thread_name_prefix="fixedram-check") as pool:
-            return sum(pool.map(check, list(self.put_keys.items())))
+            return sum(pool.map(check, mine))
+
+
+class EarlyUpload:
+    """Uploads the chunks of a staging image while it is still being written: the
+    :class:`~fixedram.image.writer.PageObserver` of the image's writer.
+
+    A chunk is taken once the writes have moved past it (a write lands in another chunk):
+    QEMU sends a paused guest's pages once each, block by block in address order, so a
+    chunk is then final. Each chunk's writes are counted; a chunk is read (copied out of
+    the file, so its name and body always agree however the file changes meanwhile) with
+    the count it had before the copy, and :func:`upload` uses that upload only if the
+    count is still the same once the image is complete. Any chunk changed after its copy
+    (a page sent again, a chunk taken before its last write) is uploaded again from the
+    finished image before the manifest; its earlier upload is garbage for gc.
+    """
+
+    def __init__(self, url: str, *, chunk_size: int = CHUNK_SIZE,
+                 workers: int = WORKERS) -> None:
+        if chunk_size % PAGE_SIZE or chunk_size <= 0:
+            raise ImageError(f"chunk size {chunk_size} is not a multiple of {PAGE_SIZE}")
+        self.loc = parse_url(url)
+        self.chunk_size = chunk_size
+        self.cpages = chunk_size // PAGE_SIZE
+        self.workers = workers
+        self.store = store = Store(self.loc.bucket)
+        self.report = UploadReport(str(self.loc))
+        self.grace = read_grace(store)
+        now = server_now(store)  # also the check that the bucket takes writes
+        self.looked = time.monotonic()
+        self.up = _Uploader(store, self.report,
+                            datetime.fromtimestamp(now.timestamp() - self.grace / 2, UTC))
+        self.lock = threading.Lock()
+        self.fd = -1
+        self.regions: dict[str, tuple[int, int]] = {}  # block -> pages offset, length
+        self.writes: dict[tuple[str, int], int] = {}   # chunk -> writes into it so far
+        self.pending: dict[tuple[str, int], None] = {}  # written, not yet taken
+        #: chunk -> (writes counted before its copy, its ref; None: all zeros)
+        self.copied: dict[tuple[str, int], tuple[int, ChunkRef | None]] = {}
+        self.futures: list[Future[None]] = []
+        self.buffers: list[bytearray] = []
+        self.pool: ThreadPoolExecutor | None = None
+        self.failed = False
+
+    # -- the writer's observer -------------------------------------------------------
+
+    def begin(self, fd: int, blocks: Any) -> None:
+        self.fd = os.dup(fd)
+        self.regions = {n: (b.pages_offset, b.length) for n, b in blocks.items()}
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="fixedram-upload")
+
+    def written(self, block: str, first_page: int, npages: int) -> None:
+        c0, c1 = first_page // self.cpages, (first_page + npages - 1) // self.cpages
+        with self.lock:
+            for c in range(c0, c1 + 1):
+                k = (block, c)
+                self.writes[k] = self.writes.get(k, 0) + 1
+                self.pending[k] = None
+            if len(self.pending) <= c1 - c0 + 1 or self.failed or self.pool is None:
+                return
+            passed = [k for k in self.pending if k[0] != block or not c0 <= k[1] <= c1]
+            for k in passed:
+                del self.pending[k]
+                self.futures.append(self.pool.submit(self._copy_and_store, k))
+
+    # -- the pool's work -------------------------------------------------------------
+
+    def _copy_and_store(self, k: tuple[str, int]) -> None:
+        block, i = k
+        with self.lock:
+            if self.failed:
+                return
+            count = self.writes[k]
+            buf = self.buffers.pop() if self.buffers else bytearray(self.chunk_size)
+        pos, length = self.regions[block]
+        start = pos + i * self.chunk_size
+        n = min(self.chunk_size, length - i * self.chunk_size)
+        try:
+            view = memoryview(buf)[:n]
+            _pread_all(self.fd, view, start)
+            ref = None
+            if np.frombuffer(view, np.uint64).any():
+                fd = self.fd
+                ref = self.up.store_chunk(i, view, lambda: _reread(fd, start, n))
+            with self.lock:
+                self.copied[k] = (count, ref)
+        except BaseException:
+            with self.lock:
+                self.failed = True
+            raise
+        finally:
+            del view
+            with self.lock:
+                self.buffers.append(buf)
+
+    # -- for upload() ----------------------------------------------------------------
+
+    def finish(self) -> None:
+        """Wait for the chunks taken so far (the image is complete: no more writes);
+        re-raise the first failure."""
+        for f in self.futures:
+            f.result()
+        self.futures = []
+        self.buffers = []
+
+    def take(self, block: str, i: int) -> tuple[bool, ChunkRef | None]:
+        """``(True, ref)`` when chunk ``i`` of ``block`` was stored as it is now in the
+        image (``ref`` None: it was all zeros), else ``(False, None)``."""
+        got = self.copied.get((block, i))
+        if got is None or got[0] != self.writes.get((block, i)):
+            return False, None
+        return True, got[1]
+
+    def close(self) -> None:
+        """Stop: drop chunks not started, wait for those under way, close the file."""
+        with self.lock:
+            self.failed = True
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def upload(path: str | os.PathLike[str], url: str, *, chunk_size: int = CHUNK_SIZE,
-           workers: int = WORKERS) -> UploadReport:
+           workers: int = WORKERS, early: EarlyUpload | None = None) -> UploadReport:
     """Store the local mapped-ram image at ``path`` as the object image ``url``.
 
     Chunks the bucket already holds (written within half its grace period) are reused,
     the others uploaded, ``workers`` at a time; the manifest is written last, in one PUT,
     once every chunk is confirmed. Until then an earlier image at ``url`` stays intact.
+    ``early``: the chunks it stored while the image was written (those still as they
+    are in the image) are not read or stored again.
     """
     from fixedram.image.reader import open_image
 
     t0, c0 = time.monotonic(), time.process_time()
     loc = parse_url(url)
-    if chunk_size % PAGE_SIZE or chunk_size <= 0:
-        raise ImageError(f"chunk size {chunk_size} is not a multiple of {PAGE_SIZE}")
-    store = Store(loc.bucket)
-    report = UploadReport(str(loc))
-    with open_image(path) as img:
-        if img.format != "mapped-ram":
-            raise ImageError(f"{path}: only mapped-ram images go to an object store "
-                             "(fixedram convert makes one)")
+    if early is not None:
+        early.finish()
+        store, report, up = early.store, early.report, early.up
+        grace, looked, chunk_size = early.grace, early.looked, early.chunk_size
+    else:
+        if chunk_size % PAGE_SIZE or chunk_size <= 0:
+            raise ImageError(f"chunk size {chunk_size} is not a multiple of {PAGE_SIZE}")
+        store = Store(loc.bucket)
+        report = UploadReport(str(loc))
         grace = read_grace(store)
         now = server_now(store)
         looked = time.monotonic()
         up = _Uploader(store, report, datetime.fromtimestamp(now.timestamp() - grace / 2,
                                                               UTC))
+    with open_image(path) as img:
+        if img.format != "mapped-ram":
+            raise ImageError(f"{path}: only mapped-ram images go to an object store "
+                             "(fixedram convert makes one)")
         cpages = chunk_size // PAGE_SIZE
         blocks: list[BlockEntry] = []
         fd = img.fileno()
@@ -483,6 +616,17 @@ def upload(path: str | os.PathLike[str], url: str, *, chunk_size: int = CHUNK_SI
                 for i in _chunks_with_data(img, name, cpages):
                     start = i * chunk_size
                     n = min(chunk_size, blk.length - start)
+                    if early is not None:
+                        done, ref = early.take(name, i)
+                        if done:
+                            with up.lock:
+                                if ref is None:
+                                    report.zero_chunks += 1
+                                else:
+                                    report.data_bytes += n
+                                    report.early += 1
+                                    be.chunks[i] = ref
+                            continue
                     sem.acquire()
                     futs.append(pool.submit(one, be, i, blk.mapped.pages_offset + start, n))
                     if futs[0].done():
@@ -512,7 +656,7 @@ def upload(path: str | os.PathLike[str], url: str, *, chunk_size: int = CHUNK_SI
                              f"period ({grace:.0f} s): its chunks may have been collected; "
                              "nothing was written, save again")
         store.put(loc.key, doc)
-        report.restored = up.restore_deleted(workers)
+        report.restored = up.restore_deleted({r.key for r in man.refs()}, workers)
     report.seconds = time.monotonic() - t0
     report.cpu_seconds = time.process_time() - c0
     return report
@@ -528,25 +672,34 @@ def preflight(url: str) -> Store:
 
 
 @contextmanager
-def staging(image: str) -> Iterator[tuple[str, Callable[[], UploadReport | None]]]:
-    """``(path, finish)``: the local path a command writes the image ``image`` to, and the
-    function that stores it there. For a local ``image`` that is ``image`` itself and
-    ``finish`` does nothing (returns None); for an object (``s3://bucket/key``) a staging
-    file (the store checked first, before anything irreversible) that ``finish`` uploads,
-    removed in every case when the block ends. The caller chooses when to upload (a save
-    does it while it still controls the VM)."""
+def staging(image: str) -> Iterator[tuple[str, Callable[[], UploadReport | None],
+                                          EarlyUpload | None]]:
+    """``(path, finish, early)``: the local path a command writes the image ``image`` to,
+    the function that stores it there, and the observer to give the image's writer so
+    that chunks are uploaded while it writes (:class:`EarlyUpload`). For a local
+    ``image`` that is ``image`` itself, ``finish`` does nothing (returns None) and
+    ``early`` is None; for an object (``s3://bucket/key``) a staging file (the store
+    checked first, before anything irreversible) that ``finish`` uploads (what was not
+    already), removed in every case when the block ends. The caller chooses when to
+    finish (a save does it while it still controls the VM)."""
     if not is_object_url(image):
-        yield image, lambda: None
+        yield image, lambda: None, None
         return
-    with _stage_dir(image) as local:
-        yield str(local), lambda: upload(local, image)
+    early = EarlyUpload(image)  # checks the store first
+    try:
+        with _stage_dir(image, checked=True) as local:
+            yield str(local), lambda: upload(local, image, early=early), early
+    finally:
+        early.close()
 
 
 @contextmanager
-def _stage_dir(url: str) -> Iterator[Path]:
+def _stage_dir(url: str, *, checked: bool = False) -> Iterator[Path]:
     """A staging path for ``url`` (FIXEDRAM_STAGING, else TMPDIR, else /var/tmp), the store
-    checked first; the directory is removed when the block ends."""
-    preflight(url)
+    checked first (unless ``checked``: the caller did); the directory is removed when the
+    block ends."""
+    if not checked:
+        preflight(url)
     base = os.environ.get("FIXEDRAM_STAGING") or os.environ.get("TMPDIR") or "/var/tmp"
     d = tempfile.mkdtemp(prefix="fixedram-stage-", dir=base)
     try:
