@@ -39,6 +39,7 @@ gc's check just before the save's upload).
 
 from __future__ import annotations
 
+import functools
 import json
 import mmap
 import os
@@ -55,7 +56,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fixedram._lazy import numpy as np
 from fixedram.errors import ImageError, StoreError
 from fixedram.image.layout import PAGE_SIZE
 from fixedram.io.files import scratch_writes
@@ -112,6 +112,13 @@ def chunk_name(data: Any) -> str:
     import xxhash
 
     return xxhash.xxh3_128_hexdigest(data)
+
+
+@functools.lru_cache(maxsize=8)
+def _zero_name(n: int) -> str:
+    """The :func:`chunk_name` of ``n`` zero bytes: a chunk of that name holds only zeros
+    (comparing names spares a pass over the chunk's bytes besides the hash's)."""
+    return chunk_name(bytes(n))
 
 
 def chunk_key(name: str, codec: str) -> str:
@@ -379,8 +386,13 @@ class _Uploader:
         self.put_keys: dict[str, Callable[[], memoryview]] = {}
 
     def store_chunk(self, index: int, data: memoryview,
-                    again: Callable[[], memoryview] | None = None) -> ChunkRef:
-        name = chunk_name(data)
+                    again: Callable[[], memoryview] | None = None,
+                    name: str | None = None) -> ChunkRef:
+        """Store chunk ``index`` holding ``data`` (``name``: its :func:`chunk_name`, if
+        known), unless this save or the bucket has it already; ``again`` reads it anew
+        (for :meth:`restore_deleted`)."""
+        if name is None:
+            name = chunk_name(data)
         with self.lock:
             fut = self.done.get(name)
             if fut is None:
@@ -440,12 +452,15 @@ class EarlyUpload:
 
     A chunk is taken once the writes have moved past it (a write lands in another chunk):
     QEMU sends a paused guest's pages once each, block by block in address order, so a
-    chunk is then final. Each chunk's writes are counted; a chunk is read (copied out of
-    the file, so its name and body always agree however the file changes meanwhile) with
-    the count it had before the copy, and :func:`upload` uses that upload only if the
-    count is still the same once the image is complete. Any chunk changed after its copy
-    (a page sent again, a chunk taken before its last write) is uploaded again from the
-    finished image before the manifest; its earlier upload is garbage for gc.
+    chunk is then final. It is read where it lies (mapped from the file's cached pages,
+    no copy) while the writer is kept out of it: a write to a chunk being read waits
+    until the read is done (hash, compression, PUT), and a chunk is not read while a
+    write to it is under way, so its name and stored bytes always agree. Each chunk's
+    writes are counted; :func:`upload` uses a chunk's early upload only if the count is
+    still the one it had when read, once the image is complete. Any chunk changed after
+    it was read (a page sent again, a chunk taken before its last write) is uploaded
+    again from the finished image before the manifest; its earlier upload is garbage for
+    gc.
     """
 
     def __init__(self, url: str, *, chunk_size: int = CHUNK_SIZE,
@@ -463,17 +478,18 @@ class EarlyUpload:
         self.looked = time.monotonic()
         self.up = _Uploader(store, self.report,
                             datetime.fromtimestamp(now.timestamp() - self.grace / 2, UTC))
-        self.lock = threading.Lock()
+        self.cond = threading.Condition()
         self.fd = -1
         self.regions: dict[str, tuple[int, int]] = {}  # block -> pages offset, length
-        self.writes: dict[tuple[str, int], int] = {}   # chunk -> writes into it so far
+        self.writes: dict[tuple[str, int], int] = {}   # chunk -> writes into it done
+        self.busy: dict[tuple[str, int], int] = {}     # chunk -> writes under way
+        self.reading: dict[tuple[str, int], int] = {}  # chunk -> reads under way
         self.pending: dict[tuple[str, int], None] = {}  # written, not yet taken
-        #: chunk -> (writes counted before its copy, its ref; None: all zeros)
-        self.copied: dict[tuple[str, int], tuple[int, ChunkRef | None]] = {}
+        #: chunk -> (writes done when it was read, its ref; None: all zeros)
+        self.read: dict[tuple[str, int], tuple[int, ChunkRef | None]] = {}
         self.futures: list[Future[None]] = []
-        self.buffers: list[bytearray] = []
         self.pool: ThreadPoolExecutor | None = None
-        self.failed = False
+        self.stopped = False
 
     # -- the writer's observer -------------------------------------------------------
 
@@ -482,49 +498,71 @@ class EarlyUpload:
         self.regions = {n: (b.pages_offset, b.length) for n, b in blocks.items()}
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="fixedram-upload")
 
+    def _keys(self, block: str, first_page: int, npages: int) -> list[tuple[str, int]]:
+        return [(block, c) for c in range(first_page // self.cpages,
+                                           (first_page + npages - 1) // self.cpages + 1)]
+
+    def writing(self, block: str, first_page: int, npages: int) -> None:
+        keys = self._keys(block, first_page, npages)
+        with self.cond:
+            while any(k in self.reading for k in keys):
+                self.cond.wait()
+            for k in keys:
+                self.busy[k] = self.busy.get(k, 0) + 1
+
     def written(self, block: str, first_page: int, npages: int) -> None:
-        c0, c1 = first_page // self.cpages, (first_page + npages - 1) // self.cpages
-        with self.lock:
-            for c in range(c0, c1 + 1):
-                k = (block, c)
+        keys = self._keys(block, first_page, npages)
+        with self.cond:
+            for k in keys:
                 self.writes[k] = self.writes.get(k, 0) + 1
+                left = self.busy.get(k, 0) - 1
+                if left > 0:
+                    self.busy[k] = left
+                else:
+                    self.busy.pop(k, None)
                 self.pending[k] = None
-            if len(self.pending) <= c1 - c0 + 1 or self.failed or self.pool is None:
+            self.cond.notify_all()
+            if len(self.pending) <= len(keys) or self.stopped or self.pool is None:
                 return
-            passed = [k for k in self.pending if k[0] != block or not c0 <= k[1] <= c1]
+            passed = [k for k in self.pending if k not in keys]
             for k in passed:
                 del self.pending[k]
-                self.futures.append(self.pool.submit(self._copy_and_store, k))
+                self.futures.append(self.pool.submit(self._store, k))
 
     # -- the pool's work -------------------------------------------------------------
 
-    def _copy_and_store(self, k: tuple[str, int]) -> None:
+    def _store(self, k: tuple[str, int]) -> None:
         block, i = k
-        with self.lock:
-            if self.failed:
+        with self.cond:
+            while k in self.busy and not self.stopped:
+                self.cond.wait()
+            if self.stopped:
                 return
             count = self.writes[k]
-            buf = self.buffers.pop() if self.buffers else bytearray(self.chunk_size)
-        pos, length = self.regions[block]
-        start = pos + i * self.chunk_size
-        n = min(self.chunk_size, length - i * self.chunk_size)
+            self.reading[k] = self.reading.get(k, 0) + 1
         try:
-            view = memoryview(buf)[:n]
-            _pread_all(self.fd, view, start)
+            pos, length = self.regions[block]
+            start = pos + i * self.chunk_size
+            n = min(self.chunk_size, length - i * self.chunk_size)
+            fd = self.fd
+            data = _chunk_bytes(fd, start, n, os.fstat(fd).st_size)
+            name = chunk_name(data)
             ref = None
-            if np.frombuffer(view, np.uint64).any():
-                fd = self.fd
-                ref = self.up.store_chunk(i, view, lambda: _reread(fd, start, n))
-            with self.lock:
-                self.copied[k] = (count, ref)
+            if name != _zero_name(n):
+                ref = self.up.store_chunk(i, data, lambda: _reread(fd, start, n), name)
+            del data
+            with self.cond:
+                self.read[k] = (count, ref)
         except BaseException:
-            with self.lock:
-                self.failed = True
+            with self.cond:
+                self.stopped = True
             raise
         finally:
-            del view
-            with self.lock:
-                self.buffers.append(buf)
+            with self.cond:
+                left = self.reading.pop(k) - 1
+                if left:
+                    self.reading[k] = left
+                self.cond.notify_all()
 
     # -- for upload() ----------------------------------------------------------------
 
@@ -534,20 +572,20 @@ class EarlyUpload:
         for f in self.futures:
             f.result()
         self.futures = []
-        self.buffers = []
 
     def take(self, block: str, i: int) -> tuple[bool, ChunkRef | None]:
         """``(True, ref)`` when chunk ``i`` of ``block`` was stored as it is now in the
         image (``ref`` None: it was all zeros), else ``(False, None)``."""
-        got = self.copied.get((block, i))
+        got = self.read.get((block, i))
         if got is None or got[0] != self.writes.get((block, i)):
             return False, None
         return True, got[1]
 
     def close(self) -> None:
         """Stop: drop chunks not started, wait for those under way, close the file."""
-        with self.lock:
-            self.failed = True
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
@@ -598,13 +636,14 @@ def upload(path: str | os.PathLike[str], url: str, *, chunk_size: int = CHUNK_SI
             def one(be: BlockEntry, i: int, pos: int, n: int) -> None:
                 try:
                     buf = _chunk_bytes(fd, pos, n, size)
-                    if not np.frombuffer(buf, np.uint64).any():
+                    name = chunk_name(buf)
+                    if name == _zero_name(n):
                         with up.lock:
                             report.zero_chunks += 1
                         return
                     with up.lock:
                         report.data_bytes += n
-                    be.chunks[i] = up.store_chunk(i, buf, lambda: _reread(fd, pos, n))
+                    be.chunks[i] = up.store_chunk(i, buf, lambda: _reread(fd, pos, n), name)
                 finally:
                     sem.release()
 

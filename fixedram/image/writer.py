@@ -103,6 +103,11 @@ class PageObserver(Protocol):
         """The layout is written: ``blocks`` are where the pages regions are in ``fd``
         (the observer dups ``fd`` if it reads the file later)."""
 
+    def writing(self, block: str, first_page: int, npages: int) -> None:
+        """Pages ``[first_page, first_page + npages)`` of ``block`` are about to change
+        in the file (may wait, e.g. until a reader of those pages is done with them).
+        Called outside the writer's lock; :meth:`written` follows once they changed."""
+
     def written(self, block: str, first_page: int, npages: int) -> None:
         """Pages ``[first_page, first_page + npages)`` of ``block`` changed in the file
         (written, or zeroed after they held data). Called after the change, under the
@@ -239,6 +244,8 @@ class MappedRamWriter:
         if not npages:
             return 0
         digests = digests_of(bufs) if self.digests is not None else None
+        if self.observer is not None:
+            self.observer.writing(block, first_page, npages)
         pwritev_all(self.page_fd, bufs, blk.pages_offset + first_page * PAGE_SIZE)
         self._written(blk, first_page, npages, digests)
         return npages
@@ -270,6 +277,8 @@ class MappedRamWriter:
         digests = digest_views(pages, npages) if self.digests is not None else None
         fd = self.page_fd
         at = blk.pages_offset + first_page * PAGE_SIZE
+        if self.observer is not None:
+            self.observer.writing(block, first_page, npages)
         for i in range(0, npages, IOV_MAX):
             group = pages[i : i + IOV_MAX]
             want = len(group) * PAGE_SIZE
@@ -299,6 +308,8 @@ class MappedRamWriter:
             cleared = blk.present.clear_runs(first_page, npages)
         had = 0
         for start, n in cleared:
+            if self.observer is not None:
+                self.observer.writing(block, start, n)
             punch_hole(self.fd, blk.pages_offset + start * PAGE_SIZE, n * PAGE_SIZE)
             had += n
         with self._lock:
