@@ -352,13 +352,15 @@ class UploadReport:
 
     url: str
     chunks: int = 0           # chunks the manifest names (the meta chunk included)
-    uploaded: int = 0         # of those, uploaded by this save
+    uploaded: int = 0         # chunks this save PUT (early ones superseded since included)
     reused: int = 0           # already in the bucket (and recent enough to rely on)
     zero_chunks: int = 0      # chunks with page data that were all zeros (not stored)
     data_bytes: int = 0       # bytes of the chunks with data (uncompressed)
     uploaded_bytes: int = 0   # bytes sent (compressed)
     restored: int = 0         # uploaded chunks found deleted after the manifest, put again
     early: int = 0            # data chunks stored while the image was still being written
+    #: seconds and CPU seconds of the upload from the moment the image was complete
+    #: (with early uploads, what is left then)
     stored_bytes: int = 0     # bytes the manifest's chunks take in the store
     seconds: float = 0.0
     cpu_seconds: float = 0.0
@@ -369,8 +371,10 @@ class UploadReport:
     def summary(self) -> str:
         return (f"{self.url}: {self.chunks} chunks, {self.uploaded} uploaded "
                 f"({self.uploaded_bytes / 2**20:.1f} MiB), {self.reused} reused, "
-                f"{self.zero_chunks} zero; {self.data_bytes / 2**20:.1f} MiB of data in "
-                f"{self.seconds:.2f} s")
+                f"{self.zero_chunks} zero; {self.data_bytes / 2**20:.1f} MiB of data"
+                + (f", {self.early} chunks stored while the image was written, the rest"
+                   if self.early else "")
+                + f" in {self.seconds:.2f} s")
 
 
 class _Uploader:
