@@ -375,8 +375,10 @@ def table(r: dict[str, Any]) -> str:
         ("save to S3 (pause, stage, upload)", rate(save_s),
          f"obstore PUTs {rate(put_o)}; boto3 {rate(put_b)}",
          f"{put_o / save_s:.2f}x", ">= 0.8x"),
-        ("&nbsp;&nbsp;of which: to the staging file / upload",
-         f"{save_s - up1['seconds']:.2f} s / {up1['seconds']:.2f} s", "", "", ""),
+        ("&nbsp;&nbsp;of which: until the staging file is complete / the upload left then",
+         f"{save_s - up1['seconds']:.2f} s / {up1['seconds']:.2f} s"
+         + (f" ({up1['early']} of {up1['chunks']} chunks uploaded during the first)"
+            if up1.get("early") else ""), "", "", ""),
         ("restore from S3 (proxy, cold cache, to running)", rate(rst_s),
          f"obstore GETs {rate(get_o)}; boto3 {rate(get_b)}",
          f"{get_o / rst_s:.2f}x", ">= 0.8x"),

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_receive import DEVICE
 from test_save_restore import (
     check_continues,
     destination,
@@ -81,6 +82,7 @@ def test_save_restore_incremental_lazy(s3: Seaweed, accel: str, tmp_path: Path,
         up1 = first["upload"]
         assert up1["uploaded"] == up1["chunks"] > 8 and up1["reused"] == 0
         assert up1["uploaded_bytes"] < 64 << 20  # 128 MiB of RAM, about 40 MiB of data
+        assert up1["early"] > 0  # chunks uploaded while the proxy wrote the image
         assert first["resumed"]
         n = src.heartbeats()[-1].n
         src.wait_heartbeat(after=n)
@@ -93,7 +95,8 @@ def test_save_restore_incremental_lazy(s3: Seaweed, accel: str, tmp_path: Path,
         assert "grace period" in e and "the VM runs again" in e
         n = src.heartbeats()[-1].n
         src.wait_heartbeat(after=n)
-        second = ok(a, "save", "--qmp", ctl, url, "--via", "proxy", cwd=tmp_path / "a")
+        second = ok(a, "save", "--qmp", ctl, url, cwd=tmp_path / "a")
+        assert second["via"] == "proxy"  # auto, for an s3:// image saved paused
         up2 = second["upload"]
         # the guest rewrites 32 MiB of stamped pages: those chunks changed, the rest not
         assert up2["reused"] > 0 and up2["uploaded"] < up2["chunks"]
@@ -376,6 +379,71 @@ def _same_pages(env: dict[str, str], url: str, pages: dict[int, bytes], out: Pat
     assert raw == want
 
 
+def test_early_upload_rewritten_chunks(s3: Seaweed, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks uploaded while the image is being written (as a save through the proxy
+    does) stay right when the image changes afterwards: a write into a chunk being read
+    waits for the read, and chunks written again after their upload (a page rewritten, a
+    chunk zeroed, the last chunk changed once more at the end) are stored as they end;
+    the object image holds exactly the final pages."""
+    from fixedram.image import chunked
+    from fixedram.image.writer import MappedRamWriter
+    from fixedram.io.objstore import Store
+    from fixedram.stream import Configuration, RamBlock
+
+    env = host(s3, tmp_path, "h", FIXEDRAM_CHUNK_CACHE="off")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    url = f"s3://{BUCKET}/early"
+    p = [os.urandom(PIECE) for _ in range(4)]
+    held_key = chunked.chunk_key(chunked.chunk_name(p[2]), "raw")
+    at, go = threading.Event(), threading.Event()
+    real_put = Store.put
+
+    def put(self: Store, key: str, data: Any) -> None:
+        if key == held_key and not go.is_set():
+            at.set()  # chunk 2 is being read: hold its PUT
+            assert go.wait(60)
+        real_put(self, key, data)
+
+    monkeypatch.setattr(Store, "put", put)
+    early = chunked.EarlyUpload(url)
+    path = tmp_path / "early.img"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        w = MappedRamWriter(fd, observer=early)
+        w.begin(Configuration("pc-q35-10.0"), [RamBlock("pc.ram", 32 << 20)], section_id=1)
+        for k in range(4):  # in order, as a paused guest's pages come: 0-2 are taken
+            w.write_pages("pc.ram", k * 1024, [p[k]])
+        assert at.wait(60)
+        t = threading.Thread(target=w.write_pages,
+                             args=("pc.ram", 2 * 1024 + 7, [b"\x27" * 4096]))
+        t.start()
+        t.join(1.0)
+        assert t.is_alive()  # the write into chunk 2 waits while chunk 2 is read
+        go.set()
+        t.join(60)
+        w.zero_pages("pc.ram", 1024, 1024)  # chunk 1: no data any more
+        w.write_pages("pc.ram", 4 * 1024, [p[0]])  # the first content of chunk 0
+        w.write_pages("pc.ram", 5, [b"\x05" * 4096])  # chunk 0 changes last
+        w.finish(DEVICE, b'{"page_size": 4096}')
+    finally:
+        os.close(fd)
+    try:
+        rep = chunked.upload(path, url, early=early)
+    finally:
+        early.close()
+    monkeypatch.undo()
+    final = {k * 1024 + i: p[k][i * 4096 : (i + 1) * 4096]
+             for k in (0, 2, 3) for i in range(1024)}
+    final |= {4 * 1024 + i: p[0][i * 4096 : (i + 1) * 4096] for i in range(1024)}
+    final[5] = b"\x05" * 4096
+    final[2 * 1024 + 7] = b"\x27" * 4096
+    assert rep.chunks == 5  # the meta chunk and chunks 0, 2, 3, 4
+    assert rep.early == 3  # 2 (read again after its write), 3 and 4; 0 from the image
+    _same_pages(env, url, final, tmp_path / "early.raw")
+
+
 @pytest.mark.long
 def test_gc_deletes_old_unreferenced_chunks(s3: Seaweed, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
@@ -475,7 +543,8 @@ def test_gc_during_save(s3: Seaweed, tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     def listing(self: Store, prefix: str) -> Any:
         out = list(real_list(self, prefix))
-        if prefix == chunked.CHUNK_PREFIX:  # gc listed the chunks: x0 is written again
+        if prefix == chunked.CHUNK_PREFIX and threading.current_thread() is \
+                threading.main_thread():  # gc listed the chunks: x0 is written again
             ev["x0_go"].set()
             assert ev["x0_done"].wait(60)
         return iter(out)

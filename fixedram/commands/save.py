@@ -51,7 +51,9 @@ def show_progress(flag: bool | None) -> bool:
 @click.option("--via", type=click.Choice(["auto", "native", "proxy"]), default="auto",
               show_default=True,
               help="native: QEMU (>= 9.0) writes mapped-ram itself; proxy: QEMU migrates "
-                   "into fixedram, which writes the image (any QEMU).")
+                   "into fixedram, which writes the image (any QEMU). auto: native where "
+                   "QEMU can, except for an s3:// IMAGE saved paused: proxy, which uploads "
+                   "chunks while it writes them.")
 @click.option("--resume", is_flag=True, help="Run the VM again after a successful save.")
 @click.option("--direct-io", is_flag=True, help="Write page data with O_DIRECT.")
 @click.option("--channels", type=click.IntRange(0, 64), default=None, metavar="N",
@@ -105,13 +107,17 @@ def save_command(image: str, qmp_socket: str | None, live: bool, via: str, resum
     xml = read_domain_xml(libvirt_xml) if libvirt_xml else None
     assert qmp_socket is not None
     obj = is_object_url(image)
-    with staging(image) as (target, finish), QMP.connect(qmp_socket) as qmp:
+    if obj and via == "auto" and not live:
+        # the proxy sees each chunk written and uploads it while the rest comes; a native
+        # save is uploaded only once QEMU finished the file (docs/object-storage.md)
+        via = "proxy"
+    with staging(image) as (target, finish, early), QMP.connect(qmp_socket) as qmp:
         was_running = qmp.status() == "running"
         with ProgressBar("save", disable=not show_progress(progress)) as bar:
             r = save(qmp, target, live=live, via=via,  # type: ignore[arg-type]
                      resume=resume and not obj, direct_io=direct_io, progress=bar,
                      max_bandwidth=rate, stop_after=live_timeout, multifd_channels=channels,
-                     libvirt_xml=xml)
+                     libvirt_xml=xml, observer=None if live else early)
         try:
             upload = finish()
         except FixedramError as e:

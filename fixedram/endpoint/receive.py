@@ -54,7 +54,7 @@ from fixedram.errors import (
 )
 from fixedram.image.layout import PAGE_SIZE
 from fixedram.image.libvirt import header_bytes, mark_complete, write_header
-from fixedram.image.writer import Buffer, MappedRamWriter, mapped_configuration
+from fixedram.image.writer import Buffer, MappedRamWriter, PageObserver, mapped_configuration
 from fixedram.io.channel import Channel, Listener, SocketChannel
 from fixedram.io.files import (
     AtomicFile,
@@ -275,6 +275,8 @@ class Receiver:
     reading the main connection); ``before_marker`` is called before the first
     multifd sync point (e.g. to check that all N channels connected). ``drop_cache``:
     :meth:`commit` drops the image's pages from the page cache once it is durable.
+    ``observer`` is told of every change to the image's page data (see
+    :class:`~fixedram.image.writer.PageObserver`).
     """
 
     def __init__(self, image: str | os.PathLike[str], *, direct_io: DirectIO = False,
@@ -284,7 +286,7 @@ class Receiver:
                  multifd_error: Callable[[BaseException], None] | None = None,
                  before_marker: Callable[[], None] | None = None,
                  libvirt_xml: str | None = None, was_running: bool = True,
-                 drop_cache: bool = True) -> None:
+                 drop_cache: bool = True, observer: PageObserver | None = None) -> None:
         if not 0 <= multifd_channels <= MAX_CHANNELS:
             raise FixedramError(f"multifd channels must be 0..{MAX_CHANNELS}, not "
                                 f"{multifd_channels}")
@@ -315,7 +317,7 @@ class Receiver:
                 base = len(head)
             self.writer = MappedRamWriter(
                 self.file.fd, page_fd=self._direct_fd if self._direct_fd >= 0 else None,
-                base_offset=base)
+                base_offset=base, observer=observer)
             if multifd_channels:
                 # with O_DIRECT every page buffer must be page-aligned: each channel
                 # reads its packets into one aligned (anonymous mmap) buffer
@@ -655,7 +657,7 @@ def receive(channel: Channel, image: str | os.PathLike[str], *, direct_io: Direc
             progress: Callable[[ReceiveStats], None] | None = None,
             switchover_ack: bool | None = None,
             libvirt_xml: str | None = None, libvirt_running: bool = True,
-            drop_cache: bool = True) -> ReceiveReport:
+            drop_cache: bool = True, observer: PageObserver | None = None) -> ReceiveReport:
     """Be the destination of a precopy migration and save it as a mapped-ram ``image``.
 
     Reads the stream from ``channel`` until its end (EOF record plus VM description;
@@ -666,13 +668,15 @@ def receive(channel: Channel, image: str | os.PathLike[str], *, direct_io: Direc
     :func:`wants_switchover_ack`). ``libvirt_xml``: write a libvirt sparse save image with
     this domain XML in its header (``virsh restore`` loads it, running the domain if
     ``libvirt_running``). Once the image is durable its pages leave the page cache unless
-    ``drop_cache`` is false (a caller that reads the image next, or drops them itself). The
-    channel is not closed.
+    ``drop_cache`` is false (a caller that reads the image next, or drops them itself).
+    ``observer`` is told of every change to the image's page data. The channel is not
+    closed.
     A multifd migration needs :func:`receive_listening`.
     """
     with Receiver(image, direct_io=direct_io, progress=progress, reply=channel.sendall,
                   switchover_ack=switchover_ack, libvirt_xml=libvirt_xml,
-                  was_running=libvirt_running, drop_cache=drop_cache) as rx:
+                  was_running=libvirt_running, drop_cache=drop_cache,
+                  observer=observer) as rx:
         _pump(rx, channel)
         return rx.commit()
 
@@ -865,7 +869,8 @@ def receive_listening(listener: Listener, image: str | os.PathLike[str], *, chan
                       connect_timeout: float = CONNECT_TIMEOUT,
                       channel_grace: float = CHANNEL_GRACE,
                       libvirt_xml: str | None = None,
-                      libvirt_running: bool = True, drop_cache: bool = True) -> ReceiveReport:
+                      libvirt_running: bool = True, drop_cache: bool = True,
+                      observer: PageObserver | None = None) -> ReceiveReport:
     """:func:`receive` for a source that connects to ``listener``, with or without multifd.
 
     ``channels`` is the number of multifd channels to expect: the source's
@@ -875,7 +880,8 @@ def receive_listening(listener: Listener, image: str | os.PathLike[str], *, chan
     bounds the wait for the first connection; the others must follow within
     ``connect_timeout``, and all channels must be there ``channel_grace`` seconds
     after the first sync point. The accepted connections are closed at the end;
-    the listener is not. ``libvirt_xml``, ``drop_cache``: as for :func:`receive`.
+    the listener is not. ``libvirt_xml``, ``drop_cache``, ``observer``: as for
+    :func:`receive`.
     """
     if not 0 <= channels <= MAX_CHANNELS:
         raise FixedramError(f"multifd channels must be 0..{MAX_CHANNELS}, not {channels}")
@@ -890,7 +896,7 @@ def receive_listening(listener: Listener, image: str | os.PathLike[str], *, chan
         with Receiver(image, direct_io=direct_io, progress=progress, reply=reply,
                       switchover_ack=switchover_ack, multifd_channels=channels,
                       libvirt_xml=libvirt_xml, was_running=libvirt_running,
-                      drop_cache=drop_cache, multifd_error=conns.fail,
+                      drop_cache=drop_cache, multifd_error=conns.fail, observer=observer,
                       before_marker=conns.wait_channels if channels else None) as rx:
             conns.start(rx.multifd)
             ch, first = conns.wait_main()

@@ -39,6 +39,7 @@ gc's check just before the save's upload).
 
 from __future__ import annotations
 
+import functools
 import json
 import mmap
 import os
@@ -55,7 +56,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fixedram._lazy import numpy as np
 from fixedram.errors import ImageError, StoreError
 from fixedram.image.layout import PAGE_SIZE
 from fixedram.io.files import scratch_writes
@@ -68,7 +68,8 @@ from fixedram.io.objstore import (
     parse_url,
 )
 
-__all__ = ["upload", "staged", "local_image", "staging", "preflight", "collect_garbage", "Manifest",
+__all__ = ["upload", "EarlyUpload", "staged", "local_image", "staging", "preflight",
+           "collect_garbage", "Manifest",
            "ChunkRef", "UploadReport", "GcReport", "read_manifest", "chunk_key", "chunk_name",
            "encode_chunk", "decode_chunk", "MANIFEST_VERSION", "CHUNK_SIZE", "CHUNK_PREFIX",
            "DEFAULT_GRACE", "RECORD_PREFIX", "read_grace", "write_grace"]
@@ -101,6 +102,11 @@ ZSTD_KEEP = 0.93
 #: middle and end): one whose sample does not shrink to ZSTD_KEEP is stored raw without
 #: compressing the rest (random or already compressed data then costs almost nothing).
 ZSTD_SAMPLE = 32 << 10
+#: Most chunk keys an upload lists to learn which chunks the bucket holds (one request per
+#: 1000), instead of a HEAD per chunk; in a bucket with more it HEADs each chunk. HEADs of
+#: SeaweedFS took 10-50 ms each here, four at a time, against 25-80 ms for a listing of
+#: 1000 keys (docs/object-storage.md).
+LIST_MAX = 50_000
 #: Largest manifest a reader accepts (bytes): a 1 TiB guest full of data lists 262144
 #: chunks of about 60 bytes each.
 MAX_MANIFEST = 64 << 20
@@ -111,6 +117,13 @@ def chunk_name(data: Any) -> str:
     import xxhash
 
     return xxhash.xxh3_128_hexdigest(data)
+
+
+@functools.lru_cache(maxsize=8)
+def _zero_name(n: int) -> str:
+    """The :func:`chunk_name` of ``n`` zero bytes: a chunk of that name holds only zeros
+    (comparing names spares a pass over the chunk's bytes besides the hash's)."""
+    return chunk_name(bytes(n))
 
 
 def chunk_key(name: str, codec: str) -> str:
@@ -344,12 +357,15 @@ class UploadReport:
 
     url: str
     chunks: int = 0           # chunks the manifest names (the meta chunk included)
-    uploaded: int = 0         # of those, uploaded by this save
+    uploaded: int = 0         # chunks this save PUT (early ones superseded since included)
     reused: int = 0           # already in the bucket (and recent enough to rely on)
     zero_chunks: int = 0      # chunks with page data that were all zeros (not stored)
     data_bytes: int = 0       # bytes of the chunks with data (uncompressed)
     uploaded_bytes: int = 0   # bytes sent (compressed)
     restored: int = 0         # uploaded chunks found deleted after the manifest, put again
+    early: int = 0            # data chunks stored while the image was still being written
+    #: seconds and CPU seconds of the upload from the moment the image was complete
+    #: (with early uploads, what is left then)
     stored_bytes: int = 0     # bytes the manifest's chunks take in the store
     seconds: float = 0.0
     cpu_seconds: float = 0.0
@@ -360,8 +376,10 @@ class UploadReport:
     def summary(self) -> str:
         return (f"{self.url}: {self.chunks} chunks, {self.uploaded} uploaded "
                 f"({self.uploaded_bytes / 2**20:.1f} MiB), {self.reused} reused, "
-                f"{self.zero_chunks} zero; {self.data_bytes / 2**20:.1f} MiB of data in "
-                f"{self.seconds:.2f} s")
+                f"{self.zero_chunks} zero; {self.data_bytes / 2**20:.1f} MiB of data"
+                + (f", {self.early} chunks stored while the image was written, the rest"
+                   if self.early else "")
+                + f" in {self.seconds:.2f} s")
 
 
 class _Uploader:
@@ -375,10 +393,20 @@ class _Uploader:
         self.done: dict[str, Future[ChunkRef]] = {}
         #: key -> how to read the chunk again, for every chunk this save PUT
         self.put_keys: dict[str, Callable[[], memoryview]] = {}
+        #: the bucket's chunks as listed when the upload began (None: too many, or the
+        #: listing failed: a HEAD per chunk instead)
+        self.listing: Future[dict[str, ObjectInfo] | None] = Future()
+        threading.Thread(target=lambda: self.listing.set_result(_list_chunks(store)),
+                         name="fixedram-list", daemon=True).start()
 
     def store_chunk(self, index: int, data: memoryview,
-                    again: Callable[[], memoryview] | None = None) -> ChunkRef:
-        name = chunk_name(data)
+                    again: Callable[[], memoryview] | None = None,
+                    name: str | None = None) -> ChunkRef:
+        """Store chunk ``index`` holding ``data`` (``name``: its :func:`chunk_name`, if
+        known), unless this save or the bucket has it already; ``again`` reads it anew
+        (for :meth:`restore_deleted`)."""
+        if name is None:
+            name = chunk_name(data)
         with self.lock:
             fut = self.done.get(name)
             if fut is None:
@@ -401,7 +429,10 @@ class _Uploader:
                again: Callable[[], memoryview]) -> ChunkRef:
         codec, body = encode_chunk(data)
         key = chunk_key(name, codec)
-        have = self.store.head(key)
+        # what the bucket held when the upload began (as a HEAD would say: a chunk written
+        # since by another save is only written again), else a HEAD
+        known = self.listing.result()
+        have = known.get(key) if known is not None else self.store.head(key)
         if have is not None and have.size == len(body) and have.modified >= self.fresh_after:
             with self.lock:
                 self.report.reused += 1
@@ -413,10 +444,11 @@ class _Uploader:
             self.report.uploaded_bytes += len(body)
         return ChunkRef(-1, name, codec, len(body))
 
-    def restore_deleted(self, workers: int = WORKERS) -> int:
-        """After the manifest is written: upload again each chunk this save PUT that is
-        gone from the store (deleted by a gc that listed it before this save's PUT and
-        checked it just before too), ``workers`` requests at a time. Returns how many."""
+    def restore_deleted(self, used: set[str], workers: int = WORKERS) -> int:
+        """After the manifest is written: upload again each chunk this save PUT and the
+        manifest names (``used``: keys) that is gone from the store (deleted by a gc that
+        listed it before this save's PUT and checked it just before too), ``workers``
+        requests at a time. Returns how many."""
         def check(item: tuple[str, Callable[[], memoryview]]) -> int:
             key, again = item
             if self.store.head(key) is not None:
@@ -424,37 +456,214 @@ class _Uploader:
             self.store.put(key, encode_chunk(again())[1])
             return 1
 
-        if not self.put_keys:
+        mine = [(k, again) for k, again in self.put_keys.items() if k in used]
+        if not mine:
             return 0
+        now = _list_chunks(self.store)  # one listing rather than a HEAD per chunk
+        if now is not None:
+            gone = [(k, again) for k, again in mine if k not in now]
+            for key, again in gone:
+                self.store.put(key, encode_chunk(again())[1])
+            return len(gone)
         with ThreadPoolExecutor(workers, thread_name_prefix="fixedram-check") as pool:
-            return sum(pool.map(check, list(self.put_keys.items())))
+            return sum(pool.map(check, mine))
+
+
+class EarlyUpload:
+    """Uploads the chunks of a staging image while it is still being written: the
+    :class:`~fixedram.image.writer.PageObserver` of the image's writer.
+
+    A chunk is taken once the writes have moved past it (a write lands in another chunk):
+    QEMU sends a paused guest's pages once each, block by block in address order, so a
+    chunk is then final. It is read where it lies (mapped from the file's cached pages,
+    no copy) while the writer is kept out of it: a write to a chunk being read waits
+    until the read is done (hash, compression, PUT), and a chunk is not read while a
+    write to it is under way, so its name and stored bytes always agree. Each chunk's
+    writes are counted; :func:`upload` uses a chunk's early upload only if the count is
+    still the one it had when read, once the image is complete. Any chunk changed after
+    it was read (a page sent again, a chunk taken before its last write) is uploaded
+    again from the finished image before the manifest; its earlier upload is garbage for
+    gc.
+    """
+
+    def __init__(self, url: str, *, chunk_size: int = CHUNK_SIZE,
+                 workers: int = WORKERS) -> None:
+        if chunk_size % PAGE_SIZE or chunk_size <= 0:
+            raise ImageError(f"chunk size {chunk_size} is not a multiple of {PAGE_SIZE}")
+        self.loc = parse_url(url)
+        self.chunk_size = chunk_size
+        self.cpages = chunk_size // PAGE_SIZE
+        self.workers = workers
+        self.store = store = Store(self.loc.bucket)
+        self.report = UploadReport(str(self.loc))
+        self.grace = read_grace(store)
+        now = server_now(store)  # also the check that the bucket takes writes
+        self.looked = time.monotonic()
+        self.up = _Uploader(store, self.report,
+                            datetime.fromtimestamp(now.timestamp() - self.grace / 2, UTC))
+        self.cond = threading.Condition()
+        self.fd = -1
+        self.regions: dict[str, tuple[int, int]] = {}  # block -> pages offset, length
+        self.writes: dict[tuple[str, int], int] = {}   # chunk -> writes into it done
+        self.busy: dict[tuple[str, int], int] = {}     # chunk -> writes under way
+        self.reading: dict[tuple[str, int], int] = {}  # chunk -> reads under way
+        self.pending: dict[tuple[str, int], None] = {}  # written, not yet taken
+        #: chunk -> (writes done when it was read, its ref; None: all zeros)
+        self.read: dict[tuple[str, int], tuple[int, ChunkRef | None]] = {}
+        self.futures: list[Future[None]] = []
+        self.pool: ThreadPoolExecutor | None = None
+        self.stopped = False
+
+    # -- the writer's observer -------------------------------------------------------
+
+    def begin(self, fd: int, blocks: Any) -> None:
+        self.fd = os.dup(fd)
+        self.regions = {n: (b.pages_offset, b.length) for n, b in blocks.items()}
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="fixedram-upload")
+
+    def _keys(self, block: str, first_page: int, npages: int) -> list[tuple[str, int]]:
+        return [(block, c) for c in range(first_page // self.cpages,
+                                           (first_page + npages - 1) // self.cpages + 1)]
+
+    def writing(self, block: str, first_page: int, npages: int) -> None:
+        keys = self._keys(block, first_page, npages)
+        with self.cond:
+            while any(k in self.reading for k in keys):
+                self.cond.wait()
+            for k in keys:
+                self.busy[k] = self.busy.get(k, 0) + 1
+
+    def written(self, block: str, first_page: int, npages: int) -> None:
+        keys = self._keys(block, first_page, npages)
+        with self.cond:
+            for k in keys:
+                self.writes[k] = self.writes.get(k, 0) + 1
+                left = self.busy.get(k, 0) - 1
+                if left > 0:
+                    self.busy[k] = left
+                else:
+                    self.busy.pop(k, None)
+                self.pending[k] = None
+            self.cond.notify_all()
+            if len(self.pending) <= len(keys) or self.stopped or self.pool is None:
+                return
+            passed = [k for k in self.pending if k not in keys]
+            for k in passed:
+                del self.pending[k]
+                self.futures.append(self.pool.submit(self._store, k))
+
+    # -- the pool's work -------------------------------------------------------------
+
+    def _store(self, k: tuple[str, int]) -> None:
+        block, i = k
+        with self.cond:
+            while k in self.busy and not self.stopped:
+                self.cond.wait()
+            if self.stopped:
+                return
+            count = self.writes[k]
+            self.reading[k] = self.reading.get(k, 0) + 1
+        try:
+            pos, length = self.regions[block]
+            start = pos + i * self.chunk_size
+            n = min(self.chunk_size, length - i * self.chunk_size)
+            fd = self.fd
+            data = _chunk_bytes(fd, start, n, os.fstat(fd).st_size)
+            name = chunk_name(data)
+            ref = None
+            if name != _zero_name(n):
+                ref = self.up.store_chunk(i, data, lambda: _reread(fd, start, n), name)
+            del data
+            with self.cond:
+                self.read[k] = (count, ref)
+        except BaseException:
+            with self.cond:
+                self.stopped = True
+            raise
+        finally:
+            with self.cond:
+                left = self.reading.pop(k) - 1
+                if left:
+                    self.reading[k] = left
+                self.cond.notify_all()
+
+    # -- for upload() ----------------------------------------------------------------
+
+    def finish(self) -> None:
+        """Wait for the chunks taken so far (the image is complete: no more writes);
+        re-raise the first failure."""
+        for f in self.futures:
+            f.result()
+        self.futures = []
+
+    def take(self, block: str, i: int) -> tuple[bool, ChunkRef | None]:
+        """``(True, ref)`` when chunk ``i`` of ``block`` was stored as it is now in the
+        image (``ref`` None: it was all zeros), else ``(False, None)``."""
+        got = self.read.get((block, i))
+        if got is None or got[0] != self.writes.get((block, i)):
+            return False, None
+        return True, got[1]
+
+    def close(self) -> None:
+        """Stop: drop chunks not started, wait for those under way, close the file."""
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _list_chunks(store: Store) -> dict[str, ObjectInfo] | None:
+    """The chunks of ``store``'s bucket by key, or None when there are more than
+    :data:`LIST_MAX` or the listing failed (then the caller HEADs each chunk it needs,
+    and those requests say what is wrong, if anything still is)."""
+    listed: dict[str, ObjectInfo] = {}
+    try:
+        for o in store.list(CHUNK_PREFIX):
+            listed[o.key] = o
+            if len(listed) > LIST_MAX:
+                return None
+    except StoreError:
+        return None
+    return listed
 
 
 def upload(path: str | os.PathLike[str], url: str, *, chunk_size: int = CHUNK_SIZE,
-           workers: int = WORKERS) -> UploadReport:
+           workers: int = WORKERS, early: EarlyUpload | None = None) -> UploadReport:
     """Store the local mapped-ram image at ``path`` as the object image ``url``.
 
     Chunks the bucket already holds (written within half its grace period) are reused,
     the others uploaded, ``workers`` at a time; the manifest is written last, in one PUT,
     once every chunk is confirmed. Until then an earlier image at ``url`` stays intact.
+    ``early``: the chunks it stored while the image was written (those still as they
+    are in the image) are not read or stored again.
     """
     from fixedram.image.reader import open_image
 
     t0, c0 = time.monotonic(), time.process_time()
     loc = parse_url(url)
-    if chunk_size % PAGE_SIZE or chunk_size <= 0:
-        raise ImageError(f"chunk size {chunk_size} is not a multiple of {PAGE_SIZE}")
-    store = Store(loc.bucket)
-    report = UploadReport(str(loc))
-    with open_image(path) as img:
-        if img.format != "mapped-ram":
-            raise ImageError(f"{path}: only mapped-ram images go to an object store "
-                             "(fixedram convert makes one)")
+    if early is not None:
+        early.finish()
+        store, report, up = early.store, early.report, early.up
+        grace, looked, chunk_size = early.grace, early.looked, early.chunk_size
+    else:
+        if chunk_size % PAGE_SIZE or chunk_size <= 0:
+            raise ImageError(f"chunk size {chunk_size} is not a multiple of {PAGE_SIZE}")
+        store = Store(loc.bucket)
+        report = UploadReport(str(loc))
         grace = read_grace(store)
         now = server_now(store)
         looked = time.monotonic()
         up = _Uploader(store, report, datetime.fromtimestamp(now.timestamp() - grace / 2,
                                                               UTC))
+    with open_image(path) as img:
+        if img.format != "mapped-ram":
+            raise ImageError(f"{path}: only mapped-ram images go to an object store "
+                             "(fixedram convert makes one)")
         cpages = chunk_size // PAGE_SIZE
         blocks: list[BlockEntry] = []
         fd = img.fileno()
@@ -465,13 +674,14 @@ def upload(path: str | os.PathLike[str], url: str, *, chunk_size: int = CHUNK_SI
             def one(be: BlockEntry, i: int, pos: int, n: int) -> None:
                 try:
                     buf = _chunk_bytes(fd, pos, n, size)
-                    if not np.frombuffer(buf, np.uint64).any():
+                    name = chunk_name(buf)
+                    if name == _zero_name(n):
                         with up.lock:
                             report.zero_chunks += 1
                         return
                     with up.lock:
                         report.data_bytes += n
-                    be.chunks[i] = up.store_chunk(i, buf, lambda: _reread(fd, pos, n))
+                    be.chunks[i] = up.store_chunk(i, buf, lambda: _reread(fd, pos, n), name)
                 finally:
                     sem.release()
 
@@ -483,6 +693,17 @@ def upload(path: str | os.PathLike[str], url: str, *, chunk_size: int = CHUNK_SI
                 for i in _chunks_with_data(img, name, cpages):
                     start = i * chunk_size
                     n = min(chunk_size, blk.length - start)
+                    if early is not None:
+                        done, ref = early.take(name, i)
+                        if done:
+                            with up.lock:
+                                if ref is None:
+                                    report.zero_chunks += 1
+                                else:
+                                    report.data_bytes += n
+                                    report.early += 1
+                                    be.chunks[i] = ref
+                            continue
                     sem.acquire()
                     futs.append(pool.submit(one, be, i, blk.mapped.pages_offset + start, n))
                     if futs[0].done():
@@ -512,7 +733,7 @@ def upload(path: str | os.PathLike[str], url: str, *, chunk_size: int = CHUNK_SI
                              f"period ({grace:.0f} s): its chunks may have been collected; "
                              "nothing was written, save again")
         store.put(loc.key, doc)
-        report.restored = up.restore_deleted(workers)
+        report.restored = up.restore_deleted({r.key for r in man.refs()}, workers)
     report.seconds = time.monotonic() - t0
     report.cpu_seconds = time.process_time() - c0
     return report
@@ -528,25 +749,34 @@ def preflight(url: str) -> Store:
 
 
 @contextmanager
-def staging(image: str) -> Iterator[tuple[str, Callable[[], UploadReport | None]]]:
-    """``(path, finish)``: the local path a command writes the image ``image`` to, and the
-    function that stores it there. For a local ``image`` that is ``image`` itself and
-    ``finish`` does nothing (returns None); for an object (``s3://bucket/key``) a staging
-    file (the store checked first, before anything irreversible) that ``finish`` uploads,
-    removed in every case when the block ends. The caller chooses when to upload (a save
-    does it while it still controls the VM)."""
+def staging(image: str) -> Iterator[tuple[str, Callable[[], UploadReport | None],
+                                          EarlyUpload | None]]:
+    """``(path, finish, early)``: the local path a command writes the image ``image`` to,
+    the function that stores it there, and the observer to give the image's writer so
+    that chunks are uploaded while it writes (:class:`EarlyUpload`). For a local
+    ``image`` that is ``image`` itself, ``finish`` does nothing (returns None) and
+    ``early`` is None; for an object (``s3://bucket/key``) a staging file (the store
+    checked first, before anything irreversible) that ``finish`` uploads (what was not
+    already), removed in every case when the block ends. The caller chooses when to
+    finish (a save does it while it still controls the VM)."""
     if not is_object_url(image):
-        yield image, lambda: None
+        yield image, lambda: None, None
         return
-    with _stage_dir(image) as local:
-        yield str(local), lambda: upload(local, image)
+    early = EarlyUpload(image)  # checks the store first
+    try:
+        with _stage_dir(image, checked=True) as local:
+            yield str(local), lambda: upload(local, image, early=early), early
+    finally:
+        early.close()
 
 
 @contextmanager
-def _stage_dir(url: str) -> Iterator[Path]:
+def _stage_dir(url: str, *, checked: bool = False) -> Iterator[Path]:
     """A staging path for ``url`` (FIXEDRAM_STAGING, else TMPDIR, else /var/tmp), the store
-    checked first; the directory is removed when the block ends."""
-    preflight(url)
+    checked first (unless ``checked``: the caller did); the directory is removed when the
+    block ends."""
+    if not checked:
+        preflight(url)
     base = os.environ.get("FIXEDRAM_STAGING") or os.environ.get("TMPDIR") or "/var/tmp"
     d = tempfile.mkdtemp(prefix="fixedram-stage-", dir=base)
     try:

@@ -30,8 +30,9 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from fixedram._lazy import numpy as np
 from fixedram.errors import FixedramError, UnsupportedRecord
@@ -70,7 +71,8 @@ from fixedram.stream.records import (
     VMDescription,
 )
 
-__all__ = ["BlockLayout", "MappedRamWriter", "SparseBits", "mapped_configuration"]
+__all__ = ["BlockLayout", "MappedRamWriter", "PageObserver", "SparseBits",
+           "mapped_configuration"]
 
 Buffer = bytes | bytearray | memoryview
 
@@ -90,6 +92,26 @@ class BlockLayout:
     def npages(self) -> int:
         """Number of target pages in the block."""
         return self.length // PAGE_SIZE
+
+
+class PageObserver(Protocol):
+    """Told by a :class:`MappedRamWriter` where page data changed in its file, e.g. to
+    upload parts of the image while it is still being written
+    (:class:`fixedram.image.chunked.EarlyUpload`)."""
+
+    def begin(self, fd: int, blocks: Mapping[str, BlockLayout]) -> None:
+        """The layout is written: ``blocks`` are where the pages regions are in ``fd``
+        (the observer dups ``fd`` if it reads the file later)."""
+
+    def writing(self, block: str, first_page: int, npages: int) -> None:
+        """Pages ``[first_page, first_page + npages)`` of ``block`` are about to change
+        in the file (may wait, e.g. until a reader of those pages is done with them).
+        Called outside the writer's lock; :meth:`written` follows once they changed."""
+
+    def written(self, block: str, first_page: int, npages: int) -> None:
+        """Pages ``[first_page, first_page + npages)`` of ``block`` changed in the file
+        (written, or zeroed after they held data). Called after the change, under the
+        writer's lock: it must be quick."""
 
 
 def mapped_configuration(cfg: Configuration) -> Configuration:
@@ -116,12 +138,14 @@ class MappedRamWriter:
     from several threads at once for disjoint pages. ``base_offset`` is where the stream
     starts in the file (what comes before it, e.g. a libvirt save header, is the caller's);
     every bitmap and pages offset in the stream is absolute, as QEMU writes them for
-    ``file:PATH,offset=N``.
+    ``file:PATH,offset=N``. ``observer`` is told of every change to page data
+    (:class:`PageObserver`).
     """
 
     def __init__(self, fd: int, *, page_fd: int | None = None, checksums: bool = True,
-                 base_offset: int = 0) -> None:
+                 base_offset: int = 0, observer: PageObserver | None = None) -> None:
         self.fd = fd
+        self.observer = observer
         self.base_offset = base_offset
         # checksums: keep one digest per page and store the checksum extension at finish
         # (fixedram.image.checksum; 8 bytes of memory per page)
@@ -192,6 +216,8 @@ class MappedRamWriter:
             raise FixedramError(f"RAM blocks of {total} bytes need an image of at least "
                                 f"{self.end_offset} bytes, more than the filesystem allows "
                                 "for one file") from None
+        if self.observer is not None:
+            self.observer.begin(self.fd, self.blocks)
 
     # -- pages ---------------------------------------------------------------------
 
@@ -218,6 +244,8 @@ class MappedRamWriter:
         if not npages:
             return 0
         digests = digests_of(bufs) if self.digests is not None else None
+        if self.observer is not None:
+            self.observer.writing(block, first_page, npages)
         pwritev_all(self.page_fd, bufs, blk.pages_offset + first_page * PAGE_SIZE)
         self._written(blk, first_page, npages, digests)
         return npages
@@ -230,6 +258,8 @@ class MappedRamWriter:
                 self.digests.store(blk.name, first_page, digests)
             blk.present.set(first_page, npages)
             self.pages_written += npages
+            if self.observer is not None:
+                self.observer.written(blk.name, first_page, npages)
 
     def write_page_views(self, block: str, first_page: int, pages: list[memoryview]) -> int:
         """:meth:`write_pages` for a list of one-page views (e.g. of received records).
@@ -247,6 +277,8 @@ class MappedRamWriter:
         digests = digest_views(pages, npages) if self.digests is not None else None
         fd = self.page_fd
         at = blk.pages_offset + first_page * PAGE_SIZE
+        if self.observer is not None:
+            self.observer.writing(block, first_page, npages)
         for i in range(0, npages, IOV_MAX):
             group = pages[i : i + IOV_MAX]
             want = len(group) * PAGE_SIZE
@@ -276,10 +308,15 @@ class MappedRamWriter:
             cleared = blk.present.clear_runs(first_page, npages)
         had = 0
         for start, n in cleared:
+            if self.observer is not None:
+                self.observer.writing(block, start, n)
             punch_hole(self.fd, blk.pages_offset + start * PAGE_SIZE, n * PAGE_SIZE)
             had += n
         with self._lock:
             self.holes_punched += had
+            if had and self.observer is not None:
+                for start, n in cleared:
+                    self.observer.written(block, start, n)
         return had
 
     # -- completion ----------------------------------------------------------------

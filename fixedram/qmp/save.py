@@ -37,7 +37,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fixedram.errors import FixedramError, ImageError, VMError
 from fixedram.image.libvirt import header_bytes, mark_complete, write_header
@@ -55,6 +55,9 @@ from fixedram.qmp.common import (
 from fixedram.qmp.progress import Progress, from_query_migrate
 from fixedram.qmp.transport import FdTransport, Transport, UnixListen
 from fixedram.versions import MAPPED_RAM, MAPPED_RAM_DIRECT_IO
+
+if TYPE_CHECKING:
+    from fixedram.image.writer import PageObserver
 
 __all__ = ["MAX_BANDWIDTH", "SaveReport", "Via", "choose_save_via", "save"]
 
@@ -216,6 +219,7 @@ def save(
     timeout: float | None = None,
     libvirt_xml: str | None = None,
     libvirt_running: bool = True,
+    observer: PageObserver | None = None,
 ) -> SaveReport:
     """Save the VM behind ``qmp`` into the mapped-ram file ``image`` (see the module doc).
 
@@ -228,7 +232,10 @@ def save(
     is called with
     a :class:`Progress` about every 20 ms. ``libvirt_xml``: write a libvirt sparse save
     image (``virsh restore`` loads it) with this domain XML in its header, restoring to a
-    running domain if ``libvirt_running``. Raises :class:`FixedramError` (one line) on
+    running domain if ``libvirt_running``. ``observer``: told of every change to the
+    image's page data as it is written (:class:`~fixedram.image.writer.PageObserver`;
+    ``proxy`` on one connection only: QEMU writes a native save's file, and multifd
+    channels write pages out of order). Raises :class:`FixedramError` (one line) on
     failure.
     """
     t0 = time.monotonic()
@@ -252,7 +259,7 @@ def save(
         if how == "native":
             run.native()
         else:
-            run.proxy(channels, direct_io)
+            run.proxy(channels, direct_io, None if channels else observer)
     except BaseException:
         run.abandon()
         raise
@@ -386,7 +393,8 @@ class _Save:
         _drop_from_cache(self.target)
         self.done = True
 
-    def proxy(self, channels: int, direct_io: bool) -> None:
+    def proxy(self, channels: int, direct_io: bool,
+              observer: PageObserver | None = None) -> None:
         """QEMU migrates into :func:`~fixedram.endpoint.receive.receive`, in a thread, which
         writes the image; on ``channels`` multifd connections to a private unix socket
         (:func:`~fixedram.endpoint.receive.receive_listening`), else on a socket pair."""
@@ -408,7 +416,7 @@ class _Save:
 
             def receiving() -> Any:
                 return receive(pair.channel, target, direct_io=direct_io, drop_cache=False,
-                               **lv)
+                               observer=observer, **lv)
         self.way = way
         way.hand()
         worker = self.watch.worker = Worker.started("fixedram-receive",
