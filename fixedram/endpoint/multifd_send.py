@@ -346,12 +346,15 @@ class _Pump:
         # file, so the kernel hands its page-cache pages to the socket (sendfile), no copy
         self.zero_copy = img.format == "mapped-ram" and not img.direct and img.pages_in_file
         self.file_fd = img.fileno() if self.zero_copy else -1
+        #: where pages sent from the file are read to be checked: one buffer for every
+        #: channel, free again once digested, so it stays in the processor's cache
+        self.scratch = memoryview(bytearray(PER_PACKET * PS if self.zero_copy else 0))
 
-    def _read(self, ch: _Channel, name: str, runs: Sequence[tuple[int, int, int]]) -> None:
-        """The pages of ``runs`` read into their slots of the channel's payload buffer, and
-        digested there for the check."""
+    def _read(self, buf: memoryview, name: str, runs: Sequence[tuple[int, int, int]]) -> None:
+        """The pages of ``runs`` read into their slots of ``buf``, and digested there for
+        the check."""
         for slot, first, k in runs:
-            view = ch.payload[slot * PS : (slot + k) * PS]
+            view = buf[slot * PS : (slot + k) * PS]
             self.img.read_into(name, first, view)
             if self.check is not None:
                 self.check.add(name, first, digests_of([view]))
@@ -385,11 +388,11 @@ class _Pump:
             # checked are the bytes sent), or from the buffer
             if self.zero_copy and len(runs) <= _SENDFILE_RUNS:
                 if self.check is not None:
-                    self._read(ch, name, runs)
+                    self._read(self.scratch, name, runs)
                 for _, first, k in runs:
                     ch.queue.append((self.img.page_offset(name, first), k * PS))
             else:
-                self._read(ch, name, runs)
+                self._read(ch.payload, name, runs)
                 ch.queue.append(ch.payload[: nn * PS])
             c.reads += len(runs)
         c.packets += 1
