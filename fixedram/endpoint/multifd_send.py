@@ -29,11 +29,16 @@ the destination's QEMU version when known):
   data of guest RAM are not sent at all, and those of small blocks go as ZERO records on
   the main connection whatever the mode.
 
-A packet of a buffered mapped-ram image goes out as its header and then each run of its
-pages by ``sendfile`` from the image (page-cache pages handed to the socket, no copy
-through fixedram); pages that are checked against the image's checksums are first read
-into the packet buffer and digested there (a legacy stream image, or one read with
-O_DIRECT, is read into the buffer and sent from it).
+One thread sends on every channel (:class:`_Pump`): each channel carries one packet at a
+time, the sockets are written without blocking, round-robin, and polled when none takes
+more. A packet of a buffered mapped-ram image goes out as its header and then each run of
+its pages by ``sendfile`` from the image (page-cache pages handed to the socket, no copy
+through fixedram); the pages of an image with checksums are first read into one buffer
+and digested there, before the packet goes out (a legacy stream image, or one read with
+O_DIRECT, is read into the channel's packet buffer and sent from it). Measured
+(``docs/multifd.md`` §6): one thread costs less CPU than a thread per channel (which
+contend for the interpreter on every system call), and reading pages costs less than
+hashing them through a mapping of the file (on tmpfs several times less).
 
 The device state is written only after every channel's data (and its last SYNC) has
 been read by the destination (the socket's output queue is empty): a QEMU that does not
