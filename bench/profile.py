@@ -9,7 +9,9 @@ fixedram's own work (decoding, page writes, digests, framing, reads)::
 
 ``receive`` feeds the stream file to :class:`~fixedram.endpoint.receive.Receiver` in 1 MiB
 reads (as from a socket) and writes the image into ``--dir``; ``send`` streams the image
-into a sink that discards it. Prints the profile, then wall and CPU seconds per GiB of
+into a sink that discards it, or with ``--channels N`` sends it as a multifd source over
+1 + N unix-socket connections to a second process that reads and discards them (its CPU
+is not counted). Prints the profile, then wall and CPU seconds per GiB of
 page data. Needs ``pip install -e '.[bench]'`` (pyinstrument).
 """
 
@@ -17,12 +19,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from pyinstrument import Profiler
 
+from fixedram.endpoint.multifd_send import send_multifd
 from fixedram.endpoint.receive import RECV_CHUNK, Receiver
 from fixedram.endpoint.send import send
 from fixedram.io.channel import SinkChannel
@@ -55,24 +62,72 @@ def profile_send(image: Path) -> int:
     return report.pages_sent * 4096
 
 
+def profile_send_multifd(image: Path, channels: int, workdir: Path) -> int:
+    """Send ``image`` as a multifd source to a draining process; returns the page bytes sent."""
+    path = workdir / "drain.sock"
+    drain = subprocess.Popen([sys.executable, "-m", "bench.profile", "drain", str(path),
+                              "--channels", str(channels)], stdout=subprocess.PIPE)
+    assert drain.stdout is not None
+    drain.stdout.readline()  # listening
+    try:
+        report = send_multifd(image, f"unix:{path}", channels)
+    finally:
+        drain.wait(30)
+    return report.pages_sent * 4096
+
+
+def drain(path: Path, channels: int) -> None:
+    """Accept 1 + ``channels`` connections on ``path``; read each to its end, then close."""
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(str(path))
+    lsock.listen(channels + 1)
+    print("listening", flush=True)
+
+    def read(conn: socket.socket) -> None:
+        buf = memoryview(bytearray(1 << 20))
+        while conn.recv_into(buf):
+            pass
+        conn.close()
+
+    threads = []
+    for _ in range(channels + 1):
+        conn, _ = lsock.accept()
+        threads.append(threading.Thread(target=read, args=(conn,)))
+        threads[-1].start()
+    for t in threads:
+        t.join()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=["receive", "send"])
+    ap.add_argument("what", choices=["receive", "send", "drain"])
     ap.add_argument("path", type=Path, help="stream file (receive) or image (send)")
     ap.add_argument("--dir", type=Path, default=None,
                     help="receive: directory for the image (default: next to the stream)")
+    ap.add_argument("--channels", type=int, default=0,
+                    help="send: as a multifd source over this many channels")
+    ap.add_argument("--no-profile", action="store_true",
+                    help="only the CPU figures (no profiler overhead)")
     args = ap.parse_args()
+    if args.what == "drain":
+        drain(args.path, args.channels)
+        return
     prof = Profiler(interval=0.001)
     t0, c0 = time.monotonic(), os.times()
     with tempfile.TemporaryDirectory(dir=args.dir or args.path.parent) as tmp:
-        prof.start()
+        if not args.no_profile:
+            prof.start()
         if args.what == "receive":
             nbytes = profile_receive(args.path, Path(tmp))
+        elif args.channels:
+            nbytes = profile_send_multifd(args.path, args.channels, Path(tmp))
         else:
             nbytes = profile_send(args.path)
-        prof.stop()
+        if not args.no_profile:
+            prof.stop()
     wall, c1 = time.monotonic() - t0, os.times()
-    print(prof.output_text(unicode=True, color=False, show_all=False))
+    if not args.no_profile:
+        print(prof.output_text(unicode=True, color=False, show_all=False))
     gib = nbytes / GIB
     user, system = c1.user - c0.user, c1.system - c0.system
     print(f"{args.what}: {nbytes / (1 << 20):.0f} MiB of pages in {wall:.2f} s "

@@ -76,6 +76,8 @@ RESTORES: dict[str, tuple[str, tuple[dict[str, bool], dict[str, Any]] | list[str
     "fixedram restore proxy multifd2 (qemu mapped-ram)": ("qemu mapped-ram",
                                                           ["--via", "proxy", "--channels", "2"]),
     "fixedram restore proxy (legacy stream)": ("qemu legacy file:", ["--via", "proxy"]),
+    "fixedram restore proxy multifd2 (legacy stream)": ("qemu legacy file:",
+                                                         ["--via", "proxy", "--channels", "2"]),
     # each native restore loads the image its QEMU-alone counterpart loads
     "fixedram restore native": ("qemu mapped-ram", ["--via", "native"]),
     "fixedram restore native multifd2 dio": ("qemu mapped-ram multifd2 dio",

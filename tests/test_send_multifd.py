@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 from qemu_images import ImageSpec
+from synth_images import write_mapped_image
 from test_send import _check_runs_on, _compare_ram
 from test_send_fast import _cached_fraction, _drop_from_cache
 from test_verify import a_present_page, flip, synth
@@ -404,3 +405,35 @@ def _read_all(conn: socket.socket, into: list[bytearray]) -> None:
         buf += chunk
     conn.close()
     into.append(buf)
+
+
+def test_stalled_channel_is_named(tmp_path: Path) -> None:
+    """A destination that takes the connections but never reads a channel: the send stops
+    with one error naming the channel and the stall, once the sockets are full."""
+    rng = np.random.default_rng(3)
+    img = tmp_path / "big.mr"
+    write_mapped_image(img, {"pc.ram": 16 << 20},
+                       {"pc.ram": {i: rng.bytes(PS) for i in range(4096)}})
+    addr = tmp_path / "mig.sock"
+    lst = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lst.bind(str(addr))
+    lst.listen(8)
+    conns: list[socket.socket] = []
+    done = threading.Event()
+
+    def accept() -> None:  # the main connection and two channels, none of them read
+        conns.extend(lst.accept()[0] for _ in range(3))
+        done.wait(30)
+        for c in conns:
+            c.close()
+
+    t = threading.Thread(target=accept)
+    t.start()
+    try:
+        with pytest.raises(EndpointError, match=r"multifd channel \d: the destination read "
+                                                r"nothing for 1 s"):
+            send_multifd(img, f"unix:{addr}", 2, uuid=bytes(16), stall_timeout=1.0)
+    finally:
+        done.set()
+        t.join(30)
+        lst.close()

@@ -29,11 +29,16 @@ the destination's QEMU version when known):
   data of guest RAM are not sent at all, and those of small blocks go as ZERO records on
   the main connection whatever the mode.
 
-A packet of a buffered mapped-ram image goes out as its header and then each run of its
-pages by ``sendfile`` from the image (page-cache pages handed to the socket, no copy
-through fixedram); pages that are checked against the image's checksums are first read
-into the packet buffer and digested there (a legacy stream image, or one read with
-O_DIRECT, is read into the buffer and sent from it).
+One thread sends on every channel (:class:`_Pump`): each channel carries one packet at a
+time, the sockets are written without blocking, round-robin, and polled when none takes
+more. A packet of a buffered mapped-ram image goes out as its header and then each run of
+its pages by ``sendfile`` from the image (page-cache pages handed to the socket, no copy
+through fixedram); the pages of an image with checksums are first read into one buffer
+and digested there, before the packet goes out (a legacy stream image, or one read with
+O_DIRECT, is read into the channel's packet buffer and sent from it). Measured
+(``docs/multifd.md`` §6): one thread costs less CPU than a thread per channel (which
+contend for the interpreter on every system call), and reading pages costs less than
+hashing them through a mapping of the file (on tmpfs several times less).
 
 The device state is written only after every channel's data (and its last SYNC) has
 been read by the destination (the socket's output queue is empty): a QEMU that does not
@@ -44,12 +49,14 @@ the first connection.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
+import os
+import select
 import socket
 import struct
 import termios
-import threading
 import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -60,7 +67,6 @@ from fixedram._lazy import numpy as np
 from fixedram.endpoint.send import validate
 from fixedram.endpoint.source import (
     LINGER_SECONDS,
-    PROGRESS_INTERVAL,
     ImageArg,
     Progress,
     ReturnPathReader,
@@ -73,14 +79,13 @@ from fixedram.endpoint.source import (
     stream_head,
     stream_tail,
 )
-from fixedram.errors import EndpointError, FixedramError, MismatchError
+from fixedram.errors import EndpointError, ImageError, MismatchError
 from fixedram.image import Image
 from fixedram.image.checksum import digests_of
-from fixedram.image.layout import index_runs
 from fixedram.image.reader import BlockInfo, DirectIO
 from fixedram.image.sections import ram_section_id
-from fixedram.io.channel import SocketChannel, connect, sendfile_all, writev_all
-from fixedram.io.files import aligned_buffer
+from fixedram.io.channel import SocketChannel, connect, writev_all
+from fixedram.io.files import IOV_MAX, aligned_buffer
 from fixedram.stream import SectionPart, StreamEncoder, encode
 from fixedram.stream.format import (
     MULTIFD_PAGES_PER_PACKET,
@@ -171,12 +176,14 @@ def parse_uuid(text: str) -> bytes:
 
 @dataclass(frozen=True)
 class _Packet:
-    """One packet to send: page indices with data (``normal``) and without (``zero``)."""
+    """One packet to send: page indices with data (``normal``) and without (``zero``);
+    ``runs``: ``(slot, first, count)`` per run of ``normal``'s consecutive pages."""
 
     block: BlockInfo
     name: bytes
     normal: np.ndarray
     zero: np.ndarray
+    runs: Sequence[tuple[int, int, int]] = ()
 
 
 _EMPTY = np.zeros(0, dtype=np.int64)
@@ -188,29 +195,40 @@ def _plan(img: Image, blocks: Sequence[BlockInfo], zero_in_packets: bool) -> Ite
     (:meth:`Image.runs`): memory does not grow with the RAM size."""
     for blk in blocks:
         name = blk.name.encode("latin-1")
-        for pages in _packets(img.runs(blk.name)):
-            yield _Packet(blk, name, pages, _EMPTY)
+        for pages, runs in _packets(img.runs(blk.name)):
+            yield _Packet(blk, name, pages, _EMPTY, runs)
         if zero_in_packets:
-            for pages in _packets(absent_runs(img, blk.name)):
+            for pages, _ in _packets(absent_runs(img, blk.name)):
                 yield _Packet(blk, name, _EMPTY, pages)
 
 
-def _packets(runs: Iterable[tuple[int, int]]) -> Iterator[np.ndarray]:
-    """Page indices of ``runs`` in groups of :data:`PER_PACKET` (the last may be shorter)."""
-    pend: list[np.ndarray] = []
+def _packets(runs: Iterable[tuple[int, int]],
+             ) -> Iterator[tuple[np.ndarray, list[tuple[int, int, int]]]]:
+    """Page indices of ``runs`` in groups of :data:`PER_PACKET` (the last may be shorter),
+    each with its runs ``(slot, first, count)`` (the runs given are maximal: pieces of two
+    of them are never adjacent)."""
+    pend: list[tuple[int, int, int]] = []
     count = 0
     for first, n in runs:
         p, end = first, first + n
         while p < end:
             k = min(PER_PACKET - count, end - p)
-            pend.append(np.arange(p, p + k, dtype=np.int64))
+            pend.append((count, p, k))
             count += k
             p += k
             if count == PER_PACKET:
-                yield pend[0] if len(pend) == 1 else np.concatenate(pend)
+                yield _indices(pend), pend
                 pend, count = [], 0
     if count:
-        yield pend[0] if len(pend) == 1 else np.concatenate(pend)
+        yield _indices(pend), pend
+
+
+def _indices(runs: Sequence[tuple[int, int, int]]) -> np.ndarray:
+    """The page indices of ``runs``."""
+    if len(runs) == 1:
+        _, p, k = runs[0]
+        return np.arange(p, p + k, dtype=np.int64)
+    return np.concatenate([np.arange(p, p + k, dtype=np.int64) for _, p, k in runs])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,170 +246,195 @@ def _outq(sock: socket.socket) -> int:
     return int(struct.unpack("i", buf)[0])
 
 
-class _State:
-    """What the channel threads share: the packet plan, counters, the first error."""
+class _Counters:
+    """What the pump counts, for the report and the progress callback."""
 
-    def __init__(self, plan: Iterator[_Packet], nchan: int,
-                 check: PageCheck | None) -> None:
-        self.lock = threading.Lock()
-        self.plan = plan
+    def __init__(self, nchan: int) -> None:
         self.packet_num = 0
-        self.error: BaseException | None = None
-        self.failed = threading.Event()
-        #: Checks pages against the image's checksums (None: it has none); its calls are
-        #: made under ``check_lock``.
-        self.check = check
-        self.check_lock = threading.Lock()
         self.pages = 0
         self.zero_pages = 0
         self.packets = 0
         self.syncs = 0
         self.reads = 0
         self.chan_bytes = [0] * nchan
-        #: Held around reads of images whose reader keeps per-image scratch buffers (legacy
-        #: streams); a mapped-ram read is one ``preadv`` and needs no lock.
-        self.read_lock: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
 
-    def take(self) -> tuple[_Packet | None, int]:
-        """The next packet of the plan (None at the end) and its packet number."""
-        with self.lock:
-            if self.failed.is_set():
-                return None, 0
-            pkt = next(self.plan, None)
-            num = self.packet_num
-            self.packet_num += 1
-            return pkt, num
+    def number(self) -> int:
+        num = self.packet_num
+        self.packet_num += 1
+        return num
 
     def stats(self, main_bytes: int, zero_main: int, pages_total: int,
               t0: float) -> SendStats:
         """Progress so far, with the main connection's bytes and ZERO records added."""
-        with self.lock:
-            return SendStats(main_bytes + sum(self.chan_bytes), self.pages,
-                             self.zero_pages + zero_main, pages_total, self.reads,
-                             time.monotonic() - t0)
-
-    def number(self) -> int:
-        with self.lock:
-            num = self.packet_num
-            self.packet_num += 1
-            return num
-
-    def fail(self, e: BaseException) -> None:
-        with self.lock:
-            if self.error is None:
-                self.error = e
-        self.failed.set()
+        return SendStats(main_bytes + sum(self.chan_bytes), self.pages,
+                         self.zero_pages + zero_main, pages_total, self.reads,
+                         time.monotonic() - t0)
 
 
-class _ChannelThread(threading.Thread):
-    """Sends packets on one multifd connection until the plan is exhausted, then SYNCs."""
+class _Channel:
+    """One multifd connection: the packet being sent on it, queued as buffers and ranges
+    of the image file, sent as far as its (non-blocking) socket takes them."""
 
-    def __init__(self, index: int, sock: socket.socket, img: Image, state: _State,
-                 syncs_first: int, syncs_last: int) -> None:
-        super().__init__(name=f"fixedram-multifd-{index}", daemon=True)
+    def __init__(self, index: int, sock: socket.socket, img: Image) -> None:
         self.index = index
         self.sock = sock
-        self.img = img
-        self.state = state
-        self.syncs_first = syncs_first
-        self.syncs_last = syncs_last
+        self.fd = sock.fileno()
         self.hdr = bytearray(MULTIFD_PACKET_SIZE)
         # page-aligned when the image reads with O_DIRECT: pages then go from the disk
         # straight into the packet
         self.payload = memoryview(aligned_buffer(PER_PACKET * PS) if img.direct
                                   else bytearray(PER_PACKET * PS))
+        #: what is left to send of the current packet: buffers, and ``(offset, length)``
+        #: ranges of the image file that go by ``sendfile``
+        self.queue: collections.deque[memoryview | tuple[int, int]] = collections.deque()
+        self.bytes = 0
+        self.done = False
+
+    def push(self, file_fd: int) -> bool:
+        """Send from the queue until the socket takes no more; True once it is empty."""
+        q = self.queue
+        while q:
+            item = q[0]
+            if isinstance(item, tuple):
+                off, n = item
+                try:
+                    k = os.sendfile(self.fd, file_fd, off, n)
+                except BlockingIOError:
+                    return False
+                if k == 0:
+                    raise ImageError(f"image ends at byte {off}, expected data up to byte "
+                                     f"{off + n}", off)
+                self.bytes += k
+                if k < n:
+                    q[0] = (off + k, n - k)
+                    return False
+                q.popleft()
+                continue
+            bufs: list[memoryview] = []
+            for b in q:
+                if isinstance(b, tuple) or len(bufs) == IOV_MAX:
+                    break
+                bufs.append(b)
+            try:
+                k = self.sock.sendmsg(bufs)
+            except BlockingIOError:
+                return False
+            self.bytes += k
+            for b in bufs:
+                if k < len(b):
+                    q[0] = b[k:]
+                    return False
+                k -= len(b)
+                q.popleft()
+        return True
+
+
+class _Pump:
+    """Sends the packet plan over every channel from one thread.
+
+    Each channel carries one packet at a time: when its queue is empty it takes the next
+    packet of the plan (its pages read and checked now, while the other channels' sockets
+    drain), then the sockets are written without waiting, round-robin, and polled when
+    none takes more. One thread needs no locks and never contends for the interpreter
+    with another; its own work per packet is a read, a digest and a few system calls.
+    """
+
+    def __init__(self, img: Image, chans: Sequence[_Channel], plan: Iterator[_Packet],
+                 check: PageCheck | None, counters: _Counters, syncs_last: int) -> None:
+        self.img = img
+        self.chans = chans
+        self.plan: Iterator[_Packet] | None = plan
+        self.check = check
+        self.counters = counters
+        self.syncs_last = syncs_last
         # a buffered mapped-ram image: each run of a packet's pages is contiguous in the
         # file, so the kernel hands its page-cache pages to the socket (sendfile), no copy
         self.zero_copy = img.format == "mapped-ram" and not img.direct and img.pages_in_file
+        self.file_fd = img.fileno() if self.zero_copy else -1
+        #: where pages sent from the file are read to be checked: one buffer for every
+        #: channel, free again once digested, so it stays in the processor's cache
+        self.scratch = memoryview(bytearray(PER_PACKET * PS if self.zero_copy else 0))
 
-    def run(self) -> None:
-        try:
-            self._run()
-        except TimeoutError:
-            self.state.fail(EndpointError(
-                f"multifd channel {self.index}: the destination read nothing for "
-                f"{self.sock.gettimeout():.0f} s (does it expect this many channels: "
-                "multifd-channels?)"))
-        except (BrokenPipeError, ConnectionResetError):
-            self.state.fail(EndpointError(
-                f"multifd channel {self.index}: the destination closed the connection"))
-        except OSError as e:
-            if self.state.failed.is_set():  # our own shutdown after another failure
-                return
-            self.state.fail(EndpointError(f"multifd channel {self.index}: {e.strerror or e}"))
-        except BaseException as e:
-            self.state.fail(e)
-
-    def _sync(self) -> None:
-        st = self.state
-        packet_header_into(self.hdr, block=b"", normal=_EMPTY, packet_num=st.number(),
-                           sync=True)
-        n = writev_all(self.sock.sendmsg, [self.hdr])
-        with st.lock:
-            st.syncs += 1
-            st.chan_bytes[self.index] += n
-
-    def _check(self, check: PageCheck, name: str, first: int, data: memoryview) -> None:
-        """Digest a run's pages (outside the lock: channels hash in parallel), then add."""
-        d = digests_of([data])
-        with self.state.check_lock:
-            check.add(name, first, d)
-
-    def _send_read(self, name: str, nn: int, runs: Sequence[tuple[int, int, int]],
-                   check: PageCheck | None) -> int:
-        """The packet's pages read into its payload buffer (one read per run), then sent."""
-        data = self.payload[: nn * PS]
+    def _read(self, buf: memoryview, name: str, runs: Sequence[tuple[int, int, int]]) -> None:
+        """The pages of ``runs`` read into their slots of ``buf``, and digested there for
+        the check."""
         for slot, first, k in runs:
-            view = data[slot * PS : (slot + k) * PS]
-            with self.state.read_lock:
-                self.img.read_into(name, first, view)
-            if check is not None:
-                self._check(check, name, first, view)
-        return writev_all(self.sock.sendmsg, [self.hdr, data])
+            view = buf[slot * PS : (slot + k) * PS]
+            self.img.read_into(name, first, view)
+            if self.check is not None:
+                self.check.add(name, first, digests_of([view]))
 
-    def _send_file(self, name: str, runs: Sequence[tuple[int, int, int]]) -> int:
-        """The packet header, then each run straight from the file (``sendfile``)."""
-        img = self.img
-        n = writev_all(self.sock.sendmsg, [self.hdr])
-        for _, first, k in runs:
-            n += sendfile_all(self.sock.fileno(), img.fileno(), img.page_offset(name, first),
-                              k * PS, self.sock.gettimeout())
-        return n
-
-    def _run(self) -> None:
-        st = self.state
-        for _ in range(self.syncs_first):
-            self._sync()
-        while True:
-            pkt, num = st.take()
-            if pkt is None:
-                break
-            blk = pkt.block
-            nn = len(pkt.normal)
-            packet_header_into(self.hdr, block=pkt.name, normal=pkt.normal * PS,
-                               zero=pkt.zero * PS, packet_num=num)
-            check = st.check if nn else None
-            runs = index_runs(pkt.normal)
-            # pages to check are read into the buffer they are digested in and sent from:
-            # the bytes checked are the bytes sent (sending them from the file again, to
-            # save the socket's copy, would check one copy and send another). Hashing
-            # through a mapping of the file costs more: mapping and unmapping 4 KiB
-            # page-cache pages costs about what copying them does
-            if self.zero_copy and check is None and len(runs) <= _SENDFILE_RUNS:
-                n = self._send_file(blk.name, runs)
+    def _fill(self, ch: _Channel) -> bool:
+        """Queue the next packet of the plan on ``ch`` (its last SYNCs after the plan's
+        end); False when the channel has nothing more to send."""
+        c = self.counters
+        pkt = next(self.plan, None) if self.plan is not None else None
+        if pkt is None:
+            self.plan = None
+            if ch.done:
+                return False
+            for _ in range(self.syncs_last):
+                packet_header_into(ch.hdr, block=b"", normal=_EMPTY, packet_num=c.number(),
+                                   sync=True)
+                ch.queue.append(memoryview(bytes(ch.hdr)))
+                c.syncs += 1
+            ch.done = True
+            return bool(ch.queue)
+        name = pkt.block.name
+        nn = len(pkt.normal)
+        packet_header_into(ch.hdr, block=pkt.name, normal=pkt.normal * PS,
+                           zero=pkt.zero * PS, packet_num=c.number())
+        ch.queue.append(memoryview(ch.hdr))
+        if nn:
+            runs = pkt.runs
+            # pages to check are read into the buffer and digested there first; the packet
+            # then goes out from the file's same page-cache pages (a saved image is never
+            # rewritten in place: a save writes a new file and renames it, so the bytes
+            # checked are the bytes sent), or from the buffer
+            if self.zero_copy and len(runs) <= _SENDFILE_RUNS:
+                if self.check is not None:
+                    self._read(self.scratch, name, runs)
+                for _, first, k in runs:
+                    ch.queue.append((self.img.page_offset(name, first), k * PS))
             else:
-                n = self._send_read(blk.name, nn, runs, check)
-            reads = len(runs)
-            with st.lock:
-                st.packets += 1
-                st.pages += nn
-                st.zero_pages += len(pkt.zero)
-                st.reads += reads
-                st.chan_bytes[self.index] += n
-        if st.failed.is_set():
-            return
-        for _ in range(self.syncs_last):
-            self._sync()
+                self._read(ch.payload, name, runs)
+                ch.queue.append(ch.payload[: nn * PS])
+            c.reads += len(runs)
+        c.packets += 1
+        c.pages += nn
+        c.zero_pages += len(pkt.zero)
+        return True
+
+    def run(self, stall: float, progress: Progress[SendStats]) -> None:
+        """Send every packet and the last SYNCs. Raises :class:`EndpointError` naming the
+        channel whose destination stalled (read nothing for ``stall`` seconds) or closed."""
+        poller = select.poll()
+        for ch in self.chans:
+            poller.register(ch.fd, select.POLLOUT)
+        live = list(self.chans)
+        while live:
+            moved = False
+            for ch in list(live):
+                try:
+                    empty = ch.push(self.file_fd)
+                    if empty and self._fill(ch):
+                        empty = ch.push(self.file_fd)
+                        moved = True
+                except (BrokenPipeError, ConnectionResetError):
+                    raise EndpointError(f"multifd channel {ch.index}: the destination "
+                                        "closed the connection") from None
+                self.counters.chan_bytes[ch.index] = ch.bytes
+                if empty and ch.done and not ch.queue:
+                    live.remove(ch)
+                    poller.unregister(ch.fd)
+            progress.tick()
+            if moved or not live:
+                continue
+            if not poller.poll(int(stall * 1000)):
+                ch = live[0]
+                raise EndpointError(
+                    f"multifd channel {ch.index}: the destination read nothing for "
+                    f"{stall:.0f} s (does it expect this many channels: multifd-channels?)")
 
 
 def _shutdown(socks: Sequence[socket.socket]) -> None:
@@ -474,27 +517,30 @@ def _send(img: Image, address: str, nchan: int, uuid: bytes | None,
     # into: a page read earlier crashes QEMU 10 (SIGSEGV, observed)
     head = stream_head(img, flush=sync == "flush")
     check = page_check(img)
-    state = _State(_plan(img, blocks, zero == "packet" and not fresh), nchan, check)
-    if img.format != "mapped-ram":
-        state.read_lock = threading.Lock()
+    counters = _Counters(nchan)
+    plan = _plan(img, blocks, zero == "packet" and not fresh)
 
     socks: list[socket.socket] = []
-    threads: list[_ChannelThread] = []
     try:
-        main, main_bytes = _connect(address, nchan, uuid, stall, connect_timeout, head, state,
-                                    socks)
-        # one SYNC per marker: START's (flush or EOS) first; then PART's, and END's EOS
-        first, last = 1, (2 if sync == "eos" else 1)
-        threads = [_ChannelThread(i, socks[i + 1], img, state, first, last)
-                   for i in range(nchan)]
-        for t in threads:
-            t.start()
+        main, main_bytes = _connect(address, nchan, uuid, stall, connect_timeout, head,
+                                    counters, socks)
+        # one SYNC per marker: START's (flush or EOS) first, on every channel before the
+        # main connection's PART (whose markers wait for them); then PART's, and END's EOS
+        chans = [_Channel(i, socks[i + 1], img) for i in range(nchan)]
+        for ch in chans:
+            packet_header_into(ch.hdr, block=b"", normal=_EMPTY,
+                               packet_num=counters.number(), sync=True)
+            counters.chan_bytes[ch.index] += writev_all(ch.sock.sendmsg, [ch.hdr])
+            counters.syncs += 1
+            ch.bytes = counters.chan_bytes[ch.index]
+            ch.sock.setblocking(False)
         sent, zero_main = _main_part(img, main.sock, zero == "main" and not fresh, fresh,
                                      sync == "flush")
         main_bytes += sent
-        _wait_threads(threads, state, Progress(
-            progress, lambda: state.stats(main_bytes, zero_main, pages_total, t0)))
-        _wait_drained(socks[1:], state, stall)
+        _Pump(img, chans, plan, check, counters, 2 if sync == "eos" else 1).run(
+            stall, Progress(progress,
+                            lambda: counters.stats(main_bytes, zero_main, pages_total, t0)))
+        _wait_drained(socks[1:], stall)
         if check is not None:  # a bad extent stops the stream before the device state
             for blk in blocks:
                 check.block_done(blk.name)
@@ -507,9 +553,6 @@ def _send(img: Image, address: str, nchan: int, uuid: bytes | None,
                             "channels?)") from None
     except (BrokenPipeError, ConnectionResetError):
         _shutdown(socks)
-        err = state.error
-        if isinstance(err, FixedramError):
-            raise err from None
         raise EndpointError(f"the destination at {address} closed the main connection (is "
                             f"capability multifd on, with multifd-channels {nchan}? QEMU's "
                             "log says why)") from None
@@ -517,27 +560,24 @@ def _send(img: Image, address: str, nchan: int, uuid: bytes | None,
         _shutdown(socks)
         raise EndpointError(f"multifd send to {address}: {e.strerror or e}") from None
     except BaseException:
-        state.fail(EndpointError("stopped"))
         _shutdown(socks)
         raise
     finally:
-        for t in threads:
-            t.join(10.0)
         for s in socks:
             s.close()
     elapsed = time.monotonic() - t0
-    stats = SendStats(main_bytes + sum(state.chan_bytes), state.pages,
-                      state.zero_pages + zero_main, pages_total, state.reads, elapsed)
+    stats = SendStats(main_bytes + sum(counters.chan_bytes), counters.pages,
+                      counters.zero_pages + zero_main, pages_total, counters.reads, elapsed)
     if progress is not None:
         progress(stats)
     return MultifdSendReport(
         bytes_sent=stats.bytes_sent,
         main_bytes=main_bytes,
-        pages_sent=state.pages,
-        zero_pages=state.zero_pages + zero_main,
-        packets=state.packets,
-        sync_packets=state.syncs,
-        preadv_calls=state.reads,
+        pages_sent=counters.pages,
+        zero_pages=counters.zero_pages + zero_main,
+        packets=counters.packets,
+        sync_packets=counters.syncs,
+        preadv_calls=counters.reads,
         elapsed=elapsed,
         machine=machine,
         blocks=tuple((b.name, b.length) for b in blocks),
@@ -545,13 +585,13 @@ def _send(img: Image, address: str, nchan: int, uuid: bytes | None,
         sync=sync,
         zero=zero,
         switchover_start=switchover,
-        channel_bytes=tuple(state.chan_bytes),
+        channel_bytes=tuple(counters.chan_bytes),
         bytes_received=received,
     )
 
 
 def _connect(address: str, nchan: int, uuid: bytes, stall: float, connect_timeout: float,
-             head: Sequence[bytes], state: _State, socks: list[socket.socket],
+             head: Sequence[bytes], counters: _Counters, socks: list[socket.socket],
              ) -> tuple[SocketChannel, int]:
     """Open the main connection and send it ``head``, then the ``nchan`` channels with their
     init packets; each socket is appended to ``socks`` as it opens (for the caller to close).
@@ -572,7 +612,7 @@ def _connect(address: str, nchan: int, uuid: bytes, stall: float, connect_timeou
         socks.append(ch.sock)
         ch.sock.settimeout(stall)
         writev_all(ch.sock.sendmsg, [encode_init(i, uuid)])
-        state.chan_bytes[i] += 64
+        counters.chan_bytes[i] += 64
     return main, main_bytes
 
 
@@ -616,22 +656,7 @@ def _end_main(main: SocketChannel, img: Image, switchover: bool) -> tuple[int, i
     return sent, drain.received
 
 
-def _wait_threads(threads: Sequence[_ChannelThread], state: _State,
-                  progress: Progress[SendStats]) -> None:
-    """Join the channel threads (reporting progress); raise the first error of any."""
-    for t in threads:
-        while t.is_alive():
-            t.join(PROGRESS_INTERVAL)
-            if state.failed.is_set():
-                break
-            progress.tick(force=True)
-        if state.failed.is_set():
-            break
-    if state.error is not None:
-        raise state.error
-
-
-def _wait_drained(socks: Sequence[socket.socket], state: _State, stall: float) -> None:
+def _wait_drained(socks: Sequence[socket.socket], stall: float) -> None:
     """Wait until the destination has read everything sent on every channel."""
     last = -1
     since = time.monotonic()

@@ -62,6 +62,7 @@ __all__ = [
     "digest_views",
     "digests_of",
     "extent_digests",
+    "extent_digest",
     "compute",
     "encode",
     "decode",
@@ -153,6 +154,11 @@ def extent_digests(pages: np.ndarray, extent_shift: int) -> np.ndarray:
     step = per * 8
     return np.array([_h(raw[i : i + step]) for i in range(0, len(raw), step)],
                     dtype=np.uint64)
+
+
+def extent_digest(pages: np.ndarray) -> int:
+    """The digest of one extent from its pages' digests (one of :func:`extent_digests`)."""
+    return _h(pages.astype(">u8").data)
 
 
 #: Pages per chunk of :class:`PageDigests` (1 MiB of guest RAM, 2 KiB of digests).

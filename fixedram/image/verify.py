@@ -47,7 +47,7 @@ from fixedram.image.checksum import (
     compute,
     digest_views,
     digests_of,
-    extent_digests,
+    extent_digest,
     find,
     page_digest_array,
     store,
@@ -330,6 +330,10 @@ class PageCheck:
                              + "; refusing to complete the restore")
 
 
+#: Pages whose presence :class:`_ExtentCheck` looks up at once (2 KiB of bitmap).
+_COUNT_PAGES = 1 << 14
+
+
 class _ExtentCheck:
     """Extent digests of one block computed from its pages' digests as they are given (in
     any order): an extent is digested as soon as all its pages with data were given, and
@@ -345,9 +349,28 @@ class _ExtentCheck:
         self.touched = np.zeros(len(self.got), dtype=bool)
         self.open: dict[int, np.ndarray] = {}
         self.left: dict[int, int] = {}
+        self._blank = page_digest_array(self.per)
+        #: pages with data per extent of a group of extents, counted with one bitmap lookup
+        self._group = max(1, _COUNT_PAGES // self.per)
+        self._counts = np.zeros(0, dtype=np.int64)
+        self._counts_at = -1
 
     def _pages(self, e: int) -> int:
         return min(self.per, self.npages - e * self.per)
+
+    def _present(self, e: int) -> int:
+        """How many pages of extent ``e`` hold data."""
+        g = e - e % self._group
+        if g != self._counts_at:
+            lo = g * self.per
+            bits = self.img.present_range(self.name, lo,
+                                          min(self._group * self.per, self.npages - lo))
+            pad = -len(bits) % self.per
+            if pad:
+                bits = np.concatenate([bits, np.zeros(pad, dtype=bool)])
+            self._counts = bits.reshape(-1, self.per).sum(axis=1)
+            self._counts_at = g
+        return int(self._counts[e - g])
 
     def add(self, first: int, digests: np.ndarray) -> None:
         per = self.per
@@ -361,9 +384,8 @@ class _ExtentCheck:
             if arr is None:
                 if e >= len(self.got):
                     raise ImageError(f"RAM block '{self.name}': page {p} beyond its end")
-                arr = self.open[e] = page_digest_array(self._pages(e))
-                self.left[e] = int(self.img.present_range(self.name, e0,
-                                                          self._pages(e)).sum())
+                arr = self.open[e] = self._blank[: self._pages(e)].copy()
+                self.left[e] = self._present(e)
                 self.touched[e] = True
             arr[p - e0 : hi - e0] = digests[p - first : hi - first]
             self.left[e] -= hi - p
@@ -374,7 +396,7 @@ class _ExtentCheck:
     def _close(self, e: int) -> None:
         arr = self.open.pop(e)
         del self.left[e]
-        self.got[e] = extent_digests(arr, self.shift)[0]
+        self.got[e] = extent_digest(arr)
 
     def finish(self) -> np.ndarray:
         """The digest of every extent (pages never given count as zero pages)."""
