@@ -71,6 +71,10 @@ READ_AHEAD = 16
 #: passed are dropped from memory then, not when they are the least recently used:
 #: bounded memory, and their buffers are reused while still mapped).
 BEHIND = 2
+#: Chunks of a block asked for last that count as where its readers are: a request for
+#: the chunk after one of them reads ahead (:meth:`ChunkSource._moves_on`), so a background
+#: push keeps its read-ahead while page requests come in between.
+RECENT = 4
 #: Chunks kept in memory (the most recently used): a lazy restore's page requests come
 #: back to the chunks of the guest's working set while the background push goes on.
 MEMORY_CHUNKS = 32
@@ -244,6 +248,8 @@ class ChunkSource:
         #: read-ahead chunks a sequential reader has reached, oldest first
         self.passed: collections.deque[tuple[str, int]] = collections.deque()
         self.last: dict[str, int] = {}
+        #: the last chunks readers asked for, per block (:meth:`_moves_on`)
+        self.recent: dict[str, collections.deque[int]] = {}
         self.blocks = {b.name: b for b in manifest.blocks}
         self.order = {b.name: sorted(b.chunks) for b in manifest.blocks}
         self.fetched = 0
@@ -352,6 +358,25 @@ class ChunkSource:
                 self.ahead.add(key)
         return fut
 
+    def _moves_on(self, block: str, index: int) -> bool:
+        """Under the lock: whether a reader asking for chunk ``index`` reads ahead: it
+        moves on to ``index`` from the stored chunk before it (one of the block's last
+        :data:`RECENT` chunks asked for), or it is the first request of the block. Not a
+        reader still in a chunk it asked for before, and not a random request: a lazy
+        restore's page requests and working-set prefetch each read 16 chunks ahead before,
+        which pushed one another out of memory before use, and every chunk was read back
+        from the disk cache and checked again about six times (docs/object-storage.md)."""
+        rec = self.recent.setdefault(block, collections.deque(maxlen=RECENT))
+        if index in rec:
+            rec.remove(index)
+            rec.append(index)
+            return False
+        order = self.order[block]
+        at = bisect.bisect_left(order, index)
+        on = not rec or (at > 0 and order[at - 1] in rec)
+        rec.append(index)
+        return on
+
     def _reached(self, block: str, index: int) -> None:
         """Under the lock: a reader asks for chunk ``index``. When it was read ahead for
         a sequential reader (the block's previous request was for it or the one before),
@@ -391,12 +416,14 @@ class ChunkSource:
         """Chunk ``index`` of ``block`` (None: not stored, all zeros); reads ahead."""
         with self.lock:
             got = self._future(block, index, True)
+            ahead = self._moves_on(block, index)
             self._reached(block, index)
-            order = self.order[block]
-            at = bisect.bisect_right(order, index)
-            for nxt in order[at : at + READ_AHEAD]:
-                if (block, nxt) not in self.mem:
-                    self._future(block, nxt, False)
+            if ahead:
+                order = self.order[block]
+                at = bisect.bisect_right(order, index)
+                for nxt in order[at : at + READ_AHEAD]:
+                    if (block, nxt) not in self.mem:
+                        self._future(block, nxt, False)
         if isinstance(got, Future):
             try:
                 return got.result()
