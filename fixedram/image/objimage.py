@@ -8,9 +8,10 @@ the checksum extension) and reads page data from the chunks instead of a file.
 
 Page data: :class:`ChunkSource` fetches a chunk the first time a page of it is read,
 checks it against the manifest (xxh3-128 of its bytes) before any byte of it is used,
-reads ahead the next ones of the block in parallel GETs and keeps recent ones in
-memory, so a sequential reader (a full restore, verify, the background push of a lazy
-restore) runs at the store's parallel speed while a random one (a lazy restore's page
+reads ahead the next ones of the block in parallel GETs when a reader moves on to the
+next chunk (not for random requests) and keeps recent ones in memory, so a sequential
+reader (a full restore, verify, the background push of a lazy restore) runs at the
+store's parallel speed while a random one (a lazy restore's page
 requests) pays one GET per chunk. Chunks read ahead for a sequential reader leave memory
 once it has passed them (memory bounded by the read-ahead window); those of random
 requests stay among the most recently used. A :class:`DiskCache` (on by default, shared by every
@@ -18,7 +19,8 @@ fixedram process of the user) keeps the chunks readers asked for (not those read
 so a guest's working set is fetched from the store once per host; a lazy restore keeps
 every chunk it fetches (:meth:`ObjectImage.shared_reads`), and processes about to fetch
 the same chunk wait for one another (a lock file per chunk), so a fan-out of lazy
-restores of one image fetches each chunk about once.
+restores of one image fetches each chunk about once. Chunks go into the disk cache in a
+writer thread: a reader does not wait for the disk.
 
 An object image's working-set record (:mod:`fixedram.image.workingset`) is a small object
 of its own next to the manifest (:data:`RECORD_PREFIX` + key), read and written whole by
