@@ -369,7 +369,7 @@ class ChunkSource:
         reader still in a chunk it asked for before, and not a random request: a lazy
         restore's page requests and working-set prefetch each read 16 chunks ahead before,
         which pushed one another out of memory before use, and every chunk was read back
-        from the disk cache and checked again about six times (docs/object-storage.md)."""
+        from the disk cache and checked again six to seven times (docs/object-storage.md)."""
         rec = self.recent.setdefault(block, collections.deque(maxlen=RECENT))
         if index in rec:
             rec.remove(index)
