@@ -259,8 +259,6 @@ class ChunkSource:
         self.cache_hits = 0
         #: keep the chunks read ahead in the disk cache too (:meth:`ObjectImage.shared_reads`)
         self.share = False
-        #: a sequential reader's chunks leave memory once it passed them (:meth:`_reached`)
-        self.drop_passed = True
         #: writes chunks into the disk cache (:meth:`_keep`), at most CACHE_PENDING waiting
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="fixedram-cache")
         self.writes = threading.Semaphore(CACHE_PENDING)
@@ -398,8 +396,6 @@ class ChunkSource:
         nxt = bisect.bisect_right(order, last)
         if index != last and not (nxt < len(order) and order[nxt] == index):
             return
-        if not self.drop_passed:
-            return
         if not self.passed or self.passed[-1] != key:
             self.passed.append(key)
         while len(self.passed) > BEHIND:
@@ -464,14 +460,8 @@ class ObjectImage(MappedRamImage):
     def shared_reads(self) -> None:
         """Keep every chunk fetched in the shared disk cache, read ahead or not: other
         processes reading the image at the same time (a fan-out of lazy restores) take them
-        from there, or wait for this one's fetch, instead of fetching them again.
-
-        And chunks a sequential reader passed stay in memory until they are the least
-        recently used: a lazy restore's readers walk the same chunks again (the pages
-        around its page requests, round after round), and chunks dropped as passed were
-        read back from the disk cache and checked again on every round."""
+        from there, or wait for this one's fetch, instead of fetching them again."""
         self.source.share = True
-        self.source.drop_passed = False
 
     @property
     def fetched_bytes(self) -> int:
