@@ -651,7 +651,8 @@ def test_sequential_read_bounded_memory(s3: Seaweed, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A sequential read of an object image (a full restore's) returns every page and keeps
     only a few chunks in memory at its end (those read ahead and passed leave); chunks of
-    random requests (a lazy restore's) stay in memory."""
+    random requests (a lazy restore's) stay in memory and read nothing ahead, a reader
+    moving on to the next chunk does."""
     from fixedram.image.objimage import BEHIND, open_object_image
     from fixedram.image.reader import PageSlots
 
@@ -664,6 +665,7 @@ def test_sequential_read_bounded_memory(s3: Seaweed, tmp_path: Path,
         if k.startswith("AWS_"):
             monkeypatch.setenv(k, v)
     with open_object_image(url, cache=False) as img:
+        meta = img.source.fetched  # the meta chunk
         slots = PageSlots(bytearray(256 * 4096), 0, 4096, 256)
         for first in range(0, n * 1024, 256):
             img.read_slots("pc.ram", first, 256, slots)
@@ -671,6 +673,25 @@ def test_sequential_read_bounded_memory(s3: Seaweed, tmp_path: Path,
             assert got == b"".join(pages[p] for p in range(first, first + 256))
         src = img.source
         assert len(src.mem) <= BEHIND + 1, sorted(src.mem)
-        for i in (20, 3, 11, 7):
+        assert src.fetched == meta + n  # each chunk once: read ahead, then used
+        for i in (20, 3, 11, 7, 3, 20):
             src.chunk("pc.ram", i)
+        _settle(src)
         assert {("pc.ram", i) for i in (20, 3, 11, 7)} <= set(src.mem)
+        # random requests read nothing ahead (each would have fetched 16 chunks)
+        assert src.fetched <= meta + n + 4, src.fetched
+        before = src.fetched
+        src.chunk("pc.ram", 8)  # moving on from 7: read ahead again
+        _settle(src)
+        assert src.fetched > before + 4, (before, src.fetched)
+
+
+def _settle(src: Any) -> None:
+    """Wait until a chunk source has no fetch in flight."""
+    while True:
+        with src.lock:
+            flying = list(src.flight.values())
+        if not flying:
+            return
+        for f in flying:
+            f.result()

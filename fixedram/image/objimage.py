@@ -8,9 +8,10 @@ the checksum extension) and reads page data from the chunks instead of a file.
 
 Page data: :class:`ChunkSource` fetches a chunk the first time a page of it is read,
 checks it against the manifest (xxh3-128 of its bytes) before any byte of it is used,
-reads ahead the next ones of the block in parallel GETs and keeps recent ones in
-memory, so a sequential reader (a full restore, verify, the background push of a lazy
-restore) runs at the store's parallel speed while a random one (a lazy restore's page
+reads ahead the next ones of the block in parallel GETs when a reader moves on to the
+next chunk (not for random requests) and keeps recent ones in memory, so a sequential
+reader (a full restore, verify, the background push of a lazy restore) runs at the
+store's parallel speed while a random one (a lazy restore's page
 requests) pays one GET per chunk. Chunks read ahead for a sequential reader leave memory
 once it has passed them (memory bounded by the read-ahead window); those of random
 requests stay among the most recently used. A :class:`DiskCache` (on by default, shared by every
@@ -18,7 +19,8 @@ fixedram process of the user) keeps the chunks readers asked for (not those read
 so a guest's working set is fetched from the store once per host; a lazy restore keeps
 every chunk it fetches (:meth:`ObjectImage.shared_reads`), and processes about to fetch
 the same chunk wait for one another (a lock file per chunk), so a fan-out of lazy
-restores of one image fetches each chunk about once.
+restores of one image fetches each chunk about once. Chunks go into the disk cache in a
+writer thread: a reader does not wait for the disk.
 
 An object image's working-set record (:mod:`fixedram.image.workingset`) is a small object
 of its own next to the manifest (:data:`RECORD_PREFIX` + key), read and written whole by
@@ -71,11 +73,18 @@ READ_AHEAD = 16
 #: passed are dropped from memory then, not when they are the least recently used:
 #: bounded memory, and their buffers are reused while still mapped).
 BEHIND = 2
+#: Chunks of a block asked for last that count as where its readers are: a request for
+#: the chunk after one of them reads ahead (:meth:`ChunkSource._moves_on`), so a background
+#: push keeps its read-ahead while page requests come in between.
+RECENT = 4
 #: Chunks kept in memory (the most recently used): a lazy restore's page requests come
 #: back to the chunks of the guest's working set while the background push goes on.
 MEMORY_CHUNKS = 32
 #: Default bound of the shared chunk cache (bytes).
 CACHE_MAX = 4 << 30
+#: Chunks waiting for the cache writer at most (their buffers stay in memory meanwhile);
+#: a fetch that finds this many waiting writes its chunk itself.
+CACHE_PENDING = 8
 #: The largest working-set record object read (a record holds at most 64 KiB).
 RECORD_MAX = 1 << 20
 
@@ -108,47 +117,68 @@ class DiskCache:
         except OSError:
             return None
 
-    @contextlib.contextmanager
-    def locked(self, key: str) -> Iterator[None]:
-        """Hold chunk ``key``'s lock file (``<name>.lock`` beside it, ``flock``): processes
-        that would fetch the same chunk at the same time fetch it one after the other, and
-        those that waited find it in the cache. A cache that cannot hold the lock just does
-        not coalesce."""
+    def lock(self, key: str) -> int | None:
+        """Take chunk ``key``'s lock file (``<name>.lock`` beside it, an exclusive
+        ``flock``), waiting for the process that holds it: processes that would fetch the
+        same chunk at the same time fetch it one after the other, and those that waited find
+        it in the cache. Returns the lock's descriptor for :meth:`unlock` (None: the cache
+        cannot hold the lock, and just does not coalesce)."""
         p = self._path(key)
-        lock = p.with_name(p.name + ".lock")
         try:
             p.parent.mkdir(exist_ok=True)
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(p.with_name(p.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                         0o600)
         except OSError:
-            yield
-            return
+            return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def unlock(self, key: str, fd: int | None) -> None:
+        """Release a lock :meth:`lock` took."""
+        if fd is None:
+            return
+        p = self._path(key)
+        with contextlib.suppress(OSError):
+            os.unlink(p.with_name(p.name + ".lock"))  # waiters hold the old file; they
+            # find the chunk cached
+        os.close(fd)
+
+    @contextlib.contextmanager
+    def locked(self, key: str) -> Iterator[None]:
+        """:meth:`lock` and :meth:`unlock` around a block."""
+        fd = self.lock(key)
+        try:
             yield
         finally:
-            with contextlib.suppress(OSError):
-                os.unlink(lock)  # waiters hold the old file; they find the chunk cached
-            os.close(fd)
+            self.unlock(key, fd)
 
     def drop(self, key: str) -> None:
         with contextlib.suppress(OSError):
             self._path(key).unlink()
 
     def put(self, key: str, data: Any) -> None:
+        """Keep chunk ``key`` (its bytes as stored). A full or read-only cache costs a
+        refetch, never the restore."""
         p = self._path(key)
         try:
             p.parent.mkdir(exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-")
             try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
+                try:
+                    self._write(fd, data)
+                finally:
+                    os.close(fd)
                 os.replace(tmp, p)
             except BaseException:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 raise
         except OSError:
-            return  # a full or read-only cache costs a refetch, never the restore
+            return
         with self._lock:
             self._added += len(data)
             trim = self._added > self.max_bytes // 8
@@ -156,6 +186,13 @@ class DiskCache:
                 self._added = 0
         if trim:
             self.trim()
+
+    @staticmethod
+    def _write(fd: int, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], done)
 
     def trim(self) -> None:
         """Remove least recently used chunks until the cache is under its bound."""
@@ -213,6 +250,8 @@ class ChunkSource:
         #: read-ahead chunks a sequential reader has reached, oldest first
         self.passed: collections.deque[tuple[str, int]] = collections.deque()
         self.last: dict[str, int] = {}
+        #: the last chunks readers asked for, per block (:meth:`_moves_on`)
+        self.recent: dict[str, collections.deque[int]] = {}
         self.blocks = {b.name: b for b in manifest.blocks}
         self.order = {b.name: sorted(b.chunks) for b in manifest.blocks}
         self.fetched = 0
@@ -220,9 +259,13 @@ class ChunkSource:
         self.cache_hits = 0
         #: keep the chunks read ahead in the disk cache too (:meth:`ObjectImage.shared_reads`)
         self.share = False
+        #: writes chunks into the disk cache (:meth:`_keep`), at most CACHE_PENDING waiting
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="fixedram-cache")
+        self.writes = threading.Semaphore(CACHE_PENDING)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.writer.shutdown(wait=True)  # the cache writes under way finish, and unlock
 
     def length(self, block: str, index: int) -> int:
         b = self.blocks[block]
@@ -231,15 +274,46 @@ class ChunkSource:
     def fetch(self, ref: ChunkRef, length: int, *, keep: bool = True) -> memoryview:
         """One chunk's bytes, from the cache or the store, checked against its name;
         ``keep``: a chunk fetched from the store goes into the disk cache, and processes
-        fetching it at the same time wait for one another (:meth:`DiskCache.locked`)."""
+        fetching it at the same time wait for one another (:meth:`DiskCache.lock`)."""
         data = self._cached(ref, length)
         if data is not None:
             return data
         if self.cache is None or not keep:
-            return self._get(ref, length, False)
-        with self.cache.locked(ref.key):
+            return self._get(ref, length)[1]
+        fd = self.cache.lock(ref.key)
+        handed = False
+        try:
             data = self._cached(ref, length)  # fetched by another process meanwhile
-            return data if data is not None else self._get(ref, length, True)
+            if data is not None:
+                return data
+            got, data = self._get(ref, length)
+            handed = self._keep(ref.key, got, fd)
+            return data
+        finally:
+            if not handed:
+                self.cache.unlock(ref.key, fd)
+
+    def _keep(self, key: str, got: memoryview, fd: int | None) -> bool:
+        """Put a fetched chunk into the disk cache and release its lock: in the cache
+        writer's thread (the reader does not wait for the disk; True: it unlocks), or here
+        when :data:`CACHE_PENDING` writes are waiting already (False)."""
+        assert self.cache is not None
+        if self.writes.acquire(blocking=False):
+            try:
+                self.writer.submit(self._write_cached, key, got, fd)
+                return True
+            except RuntimeError:  # closing: write it here
+                self.writes.release()
+        self.cache.put(key, got)
+        return False
+
+    def _write_cached(self, key: str, got: memoryview, fd: int | None) -> None:
+        assert self.cache is not None
+        try:
+            self.cache.put(key, got)
+        finally:
+            self.cache.unlock(key, fd)
+            self.writes.release()
 
     def _cached(self, ref: ChunkRef, length: int) -> memoryview | None:
         if self.cache is None:
@@ -256,15 +330,14 @@ class ChunkSource:
             self.cache_hits += 1
         return data
 
-    def _get(self, ref: ChunkRef, length: int, keep: bool) -> memoryview:
+    def _get(self, ref: ChunkRef, length: int) -> tuple[memoryview, memoryview]:
+        """``(as stored, checked bytes)`` of a chunk fetched from the store."""
         got = self.store.get(ref.key)
         data = decode_chunk(got, ref.codec, length, ref.name, self.where)
         with self.lock:
             self.fetched += 1
             self.fetched_bytes += len(got)
-        if self.cache is not None and keep:
-            self.cache.put(ref.key, got)
-        return data
+        return got, data
 
     def _future(self, block: str, index: int, asked: bool
                 ) -> Future[memoryview] | memoryview | None:
@@ -286,6 +359,25 @@ class ChunkSource:
             if not asked:
                 self.ahead.add(key)
         return fut
+
+    def _moves_on(self, block: str, index: int) -> bool:
+        """Under the lock: whether a reader asking for chunk ``index`` reads ahead: it
+        moves on to ``index`` from the stored chunk before it (one of the block's last
+        :data:`RECENT` chunks asked for), or it is the first request of the block. Not a
+        reader still in a chunk it asked for before, and not a random request: a lazy
+        restore's page requests and working-set prefetch each read 16 chunks ahead before,
+        which pushed one another out of memory before use, and every chunk was read back
+        from the disk cache and checked again six to seven times (docs/object-storage.md)."""
+        rec = self.recent.setdefault(block, collections.deque(maxlen=RECENT))
+        if index in rec:
+            rec.remove(index)
+            rec.append(index)
+            return False
+        order = self.order[block]
+        at = bisect.bisect_left(order, index)
+        on = not rec or (at > 0 and order[at - 1] in rec)
+        rec.append(index)
+        return on
 
     def _reached(self, block: str, index: int) -> None:
         """Under the lock: a reader asks for chunk ``index``. When it was read ahead for
@@ -326,12 +418,14 @@ class ChunkSource:
         """Chunk ``index`` of ``block`` (None: not stored, all zeros); reads ahead."""
         with self.lock:
             got = self._future(block, index, True)
+            ahead = self._moves_on(block, index)
             self._reached(block, index)
-            order = self.order[block]
-            at = bisect.bisect_right(order, index)
-            for nxt in order[at : at + READ_AHEAD]:
-                if (block, nxt) not in self.mem:
-                    self._future(block, nxt, False)
+            if ahead:
+                order = self.order[block]
+                at = bisect.bisect_right(order, index)
+                for nxt in order[at : at + READ_AHEAD]:
+                    if (block, nxt) not in self.mem:
+                        self._future(block, nxt, False)
         if isinstance(got, Future):
             try:
                 return got.result()
