@@ -250,7 +250,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                            "mem": args.mem, "data_mib": args.data_mib,
                            "dirty_mib": args.dirty_mib, "workers": WORKERS,
                            "chunk_size": CHUNK_SIZE, "load_before": os.getloadavg(),
-                           "command": " ".join(["nice -n 10 .venv/bin/python -m bench.s3",
+                           "command": " ".join([*(["nice", "-n", str(os.nice(0))]
+                                                  if os.nice(0) else []),
+                                                ".venv/bin/python -m bench.s3",
                                                 shlex.join(sys.argv[1:])]).strip()}
     sw = Seaweed(work / "weed")
     src: Guest | None = None
