@@ -57,6 +57,12 @@ def save(src: Guest, image: str, env: dict[str, str] | None = None) -> dict[str,
     return dict(json.loads(r.stdout))
 
 
+def _failed(p: subprocess.Popen[bytes]) -> bool:
+    """Whether ``p`` has ended unsuccessfully (looked at without reaping it)."""
+    info = os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    return info is not None and (info.si_code != os.CLD_EXITED or info.si_status != 0)
+
+
 def lazy_restores(src: Guest, image: str, n: int, extra: list[str], work: Path, last_hb: int,
                   env: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """``n`` lazy restores of ``image`` at once into fresh destinations like ``src``, each
@@ -85,6 +91,9 @@ def lazy_restores(src: Guest, image: str, n: int, extra: list[str], work: Path, 
                 s, now = seen[i], time.monotonic() - t0[i]
                 if now > WORKLOAD_TIMEOUT:
                     raise RuntimeError(f"a workload did not resume within {WORKLOAD_TIMEOUT} s")
+                if _failed(procs[i]):
+                    err = procs[i].stderr.read().decode() if procs[i].stderr else ""
+                    raise RuntimeError(f"fixedram restore failed: {err.strip()}")
                 if "seen_running" not in s:
                     if d.status() != "running":
                         continue

@@ -385,7 +385,8 @@ def test_early_upload_rewritten_chunks(s3: Seaweed, tmp_path: Path,
     does) stay right when the image changes afterwards: a write into a chunk being read
     waits for the read, and chunks written again after their upload (a page rewritten, a
     chunk zeroed, the last chunk changed once more at the end) are stored as they end;
-    the object image holds exactly the final pages."""
+    the object image holds exactly the final pages. A chunk deleted (as by gc) just after
+    the manifest is put back from a place of the image that still holds its bytes."""
     from fixedram.image import chunked
     from fixedram.image.writer import MappedRamWriter
     from fixedram.io.objstore import Store
@@ -397,6 +398,9 @@ def test_early_upload_rewritten_chunks(s3: Seaweed, tmp_path: Path,
     url = f"s3://{BUCKET}/early"
     p = [os.urandom(PIECE) for _ in range(4)]
     held_key = chunked.chunk_key(chunked.chunk_name(p[2]), "raw")
+    # chunk 0's first content: uploaded early from chunk 0, which changes afterwards; the
+    # final image holds it as chunk 4
+    moved_key = chunked.chunk_key(chunked.chunk_name(p[0]), "raw")
     at, go = threading.Event(), threading.Event()
     real_put = Store.put
 
@@ -405,6 +409,8 @@ def test_early_upload_rewritten_chunks(s3: Seaweed, tmp_path: Path,
             at.set()  # chunk 2 is being read: hold its PUT
             assert go.wait(60)
         real_put(self, key, data)
+        if key == "early":  # the manifest: a gc deletes a chunk it names just after
+            s3.client().delete_object(Bucket=BUCKET, Key=moved_key)
 
     monkeypatch.setattr(Store, "put", put)
     early = chunked.EarlyUpload(url)
@@ -441,6 +447,7 @@ def test_early_upload_rewritten_chunks(s3: Seaweed, tmp_path: Path,
     final[2 * 1024 + 7] = b"\x27" * 4096
     assert rep.chunks == 5  # the meta chunk and chunks 0, 2, 3, 4
     assert rep.early == 3  # 2 (read again after its write), 3 and 4; 0 from the image
+    assert rep.restored == 1  # the deleted chunk, from chunk 4 (chunk 0 holds other bytes)
     _same_pages(env, url, final, tmp_path / "early.raw")
 
 

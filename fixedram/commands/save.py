@@ -107,17 +107,13 @@ def save_command(image: str, qmp_socket: str | None, live: bool, via: str, resum
     xml = read_domain_xml(libvirt_xml) if libvirt_xml else None
     assert qmp_socket is not None
     obj = is_object_url(image)
-    if obj and via == "auto" and not live:
-        # the proxy sees each chunk written and uploads it while the rest comes; a native
-        # save is uploaded only once QEMU finished the file (docs/object-storage.md)
-        via = "proxy"
     with staging(image) as (target, finish, early), QMP.connect(qmp_socket) as qmp:
         was_running = qmp.status() == "running"
         with ProgressBar("save", disable=not show_progress(progress)) as bar:
             r = save(qmp, target, live=live, via=via,  # type: ignore[arg-type]
                      resume=resume and not obj, direct_io=direct_io, progress=bar,
                      max_bandwidth=rate, stop_after=live_timeout, multifd_channels=channels,
-                     libvirt_xml=xml, observer=None if live else early)
+                     libvirt_xml=xml, observer=early)
         try:
             upload = finish()
         except FixedramError as e:

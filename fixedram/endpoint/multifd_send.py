@@ -389,8 +389,8 @@ class _Pump:
             runs = pkt.runs
             # pages to check are read into the buffer and digested there first; the packet
             # then goes out from the file's same page-cache pages (a saved image is never
-            # rewritten in place: a save writes a new file and renames it, so the bytes
-            # checked are the bytes sent), or from the buffer
+            # rewritten in place: a save writes a new file and renames it; docs/checksums.md
+            # says what this leaves unchecked), or from the buffer
             if self.zero_copy and len(runs) <= _SENDFILE_RUNS:
                 if self.check is not None:
                     self._read(self.scratch, name, runs)

@@ -364,9 +364,9 @@ class UploadReport:
     uploaded_bytes: int = 0   # bytes sent (compressed)
     restored: int = 0         # uploaded chunks found deleted after the manifest, put again
     early: int = 0            # data chunks stored while the image was still being written
+    stored_bytes: int = 0     # bytes the manifest's chunks take in the store
     #: seconds and CPU seconds of the upload from the moment the image was complete
     #: (with early uploads, what is left then)
-    stored_bytes: int = 0     # bytes the manifest's chunks take in the store
     seconds: float = 0.0
     cpu_seconds: float = 0.0
 
@@ -391,8 +391,11 @@ class _Uploader:
         self.fresh_after = fresh_after
         self.lock = threading.Lock()
         self.done: dict[str, Future[ChunkRef]] = {}
-        #: key -> how to read the chunk again, for every chunk this save PUT
-        self.put_keys: dict[str, Callable[[], memoryview]] = {}
+        #: key -> chunk name, for every chunk this save PUT
+        self.put_keys: dict[str, str] = {}
+        #: chunk name -> every way this save had of reading such a chunk again (a place
+        #: of the staging file read early may have been written since: each is checked)
+        self.readers: dict[str, list[Callable[[], memoryview]]] = {}
         #: the bucket's chunks as listed when the upload began (None: too many, or the
         #: listing failed: a HEAD per chunk instead)
         self.listing: Future[dict[str, ObjectInfo] | None] = Future()
@@ -408,6 +411,7 @@ class _Uploader:
         if name is None:
             name = chunk_name(data)
         with self.lock:
+            self.readers.setdefault(name, []).append(again or (lambda: data))
             fut = self.done.get(name)
             if fut is None:
                 fut = self.done[name] = Future()
@@ -418,15 +422,14 @@ class _Uploader:
             ref = fut.result()
             return ChunkRef(index, ref.name, ref.codec, ref.stored)
         try:
-            ref = self._store(name, data, again or (lambda: data))
+            ref = self._store(name, data)
         except BaseException as e:
             fut.set_exception(e)
             raise
         fut.set_result(ref)
         return ChunkRef(index, ref.name, ref.codec, ref.stored)
 
-    def _store(self, name: str, data: memoryview,
-               again: Callable[[], memoryview]) -> ChunkRef:
+    def _store(self, name: str, data: memoryview) -> ChunkRef:
         codec, body = encode_chunk(data)
         key = chunk_key(name, codec)
         # what the bucket held when the upload began (as a HEAD would say: a chunk written
@@ -439,7 +442,7 @@ class _Uploader:
             return ChunkRef(-1, name, codec, len(body))
         self.store.put(key, body)
         with self.lock:
-            self.put_keys[key] = again
+            self.put_keys[key] = name
             self.report.uploaded += 1
             self.report.uploaded_bytes += len(body)
         return ChunkRef(-1, name, codec, len(body))
@@ -449,24 +452,74 @@ class _Uploader:
         manifest names (``used``: keys) that is gone from the store (deleted by a gc that
         listed it before this save's PUT and checked it just before too), ``workers``
         requests at a time. Returns how many."""
-        def check(item: tuple[str, Callable[[], memoryview]]) -> int:
-            key, again = item
+        def check(key: str) -> int:
             if self.store.head(key) is not None:
                 return 0
-            self.store.put(key, encode_chunk(again())[1])
+            self._put_again(key)
             return 1
 
-        mine = [(k, again) for k, again in self.put_keys.items() if k in used]
+        mine = [k for k in self.put_keys if k in used]
         if not mine:
             return 0
-        now = _list_chunks(self.store)  # one listing rather than a HEAD per chunk
+        # one listing (a request per 1000 keys) rather than a HEAD per chunk (``workers``
+        # at a time), where it takes fewer rounds of requests
+        known = self.listing.result()
+        listing = known is not None and len(known) // 1000 + 1 < len(mine) / workers
+        now = _list_chunks(self.store) if listing else None
         if now is not None:
-            gone = [(k, again) for k, again in mine if k not in now]
-            for key, again in gone:
-                self.store.put(key, encode_chunk(again())[1])
+            gone = [k for k in mine if k not in now]
+            for key in gone:
+                self._put_again(key)
             return len(gone)
         with ThreadPoolExecutor(workers, thread_name_prefix="fixedram-check") as pool:
             return sum(pool.map(check, mine))
+
+    def _put_again(self, key: str) -> None:
+        """PUT the chunk ``key`` again from a place of the image that still holds it."""
+        name = self.put_keys[key]
+        for again in reversed(self.readers[name]):  # the finished image's places last
+            data = again()
+            if chunk_name(data) == name:
+                self.store.put(key, encode_chunk(data)[1])
+                return
+        raise StoreError(f"chunk {name} was deleted from the store during the save and "
+                         "no longer matches the image: save again")
+
+
+@dataclass
+class _Begun:
+    """An upload begun: the bucket checked, its grace period read, the uploader ready."""
+
+    store: Store
+    report: UploadReport
+    grace: float
+    looked: float  # monotonic time the bucket's chunks were judged fresh against
+    up: _Uploader
+
+
+def _begin(loc: ObjectURL, chunk_size: int) -> _Begun:
+    """Begin an upload to ``loc``: chunks a save may reuse are those written less than
+    half the grace period before now, by the server's clock (see gc above)."""
+    if chunk_size % PAGE_SIZE or chunk_size <= 0:
+        raise ImageError(f"chunk size {chunk_size} is not a multiple of {PAGE_SIZE}")
+    store = Store(loc.bucket)
+    report = UploadReport(str(loc))
+    grace = read_grace(store)
+    now = server_now(store)  # also the check that the bucket takes writes
+    looked = time.monotonic()
+    fresh_after = datetime.fromtimestamp(now.timestamp() - grace / 2, UTC)
+    return _Begun(store, report, grace, looked, _Uploader(store, report, fresh_after))
+
+
+def _store_region(up: _Uploader, index: int, fd: int, pos: int, n: int,
+                  size: int) -> ChunkRef | None:
+    """Store chunk ``index``, bytes ``[pos, pos + n)`` of the image file ``fd`` (``size``
+    bytes long); None when they are all zeros (not stored)."""
+    data = _chunk_bytes(fd, pos, n, size)
+    name = chunk_name(data)
+    if name == _zero_name(n):
+        return None
+    return up.store_chunk(index, data, lambda: _reread(fd, pos, n), name)
 
 
 class EarlyUpload:
@@ -488,19 +541,12 @@ class EarlyUpload:
 
     def __init__(self, url: str, *, chunk_size: int = CHUNK_SIZE,
                  workers: int = WORKERS) -> None:
-        if chunk_size % PAGE_SIZE or chunk_size <= 0:
-            raise ImageError(f"chunk size {chunk_size} is not a multiple of {PAGE_SIZE}")
         self.loc = parse_url(url)
+        self.begun = _begin(self.loc, chunk_size)
+        self.up = self.begun.up
         self.chunk_size = chunk_size
         self.cpages = chunk_size // PAGE_SIZE
         self.workers = workers
-        self.store = store = Store(self.loc.bucket)
-        self.report = UploadReport(str(self.loc))
-        self.grace = read_grace(store)
-        now = server_now(store)  # also the check that the bucket takes writes
-        self.looked = time.monotonic()
-        self.up = _Uploader(store, self.report,
-                            datetime.fromtimestamp(now.timestamp() - self.grace / 2, UTC))
         self.cond = threading.Condition()
         self.fd = -1
         self.regions: dict[str, tuple[int, int]] = {}  # block -> pages offset, length
@@ -567,13 +613,7 @@ class EarlyUpload:
             pos, length = self.regions[block]
             start = pos + i * self.chunk_size
             n = min(self.chunk_size, length - i * self.chunk_size)
-            fd = self.fd
-            data = _chunk_bytes(fd, start, n, os.fstat(fd).st_size)
-            name = chunk_name(data)
-            ref = None
-            if name != _zero_name(n):
-                ref = self.up.store_chunk(i, data, lambda: _reread(fd, start, n), name)
-            del data
+            ref = _store_region(self.up, i, self.fd, start, n, os.fstat(self.fd).st_size)
             with self.cond:
                 self.read[k] = (count, ref)
         except BaseException:
@@ -648,18 +688,11 @@ def upload(path: str | os.PathLike[str], url: str, *, chunk_size: int = CHUNK_SI
     loc = parse_url(url)
     if early is not None:
         early.finish()
-        store, report, up = early.store, early.report, early.up
-        grace, looked, chunk_size = early.grace, early.looked, early.chunk_size
+        begun, chunk_size = early.begun, early.chunk_size
     else:
-        if chunk_size % PAGE_SIZE or chunk_size <= 0:
-            raise ImageError(f"chunk size {chunk_size} is not a multiple of {PAGE_SIZE}")
-        store = Store(loc.bucket)
-        report = UploadReport(str(loc))
-        grace = read_grace(store)
-        now = server_now(store)
-        looked = time.monotonic()
-        up = _Uploader(store, report, datetime.fromtimestamp(now.timestamp() - grace / 2,
-                                                              UTC))
+        begun = _begin(loc, chunk_size)
+    store, report, up = begun.store, begun.report, begun.up
+    grace, looked = begun.grace, begun.looked
     with open_image(path) as img:
         if img.format != "mapped-ram":
             raise ImageError(f"{path}: only mapped-ram images go to an object store "
@@ -673,15 +706,13 @@ def upload(path: str | os.PathLike[str], url: str, *, chunk_size: int = CHUNK_SI
 
             def one(be: BlockEntry, i: int, pos: int, n: int) -> None:
                 try:
-                    buf = _chunk_bytes(fd, pos, n, size)
-                    name = chunk_name(buf)
-                    if name == _zero_name(n):
-                        with up.lock:
-                            report.zero_chunks += 1
-                        return
+                    ref = _store_region(up, i, fd, pos, n, size)
                     with up.lock:
-                        report.data_bytes += n
-                    be.chunks[i] = up.store_chunk(i, buf, lambda: _reread(fd, pos, n), name)
+                        if ref is None:
+                            report.zero_chunks += 1
+                        else:
+                            report.data_bytes += n
+                            be.chunks[i] = ref
                 finally:
                     sem.release()
 

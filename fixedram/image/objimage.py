@@ -364,10 +364,10 @@ class ChunkSource:
         """Under the lock: whether a reader asking for chunk ``index`` reads ahead: it
         moves on to ``index`` from the stored chunk before it (one of the block's last
         :data:`RECENT` chunks asked for), or it is the first request of the block. Not a
-        reader still in a chunk it asked for before, and not a random request: a lazy
-        restore's page requests and working-set prefetch each read 16 chunks ahead before,
-        which pushed one another out of memory before use, and every chunk was read back
-        from the disk cache and checked again six to seven times (docs/object-storage.md)."""
+        reader still in a chunk it asked for before, and not a random request: were each of
+        a lazy restore's page requests and working-set prefetches to read 16 chunks ahead,
+        they would push one another out of memory before use, and every chunk would be read
+        back from the disk cache and checked again several times (docs/object-storage.md)."""
         rec = self.recent.setdefault(block, collections.deque(maxlen=RECENT))
         if index in rec:
             rec.remove(index)
