@@ -347,3 +347,14 @@ def test_restore_not_incoming(accel: str, tmp_path: Path, socks: Path) -> None:
     with source(qemu, tmp_path, socks, accel):
         e = one_line_error(fixedram("restore", "--qmp", str(socks / "src-ctl.qmp"), str(img)))
         assert "-incoming defer" in e
+
+
+def test_auto_takes_the_proxy_for_a_watched_save() -> None:
+    """``--via auto`` is native where QEMU has mapped-ram, unless the pages are watched
+    as they are written (an upload to an object store), which only the proxy shows."""
+    from fixedram.qmp.save import choose_save_via
+
+    assert choose_save_via((10, 0, 2), "auto") == "native"
+    assert choose_save_via((10, 0, 2), "auto", watched=True) == "proxy"
+    assert choose_save_via((7, 2, 0), "auto") == "proxy"
+    assert choose_save_via((10, 0, 2), "native", watched=True) == "native"
