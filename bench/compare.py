@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import FIXEDRAM, compile_package
 from bench.run import drop_caches
 from fixedram.testing.guest import build_guest
 from fixedram.testing.vm import Guest, choose_accel, find_qemu, parse_mem_size
@@ -41,7 +42,7 @@ def fixedram(root: Path, args: list[str]) -> tuple[float, float, dict[str, Any]]
     """Run ``fixedram ARGS`` from checkout ``root``: wall, CPU seconds, JSON report."""
     env = dict(os.environ, PYTHONPATH=str(root))
     t = time.monotonic()
-    p = subprocess.Popen([sys.executable, "-m", "fixedram", *args, "--json", "--no-progress"],
+    p = subprocess.Popen([*FIXEDRAM, *args, "--json", "--no-progress"],
                          cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, ru = os.wait4(p.pid, 0)
     wall = time.monotonic() - t
@@ -152,7 +153,7 @@ def lazy(args: argparse.Namespace, roots: dict[str, Path], qemu: Any, accel: str
                         env = dict(os.environ, PYTHONPATH=str(roots[who]))
                         t = time.monotonic()
                         p = subprocess.Popen(
-                            [sys.executable, "-m", "fixedram", "restore", "--qmp", str(dctl),
+                            [*FIXEDRAM, "restore", "--qmp", str(dctl),
                              "--lazy", "--json", "--no-progress", str(img)],
                             cwd=roots[who], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
@@ -188,6 +189,7 @@ def main() -> None:
                     help="multifd, 2 channels, direct-io (else one channel)")
     ap.add_argument("--lazy", metavar="SIZES", help="lazy restores at these RAM sizes instead")
     args = ap.parse_args()
+    compile_package()
     roots = {"base": args.base.resolve(), "this": ROOT}
     qemu = find_qemu("10")
     accel = choose_accel(qemu)

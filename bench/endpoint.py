@@ -36,10 +36,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import compile_package
+from bench.common import FIXEDRAM, compile_package
 
 GIB = 1 << 30
-FIXEDRAM = [sys.executable, "-m", "fixedram"]
 BUFFER = 4 << 20
 
 

@@ -46,11 +46,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import FIXEDRAM, compile_package
 from fixedram.testing.guest import build_guest
 from fixedram.testing.vm import Guest, choose_accel, find_qemu, parse_mem_size
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXEDRAM = [sys.executable, "-m", "fixedram"]
 METHODS: dict[str, list[str]] = {
     "full proxy": ["--via", "proxy"],
     "full native": ["--via", "native"],
@@ -193,6 +193,7 @@ def main() -> None:
     ap.add_argument("--methods", default=None, metavar="REGEX",
                     help="only the methods matching REGEX")
     args = ap.parse_args()
+    compile_package()
     qemu = find_qemu("10")
     kernel = build_guest()
     accel = choose_accel(qemu)

@@ -39,18 +39,16 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import compile_package
+from bench.common import FIXEDRAM, compile_package
 from fixedram.testing.guest import build_guest
 from fixedram.testing.libvirt import Libvirtd, domain_xml
 from fixedram.testing.vm import parse_heartbeats
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXEDRAM = [sys.executable, "-m", "fixedram"]
 NAME = "frbench"
 
 METHODS = {

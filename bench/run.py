@@ -30,13 +30,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import compile_package
+from bench.common import FIXEDRAM, compile_package
 from fixedram.testing.guest import build_guest
 from fixedram.testing.vm import Guest, choose_accel, find_qemu
 
 MIB = 1 << 20
 ROOT = Path(__file__).resolve().parent.parent
-FIXEDRAM = [sys.executable, "-m", "fixedram"]
 
 #: QEMU-native save methods: capabilities and parameters.
 QEMU_SAVES: dict[str, tuple[dict[str, bool], dict[str, Any]]] = {

@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.common import FIXEDRAM, compile_package
 from fixedram.image import open_image
 from fixedram.image.chunked import CHUNK_SIZE, WORKERS, chunk_name
 from fixedram.image.layout import PAGE_SIZE
@@ -60,7 +61,6 @@ from fixedram.testing.seaweed import Seaweed
 from fixedram.testing.vm import Guest, choose_accel, find_qemu, parse_mem_size
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXEDRAM = [sys.executable, "-m", "fixedram"]
 BUCKET = "bench"
 GIB = 1 << 30
 MIB = 1 << 20
@@ -445,6 +445,7 @@ def main() -> None:
     ap.add_argument("--table", metavar="RESULTS.json", type=Path,
                     help="only print the table of an earlier run's results")
     args = ap.parse_args()
+    compile_package()
     if args.table is not None:
         print(table(json.loads(args.table.read_text())))
         return

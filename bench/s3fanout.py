@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import compile_package
 from bench.touchguest import lazy_restores, save, touch_guest
 from fixedram.testing.seaweed import TEST_BUCKET, Seaweed
 from fixedram.testing.vm import Guest, choose_accel, find_qemu
@@ -63,6 +64,7 @@ def main() -> None:
     ap.add_argument("--touch", type=int, default=32, help="MiB the workload reads")
     ap.add_argument("--fanout", type=int, default=8, help="concurrent restores")
     args = ap.parse_args()
+    compile_package()
     qemu = find_qemu("10")
     accel = choose_accel(qemu)
     work = Path(tempfile.mkdtemp(prefix="fixedram-bench-s3fan-"))

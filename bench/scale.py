@@ -34,11 +34,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import FIXEDRAM, compile_package
 from fixedram.testing.guest import build_guest
 from fixedram.testing.vm import Guest, choose_accel, find_qemu, parse_mem_size
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXEDRAM = [sys.executable, "-m", "fixedram"]
 GIB = 1 << 30
 #: RAM from which the guest's CPU needs more physical address bits than qemu64's 40
 WIDE_PHYS = 1 << 39
@@ -293,6 +293,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the images")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
+    compile_package()
     qemu = find_qemu("10")
     accel = choose_accel(qemu)
     kernel = build_guest()

@@ -15,11 +15,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import FIXEDRAM
 from fixedram.testing.guest.linux import (
     COMMAND_PORT_ARGS,
     build_linux_guest,
@@ -29,9 +29,7 @@ from fixedram.testing.guest.linux import (
 )
 from fixedram.testing.vm import Guest, QemuBinary
 
-__all__ = ["touch_guest", "save", "lazy_restores", "FIXEDRAM"]
-
-FIXEDRAM = [sys.executable, "-m", "fixedram"]
+__all__ = ["touch_guest", "save", "lazy_restores"]
 
 #: Seconds a destination may take from its restore's start to the workload's end.
 WORKLOAD_TIMEOUT = 600

@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import drop_cache
+from bench.common import compile_package, drop_cache
 from bench.touchguest import lazy_restores, save, touch_guest
 from fixedram.testing.vm import Guest, choose_accel, find_qemu
 
@@ -104,6 +104,7 @@ def main() -> None:
     ap.add_argument("--fanout", type=int, default=8, help="concurrent restores (0: skip)")
     ap.add_argument("--dir", type=Path, default=None, help="where the image goes")
     args = ap.parse_args()
+    compile_package()
     qemu = find_qemu("10")
     accel = choose_accel(qemu)
     work = Path(tempfile.mkdtemp(prefix="fixedram-bench-ws-"))

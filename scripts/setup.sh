@@ -141,9 +141,12 @@ cd "$here"
 extras=()
 [ "$dev" = 1 ] && extras+=(dev)
 [ "$libvirt" = 1 ] && extras+=(libvirt)
-if [ ${#extras[@]} -gt 0 ]; then
-  .venv/bin/python -m pip install -q -e ".[$(IFS=,; echo "${extras[*]}")]"
-else
-  .venv/bin/python -m pip install -q -e .
-fi
+spec=.
+[ ${#extras[@]} -gt 0 ] && spec=".[$(IFS=,; echo "${extras[*]}")]"
+# The editable install puts the checkout on sys.path with a plain path entry (setuptools'
+# compat mode): the default mode installs an import hook that costs every Python start in
+# .venv about 30 ms (docs/resident-server.md). Where the build backend has no compat mode,
+# the default editable install.
+.venv/bin/python -m pip install -q -e "$spec" --config-settings editable_mode=compat \
+  2>/dev/null || .venv/bin/python -m pip install -q -e "$spec"
 echo "setup: done (.venv)"

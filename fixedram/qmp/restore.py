@@ -21,7 +21,9 @@ and still waiting. Then:
 
 ``auto`` picks ``native`` for a mapped-ram image and QEMU ≥ 9.0, else ``proxy``. Capabilities
 and parameters changed are put back after the load (a later outgoing migration of the VM must
-not inherit ``mapped-ram``). The VM is resumed (``cont``) unless ``paused``.
+not inherit ``mapped-ram``). Unless ``paused``, ``cont`` goes to QEMU just before
+``migrate-incoming``: QEMU then starts the guest the moment the load completes, with no round
+trip of fixedram's in between; a load that fails leaves the guest stopped.
 """
 
 from __future__ import annotations
@@ -165,7 +167,8 @@ def restore(
         if how == "native" and direct_io:
             channels = max(1, channels)  # QEMU reads with O_DIRECT only under multifd
         pages = sum(img.count_present(n) for n in img.blocks)
-        load = _Load(qmp, img, facts, dest_blocks, fresh=fresh, progress=progress)
+        load = _Load(qmp, img, facts, dest_blocks, fresh=fresh, progress=progress,
+                     autostart=not paused)
         watch = Watch(qmp, incoming="the load")
         try:
             if how == "native":
@@ -251,15 +254,17 @@ class _Load:
     and the sender's thread. :attr:`started` is when ``migrate-incoming`` was issued."""
 
     def __init__(self, qmp: QMP, img: Any, facts: Facts, dest_blocks: list[tuple[str, int]],
-                 *, fresh: bool, progress: ProgressFn | None) -> None:
+                 *, fresh: bool, progress: ProgressFn | None, autostart: bool) -> None:
         self.qmp, self.img, self.machine, self.dest_blocks = qmp, img, facts.machine, dest_blocks
-        self.fresh = fresh
+        self.fresh, self.autostart = fresh, autostart
         self.progress = _send_progress(progress) if progress is not None else None
         self.settings = MigrationSettings(qmp, facts)
         self.way: Transport | None = None
         self.started = 0.0
 
     def _incoming(self, uri: str) -> None:
+        if self.autostart:  # while inmigrate: QEMU starts the guest the moment it is loaded
+            self.qmp.cmd("cont")
         self.started = time.monotonic()
         self.qmp.cmd("migrate-incoming", uri=uri)
 
