@@ -424,7 +424,7 @@ class Receiver:
         run, zeros, page = self._runs.run, self._runs.zeros, self._runs.page
         for r in records:
             if isinstance(r, PageRun):
-                run(r.block, r.offset >> _PAGE_SHIFT, r.data, r.stride)
+                run(r.block, r.offset >> _PAGE_SHIFT, r.data, r.stride, r.pages)
             elif isinstance(r, ZeroRun):
                 self.zero_records += r.npages
                 zeros(r.block, r.offset >> _PAGE_SHIFT, r.npages)

@@ -146,6 +146,8 @@ class StreamDecoder:
         self._page_size = TARGET_PAGE_SIZE
         self._page_mask = TARGET_PAGE_SIZE - 1
         self._ramp: np.ndarray | None = None  # 0, page size, 2 * page size, ... (uint64)
+        # per arena: the arena, the phase of its records' pages, one view per page slot
+        self._slots: list[tuple[bytearray, int, list[memoryview]]] = []
         self.configuration: Configuration | None = None
         self._ram_id: int | None = None
         self._section_id: int | None = None  # id of the section whose payload is open
@@ -670,9 +672,13 @@ class StreamDecoder:
         base = self._buf.base + s
         if pages and self._views:
             mv = memoryview(buf)
+            at = s + 8
+            slots = self._page_slots(buf, at % stride, stride)
+            j = at // stride
             for a, z, off in runs:
-                out.append(PageRun(name, off, mv[s + 8 + a * stride : s + 8 + (z - 1) * stride
-                                                  + psize], base + a * stride + 8, stride))
+                out.append(PageRun(name, off, mv[at + a * stride : at + (z - 1) * stride
+                                                  + psize], base + a * stride + 8, stride,
+                                   slots[j + a : j + z]))
         elif pages:
             n = runs[-1][1]
             src = np.ndarray((n, psize), dtype=np.uint8, buffer=buf, offset=s + 8,
@@ -685,6 +691,25 @@ class StreamDecoder:
         else:
             for a, z, off in runs:
                 out.append(ZeroRun(name, off, z - a))
+
+    def _page_slots(self, buf: bytearray, phase: int, stride: int) -> list[memoryview]:
+        """One view per page-sized slot of arena ``buf`` at ``phase + j * stride``.
+
+        Within a run of page records every page of an arena lies at one phase (an arena
+        begins with the record the last one left unfinished), so the views are made once
+        per arena and phase and reused by every feed, instead of once per page and feed.
+        """
+        for i, (b, ph, views) in enumerate(self._slots):
+            if b is buf:
+                if ph == phase:
+                    return views
+                del self._slots[i]
+                break
+        mv = memoryview(buf)
+        psize = self._page_size
+        views = [mv[p : p + psize] for p in range(phase, len(buf) - psize + 1, stride)]
+        self._slots = [*self._slots[-1:], (buf, phase, views)]
+        return views
 
     def _scratch(self, n: int) -> memoryview:
         """``n`` bytes of run buffer, after those already handed out in this feed.
