@@ -7,12 +7,13 @@ fixedram's own work (decoding, page writes, digests, framing, reads)::
     .venv/bin/python -m bench.profile receive /var/tmp/fixedram-bench/qemu_legacy_file.img
     .venv/bin/python -m bench.profile send /var/tmp/fixedram-bench/fixedram_proxy.img
 
-``receive`` feeds the stream file to :class:`~fixedram.endpoint.receive.Receiver` in 1 MiB
-reads (as from a socket) and writes the image into ``--dir``; ``send`` streams the image
-into a sink that discards it, or with ``--channels N`` sends it as a multifd source over
-1 + N unix-socket connections to a second process that reads and discards them (its CPU
-is not counted). Prints the profile, then wall and CPU seconds per GiB of
-page data. Needs ``pip install -e '.[bench]'`` (pyinstrument).
+``receive`` reads the stream file into :class:`~fixedram.endpoint.receive.Receiver`'s
+receive space (as a save receives from its socket, up to ``RECV_CHUNK`` per feed) and
+writes the image into ``--dir`` (removed after the measurement); ``send`` streams the
+image into a sink that discards it, or with ``--channels N`` sends it as a multifd source
+over 1 + N unix-socket connections to a second process that reads and discards them (its
+CPU is not counted). Prints the profile, then wall and CPU seconds per GiB of page data.
+Needs ``pip install -e '.[bench]'`` (pyinstrument).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 from pyinstrument import Profiler
 
 from fixedram.endpoint.multifd_send import send_multifd
-from fixedram.endpoint.receive import RECV_CHUNK, Receiver
+from fixedram.endpoint.receive import Receiver
 from fixedram.endpoint.send import send
 from fixedram.io.channel import SinkChannel
 
@@ -40,19 +41,20 @@ GIB = 1 << 30
 def profile_receive(stream: Path, workdir: Path) -> int:
     """Receive ``stream`` into an image in ``workdir``; returns the page bytes stored."""
     fd = os.open(stream, os.O_RDONLY)
-    buf = memoryview(bytearray(RECV_CHUNK))
     try:
         with Receiver(workdir / "profile.img") as rx:
             while not rx.done:
+                # read into the receiver's own space, as a save receives from its socket
+                buf = rx.recv_space()
                 n = os.readv(fd, [buf])
+                del buf
                 if not n:
                     rx.feed_eof()
                     break
-                rx.feed(buf[:n])
+                rx.received(n)
             report = rx.commit()
     finally:
-        os.close(fd)
-        (workdir / "profile.img").unlink(missing_ok=True)
+        os.close(fd)  # the image goes with workdir, after the measurement
     return report.pages_present * 4096
 
 
@@ -125,7 +127,7 @@ def main() -> None:
             nbytes = profile_send(args.path)
         if not args.no_profile:
             prof.stop()
-    wall, c1 = time.monotonic() - t0, os.times()
+        wall, c1 = time.monotonic() - t0, os.times()
     if not args.no_profile:
         print(prof.output_text(unicode=True, color=False, show_all=False))
     gib = nbytes / GIB

@@ -30,7 +30,7 @@ def test_consecutive_pages_and_zeros_become_runs() -> None:
     runs.page("vga.vram", 18, page(9))
     runs.page("pc.ram", 19, page(8))  # another block
     ops = runs.take()
-    assert [(b, f, len(bufs), z, s) for b, f, bufs, z, s in ops] == [
+    assert [(b, f, len(bufs), z, s) for b, f, bufs, z, s, _ in ops] == [
         ("pc.ram", 10, 3, 0, 0),
         ("pc.ram", 13, 0, 3, 0),
         ("pc.ram", 17, 0, 1, 0),
@@ -50,7 +50,7 @@ def test_page_runs_split_at_max_run_and_decoder_runs_stand_alone() -> None:
     runs.run("pc.ram", 1000, data, PAGE_SIZE + 8)
     runs.page("pc.ram", 1003, page(1))
     ops = runs.take()
-    assert [(f, len(bufs), s) for _, f, bufs, _, s in ops] == [
+    assert [(f, len(bufs), s) for _, f, bufs, _, s, _ in ops] == [
         (0, MAX_RUN, 0),
         (MAX_RUN, 5, 0),
         (1000, 1, PAGE_SIZE + 8),
@@ -95,24 +95,27 @@ def _queue(sink: _Sink, fd: int, direct: bool) -> WriteQueue:
     return WriteQueue(cast(MappedRamWriter, sink), cast(MappedRamWriter, writer), fd, direct=direct)
 
 
-def _ops() -> list[WriteOp]:
+def _ops(views: bool = False) -> list[WriteOp]:
+    """A run of pages, zero pages, a decoder's page run (``views``: with its one-page views)."""
     stride = PAGE_SIZE + 8
-    strided = bytearray(3 * stride - 8)
+    strided = memoryview(bytearray(3 * stride - 8))
     for k in range(3):
         strided[k * stride : k * stride + PAGE_SIZE] = page(40 + k)
     big = b"".join(page(i) for i in range(MAX_RUN + 3))  # more than one stage of pages
+    one = [strided[k * stride : k * stride + PAGE_SIZE] for k in range(3)] if views else None
     return [
-        ("pc.ram", 0, [big], 0, 0),
-        ("pc.ram", 500, [], 7, 0),
-        ("pc.ram", 600, [memoryview(strided)], 0, stride),
+        ("pc.ram", 0, [big], 0, 0, None),
+        ("pc.ram", 500, [], 7, 0, None),
+        ("pc.ram", 600, [strided], 0, stride, one),
     ]
 
 
+@pytest.mark.parametrize("views", [False, True])
 @pytest.mark.parametrize("direct", [False, True])
-def test_queue_writes_in_order(direct: bool, tmp_path: Any) -> None:
+def test_queue_writes_in_order(direct: bool, views: bool, tmp_path: Any) -> None:
     sink = _Sink()
     q = _queue(sink, -1, direct)
-    q.submit(_ops())
+    q.submit(_ops(views))
     q.wait(0)
     q.close()
     pages = [c for c in sink.calls if c[0] == "pages"]
@@ -138,7 +141,7 @@ def test_one_inflight_entry_per_feed_and_errors_surface_at_wait() -> None:
     q.wait(1)  # the first feed's batch is written
     assert len(sink.calls) == 4
     sink.fail = True
-    q.submit([("pc.ram", 0, [], 1, 0)])
+    q.submit([("pc.ram", 0, [], 1, 0, None)])
     with pytest.raises(OSError, match="No space"):
         q.wait(0)
     q.abort()

@@ -50,9 +50,12 @@ def _expand(records: list[Record]) -> list[Record]:
     out: list[Record] = []
     for r in records:
         if isinstance(r, PageRun):
-            data = bytes(r.data)
-            out += [Page(r.block, r.offset + i * PS, data[i * PS : (i + 1) * PS],
-                         r.pos + i * (PS + 8)) for i in range(r.npages)]
+            step = r.stride or PS
+            pages = [bytes(r.data[i * step : i * step + PS]) for i in range(r.npages)]
+            if r.pages is not None:  # a views decoder's one-page views: the same pages
+                assert [bytes(v) for v in r.pages] == pages
+            out += [Page(r.block, r.offset + i * PS, pages[i], r.pos + i * (PS + 8))
+                    for i in range(r.npages)]
         elif isinstance(r, ZeroRun):
             out += [Zero(r.block, r.offset + i * PS) for i in range(r.npages)]
         else:
@@ -60,9 +63,10 @@ def _expand(records: list[Record]) -> list[Record]:
     return out
 
 
-def _decode(data: bytes, sizes: Callable[[], int], runs: bool) -> tuple[list[Record], Any]:
+def _decode(data: bytes, sizes: Callable[[], int], runs: bool,
+            views: bool = False) -> tuple[list[Record], Any]:
     """All records (expanded when ``runs``) and the error that stopped decoding, if any."""
-    dec = StreamDecoder(runs=runs)
+    dec = StreamDecoder(runs=runs, views=views)
     out: list[Record] = []
     p = 0
     try:
@@ -118,6 +122,7 @@ def test_runs_equal_records(ops: list[tuple[int, int, bool]], sizes: list[int]) 
     want = _decode(data, _chunker(sizes), runs=False)
     assert want[1] is None
     assert _decode(data, _chunker(sizes), runs=True) == want
+    assert _decode(data, _chunker(sizes), runs=True, views=True) == want
 
 
 def test_runs_collapse_whole_stretches() -> None:

@@ -128,6 +128,9 @@ class _Conn:
         self.waiting = False  # holds a packet of an epoch not open yet
         self.done = False  # thread finished
         self.thread: threading.Thread | None = None
+        # one view per page of the payload buffer, where every packet's pages land from
+        # its start (made once: the page writes and digests take one view per page)
+        self.page_views: list[memoryview] = []
 
     @property
     def name(self) -> str:
@@ -185,6 +188,9 @@ class MultifdReceiver:
         if sync not in ("auto", "flush", "eos"):
             raise ValueError(f"sync must be auto, flush or eos, not {sync!r}")
         self.sink = sink
+        # a sink's write of one-page views, where it has one (the channels' pages)
+        self._write_views: Callable[[str, int, list[memoryview]], Any] | None = getattr(
+            sink, "write_page_views", None)
         self.channels = channels
         self.uuid = uuid
         self._mode: SyncMode = sync
@@ -239,6 +245,8 @@ class MultifdReceiver:
         # One packet at a time: each is applied before the next byte is read, so
         # every packet's data can live in the same buffer.
         dec = conn.decoder = MultifdChannelDecoder(alloc=lambda n: buf[:n])
+        conn.page_views = [buf[i : i + TARGET_PAGE_SIZE]
+                           for i in range(0, _PAYLOAD, TARGET_PAGE_SIZE)]
         for first in dec.feed(conn.initial):
             self._event(conn, first)
         recv = conn.channel.recv_into
@@ -341,10 +349,14 @@ class MultifdReceiver:
                 # one write per run of consecutive pages, straight from the payload (a
                 # packet's pages are usually one run: one pwritev)
                 if nn:
+                    views = self._write_views if conn.page_views else None
                     write = self.sink.write_pages
                     for i, first, n in _runs(offs[:nn] if nn < len(offs) else offs):
-                        write(pkt.block, first, [
-                            data[i * TARGET_PAGE_SIZE : (i + n) * TARGET_PAGE_SIZE]])
+                        if views is not None:  # the packet's pages are the buffer's first
+                            views(pkt.block, first, conn.page_views[i : i + n])
+                        else:
+                            write(pkt.block, first, [
+                                data[i * TARGET_PAGE_SIZE : (i + n) * TARGET_PAGE_SIZE]])
                 if nn < len(offs):
                     for _, first, n in _runs(offs[nn:]):
                         self.sink.zero_pages(pkt.block, first, n)

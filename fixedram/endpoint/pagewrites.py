@@ -45,10 +45,11 @@ __all__ = ["MAX_RUN", "RunCoalescer", "RunKind", "WriteOp", "WriteQueue"]
 #: Most pages written by one pwritev (1 MiB).
 MAX_RUN = 256
 
-#: One queued write: block, first page, page buffers, zero pages, and the stride of a
-#: decoder's page run (0 otherwise). Zero pages > 0: punch them, the buffers are empty;
-#: stride > 0: the one buffer holds pages ``stride`` bytes apart.
-WriteOp = tuple[str, int, list[Buffer], int, int]
+#: One queued write: block, first page, page buffers, zero pages, the stride of a
+#: decoder's page run (0 otherwise) and that run's one-page views (if the decoder gave
+#: them). Zero pages > 0: punch them, the buffers are empty; stride > 0: the one buffer
+#: holds pages ``stride`` bytes apart.
+WriteOp = tuple[str, int, list[Buffer], int, int, list[memoryview] | None]
 
 
 class RunKind(enum.Enum):
@@ -103,12 +104,13 @@ class RunCoalescer:
             self._kind, self._blk, self._first = _ZEROS, block, first
         self._n += n
 
-    def run(self, block: str, first: int, data: Buffer, stride: int) -> None:
+    def run(self, block: str, first: int, data: Buffer, stride: int,
+            pages: list[memoryview] | None = None) -> None:
         """A decoder's page run: pages of ``block`` from ``first``, ``stride`` bytes apart
-        in ``data``; one operation of its own."""
+        in ``data`` (``pages``: the same pages, one view each); one operation of its own."""
         if self._n:
             self.flush()
-        self._ops.append((block, first, [data], 0, stride))
+        self._ops.append((block, first, [data], 0, stride, pages))
 
     def flush(self) -> None:
         """End the pending run: queue it as one operation."""
@@ -116,10 +118,10 @@ class RunCoalescer:
         if not n:
             return
         if self._kind is _PAGES:
-            self._ops.append((self._blk, self._first, self._bufs, 0, 0))
+            self._ops.append((self._blk, self._first, self._bufs, 0, 0, None))
             self._bufs = []
         else:
-            self._ops.append((self._blk, self._first, [], n, 0))
+            self._ops.append((self._blk, self._first, [], n, 0, None))
         self._kind = None
         self._n = 0
 
@@ -204,7 +206,7 @@ class WriteQueue:
         sink = self._sink
         stage = self._stage
         lo, hi = -1, -1
-        for block, first, bufs, zeros, stride in ops:
+        for block, first, bufs, zeros, stride, views in ops:
             faults.point("receive-pages")
             if zeros:
                 sink.zero_pages(block, first, zeros)
@@ -213,9 +215,9 @@ class WriteQueue:
                 data = memoryview(bufs[0])
                 npages = (len(data) + stride - PAGE_SIZE) // stride
                 if stage is None:
-                    n = sink.write_page_views(
-                        block, first, list(map(data.__getitem__, page_slices(npages, stride)))
-                    )
+                    if views is None:
+                        views = list(map(data.__getitem__, page_slices(npages, stride)))
+                    n = sink.write_page_views(block, first, views)
                 else:
                     n = 0
                     per = len(stage) // PAGE_SIZE

@@ -249,13 +249,17 @@ class _WritebackSink:
         self.fd = fd
 
     def write_pages(self, block: str, first_page: int, bufs: Sequence[Buffer]) -> int:
-        n = self.writer.write_pages(block, first_page, bufs)
+        return self._writeback(block, first_page,
+                               self.writer.write_pages(block, first_page, bufs))
+
+    def write_page_views(self, block: str, first_page: int, pages: list[memoryview]) -> int:
+        return self._writeback(block, first_page,
+                               self.writer.write_page_views(block, first_page, pages))
+
+    def _writeback(self, block: str, first_page: int, n: int) -> int:
         at = self.writer.blocks[block].pages_offset + first_page * PAGE_SIZE
         drop_cached(self.fd, at, n * PAGE_SIZE)
         return n
-
-    def write_page_views(self, block: str, first_page: int, pages: list[memoryview]) -> int:
-        return self.writer.write_page_views(block, first_page, pages)  # main channel
 
     def zero_pages(self, block: str, first_page: int, npages: int = 1) -> int:
         return self.writer.zero_pages(block, first_page, npages)
@@ -424,7 +428,7 @@ class Receiver:
         run, zeros, page = self._runs.run, self._runs.zeros, self._runs.page
         for r in records:
             if isinstance(r, PageRun):
-                run(r.block, r.offset >> _PAGE_SHIFT, r.data, r.stride)
+                run(r.block, r.offset >> _PAGE_SHIFT, r.data, r.stride, r.pages)
             elif isinstance(r, ZeroRun):
                 self.zero_records += r.npages
                 zeros(r.block, r.offset >> _PAGE_SHIFT, r.npages)

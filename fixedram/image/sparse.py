@@ -13,6 +13,7 @@ One structure serves the receiver's page bitmap (:class:`SparseBits`), its page 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from fixedram._lazy import numpy as np
 from fixedram.image.layout import bools_to_bitmap, runs
@@ -70,8 +71,24 @@ class SparseArray:
 
     def store(self, first: int, values: np.ndarray) -> None:
         """Set pages ``first, first + 1, …`` to ``values``."""
-        for _, c, lo, hi, pg in self.spans(first, len(values), True):
-            c[lo:hi] = values[pg - first : pg - first + hi - lo]
+        self._put(first, len(values), values, True)
+
+    def _put(self, first: int, n: int, value: Any, many: bool) -> None:
+        """Pages ``[first, first + n)`` get ``value`` (``many``: an array of ``n`` values),
+        chunks made as needed: :meth:`spans` with ``create`` as one loop (a receive stores
+        every run of pages it writes)."""
+        shift, size, chunks = self.shift, self.size, self.chunks
+        at = 0
+        while at < n:
+            pg = first + at
+            ci = pg >> shift
+            lo = pg - (ci << shift)
+            k = min(size - lo, n - at)
+            c = chunks.get(ci)
+            if c is None:
+                c = chunks[ci] = np.full(size, self.fill, dtype=self.dtype)
+            c[lo : lo + k] = value[at : at + k] if many else value
+            at += k
 
     def reset(self, first: int, n: int, free: bool = False) -> None:
         """Pages ``[first, first + n)`` get the default again; with ``free``, a chunk left
@@ -99,8 +116,7 @@ class SparseBits(SparseArray):
         super().__init__(npages, shift, bool, False)
 
     def set(self, first: int, n: int) -> None:
-        for _, c, lo, hi, _pg in self.spans(first, n, True):
-            c[lo:hi] = True
+        self._put(first, n, True, False)
 
     def clear_runs(self, first: int, n: int) -> list[tuple[int, int]]:
         """Clear the bits of ``[first, first + n)``; return the runs that were set."""

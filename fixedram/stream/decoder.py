@@ -145,6 +145,9 @@ class StreamDecoder:
         self._skip_to: int | None = None
         self._page_size = TARGET_PAGE_SIZE
         self._page_mask = TARGET_PAGE_SIZE - 1
+        self._ramp: np.ndarray | None = None  # 0, page size, 2 * page size, ... (uint64)
+        # per arena: the arena, the phase of its records' pages, one view per page slot
+        self._slots: list[tuple[bytearray, int, list[memoryview]]] = []
         self.configuration: Configuration | None = None
         self._ram_id: int | None = None
         self._section_id: int | None = None  # id of the section whose payload is open
@@ -628,39 +631,85 @@ class StreamDecoder:
         k = (self._buf.end - s) // stride
         raw = np.ndarray((k,), dtype=">u8", buffer=buf, offset=s, strides=(stride,))
         words = raw.astype(np.uint64)
+        del raw
+        length = self._blocks[name].length
+        fill = None if pages else np.ndarray((k,), dtype=np.uint8, buffer=buf, offset=s + 8,
+                                             strides=(stride,))
+        # the usual case, in a few array operations: all k records are of this kind, their
+        # pages consecutive (one run) up to one inside the block, zero fill bytes
+        w0 = int(words[0])
+        first = w0 - want
+        if (w0 & self._page_mask) == want and first + (k - 1) * psize < length:
+            ramp = self._ramp
+            if ramp is None or len(ramp) < k:
+                ramp = self._ramp = np.arange(0, 2 * k * psize, psize, dtype=np.uint64)
+            words -= ramp[:k]
+            if (words == np.uint64(w0)).all() and (fill is None or not fill.any()):
+                self._emit(s, name, pages, [(0, k, first)], out)
+                return s + k * stride
+            words += ramp[:k]
         ok = (words & np.uint64(self._page_mask)) == want
         offsets = words - np.uint64(want)
-        ok &= offsets < np.uint64(self._blocks[name].length)
-        if not pages:
-            fill = np.ndarray((k,), dtype=np.uint8, buffer=buf, offset=s + 8, strides=(stride,))
+        ok &= offsets < np.uint64(length)
+        if fill is not None:
             ok &= fill == 0
-            del fill
-        del raw
+        del fill
         n = k if ok.all() else int(ok.argmin())
         if not n:
             return 0
         offsets = offsets[:n]
         cuts = [0, *(np.flatnonzero(np.diff(offsets) != psize) + 1).tolist(), n]
+        self._emit(s, name, pages, [(a, z, int(offsets[a])) for a, z in pairwise(cuts)], out)
+        return s + n * stride
+
+    def _emit(self, s: int, name: str, pages: bool, runs: list[tuple[int, int, int]],
+              out: list[Record]) -> None:
+        """The ``PageRun`` (``pages``) or ``ZeroRun`` records of the records from index
+        ``s``: one per ``(first record, end record, page offset)`` of ``runs``."""
+        buf = self._buf.view()
+        psize = self._page_size
+        stride = 8 + psize if pages else 9
         base = self._buf.base + s
         if pages and self._views:
-            span = memoryview(buf)[s + 8 : s + 8 + (n - 1) * stride + psize]
-            for a, z in pairwise(cuts):
-                out.append(PageRun(name, int(offsets[a]), span[a * stride : (z - 1) * stride
-                                                               + psize],
-                                   base + a * stride + 8, stride))
+            mv = memoryview(buf)
+            at = s + 8
+            slots = self._page_slots(buf, at % stride, stride)
+            j = at // stride
+            for a, z, off in runs:
+                out.append(PageRun(name, off, mv[at + a * stride : at + (z - 1) * stride
+                                                  + psize], base + a * stride + 8, stride,
+                                   slots[j + a : j + z]))
         elif pages:
+            n = runs[-1][1]
             src = np.ndarray((n, psize), dtype=np.uint8, buffer=buf, offset=s + 8,
                              strides=(stride, 1))
             data = self._scratch(n * psize)
             np.copyto(np.frombuffer(data, dtype=np.uint8).reshape(n, psize), src)
             del src
-            for a, z in pairwise(cuts):
-                out.append(PageRun(name, int(offsets[a]), data[a * psize : z * psize],
-                                   base + a * stride + 8))
+            for a, z, off in runs:
+                out.append(PageRun(name, off, data[a * psize : z * psize], base + a * stride + 8))
         else:
-            for a, z in pairwise(cuts):
-                out.append(ZeroRun(name, int(offsets[a]), z - a))
-        return s + n * stride
+            for a, z, off in runs:
+                out.append(ZeroRun(name, off, z - a))
+
+    def _page_slots(self, buf: bytearray, phase: int, stride: int) -> list[memoryview]:
+        """One view per page-sized slot of arena ``buf`` at ``phase + j * stride``.
+
+        Within a run of page records every page of an arena lies at one phase (an arena
+        begins with the record the last one left unfinished), so the views are made once
+        per arena and phase and reused by every feed, instead of once per page and feed.
+        """
+        for i, (b, ph, views) in enumerate(self._slots):
+            if b is buf:
+                if ph == phase:
+                    return views
+                del self._slots[i]
+                break
+        mv = memoryview(buf)
+        psize = self._page_size
+        views = [mv[p : p + psize] for p in range(phase, len(buf) - psize + 1, stride)]
+        self._slots = [*self._slots[-1:], (buf, phase, views)]
+        return views
 
     def _scratch(self, n: int) -> memoryview:
         """``n`` bytes of run buffer, after those already handed out in this feed.

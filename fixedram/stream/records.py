@@ -209,7 +209,9 @@ class PageRun(Record):
     through its next ``feed``, reused by the one after); ``pos`` is the absolute stream
     offset of the first page's data. With ``stride`` (a decoder's ``views`` mode) the
     pages are not contiguous: page ``i`` is ``data[i * stride : i * stride + page size]``
-    (the records as received, each page after its 8-byte header).
+    (the records as received, each page after its 8-byte header); ``pages``, when the
+    decoder gives it, holds those pages as one view each (what a ``pwritev`` and the
+    page digests take).
     """
 
     block: str
@@ -217,6 +219,7 @@ class PageRun(Record):
     data: memoryview
     pos: int = -1
     stride: int = 0
+    pages: list[memoryview] | None = field(default=None, compare=False, repr=False)
 
     @property
     def npages(self) -> int:
