@@ -8,9 +8,13 @@ import errno
 import json
 import os
 import re
+import shutil
+import signal
 import struct
 import subprocess
-from collections.abc import Callable
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,7 +135,13 @@ def device_sections(blob: bytes, at: int) -> list[Span]:
     return out
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, server: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``fixedram ARGS`` in a fresh process, or with ``server`` through the resident server
+    at that socket (the same entry point in a forked child, without the start-up's imports:
+    docs/resident-server.md)."""
+    env = {k: v for k, v in os.environ.items() if k != "FIXEDRAM_SERVER"}
+    if server is not None:
+        env["FIXEDRAM_SERVER"] = str(server)
     return subprocess.run(
         [PY, "-m", "fixedram", *args],
         capture_output=True,
@@ -139,20 +149,43 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=TIMEOUT,
         cwd=REPO,
         check=False,
+        env=env,
     )
 
 
+@pytest.fixture(scope="module")
+def server() -> Iterator[Path]:
+    """A resident server (``fixedram serve``) for the module's many short commands."""
+    d = Path(tempfile.mkdtemp(prefix="frbad-", dir="/tmp"))
+    sock, log = d / "sock", d / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k != "FIXEDRAM_SERVER"}
+    with open(log, "w") as f:
+        p = subprocess.Popen([PY, "-m", "fixedram", "serve", "--socket", str(sock)],
+                             stderr=f, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while "serving on" not in log.read_text():
+            assert p.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+        yield sock
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=30)
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def expect_error(
-    path: Path, what: str, match: str | None = None, at: int | None = None, full: bool = True
+    path: Path, what: str, match: str | None = None, at: int | None = None, full: bool = True,
+    server: Path | None = None,
 ) -> str | None:
-    """Run ``analyze`` (with ``full``: also ``analyze --json`` and ``extract``) on ``path``;
-    return a failure description or None."""
+    """Run ``analyze`` (with ``full``: also ``analyze --json`` and ``extract``) on ``path``
+    (through ``server`` if given); return a failure description or None."""
     cmds = [("analyze", str(path))]
     if full:
         cmds += [("analyze", "--json", str(path)), ("extract", str(path), "-o", str(path) + ".o")]
     for cmd in cmds:
         try:
-            res = run_cli(*cmd)
+            res = run_cli(*cmd, server=server)
         except subprocess.TimeoutExpired:
             return f"{what}: {cmd[0]} took more than {TIMEOUT} s"
         m = ERROR_LINE.match(res.stderr)
@@ -205,7 +238,10 @@ def truncation_points(spans: list[Span]) -> list[tuple[int, str]]:
     return sorted(pts.items())
 
 
-def _truncation_cases(case: ImageCase, tmp: Path) -> tuple[list[Callable[[], str | None]], int]:
+def _truncation_cases(case: ImageCase, tmp: Path,
+                      server: Path) -> tuple[list[Callable[[], str | None]], int]:
+    """One check per truncation point: ``analyze`` (every 8th point: all three commands)
+    through the resident ``server``, every 32nd point's commands each in a fresh process."""
     spans = record_spans(case.path, case.offset)
     size = os.path.getsize(case.path)
     eof = next(s for s in spans if isinstance(s.record, EndOfFile))
@@ -224,7 +260,8 @@ def _truncation_cases(case: ImageCase, tmp: Path) -> tuple[list[Callable[[], str
                     if res.returncode or json.loads(res.stdout)["vmdesc"]["present"]:
                         return f"cut at {cut} ({what}): {res.returncode} {res.stderr!r}"
                     return None
-                return expect_error(p, f"cut at {cut} ({what})", full=i % 8 == 0)
+                return expect_error(p, f"cut at {cut} ({what})", full=i % 8 == 0,
+                                    server=None if i % 32 == 0 else server)
             finally:
                 p.unlink()
                 Path(str(p) + ".o").unlink(missing_ok=True)
@@ -250,11 +287,12 @@ SMALL = {
 @pytest.mark.qemu
 @pytest.mark.parametrize("kind", sorted(SMALL))
 def test_truncated_real_image(
-    kind: str, qemu_image: Callable[[str | ImageSpec], ImageCase], tmp_path: Path
+    kind: str, qemu_image: Callable[[str | ImageSpec], ImageCase], tmp_path: Path,
+    server: Path
 ) -> None:
     case = qemu_image(SMALL[kind])
     assert os.path.getsize(case.path) < (16 << 20) or kind == "mapped-ram"
-    cases, nspans = _truncation_cases(case, tmp_path)
+    cases, nspans = _truncation_cases(case, tmp_path, server)
     assert nspans > 40 and len(cases) > 50
     run_all(cases)
 
@@ -363,7 +401,7 @@ def corruptions(case: ImageCase) -> list[tuple[str, int, bytes, str, int]]:
 @pytest.mark.qemu
 @pytest.mark.parametrize("kind", ["mapped-ram", "legacy", "mapped-ram-offset"])
 def test_corrupted_real_image(
-    kind: str, qemu_image: Callable[[str], ImageCase], tmp_path: Path
+    kind: str, qemu_image: Callable[[str], ImageCase], tmp_path: Path, server: Path
 ) -> None:
     case = qemu_image(kind)
     cases = []
@@ -382,7 +420,9 @@ def test_corrupted_real_image(
             p = tmp_path / f"bad{i}.img"
             _patch(case, p, at, data)
             try:
-                return expect_error(p, name, match, err_at, full=i % 2 == 0)
+                # every 4th in fresh processes, the others through the resident server
+                return expect_error(p, name, match, err_at, full=i % 2 == 0,
+                                    server=None if i % 4 == 0 else server)
             finally:
                 p.unlink()
                 Path(str(p) + ".o").unlink(missing_ok=True)

@@ -16,7 +16,6 @@ full, source killed), ``tests/test_send.py`` (refused images leave the destinati
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import socket
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import xxhash
 
 from fixedram.image import open_image
 from fixedram.io.files import remove_stale_partials
@@ -58,7 +58,12 @@ def env_with(**kw: str) -> dict[str, str]:
 
 
 def sha(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
+    """A digest of the file's bytes (xxh3-128: these checks look for any change, fast)."""
+    h = xxhash.xxh3_128()
+    with open(p, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def partials(d: Path) -> list[str]:
@@ -221,6 +226,12 @@ def restore_image(qemu_image: Callable[[str], Any]) -> Any:
     return qemu_image("mapped-ram-idle")
 
 
+@pytest.fixture(scope="module")
+def restore_digest(restore_image: Any) -> str:
+    """The digest of the image as made: every case must leave it so."""
+    return sha(restore_image.path)
+
+
 def start_destination(case: Any, workdir: Path, sock: Path) -> Guest:
     """A destination like the image's source, listening on ``sock``, staying alive if the load
     fails (``exit-on-error: false``, QEMU 9.1+) so that its state can be inspected."""
@@ -237,11 +248,11 @@ def run_send(image: Path, sock: Path, env: dict[str, str]) -> subprocess.Complet
 
 
 @pytest.mark.parametrize("point", SEND_POINTS)
-def test_sender_killed(point: str, restore_image: Any, tmp_path: Path, sockdir: Path) -> None:
+def test_sender_killed(point: str, restore_image: Any, restore_digest: str, tmp_path: Path,
+                       sockdir: Path) -> None:
     """SIGKILL of the sender: the image is untouched; the destination QEMU reports a failed load
     (and stays up, with ``exit-on-error: false``) unless the whole stream had gone out."""
     case = restore_image
-    before = sha(case.path)
     sock = sockdir / "in.sock"
     with start_destination(case, tmp_path, sock) as dst:
         r = run_send(case.path, sock, env_with(FIXEDRAM_FAULT=point))
@@ -256,16 +267,15 @@ def test_sender_killed(point: str, restore_image: Any, tmp_path: Path, sockdir: 
             assert dst.running
             with pytest.raises(Exception, match=r"(?i)incoming|migrat"):
                 dst.cmd("migrate-incoming", uri=f"unix:{sock}.2")
-    assert sha(case.path) == before
+    assert sha(case.path) == restore_digest
 
 
 @pytest.mark.parametrize("point", SEND_POINTS)
-def test_destination_qemu_killed(point: str, restore_image: Any, tmp_path: Path,
-                                 sockdir: Path) -> None:
+def test_destination_qemu_killed(point: str, restore_image: Any, restore_digest: str,
+                                 tmp_path: Path, sockdir: Path) -> None:
     """SIGKILL of the destination QEMU at ``point``: the sender stops with one line (exit 2),
     or exits 0 if everything had been sent; the image is untouched."""
     case = restore_image
-    before = sha(case.path)
     sock = sockdir / "in.sock"
     with start_destination(case, tmp_path, sock) as dst:
         r = run_send(case.path, sock, env_with(FIXEDRAM_FAULT=point,
@@ -281,7 +291,7 @@ def test_destination_qemu_killed(point: str, restore_image: Any, tmp_path: Path,
     else:
         assert r.returncode == 2, r.stderr
         one_line(r.stderr)
-    assert sha(case.path) == before
+    assert sha(case.path) == restore_digest
 
 
 # -- the socket closed mid-stream, disk full, read-only directory, wrong QMP socket -----------
@@ -375,7 +385,8 @@ def test_read_only_directory(cmd: str, real_stream: bytes, tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("what", ["missing", "not-a-socket", "no-listener"])
-def test_restore_wrong_qmp_socket(what: str, restore_image: Any, tmp_path: Path) -> None:
+def test_restore_wrong_qmp_socket(what: str, restore_image: Any, restore_digest: str,
+                                  tmp_path: Path) -> None:
     """``restore --qmp`` at something that is not a live QMP socket: one line, exit 2."""
     qmp = tmp_path / "qmp.sock"
     if what == "not-a-socket":
@@ -384,9 +395,8 @@ def test_restore_wrong_qmp_socket(what: str, restore_image: Any, tmp_path: Path)
         s = socket.socket(socket.AF_UNIX)
         s.bind(str(qmp))
         s.close()  # bound, never listening: connection refused
-    before = sha(restore_image.path)
     r = subprocess.run(fixedram_cmd("restore", "--qmp", str(qmp), str(restore_image.path)),
                        capture_output=True, timeout=60, check=False)
     assert r.returncode == 2, r.stderr
     one_line(r.stderr)
-    assert sha(restore_image.path) == before
+    assert sha(restore_image.path) == restore_digest

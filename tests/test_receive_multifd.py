@@ -8,6 +8,7 @@ the source's ``multifd-channels`` (fewer, more, or a source without multifd), an
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -56,10 +57,11 @@ def _cmd(*args: str) -> list[str]:
     return [PY, "-m", "fixedram", *args]
 
 
-def _listen(img: Path, sock: Path, *args: str) -> subprocess.Popen[bytes]:
+def _listen(img: Path, sock: Path, *args: str,
+            env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(_cmd("receive", "--listen", f"unix:{sock}", "--accept-timeout", "60",
                                  *args, str(img)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + 15
     while not sock.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -311,6 +313,9 @@ def test_channel_count_mismatch(version: str, tmp_path: Path, accel: str, qemu10
 
     QEMU 7.2 (sync at every EOS, no MULTIFD_FLUSH record) must be caught too: with
     ``--channels 0`` nothing on its main connection says multifd.
+
+    A missing channel is waited for ``FIXEDRAM_CHANNEL_GRACE`` seconds (1.5 here, 5 by
+    default): the source connects every channel before it writes the first sync point.
     """
     qemu = qemu10 if version == "10" else qemu72
     machine = "q35" if version == "10" else "pc-i440fx-7.2"
@@ -322,7 +327,7 @@ def test_channel_count_mismatch(version: str, tmp_path: Path, accel: str, qemu10
         src.wait_heartbeat(gen_at_least=1)
         for i, (ours, theirs, want) in enumerate(cases):
             sock = tmp_path / f"m{i}.sock"
-            proc = _listen(img, sock, "--channels", str(ours))
+            proc = _listen(img, sock, "--channels", str(ours), env=GRACE_ENV)
             try:
                 caps = {"multifd": bool(theirs)}
                 params = {"multifd-channels": theirs} if theirs else {}
@@ -346,6 +351,23 @@ def test_channel_count_mismatch(version: str, tmp_path: Path, accel: str, qemu10
             assert not sock.exists()
             print(f"\n--channels {ours} vs multifd-channels {theirs} ({took:.2f} s): {lines[0]}")
         src.wait_status("running")
+
+
+GRACE_ENV = {**os.environ, "FIXEDRAM_CHANNEL_GRACE": "1.5"}
+
+
+@pytest.mark.parametrize("value", ["soon", "0"])
+def test_bad_channel_grace(value: str, tmp_path: Path) -> None:
+    """A bad ``FIXEDRAM_CHANNEL_GRACE`` is one line and exit 2, and no image is left."""
+    sock = tmp_path / "g.sock"
+    r = subprocess.run(_cmd("receive", "--listen", f"unix:{sock}", "--channels", "2", "--quiet",
+                            str(tmp_path / "vm.img")),
+                       capture_output=True, timeout=30,
+                       env={**os.environ, "FIXEDRAM_CHANNEL_GRACE": value})
+    assert r.returncode == 2
+    assert r.stderr.decode() == (f"fixedram: error: FIXEDRAM_CHANNEL_GRACE={value!r}: expected "
+                                 "a number of seconds above 0\n")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("args", [[], ["--fd", "0"]], ids=["stdin", "fd"])

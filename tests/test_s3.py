@@ -195,7 +195,8 @@ def test_faults_leave_previous_image(s3: Seaweed, tmp_path: Path, qemu_image: An
     # the server is gone: one line, nothing changed once it is back
     s3.stop()
     try:
-        e = one_line_error(fx(env, "convert", str(img), url))
+        e = one_line_error(fx(dict(env, FIXEDRAM_S3_RETRY_SECONDS="1"), "convert", str(img),
+                              url))
         assert "unreachable" in e
     finally:
         s3.start()
@@ -519,7 +520,7 @@ def test_gc_during_save(s3: Seaweed, tmp_path: Path, monkeypatch: pytest.MonkeyP
     env = host(s3, tmp_path, "h", FIXEDRAM_CHUNK_CACHE="off")
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    grace = 12.0  # the held save must finish within half of it
+    grace = 5.0  # the held save (about 0.3 s) must finish within half of it
     chunked.write_grace(Store(bucket), grace)
     p = [os.urandom(PIECE) for _ in range(6)]
     _chunked_image(tmp_path / "old.img", p[:2])

@@ -21,6 +21,8 @@ does a count that differs from the source's.
 
 from __future__ import annotations
 
+import math
+import os
 import signal
 import sys
 from types import FrameType
@@ -95,6 +97,25 @@ def receive_cmd(image: str, listen_spec: str | None, channels: int, fd: int | No
     sys.stderr.flush()
 
 
+def _channel_grace() -> float:
+    """Seconds to wait at the first multifd sync point for missing channels:
+    ``FIXEDRAM_CHANNEL_GRACE`` when set (the tests' channel-count refusals wait out a shorter
+    one), else :data:`~fixedram.endpoint.receive.CHANNEL_GRACE`."""
+    from fixedram.endpoint.receive import CHANNEL_GRACE
+
+    v = os.environ.get("FIXEDRAM_CHANNEL_GRACE", "")
+    if not v:
+        return CHANNEL_GRACE
+    try:
+        secs = float(v)
+    except ValueError:
+        secs = math.nan
+    if not (secs > 0 and math.isfinite(secs)):
+        raise EndpointError(f"FIXEDRAM_CHANNEL_GRACE={v!r}: expected a number of seconds "
+                            "above 0")
+    return secs
+
+
 def _receive(image: str, listen_spec: str | None, channels: int, fd: int | None,
              mode: DirectIO, allow_remote: bool, accept_timeout: float | None,
              quiet: bool, xml: str | None) -> ReceiveReport:
@@ -109,7 +130,8 @@ def _receive(image: str, listen_spec: str | None, channels: int, fd: int | None,
             if not quiet:
                 click.echo(f"fixedram: listening on {lst.address}", err=True)
             report = receive_listening(lst, image, channels=channels, direct_io=mode,
-                                       accept_timeout=accept_timeout, libvirt_xml=xml)
+                                       accept_timeout=accept_timeout, libvirt_xml=xml,
+                                       channel_grace=_channel_grace())
         finally:
             lst.close()
     else:
