@@ -280,6 +280,10 @@ def test_destination_qemu_killed(point: str, restore_image: Any, restore_digest:
     with start_destination(case, tmp_path, sock) as dst:
         r = run_send(case.path, sock, env_with(FIXEDRAM_FAULT=point,
                                                FIXEDRAM_FAULT_PID=str(dst.pid)))
+        # the sender sees the socket close while the killed QEMU is still exiting
+        deadline = time.monotonic() + 10
+        while dst.running and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert not dst.running
     if point in ("send-device", "send-end"):
         # what is left (the device state, ~80 KiB) fits in the socket buffer and a SIGKILLed
