@@ -9,7 +9,8 @@ the checksum extension) and reads page data from the chunks instead of a file.
 Page data: :class:`ChunkSource` fetches a chunk the first time a page of it is read,
 checks it against the manifest (xxh3-128 of its bytes) before any byte of it is used,
 reads ahead the next ones of the block in parallel GETs when a reader moves on to the
-next chunk (not for random requests) and keeps recent ones in memory, so a sequential
+next chunk (not for random requests; in a lazy restore each chunk at most once) and keeps
+recent ones in memory, so a sequential
 reader (a full restore, verify, the background push of a lazy restore) runs at the
 store's parallel speed while a random one (a lazy restore's page
 requests) pays one GET per chunk. Chunks read ahead for a sequential reader leave memory
@@ -251,6 +252,10 @@ class ChunkSource:
         self.keep = max(MEMORY_CHUNKS, READ_AHEAD + workers + BEHIND)
         #: chunks fetched by read-ahead that no reader asked for yet
         self.ahead: set[tuple[str, int]] = set()
+        #: chunks read ahead so far (:meth:`ObjectImage.read_ahead_once`)
+        self.read_ahead: set[tuple[str, int]] = set()
+        #: read a chunk ahead at most once
+        self.once = False
         #: read-ahead chunks a sequential reader has reached, oldest first
         self.passed: collections.deque[tuple[str, int]] = collections.deque()
         self.last: dict[str, int] = {}
@@ -362,6 +367,7 @@ class ChunkSource:
             self.flight[key] = fut
             if not asked:
                 self.ahead.add(key)
+                self.read_ahead.add(key)
         return fut
 
     def _moves_on(self, block: str, index: int) -> bool:
@@ -428,7 +434,8 @@ class ChunkSource:
                 order = self.order[block]
                 at = bisect.bisect_right(order, index)
                 for nxt in order[at : at + READ_AHEAD]:
-                    if (block, nxt) not in self.mem:
+                    if (block, nxt) not in self.mem and not (
+                            self.once and (block, nxt) in self.read_ahead):
                         self._future(block, nxt, False)
         if isinstance(got, Future):
             try:
@@ -466,6 +473,17 @@ class ObjectImage(MappedRamImage):
         processes reading the image at the same time (a fan-out of lazy restores) take them
         from there, or wait for this one's fetch, instead of fetching them again."""
         self.source.share = True
+
+    def read_ahead_once(self) -> None:
+        """Read each chunk ahead at most once: one read ahead before and dropped from memory
+        is read again only when a reader asks for it. For a reader that takes each page
+        once (a lazy restore: page requests, working-set prefetch and push together send
+        every page once), where chunks read ahead again are mostly chunks whose pages were
+        sent already: in a lazy restore of the ``bench/s3.py`` image they were read back
+        from the disk cache and checked again 445 times for 168 fetched
+        (docs/object-storage.md). A reader that reads the image twice (``verify``) keeps
+        reading ahead on its second pass."""
+        self.source.once = True
 
     @property
     def fetched_bytes(self) -> int:
