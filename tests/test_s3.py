@@ -694,6 +694,38 @@ def test_sequential_read_bounded_memory(s3: Seaweed, tmp_path: Path,
         assert src.fetched > before + 4, (before, src.fetched)
 
 
+def test_read_ahead_once(s3: Seaweed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader that takes each page once (a lazy restore) reads a chunk ahead at most once:
+    after a sequential pass, moving on again through chunks read ahead and dropped fetches
+    only the chunks asked for (a plain reader reads ahead again:
+    test_sequential_read_bounded_memory). Every page still reads back as stored."""
+    from fixedram.image.objimage import open_object_image
+
+    env = host(s3, tmp_path, "h")
+    n = 24
+    pages = _chunked_image(tmp_path / "a.img", [os.urandom(PIECE) for _ in range(n)])
+    url = f"s3://{BUCKET}/once"
+    assert fx(env, "convert", str(tmp_path / "a.img"), url).returncode == 0
+    for k, v in env.items():
+        if k.startswith("AWS_"):
+            monkeypatch.setenv(k, v)
+    with open_object_image(url, cache=False) as img:
+        img.read_ahead_once()
+        src = img.source
+        meta = src.fetched
+        for i in range(n):
+            src.chunk("pc.ram", i)
+        _settle(src)
+        assert src.fetched == meta + n
+        before = src.fetched
+        for i in (7, 8, 9):  # moving on: nothing read ahead again
+            data = src.chunk("pc.ram", i)
+            assert data is not None
+            assert bytes(data[:4096]) == pages[i * 1024]
+        _settle(src)
+        assert src.fetched == before + 3, (before, src.fetched)
+
+
 def _settle(src: Any) -> None:
     """Wait until a chunk source has no fetch in flight."""
     while True:

@@ -652,6 +652,8 @@ def send_postcopy(image: ImageArg, channel: Channel, *,
         if prefetch or record:
             plan.load(img)
         img.shared_reads()  # other lazy restores of the image may push the same pages
+        img.read_ahead_once()  # each page is sent once: chunks read ahead again would
+        # mostly hold pages sent already
         return _run(img, channel, preamble, package, progress, on_running, on_last_page,
                     accept_timeout, shut_timeout, t0, plan, record_deadline)
 

@@ -9,7 +9,8 @@ the checksum extension) and reads page data from the chunks instead of a file.
 Page data: :class:`ChunkSource` fetches a chunk the first time a page of it is read,
 checks it against the manifest (xxh3-128 of its bytes) before any byte of it is used,
 reads ahead the next ones of the block in parallel GETs when a reader moves on to the
-next chunk (not for random requests) and keeps recent ones in memory, so a sequential
+next chunk (not for random requests; in a lazy restore each chunk at most once) and keeps
+recent ones in memory, so a sequential
 reader (a full restore, verify, the background push of a lazy restore) runs at the
 store's parallel speed while a random one (a lazy restore's page
 requests) pays one GET per chunk. Chunks read ahead for a sequential reader leave memory
@@ -20,7 +21,10 @@ so a guest's working set is fetched from the store once per host; a lazy restore
 every chunk it fetches (:meth:`ObjectImage.shared_reads`), and processes about to fetch
 the same chunk wait for one another (a lock file per chunk), so a fan-out of lazy
 restores of one image fetches each chunk about once. Chunks go into the disk cache in a
-writer thread: a reader does not wait for the disk.
+writer thread: a reader does not wait for the disk. Opening an object image makes the
+process keep large freed buffers in its heap (:func:`~fixedram.io.memory.reuse_freed_memory`):
+a chunk's buffers (the response body, zstd's output) reuse those of chunks passed before
+instead of memory the kernel faults in and zeroes again.
 
 An object image's working-set record (:mod:`fixedram.image.workingset`) is a small object
 of its own next to the manifest (:data:`RECORD_PREFIX` + key), read and written whole by
@@ -61,6 +65,7 @@ from fixedram.image.chunked import (
 )
 from fixedram.image.layout import PAGE_SIZE
 from fixedram.image.reader import BlockInfo, MappedRamImage, PageSlots, open_image
+from fixedram.io.memory import reuse_freed_memory
 from fixedram.io.objstore import ObjectURL, Store, parse_url
 
 __all__ = ["open_object_image", "ObjectImage", "ChunkSource", "DiskCache", "cache_from_env",
@@ -247,6 +252,10 @@ class ChunkSource:
         self.keep = max(MEMORY_CHUNKS, READ_AHEAD + workers + BEHIND)
         #: chunks fetched by read-ahead that no reader asked for yet
         self.ahead: set[tuple[str, int]] = set()
+        #: chunks read ahead so far (:meth:`ObjectImage.read_ahead_once`)
+        self.read_ahead: set[tuple[str, int]] = set()
+        #: read a chunk ahead at most once
+        self.once = False
         #: read-ahead chunks a sequential reader has reached, oldest first
         self.passed: collections.deque[tuple[str, int]] = collections.deque()
         self.last: dict[str, int] = {}
@@ -358,6 +367,7 @@ class ChunkSource:
             self.flight[key] = fut
             if not asked:
                 self.ahead.add(key)
+                self.read_ahead.add(key)
         return fut
 
     def _moves_on(self, block: str, index: int) -> bool:
@@ -424,7 +434,8 @@ class ChunkSource:
                 order = self.order[block]
                 at = bisect.bisect_right(order, index)
                 for nxt in order[at : at + READ_AHEAD]:
-                    if (block, nxt) not in self.mem:
+                    if (block, nxt) not in self.mem and not (
+                            self.once and (block, nxt) in self.read_ahead):
                         self._future(block, nxt, False)
         if isinstance(got, Future):
             try:
@@ -462,6 +473,17 @@ class ObjectImage(MappedRamImage):
         processes reading the image at the same time (a fan-out of lazy restores) take them
         from there, or wait for this one's fetch, instead of fetching them again."""
         self.source.share = True
+
+    def read_ahead_once(self) -> None:
+        """Read each chunk ahead at most once: one read ahead before and dropped from memory
+        is read again only when a reader asks for it. For a reader that takes each page
+        once (a lazy restore: page requests, working-set prefetch and push together send
+        every page once), where chunks read ahead again are mostly chunks whose pages were
+        sent already: in a lazy restore of the ``bench/s3.py`` image they were read back
+        from the disk cache and checked again 445 times for 168 fetched
+        (docs/object-storage.md). A reader that reads the image twice (``verify``) keeps
+        reading ahead on its second pass."""
+        self.source.once = True
 
     @property
     def fetched_bytes(self) -> int:
@@ -569,6 +591,7 @@ def open_object_image(url: str, *, cache: DiskCache | bool | None = True) -> Obj
     or a :class:`DiskCache`.
     """
     loc = parse_url(url)
+    reuse_freed_memory()  # a chunk's buffers reuse those of chunks read before
     store = Store(loc.bucket)
     man = read_manifest(store, loc)
     where = str(loc)

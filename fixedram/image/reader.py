@@ -454,6 +454,10 @@ class Image:
         """Hint: other processes may read this whole image at the same time (a fan-out of
         lazy restores). Nothing to do for a file: the page cache shares it."""
 
+    def read_ahead_once(self) -> None:
+        """Hint: the reader takes each page once (a lazy restore), so data read ahead once
+        need not be read ahead again. Nothing to do for a file: the kernel reads ahead."""
+
     @property
     def fetched_bytes(self) -> int:
         """Bytes fetched from an object store so far (0 for a local file)."""
