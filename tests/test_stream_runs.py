@@ -105,8 +105,9 @@ def _chunker(sizes: list[int]) -> Callable[[], int]:
 
 ops_strategy = st.lists(
     st.one_of(
-        # runs of consecutive pages (the common case) ...
-        st.tuples(st.integers(0, 1), st.integers(0, 63), st.integers(1, 40), st.booleans()).map(
+        # runs of consecutive pages (the common case; long enough for both ways of making
+        # page views, StreamDecoder._page_slots) ...
+        st.tuples(st.integers(0, 1), st.integers(0, 63), st.integers(1, 100), st.booleans()).map(
             lambda t: [(t[0], t[1] + i, t[3]) for i in range(t[2])]),
         # ... and scattered single records
         st.tuples(st.integers(0, 1), st.integers(0, 63), st.booleans()).map(lambda t: [t]),
@@ -123,6 +124,8 @@ def test_runs_equal_records(ops: list[tuple[int, int, bool]], sizes: list[int]) 
     assert want[1] is None
     assert _decode(data, _chunker(sizes), runs=True) == want
     assert _decode(data, _chunker(sizes), runs=True, views=True) == want
+    # fed at once: stretches of more pages than a small feed holds (the arena's page views)
+    assert _decode(data, _chunker([len(data)]), runs=True, views=True) == want
 
 
 def test_runs_collapse_whole_stretches() -> None:

@@ -124,6 +124,7 @@ def _receive(image: str, listen_spec: str | None, channels: int, fd: int | None,
 
     report: ReceiveReport
     if listen_spec is not None:
+        grace = _channel_grace()
         # the main connection plus N channels may all be pending at once
         lst = listen(listen_spec, allow_remote=allow_remote, backlog=max(16, channels + 2))
         try:
@@ -131,7 +132,7 @@ def _receive(image: str, listen_spec: str | None, channels: int, fd: int | None,
                 click.echo(f"fixedram: listening on {lst.address}", err=True)
             report = receive_listening(lst, image, channels=channels, direct_io=mode,
                                        accept_timeout=accept_timeout, libvirt_xml=xml,
-                                       channel_grace=_channel_grace())
+                                       channel_grace=grace)
         finally:
             lst.close()
     else:

@@ -21,10 +21,7 @@ so a guest's working set is fetched from the store once per host; a lazy restore
 every chunk it fetches (:meth:`ObjectImage.shared_reads`), and processes about to fetch
 the same chunk wait for one another (a lock file per chunk), so a fan-out of lazy
 restores of one image fetches each chunk about once. Chunks go into the disk cache in a
-writer thread: a reader does not wait for the disk. Opening an object image makes the
-process keep large freed buffers in its heap (:func:`~fixedram.io.memory.reuse_freed_memory`):
-a chunk's buffers (the response body, zstd's output) reuse those of chunks passed before
-instead of memory the kernel faults in and zeroes again.
+writer thread: a reader does not wait for the disk.
 
 An object image's working-set record (:mod:`fixedram.image.workingset`) is a small object
 of its own next to the manifest (:data:`RECORD_PREFIX` + key), read and written whole by
@@ -65,7 +62,6 @@ from fixedram.image.chunked import (
 )
 from fixedram.image.layout import PAGE_SIZE
 from fixedram.image.reader import BlockInfo, MappedRamImage, PageSlots, open_image
-from fixedram.io.memory import reuse_freed_memory
 from fixedram.io.objstore import ObjectURL, Store, parse_url
 
 __all__ = ["open_object_image", "ObjectImage", "ChunkSource", "DiskCache", "cache_from_env",
@@ -591,7 +587,6 @@ def open_object_image(url: str, *, cache: DiskCache | bool | None = True) -> Obj
     or a :class:`DiskCache`.
     """
     loc = parse_url(url)
-    reuse_freed_memory()  # a chunk's buffers reuse those of chunks read before
     store = Store(loc.bucket)
     man = read_manifest(store, loc)
     where = str(loc)

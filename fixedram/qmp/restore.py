@@ -23,11 +23,13 @@ and still waiting. Then:
 and parameters changed are put back after the load (a later outgoing migration of the VM must
 not inherit ``mapped-ram``). Unless ``paused``, ``cont`` goes to QEMU just before
 ``migrate-incoming``: QEMU then starts the guest the moment the load completes, with no round
-trip of fixedram's in between; a load that fails leaves the guest stopped.
+trip of fixedram's in between; a restore that fails or is given up after that ``cont`` sends
+``stop`` while QEMU still waits, so the guest does not start later.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -195,6 +197,7 @@ def restore(
             report = watch.worker.outcome() if watch.worker is not None else None
         except BaseException:
             abandon(watch.worker, load.way)
+            load.hold()
             raise
         finally:
             watch.close()
@@ -257,6 +260,7 @@ class _Load:
                  *, fresh: bool, progress: ProgressFn | None, autostart: bool) -> None:
         self.qmp, self.img, self.machine, self.dest_blocks = qmp, img, facts.machine, dest_blocks
         self.fresh, self.autostart = fresh, autostart
+        self.cont_sent = False
         self.progress = _send_progress(progress) if progress is not None else None
         self.settings = MigrationSettings(qmp, facts)
         self.way: Transport | None = None
@@ -265,6 +269,7 @@ class _Load:
     def _incoming(self, uri: str) -> None:
         if self.autostart:  # while inmigrate: QEMU starts the guest the moment it is loaded
             self.qmp.cmd("cont")
+            self.cont_sent = True
         self.started = time.monotonic()
         self.qmp.cmd("migrate-incoming", uri=uri)
 
@@ -322,6 +327,15 @@ class _Load:
                                 zero="auto" if fresh else "main")
 
         return Worker.started("fixedram-send-multifd", run)
+
+    def hold(self) -> None:
+        """After a failure: take back the ``cont`` of :meth:`_incoming` while QEMU still
+        waits (``stop`` there clears its start-when-loaded), so that a load fixedram gave up
+        on (QEMU reading the file itself goes on) does not start the guest later."""
+        if self.cont_sent:
+            with contextlib.suppress(Exception):
+                if self.qmp.status() == "inmigrate":
+                    self.qmp.cmd("stop")
 
     def close(self) -> None:
         """Put the settings back and release the transport."""

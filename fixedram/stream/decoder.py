@@ -89,6 +89,9 @@ _UNSUPPORTED = {
     int(RamFlag.COMPRESS_PAGE): "compressed page",
     int(RamFlag.HOOK): "RDMA hook",
 }
+#: Fewest pages in one decoded stretch for which the page views of the whole arena are made
+#: (and kept); fewer get views of their own pages (``StreamDecoder._page_slots``).
+_SLOTS_MIN = 64
 
 
 def _closes_section(dev: bytearray, end: int) -> bool:
@@ -673,12 +676,16 @@ class StreamDecoder:
         if pages and self._views:
             mv = memoryview(buf)
             at = s + 8
-            slots = self._page_slots(buf, at % stride, stride)
-            j = at // stride
-            for a, z, off in runs:
+            if runs[-1][1] >= _SLOTS_MIN:
+                slots = self._page_slots(buf, at % stride, stride)
+                j = at // stride
+                views = [slots[j + a : j + z] for a, z, _ in runs]
+            else:  # a few pages between other records: views of these pages only
+                views = [[mv[p : p + psize] for p in range(at + a * stride, at + z * stride,
+                                                           stride)] for a, z, _ in runs]
+            for (a, z, off), v in zip(runs, views, strict=True):
                 out.append(PageRun(name, off, mv[at + a * stride : at + (z - 1) * stride
-                                                  + psize], base + a * stride + 8, stride,
-                                   slots[j + a : j + z]))
+                                                  + psize], base + a * stride + 8, stride, v))
         elif pages:
             n = runs[-1][1]
             src = np.ndarray((n, psize), dtype=np.uint8, buffer=buf, offset=s + 8,
@@ -698,6 +705,10 @@ class StreamDecoder:
         Within a run of page records every page of an arena lies at one phase (an arena
         begins with the record the last one left unfinished), so the views are made once
         per arena and phase and reused by every feed, instead of once per page and feed.
+        Any other record between pages moves the phase, and a new phase costs a view per
+        slot of the arena: :meth:`_emit` asks for them only for stretches of at least
+        :data:`_SLOTS_MIN` pages, so that pages mixed with zero records cost a view each,
+        never an arena's worth.
         """
         for i, (b, ph, views) in enumerate(self._slots):
             if b is buf:
