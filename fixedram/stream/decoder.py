@@ -89,6 +89,8 @@ _UNSUPPORTED = {
     int(RamFlag.COMPRESS_PAGE): "compressed page",
     int(RamFlag.HOOK): "RDMA hook",
 }
+#: Records of one kind a stretch of the run mode looks at first (``StreamDecoder._bulk``).
+_PROBE = 64
 #: Fewest pages in one decoded stretch for which the page views of the whole arena are made
 #: (and kept); fewer get views of their own pages (``StreamDecoder._page_slots``).
 _SLOTS_MIN = 64
@@ -556,7 +558,11 @@ class StreamDecoder:
                     if name is None:
                         raise StreamError("CONTINUE page record with no previous block",
                                           b.base + s)
-                    if self._runs and avail >= 2 * (8 + psize if base == _PAGE else 9):
+                    stride = 8 + psize if base == _PAGE else 9
+                    # a stretch only where the next record is of the same kind: a lone
+                    # record between others costs less on the per-record path
+                    if self._runs and avail >= 2 * stride and (
+                            unpack(buf, s + stride)[0] & mask) == flags:
                         end = self._bulk(s, name, base == _PAGE, out)
                         if end:
                             b.commit(end)
@@ -626,12 +632,24 @@ class StreamDecoder:
         another kind, a bad offset or a non-zero fill byte (those go through the
         per-record path, which reports them). Returns the index after the last record
         taken, or 0 when none was.
+
+        The first :data:`_PROBE` records are looked at before the rest of the buffer: a
+        buffer of 1 MiB holds over 100,000 zero records' worth of bytes, and a short
+        stretch between records of other kinds must not cost a look at all of them.
         """
+        stride = 8 + self._page_size if pages else 9
+        total = (self._buf.end - s) // stride
+        end = self._stretch(s, name, pages, min(total, _PROBE), out)
+        if total > _PROBE and end == s + _PROBE * stride:
+            end = self._stretch(end, name, pages, total - _PROBE, out) or end
+        return end
+
+    def _stretch(self, s: int, name: str, pages: bool, k: int, out: list[Record]) -> int:
+        """:meth:`_bulk` over at most the ``k`` records from index ``s``."""
         buf = self._buf.view()
         psize = self._page_size
         stride = 8 + psize if pages else 9
         want = (_PAGE if pages else _ZERO) | _CONT
-        k = (self._buf.end - s) // stride
         raw = np.ndarray((k,), dtype=">u8", buffer=buf, offset=s, strides=(stride,))
         words = raw.astype(np.uint64)
         del raw
