@@ -520,7 +520,7 @@ def test_gc_during_save(s3: Seaweed, tmp_path: Path, monkeypatch: pytest.MonkeyP
     env = host(s3, tmp_path, "h", FIXEDRAM_CHUNK_CACHE="off")
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    grace = 5.0  # the held save (about 0.3 s) must finish within half of it
+    grace = 8.0  # the held save (about 0.3 s) must finish within half of it
     chunked.write_grace(Store(bucket), grace)
     p = [os.urandom(PIECE) for _ in range(6)]
     _chunked_image(tmp_path / "old.img", p[:2])
