@@ -655,6 +655,20 @@ def test_cache_trim_spares_others_files(tmp_path: Path) -> None:
 # -- reading ----------------------------------------------------------------------------------
 
 
+def _stored_image(s3: Seaweed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str,
+                  n: int) -> tuple[str, list[bytes]]:
+    """An image of ``n`` chunks of random pages stored at ``key``, and its pages; this
+    process gets the store's settings (for reading it in-process)."""
+    env = host(s3, tmp_path, "h")
+    pages = _chunked_image(tmp_path / "a.img", [os.urandom(PIECE) for _ in range(n)])
+    url = f"s3://{BUCKET}/{key}"
+    assert fx(env, "convert", str(tmp_path / "a.img"), url).returncode == 0
+    for k, v in env.items():
+        if k.startswith("AWS_"):
+            monkeypatch.setenv(k, v)
+    return url, pages
+
+
 def test_sequential_read_bounded_memory(s3: Seaweed, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A sequential read of an object image (a full restore's) returns every page and keeps
@@ -664,14 +678,8 @@ def test_sequential_read_bounded_memory(s3: Seaweed, tmp_path: Path,
     from fixedram.image.objimage import BEHIND, open_object_image
     from fixedram.image.reader import PageSlots
 
-    env = host(s3, tmp_path, "h")
     n = 24
-    pages = _chunked_image(tmp_path / "a.img", [os.urandom(PIECE) for _ in range(n)])
-    url = f"s3://{BUCKET}/seq"
-    assert fx(env, "convert", str(tmp_path / "a.img"), url).returncode == 0
-    for k, v in env.items():
-        if k.startswith("AWS_"):
-            monkeypatch.setenv(k, v)
+    url, pages = _stored_image(s3, tmp_path, monkeypatch, "seq", n)
     with open_object_image(url, cache=False) as img:
         meta = img.source.fetched  # the meta chunk
         slots = PageSlots(bytearray(256 * 4096), 0, 4096, 256)
@@ -701,14 +709,8 @@ def test_read_ahead_once(s3: Seaweed, tmp_path: Path, monkeypatch: pytest.Monkey
     test_sequential_read_bounded_memory). Every page still reads back as stored."""
     from fixedram.image.objimage import open_object_image
 
-    env = host(s3, tmp_path, "h")
     n = 24
-    pages = _chunked_image(tmp_path / "a.img", [os.urandom(PIECE) for _ in range(n)])
-    url = f"s3://{BUCKET}/once"
-    assert fx(env, "convert", str(tmp_path / "a.img"), url).returncode == 0
-    for k, v in env.items():
-        if k.startswith("AWS_"):
-            monkeypatch.setenv(k, v)
+    url, pages = _stored_image(s3, tmp_path, monkeypatch, "once", n)
     with open_object_image(url, cache=False) as img:
         img.read_ahead_once()
         src = img.source
