@@ -53,14 +53,19 @@ class SparseArray:
                                else sorted(k for k in chunks if a <= k <= b))
         size = self.size
         for ci in keys:
-            c = chunks.get(ci)
+            c = self._chunk(ci) if create else chunks.get(ci)
             if c is None:
-                if not create:
-                    continue
-                c = chunks[ci] = np.full(size, self.fill, dtype=self.dtype)
+                continue
             base = ci << self.shift
             lo, hi = max(first, base) - base, min(end, base + size) - base
             yield ci, c, lo, hi, base + lo
+
+    def _chunk(self, ci: int) -> np.ndarray:
+        """Chunk ``ci``, made (all default values) if it does not exist yet."""
+        c = self.chunks.get(ci)
+        if c is None:
+            c = self.chunks[ci] = np.full(self.size, self.fill, dtype=self.dtype)
+        return c
 
     def get(self, first: int, n: int) -> np.ndarray:
         """Values of pages ``[first, first + n)`` as one array."""
@@ -86,7 +91,7 @@ class SparseArray:
             k = min(size - lo, n - at)
             c = chunks.get(ci)
             if c is None:
-                c = chunks[ci] = np.full(size, self.fill, dtype=self.dtype)
+                c = self._chunk(ci)
             c[lo : lo + k] = value[at : at + k] if many else value
             at += k
 
