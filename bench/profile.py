@@ -13,7 +13,7 @@ writes the image into ``--dir`` (removed after the measurement); ``send`` stream
 image into a sink that discards it, or with ``--channels N`` sends it as a multifd source
 over 1 + N unix-socket connections to a second process that reads and discards them (its
 CPU is not counted). Prints the profile, then wall and CPU seconds per GiB of page data.
-Needs ``pip install -e '.[bench]'`` (pyinstrument).
+Needs ``bash scripts/setup.sh --bench`` (pyinstrument).
 """
 
 from __future__ import annotations

@@ -7,16 +7,19 @@
 #   bash scripts/setup.sh --dev    # also the test and lint dependencies, and libvirt
 #   bash scripts/setup.sh --libvirt  # the package and libvirt (virsh, libvirtd, the QEMU driver)
 #                                    # with its Python binding (the [libvirt] extra)
+#   bash scripts/setup.sh --bench  # also the benchmarks' charts and profiler (the [bench] extra)
 #
 # Idempotent: what is already present is left alone.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 dev=0
 libvirt=0
+bench=0
 for a in "$@"; do
   case "$a" in
     --dev) dev=1; libvirt=1 ;;
     --libvirt) libvirt=1 ;;
+    --bench) bench=1 ;;
     *) echo "setup.sh: unknown option $a" >&2; exit 2 ;;
   esac
 done
@@ -141,6 +144,7 @@ cd "$here"
 extras=()
 [ "$dev" = 1 ] && extras+=(dev)
 [ "$libvirt" = 1 ] && extras+=(libvirt)
+[ "$bench" = 1 ] && extras+=(bench)
 spec=.
 [ ${#extras[@]} -gt 0 ] && spec=".[$(IFS=,; echo "${extras[*]}")]"
 # The editable install puts the checkout on sys.path with a plain path entry (setuptools'
