@@ -81,8 +81,7 @@ from fixedram.endpoint.source import (
 )
 from fixedram.errors import EndpointError, ImageError, MismatchError
 from fixedram.image import Image
-from fixedram.image.checksum import digests_of
-from fixedram.image.reader import BlockInfo, DirectIO
+from fixedram.image.reader import BlockInfo, DirectIO, PageSlots
 from fixedram.image.sections import ram_section_id
 from fixedram.io.channel import SocketChannel, connect, writev_all
 from fixedram.io.files import IOV_MAX, aligned_buffer
@@ -284,6 +283,8 @@ class _Channel:
         # straight into the packet
         self.payload = memoryview(aligned_buffer(PER_PACKET * PS) if img.direct
                                   else bytearray(PER_PACKET * PS))
+        #: the payload's page slots, where the pages read into it are digested
+        self.slots = PageSlots(self.payload, 0, PS, PER_PACKET)
         #: what is left to send of the current packet: buffers, and ``(offset, length)``
         #: ranges of the image file that go by ``sendfile``
         self.queue: collections.deque[memoryview | tuple[int, int]] = collections.deque()
@@ -353,16 +354,16 @@ class _Pump:
         self.file_fd = img.fileno() if self.zero_copy else -1
         #: where pages sent from the file are read to be checked: one buffer for every
         #: channel, free again once digested, so it stays in the processor's cache
-        self.scratch = memoryview(bytearray(PER_PACKET * PS if self.zero_copy else 0))
+        self.scratch = (PageSlots(bytearray(PER_PACKET * PS), 0, PS, PER_PACKET)
+                        if self.zero_copy and check is not None else None)
 
-    def _read(self, buf: memoryview, name: str, runs: Sequence[tuple[int, int, int]]) -> None:
-        """The pages of ``runs`` read into their slots of ``buf``, and digested there for
-        the check."""
+    def _read(self, slots: PageSlots, name: str, runs: Sequence[tuple[int, int, int]]) -> None:
+        """The pages of ``runs`` read into their slots, and digested there for the check
+        (through the slots' own page views, made once: no view is made per page)."""
         for slot, first, k in runs:
-            view = buf[slot * PS : (slot + k) * PS]
-            self.img.read_into(name, first, view)
+            self.img.read_into(name, first, slots.buf[slot * PS : (slot + k) * PS])
             if self.check is not None:
-                self.check.add(name, first, digests_of([view]))
+                self.check.pages(name, first, slots.views[slot : slot + k])
 
     def _fill(self, ch: _Channel) -> bool:
         """Queue the next packet of the plan on ``ch`` (its last SYNCs after the plan's
@@ -392,12 +393,12 @@ class _Pump:
             # rewritten in place: a save writes a new file and renames it; docs/checksums.md
             # says what this leaves unchecked), or from the buffer
             if self.zero_copy and len(runs) <= _SENDFILE_RUNS:
-                if self.check is not None:
+                if self.scratch is not None:  # the image has checksums
                     self._read(self.scratch, name, runs)
                 for _, first, k in runs:
                     ch.queue.append((self.img.page_offset(name, first), k * PS))
             else:
-                self._read(ch.payload, name, runs)
+                self._read(ch.slots, name, runs)
                 ch.queue.append(ch.payload[: nn * PS])
             c.reads += len(runs)
         c.packets += 1
