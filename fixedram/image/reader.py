@@ -60,7 +60,6 @@ from fixedram.stream import (
     Zero,
     ZeroRun,
 )
-from fixedram.stream.buffer import ARENA
 from fixedram.stream.format import FILE_MAGIC
 
 __all__ = ["open_image", "image_location", "Image", "MappedRamImage", "StreamImage",
@@ -770,15 +769,13 @@ def _stage_size() -> int:
 def _walk(fd: int, base: int, size: int, index: bool) -> tuple[StreamDecoder, dict[str, Any]]:
     """Run the decoder over the file, seeking over mapped-ram regions."""
     # views: page runs are decoded where they were read, never copied (only their place in
-    # the file is kept); a mapped-ram file's metadata comes in small reads, and its buffer
-    # is sized for them (fresh memory is paid for page by page when first touched)
-    chunk = READ_CHUNK if index else METADATA_CHUNK
-    dec = StreamDecoder(base_offset=base, views=True,
-                        arena=ARENA if index else 4 * METADATA_CHUNK)
+    # the file is kept)
+    dec = StreamDecoder(base_offset=base, views=True)
     info: dict[str, Any] = {"blocks": {}, "commands": [], "device": None, "vmdesc": None,
                             "config": None, "where": {}, "sections": 0, "ram_id": None}
     where: dict[str, PageIndex] = info["where"]
     pos = base
+    chunk = READ_CHUNK if index else METADATA_CHUNK
     while True:
         want = dec.next_offset
         if want != pos:
@@ -876,7 +873,7 @@ def open_image(path: str | os.PathLike[str], *, offset: int | None = None) -> Im
             offset = lv.payload_offset
         base = _find_base(fd, size) if offset is None else offset
         head = os.pread(fd, 4096, base)
-        cfg_probe = StreamDecoder(base_offset=base, arena=len(head))
+        cfg_probe = StreamDecoder(base_offset=base)
         try:
             recs = cfg_probe.feed(head)
         except StreamError as e:

@@ -29,7 +29,7 @@ from itertools import pairwise
 
 from fixedram._lazy import numpy as np
 from fixedram.errors import StreamError, TruncatedStream, UnsupportedRecord
-from fixedram.stream.buffer import ARENA, NeedData, ReceiveBuffer
+from fixedram.stream.buffer import NeedData, ReceiveBuffer
 from fixedram.stream.format import (
     BE32,
     BE64,
@@ -134,13 +134,11 @@ class StreamDecoder:
     :meth:`feed` calls later, so it must be consumed (or copied) before then.
     ``views`` (implies ``runs``) makes that view one of the received records
     themselves (``PageRun.stride``): no copy of page data (see :meth:`recv_space`).
-    ``arena`` sizes the receive buffer's two arenas (:class:`ReceiveBuffer`; grown when a
-    record needs more): a reader of metadata only, in small pieces, needs no 2 MiB.
     """
 
     def __init__(self, *, base_offset: int = 0, runs: bool = False,
-                 views: bool = False, arena: int = ARENA) -> None:
-        self._buf = ReceiveBuffer(base_offset, arena)
+                 views: bool = False) -> None:
+        self._buf = ReceiveBuffer(base_offset)
         self._runs = runs or views
         self._views = views
         self._side: memoryview | None = None  # receive space outside the buffer
