@@ -263,6 +263,37 @@ def test_runs_in_pieces_equal_whole_bitmap(tmp_path: Path) -> None:
             assert np.array_equal(img.present_range("pc.ram", a, npages - a), whole[a:])
 
 
+def test_bitmap_runs_match_per_page() -> None:
+    """Runs found from a bitmap's edges, word-wise, are the runs of one bool per page: runs
+    across word boundaries, whole words set, a last partial word with bits set beyond the
+    range, sparse and dense bitmaps."""
+    import itertools
+
+    import numpy as np
+
+    from fixedram.image.layout import bitmap_runs
+
+    def plain(bits: np.ndarray) -> list[tuple[int, int]]:
+        out, at = [], 0
+        for value, group in itertools.groupby(bits.tolist()):
+            n = len(list(group))
+            if value:
+                out.append((at, n))
+            at += n
+        return out
+
+    rng = np.random.default_rng(11)
+    for _ in range(3000):
+        nwords = int(rng.integers(1, 40))
+        if rng.random() < 0.3:  # whole words set or clear
+            bits = np.repeat(rng.random(nwords) < 0.5, 64)
+        else:
+            bits = rng.random(nwords * 64) < rng.random() ** 3
+        raw = np.packbits(bits, bitorder="little").tobytes() + bytes(8 * int(rng.integers(0, 2)))
+        npages = int(rng.integers((nwords - 1) * 64 + 1, nwords * 64 + 1))
+        assert list(bitmap_runs(raw, npages)) == plain(bits[:npages])
+
+
 def test_page_index_matches_dense() -> None:
     """The sparse legacy-stream page index gives what a dense per-page array gives, for
     random overlapping runs of data and zeroing; chunks cleared whole are freed."""

@@ -12,6 +12,8 @@ background. The stream (``docs/protocol.md`` §8)::
       -- wait for PONG(2): the destination accepted everything so far --
     | PART ram: the working-set record's first pages, EOS  (precopy pages; only with a record)
     | PACKAGED{ LISTEN | device state | PING(3) | RUN }          <- the guest runs from here
+    | PART ram: requested pages only, EOS  (repeated)
+      -- until PONG(3): the destination loaded the device state (at most DEVICE_LOAD_HOLD) --
     | PART ram: requested pages first, else a batch of unsent pages, EOS  (repeated)
     | END ram: EOS | EOF                                         -- wait for SHUT
 
@@ -77,11 +79,12 @@ from fixedram.endpoint.source import (
 from fixedram.errors import EndpointError, FixedramError, ImageError, MismatchError
 from fixedram.image import Image
 from fixedram.image.layout import runs
+from fixedram.image.reader import PageSlots
 from fixedram.image.sections import ram_section_id
 from fixedram.image.sparse import SparseBits
 from fixedram.io.channel import Buffer, Channel
 from fixedram.stream import CommandRecord, EndOfFile, Packaged, SectionPart, StreamEncoder, encode
-from fixedram.stream.encoder import counted
+from fixedram.stream.encoder import PageRecords, counted
 from fixedram.stream.format import (
     BE32,
     BE64,
@@ -131,6 +134,9 @@ LEARN_QUIET = 0.5
 LEARN_MAX = 10.0
 #: Pages of the working-set record sent before RUN (16 MiB); the rest follows RUN at once.
 BEFORE_RUN_PAGES = 4096
+#: Longest the push waits after RUN for the destination to have loaded the device state
+#: (PONG 3), serving only its requests meanwhile (s); past it the push starts anyway.
+DEVICE_LOAD_HOLD = 2.0
 
 
 class PostcopyFailed(EndpointError):
@@ -391,8 +397,10 @@ class _Server:
         self.t_running = t0  # set at RUN
         self.pieces = self._pieces()
         self.next_piece = 0  # pieces before it were sent before RUN
-        self._buf = memoryview(bytearray(PUSH_BATCH_PAGES * PS))
-        self._recs = record_buffer(PUSH_BATCH_PAGES)
+        #: a batch's read buffer and record buffer (2 MiB), made by the first batch: after
+        #: RUN unless a working-set record is prefetched, so the guest does not wait for
+        #: their first touch
+        self._bufs: tuple[memoryview, tuple[PageRecords, PageSlots]] | None = None
         self._clocks: dict[bool, list[float]] = {}
         self.progress = Progress(progress, self.stats)
 
@@ -478,8 +486,10 @@ class _Server:
         The batch's pages are laid out header+page after header+page in one record buffer
         (framed by the encoder, no per-page Python), instead of two small buffers per page.
         """
-        pieces, buf = self.pieces, self._buf
-        recs, slots = self._recs
+        if self._bufs is None:
+            self._bufs = (memoryview(bytearray(PUSH_BATCH_PAGES * PS)),
+                          record_buffer(PUSH_BATCH_PAGES))
+        pieces, (buf, (recs, slots)) = self.pieces, self._bufs
         body: list[Buffer] = []
         used = taken = 0
         kind = pieces[i][3]
@@ -532,6 +542,22 @@ class _Server:
             self._pace(True)
             i = self._batch(i)
         self.next_piece = i
+
+    def await_device_load(self) -> None:
+        """Serve only the destination's requests until it has loaded the device state and
+        reached RUN (PONG 3), at most :data:`DEVICE_LOAD_HOLD` s.
+
+        The device state's loading may touch guest pages (a device's post-load reads its
+        rings or ROM): each such page is a round trip the guest's start waits for, and an
+        answer queued behind a megabyte of pushed pages (and a destination busy placing
+        them) takes milliseconds instead of a fraction of one.
+        """
+        limit = time.monotonic() + DEVICE_LOAD_HOLD
+        while _PING_RUNNING not in self.rp.pongs and (left := limit - time.monotonic()) > 0:
+            self.rp.wait(lambda: bool(self.rp.requests) or _PING_RUNNING in self.rp.pongs,
+                         left)
+            self.serve_requests()
+            self._check_alive()
 
     def push_all(self) -> None:
         """Push every unsent page, in bounded batches; requests always go first.
@@ -794,6 +820,7 @@ def _run(img: Image, channel: Channel, preamble: bytes, package: bytes,
         srv.progress.tick(force=True)
         if on_running is not None:
             on_running()
+        srv.await_device_load()
         srv.push_all()
         tail = [*ram_end(srv.sid), encode(EndOfFile())]
         if record_deadline is not None:

@@ -110,18 +110,45 @@ def index_runs(pages: np.ndarray) -> list[tuple[int, int, int]]:
 def bitmap_runs(raw: bytes | bytearray | memoryview, npages: int) -> Iterator[tuple[int, int]]:
     """Maximal runs of set bits among the first ``npages`` bits of ``raw`` (on-disk order).
 
-    ``raw`` holds whole 64-bit words. Only the words with a bit set are unpacked, so a
-    sparse bitmap costs memory in proportion to its set bits, a dense one one byte per page.
+    ``raw`` holds whole 64-bit words. The runs are found from their edges, word-wise: a
+    run starts at a set bit whose lower neighbour (across words too) is clear and ends at
+    one whose upper neighbour is clear. Only the words holding an edge are unpacked, so
+    the cost follows the number of runs, not the number of pages: a 4 GiB block's bitmap
+    (16 Ki words) with few runs takes a few arrays of 128 KiB, where one bool per page
+    would take 1 MiB and several passes over it. When runs start in most words, one bool
+    per page is cheaper, and is used.
     """
-    words = np.frombuffer(raw, dtype="<u8")
-    nz = np.flatnonzero(words)
-    if not len(nz):
+    nwords = -(-npages // 64)
+    words = np.frombuffer(raw, dtype="<u8", count=nwords)
+    if npages % 64:  # bits beyond the last page are not the range's
+        words = words.copy()
+        words[-1] &= np.uint64((1 << (npages % 64)) - 1)
+    if not words.any():
         return iter(())
-    if len(nz) * 8 > len(words):  # dense: one bool per page
+    one, top = np.uint64(1), np.uint64(63)
+    first = words << one  # bit i: bit i - 1 of the bitmap (in place from here: fewer arrays)
+    carry = words[:-1] >> top
+    first[1:] |= carry
+    np.invert(first, out=first)
+    first &= words  # set bits whose lower neighbour is clear
+    if 2 * np.count_nonzero(first) > nwords:  # runs start in most words: per page is cheaper
         return runs(bitmap_to_bools(raw, npages))
+    last = np.right_shift(words, one)  # bit i: bit i + 1 of the bitmap
+    np.left_shift(words[1:], top, out=carry)
+    last[:-1] |= carry
+    np.invert(last, out=last)
+    last &= words  # set bits whose upper neighbour is clear
+    starts = _set_bits(first)
+    ends = _set_bits(last)
+    return zip(starts.tolist(), (ends - starts + 1).tolist(), strict=True)
+
+
+def _set_bits(words: np.ndarray) -> np.ndarray:
+    """Indices of the set bits of ``words`` (bit ``k`` of word ``w`` is ``64 * w + k``),
+    in order; only the non-zero words are unpacked."""
+    nz = np.flatnonzero(words)
     bits = np.unpackbits(words[nz].view(np.uint8), bitorder="little").reshape(len(nz), 64)
-    pages = (nz[:, None] * 64 + np.arange(64))[bits.astype(bool)]
-    return ((f, k) for _, f, k in index_runs(pages[pages < npages]))
+    return (nz[:, None] * 64 + np.arange(64))[bits.astype(bool)]
 
 
 def bitmap_bits(raw: bytes | bytearray | memoryview, npages: int, skip: int = 0) -> int:

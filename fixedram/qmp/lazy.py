@@ -175,10 +175,15 @@ def lazy_restore(
             watch.close()
             raise
         try:
+            if isinstance(way, FdTransport):
+                # the sender prepares (checks, bitmaps, the stream's head) and writes the
+                # head into its end of the socket pair while QEMU is set up below: the
+                # socket holds it until QEMU reads (a refused set-up cuts the socket)
+                watch.worker = sender.start(way.channel)
             settings.set({"postcopy-ram": True, "mapped-ram": False, "multifd": False}, {})
             if not paused:
                 qmp.cmd("cont")  # while inmigrate: start the guest as soon as RUN arrives
-            watch.worker = _start(qmp, way, sender)
+            watch.worker = _start(qmp, way, sender, watch.worker)
             t_running, counts = _wait(watch, way, t0, timeout)
         except BaseException:
             abandon(watch.worker, way)
@@ -270,18 +275,14 @@ def _transport(qmp: QMP, kind: Transport, path: Path | str,
     return ExecTransport(argv)
 
 
-def _start(qmp: QMP, way: _Way, sender: _Sender) -> Worker | None:
-    """Start the load on ``way``; return the sender's thread (None: QEMU runs the exec:
-    child)."""
+def _start(qmp: QMP, way: _Way, sender: _Sender, worker: Worker | None) -> Worker | None:
+    """Start the load on ``way``; return the sender's thread (``worker``, already started
+    on an fd transport's socket; None: QEMU runs the exec: child)."""
     def incoming(uri: str) -> None:
         qmp.cmd("migrate-incoming", uri=uri)
 
     if isinstance(way, FdTransport):
-        # the sender prepares and writes the stream's head while QEMU starts the load: the
-        # socket holds it until QEMU reads (a refused load ends the sender)
-        way.hand()
-        worker = sender.start(way.channel)
-        way.migrate(incoming)
+        way.migrate(incoming)  # hands QEMU its end first
         return worker
     way.migrate(incoming)
     if isinstance(way, UnixConnect):

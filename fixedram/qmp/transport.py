@@ -5,8 +5,10 @@ A transport knows the URI QEMU is given (``migrate`` or ``migrate-incoming``) an
 end of the stream (a channel, a listener, or an address to connect to). Creating one touches
 nothing in QEMU: a failed check leaves QEMU as it was. Then:
 
-* :meth:`Transport.hand` gives QEMU its end where it needs one (``getfd``), before the
-  thread at fixedram's end starts (that thread may close the transport when it is done);
+* :meth:`Transport.hand` gives QEMU its end where it needs one (``getfd``), before a
+  thread at fixedram's end that may close the transport when it is done starts (a save's
+  writer); one that does not (a lazy restore's sender) may start before, and write into
+  its end of a socket pair, which holds the bytes until QEMU reads;
 * :meth:`Transport.migrate` hands QEMU its end if not done yet and runs the migrate
   command; when QEMU refuses, what it was given is dropped again;
 * :meth:`Transport.abandon`, after a failure, cuts fixedram's end so that the thread reading
