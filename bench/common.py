@@ -10,7 +10,7 @@ from pathlib import Path
 import fixedram
 from fixedram.io.files import drop_cached
 
-__all__ = ["FIXEDRAM", "compile_package", "drop_cache"]
+__all__ = ["FIXEDRAM", "compile_package", "cpu_seconds", "drop_cache"]
 
 
 def _command() -> list[str]:
@@ -40,3 +40,10 @@ def drop_cache(path: Path) -> None:
         drop_cached(fd)
     finally:
         os.close(fd)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tck = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / tck

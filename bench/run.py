@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import FIXEDRAM, compile_package
+from bench.common import FIXEDRAM, compile_package, cpu_seconds
 from fixedram.testing.guest import build_guest
 from fixedram.testing.vm import Guest, choose_accel, find_qemu
 
@@ -102,13 +102,6 @@ def drop_caches() -> None:
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
     except OSError:
         pass
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    tck = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / tck
 
 
 def run_fixedram(args: list[str]) -> dict[str, Any]:

@@ -95,7 +95,6 @@ def send_command(image: str, address: str | None, fd: int | None, qmp_socket: st
     """Restore IMAGE into a waiting QEMU (stream on stdout unless --connect/--fd)."""
     from fixedram.endpoint.send import send, validate
     from fixedram.image import open_image
-    from fixedram.qmp.destination import query_destination
 
     direct = direct_mode(direct_io, require_direct_io)
 
@@ -123,8 +122,11 @@ def send_command(image: str, address: str | None, fd: int | None, qmp_socket: st
                        not no_prefetch, not no_record, prefetch_rate)
         return
     with open_image(image) as img:
+        img.prefetch()  # an object image: its first chunks, while it is checked
         dest_machine = dest_blocks = None
-        if qmp_socket is not None:
+        if qmp_socket is not None:  # the QMP modules are imported only when needed
+            from fixedram.qmp.destination import query_destination
+
             dest_machine, dest_blocks = query_destination(qmp_socket)
         # Refuse before connecting: QEMU cannot be reused after a failed load.
         validate(img, dest_machine=dest_machine, dest_blocks=dest_blocks)

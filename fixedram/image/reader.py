@@ -458,6 +458,11 @@ class Image:
         """Hint: the reader takes each page once (a lazy restore), so data read ahead once
         need not be read ahead again. Nothing to do for a file: the kernel reads ahead."""
 
+    def prefetch(self) -> None:
+        """Hint: a reader is about to read the whole image in order (a full restore or
+        ``send``): start fetching its first data. Nothing to do for a file: the kernel
+        reads ahead."""
+
     @property
     def fetched_bytes(self) -> int:
         """Bytes fetched from an object store so far (0 for a local file)."""

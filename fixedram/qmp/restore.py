@@ -153,16 +153,15 @@ def restore(
     facts = read_facts(qmp)
     dest_blocks = incoming_blocks(qmp, facts)
     with open_image(path) as img:
-        validate(img, dest_machine=facts.machine, dest_blocks=dest_blocks)
         if not img.pages_in_file:  # QEMU reads only files: the proxy serves it the pages
             if via == "native":
                 raise VMError(f"--via native needs a local image file; {image} is not one "
                               "(use --via proxy)")
             via = "proxy"
-            from fixedram.image.objimage import ObjectImage
-
-            if isinstance(img, ObjectImage):
-                img.prefetch()  # the stream's first chunks, while the destination is set up
+            # the stream's first chunks, while the image is checked and the destination is
+            # set up (a refused image costs the GETs under way, nothing else)
+            img.prefetch()
+        validate(img, dest_machine=facts.machine, dest_blocks=dest_blocks)
         how, fresh = _choose(qmp, facts, img.format, via)
         if how == "proxy":
             img.open_direct(direct_io)
