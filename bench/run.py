@@ -451,7 +451,7 @@ def main() -> None:
     try:
         chart(res, args.data_mib, outdir / f"{stamp}.png")
     except ImportError:
-        print("bench: matplotlib missing, no chart (bash scripts/setup.sh --bench)", file=sys.stderr)
+        print("bench: matplotlib missing, no chart (scripts/setup.sh --bench)", file=sys.stderr)
     print(text)
     print(f"\nbench: results in {outdir}/{stamp}.*  ({resource.getrusage(0).ru_maxrss // 1024}"
           " MiB peak RSS of the driver)", file=sys.stderr)

@@ -312,7 +312,7 @@ def main() -> None:
     try:
         chart(res, outdir / f"scale-{stamp}.png")
     except ImportError:
-        print("bench: matplotlib missing, no chart (bash scripts/setup.sh --bench)", file=sys.stderr)
+        print("bench: matplotlib missing, no chart (scripts/setup.sh --bench)", file=sys.stderr)
     print(text)
     print(f"\nscale: results in {outdir}/scale-{stamp}.*", file=sys.stderr)
 

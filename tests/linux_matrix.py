@@ -191,8 +191,8 @@ def restore(saved: Saved, src: Source, how: str, *, qemu: str = "10", paused: bo
             args.append("--lazy")
         else:
             args += ["--via", "proxy" if how.startswith("proxy") else how]
-        if how == "proxy-mf":
-            args += ["--channels", "2"]
+        if how.startswith("proxy"):  # one stream, or two channels (the default)
+            args += ["--channels", "2" if how == "proxy-mf" else "0"]
         if paused:
             args.append("--paused")
         args.append(str(image or saved.path))

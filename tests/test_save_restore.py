@@ -134,7 +134,10 @@ def restore_and_check(src: Guest, socks: Path, image: Path, via: str, src_mem: P
             assert rep["status"] == "running"
             assert dst.status() == "running"
             st = read_status(src_mem.read_bytes()[: 0x400000])
-        assert rep["caps_changed"] == ({"mapped-ram": True} if via == "native" else {})
+        # a proxy restore of a mapped-ram image takes two multifd channels by default
+        assert rep["caps_changed"] == ({"mapped-ram": True} if via == "native"
+                                       else {"multifd": True})
+        assert rep["channels"] == (2 if via == "proxy" else 0)
         # capabilities are put back after the load
         caps = {c["capability"]: c["state"] for c in dst.cmd("query-migrate-capabilities")}
         assert not caps.get("mapped-ram", False)

@@ -37,6 +37,7 @@ from fixedram.endpoint.multifd_send import (
 from fixedram.errors import EndpointError, ImageError, MismatchError
 from fixedram.image import open_image
 from fixedram.qmp.destination import query_multifd_dest
+from fixedram.qmp.restore import AUTO_PROXY_CHANNELS, choose_channels
 from fixedram.stream import StreamEncoder
 from fixedram.stream.multifd import (
     MULTIFD_PACKET_SIZE,
@@ -252,13 +253,26 @@ def test_send_channels_every_page(fixedram_image: Callable[[Any], tuple[Path, An
         _check_runs_on(dst, case)
 
 
+def test_default_channels() -> None:
+    """Unless asked, a proxy restore of a mapped-ram image read buffered takes two channels;
+    a legacy stream, a native load and O_DIRECT reads one stream; asked, as asked."""
+    assert choose_channels("proxy", "mapped-ram", None, False) == AUTO_PROXY_CHANNELS == 2
+    assert choose_channels("proxy", "stream", None, False) == 0
+    assert choose_channels("native", "mapped-ram", None, False) == 0
+    assert choose_channels("proxy", "mapped-ram", None, True) == 0
+    assert choose_channels("proxy", "mapped-ram", 0, False) == 0
+    assert choose_channels("proxy", "stream", 4, False) == 4
+
+
 @pytest.mark.qemu
+@pytest.mark.parametrize("asked", [["--channels", "2"], []], ids=["asked", "default"])
 def test_restore_cli_channels(fixedram_image: Callable[[Any], tuple[Path, Any]],
-                              shm_dir: Path, tmp_path: Path, sockdir: Path) -> None:
+                              shm_dir: Path, tmp_path: Path, sockdir: Path,
+                              asked: list[str]) -> None:
     img, case = fixedram_image("legacy")
     dst, qmp2, _ = _dest(case, tmp_path, sockdir, find_qemu("10"), "rst", 0)
     with dst:
-        r = _cli("restore", "--qmp", str(qmp2), "--via", "proxy", "--channels", "2",
+        r = _cli("restore", "--qmp", str(qmp2), "--via", "proxy", *asked,
                  "--paused", "--json", str(img))
         assert r.returncode == 0, r.stderr
         rep = json.loads(r.stdout)

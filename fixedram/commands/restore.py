@@ -50,18 +50,18 @@ __all__ = ["restore_command"]
               show_default=True, help="--lazy: how the stream reaches QEMU.")
 @lazy_options("--lazy")
 @direct_io_options("Read")
-@click.option("--channels", type=click.IntRange(0, 255), default=0, show_default=True,
-              metavar="N",
+@click.option("--channels", type=click.IntRange(0, 255), default=None, metavar="N",
               help="multifd channels (sets capability multifd and multifd-channels on the "
                    "destination): native, QEMU's reader threads; proxy, fixedram sends the "
-                   "pages over N connections.")
+                   "pages over N connections; 0: one stream. Default: 2 for a proxy restore "
+                   "of a mapped-ram image (local or s3://) read buffered, else 0.")
 @one_line_errors
 def restore_command(image: str, qmp_socket: str, via: str, paused: bool,
                     progress: bool | None, as_json: bool,
                     lazy: bool = False, transport: str = "fd",
                     push_rate: str | None = None, direct_io: bool = False,
                     require_direct_io: bool = False,
-                    channels: int = 0, use_libvirt: bool = False, uri: str | None = None,
+                    channels: int | None = None, use_libvirt: bool = False, uri: str | None = None,
                     xml_file: str | None = None, no_record: bool = False,
                     no_prefetch: bool = False, prefetch_rate: str | None = None) -> None:
     """Restore IMAGE into the waiting QEMU behind --qmp, then resume the VM.

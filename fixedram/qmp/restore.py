@@ -93,6 +93,26 @@ class RestoreReport:
         return asdict(self)
 
 
+#: multifd connections of a proxy restore of a mapped-ram image when none are asked for: QEMU
+#: then loads with a thread per connection instead of parsing one stream page by page, and
+#: the image's runs of pages go out by ``sendfile`` (docs/multifd.md §6.1); more than two
+#: gained nothing on the two-core machines measured (README, "Performance").
+AUTO_PROXY_CHANNELS = 2
+
+
+def choose_channels(how: str, image_format: str, channels: int | None,
+                    direct_io: DirectIO) -> int:
+    """``channels`` as asked, or when not (None) the default of a load ``how`` of an image of
+    ``image_format``: :data:`AUTO_PROXY_CHANNELS` for a proxy load of a mapped-ram image read
+    buffered, else one stream (0). A legacy stream stays one stream: its pages lie between
+    its records and would be copied out one by one."""
+    if channels is not None:
+        return channels
+    if how == "proxy" and image_format == "mapped-ram" and not direct_io:
+        return AUTO_PROXY_CHANNELS
+    return 0
+
+
 def choose_restore_via(version: tuple[int, int, int], image_format: str, via: Via) -> str:
     """Resolve ``via`` for a destination QEMU of ``version`` and an image of ``image_format``."""
     native_ok = version[:2] >= MAPPED_RAM.since and image_format == "mapped-ram"
@@ -127,7 +147,7 @@ def restore(
     via: Via = "auto",
     paused: bool = False,
     progress: ProgressFn | None = None,
-    channels: int = 0,
+    channels: int | None = None,
     readers: int = 1,
     timeout: float | None = None,
     direct_io: DirectIO = False,
@@ -135,7 +155,8 @@ def restore(
     """Load ``image`` into the QEMU behind ``qmp`` (started with ``-incoming defer``).
 
     ``paused``: leave the VM paused after the load (else ``cont``). ``channels``: multifd
-    channels (0 = none); ``native``: QEMU's reader threads; ``proxy``: fixedram is a multifd
+    channels (0 = none; None = :func:`choose_channels`'s default, one stream where QEMU cannot
+    listen for more); ``native``: QEMU's reader threads; ``proxy``: fixedram is a multifd
     source with that many connections, over a unix socket QEMU listens on
     (:meth:`_Load.multifd`). ``readers``: read-ahead depth of a single-stream ``proxy``.
     ``direct_io``: page data is read with O_DIRECT, by fixedram (``proxy``) or by QEMU
@@ -163,6 +184,8 @@ def restore(
             img.prefetch()
         validate(img, dest_machine=facts.machine, dest_blocks=dest_blocks)
         how, fresh = _choose(qmp, facts, img.format, via)
+        asked = channels is not None
+        channels = choose_channels(how, img.format, channels, direct_io)
         if how == "proxy":
             img.open_direct(direct_io)
         elif direct_io and isinstance(path, Path) and not _direct_ok(path, direct_io):
@@ -181,9 +204,13 @@ def restore(
                 try:
                     watch.worker = load.multifd(channels)
                 except _CannotListen as e:
-                    raise VMError(f"QEMU cannot listen for multifd channels in fixedram's "
-                                  f"private directory ({e}): restore with --channels 0 (one "
-                                  f"stream)") from None
+                    if not asked:  # the default: one stream needs no listening QEMU
+                        channels = 0
+                        watch.worker = load.fd(readers=readers, direct_io=direct_io)
+                    else:
+                        raise VMError(f"QEMU cannot listen for multifd channels in "
+                                      f"fixedram's private directory ({e}): restore with "
+                                      f"--channels 0 (one stream)") from None
             else:
                 watch.worker = load.fd(readers=readers, direct_io=direct_io)
             deadline = None if timeout is None else time.monotonic() + timeout
