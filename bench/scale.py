@@ -64,7 +64,7 @@ RESTORES: dict[str, tuple[str, list[str] | None]] = {
     "qemu mapped-ram load": ("qemu mapped-ram save", None),
     "restore native": ("save native", ["--via", "native"]),
     "restore native multifd2": ("save native", ["--via", "native", "--channels", "2"]),
-    "restore proxy": ("save proxy", ["--via", "proxy"]),
+    "restore proxy": ("save proxy", ["--via", "proxy", "--channels", "0"]),
     "restore proxy multifd2": ("save proxy", ["--via", "proxy", "--channels", "2"]),
     "restore lazy": ("save proxy", ["--lazy"]),
 }

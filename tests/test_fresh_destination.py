@@ -55,7 +55,8 @@ def test_restore_into_ram_with_data(accel: str, tmp_path: Path, shm_dir: Path,
         assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
         assert "already holds data" in r.stderr and "dst.ram" in r.stderr
         assert dst.status() == "inmigrate"  # refused before anything was loaded
-        via = ["--via", "proxy", "--channels", str(channels)] if channels else []
+        via = ["--via", "proxy", "--channels", str(channels)] if channels else ["--channels",
+                                                                                  "0"]
         rep = run_ok("restore", "--qmp", ctl, str(image), "--paused", *via)
         assert rep["via"] == "proxy"  # auto picks the proxy for such a destination
         dst_mem = dst.pmemsave(shm_dir / "dst.mem", size=MEM)

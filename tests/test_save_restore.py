@@ -116,10 +116,14 @@ def check_continues(dst: Guest, last_src_hb: int, gen: int) -> None:
 def restore_and_check(src: Guest, socks: Path, image: Path, via: str, src_mem: Path,
                       last_hb: int, accel: str, name: str, *, paused: bool,
                       dumps: Path) -> dict[str, Any]:
+    """``via``: native, proxy (its default channels) or proxy-one (one stream)."""
     dst = destination(src, socks, name)
+    one = via == "proxy-one"
+    via = "proxy" if one else via
     with dst:
         args = ["restore", "--qmp", str(socks / f"{name}-ctl.qmp"), str(image), "--via", via]
-        rep = run_ok(*args, *(["--paused"] if paused else []))
+        rep = run_ok(*args, *(["--paused"] if paused else []), *(["--channels", "0"] if one
+                                                                   else []))
         assert rep["via"] == via
         assert rep["pages"] > 0 and rep["bytes"] == rep["pages"] * 4096
         if paused:
@@ -136,11 +140,11 @@ def restore_and_check(src: Guest, socks: Path, image: Path, via: str, src_mem: P
             st = read_status(src_mem.read_bytes()[: 0x400000])
         # a proxy restore of a mapped-ram image takes two multifd channels by default
         assert rep["caps_changed"] == ({"mapped-ram": True} if via == "native"
-                                       else {"multifd": True})
-        assert rep["channels"] == (2 if via == "proxy" else 0)
+                                       else {} if one else {"multifd": True})
+        assert rep["channels"] == (2 if via == "proxy" and not one else 0)
         # capabilities are put back after the load
         caps = {c["capability"]: c["state"] for c in dst.cmd("query-migrate-capabilities")}
-        assert not caps.get("mapped-ram", False)
+        assert not caps.get("mapped-ram", False) and not caps.get("multifd", False)
         check_continues(dst, last_hb, st["gen"])
     return rep
 
@@ -151,7 +155,8 @@ def restore_and_check(src: Guest, socks: Path, image: Path, via: str, src_mem: P
 
 ROUNDTRIPS = [
     # (qemu, save via, live, [(restore via, paused)])
-    pytest.param("10", "proxy", True, [("native", True), ("proxy", False)], id="10-proxy-live"),
+    pytest.param("10", "proxy", True, [("native", True), ("proxy", False), ("proxy-one", True)],
+                 id="10-proxy-live"),
     pytest.param("10", "native", False, [("proxy", True), ("native", False)], id="10-native"),
     pytest.param("7.2", "proxy", True, [("proxy", True)], id="7.2-proxy-live"),
 ]

@@ -95,16 +95,17 @@ class RestoreReport:
 
 #: multifd connections of a proxy restore of a mapped-ram image when none are asked for: QEMU
 #: then loads with a thread per connection instead of parsing one stream page by page, and
-#: the image's runs of pages go out by ``sendfile`` (docs/multifd.md §6.1); more than two
-#: gained nothing on the two-core machines measured (README, "Performance").
+#: a local image's runs of pages go out by ``sendfile`` (docs/multifd.md §6.1); more than
+#: two gained nothing on the two-core machines measured (README, "Performance").
 AUTO_PROXY_CHANNELS = 2
 
 
 def choose_channels(how: str, image_format: str, channels: int | None,
-                    direct_io: DirectIO) -> int:
+                    direct_io: bool) -> int:
     """``channels`` as asked, or when not (None) the default of a load ``how`` of an image of
     ``image_format``: :data:`AUTO_PROXY_CHANNELS` for a proxy load of a mapped-ram image read
-    buffered, else one stream (0). A legacy stream stays one stream: its pages lie between
+    buffered (``direct_io`` False: not asked for, or refused by the filesystem), else one
+    stream (0). A legacy stream stays one stream: its pages lie between
     its records and would be copied out one by one."""
     if channels is not None:
         return channels
@@ -184,12 +185,17 @@ def restore(
             img.prefetch()
         validate(img, dest_machine=facts.machine, dest_blocks=dest_blocks)
         how, fresh = _choose(qmp, facts, img.format, via)
-        asked = channels is not None
-        channels = choose_channels(how, img.format, channels, direct_io)
+        reads_direct = bool(direct_io)
         if how == "proxy":
-            img.open_direct(direct_io)
+            reads_direct = img.open_direct(direct_io)
+            # the senders frame pages with numpy: loaded now, before migrate-incoming,
+            # rather than by a sender while QEMU waits for the first bytes (an image
+            # without checksums has not loaded it yet; about 45 ms of CPU)
+            load_now(np)
         elif direct_io and isinstance(path, Path) and not _direct_ok(path, direct_io):
             direct_io = False
+        asked = channels is not None
+        channels = choose_channels(how, img.format, channels, reads_direct)
         if how == "native" and direct_io:
             channels = max(1, channels)  # QEMU reads with O_DIRECT only under multifd
         pages = sum(img.count_present(n) for n in img.blocks)
@@ -315,10 +321,6 @@ class _Load:
         refuse ``fd:``), written by :func:`~fixedram.endpoint.send.send`."""
         from fixedram.endpoint.send import send
 
-        # the sender frames pages with numpy: loaded here, before migrate-incoming, rather
-        # than by the sender while QEMU waits for the stream's first bytes (an image
-        # without checksums has not loaded it yet; about 45 ms of CPU)
-        load_now(np)
         self.settings.set({"mapped-ram": False, "multifd": False}, {})
         way = self.way = FdTransport(self.qmp, _FD_NAME)
         way.migrate(self._incoming)
