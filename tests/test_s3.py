@@ -117,7 +117,7 @@ def test_save_restore_incremental_lazy(s3: Seaweed, accel: str, tmp_path: Path,
                               "--via", "native"))
         assert "needs a local image file" in e
         rep = ok(b, "restore", "--qmp", str(socks / "dst1-ctl.qmp"), url, "--paused")
-        assert rep["via"] == "proxy" and rep["channels"] == 2  # the default for an object
+        assert rep["via"] == "proxy" and rep["channels"] == 0  # the default for an object
         assert same_ram(src_mem, dst.pmemsave(dumps / "dst1.mem"), accel) == []
         dst.cont()
         check_continues(dst, last_hb, st["gen"])
@@ -273,13 +273,13 @@ def test_empty_and_bad_settings(s3: Seaweed, tmp_path: Path, qemu_image: Any,
 
 
 @pytest.mark.long
-@pytest.mark.parametrize("channels", [[], ["--channels", "0"]], ids=["default", "one-stream"])
+@pytest.mark.parametrize("channels", [[], ["--channels", "2"]], ids=["default", "channels"])
 def test_server_restart_during_restore(s3: Seaweed, accel: str, tmp_path: Path,
                                        socks: Path, shm_dir: Path,  # noqa: F811
                                        channels: list[str]) -> None:
-    """The server is killed and started again while a full restore reads chunks (two
-    multifd channels, the default, or one stream): the requests are retried and the restored
-    RAM equals the saved one."""
+    """The server is killed and started again while a full restore reads chunks (one stream,
+    the default for an object image, or two multifd channels): the requests are retried and
+    the restored RAM equals the saved one."""
     qemu = find_qemu("10")
     env = host(s3, tmp_path, "h", FIXEDRAM_S3_RETRY_SECONDS="20")
     url = f"s3://{BUCKET}/restart/vm"

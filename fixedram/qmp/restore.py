@@ -93,23 +93,25 @@ class RestoreReport:
         return asdict(self)
 
 
-#: multifd connections of a proxy restore of a mapped-ram image when none are asked for: QEMU
+#: multifd connections of a proxy restore of a local mapped-ram image when none are asked for: QEMU
 #: then loads with a thread per connection instead of parsing one stream page by page, and
 #: a local image's runs of pages go out by ``sendfile`` (docs/multifd.md §6.1); more than
 #: two gained nothing on the two-core machines measured (README, "Performance").
 AUTO_PROXY_CHANNELS = 2
 
 
-def choose_channels(how: str, image_format: str, channels: int | None,
-                    direct_io: bool) -> int:
+def choose_channels(how: str, image_format: str, channels: int | None, *, direct_io: bool,
+                    in_file: bool) -> int:
     """``channels`` as asked, or when not (None) the default of a load ``how`` of an image of
-    ``image_format``: :data:`AUTO_PROXY_CHANNELS` for a proxy load of a mapped-ram image read
-    buffered (``direct_io`` False: not asked for, or refused by the filesystem), else one
-    stream (0). A legacy stream stays one stream: its pages lie between
-    its records and would be copied out one by one."""
+    ``image_format``: :data:`AUTO_PROXY_CHANNELS` for a proxy load of a local (``in_file``)
+    mapped-ram image read buffered (``direct_io`` False: not asked for, or refused by the
+    filesystem), else one stream (0). A legacy stream stays one stream: its pages lie
+    between its records and would be copied out one by one. An object image's pages are
+    copied into the packets either way, and its restores measured no faster with channels
+    (docs/object-storage.md)."""
     if channels is not None:
         return channels
-    if how == "proxy" and image_format == "mapped-ram" and not direct_io:
+    if how == "proxy" and image_format == "mapped-ram" and in_file and not direct_io:
         return AUTO_PROXY_CHANNELS
     return 0
 
@@ -195,7 +197,8 @@ def restore(
         elif direct_io and isinstance(path, Path) and not _direct_ok(path, direct_io):
             direct_io = False
         asked = channels is not None
-        channels = choose_channels(how, img.format, channels, reads_direct)
+        channels = choose_channels(how, img.format, channels, direct_io=reads_direct,
+                                   in_file=img.pages_in_file)
         if how == "native" and direct_io:
             channels = max(1, channels)  # QEMU reads with O_DIRECT only under multifd
         pages = sum(img.count_present(n) for n in img.blocks)
