@@ -283,7 +283,7 @@ def test_server_restart_during_restore(s3: Seaweed, accel: str, tmp_path: Path,
     qemu = find_qemu("10")
     env = host(s3, tmp_path, "h", FIXEDRAM_S3_RETRY_SECONDS="20")
     url = f"s3://{BUCKET}/restart/vm"
-    dumps = shm_dir / "s3-restart"
+    dumps = shm_dir / f"s3-restart{len(channels)}"  # one per parameter: shm_dir is shared
     dumps.mkdir()
     src = source(qemu, tmp_path, socks, accel, mem="512M", append="mib=160 rate=32 hb=100")
     with src:
