@@ -93,10 +93,10 @@ class RestoreReport:
         return asdict(self)
 
 
-#: multifd connections of a proxy restore of a local mapped-ram image when none are asked for: QEMU
-#: then loads with a thread per connection instead of parsing one stream page by page, and
-#: a local image's runs of pages go out by ``sendfile`` (docs/multifd.md §6.1); more than
-#: two gained nothing on the two-core machines measured (README, "Performance").
+#: multifd connections of a proxy restore of a local mapped-ram image when none are asked
+#: for: QEMU then loads with a thread per connection instead of parsing one stream page by
+#: page, and the image's runs of pages go out by ``sendfile`` (docs/multifd.md §6.1); more
+#: than two gained nothing on the two-core machines measured (README, "Performance").
 AUTO_PROXY_CHANNELS = 2
 
 
