@@ -50,8 +50,8 @@ ALL_CAPS_OFF = {"mapped-ram": False, "multifd": False}
 
 #: fixedram save methods: ``fixedram save`` options.
 FIXEDRAM_SAVES: dict[str, list[str]] = {
-    "fixedram proxy": ["--via", "proxy"],
-    "fixedram proxy dio": ["--via", "proxy", "--direct-io"],
+    "fixedram proxy": ["--via", "proxy", "--channels", "0"],
+    "fixedram proxy dio": ["--via", "proxy", "--channels", "0", "--direct-io"],
     "fixedram proxy multifd2": ["--via", "proxy", "--channels", "2"],
     "fixedram proxy multifd2 dio": ["--via", "proxy", "--channels", "2", "--direct-io"],
     "fixedram proxy multifd4": ["--via", "proxy", "--channels", "4"],

@@ -46,7 +46,7 @@ WIDE_PHYS = 1 << 39
 #: save paths: name -> ``fixedram save`` options (None: QEMU alone, mapped-ram)
 SAVES: dict[str, list[str] | None] = {
     "qemu mapped-ram save": None,
-    "save proxy": ["--via", "proxy"],
+    "save proxy": ["--via", "proxy", "--channels", "0"],
     "save proxy multifd2": ["--via", "proxy", "--channels", "2"],
     "save native": ["--via", "native", "--channels", "0"],
     "save native multifd2": ["--via", "native", "--channels", "2"],

@@ -128,8 +128,8 @@ class Source:
         via = "proxy" if how.startswith("proxy") else how
         args = ["save", "--qmp", str(g.control_path), "--via", via, "--live", "--json",
                 "--no-progress", str(path)]
-        if how == "proxy-mf":
-            args[1:1] = ["--channels", "2"]
+        if how.startswith("proxy"):  # one connection, or two channels (the default)
+            args[1:1] = ["--channels", "2" if how == "proxy-mf" else "0"]
         r = fixedram(*args)
         if r.returncode != 0:
             raise AssertionError(f"fixedram save --via {how} failed: {r.stderr.strip()}")

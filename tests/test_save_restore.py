@@ -179,6 +179,13 @@ def test_save_restore_roundtrip(version: str, via: str, live: bool,
             args += ["--live", "--live-timeout", "20"]
         rep = run_ok(*args)
         assert rep["via"] == via and rep["live"] == live
+        # both ways take two multifd channels by default: QEMU's writer threads (native),
+        # connections into fixedram (proxy)
+        assert rep["channels"] == 2
+        assert rep["caps_changed"].get("multifd") is True
+        # a proxy save from QEMU >= 9.0 has QEMU find zero pages in its migration thread
+        assert (rep["params_changed"].get("zero-page-detection") == "legacy") == (
+            via == "proxy" and version == "10")
         assert rep["qemu_version"] == qemu.version_str
         assert rep["pages_in_image"] > 32 * 256  # the stamped workload at least
         assert rep["ram_size"] >= 128 << 20
@@ -188,8 +195,12 @@ def test_save_restore_roundtrip(version: str, via: str, live: bool,
         # what fixedram changed was put back
         params = src.cmd("query-migrate-parameters")
         assert params["max-bandwidth"] == 128 << 20
+        assert params.get("zero-page-detection", "multifd") == "multifd"
         caps = {c["capability"]: c["state"] for c in src.cmd("query-migrate-capabilities")}
         assert not caps["return-path"] and not caps.get("mapped-ram", False)
+        assert not caps.get("multifd", False)
+        assert not [c["label"] for c in src.cmd("query-chardev")
+                    if c["label"].startswith("fixedram-probe")]
         assert not no_partial(tmp_path)
         src_mem = src.pmemsave(dumps / "src.mem")
         last_hb = src.heartbeats()[-1].n
@@ -270,16 +281,20 @@ def test_save_unwritable_directory(via: str, accel: str, tmp_path: Path, socks: 
         assert rep["pages_in_image"] > 0
 
 
-@pytest.mark.parametrize("via", ["proxy", "native"])
+@pytest.mark.parametrize("via", ["proxy", "proxy-one", "native"])
 def test_save_disk_full(via: str, accel: str, tmp_path: Path, socks: Path) -> None:
-    """ENOSPC mid-save: one-line error, previous image kept, no temp file, VM running again."""
+    """ENOSPC mid-save: one-line error, previous image kept, no temp file, VM running again
+    (``proxy-one``: the proxy on one connection, ``--channels 0``)."""
     qemu = find_qemu("10")
     with _tmpfs(tmp_path / "small", "size=16M") as small:
         image = small / "vm.img"
         image.write_bytes(b"previous image")
         with source(qemu, tmp_path, socks, accel) as src:
             src.wait_heartbeat(gen_at_least=1)
-            args = ["save", "--qmp", str(socks / "src-ctl.qmp"), str(image), "--via", via]
+            args = ["save", "--qmp", str(socks / "src-ctl.qmp"), str(image), "--via",
+                    "proxy" if via == "proxy-one" else via]
+            if via == "proxy-one":
+                args += ["--channels", "0"]
             e = one_line_error(fixedram(*args, "--live"))
             assert "space" in e.lower(), e
             assert src.status() == "running"
@@ -366,3 +381,16 @@ def test_auto_takes_the_proxy_for_a_watched_save() -> None:
     assert choose_save_via((10, 0, 2), "auto", watched=True) == "proxy"
     assert choose_save_via((7, 2, 0), "auto") == "proxy"
     assert choose_save_via((10, 0, 2), "native", watched=True) == "native"
+
+
+def test_save_channels_default() -> None:
+    """A save takes two multifd channels unless told: QEMU's writers (native), connections
+    into fixedram (proxy); one connection for a proxy save whose page writes are watched."""
+    from fixedram.qmp.save import choose_save_channels
+
+    assert choose_save_channels("native", None, watched=False) == 2
+    assert choose_save_channels("proxy", None, watched=False) == 2
+    assert choose_save_channels("proxy", None, watched=True) == 0
+    assert choose_save_channels("proxy", 0, watched=False) == 0
+    assert choose_save_channels("proxy", 4, watched=True) == 4
+    assert choose_save_channels("native", 0, watched=False) == 0

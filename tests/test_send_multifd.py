@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,9 @@ from fixedram.endpoint.multifd_send import (
 )
 from fixedram.errors import EndpointError, ImageError, MismatchError
 from fixedram.image import open_image
+from fixedram.qmp.common import AUTO_PROXY_CHANNELS
 from fixedram.qmp.destination import query_multifd_dest
-from fixedram.qmp.restore import AUTO_PROXY_CHANNELS, choose_channels
+from fixedram.qmp.restore import choose_channels
 from fixedram.stream import StreamEncoder
 from fixedram.stream.multifd import (
     MULTIFD_PACKET_SIZE,
@@ -458,3 +460,33 @@ def test_stalled_channel_is_named(tmp_path: Path) -> None:
         done.set()
         t.join(30)
         lst.close()
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("channels", ["2", "0"])
+def test_restore_bad_page_never_runs(channels: str, fixedram_image: Callable[[Any], tuple[
+        Path, Any]], tmp_path: Path, sockdir: Path) -> None:
+    """A page that fails its checksum is found while the pages go out, after the restore has
+    sent ``cont`` (QEMU starts the guest the moment its load completes): the restore fails in
+    one line naming the extent, and the guest never runs (QEMU's load fails, or it stays
+    paused)."""
+    good, case = fixedram_image("mapped-ram")
+    img = tmp_path / "bad.img"
+    subprocess.run(["cp", "--sparse=always", str(good), str(img)], check=True)
+    _, at = a_present_page(img, nth=300)
+    flip(img, at + 100)
+    dst = Guest.like(case.source, name=f"bad{channels}", workdir=tmp_path, incoming=True,
+                     qemu=find_qemu("10"))
+    qmp2 = sockdir / f"bad{channels}.qmp"
+    dst.extra_args = ("-qmp", f"unix:{qmp2},server=on,wait=off")
+    with dst.start():
+        r = _cli("restore", "--qmp", str(qmp2), "--via", "proxy", "--channels", channels,
+                 "--json", str(img))
+        assert r.returncode != 0
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+        assert "refusing to complete the restore" in lines[0], lines[0]
+        time.sleep(1.0)  # longer than the guest's heartbeat interval
+        if dst.running:
+            assert dst.status() != "running"
+        assert dst.heartbeats() == []

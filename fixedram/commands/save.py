@@ -58,7 +58,9 @@ def show_progress(flag: bool | None) -> bool:
 @click.option("--direct-io", is_flag=True, help="Write page data with O_DIRECT.")
 @click.option("--channels", type=click.IntRange(0, 64), default=None, metavar="N",
               help="multifd channels: native, QEMU's writer threads (default 2); proxy, "
-                   "parallel connections into fixedram (default 0).")
+                   "parallel connections into fixedram (default 2; one where QEMU cannot "
+                   "connect to fixedram, and for a paused save to s3://; 0: one "
+                   "connection).")
 @click.option("--bandwidth", metavar="RATE", help="Limit the copy to RATE bytes/s (64M, 1G); "
               "default unlimited.")
 @click.option("--live-timeout", type=float, metavar="SECONDS",

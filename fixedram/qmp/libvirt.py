@@ -13,9 +13,10 @@ and :func:`fixedram.qmp.lazy.lazy_restore` need. Why the binding and not ``virsh
 more per operation, and offered no events.
 
 * **save**: the domain's migratable XML goes into the header of a libvirt sparse image that
-  fixedram writes as a save does (``--via proxy``: QEMU migrates into fixedram over a
-  socket pair; ``native``: QEMU writes the mapped-ram stream after the header); then the
-  domain is destroyed, as ``virsh save`` leaves it. ``virsh restore`` loads the image.
+  fixedram writes as a save does (``--via proxy``: QEMU migrates into fixedram, over 2
+  multifd channels, or one socket pair where QEMU cannot connect to fixedram; ``native``:
+  QEMU writes the mapped-ram stream after the header); then the domain is destroyed, as
+  ``virsh save`` leaves it. ``virsh restore`` loads the image.
 * **restore**: the domain is created from the image's header XML (or ``--xml``), paused and
   with ``-incoming defer`` added through libvirt's QEMU command-line passthrough, so QEMU
   waits for fixedram's stream; fixedram loads the image (any format it reads, libvirt's

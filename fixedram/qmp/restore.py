@@ -44,6 +44,7 @@ from fixedram.image.reader import DirectIO, image_location
 from fixedram.io.files import open_direct, warn_no_direct_io
 from fixedram.qmp.client import QMP
 from fixedram.qmp.common import (
+    AUTO_PROXY_CHANNELS,
     Facts,
     MigrationSettings,
     Watch,
@@ -91,13 +92,6 @@ class RestoreReport:
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
         return asdict(self)
-
-
-#: multifd connections of a proxy restore of a local mapped-ram image when none are asked
-#: for: QEMU then loads with a thread per connection instead of parsing one stream page by
-#: page, and the image's runs of pages go out by ``sendfile`` (docs/multifd.md §6.1); more
-#: than two gained nothing on the two-core machines measured (README, "Performance").
-AUTO_PROXY_CHANNELS = 2
 
 
 def choose_channels(how: str, image_format: str, channels: int | None, *, direct_io: bool,

@@ -3,10 +3,13 @@
 Two ways to get the bytes out of QEMU:
 
 ``proxy``
-    fixedram is the migration destination: one end of a socketpair goes to QEMU with
-    ``getfd``, QEMU migrates into it (``migrate uri=fd:NAME``), and the other end is fed to
-    :func:`fixedram.endpoint.receive.receive` in a thread, which writes the mapped-ram image
-    atomically. Works with any QEMU (7.2 included).
+    fixedram is the migration destination and writes the mapped-ram image atomically. By
+    default QEMU sends the pages over 2 multifd connections to a unix socket in a private
+    directory of fixedram's, received in a thread each
+    (:func:`fixedram.endpoint.receive.receive_listening`); where QEMU cannot connect there
+    (another user, confined), or with ``--channels 0``, one end of a socketpair goes to QEMU
+    with ``getfd``, QEMU migrates into it (``migrate uri=fd:NAME``), and the other end is fed
+    to :func:`fixedram.endpoint.receive.receive`. Works with any QEMU (7.2 included).
 ``native``
     QEMU ≥ 9.0 writes the mapped-ram file itself (capability ``mapped-ram``, ``migrate
     file:TEMP``, multifd channels, optionally ``direct-io``); fixedram adds what QEMU omits:
@@ -44,6 +47,7 @@ from fixedram.image.libvirt import header_bytes, mark_complete, write_header
 from fixedram.io.files import AtomicFile, drop_cached
 from fixedram.qmp.client import QMP
 from fixedram.qmp.common import (
+    AUTO_PROXY_CHANNELS,
     Facts,
     MigrationSettings,
     Reading,
@@ -54,12 +58,13 @@ from fixedram.qmp.common import (
 )
 from fixedram.qmp.progress import Progress, from_query_migrate
 from fixedram.qmp.transport import FdTransport, Transport, UnixListen
-from fixedram.versions import MAPPED_RAM, MAPPED_RAM_DIRECT_IO
+from fixedram.versions import MAIN_THREAD_ZERO_PAGES, MAPPED_RAM, MAPPED_RAM_DIRECT_IO
 
 if TYPE_CHECKING:
     from fixedram.image.writer import PageObserver
 
-__all__ = ["MAX_BANDWIDTH", "SaveReport", "Via", "choose_save_via", "save"]
+__all__ = ["MAX_BANDWIDTH", "SaveReport", "Via", "choose_save_via", "choose_save_channels",
+           "save"]
 
 #: max-bandwidth during a save: QEMU's 128 MiB/s default also throttles fd: and file:.
 MAX_BANDWIDTH = 1 << 40
@@ -104,6 +109,7 @@ class SaveReport:
     setup_time: float = 0.0  # start until ``migrate`` was issued (queries, checks, settings)
     check_time: float = 0.0  # opening and checking the written image (metadata only)
     commit_time: float = 0.0  # fsync, page-cache drop, rename, directory fsync
+    channels: int = 0  # multifd channels (proxy: connections into fixedram; native: QEMU's writers)
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -232,11 +238,11 @@ def save(
     ``live``: keep the guest running during the save (it is paused at the switchover; a save
     still running after ``stop_after`` seconds is finished by pausing the VM). ``resume``:
     run the VM again after a successful save. ``direct_io``: write pages with O_DIRECT.
-    ``multifd_channels``: multifd channels (0 = none); ``native``: QEMU's writer threads
-    (default 2); ``proxy``: QEMU sends pages over that many extra connections to a private
-    unix socket that fixedram receives on in parallel (default 0: one fd channel). ``progress``
-    is called with
-    a :class:`Progress` about every 20 ms. ``libvirt_xml``: write a libvirt sparse save
+    ``multifd_channels``: multifd channels (0 = none; None =
+    :func:`choose_save_channels`'s default); ``native``: QEMU's writer threads; ``proxy``:
+    QEMU sends pages over that many extra connections to a private unix socket that fixedram
+    receives on in parallel. ``progress`` is called with a :class:`Progress` about every
+    20 ms. ``libvirt_xml``: write a libvirt sparse save
     image (``virsh restore`` loads it) with this domain XML in its header, restoring to a
     running domain if ``libvirt_running``. ``observer``: told of every change to the
     image's page data as it is written (:class:`~fixedram.image.writer.PageObserver`;
@@ -250,24 +256,35 @@ def save(
     if live or multifd_channels:
         observer = None  # pages sent again, or out of order: nothing to watch
     how = choose_save_via(qmp.version, via, direct_io=direct_io, watched=observer is not None)
-    channels = multifd_channels if multifd_channels is not None else (
-        2 if how == "native" else 0)
+    channels = choose_save_channels(how, multifd_channels, watched=observer is not None)
     if channels < 0 or channels > 64:
         raise VMError(f"{channels} multifd channels requested (0 to 64)")
     facts = read_facts(qmp)
     _check_source(facts)
-    run = _Save(qmp, facts, target, t0, progress=progress, timeout=timeout,
-                stop_after=stop_after if live else None)
-    run.libvirt = (libvirt_xml, libvirt_running) if libvirt_xml is not None else None
+    listening: UnixListen | None = None
+    if how == "proxy" and channels:
+        listening, channels = _multifd_listener(qmp, channels,
+                                                asked=multifd_channels is not None)
+    caps, params = _settings(how, channels, direct_io, max_bandwidth, qmp.version)
     try:
-        run.settings.set(*_settings(how, channels, direct_io, max_bandwidth))
+        run = _Save(qmp, facts, target, t0, progress=progress, timeout=timeout,
+                    stop_after=stop_after if live else None)
+    except BaseException:
+        if listening is not None:
+            listening.close()
+        raise
+    run.libvirt = (libvirt_xml, libvirt_running) if libvirt_xml is not None else None
+    run.way = listening  # closed with the run if the save fails before it is used
+    run.channels = int(params.get("multifd-channels", 0)) if caps.get("multifd") else 0
+    try:
+        run.settings.set(caps, params)
         if not live and run.was_running:
             qmp.cmd("stop")
             run.stopped_by_us = True
         if how == "native":
             run.native()
         else:
-            run.proxy(channels, direct_io, observer)
+            run.proxy(channels, direct_io, observer, listening)
     except BaseException:
         run.abandon()
         raise
@@ -276,6 +293,39 @@ def save(
     if resume:
         qmp.cmd("cont")
     return run.report(how, live=live, resumed=resume)
+
+
+def choose_save_channels(how: str, channels: int | None, *, watched: bool) -> int:
+    """``channels`` as asked, or when not (None) the default of a save ``how``: QEMU's two
+    writer threads for ``native``; for the proxy :data:`AUTO_PROXY_CHANNELS` connections
+    (one where QEMU cannot connect to fixedram, :meth:`UnixListen.can_connect`), but one
+    connection when the image's page writes are watched (an observer sees them in the
+    order of one stream)."""
+    if channels is not None:
+        return channels
+    if how == "native":
+        return 2
+    return 0 if watched else AUTO_PROXY_CHANNELS
+
+
+def _multifd_listener(qmp: QMP, channels: int, *,
+                      asked: bool) -> tuple[UnixListen | None, int]:
+    """The socket QEMU connects to ``channels`` + 1 times, and the channel count; where QEMU
+    cannot connect there (:meth:`UnixListen.can_connect`), channels ``asked`` for are
+    refused, and the default becomes one connection: ``(None, 0)``."""
+    listening = UnixListen(channels + 1)
+    try:
+        why = listening.can_connect(qmp)
+    except BaseException:
+        listening.close()
+        raise
+    if why is None:
+        return listening, channels
+    listening.close()
+    if asked:
+        raise VMError(f"QEMU cannot connect to fixedram's private directory for multifd "
+                      f"channels ({why}): save with --channels 0 (one connection)")
+    return None, 0  # one connection, handed to QEMU as a file descriptor
 
 
 def _check_source(facts: Facts) -> None:
@@ -287,9 +337,10 @@ def _check_source(facts: Facts) -> None:
         raise VMError("this QEMU is waiting for an incoming migration; there is nothing to save")
 
 
-def _settings(how: str, channels: int, direct_io: bool,
-              max_bandwidth: int) -> tuple[dict[str, bool], dict[str, Any]]:
-    """The migration capabilities and parameters a save ``how`` needs."""
+def _settings(how: str, channels: int, direct_io: bool, max_bandwidth: int,
+              version: tuple[int, int, int]) -> tuple[dict[str, bool], dict[str, Any]]:
+    """The migration capabilities and parameters a save ``how`` from a QEMU of ``version``
+    needs."""
     caps: dict[str, bool] = {}
     params: dict[str, Any] = {"max-bandwidth": int(max_bandwidth)}
     if how == "proxy":
@@ -303,6 +354,9 @@ def _settings(how: str, channels: int, direct_io: bool,
         if channels:
             caps["multifd"] = True
             params["multifd-channels"] = channels
+            params["multifd-compression"] = "none"  # fixedram receives pages as they are
+            if version[:2] >= MAIN_THREAD_ZERO_PAGES.since:
+                params["zero-page-detection"] = "legacy"
     else:
         caps["mapped-ram"] = True
         if channels or direct_io:
@@ -324,6 +378,7 @@ class _Save:
         self.progress, self.timeout, self.stop_after = progress, timeout, stop_after
         self.was_running = facts.status == "running"
         self.stopped_by_us = False
+        self.channels = 0
         self.settings = MigrationSettings(qmp, facts)
         self.watch = Watch(qmp)
         self.atomic: AtomicFile | None = None  # native: QEMU's file, until renamed
@@ -401,10 +456,11 @@ class _Save:
         _drop_from_cache(self.target)
         self.done = True
 
-    def proxy(self, channels: int, direct_io: bool,
-              observer: PageObserver | None = None) -> None:
+    def proxy(self, channels: int, direct_io: bool, observer: PageObserver | None = None,
+              listening: UnixListen | None = None) -> None:
         """QEMU migrates into :func:`~fixedram.endpoint.receive.receive`, in a thread, which
-        writes the image; on ``channels`` multifd connections to a private unix socket
+        writes the image; on ``channels`` multifd connections to ``listening``, a private
+        unix socket QEMU can connect to 1 + N times
         (:func:`~fixedram.endpoint.receive.receive_listening`), else on a socket pair."""
         from fixedram.endpoint.receive import receive, receive_listening
 
@@ -412,8 +468,9 @@ class _Save:
         lv: dict[str, Any] = {} if self.libvirt is None else {
             "libvirt_xml": self.libvirt[0], "libvirt_running": self.libvirt[1]}
         way: Transport
-        if channels:  # multifd needs a socket QEMU can connect to 1 + N times
-            way = listening = UnixListen(channels + 1)
+        if channels:
+            assert listening is not None
+            way = listening
 
             def receiving() -> Any:
                 return receive_listening(listening.listener, target, channels=channels,
@@ -499,6 +556,7 @@ class _Save:
             setup_time=self.t_setup,
             check_time=self.t_check,
             commit_time=self.t_commit,
+            channels=self.channels,
         )
 
 

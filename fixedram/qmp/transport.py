@@ -40,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fixedram.errors import EndpointError
+from fixedram.errors import EndpointError, QMPCommandError, VMError
 from fixedram.io.channel import Listener, SocketChannel
 from fixedram.qmp.client import QMP
 
@@ -115,6 +115,15 @@ class FdTransport(Transport):
         self.sock.close()
 
 
+def _remove_probe(qmp: QMP, name: str) -> None:
+    """Remove the probe chardev ``name``; if QEMU refuses, say that it is left behind."""
+    try:
+        qmp.cmd("chardev-remove", id=name)
+    except QMPCommandError as e:
+        raise VMError(f"QEMU kept fixedram's probe chardev '{name}' ({e}); remove it with "
+                      f"chardev-remove") from None
+
+
 def _private_dir(prefix: str, parent: str | None = None) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
 
@@ -133,6 +142,31 @@ class UnixListen(Transport):
         except BaseException:
             shutil.rmtree(self.dir, ignore_errors=True)
             raise
+
+    def can_connect(self, qmp: QMP) -> str | None:
+        """Whether QEMU can connect to a socket in the private directory; None if so, else
+        QEMU's reason.
+
+        QEMU may run as another user, or confined, and a multifd migration whose channels
+        cannot connect fails only once the save has begun; so QEMU is first asked to
+        connect to a probe socket of fixedram's there (a ``chardev-add`` client, removed at
+        once), which changes nothing. The probe connection is never accepted.
+        """
+        from fixedram.io.channel import listen
+
+        path = f"{self.dir}/probe.sock"
+        probe = listen(f"unix:{path}", backlog=1)
+        name = f"fixedram-probe-{os.getpid()}"
+        try:
+            try:
+                qmp.cmd("chardev-add", id=name, backend={"type": "socket", "data": {
+                    "addr": {"type": "unix", "data": {"path": path}}, "server": False}})
+            except QMPCommandError as e:
+                return str(e)
+            _remove_probe(qmp, name)
+            return None
+        finally:
+            probe.close()
 
     def refused(self) -> None:
         self.listener.close()
@@ -162,8 +196,6 @@ class UnixConnect(Transport):
         listen leaves QEMU unable to take another; so QEMU is first asked to listen on a
         socket of its own there (``chardev-add``, removed at once), which changes nothing.
         """
-        from fixedram.errors import QMPCommandError
-
         name = f"fixedram-probe-{os.getpid()}"
         try:
             qmp.cmd("chardev-add", id=name, backend={"type": "socket", "data": {
@@ -171,7 +203,7 @@ class UnixConnect(Transport):
                 "server": True, "wait": False}})
         except QMPCommandError as e:
             return str(e)
-        qmp.cmd("chardev-remove", id=name)
+        _remove_probe(qmp, name)
         return None
 
     def connect(self, *, large_buffers: bool = True) -> SocketChannel:
