@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 __all__ = [
+    "MAIN_THREAD_ZERO_PAGES",
     "MAPPED_RAM",
     "MAPPED_RAM_DIRECT_IO",
     "MULTIFD_FLUSH",
@@ -98,7 +99,8 @@ MAIN_THREAD_ZERO_PAGES = Rule(
     "finds zero pages in its migration thread whatever the channels. A zero list costs "
     "fixedram a packet per 128 zero pages, where ZERO records are decoded a buffer at a "
     "time: measured, saves of large mostly empty guests took longer over channels than over "
-    "one connection with zero lists, and no longer with ZERO records (docs/multifd.md §7).",
+    "one connection with zero lists, and about as long with ZERO records (docs/multifd.md "
+    "§7).",
 )
 MAPPED_RAM = Rule(
     "save and restore can let QEMU read and write the mapped-ram image itself (--via native)",

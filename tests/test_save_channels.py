@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -81,7 +80,7 @@ def test_proxy_save_qemu_as_another_user(tmp_path: Path) -> None:
         return {c["capability"]: c["state"] for c in src.cmd("query-migrate-capabilities")}
 
     def private_dirs() -> set[Path]:
-        return set(Path(tempfile.gettempdir()).glob("fixedram-*"))
+        return set(Path("/tmp").glob("fixedram-*"))  # where UnixListen makes them
 
     with src:
         src.wait_heartbeat(gen_at_least=1)

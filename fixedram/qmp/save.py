@@ -9,7 +9,9 @@ Two ways to get the bytes out of QEMU:
     (:func:`fixedram.endpoint.receive.receive_listening`); where QEMU cannot connect there
     (another user, confined), or with ``--channels 0``, one end of a socketpair goes to QEMU
     with ``getfd``, QEMU migrates into it (``migrate uri=fd:NAME``), and the other end is fed
-    to :func:`fixedram.endpoint.receive.receive`. Works with any QEMU (7.2 included).
+    to :func:`fixedram.endpoint.receive.receive`; a paused save whose page writes an
+    observer watches (an upload to an object store while the image is written) goes that
+    way too. Works with any QEMU (7.2 included).
 ``native``
     QEMU ≥ 9.0 writes the mapped-ram file itself (capability ``mapped-ram``, ``migrate
     file:TEMP``, multifd channels, optionally ``direct-io``); fixedram adds what QEMU omits:

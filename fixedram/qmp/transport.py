@@ -120,8 +120,8 @@ def _remove_probe(qmp: QMP, name: str) -> None:
     try:
         qmp.cmd("chardev-remove", id=name)
     except QMPCommandError as e:
-        raise VMError(f"QEMU kept fixedram's probe chardev '{name}' ({e}); remove it with "
-                      f"chardev-remove") from None
+        raise VMError(f"QEMU refused to remove fixedram's probe chardev '{name}', which is "
+                      f"left in QEMU ({e})") from None
 
 
 def _private_dir(prefix: str, parent: str | None = None) -> Path:
