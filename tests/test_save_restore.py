@@ -223,7 +223,7 @@ def test_save_resume_replaces_image(accel: str, tmp_path: Path, socks: Path) -> 
         src.wait_heartbeat(after=n)  # the guest runs on
         r = fixedram("save", "--qmp", ctl, str(image), "--via", "native", "--resume")
         assert r.returncode == 0, r.stderr
-        assert "via native" in r.stdout and "VM resumed" in r.stdout
+        assert "via native over 2 multifd channels" in r.stdout and "VM resumed" in r.stdout
         assert src.status() == "running"
     assert image.stat().st_size > 128 << 20
     assert not no_partial(tmp_path)

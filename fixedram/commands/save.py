@@ -141,7 +141,7 @@ def _report(r: Any, as_json: bool, after: str, image: str, upload: Any) -> None:
         click.echo(f"uploaded {upload.summary()}")
     click.echo(
         f"saved {r.machine} (QEMU {r.qemu_version}) to {image if upload else r.image} "
-        f"via {r.via}"
+        f"via {r.via}{f' over {r.channels} multifd channels' if r.channels else ''}"
         f"{' (live)' if r.live else ''} in {r.total_time:.2f} s\n"
         f"  migration {r.migration_time:.2f} s (QEMU total {_ms(r.qemu_total_time)}, "
         f"downtime {_ms(r.downtime)}), {format_size(r.bytes_transferred)} transferred, "
