@@ -115,13 +115,24 @@ class FdTransport(Transport):
         self.sock.close()
 
 
-def _remove_probe(qmp: QMP, name: str) -> None:
-    """Remove the probe chardev ``name``; if QEMU refuses, say that it is left behind."""
+def _probe(qmp: QMP, path: str, *, server: bool) -> str | None:
+    """Whether QEMU can listen on (``server``) or connect to the unix socket ``path``: QEMU
+    adds a socket chardev there and removes it at once, which changes nothing. None if it
+    could, else QEMU's reason; a probe chardev QEMU refuses to remove is an error naming it."""
+    name = f"fixedram-probe-{os.getpid()}"
+    data: dict[str, Any] = {"addr": {"type": "unix", "data": {"path": path}}, "server": server}
+    if server:
+        data["wait"] = False
+    try:
+        qmp.cmd("chardev-add", id=name, backend={"type": "socket", "data": data})
+    except QMPCommandError as e:
+        return str(e)
     try:
         qmp.cmd("chardev-remove", id=name)
     except QMPCommandError as e:
         raise VMError(f"QEMU refused to remove fixedram's probe chardev '{name}', which is "
                       f"left in QEMU ({e})") from None
+    return None
 
 
 def _private_dir(prefix: str, parent: str | None = None) -> Path:
@@ -152,19 +163,10 @@ class UnixListen(Transport):
         connect to a probe socket of fixedram's there (a ``chardev-add`` client, removed at
         once), which changes nothing. The probe connection is never accepted.
         """
-        from fixedram.io.channel import listen
-
         path = f"{self.dir}/probe.sock"
-        probe = listen(f"unix:{path}", backlog=1)
-        name = f"fixedram-probe-{os.getpid()}"
+        probe = Listener(f"unix:{path}", backlog=1)
         try:
-            try:
-                qmp.cmd("chardev-add", id=name, backend={"type": "socket", "data": {
-                    "addr": {"type": "unix", "data": {"path": path}}, "server": False}})
-            except QMPCommandError as e:
-                return str(e)
-            _remove_probe(qmp, name)
-            return None
+            return _probe(qmp, path, server=False)
         finally:
             probe.close()
 
@@ -196,15 +198,7 @@ class UnixConnect(Transport):
         listen leaves QEMU unable to take another; so QEMU is first asked to listen on a
         socket of its own there (``chardev-add``, removed at once), which changes nothing.
         """
-        name = f"fixedram-probe-{os.getpid()}"
-        try:
-            qmp.cmd("chardev-add", id=name, backend={"type": "socket", "data": {
-                "addr": {"type": "unix", "data": {"path": f"{self.dir}/probe.sock"}},
-                "server": True, "wait": False}})
-        except QMPCommandError as e:
-            return str(e)
-        _remove_probe(qmp, name)
-        return None
+        return _probe(qmp, f"{self.dir}/probe.sock", server=True)
 
     def connect(self, *, large_buffers: bool = True) -> SocketChannel:
         """Connect to QEMU (once it listens: after ``migrate-incoming``)."""
