@@ -8,6 +8,13 @@ so the ratios compare like with like. Usage::
     .venv/bin/python -m bench.run                       # 2 GiB guest, 1.5 GiB data
     .venv/bin/python -m bench.run --mem 512M --data-mib 256 --targets tmpfs   # quick
     .venv/bin/python -m bench.run --repeat 3            # medians of 3 runs (the README's)
+    .venv/bin/python -m bench.run --layout alternate --targets tmpfs   # scattered data
+
+``--layout alternate`` keeps every other page of the data and leaves the rest zero (runs
+of one page, as in a guest whose freed pages were zeroed or returned to the host): the
+guest's RAM is saved by QEMU, every second data page is cleared in the image's bitmap, and
+a new QEMU loads that image, paused, as the source of every method. The tables then count
+half the data.
 
 Writes ``bench/results/<stamp>.json`` and a PNG chart next to it, and prints tables.
 """
@@ -31,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import FIXEDRAM, compile_package, cpu_seconds
-from fixedram.testing.guest import build_guest
+from fixedram.image.reader import open_image
+from fixedram.testing.guest import PAGE_BASE, PAGE_SIZE, build_guest
 from fixedram.testing.vm import Guest, choose_accel, find_qemu
 
 MIB = 1 << 20
@@ -201,6 +209,8 @@ def bench_target(name: str, target: Path, args: argparse.Namespace, qemu: Any, a
             src.wait_heartbeat(gen_at_least=1, timeout=300)
             out["prefill_s"] = time.monotonic() - t
             src.stop()
+            if args.layout == "alternate":
+                src = alternate(src, target, args.data_mib, ctl("src"))
             for method, (caps, params) in QEMU_SAVES.items():
                 if not needed(method):
                     continue
@@ -273,8 +283,9 @@ def bench_target(name: str, target: Path, args: argparse.Namespace, qemu: Any, a
                 entry["qemu_cpu"] = cpu_seconds(dst.pid or 0) - cpu0
                 entry["status"] = dst.status()
                 out["restore"][method] = entry
-        out["dd"] = bench_dd(target, args.data_mib)
-        out["ceilings"] = bench_ceilings(target, args.data_mib)
+        data = args.data_mib // 2 if args.layout == "alternate" else args.data_mib
+        out["dd"] = bench_dd(target, data)
+        out["ceilings"] = bench_ceilings(target, data)
     finally:
         src.kill()
         shutil.rmtree(socks, ignore_errors=True)
@@ -283,6 +294,44 @@ def bench_target(name: str, target: Path, args: argparse.Namespace, qemu: Any, a
             for img in images.values():
                 img.unlink(missing_ok=True)
     return out
+
+
+def alternate(src: Guest, target: Path, data_mib: int, ctl: list[str]) -> Guest:
+    """A new paused source QEMU holding ``src``'s RAM with every second data page zero
+    (``src`` is shut down): saved by QEMU as mapped-ram, every odd data page's bit
+    cleared in the image's bitmap, loaded by QEMU into a fresh process."""
+    img = target / "layout.img"
+    img.unlink(missing_ok=True)
+    src.set_migration(caps={**ALL_CAPS_OFF, "mapped-ram": True}, params={"direct-io": False})
+    src.migrate(f"file:{img}")
+    src.wait_migration(600)
+    src.quit()
+    with open_image(img) as im:
+        mapped = im.block("pc.ram").mapped
+    assert mapped is not None
+    first = PAGE_BASE // PAGE_SIZE
+    assert first % 8 == 0  # whole bitmap bytes
+    at, n = mapped.bitmap_offset + first // 8, data_mib * MIB // PAGE_SIZE // 8
+    with open(img, "r+b") as f:
+        f.seek(at)
+        bits = bytearray(f.read(n))
+        for i in range(n):
+            bits[i] &= 0x55  # pages 0, 2, 4... of every byte's eight kept
+        f.seek(at)
+        f.write(bits)
+    new = Guest.like(src, name="src", incoming=True)
+    new.extra_args = tuple(ctl)
+    try:
+        new.start()
+        new.migrate_incoming(f"file:{img}", caps={"mapped-ram": True})
+        new.wait_incoming(600)
+        new.set_migration(caps=ALL_CAPS_OFF, params={"direct-io": False})
+    except BaseException:
+        new.kill()
+        raise
+    finally:
+        img.unlink(missing_ok=True)
+    return new
 
 
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -420,8 +469,11 @@ def main() -> None:
                     help="run every method N times per target and report medians")
     ap.add_argument("--only", metavar="REGEX", help="run only the methods matching REGEX "
                     "(restores also save the image they load)")
+    ap.add_argument("--layout", choices=("dense", "alternate"), default="dense",
+                    help="the data as written (dense), or every other page of it (alternate)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
+    data_mib = args.data_mib // 2 if args.layout == "alternate" else args.data_mib
     compile_package()
     qemu = find_qemu("10")
     accel = choose_accel(qemu)
@@ -433,7 +485,8 @@ def main() -> None:
                     "qemu": qemu.version_str, "accel": accel,
                     "disk": subprocess.run(["df", "-T", "/"], capture_output=True,
                                            text=True).stdout.splitlines()[-1]},
-        "mem": args.mem, "data_mib": args.data_mib, "repeat": args.repeat, "targets": [],
+        "mem": args.mem, "data_mib": data_mib, "layout": args.layout, "repeat": args.repeat,
+        "targets": [],
     }
     dirs = {"disk": Path(args.disk_dir), "tmpfs": Path(args.tmpfs_dir)}
     for name in args.targets.split(","):
@@ -448,10 +501,10 @@ def main() -> None:
     outdir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (outdir / f"{stamp}.json").write_text(json.dumps(res, indent=2))
-    text = table(res, args.data_mib)
+    text = table(res, data_mib)
     (outdir / f"{stamp}.md").write_text(text + "\n")
     try:
-        chart(res, args.data_mib, outdir / f"{stamp}.png")
+        chart(res, data_mib, outdir / f"{stamp}.png")
     except ImportError:
         print("bench: matplotlib missing, no chart (scripts/setup.sh --bench)", file=sys.stderr)
     print(text)

@@ -322,6 +322,68 @@ def test_page_index_matches_dense() -> None:
     assert not idx.chunks and idx.nbytes == 0
 
 
+def test_scattered_page_sets_match_dense() -> None:
+    """The per-page-number forms of the sparse arrays (``get_at``, ``store_at``,
+    ``reset_at``, ``set_at``, ``clear_at``) give what dense arrays give, for random
+    scattered pages across chunks (some twice in a set, for the ones that allow it)."""
+    import numpy as np
+
+    from fixedram.image.sparse import SparseArray, SparseBits
+
+    rng = np.random.default_rng(5)
+    n = 3 * (1 << SparseBits.SHIFT) + 1000
+    bits, dense_bits = SparseBits(n), np.zeros(n, dtype=bool)
+    vals, dense_vals = SparseArray(n, 8, np.int64, -1), np.full(n, -1, dtype=np.int64)
+    for _ in range(300):
+        pages = np.unique(rng.integers(0, n, size=int(rng.integers(1, 600))))
+        if rng.random() < 0.5:
+            pages = pages[(pages - pages[0]) % 2 == 0]  # every other page, scattered
+        v = rng.integers(0, 1 << 40, size=len(pages))
+        r = rng.random()
+        if r < 0.4:
+            bits.set_at(pages)
+            dense_bits[pages] = True
+            vals.store_at(pages, v)
+            dense_vals[pages] = v
+        elif r < 0.8:
+            twice = np.concatenate([pages, pages[: len(pages) // 3]])
+            had = bits.clear_at(twice)
+            assert np.array_equal(np.unique(had), pages[dense_bits[pages]])
+            dense_bits[pages] = False
+            vals.reset_at(twice, free=bool(rng.random() < 0.5))
+            dense_vals[pages] = -1
+        assert np.array_equal(vals.get_at(pages), dense_vals[pages])
+    assert np.array_equal(bits.dense(), dense_bits)
+    assert np.array_equal(vals.dense(), dense_vals)
+
+
+def test_page_groups_match_pages() -> None:
+    """``page_groups`` gives the pages of the runs, in order, in groups of the size asked
+    (runs longer than what it expands at once included), from arrays or from tuples."""
+    import numpy as np
+
+    from fixedram.image.layout import page_groups, run_batches
+
+    rng = np.random.default_rng(3)
+    for size in (128, 256):
+        starts, lengths, p = [], [], 0
+        for _ in range(3000):
+            p += int(rng.integers(1, 50))
+            k = int(rng.choice([1, 2, 3, 100, 200_000], p=[0.3, 0.3, 0.2, 0.195, 0.005]))
+            starts.append(p)
+            lengths.append(k)
+            p += k
+        want = np.concatenate([np.arange(a, a + k) for a, k in zip(starts, lengths, strict=True)])
+        pieces = [(np.array(starts[i : i + 700]), np.array(lengths[i : i + 700]))
+                  for i in range(0, len(starts), 700)]
+        got = list(page_groups(pieces, size))
+        assert all(len(g) == size for g in got[:-1]) and 0 < len(got[-1]) <= size
+        assert np.array_equal(np.concatenate(got), want)
+        tuples = list(page_groups(run_batches(zip(starts, lengths, strict=True)), size))
+        assert np.array_equal(np.concatenate(tuples), want)
+    assert list(page_groups([], 128)) == []
+
+
 def test_sparse_bits_and_digests_match_dense() -> None:
     """The receiver's sparse page bitmap and page digests give what dense per-page arrays
     give, for random overlapping writes and zeroing (extent digests included)."""

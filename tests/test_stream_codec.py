@@ -340,8 +340,10 @@ def test_every_record_type_and_command_covered() -> None:
     names = {k.split("/")[0] for k in RECORD_TYPES}
     classes = {n for n in records_mod.__all__ if n not in ("Record", "MappedRamHeader")}
     # SectionFull is only a header inside the opaque device state; the decoder never emits it;
-    # PageRun and ZeroRun come from run mode only (tests/test_stream_runs.py)
-    assert classes - names == {"SectionFull", "CommandRecord", "PageRun", "ZeroRun"}
+    # PageRun, ZeroRun, ZeroPages and PageSet come from run mode only
+    # (tests/test_stream_runs.py)
+    assert classes - names == {"SectionFull", "CommandRecord", "PageRun", "ZeroRun",
+                               "ZeroPages", "PageSet"}
     assert {f"Command/{c.name}" for c in Command if c is not Command.PACKAGED} <= set(RECORD_TYPES)
 
 

@@ -1,9 +1,10 @@
 """The decoder's run mode (``StreamDecoder(runs=True)``) against its per-record mode.
 
 Run mode collapses stretches of CONTINUE page and zero records into ``PageRun`` and
-``ZeroRun``. Expanded back page by page, it must give exactly the records of the
-per-record mode, for any chunking, on real QEMU streams and on hostile ones (the
-same error at the same offset).
+``ZeroRun`` (scattered zero records into one ``ZeroPages``; with ``views``, interleaved
+page and zero records into one ``PageSet``). Expanded back page by page, it must give
+exactly the records of the per-record mode, for any chunking, on real QEMU streams and on
+hostile ones (the same error at the same offset).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from fixedram.stream import (
     MemSize,
     Page,
     PageRun,
+    PageSet,
     RamBlock,
     Record,
     SectionFooter,
@@ -34,6 +36,7 @@ from fixedram.stream import (
     StreamEncoder,
     VMDescription,
     Zero,
+    ZeroPages,
     ZeroRun,
 )
 from fixedram.stream.format import TARGET_PAGE_SIZE as PS
@@ -58,6 +61,16 @@ def _expand(records: list[Record]) -> list[Record]:
                     for i in range(r.npages)]
         elif isinstance(r, ZeroRun):
             out += [Zero(r.block, r.offset + i * PS) for i in range(r.npages)]
+        elif isinstance(r, ZeroPages):
+            out += [Zero(r.block, int(off)) for off in r.offsets]
+        elif isinstance(r, PageSet):
+            data = iter(zip(r.pages, r.pos.tolist(), strict=True))
+            for off, zero in zip(r.offsets.tolist(), r.zero.tolist(), strict=True):
+                if zero:
+                    out.append(Zero(r.block, off))
+                else:
+                    view, pos = next(data)
+                    out.append(Page(r.block, off, bytes(view), pos))
         else:
             out.append(r)
     return out
@@ -140,6 +153,61 @@ def test_runs_collapse_whole_stretches() -> None:
     assert _expand(recs) == _decode(data, _chunker([len(data)]), runs=False)[0]
 
 
+def test_scattered_zeros_are_one_record() -> None:
+    """Zero records of every other page (the others' data on multifd channels) come as one
+    ``ZeroPages`` holding their offsets in stream order; four runs or fewer stay runs."""
+    ops = [(0, i, True) for i in range(1, 64, 2)]
+    data = _stream(ops)
+    dec = StreamDecoder(runs=True)
+    recs = dec.feed(data) + dec.feed_eof()
+    sets = [r for r in recs if isinstance(r, ZeroPages)]
+    assert len(sets) == 1 and sets[0].block == "pc.ram"
+    # the first record names its block (not CONTINUE) and is decoded on its own
+    assert [r.offset // PS for r in recs if isinstance(r, Zero | ZeroRun)] == [1]
+    assert sets[0].offsets.tolist() == [i * PS for i in range(3, 64, 2)]
+    assert _expand(recs) == _decode(data, _chunker([len(data)]), runs=False)[0]
+    few = _stream([(0, i, True) for i in (1, 2, 5, 9, 10)])
+    dec = StreamDecoder(runs=True)
+    recs = dec.feed(few) + dec.feed_eof()
+    assert [(r.offset // PS, r.npages) for r in recs if isinstance(r, ZeroRun)] == [
+        (2, 1), (5, 1), (9, 2)]  # after page 1's record, which names the block
+
+
+def test_interleaved_records_are_one_set() -> None:
+    """Page and zero records of alternate pages come as one ``PageSet`` with ``views`` (a
+    page given twice ends it before its second record); without views, as records."""
+    ops = [(0, i, i % 2 == 1) for i in range(40)] + [(0, 7, False), (0, 40, True)]
+    data = _stream(ops)
+    dec = StreamDecoder(views=True)
+    recs = dec.feed(data) + dec.feed_eof()
+    sets = [r for r in recs if isinstance(r, PageSet)]
+    assert len(sets) == 1
+    # page 0's record names the block and goes alone; the set ends before page 7 again
+    assert sets[0].offsets.tolist() == [i * PS for i in range(1, 40)]
+    assert sets[0].zero.tolist() == [i % 2 == 1 for i in range(1, 40)]
+    assert len(sets[0].pages) == 19
+    assert _expand(recs) == _decode(data, _chunker([len(data)]), runs=False)[0]
+    plain = StreamDecoder(runs=True)
+    assert not [r for r in plain.feed(data) + plain.feed_eof() if isinstance(r, PageSet)]
+
+
+@pytest.mark.parametrize("again", [False, True])
+def test_scattered_pages_are_one_set(again: bool) -> None:
+    """Page records of every other page (no zero records between) come as one ``PageSet``
+    with ``views``; a stretch that gives a page twice stays runs (their order matters)."""
+    ops = [(0, i, False) for i in range(0, 64, 2)] + ([(0, 10, False)] if again else [])
+    data = _stream(ops)
+    dec = StreamDecoder(views=True)
+    recs = dec.feed(data) + dec.feed_eof()
+    sets = [r for r in recs if isinstance(r, PageSet)]
+    if again:
+        assert not sets
+    else:
+        assert len(sets) == 1 and not sets[0].zero.any()
+        assert sets[0].offsets.tolist() == [i * PS for i in range(2, 64, 2)]
+    assert _expand(recs) == _decode(data, _chunker([len(data)]), runs=False)[0]
+
+
 @pytest.mark.parametrize("where", ["offset", "flags", "fill", "truncated"])
 def test_runs_hostile_same_error(where: str) -> None:
     """A bad record inside a stretch fails exactly as in per-record mode."""
@@ -158,10 +226,37 @@ def test_runs_hostile_same_error(where: str) -> None:
         del data[rec + 100 :]
     for sizes in ([len(data)], [4096], [1, 70000]):
         want = _decode(bytes(data), _chunker(sizes), runs=False)
-        got = _decode(bytes(data), _chunker(sizes), runs=True)
-        assert got == want
+        assert _decode(bytes(data), _chunker(sizes), runs=True) == want
+        assert _decode(bytes(data), _chunker(sizes), runs=True, views=True) == want
         if where != "fill":  # a fill byte is the consumer's business (it is decoded)
             assert want[1] is not None
+
+
+@pytest.mark.parametrize("where", ["offset", "flags", "fill", "truncated", "again"])
+def test_interleaved_hostile_same_error(where: str) -> None:
+    """A bad record inside a stretch of interleaved page and zero records (and pages given
+    again and again, which end every stretch early) decodes as in per-record mode."""
+    if where == "again":  # page 0, zero page 1, page 0, zero page 1...
+        ops = [(0, i % 2, i % 2 == 1) for i in range(400)]
+    else:
+        ops = [(0, i, i % 2 == 1) for i in range(60)]
+    data = bytearray(_stream(ops))
+    first = data.index(_page(0))  # data of page 0; page 1's zero record follows
+    pair = 9 + 8 + PS  # a zero record and a page record
+    rec = first + PS + 9 + 19 * pair  # header of page 40, well inside a stretch
+    zero = first + PS + 25 * pair  # the zero record of page 51
+    if where == "offset":
+        data[rec : rec + 8] = (0x7777000 | 0x28).to_bytes(8, "big")
+    elif where == "flags":
+        data[rec : rec + 8] = (40 * PS | 0x28 | 0x40).to_bytes(8, "big")  # + XBZRLE
+    elif where == "fill":
+        data[zero + 8] = 0xAA
+    elif where == "truncated":
+        del data[rec + 100 :]
+    for sizes in ([len(data)], [4096], [1, 70000]):
+        want = _decode(bytes(data), _chunker(sizes), runs=False)
+        assert _decode(bytes(data), _chunker(sizes), runs=True, views=True) == want
+        assert (want[1] is None) == (where in ("fill", "again"))
 
 
 @pytest.mark.parametrize("kind", ["legacy", "legacy-7.2"])
@@ -179,7 +274,8 @@ def test_runs_on_qemu_stream(qemu_image: Any, kind: str) -> None:
     while p < len(data):
         n = step()
         recs = dec.feed(data[p : p + n])
-        run_pages += sum(r.npages for r in recs if isinstance(r, PageRun | ZeroRun))
+        run_pages += sum(r.npages for r in recs
+                         if isinstance(r, PageRun | ZeroRun | ZeroPages | PageSet))
         got += _expand(recs)
         p += n
     got += dec.feed_eof()

@@ -66,7 +66,11 @@ _STAGE = 48 * MULTIFD_PACKET_SIZE
 class PageSink(Protocol):
     """Where pages go. Called from several threads, for disjoint pages, unless serialised.
 
-    ``bufs`` are only valid during the call (they are views of reused buffers).
+    ``bufs`` are only valid during the call (they are views of reused buffers). A sink may
+    also take scattered pages in one call each, as
+    :class:`~fixedram.image.writer.MappedRamWriter` does: ``write_page_views(block, first,
+    views)``, ``write_page_set(block, pages, views, runs)`` and ``zero_page_set(block,
+    pages)``; where it does not, they come as one call per run.
     """
 
     def write_pages(self, block: str, first_page: int, bufs: Sequence[Buffer]) -> Any:
@@ -76,6 +80,7 @@ class PageSink(Protocol):
     def zero_pages(self, block: str, first_page: int, npages: int = 1) -> Any:
         """Mark ``npages`` consecutive pages from ``first_page`` as all zero."""
         ...
+
 
 
 @dataclass
@@ -138,11 +143,6 @@ class _Conn:
         return f"multifd channel {cid}" if cid is not None else f"multifd connection #{self.index}"
 
 
-def _runs(offsets: np.ndarray) -> list[tuple[int, int, int]]:
-    """``(index, first_page, count)`` for each run of consecutive page offsets (numpy)."""
-    return index_runs(offsets >> _SHIFT_U64)
-
-
 def _wake(channel: Channel) -> None:
     """Make a thread blocked reading ``channel`` return (shutdown of the socket)."""
     sock = getattr(channel, "sock", None)
@@ -191,6 +191,11 @@ class MultifdReceiver:
         # a sink's write of one-page views, where it has one (the channels' pages)
         self._write_views: Callable[[str, int, list[memoryview]], Any] | None = getattr(
             sink, "write_page_views", None)
+        # and of scattered pages, and of scattered zero pages, in one call each
+        self._write_page_set: Callable[..., Any] | None = getattr(
+            sink, "write_page_set", None)
+        self._zero_page_set: Callable[[str, Any], Any] | None = getattr(
+            sink, "zero_page_set", None)
         self.channels = channels
         self.uuid = uuid
         self._mode: SyncMode = sync
@@ -347,19 +352,31 @@ class MultifdReceiver:
             nn = len(pkt.normal_offsets)
             with self._lock:
                 # one write per run of consecutive pages, straight from the payload (a
-                # packet's pages are usually one run: one pwritev)
+                # packet's pages are usually one run: one pwritev); pages scattered
+                # among zero pages go to the sink in one call where it takes them so
                 if nn:
+                    pages = (offs[:nn] >> _SHIFT_U64).astype(np.int64)
+                    runs = index_runs(pages)
+                    page_set = self._write_page_set if conn.page_views else None
                     views = self._write_views if conn.page_views else None
-                    write = self.sink.write_pages
-                    for i, first, n in _runs(offs[:nn] if nn < len(offs) else offs):
-                        if views is not None:  # the packet's pages are the buffer's first
-                            views(pkt.block, first, conn.page_views[i : i + n])
-                        else:
-                            write(pkt.block, first, [
-                                data[i * TARGET_PAGE_SIZE : (i + n) * TARGET_PAGE_SIZE]])
+                    if (page_set is not None and len(runs) > 1
+                            and (np.diff(pages) > 0).all()):  # each page once: any order
+                        page_set(pkt.block, pages, conn.page_views[:nn], runs)
+                    else:
+                        for i, first, n in runs:
+                            if views is not None:  # the packet's pages: the buffer's first
+                                views(pkt.block, first, conn.page_views[i : i + n])
+                            else:
+                                self.sink.write_pages(pkt.block, first, [
+                                    data[i * TARGET_PAGE_SIZE : (i + n) * TARGET_PAGE_SIZE]])
                 if nn < len(offs):
-                    for _, first, n in _runs(offs[nn:]):
-                        self.sink.zero_pages(pkt.block, first, n)
+                    zpages = (offs[nn:] >> _SHIFT_U64).astype(np.int64)
+                    zruns = index_runs(zpages)
+                    if len(zruns) > 1 and self._zero_page_set is not None:
+                        self._zero_page_set(pkt.block, zpages)
+                    else:
+                        for _, first, n in zruns:
+                            self.sink.zero_pages(pkt.block, first, n)
         with cond:
             st = conn.stats
             st.packets += pkt.packets
@@ -483,6 +500,23 @@ class MultifdReceiver:
         """Main-channel ZERO records: applied now (they belong to the current epoch)."""
         with self._lock:
             return self.sink.zero_pages(block, first_page, npages)
+
+    def write_page_set(self, block: str, pages: np.ndarray, views: list[memoryview]) -> Any:
+        """Main-channel pages, scattered (page ``pages[i]`` holds ``views[i]``): written now,
+        by the sink's ``write_page_set`` where it has one."""
+        with self._lock:
+            if self._write_page_set is not None:
+                return self._write_page_set(block, pages, views)
+            return sum(self.sink.write_pages(block, first, views[i : i + n])
+                       for i, first, n in index_runs(pages))
+
+    def zero_page_set(self, block: str, pages: np.ndarray) -> Any:
+        """Main-channel ZERO records of scattered pages: applied now."""
+        with self._lock:
+            if self._zero_page_set is not None:
+                return self._zero_page_set(block, pages)
+            return sum(self.sink.zero_pages(block, first, n)
+                       for _, first, n in index_runs(pages))
 
     def handle(self, record: Record) -> None:
         """Convenience for a simple main loop: act on one main-channel record.

@@ -31,11 +31,15 @@ the destination's QEMU version when known):
 
 One thread sends on every channel (:class:`_Pump`): each channel carries one packet at a
 time, the sockets are written without blocking, round-robin, and polled when none takes
-more. A packet of a buffered mapped-ram image goes out as its header and then each run of
-its pages by ``sendfile`` from the image (page-cache pages handed to the socket, no copy
-through fixedram); the pages of an image with checksums are first read into one buffer
-and digested there, before the packet goes out (a legacy stream image, or one read with
-O_DIRECT, is read into the channel's packet buffer and sent from it). Measured
+more. The packets are planned a bitmap piece at a time with numpy
+(:func:`~fixedram.image.layout.page_groups`), whatever the runs. A packet of a buffered
+mapped-ram image goes out as its header and then each run of its pages by ``sendfile``
+from the image (page-cache pages handed to the socket, no copy through fixedram); one
+whose pages are scattered among pages without data (more than :data:`_SENDFILE_RUNS`
+runs) is gathered into its buffer first; the pages of an image with checksums are first
+read into one buffer and digested there, before the packet goes out (a legacy stream
+image, or one read with O_DIRECT, is read into the channel's packet buffer and sent from
+it). Measured
 (``docs/multifd.md`` §6): one thread costs less CPU than a thread per channel (which
 contend for the interpreter on every system call), and reading pages costs less than
 hashing them through a mapping of the file (on tmpfs several times less).
@@ -59,7 +63,7 @@ import struct
 import termios
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -81,6 +85,7 @@ from fixedram.endpoint.source import (
 )
 from fixedram.errors import EndpointError, ImageError, MismatchError
 from fixedram.image import Image
+from fixedram.image.layout import index_runs, page_groups, run_batches
 from fixedram.image.reader import BlockInfo, DirectIO, PageSlots
 from fixedram.image.sections import ram_section_id
 from fixedram.io.channel import SocketChannel, connect, writev_all
@@ -116,7 +121,9 @@ PER_PACKET = MULTIFD_PAGES_PER_PACKET
 #: Most channels QEMU accepts (the channel id is one byte; ``multifd-channels`` <= 255).
 MAX_CHANNELS = 255
 #: A packet whose pages form at most this many runs goes out by ``sendfile`` (one call per
-#: run); a more scattered one is read into a buffer with one read per run and sent at once.
+#: run); a more scattered one (a guest whose zero pages lie between its others) is
+#: gathered into the packet's buffer (:meth:`~fixedram.image.Image.read_page_set`: one
+#: read where its pages lie close) and sent from there at once.
 _SENDFILE_RUNS = 8
 #: Seconds without any byte accepted by the destination before giving up.
 STALL_SECONDS = 60.0
@@ -191,43 +198,15 @@ _EMPTY = np.zeros(0, dtype=np.int64)
 def _plan(img: Image, blocks: Sequence[BlockInfo], zero_in_packets: bool) -> Iterator[_Packet]:
     """Packets for every block: its data pages 128 at a time, then (``zero_in_packets``)
     its pages without data 128 at a time. The image's bitmap is walked in bounded pieces
-    (:meth:`Image.runs`): memory does not grow with the RAM size."""
+    (:meth:`Image.run_arrays`): memory does not grow with the RAM size, and a guest whose
+    pages with data are scattered costs numpy steps per packet, not Python per run."""
     for blk in blocks:
         name = blk.name.encode("latin-1")
-        for pages, runs in _packets(img.runs(blk.name)):
-            yield _Packet(blk, name, pages, _EMPTY, runs)
+        for pages in page_groups(img.run_arrays(blk.name), PER_PACKET):
+            yield _Packet(blk, name, pages, _EMPTY, index_runs(pages))
         if zero_in_packets:
-            for pages, _ in _packets(absent_runs(img, blk.name)):
+            for pages in page_groups(run_batches(absent_runs(img, blk.name)), PER_PACKET):
                 yield _Packet(blk, name, _EMPTY, pages)
-
-
-def _packets(runs: Iterable[tuple[int, int]],
-             ) -> Iterator[tuple[np.ndarray, list[tuple[int, int, int]]]]:
-    """Page indices of ``runs`` in groups of :data:`PER_PACKET` (the last may be shorter),
-    each with its runs ``(slot, first, count)`` (the runs given are maximal: pieces of two
-    of them are never adjacent)."""
-    pend: list[tuple[int, int, int]] = []
-    count = 0
-    for first, n in runs:
-        p, end = first, first + n
-        while p < end:
-            k = min(PER_PACKET - count, end - p)
-            pend.append((count, p, k))
-            count += k
-            p += k
-            if count == PER_PACKET:
-                yield _indices(pend), pend
-                pend, count = [], 0
-    if count:
-        yield _indices(pend), pend
-
-
-def _indices(runs: Sequence[tuple[int, int, int]]) -> np.ndarray:
-    """The page indices of ``runs``."""
-    if len(runs) == 1:
-        _, p, k = runs[0]
-        return np.arange(p, p + k, dtype=np.int64)
-    return np.concatenate([np.arange(p, p + k, dtype=np.int64) for _, p, k in runs])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,10 +376,16 @@ class _Pump:
                     self._read(self.scratch, name, runs)
                 for _, first, k in runs:
                     ch.queue.append((self.img.page_offset(name, first), k * PS))
+                c.reads += len(runs)
+            elif len(runs) > 1:  # scattered: gathered (one read where they lie close)
+                c.reads += self.img.read_page_set(name, pkt.normal, ch.slots)
+                if self.check is not None:
+                    self.check.pages_at(name, pkt.normal, ch.slots.views[:nn])
+                ch.queue.append(ch.payload[: nn * PS])
             else:
                 self._read(ch.slots, name, runs)
                 ch.queue.append(ch.payload[: nn * PS])
-            c.reads += len(runs)
+                c.reads += 1
         c.packets += 1
         c.pages += nn
         c.zero_pages += len(pkt.zero)

@@ -7,7 +7,10 @@ record it decodes comes here, where two pieces turn them into few, large writes:
   into one write operation of up to :data:`MAX_RUN` pages: one ``pwritev``, or one hole
   punched. A run holds pages or zero pages, never both (:class:`RunKind`). The decoder's
   page runs (``PageRun``: a view of the records as received, pages ``stride`` bytes
-  apart) are operations of their own.
+  apart) are operations of their own, and so are its scattered zero pages (``ZeroPages``:
+  one :class:`ZeroSetOp`, bits and digests cleared in a few numpy steps) and scattered
+  pages (``PageSet``: a :class:`PageSetOp` for the pages, a :class:`ZeroSetOp` for its
+  zero pages; one ``pwritev`` per run, the digests and bits in a few numpy steps).
 - :class:`WriteQueue` performs the operations of one feed as one batch, in stream order
   (a page re-sent, or zeroed after it had data, ends as the last record says).
   Buffered writes run inline: they only copy into the page cache, work a writer thread
@@ -36,11 +39,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from fixedram import faults
 from fixedram._lazy import numpy as np
 from fixedram.endpoint.multifd import MultifdReceiver
-from fixedram.image.layout import PAGE_SIZE, page_slices
+from fixedram.image.layout import PAGE_SIZE, index_runs, page_slices
 from fixedram.image.writer import Buffer, MappedRamWriter
 from fixedram.io.files import aligned_buffer, drop_cached
 
-__all__ = ["MAX_RUN", "RunCoalescer", "RunKind", "WriteOp", "WriteQueue"]
+__all__ = ["MAX_RUN", "PageSetOp", "RunCoalescer", "RunKind", "WriteOp", "WriteQueue",
+           "ZeroSetOp"]
 
 #: Most pages written by one pwritev (1 MiB).
 MAX_RUN = 256
@@ -50,6 +54,10 @@ MAX_RUN = 256
 #: them). Zero pages > 0: punch them, the buffers are empty; stride > 0: the one buffer
 #: holds pages ``stride`` bytes apart.
 WriteOp = tuple[str, int, list[Buffer], int, int, list[memoryview] | None]
+#: Scattered zero pages: block and page numbers (``int64``).
+ZeroSetOp = tuple[str, np.ndarray]
+#: Scattered pages: block, page numbers (``int64``) and one view per page.
+PageSetOp = tuple[str, np.ndarray, list[memoryview]]
 
 
 class RunKind(enum.Enum):
@@ -66,12 +74,13 @@ _ZEROS = RunKind.ZEROS
 class RunCoalescer:
     """Turns page and zero records into write operations, consecutive ones as one run.
 
-    Feed it records in stream order with :meth:`page`, :meth:`zeros` and :meth:`run`;
-    :meth:`take` ends the pending run and hands over the operations so far.
+    Feed it records in stream order with :meth:`page`, :meth:`zeros`, :meth:`run`,
+    :meth:`zero_set` and :meth:`page_set`; :meth:`take` ends the pending run and hands
+    over the operations so far.
     """
 
     def __init__(self) -> None:
-        self._ops: list[WriteOp] = []
+        self._ops: list[WriteOp | ZeroSetOp | PageSetOp] = []
         # the pending run: consecutive pages (or zero pages) of one block
         self._kind: RunKind | None = None
         self._blk = ""
@@ -104,6 +113,18 @@ class RunCoalescer:
             self._kind, self._blk, self._first = _ZEROS, block, first
         self._n += n
 
+    def zero_set(self, block: str, pages: np.ndarray) -> None:
+        """Scattered zero pages of ``block`` (page numbers, ``int64``); one operation."""
+        self.flush()
+        self._ops.append((block, pages))
+
+    def page_set(self, block: str, pages: np.ndarray, views: list[memoryview]) -> None:
+        """Scattered pages of ``block``: page ``pages[i]`` (``int64``) holds ``views[i]``;
+        one operation."""
+        self.flush()
+        if len(pages):
+            self._ops.append((block, pages, views))
+
     def run(self, block: str, first: int, data: Buffer, stride: int,
             pages: list[memoryview] | None = None) -> None:
         """A decoder's page run: pages of ``block`` from ``first``, ``stride`` bytes apart
@@ -125,7 +146,7 @@ class RunCoalescer:
         self._kind = None
         self._n = 0
 
-    def take(self) -> list[WriteOp]:
+    def take(self) -> list[WriteOp | ZeroSetOp | PageSetOp]:
         """End the pending run; the operations queued since the last take, in order."""
         self.flush()
         ops, self._ops = self._ops, []
@@ -162,7 +183,7 @@ class WriteQueue:
             self._stage_map = stage
             self._stage = memoryview(stage)
 
-    def submit(self, ops: list[WriteOp]) -> None:
+    def submit(self, ops: list[WriteOp | ZeroSetOp | PageSetOp]) -> None:
         """Perform the operations of one feed: buffered, at once; with O_DIRECT, in the
         writer thread (as one batch, overlapping the next receive). Adds exactly one
         in-flight entry (None when nothing is in flight), so :meth:`wait` counts feeds."""
@@ -201,13 +222,35 @@ class WriteQueue:
             self._stage_map.close()
             self._stage_map = None
 
-    def _apply(self, ops: list[WriteOp]) -> None:
+    def _apply(self, ops: list[WriteOp | ZeroSetOp | PageSetOp]) -> None:
         """Perform ``ops`` in order (writer thread with O_DIRECT: copied through the stage)."""
         sink = self._sink
         stage = self._stage
         lo, hi = -1, -1
-        for block, first, bufs, zeros, stride, views in ops:
+        for op in ops:
             faults.point("receive-pages")
+            if len(op) == 2:
+                sink.zero_page_set(*op)
+                continue
+            if len(op) == 3:
+                block, pages, page_views = op
+                if stage is None:
+                    sink.write_page_set(block, pages, page_views)
+                else:  # O_DIRECT: each run through the aligned stage, a stage at a time
+                    per = len(stage) // PAGE_SIZE
+                    for i, first, n in index_runs(pages):
+                        for j in range(0, n, per):
+                            k = min(per, n - j)
+                            stage[: k * PAGE_SIZE] = b"".join(page_views[i + j : i + j + k])
+                            sink.write_pages(block, first + j, [stage[: k * PAGE_SIZE]])
+                blk = self._writer.blocks.get(block)
+                if blk is not None:
+                    a = blk.pages_offset + int(pages.min()) * PAGE_SIZE
+                    b = blk.pages_offset + (int(pages.max()) + 1) * PAGE_SIZE
+                    lo = a if lo < 0 else min(lo, a)
+                    hi = max(hi, b)
+                continue
+            block, first, bufs, zeros, stride, views = op
             if zeros:
                 sink.zero_pages(block, first, zeros)
                 continue

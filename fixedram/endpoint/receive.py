@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Literal
 
 from fixedram import faults
+from fixedram._lazy import numpy as np
 from fixedram.endpoint.multifd import MultifdReceiver, MultifdStats
 from fixedram.endpoint.pagewrites import RunCoalescer, WriteQueue
 from fixedram.errors import (
@@ -52,7 +53,7 @@ from fixedram.errors import (
     TruncatedStream,
     UnsupportedRecord,
 )
-from fixedram.image.layout import PAGE_SIZE
+from fixedram.image.layout import PAGE_SIZE, index_runs
 from fixedram.image.libvirt import header_bytes, mark_complete, write_header
 from fixedram.image.writer import Buffer, MappedRamWriter, PageObserver, mapped_configuration
 from fixedram.io.channel import Channel, Listener, SocketChannel
@@ -74,6 +75,7 @@ from fixedram.stream import (
     Packaged,
     Page,
     PageRun,
+    PageSet,
     RamBlock,
     Record,
     SectionEnd,
@@ -82,6 +84,7 @@ from fixedram.stream import (
     StreamDecoder,
     VMDescription,
     Zero,
+    ZeroPages,
     ZeroRun,
 )
 from fixedram.stream.format import Command
@@ -256,6 +259,18 @@ class _WritebackSink:
         return self._writeback(block, first_page,
                                self.writer.write_page_views(block, first_page, pages))
 
+    def write_page_set(self, block: str, pages: np.ndarray, views: list[memoryview],
+                       runs: list[tuple[int, int, int]] | None = None) -> int:
+        n = self.writer.write_page_set(block, pages, views, runs)
+        first = int(pages.min())
+        width = int(pages.max()) + 1 - first
+        if width <= 4 * len(pages):  # one hand-over for the stretch the pages lie in
+            self._writeback(block, first, width)
+        else:
+            for _, f, k in runs or index_runs(pages):
+                self._writeback(block, f, k)
+        return n
+
     def _writeback(self, block: str, first_page: int, n: int) -> int:
         at = self.writer.blocks[block].pages_offset + first_page * PAGE_SIZE
         drop_cached(self.fd, at, n * PAGE_SIZE)
@@ -263,6 +278,9 @@ class _WritebackSink:
 
     def zero_pages(self, block: str, first_page: int, npages: int = 1) -> int:
         return self.writer.zero_pages(block, first_page, npages)
+
+    def zero_page_set(self, block: str, pages: np.ndarray) -> int:
+        return self.writer.zero_page_set(block, pages)
 
 
 class Receiver:
@@ -432,6 +450,15 @@ class Receiver:
             elif isinstance(r, ZeroRun):
                 self.zero_records += r.npages
                 zeros(r.block, r.offset >> _PAGE_SHIFT, r.npages)
+            elif isinstance(r, ZeroPages):
+                self.zero_records += r.npages
+                self._runs.zero_set(r.block, (r.offsets >> _PAGE_SHIFT).astype(np.int64))
+            elif isinstance(r, PageSet):
+                data, zero = r.numbers()
+                self.zero_records += len(zero)
+                self._runs.page_set(r.block, data, r.pages)
+                if len(zero):  # no page is in both (a set never holds one twice)
+                    self._runs.zero_set(r.block, zero)
             elif isinstance(r, Page):
                 page(r.block, r.offset >> _PAGE_SHIFT, r.data)
             elif isinstance(r, Zero):

@@ -40,9 +40,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from fixedram import faults
+from fixedram._lazy import numpy as np
 from fixedram.endpoint.source import (
     FRESH_MIN_BLOCK,
     LINGER_SECONDS,
@@ -63,6 +64,7 @@ from fixedram.endpoint.source import (
 from fixedram.errors import EndpointError, MismatchError
 from fixedram.image import Image
 from fixedram.image.check import require_restorable
+from fixedram.image.layout import index_runs, page_groups
 from fixedram.image.reader import READ_CHUNK, BlockInfo, DirectIO, PageSlots
 from fixedram.image.sections import ram_section_id
 from fixedram.io.channel import Buffer, Channel, sendfile_all, write_fd
@@ -286,19 +288,41 @@ def _pieces(img: Image, name: str, hint_fd: int, depth: int) -> Iterator[tuple[i
     pieces after the current one ahead (``POSIX_FADV_WILLNEED``), so disk reads overlap
     with sending without reader threads fighting the sender for the GIL.
     """
-    blk = img.block(name)
     plan = split_runs(img.runs(name), READ_CHUNK // PS)
+    return _ahead(plan, lambda piece: [piece], img.block(name), hint_fd, depth)
+
+
+_T = TypeVar("_T")
+
+
+def _ahead(plan: Iterable[_T], span: Callable[[_T], Iterable[tuple[int, int]]],
+           blk: BlockInfo, hint_fd: int, depth: int) -> Iterator[_T]:
+    """``plan``'s pieces, the kernel asked to read the pages (``span``: ranges of first
+    page and count) of the ``depth`` pieces after the current one ahead (none where
+    ``hint_fd`` < 0)."""
     if hint_fd < 0 or blk.mapped is None or depth <= 0:
         yield from plan
         return
     base = blk.mapped.pages_offset
-    ahead: collections.deque[tuple[int, int]] = collections.deque()
+    ahead: collections.deque[_T] = collections.deque()
     for piece in plan:
         ahead.append(piece)
-        os.posix_fadvise(hint_fd, base + piece[0] * PS, piece[1] * PS, os.POSIX_FADV_WILLNEED)
+        for first, n in span(piece):
+            os.posix_fadvise(hint_fd, base + first * PS, n * PS, os.POSIX_FADV_WILLNEED)
         if len(ahead) > depth:
             yield ahead.popleft()
     yield from ahead
+
+
+def _group_ranges(pages: np.ndarray) -> list[tuple[int, int]]:
+    """What to read ahead for a group of pages: the stretch it lies in where that is at
+    most four times its pages (as :meth:`~fixedram.image.Image.read_page_set` reads it),
+    else each run."""
+    first = int(pages[0])
+    width = int(pages[-1]) + 1 - first
+    if width <= 4 * len(pages):
+        return [(first, width)]
+    return [(f, k) for _, f, k in index_runs(pages)]
 
 
 def _record_buffer() -> tuple[PageRecords, PageSlots]:
@@ -349,6 +373,8 @@ class _PieceReader:
         self.pool = (ThreadPoolExecutor(1, thread_name_prefix="fixedram-read") if img.direct
                      else None)
         self.pairs = [_record_buffer() for _ in range(2 if self.pool is not None else 1)]
+        # a buffered image file: pages sent in groups whatever their runs (_send_groups)
+        self.grouped = not img.direct and img.pages_in_file
         self.hint_fd = -1
         if (readers > 1 and img.format == "mapped-ram" and not img.direct
                 and img.pages_in_file and hasattr(os, "posix_fadvise")):
@@ -359,6 +385,12 @@ class _PieceReader:
         """``(first, npages, (records, slots), reads)`` per piece of ``name`` (:func:`_read`)."""
         pieces = _pieces(self.img, name, self.hint_fd, self.depth)
         return _read(self.img, name, pieces, self.pairs, self.pool)
+
+    def groups(self, name: str) -> Iterator[np.ndarray]:
+        """The page numbers of ``name``'s pages with data, a record buffer's worth at a time
+        whatever their runs (:func:`~fixedram.image.layout.page_groups`), read ahead."""
+        groups = page_groups(self.img.run_arrays(name), self.pairs[0][1].count)
+        return _ahead(groups, _group_ranges, self.img.block(name), self.hint_fd, self.depth)
 
     def close(self) -> None:
         if self.pool is not None:
@@ -412,11 +444,15 @@ def _zeros(out: _Sender, enc: StreamEncoder, name: str, start: int, stop: int,
 
 def _send_block(out: _Sender, enc: StreamEncoder, reader: _PieceReader, blk: BlockInfo,
                 sid: int, check: PageCheck | None, skip: bool) -> None:
-    """One PART section with every page of ``blk``: PAGE records piece by piece (one read,
-    one numpy header assignment and one write per piece), ZERO records for the gaps unless
-    ``skip``."""
+    """One PART section with every page of ``blk``: PAGE records a record buffer's worth at
+    a time whatever their runs (:func:`_send_groups`) where nothing goes between them
+    (``skip``, an image file read buffered), else piece by piece of each run (one read,
+    one numpy header assignment and one write per piece) with ZERO records for the gaps,
+    or from a legacy stream image as the file stores them."""
     out.add([encode(SectionPart(sid))])
-    if reader.stored:  # a legacy stream image: it has no page checksums to check
+    if skip and reader.grouped:  # nothing between the pages with data
+        cursor = _send_groups(out, enc, reader, blk, check)
+    elif reader.stored:  # a legacy stream image: it has no page checksums to check
         assert check is None
         cursor = _send_stored(out, enc, reader, blk, skip)
     else:
@@ -434,20 +470,76 @@ def _send_stored(out: _Sender, enc: StreamEncoder, reader: _PieceReader, blk: Bl
     """The runs of pages of a legacy stream image's block: where the file holds them as
     consecutive records they go out as stored (``sendfile``), after a header of ours for
     the first. Returns the page after the last run."""
-    img = reader.img
-    fd = img.fileno()
     cursor = 0
-    for first, npages in split_runs(img.runs(blk.name), _STORED_PIECE):
+    for first, npages in split_runs(reader.img.runs(blk.name), _STORED_PIECE):
         if first > cursor:
             _zeros(out, enc, blk.name, cursor, first, skip)
-        for p, k, pos in img.record_spans(blk.name, first, npages) or ():
-            head, rng = enc.stored_page_records(blk.name, p * PS, k, pos)
-            assert isinstance(rng, FileRange) and not isinstance(head, FileRange)
-            out.add([head])
-            out.send_file(fd, rng)
-            out.reads += 1
-        out.pages_sent += npages
+        _stored_run(out, enc, reader.img, blk.name, first, npages)
         cursor = first + npages
+    return cursor
+
+
+def _stored_run(out: _Sender, enc: StreamEncoder, img: Image, name: str, first: int,
+                npages: int) -> None:
+    """Pages ``first…`` of a legacy stream image, consecutive, as the file stores them: a
+    header of ours for each stretch of consecutive records, the rest by ``sendfile``."""
+    for p, k, pos in img.record_spans(name, first, npages) or ():
+        head, rng = enc.stored_page_records(name, p * PS, k, pos)
+        assert isinstance(rng, FileRange) and not isinstance(head, FileRange)
+        out.add([head])
+        out.send_file(img.fileno(), rng)
+        out.reads += 1
+    out.pages_sent += npages
+
+
+def _send_groups(out: _Sender, enc: StreamEncoder, reader: _PieceReader, blk: BlockInfo,
+                 check: PageCheck | None) -> int:
+    """The pages of ``blk`` with data, a record buffer's worth at a time whatever their runs
+    (:meth:`_PieceReader.groups`; a fresh destination needs no ZERO records between them):
+    consecutive pages are read as one piece (or, from a legacy stream image, go out as the
+    file stores them: :func:`_stored_run`), scattered ones gathered
+    (:meth:`~fixedram.image.Image.read_page_set`); one numpy header assignment and one write
+    per group.
+    Returns the page after the last group."""
+    recs, slots = reader.pairs[0]
+    name = blk.name
+    cursor = 0
+    stored = (0, 0)  # consecutive pages of a legacy stream image not sent yet
+    for pages in reader.groups(name):
+        first, n = int(pages[0]), len(pages)
+        consecutive = int(pages[-1]) + 1 - first == n
+        if reader.stored and stored[1] and (not consecutive or first != sum(stored)
+                                            or stored[1] >= _STORED_PIECE):
+            _stored_run(out, enc, reader.img, name, *stored)
+            stored = (0, 0)
+        if consecutive and reader.stored:  # as the file stores them, in long pieces
+            out.zero_pages += first - cursor
+            stored = (stored[0] if stored[1] else first, stored[1] + n)
+            cursor = first + n
+            continue
+        if consecutive:
+            out.reads += reader.img.read_slots(name, first, n, slots)
+            if check is not None:
+                check.pages(name, first, slots.views[:n])
+            data: Buffer = enc.page_records(name, first * PS, n, recs)
+        else:
+            out.reads += reader.img.read_page_set(name, pages, slots)
+            if check is not None:
+                check.pages_at(name, pages, slots.views[:n])
+            data = enc.page_set_records(name, pages.astype(np.uint64) * np.uint64(PS), recs)
+        small = len(data) < _SMALL_PIECE
+        if small:  # copy, to batch it with the next groups into one write
+            data = bytes(data)
+        out.add([data])
+        out.pages_sent += n
+        out.zero_pages += int(pages[-1]) + 1 - cursor - n  # the pages without data passed
+        cursor = int(pages[-1]) + 1
+        if small:
+            out.maybe_flush()
+        else:
+            out.flush()  # the record buffer is reused by the next group
+    if stored[1]:
+        _stored_run(out, enc, reader.img, name, *stored)
     return cursor
 
 

@@ -173,8 +173,8 @@ def zero_extent_digest(npages: int) -> int:
 class PageDigests:
     """One digest per page of every block, kept while pages are written; sparse.
 
-    :class:`~fixedram.image.writer.MappedRamWriter` updates it in ``write_pages`` and
-    ``zero_pages`` (under the multifd lock when channels write), so at the end the
+    :class:`~fixedram.image.writer.MappedRamWriter` updates it as it writes and zeroes
+    pages (under its own lock when channels write), so at the end the
     digests describe the final content however often a page was rewritten. Digests
     live in chunks of 256 pages (2 KiB each, a :class:`~fixedram.image.sparse.SparseArray`)
     made when a page of the chunk is first written: memory follows the data that arrived
@@ -196,6 +196,14 @@ class PageDigests:
 
     def zero(self, block: str, first_page: int, npages: int) -> None:
         self.blocks[block].reset(first_page, npages)
+
+    def store_at(self, block: str, pages: np.ndarray, digests: np.ndarray) -> None:
+        """Set the digests of the pages numbered in ``pages`` (one per element)."""
+        self.blocks[block].store_at(pages, digests)
+
+    def zero_at(self, block: str, pages: np.ndarray) -> None:
+        """The pages numbered in ``pages`` are zero pages again."""
+        self.blocks[block].reset_at(pages)
 
     def extent_digests(self, block: str, extent_shift: int) -> np.ndarray:
         """The block's per-extent digests (as :func:`extent_digests` of all its pages).

@@ -18,7 +18,8 @@ page was zero (or never sent).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+from collections.abc import Iterable, Iterator
 
 from fixedram._lazy import numpy as np
 from fixedram.stream.format import MAPPED_RAM_ALIGN, MAPPED_RAM_HEADER, TARGET_PAGE_SIZE
@@ -32,10 +33,15 @@ __all__ = [
     "bitmap_to_bools",
     "bools_to_bitmap",
     "runs",
+    "run_arrays",
     "bitmap_runs",
+    "bitmap_run_arrays",
     "BITMAP_PIECE_PAGES",
     "page_slices",
     "index_runs",
+    "groups",
+    "page_groups",
+    "run_batches",
 ]
 
 #: Pages covered by one piece of a bitmap read at a time (128 KiB of bitmap, 4 GiB of RAM):
@@ -47,6 +53,11 @@ PAGE_SIZE = TARGET_PAGE_SIZE
 #: Bytes of a block's mapped-ram header (version, page size, bitmap and pages offsets);
 #: QEMU writes the bitmap right behind it, so the header starts this far before the bitmap.
 MAPPED_RAM_HEADER_SIZE = MAPPED_RAM_HEADER.size
+
+
+def _no_runs() -> tuple[np.ndarray, np.ndarray]:
+    """No runs, as :func:`run_arrays` and :func:`bitmap_run_arrays` give them."""
+    return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
 
 
 def bitmap_bytes(npages: int) -> int:
@@ -85,12 +96,23 @@ def bools_to_bitmap(present: np.ndarray) -> bytes:
 
 def runs(present: np.ndarray) -> Iterator[tuple[int, int]]:
     """Maximal runs of True as ``(first_page, npages)``, in order (vectorised)."""
+    starts, lengths = run_arrays(present)
+    return zip(starts.tolist(), lengths.tolist(), strict=True)
+
+
+def run_arrays(present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`runs` as two arrays: first pages and lengths."""
     if not len(present):
-        return iter(())
+        return _no_runs()
     edges = np.diff(np.concatenate(([0], present.view(np.uint8), [0])).astype(np.int8))
     starts = np.flatnonzero(edges == 1)
-    ends = np.flatnonzero(edges == -1)
-    return zip(starts.tolist(), (ends - starts).tolist(), strict=True)
+    return starts, np.flatnonzero(edges == -1) - starts
+
+
+def groups(keys: np.ndarray) -> list[tuple[int, int]]:
+    """``(start, end)`` of each stretch of equal neighbouring values of ``keys`` (numpy)."""
+    cuts = [0, *(np.flatnonzero(np.diff(keys)) + 1).tolist(), len(keys)]
+    return list(itertools.pairwise(cuts))
 
 
 def index_runs(pages: np.ndarray) -> list[tuple[int, int, int]]:
@@ -108,7 +130,16 @@ def index_runs(pages: np.ndarray) -> list[tuple[int, int, int]]:
 
 
 def bitmap_runs(raw: bytes | bytearray | memoryview, npages: int) -> Iterator[tuple[int, int]]:
-    """Maximal runs of set bits among the first ``npages`` bits of ``raw`` (on-disk order).
+    """Maximal runs ``(first, npages)`` of set bits among the first ``npages`` bits of
+    ``raw`` (on-disk order), found as :func:`bitmap_run_arrays` finds them."""
+    starts, lengths = bitmap_run_arrays(raw, npages)
+    return zip(starts.tolist(), lengths.tolist(), strict=True)
+
+
+def bitmap_run_arrays(raw: bytes | bytearray | memoryview,
+                      npages: int) -> tuple[np.ndarray, np.ndarray]:
+    """Maximal runs of set bits among the first ``npages`` bits of ``raw`` (on-disk order),
+    as two arrays: first pages and lengths.
 
     ``raw`` holds whole 64-bit words. The runs are found from their edges, word-wise: a
     run starts at a set bit whose lower neighbour (across words too) is clear and ends at
@@ -124,7 +155,7 @@ def bitmap_runs(raw: bytes | bytearray | memoryview, npages: int) -> Iterator[tu
         words = words.copy()
         words[-1] &= np.uint64((1 << (npages % 64)) - 1)
     if not words.any():
-        return iter(())
+        return _no_runs()
     one, top = np.uint64(1), np.uint64(63)
     first = words << one  # bit i: bit i - 1 of the bitmap (in place from here: fewer arrays)
     carry = words[:-1] >> top
@@ -132,15 +163,14 @@ def bitmap_runs(raw: bytes | bytearray | memoryview, npages: int) -> Iterator[tu
     np.invert(first, out=first)
     first &= words  # set bits whose lower neighbour is clear
     if 2 * np.count_nonzero(first) > nwords:  # runs start in most words: per page is cheaper
-        return runs(bitmap_to_bools(raw, npages))
+        return run_arrays(bitmap_to_bools(raw, npages))
     last = np.right_shift(words, one)  # bit i: bit i + 1 of the bitmap
     np.left_shift(words[1:], top, out=carry)
     last[:-1] |= carry
     np.invert(last, out=last)
     last &= words  # set bits whose upper neighbour is clear
     starts = _set_bits(first)
-    ends = _set_bits(last)
-    return zip(starts.tolist(), (ends - starts + 1).tolist(), strict=True)
+    return starts, _set_bits(last) - starts + 1
 
 
 def _set_bits(words: np.ndarray) -> np.ndarray:
@@ -171,3 +201,56 @@ def page_slices(n: int, stride: int = PAGE_SIZE) -> list[slice]:
         sl.extend(slice(k * stride, k * stride + PAGE_SIZE)
                   for k in range(len(sl), max(n, 256)))
     return sl[:n]
+
+
+#: Pages of runs turned into page numbers at a time by :func:`page_groups` (512 KiB of
+#: them; at most twice that).
+_GROUP_PAGES = 1 << 16
+
+
+def run_batches(runs: Iterable[tuple[int, int]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``runs`` as arrays of first pages and lengths, a few thousand runs at a time (what
+    :func:`page_groups` takes)."""
+    it = iter(runs)
+    while batch := list(itertools.islice(it, 4096)):
+        a = np.array(batch, dtype=np.int64)
+        yield a[:, 0], a[:, 1]
+
+
+def page_groups(pieces: Iterable[tuple[np.ndarray, np.ndarray]], size: int,
+                ) -> Iterator[np.ndarray]:
+    """The page numbers of the runs in ``pieces`` (arrays of first pages and lengths, in
+    order: :meth:`~fixedram.image.Image.run_arrays`) in groups of ``size`` (the last may be
+    shorter), whatever the runs: a packet or a record buffer's worth of pages of a guest
+    whose pages with data are scattered costs numpy steps, no Python per run. Memory: at
+    most about ``2 * _GROUP_PAGES`` page numbers at a time."""
+    carry = np.zeros(0, dtype=np.int64)
+    for starts, lengths in pieces:
+        for pages in _page_numbers(starts, lengths):
+            if len(carry):
+                pages = np.concatenate((carry, pages))
+            full = len(pages) - len(pages) % size
+            for i in range(0, full, size):
+                yield pages[i : i + size]
+            carry = pages[full:]
+    if len(carry):
+        yield carry
+
+
+def _page_numbers(starts: np.ndarray, lengths: np.ndarray) -> Iterator[np.ndarray]:
+    """The page numbers of runs, in arrays of at most ``2 * _GROUP_PAGES`` (a longer run in
+    parts)."""
+    if not len(lengths):
+        return
+    if int(lengths.max()) > _GROUP_PAGES:
+        parts = -(-lengths // _GROUP_PAGES)
+        which = np.repeat(np.arange(len(lengths)), parts)
+        k = np.arange(len(which)) - np.repeat(np.cumsum(parts) - parts, parts)
+        starts = starts[which] + k * _GROUP_PAGES
+        lengths = np.minimum(lengths[which] - k * _GROUP_PAGES, _GROUP_PAGES)
+    ends = np.cumsum(lengths)
+    # runs starting in one stretch of _GROUP_PAGES pages go together
+    for a, z in groups((ends - lengths) // _GROUP_PAGES):
+        s, n = starts[a:z], lengths[a:z]
+        before = np.cumsum(n) - n
+        yield np.repeat(s - before, n) + np.arange(int(before[-1] + n[-1]), dtype=np.int64)

@@ -31,8 +31,10 @@ from fixedram.image.layout import (
     PAGE_SIZE,
     bitmap_bits,
     bitmap_bytes,
-    bitmap_runs,
+    bitmap_run_arrays,
     bitmap_to_bools,
+    index_runs,
+    run_arrays,
     runs,
 )
 from fixedram.image.libvirt import LibvirtHeader, decompress_payload, is_libvirt, read_header
@@ -52,21 +54,26 @@ from fixedram.stream import (
     MappedRamHeader,
     Page,
     PageRun,
+    PageSet,
     RamBlock,
     SectionPart,
     SectionStart,
     StreamDecoder,
     VMDescription,
     Zero,
+    ZeroPages,
     ZeroRun,
 )
 from fixedram.stream.format import FILE_MAGIC
 
 __all__ = ["open_image", "image_location", "Image", "MappedRamImage", "StreamImage",
-           "BlockInfo", "PageSlots", "READ_CHUNK", "DirectIO", "PageIndex"]
+           "BlockInfo", "PageSlots", "READ_CHUNK", "SPAN_BYTES", "DirectIO", "PageIndex"]
 
 #: Largest single read when streaming page data (bytes).
 READ_CHUNK = 1 << 20
+
+#: Widest stretch of an image file :meth:`Image.read_page_set` reads in one go (4 MiB).
+SPAN_BYTES = 4 << 20
 
 #: Pages per chunk of a legacy stream's sparse page index (:class:`PageIndex`): 1 MiB of RAM.
 INDEX_CHUNK = 256
@@ -82,6 +89,7 @@ METADATA_CHUNK = 16 << 10
 _ABSENT = -1
 #: Bytes from one page's data to the next in a run of CONTINUE PAGE records of a stream.
 _REC = PAGE_SIZE + 8
+_PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 #: Alignment of O_DIRECT file offsets and lengths (the largest logical block size in use).
 _DIO_ALIGN = 4096
 
@@ -316,7 +324,25 @@ class Image:
     def _piece_runs(self, name: str, first: int, npages: int) -> Iterator[tuple[int, int]]:
         """Runs of pages with data among pages ``[first, first + npages)``, relative to
         ``first``."""
-        return runs(self.present_range(name, first, npages))
+        starts, lengths = self._piece_run_arrays(name, first, npages)
+        return zip(starts.tolist(), lengths.tolist(), strict=True)
+
+    def _piece_run_arrays(self, name: str, first: int,
+                          npages: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_piece_runs` as arrays: first pages (relative to ``first``) and lengths."""
+        return run_arrays(self.present_range(name, first, npages))
+
+    def run_arrays(self, name: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The runs of pages with data in block ``name`` as arrays ``(first pages,
+        lengths)``, a pair per piece of :data:`BITMAP_PIECE_PAGES` pages (a run across two
+        pieces comes in both): what a consumer of very many short runs takes, with no
+        Python step per run."""
+        blk = self.block(name)
+        for p in range(0, blk.npages, BITMAP_PIECE_PAGES):
+            starts, lengths = self._piece_run_arrays(name, p,
+                                                     min(BITMAP_PIECE_PAGES, blk.npages - p))
+            if len(starts):
+                yield starts + p, lengths
 
     def runs(self, name: str, start: int = 0,
              stop: int | None = None) -> Iterator[tuple[int, int]]:
@@ -419,6 +445,45 @@ class Image:
         Returns the number of read system calls made.
         """
         raise NotImplementedError
+
+    def read_page_set(self, name: str, pages: np.ndarray, slots: PageSlots) -> int:
+        """Read the pages numbered in ``pages`` (increasing, each holding data, not
+        necessarily consecutive) into slots ``0..``: one read of the stretch of the file
+        they lie in when it is at most :data:`SPAN_BYTES` and four times their bytes (gaps
+        included: a page of gap read costs less than one more system call) and one numpy
+        copy into the slots, else one read per run of consecutive pages. Returns the
+        number of reads. The stretch is read into a buffer the image keeps: one caller at
+        a time."""
+        n = len(pages)
+        assert 0 < n <= slots.count
+        where = self._places(name, pages) if self.pages_in_file and self._dfd < 0 else None
+        if where is not None:
+            lo, hi = int(where.min()), int(where.max()) + PAGE_SIZE
+            if hi - lo <= min(SPAN_BYTES, 4 * n * PAGE_SIZE):
+                span = self.__dict__.get("_span")
+                if span is None:
+                    span = self.__dict__["_span"] = memoryview(bytearray(SPAN_BYTES))
+                preadv_exact(self._fd, span[: hi - lo], lo, f"pages of RAM block '{name}'")
+                at = where - lo
+                raw = np.frombuffer(span, dtype=np.uint8, count=hi - lo)
+                if self.format == "mapped-ram":  # pages on page boundaries: one copy
+                    np.take(raw.reshape(-1, PAGE_SIZE), at >> _PAGE_SHIFT, axis=0,
+                            out=slots.array[:n], mode="clip")
+                else:  # records: pages at any offset, the rows of a view at every byte
+                    rows = np.lib.stride_tricks.as_strided(
+                        raw, shape=(hi - lo - PAGE_SIZE + 1, PAGE_SIZE), strides=(1, 1))
+                    slots.array[:n] = rows[at]  # (np.take would copy the whole view)
+                return 1
+        reads = 0
+        for i, first, k in index_runs(pages):
+            part = PageSlots(slots.buf, slots.first + i * slots.stride, slots.stride, k)
+            reads += self.read_slots(name, first, k, part)
+        return reads
+
+    def _places(self, name: str, pages: np.ndarray) -> np.ndarray | None:
+        """File offsets of the data of the pages numbered in ``pages`` (``int64``), or None
+        where they are not all in the file."""
+        return None
 
     def _pread_direct(self, offset: int, length: int) -> memoryview:
         """``length`` bytes at ``offset`` read with O_DIRECT: a view into the stage buffer.
@@ -578,10 +643,11 @@ class MappedRamImage(Image):
                 last = p + bits.bit_length() - 1
         return last
 
-    def _piece_runs(self, name: str, first: int, npages: int) -> Iterator[tuple[int, int]]:
+    def _piece_run_arrays(self, name: str, first: int,
+                          npages: int) -> tuple[np.ndarray, np.ndarray]:
         if first % 64 or name in self.__dict__.get("_bitmaps", {}):
-            return super()._piece_runs(name, first, npages)
-        return bitmap_runs(self._bitmap_bytes(self.block(name), first, npages), npages)
+            return super()._piece_run_arrays(name, first, npages)
+        return bitmap_run_arrays(self._bitmap_bytes(self.block(name), first, npages), npages)
 
     def _read_into(self, blk: BlockInfo, first: int, dest: memoryview) -> None:
         """Read pages into ``dest``; with O_DIRECT on and ``dest`` page-aligned in memory,
@@ -597,6 +663,11 @@ class MappedRamImage(Image):
         blk = self.block(name)
         assert blk.mapped is not None
         return blk.mapped.pages_offset + first_page * PAGE_SIZE
+
+    def _places(self, name: str, pages: np.ndarray) -> np.ndarray | None:
+        blk = self.block(name)
+        assert blk.mapped is not None
+        return pages * PAGE_SIZE + blk.mapped.pages_offset
 
     def read_slots(self, name: str, first_page: int, npages: int, slots: PageSlots) -> int:
         blk = self.block(name)
@@ -647,6 +718,11 @@ class StreamImage(Image):
             for f, n in runs(c[lo:hi] >= 0):
                 yield at - first + f, n
 
+    def _piece_run_arrays(self, name: str, first: int,
+                          npages: int) -> tuple[np.ndarray, np.ndarray]:
+        found = np.array(list(self._piece_runs(name, first, npages)), dtype=np.int64)
+        return (found[:, 0], found[:, 1]) if len(found) else run_arrays(found[:0] > 0)
+
     def _read_into(self, blk: BlockInfo, first: int, dest: memoryview) -> None:
         where = self._where[blk.name].get(first, len(dest) // PAGE_SIZE)
         n = len(where)
@@ -660,6 +736,11 @@ class StreamImage(Image):
         self.block(name)
         assert 0 < npages <= slots.count
         return self._gather(self._where[name].get(first_page, npages), slots)
+
+    def _places(self, name: str, pages: np.ndarray) -> np.ndarray | None:
+        self.block(name)
+        where = self._where[name].get_at(pages)
+        return None if (where < 0).any() else where
 
     def record_spans(self, name: str, first_page: int,
                      npages: int) -> list[tuple[int, int, int]] | None:
@@ -807,6 +888,13 @@ def _walk(fd: int, base: int, size: int, index: bool) -> tuple[StreamDecoder, di
                 where[r.block].put(r.offset // PAGE_SIZE, r.npages, r.pos, _REC)
             elif isinstance(r, ZeroRun):
                 where[r.block].clear(r.offset // PAGE_SIZE, r.npages)
+            elif isinstance(r, ZeroPages):
+                where[r.block].reset_at((r.offsets // PAGE_SIZE).astype(np.int64), free=True)
+            elif isinstance(r, PageSet):
+                data, zero = r.numbers()
+                where[r.block].store_at(data, r.pos)
+                if len(zero):
+                    where[r.block].reset_at(zero, free=True)
             elif isinstance(r, Page):
                 where[r.block].put(r.offset // PAGE_SIZE, 1, r.pos, _REC)
             elif isinstance(r, Zero):

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from fixedram._lazy import numpy as np
-from fixedram.image.layout import bools_to_bitmap, runs
+from fixedram.image.layout import bools_to_bitmap, groups, runs
 
 __all__ = ["SparseArray", "SparseBits"]
 
@@ -74,6 +74,17 @@ class SparseArray:
             out[pg - first : pg - first + hi - lo] = c[lo:hi]
         return out
 
+    def get_at(self, pages: np.ndarray) -> np.ndarray:
+        """Values of the pages numbered in ``pages``, as one array (a numpy step per chunk)."""
+        out = np.full(len(pages), self.fill, dtype=self.dtype)
+        at = 0
+        for ci, idx in self._groups(pages):
+            c = self.chunks.get(ci)
+            if c is not None:
+                out[at : at + len(idx)] = c[idx]
+            at += len(idx)
+        return out
+
     def store(self, first: int, values: np.ndarray) -> None:
         """Set pages ``first, first + 1, …`` to ``values``."""
         self._put(first, len(values), values, True)
@@ -94,6 +105,40 @@ class SparseArray:
                 c = self._chunk(ci)
             c[lo : lo + k] = value[at : at + k] if many else value
             at += k
+
+    def _groups(self, pages: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """``(chunk index, indices within the chunk)`` for the page numbers ``pages`` (any
+        order; pages of one chunk that are not next to each other come as more groups)."""
+        if not len(pages):
+            return
+        shift = self.shift
+        lo = int(pages.min()) >> shift
+        if int(pages.max()) >> shift == lo:  # the usual case: all in one chunk
+            yield lo, pages - (lo << shift)
+            return
+        ci = pages >> shift
+        for a, z in groups(ci):
+            c = int(ci[a])
+            yield c, pages[a:z] - (c << self.shift)
+
+    def store_at(self, pages: np.ndarray, values: np.ndarray) -> None:
+        """Set each page numbered in ``pages`` to the matching element of ``values``
+        (chunks made as needed; a numpy step per chunk)."""
+        at = 0
+        for ci, idx in self._groups(pages):
+            self._chunk(ci)[idx] = values[at : at + len(idx)]
+            at += len(idx)
+
+    def reset_at(self, pages: np.ndarray, free: bool = False) -> None:
+        """The pages numbered in ``pages`` get the default again (a numpy step per chunk);
+        with ``free``, a chunk left holding only the default is dropped."""
+        chunks = self.chunks
+        for ci, idx in self._groups(pages):
+            c = chunks.get(ci)
+            if c is not None:
+                c[idx] = self.fill
+                if free and not (c != self.fill).any():
+                    del chunks[ci]
 
     def reset(self, first: int, n: int, free: bool = False) -> None:
         """Pages ``[first, first + n)`` get the default again; with ``free``, a chunk left
@@ -132,6 +177,25 @@ class SparseBits(SparseArray):
                 out += [(pg + s, k) for s, k in runs(sel)]
                 sel[:] = False
         return out
+
+    def set_at(self, pages: np.ndarray) -> None:
+        """Set the bits of the pages numbered in ``pages``."""
+        for ci, idx in self._groups(pages):
+            self._chunk(ci)[idx] = True
+
+    def clear_at(self, pages: np.ndarray) -> np.ndarray:
+        """Clear the bits of the pages numbered in ``pages``; return those that were set."""
+        had: list[np.ndarray] = []
+        chunks = self.chunks
+        for ci, idx in self._groups(pages):
+            c = chunks.get(ci)
+            if c is None:
+                continue
+            was = c[idx]
+            if was.any():
+                had.append(idx[was] + (ci << self.shift))
+                c[idx] = False
+        return np.concatenate(had) if had else pages[:0]
 
     def count(self) -> int:
         return sum(int(np.count_nonzero(c)) for c in self.chunks.values())

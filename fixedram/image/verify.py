@@ -53,6 +53,7 @@ from fixedram.image.checksum import (
     store,
     zero_extent_digest,
 )
+from fixedram.image.layout import groups
 from fixedram.image.reader import Image, open_image
 
 __all__ = [
@@ -307,6 +308,12 @@ class PageCheck:
         if st is not None:
             st.add(first_page, digest_views(views, len(views)))
 
+    def pages_at(self, name: str, pages: np.ndarray, views: Sequence[memoryview]) -> None:
+        """Digest pages that need not be consecutive: ``views[i]`` is page ``pages[i]``."""
+        st = self._block(name)
+        if st is not None:
+            st.add_at(pages, digest_views(views, len(views)))
+
     def bad_extents(self, name: str) -> list[int]:
         """Finish block ``name``: the indices of its extents that do not match."""
         st = self._block(name)
@@ -372,6 +379,23 @@ class _ExtentCheck:
             self._counts_at = g
         return int(self._counts[e - g])
 
+    def _extent(self, e: int, p: int) -> np.ndarray:
+        """The page digests of extent ``e`` in progress (opened for page ``p`` if new)."""
+        arr = self.open.get(e)
+        if arr is None:
+            if e >= len(self.got):
+                raise ImageError(f"RAM block '{self.name}': page {p} beyond its end")
+            arr = self.open[e] = self._blank[: self._pages(e)].copy()
+            self.left[e] = self._present(e)
+            self.touched[e] = True
+        return arr
+
+    def _given(self, e: int, n: int) -> None:
+        """``n`` more pages of extent ``e`` were given: digest it once all were."""
+        self.left[e] -= n
+        if self.left[e] <= 0:
+            self._close(e)
+
     def add(self, first: int, digests: np.ndarray) -> None:
         per = self.per
         end = first + len(digests)
@@ -380,18 +404,22 @@ class _ExtentCheck:
             e = p // per
             e0 = e * per
             hi = min(end, e0 + per)
-            arr = self.open.get(e)
-            if arr is None:
-                if e >= len(self.got):
-                    raise ImageError(f"RAM block '{self.name}': page {p} beyond its end")
-                arr = self.open[e] = self._blank[: self._pages(e)].copy()
-                self.left[e] = self._present(e)
-                self.touched[e] = True
-            arr[p - e0 : hi - e0] = digests[p - first : hi - first]
-            self.left[e] -= hi - p
-            if self.left[e] <= 0:
-                self._close(e)
+            self._extent(e, p)[p - e0 : hi - e0] = digests[p - first : hi - first]
+            self._given(e, hi - p)
             p = hi
+
+    def add_at(self, pages: np.ndarray, digests: np.ndarray) -> None:
+        """:meth:`add` for pages that need not be consecutive (``digests[i]`` is page
+        ``pages[i]``, ``int64``): a numpy step per extent they fall in."""
+        if not len(pages):
+            return
+        if int(pages.min()) < 0:
+            raise ImageError(f"RAM block '{self.name}': negative page number")
+        ext = pages // self.per
+        for a, z in groups(ext):
+            e = int(ext[a])
+            self._extent(e, int(pages[a]))[pages[a:z] - e * self.per] = digests[a:z]
+            self._given(e, z - a)
 
     def _close(self, e: int) -> None:
         arr = self.open.pop(e)

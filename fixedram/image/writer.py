@@ -45,7 +45,7 @@ from fixedram.image.checksum import (
     digests_of,
     write_new,
 )
-from fixedram.image.layout import PAGE_SIZE, block_geometry
+from fixedram.image.layout import PAGE_SIZE, block_geometry, index_runs
 from fixedram.image.sparse import SparseBits
 from fixedram.io.files import IOV_MAX, punch_hole, pwritev_all
 from fixedram.stream.encoder import encode
@@ -126,6 +126,19 @@ def mapped_configuration(cfg: Configuration) -> Configuration:
     if CAP_MAPPED_RAM not in caps:
         caps.append(CAP_MAPPED_RAM)
     return Configuration(cfg.machine, tuple(caps), cfg.page_bits, cfg.uuid)
+
+
+def _pwrite_pages(fd: int, pages: Sequence[memoryview], at: int) -> None:
+    """Write one-page views at ``at`` onwards: one ``pwritev`` per :data:`IOV_MAX` pages."""
+    for i in range(0, len(pages), IOV_MAX):
+        group = pages[i : i + IOV_MAX]
+        want = len(group) * PAGE_SIZE
+        n = os.pwritev(fd, group, at)
+        if n != want:  # short write: finish it the careful way
+            done, part = divmod(n, PAGE_SIZE)
+            rest: list[Buffer] = [group[done][part:], *group[done + 1 :]]
+            pwritev_all(fd, rest, at + n)
+        at += want
 
 
 class MappedRamWriter:
@@ -275,21 +288,40 @@ class MappedRamWriter:
         if not npages:
             return 0
         digests = digest_views(pages, npages) if self.digests is not None else None
-        fd = self.page_fd
-        at = blk.pages_offset + first_page * PAGE_SIZE
         if self.observer is not None:
             self.observer.writing(block, first_page, npages)
-        for i in range(0, npages, IOV_MAX):
-            group = pages[i : i + IOV_MAX]
-            want = len(group) * PAGE_SIZE
-            n = os.pwritev(fd, group, at)
-            if n != want:  # short write: finish it the careful way
-                done, part = divmod(n, PAGE_SIZE)
-                rest: list[Buffer] = [group[done][part:], *group[done + 1 :]]
-                pwritev_all(fd, rest, at + n)
-            at += want
+        _pwrite_pages(self.page_fd, pages, blk.pages_offset + first_page * PAGE_SIZE)
         self._written(blk, first_page, npages, digests)
         return npages
+
+    def write_page_set(self, block: str, pages: np.ndarray, views: Sequence[memoryview],
+                       runs: list[tuple[int, int, int]] | None = None) -> int:
+        """:meth:`write_page_views` for pages that need not be consecutive: ``views[i]`` is
+        page number ``pages[i]`` (``int64``), e.g. a multifd packet of a guest whose zero
+        pages lie between its others (``runs``: their :func:`index_runs`, if known). One
+        ``pwritev`` per run of consecutive pages, but one digest pass and one bookkeeping
+        step for all of them (not a call per run); returns the pages written."""
+        blk = self._block(block)
+        n = len(pages)
+        if not n:
+            return 0
+        if int(pages.min()) < 0 or int(pages.max()) >= blk.npages:
+            raise FixedramError(f"pages outside RAM block '{block}' ({blk.npages} pages)")
+        if runs is None:
+            runs = index_runs(pages)
+        if len(runs) == 1 or self.observer is not None:
+            return sum(self.write_page_views(block, first, list(views[i : i + k]))
+                       for i, first, k in runs)
+        digests = digest_views(views, n) if self.digests is not None else None
+        fd, base = self.page_fd, blk.pages_offset
+        for i, first, k in runs:
+            _pwrite_pages(fd, views[i : i + k], base + first * PAGE_SIZE)
+        with self._lock:
+            if self.digests is not None and digests is not None:
+                self.digests.store_at(block, pages, digests)
+            blk.present.set_at(pages)
+            self.pages_written += n
+        return n
 
     def zero_pages(self, block: str, first_page: int, npages: int = 1) -> int:
         """Mark ``npages`` pages from ``first_page`` as zero (bits cleared).
@@ -306,18 +338,38 @@ class MappedRamWriter:
             if self.digests is not None:
                 self.digests.zero(block, first_page, npages)
             cleared = blk.present.clear_runs(first_page, npages)
-        had = 0
-        for start, n in cleared:
-            if self.observer is not None:
-                self.observer.writing(block, start, n)
-            punch_hole(self.fd, blk.pages_offset + start * PAGE_SIZE, n * PAGE_SIZE)
-            had += n
+        return sum(self._punch(blk, start, n) for start, n in cleared)
+
+    def zero_page_set(self, block: str, pages: np.ndarray) -> int:
+        """:meth:`zero_pages` for the scattered pages numbered in ``pages`` (``int64``):
+        the bits and digests of all of them in a few numpy steps, holes punched only
+        for those that had data. Returns how many had data."""
+        blk = self._block(block)
+        if not len(pages):
+            return 0
+        if int(pages.min()) < 0 or int(pages.max()) >= blk.npages:
+            raise FixedramError(f"zero pages outside RAM block '{block}' "
+                                f"({blk.npages} pages)")
         with self._lock:
-            self.holes_punched += had
-            if had and self.observer is not None:
-                for start, n in cleared:
-                    self.observer.written(block, start, n)
-        return had
+            if self.digests is not None:
+                self.digests.zero_at(block, pages)
+            had = blk.present.clear_at(pages)
+        if not len(had):
+            return 0
+        return sum(self._punch(blk, first, n) for _, first, n in index_runs(np.unique(had)))
+
+    def _punch(self, blk: BlockLayout, first: int, n: int) -> int:
+        """Deallocate ``n`` pages from ``first`` whose bits were just cleared: hole punched
+        (or overwritten with zeros where the filesystem cannot punch), so the old bytes are
+        not reachable. Returns ``n``."""
+        if self.observer is not None:
+            self.observer.writing(blk.name, first, n)
+        punch_hole(self.fd, blk.pages_offset + first * PAGE_SIZE, n * PAGE_SIZE)
+        with self._lock:
+            self.holes_punched += n
+            if self.observer is not None:
+                self.observer.written(blk.name, first, n)
+        return n
 
     # -- completion ----------------------------------------------------------------
 

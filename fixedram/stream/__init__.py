@@ -20,6 +20,7 @@ from fixedram.stream.records import (
     Packaged,
     Page,
     PageRun,
+    PageSet,
     RamBlock,
     Record,
     SectionEnd,
@@ -29,6 +30,7 @@ from fixedram.stream.records import (
     SectionStart,
     VMDescription,
     Zero,
+    ZeroPages,
     ZeroRun,
 )
 
@@ -53,6 +55,8 @@ __all__ = [
     "Zero",
     "PageRun",
     "ZeroRun",
+    "ZeroPages",
+    "PageSet",
     "MultifdFlush",
     "EndOfSection",
     "DeviceState",

@@ -13,7 +13,15 @@ is scanned once for the end-of-stream trailer, new bytes only.
 With ``runs=True`` a stretch of CONTINUE page (or zero) records already in the
 buffer is decoded in one vectorised step (numpy over the fixed-size records) into
 :class:`~fixedram.stream.records.PageRun` / :class:`~fixedram.stream.records.ZeroRun`
-records: one copy of the page bytes, no Python work per page.
+records: one copy of the page bytes, no Python work per page. A stretch of zero records
+whose pages are scattered (more than :data:`_SCATTERED_RUNS` runs: a source that finds zero
+pages in its migration thread while the others go over multifd channels) becomes one
+:class:`~fixedram.stream.records.ZeroPages` carrying their offsets as an array. With
+``views``, a stretch of page records whose pages are scattered, or one where page and
+zero records interleave (zero pages between the others, over one connection), becomes
+one :class:`~fixedram.stream.records.PageSet`; in the second case its
+headers are looked at one by one in a short loop (the records' sizes differ, so their
+places cannot be computed ahead), without an object or a copy per record.
 
 Mapped-ram files place each block's bitmap and pages between the block's header
 and the next record. After such a header the decoder skips to
@@ -65,6 +73,7 @@ from fixedram.stream.records import (
     Packaged,
     Page,
     PageRun,
+    PageSet,
     RamBlock,
     Record,
     SectionEnd,
@@ -73,6 +82,7 @@ from fixedram.stream.records import (
     SectionStart,
     VMDescription,
     Zero,
+    ZeroPages,
     ZeroRun,
 )
 
@@ -94,6 +104,13 @@ _PROBE = 64
 #: Fewest pages in one decoded stretch for which the page views of the whole arena are made
 #: (and kept); fewer get views of their own pages (``StreamDecoder._page_slots``).
 _SLOTS_MIN = 64
+#: Most runs a stretch of zero (or, with ``views``, page) records is given as ``ZeroRun``
+#: (``PageRun``) records; a stretch of more becomes one ``ZeroPages`` (``PageSet``).
+_SCATTERED_RUNS = 4
+#: Fewest records an interleaved stretch is given as a ``PageSet`` (fewer take the
+#: per-record path), and most records one ``PageSet`` holds.
+_MIXED_MIN = 8
+_MIXED_MAX = 1 << 16
 
 
 def _closes_section(dev: bytearray, end: int) -> bool:
@@ -129,11 +146,13 @@ class StreamDecoder:
     ``base_offset`` is the absolute offset of the first byte fed (the ``offset=``
     of a ``file:`` URI): error messages and mapped-ram offsets use it. ``runs``
     collapses stretches of CONTINUE page and zero records into ``PageRun`` and
-    ``ZeroRun`` records (the pages and their order are the same either way); a
-    ``PageRun``'s data is a view of a buffer the decoder reuses two
-    :meth:`feed` calls later, so it must be consumed (or copied) before then.
-    ``views`` (implies ``runs``) makes that view one of the received records
-    themselves (``PageRun.stride``): no copy of page data (see :meth:`recv_space`).
+    ``ZeroRun`` records, and scattered zero records into ``ZeroPages`` (the pages and
+    their order are the same either way); a ``PageRun``'s data is a view of a buffer the
+    decoder reuses two :meth:`feed` calls later, so it must be consumed (or copied)
+    before then. ``views`` (implies ``runs``) makes that view one of the received records
+    themselves (``PageRun.stride``): no copy of page data (see :meth:`recv_space`); it
+    also gives scattered or interleaved page records as ``PageSet`` records, whose page
+    views live as long.
     """
 
     def __init__(self, *, base_offset: int = 0, runs: bool = False,
@@ -199,8 +218,8 @@ class StreamDecoder:
     def feed(self, data: bytes | bytearray | memoryview) -> list[Record]:
         """Add received bytes; return every record they complete.
 
-        The data of ``PageRun`` records (``runs=True``) stays valid through the next
-        call and is overwritten by the one after.
+        The data of ``PageRun`` and ``PageSet`` records (``runs=True``) stays valid
+        through the next call and is overwritten by the one after.
         """
         if not data:
             return []
@@ -561,9 +580,13 @@ class StreamDecoder:
                     stride = 8 + psize if base == _PAGE else 9
                     # a stretch only where the next record is of the same kind: a lone
                     # record between others costs less on the per-record path
-                    if self._runs and avail >= 2 * stride and (
-                            unpack(buf, s + stride)[0] & mask) == flags:
-                        end = self._bulk(s, name, base == _PAGE, out)
+                    if self._runs and avail >= 2 * stride:
+                        follow = unpack(buf, s + stride)[0] & mask
+                        end = 0
+                        if follow == flags:
+                            end = self._bulk(s, name, base == _PAGE, out)
+                        elif self._views and follow == (flags ^ (_PAGE | _ZERO)):
+                            end = self._mixed(s, name, out)
                         if end:
                             b.commit(end)
                             continue
@@ -679,9 +702,72 @@ class StreamDecoder:
         if not n:
             return 0
         offsets = offsets[:n]
-        cuts = [0, *(np.flatnonzero(np.diff(offsets) != psize) + 1).tolist(), n]
+        breaks = np.flatnonzero(np.diff(offsets) != psize) + 1
+        if len(breaks) >= _SCATTERED_RUNS and not pages:
+            out.append(ZeroPages(name, offsets))  # scattered zero pages: one record
+            return s + n * stride
+        if (len(breaks) >= _SCATTERED_RUNS and self._views
+                and (offsets[breaks] > offsets[breaks - 1]).all()):  # scattered, each once
+            at = s + 8
+            if n >= _SLOTS_MIN:
+                j = at // stride
+                views = self._page_slots(buf, at % stride, stride)[j : j + n]
+            else:
+                mv = memoryview(buf)
+                views = [mv[p : p + psize] for p in range(at, at + n * stride, stride)]
+            pos = np.arange(n, dtype=np.int64) * stride + (self._buf.base + at)
+            out.append(PageSet(name, offsets, np.zeros(n, dtype=bool), views, pos))
+            return s + n * stride
+        cuts = [0, *breaks.tolist(), n]
         self._emit(s, name, pages, [(a, z, int(offsets[a])) for a, z in pairwise(cuts)], out)
         return s + n * stride
+
+    def _mixed(self, s: int, name: str, out: list[Record]) -> int:
+        """Decode the interleaved CONTINUE page and zero records of ``name`` from index ``s``
+        into one :class:`PageSet`. A record of another kind, a bad offset or fill byte, an
+        incomplete record or a page given twice ends the stretch (the per-record path then
+        reports what it must). Returns the index after the last record taken, or 0 when
+        fewer than :data:`_MIXED_MIN` were."""
+        buf = self._buf.view()
+        end = self._buf.end
+        psize = self._page_size
+        mask = self._page_mask
+        page, zero = _PAGE | _CONT, _ZERO | _CONT
+        length = self._blocks[name].length
+        unpack = _BE64_FROM
+        words: list[int] = []
+        starts: list[int] = []
+        seen: set[int] = set()
+        p = s
+        while p + 8 <= end and len(words) < _MIXED_MAX:
+            w = unpack(buf, p)[0]
+            f = w & mask
+            if f == page:
+                q = p + 8 + psize
+            elif f == zero:
+                q = p + 9
+                if q <= end and buf[p + 8]:
+                    break
+            else:
+                break
+            if q > end or w - f >= length or w - f in seen:  # a page twice: its order counts
+                break
+            seen.add(w - f)
+            words.append(w)
+            starts.append(p)
+            p = q
+        n = len(words)
+        if n < _MIXED_MIN:
+            return 0
+        w = np.array(words, dtype=np.uint64)
+        offsets = w & np.uint64(~mask & (2**64 - 1))
+        is_zero = (w & np.uint64(mask)) == np.uint64(zero)
+        at = np.array(starts[:n], dtype=np.int64)[~is_zero] + 8
+        mv = memoryview(buf)
+        views = [mv[q : q + psize] for q in at.tolist()]
+        out.append(PageSet(name, offsets, is_zero, views, at + self._buf.base))
+        last = starts[n - 1]
+        return last + (9 if is_zero[-1] else 8 + psize)
 
     def _emit(self, s: int, name: str, pages: bool, runs: list[tuple[int, int, int]],
               out: list[Record]) -> None:

@@ -226,6 +226,22 @@ class StreamEncoder:
         if not 0 < npages <= recs.capacity:
             raise ValueError(f"{npages} pages do not fit a {recs.capacity}-page record buffer")
         _cont_headers(recs, 0, offset, npages)
+        return self._framed(block, offset, npages, recs)
+
+    def page_set_records(self, block: str, offsets: np.ndarray,
+                         recs: PageRecords) -> memoryview:
+        """PAGE records for pages of ``block`` at the byte ``offsets`` (``uint64``, not
+        necessarily consecutive) whose data is in ``recs``' slots ``0…``: as
+        :meth:`page_records` (one numpy assignment of the headers), for scattered pages."""
+        n = len(offsets)
+        if not 0 < n <= recs.capacity:
+            raise ValueError(f"{n} pages do not fit a {recs.capacity}-page record buffer")
+        recs.words[:n] = offsets | np.uint64(_PAGE_CONT)
+        return self._framed(block, int(offsets[0]), n, recs)
+
+    def _framed(self, block: str, offset: int, npages: int, recs: PageRecords) -> memoryview:
+        """The ``npages`` records of ``recs`` whose headers are written, the first one naming
+        its block (at ``offset``) when the block changes."""
         start = _NAME_ROOM
         if block != self._last_block:
             head = BE64.pack(offset | RamFlag.PAGE) + counted(block)

@@ -13,7 +13,11 @@ bytes; nothing here does I/O. A stream is, in order::
 ``Page`` and ``Zero`` carry ``offset`` as a byte offset inside their RAM block. A
 decoder made with ``runs=True`` also gives ``PageRun`` and ``ZeroRun``: stretches of
 consecutive CONTINUE page (or zero) records of one block, collapsed into one record
-each, so a consumer handles a megabyte of pages with one Python step.
+each, so a consumer handles a megabyte of pages with one Python step; ``ZeroPages``:
+a stretch of CONTINUE zero records whose pages are scattered (zero pages between pages
+with data, sent on another connection), as one record with an array of offsets; and
+``PageSet``: a stretch where CONTINUE page and zero records interleave (a guest whose
+zero pages lie between its others, over one connection), as one record.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ __all__ = [
     "Zero",
     "PageRun",
     "ZeroRun",
+    "ZeroPages",
+    "PageSet",
     "MultifdFlush",
     "EndOfSection",
     "DeviceState",
@@ -235,6 +241,48 @@ class ZeroRun(Record):
     block: str
     offset: int
     npages: int
+
+
+@dataclass(slots=True, eq=False)
+class ZeroPages(Record):
+    """Zero pages of ``block`` at the byte ``offsets`` (a numpy ``uint64`` array, in stream
+    order; not all consecutive, else they would be a :class:`ZeroRun`; a page may come
+    twice), as one record."""
+
+    block: str
+    offsets: Any
+
+    @property
+    def npages(self) -> int:
+        return len(self.offsets)
+
+
+@dataclass(slots=True, eq=False)
+class PageSet(Record):
+    """CONTINUE page records of ``block`` whose pages are scattered, or page and zero
+    records in turn, as one record.
+
+    ``offsets`` (numpy ``uint64``) holds every record's page offset in stream order, no
+    page twice (so their order does not matter); ``zero`` (numpy ``bool``) marks the zero
+    records; ``pages`` holds one view per page record's data, in order (a decoder's: valid
+    through its next ``feed``), and ``pos`` (numpy ``int64``) the absolute stream offset of
+    each one.
+    """
+
+    block: str
+    offsets: Any
+    zero: Any
+    pages: list[memoryview]
+    pos: Any
+
+    @property
+    def npages(self) -> int:
+        return len(self.offsets)
+
+    def numbers(self) -> tuple[Any, Any]:
+        """Page numbers (numpy ``int64``) of the page records and of the zero records."""
+        n = (self.offsets // TARGET_PAGE_SIZE).astype("int64")
+        return n[~self.zero], n[self.zero]
 
 
 @dataclass(slots=True)
