@@ -566,8 +566,9 @@ def test_cli_one_line_errors(tmp_path: Path) -> None:
     _refused(_cli(str(garbage)), "not a QEMU migration image")
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "direct"])
 @pytest.mark.parametrize("every", [2, 3, 300], ids=["alternate", "every-third", "sparse"])
-def test_scattered_pages_one_stream(every: int, tmp_path: Path) -> None:
+def test_scattered_pages_one_stream(every: int, direct: bool, tmp_path: Path) -> None:
     """A guest whose pages with data are scattered among zero pages, sent over one
     connection from fixedram's own image (checksums checked as the pages are read): every
     page arrives once with its data, in a few reads; a page changed in the file stops the
@@ -582,7 +583,8 @@ def test_scattered_pages_one_stream(every: int, tmp_path: Path) -> None:
     write_mapped_image(src, {"pc.ram": 128 << 20}, {"pc.ram": wanted})  # guest RAM: > 64 MiB
     convert(src, own)
     ch = MemoryChannel()
-    report = send(own, ch)
+    report = send(own, ch, direct_io=direct)
+    assert report.direct_io == direct
     dec = StreamDecoder()
     got = {r.offset // PS: r.data for r in dec.feed(ch.data) + dec.feed_eof()
            if isinstance(r, Page) and r.block == "pc.ram"}
@@ -598,7 +600,7 @@ def test_scattered_pages_one_stream(every: int, tmp_path: Path) -> None:
         f.seek(mapped.pages_offset + 3000 * PS + 17)  # page 3000 holds data in each case
         f.write(b"\xee")
     with pytest.raises(ImageError, match=r"pages 2816-3071.*does not match its checksum"):
-        send(own, MemoryChannel())
+        send(own, MemoryChannel(), direct_io=direct)
 
 
 @pytest.mark.parametrize("kind", ["interleaved", "pages-only"])

@@ -373,8 +373,10 @@ class _PieceReader:
         self.pool = (ThreadPoolExecutor(1, thread_name_prefix="fixedram-read") if img.direct
                      else None)
         self.pairs = [_record_buffer() for _ in range(2 if self.pool is not None else 1)]
-        # a buffered image file: pages sent in groups whatever their runs (_send_groups)
-        self.grouped = not img.direct and img.pages_in_file
+        # an image file: pages sent in groups whatever their runs (_send_groups); read
+        # with O_DIRECT only where they are scattered (runs of pages read in a thread
+        # meanwhile pay better on a disk)
+        self.grouped = img.pages_in_file
         self.hint_fd = -1
         if (readers > 1 and img.format == "mapped-ram" and not img.direct
                 and img.pages_in_file and hasattr(os, "posix_fadvise")):
@@ -450,8 +452,8 @@ def _send_block(out: _Sender, enc: StreamEncoder, reader: _PieceReader, blk: Blo
     one numpy header assignment and one write per piece) with ZERO records for the gaps,
     or from a legacy stream image as the file stores them."""
     out.add([encode(SectionPart(sid))])
-    if skip and reader.grouped:  # nothing between the pages with data
-        cursor = _send_groups(out, enc, reader, blk, check)
+    if skip and reader.grouped and (not reader.img.direct or _scattered(reader.img, blk)):
+        cursor = _send_groups(out, enc, reader, blk, check)  # nothing between the pages
     elif reader.stored:  # a legacy stream image: it has no page checksums to check
         assert check is None
         cursor = _send_stored(out, enc, reader, blk, skip)
@@ -490,6 +492,16 @@ def _stored_run(out: _Sender, enc: StreamEncoder, img: Image, name: str, first: 
         out.send_file(img.fileno(), rng)
         out.reads += 1
     out.pages_sent += npages
+
+
+def _scattered(img: Image, blk: BlockInfo) -> bool:
+    """Whether ``blk``'s pages with data form runs of fewer than 16 pages on average (one
+    pass over its bitmap, a piece at a time)."""
+    nruns = npages = 0
+    for starts, lengths in img.run_arrays(blk.name):
+        nruns += len(starts)
+        npages += int(lengths.sum())
+    return nruns * 16 > npages
 
 
 def _send_groups(out: _Sender, enc: StreamEncoder, reader: _PieceReader, blk: BlockInfo,

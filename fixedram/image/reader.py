@@ -456,16 +456,12 @@ class Image:
         a time."""
         n = len(pages)
         assert 0 < n <= slots.count
-        where = self._places(name, pages) if self.pages_in_file and self._dfd < 0 else None
+        where = self._places(name, pages) if self.pages_in_file else None
         if where is not None:
             lo, hi = int(where.min()), int(where.max()) + PAGE_SIZE
             if hi - lo <= min(SPAN_BYTES, 4 * n * PAGE_SIZE):
-                span = self.__dict__.get("_span")
-                if span is None:
-                    span = self.__dict__["_span"] = memoryview(bytearray(SPAN_BYTES))
-                preadv_exact(self._fd, span[: hi - lo], lo, f"pages of RAM block '{name}'")
                 at = where - lo
-                raw = np.frombuffer(span, dtype=np.uint8, count=hi - lo)
+                raw = np.frombuffer(self._read_span(name, lo, hi - lo), dtype=np.uint8)
                 if self.format == "mapped-ram":  # pages on page boundaries: one copy
                     np.take(raw.reshape(-1, PAGE_SIZE), at >> _PAGE_SHIFT, axis=0,
                             out=slots.array[:n], mode="clip")
@@ -484,6 +480,21 @@ class Image:
         """File offsets of the data of the pages numbered in ``pages`` (``int64``), or None
         where they are not all in the file."""
         return None
+
+    def _read_span(self, name: str, offset: int, length: int) -> memoryview:
+        """``length`` bytes of the file at ``offset`` (at most :data:`SPAN_BYTES`), through
+        the O_DIRECT descriptor where the image has one: a view of a buffer the image
+        keeps."""
+        if self._dfd >= 0:
+            try:
+                return self._pread_direct(offset, length)
+            except _DirectRefused:
+                self._direct_refused()
+        span = self.__dict__.get("_span")
+        if span is None:
+            span = self.__dict__["_span"] = memoryview(bytearray(SPAN_BYTES))
+        preadv_exact(self._fd, span[:length], offset, f"pages of RAM block '{name}'")
+        return span[:length]
 
     def _pread_direct(self, offset: int, length: int) -> memoryview:
         """``length`` bytes at ``offset`` read with O_DIRECT: a view into the stage buffer.
@@ -847,9 +858,9 @@ def _aligned(buf: memoryview) -> bool:
 
 
 def _stage_size() -> int:
-    """Stage buffer for O_DIRECT reads: the widest read (a 1 MiB piece of a stream's records)
-    plus alignment slack on both sides."""
-    return (READ_CHUNK // PAGE_SIZE) * _REC + 2 * _DIO_ALIGN
+    """Stage buffer for O_DIRECT reads: the widest read (a 1 MiB piece of a stream's records,
+    or a stretch :meth:`Image.read_page_set` reads) plus alignment slack on both sides."""
+    return max((READ_CHUNK // PAGE_SIZE) * _REC, SPAN_BYTES) + 2 * _DIO_ALIGN
 
 
 def _walk(fd: int, base: int, size: int, index: bool) -> tuple[StreamDecoder, dict[str, Any]]:
