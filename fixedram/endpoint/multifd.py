@@ -82,7 +82,6 @@ class PageSink(Protocol):
         ...
 
 
-
 @dataclass
 class ChannelStats:
     """Counters of one multifd channel."""

@@ -53,7 +53,7 @@ from fixedram.errors import (
     TruncatedStream,
     UnsupportedRecord,
 )
-from fixedram.image.layout import PAGE_SIZE, index_runs
+from fixedram.image.layout import PAGE_SIZE, page_ranges
 from fixedram.image.libvirt import header_bytes, mark_complete, write_header
 from fixedram.image.writer import Buffer, MappedRamWriter, PageObserver, mapped_configuration
 from fixedram.io.channel import Channel, Listener, SocketChannel
@@ -262,13 +262,8 @@ class _WritebackSink:
     def write_page_set(self, block: str, pages: np.ndarray, views: list[memoryview],
                        runs: list[tuple[int, int, int]] | None = None) -> int:
         n = self.writer.write_page_set(block, pages, views, runs)
-        first = int(pages.min())
-        width = int(pages.max()) + 1 - first
-        if width <= 4 * len(pages):  # one hand-over for the stretch the pages lie in
-            self._writeback(block, first, width)
-        else:
-            for _, f, k in runs or index_runs(pages):
-                self._writeback(block, f, k)
+        for first, k in page_ranges(pages, runs):
+            self._writeback(block, first, k)
         return n
 
     def _writeback(self, block: str, first_page: int, n: int) -> int:

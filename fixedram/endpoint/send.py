@@ -64,7 +64,7 @@ from fixedram.endpoint.source import (
 from fixedram.errors import EndpointError, MismatchError
 from fixedram.image import Image
 from fixedram.image.check import require_restorable
-from fixedram.image.layout import index_runs, page_groups
+from fixedram.image.layout import page_groups, page_ranges
 from fixedram.image.reader import READ_CHUNK, BlockInfo, DirectIO, PageSlots
 from fixedram.image.sections import ram_section_id
 from fixedram.io.channel import Buffer, Channel, sendfile_all, write_fd
@@ -314,17 +314,6 @@ def _ahead(plan: Iterable[_T], span: Callable[[_T], Iterable[tuple[int, int]]],
     yield from ahead
 
 
-def _group_ranges(pages: np.ndarray) -> list[tuple[int, int]]:
-    """What to read ahead for a group of pages: the stretch it lies in where that is at
-    most four times its pages (as :meth:`~fixedram.image.Image.read_page_set` reads it),
-    else each run."""
-    first = int(pages[0])
-    width = int(pages[-1]) + 1 - first
-    if width <= 4 * len(pages):
-        return [(first, width)]
-    return [(f, k) for _, f, k in index_runs(pages)]
-
-
 def _record_buffer() -> tuple[PageRecords, PageSlots]:
     """A buffer of PAGE records for one piece, and the page slots reads fill in it."""
     return record_buffer(READ_CHUNK // PS)
@@ -392,7 +381,7 @@ class _PieceReader:
         """The page numbers of ``name``'s pages with data, a record buffer's worth at a time
         whatever their runs (:func:`~fixedram.image.layout.page_groups`), read ahead."""
         groups = page_groups(self.img.run_arrays(name), self.pairs[0][1].count)
-        return _ahead(groups, _group_ranges, self.img.block(name), self.hint_fd, self.depth)
+        return _ahead(groups, page_ranges, self.img.block(name), self.hint_fd, self.depth)
 
     def close(self) -> None:
         if self.pool is not None:

@@ -39,6 +39,9 @@ __all__ = [
     "BITMAP_PIECE_PAGES",
     "page_slices",
     "index_runs",
+    "SPAN_FACTOR",
+    "one_stretch",
+    "page_ranges",
     "groups",
     "page_groups",
     "run_batches",
@@ -49,6 +52,11 @@ __all__ = [
 BITMAP_PIECE_PAGES = 1 << 20
 
 PAGE_SIZE = TARGET_PAGE_SIZE
+
+#: A group of scattered pages is read, read ahead or written back as the one stretch it
+#: lies in, gaps included, where that stretch is at most this many times the group's own
+#: size: a page of gap costs less than one more system call.
+SPAN_FACTOR = 4
 
 #: Bytes of a block's mapped-ram header (version, page size, bitmap and pages offsets);
 #: QEMU writes the bitmap right behind it, so the header starts this far before the bitmap.
@@ -127,6 +135,24 @@ def index_runs(pages: np.ndarray) -> list[tuple[int, int, int]]:
     cuts = [0, *(np.flatnonzero(np.diff(pages) != 1) + 1).tolist(), n]
     firsts = pages[cuts[:-1]].tolist()
     return [(a, f, z - a) for f, a, z in zip(firsts, cuts[:-1], cuts[1:], strict=True)]
+
+
+def one_stretch(width: int, size: int) -> bool:
+    """Whether something of ``size`` (pages or bytes) lying in a stretch ``width`` wide
+    is handled as that one stretch (:data:`SPAN_FACTOR`)."""
+    return width <= SPAN_FACTOR * size
+
+
+def page_ranges(pages: np.ndarray, runs: list[tuple[int, int, int]] | None = None,
+                ) -> list[tuple[int, int]]:
+    """``(first, npages)`` ranges covering the distinct page numbers ``pages``: the one
+    stretch from the lowest to the highest where :func:`one_stretch`, else each run of
+    consecutive pages (``runs``: their :func:`index_runs`, if known)."""
+    first = int(pages.min())
+    width = int(pages.max()) + 1 - first
+    if one_stretch(width, len(pages)):
+        return [(first, width)]
+    return [(f, k) for _, f, k in (runs if runs is not None else index_runs(pages))]
 
 
 def bitmap_runs(raw: bytes | bytearray | memoryview, npages: int) -> Iterator[tuple[int, int]]:

@@ -34,6 +34,7 @@ from fixedram.image.layout import (
     bitmap_run_arrays,
     bitmap_to_bools,
     index_runs,
+    one_stretch,
     run_arrays,
     runs,
 )
@@ -449,8 +450,8 @@ class Image:
     def read_page_set(self, name: str, pages: np.ndarray, slots: PageSlots) -> int:
         """Read the pages numbered in ``pages`` (increasing, each holding data, not
         necessarily consecutive) into slots ``0..``: one read of the stretch of the file
-        they lie in when it is at most :data:`SPAN_BYTES` and four times their bytes (gaps
-        included: a page of gap read costs less than one more system call) and one numpy
+        they lie in when it is at most :data:`SPAN_BYTES` wide and
+        :func:`~fixedram.image.layout.one_stretch` (gaps included) and one numpy
         copy into the slots, else one read per run of consecutive pages. Returns the
         number of reads. The stretch is read into a buffer the image keeps: one caller at
         a time."""
@@ -459,7 +460,7 @@ class Image:
         where = self._places(name, pages) if self.pages_in_file else None
         if where is not None:
             lo, hi = int(where.min()), int(where.max()) + PAGE_SIZE
-            if hi - lo <= min(SPAN_BYTES, 4 * n * PAGE_SIZE):
+            if hi - lo <= SPAN_BYTES and one_stretch(hi - lo, n * PAGE_SIZE):
                 at = where - lo
                 raw = np.frombuffer(self._read_span(name, lo, hi - lo), dtype=np.uint8)
                 if self.format == "mapped-ram":  # pages on page boundaries: one copy
