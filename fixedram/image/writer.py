@@ -174,8 +174,13 @@ class MappedRamWriter:
         self.holes_punched = 0
         self._finished = False
         # page writes may come from several threads (multifd channels) for disjoint
-        # pages: data is written and hashed outside this lock, bits and digests inside
+        # pages: data is hashed outside these locks, bits and digests are kept under
+        # _lock, and data reaches the file under _io: the kernel lets one write into a
+        # file at a time anyway (the inode's lock, on tmpfs, ext4 and xfs alike), and a
+        # thread that waits for it in the kernel spins on a CPU the migration's other
+        # threads need, while one that waits here sleeps
         self._lock = threading.Lock()
+        self._io = threading.Lock()
 
     # -- setup ---------------------------------------------------------------------
 
@@ -259,7 +264,8 @@ class MappedRamWriter:
         digests = digests_of(bufs) if self.digests is not None else None
         if self.observer is not None:
             self.observer.writing(block, first_page, npages)
-        pwritev_all(self.page_fd, bufs, blk.pages_offset + first_page * PAGE_SIZE)
+        with self._io:
+            pwritev_all(self.page_fd, bufs, blk.pages_offset + first_page * PAGE_SIZE)
         self._written(blk, first_page, npages, digests)
         return npages
 
@@ -290,7 +296,8 @@ class MappedRamWriter:
         digests = digest_views(pages, npages) if self.digests is not None else None
         if self.observer is not None:
             self.observer.writing(block, first_page, npages)
-        _pwrite_pages(self.page_fd, pages, blk.pages_offset + first_page * PAGE_SIZE)
+        with self._io:
+            _pwrite_pages(self.page_fd, pages, blk.pages_offset + first_page * PAGE_SIZE)
         self._written(blk, first_page, npages, digests)
         return npages
 
@@ -314,8 +321,9 @@ class MappedRamWriter:
                        for i, first, k in runs)
         digests = digest_views(views, n) if self.digests is not None else None
         fd, base = self.page_fd, blk.pages_offset
-        for i, first, k in runs:
-            _pwrite_pages(fd, views[i : i + k], base + first * PAGE_SIZE)
+        with self._io:
+            for i, first, k in runs:
+                _pwrite_pages(fd, views[i : i + k], base + first * PAGE_SIZE)
         with self._lock:
             if self.digests is not None and digests is not None:
                 self.digests.store_at(block, pages, digests)
@@ -364,7 +372,8 @@ class MappedRamWriter:
         not reachable. Returns ``n``."""
         if self.observer is not None:
             self.observer.writing(blk.name, first, n)
-        punch_hole(self.fd, blk.pages_offset + first * PAGE_SIZE, n * PAGE_SIZE)
+        with self._io:
+            punch_hole(self.fd, blk.pages_offset + first * PAGE_SIZE, n * PAGE_SIZE)
         with self._lock:
             self.holes_punched += n
             if self.observer is not None:
