@@ -256,21 +256,18 @@ def test_send_channels_every_page(fixedram_image: Callable[[Any], tuple[Path, An
 
 
 def test_default_channels() -> None:
-    """Unless asked, a proxy restore of a local mapped-ram image read buffered takes two
-    channels; a legacy stream, an object image, a native load and O_DIRECT reads one stream;
-    asked, as asked."""
-    def ch(how: str, fmt: str, asked: int | None, direct: bool = False,
-           in_file: bool = True) -> int:
-        return choose_channels(how, fmt, asked, direct_io=direct, in_file=in_file)
+    """Unless asked, a proxy restore of a mapped-ram image read buffered (a local file or
+    an object image) takes two channels; a legacy stream, a native load and O_DIRECT reads
+    one stream; asked, as asked."""
+    def ch(how: str, fmt: str, asked: int | None, direct: bool = False) -> int:
+        return choose_channels(how, fmt, asked, direct_io=direct)
 
     assert ch("proxy", "mapped-ram", None) == AUTO_PROXY_CHANNELS == 2
     assert ch("proxy", "stream", None) == 0
-    assert ch("proxy", "mapped-ram", None, in_file=False) == 0
     assert ch("native", "mapped-ram", None) == 0
     assert ch("proxy", "mapped-ram", None, direct=True) == 0
     assert ch("proxy", "mapped-ram", 0) == 0
     assert ch("proxy", "stream", 4) == 4
-    assert ch("proxy", "mapped-ram", 2, in_file=False) == 2
 
 
 @pytest.mark.qemu

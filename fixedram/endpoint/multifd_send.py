@@ -37,9 +37,10 @@ mapped-ram image goes out as its header and then each run of its pages by ``send
 from the image (page-cache pages handed to the socket, no copy through fixedram); one
 whose pages are scattered among pages without data (more than :data:`_SENDFILE_RUNS`
 runs) is gathered into its buffer first; the pages of an image with checksums are first
-read into one buffer and digested there, before the packet goes out (a legacy stream
-image, or one read with O_DIRECT, is read into the channel's packet buffer and sent from
-it). Measured
+read into one buffer and digested there, before the packet goes out. An object image's
+packets go out from its checked chunks in memory as they are (views of them, no copy); a
+legacy stream image, or one read with O_DIRECT, is read into the channel's packet buffer
+and sent from it. Measured
 (``docs/multifd.md`` §6): one thread costs less CPU than a thread per channel (which
 contend for the interpreter on every system call), and reading pages costs less than
 hashing them through a mapping of the file (on tmpfs several times less).
@@ -331,6 +332,10 @@ class _Pump:
         # file, so the kernel hands its page-cache pages to the socket (sendfile), no copy
         self.zero_copy = img.format == "mapped-ram" and not img.direct and img.pages_in_file
         self.file_fd = img.fileno() if self.zero_copy else -1
+        # an image holding its pages in memory, checked as they were fetched (an object
+        # image's chunks): a packet's runs go out from there as they are, no copy into the
+        # packet buffer
+        self.held = img.holds_pages and check is None and not self.zero_copy
         #: where pages sent from the file are read to be checked: one buffer for every
         #: channel, free again once digested, so it stays in the processor's cache
         self.scratch = (PageSlots(bytearray(PER_PACKET * PS), 0, PS, PER_PACKET)
@@ -376,6 +381,10 @@ class _Pump:
                     self._read(self.scratch, name, runs)
                 for _, first, k in runs:
                     ch.queue.append((self.img.page_offset(name, first), k * PS))
+                c.reads += len(runs)
+            elif self.held and len(runs) <= _SENDFILE_RUNS:
+                for _, first, k in runs:
+                    ch.queue.extend(self.img.page_views(name, first, k))
                 c.reads += len(runs)
             elif len(runs) > 1:  # scattered: gathered (one read where they lie close)
                 c.reads += self.img.read_page_set(name, pkt.normal, ch.slots)

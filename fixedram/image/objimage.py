@@ -448,6 +448,7 @@ class ObjectImage(MappedRamImage):
 
     pages_in_file = False
     pages_checked = True  # each chunk against its name before any byte of it is used
+    holds_pages = True  # checked chunks are immutable bytes: page_views gives them as they are
     url: ObjectURL
     source: ChunkSource
 
@@ -561,6 +562,36 @@ class ObjectImage(MappedRamImage):
         assert 0 < npages <= slots.count
         self._copy(name, first_page, npages, slots.array[:npages])
         return 1
+
+    def page_views(self, name: str, first_page: int, npages: int) -> list[memoryview]:
+        """Pages ``[first_page, first_page + npages)`` of ``name`` as views of their checked
+        chunks (one per chunk they lie in; a chunk not stored reads as zeros). A view keeps
+        its chunk's bytes alive after the chunk leaves the image's memory."""
+        blk = self.block(name)
+        if first_page < 0 or npages < 0 or first_page + npages > blk.npages:
+            raise ImageError(f"pages {first_page}..{first_page + npages} outside block "
+                             f"'{name}'")
+        per = self.source.manifest.chunk_size // PAGE_SIZE
+        out: list[memoryview] = []
+        done = 0
+        while done < npages:
+            i, off = divmod(first_page + done, per)
+            k = min(per - off, npages - done)
+            data = self.source.chunk(name, i)
+            if data is None:
+                out.append(self._zeros()[: k * PAGE_SIZE])
+            else:
+                out.append(data[off * PAGE_SIZE : (off + k) * PAGE_SIZE])
+            done += k
+        return out
+
+    def _zeros(self) -> memoryview:
+        """A chunk's worth of zero bytes, made once."""
+        z = self.__dict__.get("_zero_chunk")
+        if z is None:
+            z = self.__dict__["_zero_chunk"] = memoryview(
+                bytes(self.source.manifest.chunk_size))
+        return z
 
     def _copy(self, name: str, first: int, npages: int, out: np.ndarray) -> None:
         """Pages ``[first, first + npages)`` of block ``name`` into ``out`` (npages x 4096)."""

@@ -186,6 +186,9 @@ class Image:
     #: content names): a sender then does not digest the pages again as it reads them
     #: (``verify`` still checks the extension).
     pages_checked = False
+    #: Whether the image holds its pages in memory that never changes while referenced, so
+    #: that :meth:`page_views` gives them without a copy (an object image's chunks).
+    holds_pages = False
 
     @property
     def where(self) -> str:
@@ -423,6 +426,12 @@ class Image:
         """The image's (buffered) file descriptor: for ``sendfile``, and for the checks and
         reports that look at the file's layout (holes, checksummed ranges)."""
         return self._fd
+
+    def page_views(self, name: str, first_page: int, npages: int) -> list[memoryview]:
+        """Pages ``[first_page, first_page + npages)`` of block ``name`` (all holding data)
+        as views of the memory the image holds them in, in order, without a copy (a view
+        per stretch of that memory, not per page); only where :attr:`holds_pages`."""
+        raise ImageError(f"{self.where}: the image does not hold its pages in memory")
 
     def page_offset(self, name: str, first_page: int) -> int:
         """File offset of page ``first_page`` of block ``name`` (mapped-ram images only:

@@ -94,18 +94,18 @@ class RestoreReport:
         return asdict(self)
 
 
-def choose_channels(how: str, image_format: str, channels: int | None, *, direct_io: bool,
-                    in_file: bool) -> int:
+def choose_channels(how: str, image_format: str, channels: int | None, *,
+                    direct_io: bool) -> int:
     """``channels`` as asked, or when not (None) the default of a load ``how`` of an image of
-    ``image_format``: :data:`AUTO_PROXY_CHANNELS` for a proxy load of a local (``in_file``)
-    mapped-ram image read buffered (``direct_io`` False: not asked for, or refused by the
-    filesystem), else one stream (0). A legacy stream stays one stream: its pages lie
-    between its records and would be copied out one by one. An object image's pages are
-    copied into the packets either way, and its restores measured no faster with channels
-    (docs/object-storage.md)."""
+    ``image_format``: :data:`AUTO_PROXY_CHANNELS` for a proxy load of a mapped-ram image
+    read buffered (``direct_io`` False: not asked for, or refused by the filesystem), from
+    a file or an object store, else one stream (0). A legacy stream stays one stream: its
+    pages lie between its records and would be copied out one by one. Images read with
+    O_DIRECT go as one stream: the next piece is read in a thread while the current one is
+    sent, which a single sender thread of the channels cannot do."""
     if channels is not None:
         return channels
-    if how == "proxy" and image_format == "mapped-ram" and in_file and not direct_io:
+    if how == "proxy" and image_format == "mapped-ram" and not direct_io:
         return AUTO_PROXY_CHANNELS
     return 0
 
@@ -191,8 +191,7 @@ def restore(
         elif direct_io and isinstance(path, Path) and not _direct_ok(path, direct_io):
             direct_io = False
         asked = channels is not None
-        channels = choose_channels(how, img.format, channels, direct_io=reads_direct,
-                                   in_file=img.pages_in_file)
+        channels = choose_channels(how, img.format, channels, direct_io=reads_direct)
         if how == "native" and direct_io:
             channels = max(1, channels)  # QEMU reads with O_DIRECT only under multifd
         pages = sum(img.count_present(n) for n in img.blocks)
