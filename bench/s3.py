@@ -358,7 +358,12 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                                       ("restore_local", ["--via", "proxy"], str(img1)),
                                       ("lazy_s3", ["--lazy"], url),
                                       ("lazy_local", ["--lazy"], str(img1))):
-                res.setdefault(key, []).append(restore(extra, image, f"dst-{key}-{i}"))
+                got = restore(extra, image, f"dst-{key}-{i}")
+                want = {"restore_s3": 2, "restore_s3_one": 0}.get(key)
+                if want is not None and got["report"].get("channels") != want:
+                    raise RuntimeError(f"{key}: restored over {got['report'].get('channels')} "
+                                       f"channels, not {want} (can QEMU reach the socket?)")
+                res.setdefault(key, []).append(got)
             for lib in ("obstore", "boto3"):
                 res.setdefault(f"get_{lib}", []).append(
                     run_client(["get", lib, str(keys)], env(), server))

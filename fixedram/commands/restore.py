@@ -54,8 +54,8 @@ __all__ = ["restore_command"]
               help="multifd channels (sets capability multifd and multifd-channels on the "
                    "destination): native, QEMU's reader threads; proxy, fixedram sends the "
                    "pages over N connections; 0: one stream. Default: 2 for a proxy restore "
-                   "of a local mapped-ram image read buffered, one stream where QEMU cannot "
-                   "listen for them; else 0.")
+                   "of a mapped-ram image (a file or s3://) read buffered, one stream where "
+                   "QEMU cannot listen for them; else 0.")
 @one_line_errors
 def restore_command(image: str, qmp_socket: str, via: str, paused: bool,
                     progress: bool | None, as_json: bool,

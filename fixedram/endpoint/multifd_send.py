@@ -382,7 +382,7 @@ class _Pump:
                 for _, first, k in runs:
                     ch.queue.append((self.img.page_offset(name, first), k * PS))
                 c.reads += len(runs)
-            elif self.held and len(runs) <= _SENDFILE_RUNS:
+            elif self.held:  # one sendmsg takes the views of every run
                 for _, first, k in runs:
                     ch.queue.extend(self.img.page_views(name, first, k))
                 c.reads += len(runs)

@@ -341,7 +341,8 @@ class Receiver:
                 payload = ((lambda n: memoryview(aligned_buffer(n))) if self.direct
                            else None)
                 # the writer takes page writes of several threads (for disjoint pages,
-                # which an epoch guarantees): channels write in parallel
+                # which an epoch guarantees): the channels' buffered writes take turns
+                # under its lock, O_DIRECT ones go to the kernel in parallel
                 sink = self.writer if self.direct else _WritebackSink(self.writer, self.file.fd)
                 self.multifd = MultifdReceiver(sink, multifd_channels, serialize=False,
                                                payload_buffer=payload, on_error=multifd_error)

@@ -29,7 +29,9 @@ of its own next to the manifest (:data:`RECORD_PREFIX` + key), read and written 
 
 An object image has no file holding its page data: :attr:`ObjectImage.pages_in_file` is
 False, so code that would hand the image's file descriptor to ``sendfile`` or look for
-holes in it reads pages through :meth:`~fixedram.image.reader.Image.read_slots` instead.
+holes in it reads pages through :meth:`~fixedram.image.reader.Image.read_slots` instead,
+or, where it sends them on (:attr:`ObjectImage.holds_pages`), takes them as views of the
+checked chunks (:meth:`ObjectImage.page_views`): chunks are immutable once checked.
 Its :meth:`fileno` is the memory file holding the metadata (headers, bitmaps, the
 checksum extension, the stream tail) at their offsets.
 """
@@ -51,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from fixedram._lazy import numpy as np
-from fixedram.errors import ImageError, StoreError
+from fixedram.errors import FixedramError, ImageError, StoreError
 from fixedram.image.chunked import (
     RECORD_PREFIX,
     WORKERS,
@@ -63,6 +65,7 @@ from fixedram.image.chunked import (
 from fixedram.image.layout import PAGE_SIZE
 from fixedram.image.reader import BlockInfo, MappedRamImage, PageSlots, open_image
 from fixedram.io.objstore import ObjectURL, Store, parse_url
+from fixedram.log import warn
 
 __all__ = ["open_object_image", "ObjectImage", "ChunkSource", "DiskCache", "cache_from_env",
            "RECORD_PREFIX"]
@@ -72,7 +75,9 @@ __all__ = ["open_object_image", "ObjectImage", "ChunkSource", "DiskCache", "cach
 READ_AHEAD = 16
 #: Chunks a sequential reader keeps behind the one it reads (those read ahead for it and
 #: passed are dropped from memory then, not when they are the least recently used:
-#: bounded memory, and their buffers are reused while still mapped).
+#: bounded memory, and the allocator hands their freed memory to the next chunks while
+#: it is still mapped, instead of faulting in fresh pages; a chunk still referenced, e.g.
+#: by a view a sender has queued, stays as it is).
 BEHIND = 2
 #: Chunks of a block asked for last that count as where its readers are: a request for
 #: the chunk after one of them reads ahead (:meth:`ChunkSource._moves_on`), so a background
@@ -463,7 +468,16 @@ class ObjectImage(MappedRamImage):
         super().close()
 
     def open_direct(self, mode: Any = True) -> bool:
-        return False  # no local file: nothing for O_DIRECT to bypass
+        """No local file: nothing for O_DIRECT to bypass. ``"required"`` raises; any other
+        true ``mode`` warns once and the chunks are read as always."""
+        if mode == "required":
+            raise FixedramError(f"{self.url}: an object image has no local file to read "
+                                "with O_DIRECT")
+        if mode and not self.__dict__.get("_direct_warned"):
+            self.__dict__["_direct_warned"] = True
+            warn("%s: an object image has no local file to read with O_DIRECT; reading its "
+                 "chunks as always", self.url)
+        return False
 
     def shared_reads(self) -> None:
         """Keep every chunk fetched in the shared disk cache, read ahead or not: other

@@ -27,12 +27,13 @@ this off.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from fixedram._lazy import numpy as np
 from fixedram.errors import FixedramError, UnsupportedRecord
@@ -175,12 +176,15 @@ class MappedRamWriter:
         self._finished = False
         # page writes may come from several threads (multifd channels) for disjoint
         # pages: data is hashed outside these locks, bits and digests are kept under
-        # _lock, and data reaches the file under _io: the kernel lets one write into a
-        # file at a time anyway (the inode's lock, on tmpfs, ext4 and xfs alike), and a
-        # thread that waits for it in the kernel spins on a CPU the migration's other
-        # threads need, while one that waits here sleeps
+        # _lock, and buffered writes reach the file under _io: the kernel lets one
+        # buffered write into a file at a time anyway (the inode's lock, on tmpfs and
+        # ext4), and a thread that waits for it in the kernel spins on a CPU the
+        # migration's other threads need, while one that waits here sleeps. O_DIRECT
+        # writes (page_fd another descriptor) wait for the device instead, and are left
+        # to the kernel
         self._lock = threading.Lock()
-        self._io = threading.Lock()
+        self._io: contextlib.AbstractContextManager[Any] = (
+            threading.Lock() if self.page_fd == fd else contextlib.nullcontext())
 
     # -- setup ---------------------------------------------------------------------
 

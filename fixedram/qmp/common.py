@@ -24,9 +24,10 @@ WAKE_EVENTS = ("MIGRATION", "RESUME", "STOP")
 #: Seconds between two readings of QEMU's state while no event arrives.
 POLL = 0.02
 
-#: multifd connections of a proxy save, and of a proxy restore of a local mapped-ram image,
-#: when none are asked for. A restore: QEMU loads with a thread per connection instead of
-#: parsing one stream page by page, and the image's runs of pages go out by ``sendfile``
+#: multifd connections of a proxy save, and of a proxy restore of a mapped-ram image (a file
+#: or an object image), when none are asked for. A restore: QEMU loads with a thread per
+#: connection instead of parsing one stream page by page, and the image's runs of pages go
+#: out by ``sendfile`` from a file, or from an object image's chunks in memory as they are
 #: (docs/multifd.md §6.1). A save: QEMU sends from a thread per connection, and fixedram
 #: receives 512 KiB packets whose pages are named before their data, in a thread per
 #: connection (docs/multifd.md §7). More than two gained nothing on the two-core machines
