@@ -738,8 +738,9 @@ def test_page_views_are_the_chunks(s3: Seaweed, tmp_path: Path,
                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """An object image gives a run of pages as views of its checked chunks, one per chunk
     the run lies in, without a copy (a multifd packet goes out from them); a chunk not
-    stored (all zeros) reads as zeros; a run outside the block is refused."""
-    from fixedram.errors import ImageError
+    stored (all zeros) reads as zeros; a run outside the block is refused. O_DIRECT reads,
+    which it cannot do, are refused where required."""
+    from fixedram.errors import FixedramError, ImageError
     from fixedram.image.objimage import open_object_image
 
     pieces = [os.urandom(PIECE), bytes(PIECE), os.urandom(PIECE)]
@@ -754,6 +755,10 @@ def test_page_views_are_the_chunks(s3: Seaweed, tmp_path: Path,
         assert img.source.chunk("pc.ram", 1) is None  # not stored
         with pytest.raises(ImageError, match="outside block"):
             img.page_views("pc.ram", 32760, 16)
+        # no local file to read with O_DIRECT: refused when required, else read as always
+        with pytest.raises(FixedramError, match="no local file to read with O_DIRECT"):
+            img.open_direct("required")
+        assert img.open_direct(True) is False and not img.direct
 
 
 def test_multifd_packets_from_chunks(s3: Seaweed, tmp_path: Path,
