@@ -359,10 +359,12 @@ def test_scattered_page_sets_match_dense() -> None:
 
 def test_page_groups_match_pages() -> None:
     """``page_groups`` gives the pages of the runs, in order, in groups of the size asked
-    (runs longer than what it expands at once included), from arrays or from tuples."""
+    (runs longer than what it expands at once included); ``gap_arrays`` gives every other
+    page, each once and in order (a run in two parts, a piece without runs, a block ending
+    in a gap, a block without runs)."""
     import numpy as np
 
-    from fixedram.image.layout import page_groups, run_batches
+    from fixedram.image.layout import gap_arrays, page_groups
 
     rng = np.random.default_rng(3)
     for size in (128, 256):
@@ -379,9 +381,20 @@ def test_page_groups_match_pages() -> None:
         got = list(page_groups(pieces, size))
         assert all(len(g) == size for g in got[:-1]) and 0 < len(got[-1]) <= size
         assert np.array_equal(np.concatenate(got), want)
-        tuples = list(page_groups(run_batches(zip(starts, lengths, strict=True)), size))
-        assert np.array_equal(np.concatenate(tuples), want)
+        npages = p + 70_000
+        # the runs again with one cut in two at a piece boundary, and an empty piece
+        i = next(i for i in range(10, len(starts)) if lengths[i] > 1)
+        cut = [(np.array([*starts[:i], starts[i]]), np.array([*lengths[:i], 1])),
+               (np.array([], dtype=np.int64), np.array([], dtype=np.int64)),
+               (np.array([starts[i] + 1, *starts[i + 1 :]]),
+                np.array([lengths[i] - 1, *lengths[i + 1 :]]))]
+        for runs in (pieces, cut):
+            gaps = np.concatenate(list(page_groups(gap_arrays(runs, npages), size)))
+            present = np.zeros(npages, dtype=bool)
+            present[want] = True
+            assert np.array_equal(gaps, np.flatnonzero(~present))
     assert list(page_groups([], 128)) == []
+    assert [(a.tolist(), b.tolist()) for a, b in gap_arrays([], 5)] == [([0], [5])]
 
 
 def test_sparse_bits_and_digests_match_dense() -> None:

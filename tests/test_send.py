@@ -34,6 +34,7 @@ from fixedram.endpoint.send import (
 from fixedram.errors import MismatchError
 from fixedram.image import open_image
 from fixedram.image.layout import MAPPED_RAM_HEADER_SIZE
+from fixedram.io.channel import FdChannel
 from fixedram.qmp.client import QMP
 from fixedram.stream import (
     CommandRecord,
@@ -593,6 +594,18 @@ def test_scattered_pages_one_stream(every: int, direct: bool, tmp_path: Path) ->
     assert report.zero_pages == (128 << 20) // PS - len(wanted)
     if every < 300:  # close together: a read per 256 pages (and one per small block)
         assert report.preadv_calls <= len(wanted) // 256 + 4
+    # a destination whose RAM may hold data: every other page gets one ZERO record too
+    ch = MemoryChannel()
+    every_page = send(own, ch, direct_io=direct, fresh=False)
+    dec = StreamDecoder()
+    records = [r for r in dec.feed(ch.data) + dec.feed_eof()
+               if isinstance(r, Page | Zero) and r.block == "pc.ram"]
+    assert {r.offset // PS: r.data for r in records if isinstance(r, Page)} == wanted
+    seen = np.bincount([r.offset // PS for r in records], minlength=(128 << 20) // PS)
+    assert (seen == 1).all()
+    assert (every_page.pages_sent, every_page.zero_pages) == (report.pages_sent,
+                                                               report.zero_pages)
+    assert every_page.preadv_calls == report.preadv_calls
     with open_image(own) as img:
         mapped = img.block("pc.ram").mapped
         assert mapped is not None
@@ -653,3 +666,14 @@ def test_scattered_legacy_stream(kind: str, tmp_path: Path) -> None:
     assert got == wanted
     assert report.pages_sent == len(wanted)
     assert report.preadv_calls <= len(wanted) // 256 + 4  # gathered, not a read per page
+    # into a file descriptor (records as the file stores them, by sendfile), for a
+    # destination whose RAM may hold data: every page of the block exactly once
+    out = tmp_path / "sent.stream"
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT, 0o600)
+    send(legacy, FdChannel(os.open(os.devnull, os.O_RDONLY), fd), fresh=False)
+    dec = StreamDecoder()
+    records = [r for r in dec.feed(out.read_bytes()) + dec.feed_eof()
+               if isinstance(r, Page | Zero) and r.block == "pc.ram"]
+    assert {r.offset // PS: r.data for r in records if isinstance(r, Page)} == wanted
+    assert (np.bincount([r.offset // PS for r in records], minlength=(128 << 20) // PS)
+            == 1).all()

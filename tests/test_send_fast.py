@@ -75,7 +75,7 @@ PS = 4096
 def reference_stream(img: Image, fresh: bool = True) -> bytes:
     """The stream ``send()`` must write, framed record by record with ``StreamEncoder.encode``
     (``fresh``: no records for pages without data in blocks larger than FRESH_MIN_BLOCK;
-    else a ZERO record each)."""
+    else a ZERO record each, after the block's PAGE records)."""
     enc = StreamEncoder()
     sid = ram_section_id(img)
     blocks = list(img.blocks.values())
@@ -91,7 +91,8 @@ def reference_stream(img: Image, fresh: bool = True) -> bytes:
         for p in range(b.npages):
             if present[p]:
                 out.append(enc.encode(Page(b.name, p * PS, bytes(img.read(b.name, p, 1)))))
-            elif not (fresh and b.length > FRESH_MIN_BLOCK):
+        for p in range(b.npages):
+            if not present[p] and not (fresh and b.length > FRESH_MIN_BLOCK):
                 out.append(enc.encode(Zero(b.name, p * PS)))
         out += [encode(EndOfSection()), encode(SectionFooter(sid))]
     if wants_switchover_start(img.machine, img.commands):

@@ -76,7 +76,6 @@ from fixedram.endpoint.source import (
     Progress,
     ReturnPathReader,
     SendStats,
-    absent_runs,
     image_of,
     page_check,
     part_end,
@@ -86,7 +85,7 @@ from fixedram.endpoint.source import (
 )
 from fixedram.errors import EndpointError, ImageError, MismatchError
 from fixedram.image import Image
-from fixedram.image.layout import index_runs, page_groups, run_batches
+from fixedram.image.layout import gap_arrays, index_runs, page_groups
 from fixedram.image.reader import BlockInfo, DirectIO, PageSlots
 from fixedram.image.sections import ram_section_id
 from fixedram.io.channel import SocketChannel, connect, writev_all
@@ -206,7 +205,8 @@ def _plan(img: Image, blocks: Sequence[BlockInfo], zero_in_packets: bool) -> Ite
         for pages in page_groups(img.run_arrays(blk.name), PER_PACKET):
             yield _Packet(blk, name, pages, _EMPTY, index_runs(pages))
         if zero_in_packets:
-            for pages in page_groups(run_batches(absent_runs(img, blk.name)), PER_PACKET):
+            gaps = gap_arrays(img.run_arrays(blk.name), blk.npages)
+            for pages in page_groups(gaps, PER_PACKET):
                 yield _Packet(blk, name, _EMPTY, pages)
 
 
@@ -619,18 +619,20 @@ def _main_part(img: Image, msock: socket.socket, zero_records: bool, fresh: bool
     [MULTIFD_FLUSH] EOS. Returns the bytes written and the pages without data accounted."""
     sid = ram_section_id(img)
     mid = [encode(SectionPart(sid))]
-    main_bytes = zero_main = 0
+    main_bytes = zero_main = pending = 0
     enc = StreamEncoder()
     for blk in img.blocks.values():
         # a fresh destination: ZERO records for the blocks whose pages without data are
         # not skipped (a zero list entry would not clear a page QEMU has not received)
         if zero_records or (fresh and not skips_absent(blk, fresh)):
-            for p, k in absent_runs(img, blk.name, 1 << 16):
-                zero_main += k
-                mid.append(enc.zero_run(blk.name, p * PS, k))
-                if len(mid) >= 64:
+            for pages in page_groups(gap_arrays(img.run_arrays(blk.name), blk.npages),
+                                     1 << 16):
+                zero_main += len(pages)
+                mid.append(enc.zero_pages(blk.name, pages))
+                pending += len(mid[-1])
+                if pending >= 1 << 20:  # ZERO records batched into writes of about 1 MiB
                     main_bytes += writev_all(msock.sendmsg, mid)
-                    mid = []
+                    mid, pending = [], 0
         elif skips_absent(blk, fresh):  # not sent, but counted
             zero_main += blk.npages - img.count_present(blk.name)
     if flush:

@@ -51,7 +51,6 @@ from fixedram.endpoint.source import (
     Progress,
     ReturnPathReader,
     SendStats,
-    absent_runs,
     image_of,
     page_check,
     part_end,
@@ -64,7 +63,7 @@ from fixedram.endpoint.source import (
 from fixedram.errors import EndpointError, MismatchError
 from fixedram.image import Image
 from fixedram.image.check import require_restorable
-from fixedram.image.layout import page_groups, page_ranges
+from fixedram.image.layout import gap_arrays, page_groups, page_ranges
 from fixedram.image.reader import READ_CHUNK, BlockInfo, DirectIO, PageSlots
 from fixedram.image.sections import ram_section_id
 from fixedram.io.channel import Buffer, Channel, sendfile_all, write_fd
@@ -85,7 +84,6 @@ __all__ = [
     "machine_from_qom_type",
     "send",
     "validate",
-    "absent_runs",
     "skips_absent",
     "FRESH_MIN_BLOCK",
 ]
@@ -421,53 +419,34 @@ def send(image: ImageArg, channel: Channel, *,
         return _send(img, channel, readers, progress, direct_io, fresh)
 
 
-def _zeros(out: _Sender, enc: StreamEncoder, name: str, start: int, stop: int,
-           skip: bool) -> None:
-    """Pages ``[start, stop)`` of ``name`` hold no data: counted, and unless ``skip``
-    (:func:`skips_absent`), sent as ZERO records (in pieces: bounded memory at any size)."""
-    out.zero_pages += stop - start
-    if skip:
-        return
-    for p, k in split_runs([(start, stop - start)], _ZERO_PIECE):
-        out.add([enc.zero_run(name, p * PS, k)])
+def _absent(out: _Sender, enc: StreamEncoder, img: Image, blk: BlockInfo) -> None:
+    """A ZERO record for every page of ``blk`` the image holds no data for, in pieces of
+    :data:`_ZERO_PIECE` pages whatever their runs (one numpy step each: bounded memory at
+    any size, no Python per run)."""
+    for pages in page_groups(gap_arrays(img.run_arrays(blk.name), blk.npages), _ZERO_PIECE):
+        out.add([enc.zero_pages(blk.name, pages)])
         out.maybe_flush()
 
 
 def _send_block(out: _Sender, enc: StreamEncoder, reader: _PieceReader, blk: BlockInfo,
                 sid: int, check: PageCheck | None, skip: bool) -> None:
-    """One PART section with every page of ``blk``: PAGE records a record buffer's worth at
-    a time whatever their runs (:func:`_send_groups`) where nothing goes between them
-    (``skip``, an image file read buffered), else piece by piece of each run (one read,
-    one numpy header assignment and one write per piece) with ZERO records for the gaps,
-    or from a legacy stream image as the file stores them."""
+    """One PART section with every page of ``blk``: its pages with data, a record buffer's
+    worth at a time whatever their runs (:func:`_send_groups`), or from an image read with
+    O_DIRECT whose runs are long, piece by piece of each run (:func:`_send_read`); then,
+    unless ``skip`` (:func:`skips_absent`), a ZERO record for each page without data. A
+    record names its page, so QEMU loads them in any order (``docs/protocol.md`` §4)."""
     out.add([encode(SectionPart(sid))])
-    if skip and reader.grouped and (not reader.img.direct or _scattered(reader.img, blk)):
-        cursor = _send_groups(out, enc, reader, blk, check)  # nothing between the pages
-    elif reader.stored:  # a legacy stream image: it has no page checksums to check
-        assert check is None
-        cursor = _send_stored(out, enc, reader, blk, skip)
+    if reader.grouped and (not reader.img.direct or _scattered(reader.img, blk)):
+        cursor = _send_groups(out, enc, reader, blk, check)
     else:
-        cursor = _send_read(out, enc, reader, blk, check, skip)
+        cursor = _send_read(out, enc, reader, blk, check)
+    out.zero_pages += blk.npages - cursor  # the pages without data after the last run
+    if not skip:
+        _absent(out, enc, reader.img, blk)
     if check is not None:  # a bad extent stops the stream before the device state
         check.block_done(blk.name)
-    if cursor < blk.npages:
-        _zeros(out, enc, blk.name, cursor, blk.npages, skip)
     out.add(part_end(sid))
     out.maybe_flush()
-
-
-def _send_stored(out: _Sender, enc: StreamEncoder, reader: _PieceReader, blk: BlockInfo,
-                 skip: bool) -> int:
-    """The runs of pages of a legacy stream image's block: where the file holds them as
-    consecutive records they go out as stored (``sendfile``), after a header of ours for
-    the first. Returns the page after the last run."""
-    cursor = 0
-    for first, npages in split_runs(reader.img.runs(blk.name), _STORED_PIECE):
-        if first > cursor:
-            _zeros(out, enc, blk.name, cursor, first, skip)
-        _stored_run(out, enc, reader.img, blk.name, first, npages)
-        cursor = first + npages
-    return cursor
 
 
 def _stored_run(out: _Sender, enc: StreamEncoder, img: Image, name: str, first: int,
@@ -545,7 +524,7 @@ def _send_groups(out: _Sender, enc: StreamEncoder, reader: _PieceReader, blk: Bl
 
 
 def _send_read(out: _Sender, enc: StreamEncoder, reader: _PieceReader, blk: BlockInfo,
-               check: PageCheck | None, skip: bool) -> int:
+               check: PageCheck | None) -> int:
     """The runs of pages of ``blk`` read piece by piece into record buffers (one read, one
     numpy header assignment and one write per piece). Returns the page after the last
     run."""
@@ -554,8 +533,7 @@ def _send_read(out: _Sender, enc: StreamEncoder, reader: _PieceReader, blk: Bloc
         out.reads += nreads
         if check is not None:
             check.pages(blk.name, first, slots.views[:npages])
-        if first > cursor:
-            _zeros(out, enc, blk.name, cursor, first, skip)
+        out.zero_pages += first - cursor  # the pages without data passed
         data: Buffer = enc.page_records(blk.name, first * PS, npages, recs)
         small = len(data) < _SMALL_PIECE
         if small:  # copy, to batch it with the next pieces into one write

@@ -10,7 +10,8 @@ same and live here:
   setup section), :func:`part_end` and :func:`ram_end` (closing a RAM section),
   :func:`stream_tail` (END section, device state, EOF, VM description);
 * which pages go out at all: :func:`skips_absent` (a fresh destination needs nothing for
-  pages without data, ``docs/fresh-destination.md``) and :func:`absent_runs`;
+  pages without data, ``docs/fresh-destination.md``; the pages without data themselves
+  are :func:`~fixedram.image.layout.gap_arrays` of the image's runs);
 * the return path: :func:`is_bidirectional` and :class:`ReturnPathReader`, which reads
   what the destination sends back until it closes (and drops it, unless told what to do
   with it);
@@ -71,7 +72,6 @@ __all__ = [
     "ram_end",
     "stream_tail",
     "skips_absent",
-    "absent_runs",
     "split_runs",
     "record_buffer",
     "is_bidirectional",
@@ -217,19 +217,6 @@ def split_runs(runs: Iterable[tuple[int, int]], per: int) -> Iterator[tuple[int,
     for first, n in runs:
         for p in range(first, first + n, per):
             yield p, min(per, first + n - p)
-
-
-def absent_runs(img: Image, name: str, per: int = 1 << 20) -> Iterator[tuple[int, int]]:
-    """``(first, npages)`` pieces of at most ``per`` pages of the stretches of block ``name``
-    the image holds no data for (the gaps between :meth:`Image.runs`), in order."""
-    cursor = 0
-    for first, n in img.runs(name):
-        if first > cursor:
-            yield from split_runs([(cursor, first - cursor)], per)
-        cursor = first + n
-    npages = img.block(name).npages
-    if cursor < npages:
-        yield from split_runs([(cursor, npages - cursor)], per)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ __all__ = [
     "page_ranges",
     "groups",
     "page_groups",
-    "run_batches",
+    "gap_arrays",
 ]
 
 #: Pages covered by one piece of a bitmap read at a time (128 KiB of bitmap, 4 GiB of RAM):
@@ -234,13 +234,26 @@ def page_slices(n: int, stride: int = PAGE_SIZE) -> list[slice]:
 _GROUP_PAGES = 1 << 16
 
 
-def run_batches(runs: Iterable[tuple[int, int]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``runs`` as arrays of first pages and lengths, a few thousand runs at a time (what
-    :func:`page_groups` takes)."""
-    it = iter(runs)
-    while batch := list(itertools.islice(it, 4096)):
-        a = np.array(batch, dtype=np.int64)
-        yield a[:, 0], a[:, 1]
+def gap_arrays(pieces: Iterable[tuple[np.ndarray, np.ndarray]], npages: int,
+               ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The stretches of pages ``[0, npages)`` outside the runs of ``pieces`` (arrays of
+    first pages and lengths, in order: :meth:`~fixedram.image.Image.run_arrays`; a run may
+    come in two parts), as arrays of first pages and lengths, a pair per piece and one for
+    the stretch after the last run: the pages an image holds no data for, in numpy steps
+    whatever their number (what :func:`page_groups` takes)."""
+    cursor = 0
+    for starts, lengths in pieces:
+        if not len(starts):
+            continue
+        ends = starts + lengths
+        before = np.concatenate((np.array([cursor], dtype=ends.dtype), ends[:-1]))
+        width = starts - before
+        keep = width > 0
+        if keep.any():
+            yield before[keep], width[keep]
+        cursor = int(ends[-1])
+    if cursor < npages:
+        yield np.array([cursor], dtype=np.int64), np.array([npages - cursor], dtype=np.int64)
 
 
 def page_groups(pieces: Iterable[tuple[np.ndarray, np.ndarray]], size: int,
