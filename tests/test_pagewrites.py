@@ -89,6 +89,10 @@ class _Sink:
         self._note("zeros", block, first_page, npages)
         return npages
 
+    def write_page_set(self, block: str, pages: Any, views: Sequence[memoryview]) -> int:
+        self._note("page set", block, pages.tolist(), [bytes(v) for v in views])
+        return len(views)
+
 
 def _queue(sink: _Sink, fd: int, direct: bool) -> WriteQueue:
     writer = SimpleNamespace(blocks={})  # no layout: no writeback range to hand over
@@ -127,6 +131,26 @@ def test_queue_writes_in_order(direct: bool, views: bool, tmp_path: Any) -> None
         assert len(pages) == 3 and sink.threads == {"fixedram-write_0"}
     else:  # as given, inline
         assert len(pages) == 2 and sink.threads == {threading.current_thread().name}
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_queue_page_sets(direct: bool) -> None:
+    """Scattered pages (a decoder's PageSet) go to the sink as sets: as given when
+    buffered; with O_DIRECT copied through the aligned stage a stage's worth at a time (one
+    set per stage, not a write per run), each page with its own data."""
+    import numpy as np
+
+    pages = np.arange(0, 2 * (MAX_RUN + 5), 2, dtype=np.int64)  # every other page
+    views = [memoryview(page(int(p))) for p in pages]
+    sink = _Sink()
+    q = _queue(sink, -1, direct)
+    q.submit([("pc.ram", pages, views)])
+    q.wait(0)
+    q.close()
+    sets = [c for c in sink.calls if c[0] == "page set"]
+    assert [p for c in sets for p in c[2]] == pages.tolist()
+    assert [d for c in sets for d in c[3]] == [page(int(p)) for p in pages]
+    assert len(sets) == (2 if direct else 1) and len(sink.calls) == len(sets)
 
 
 def test_one_inflight_entry_per_feed_and_errors_surface_at_wait() -> None:

@@ -39,7 +39,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from fixedram import faults
 from fixedram._lazy import numpy as np
 from fixedram.endpoint.multifd import MultifdReceiver
-from fixedram.image.layout import PAGE_SIZE, index_runs, page_slices
+from fixedram.image.layout import PAGE_SIZE, page_slices
 from fixedram.image.writer import Buffer, MappedRamWriter
 from fixedram.io.files import aligned_buffer, drop_cached
 
@@ -178,10 +178,13 @@ class WriteQueue:
         self._io = ThreadPoolExecutor(1, thread_name_prefix="fixedram-write")
         self._stage: memoryview | None = None
         self._stage_map: mmap.mmap | None = None
+        #: the stage's pages, one view each (made once)
+        self._stage_pages: list[memoryview] = []
         if direct:
             stage = aligned_buffer(MAX_RUN * PAGE_SIZE)
             self._stage_map = stage
             self._stage = memoryview(stage)
+            self._stage_pages = list(map(self._stage.__getitem__, page_slices(MAX_RUN)))
 
     def submit(self, ops: list[WriteOp | ZeroSetOp | PageSetOp]) -> None:
         """Perform the operations of one feed: buffered, at once; with O_DIRECT, in the
@@ -215,6 +218,9 @@ class WriteQueue:
         self._release()
 
     def _release(self) -> None:
+        for v in self._stage_pages:
+            v.release()
+        self._stage_pages = []
         if self._stage is not None:
             self._stage.release()
             self._stage = None
@@ -236,13 +242,12 @@ class WriteQueue:
                 block, pages, page_views = op
                 if stage is None:
                     sink.write_page_set(block, pages, page_views)
-                else:  # O_DIRECT: each run through the aligned stage, a stage at a time
-                    per = len(stage) // PAGE_SIZE
-                    for i, first, n in index_runs(pages):
-                        for j in range(0, n, per):
-                            k = min(per, n - j)
-                            stage[: k * PAGE_SIZE] = b"".join(page_views[i + j : i + j + k])
-                            sink.write_pages(block, first + j, [stage[: k * PAGE_SIZE]])
+                else:  # O_DIRECT: through the aligned stage, a stage's worth at a time
+                    per = len(self._stage_pages)
+                    for j in range(0, len(pages), per):
+                        k = min(per, len(pages) - j)
+                        stage[: k * PAGE_SIZE] = b"".join(page_views[j : j + k])
+                        sink.write_page_set(block, pages[j : j + k], self._stage_pages[:k])
                 blk = self._writer.blocks.get(block)
                 if blk is not None:
                     a = blk.pages_offset + int(pages.min()) * PAGE_SIZE
