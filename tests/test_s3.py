@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from test_receive import DEVICE
 from test_save_restore import (
@@ -436,6 +437,11 @@ def test_early_upload_rewritten_chunks(s3: Seaweed, tmp_path: Path,
         go.set()
         t.join(60)
         w.zero_pages("pc.ram", 1024, 1024)  # chunk 1: no data any more
+        # scattered pages (a multifd packet of a guest with zero pages between its others)
+        # into chunk 2, taken already, and chunk 3
+        scattered = np.array([2 * 1024 + 100, 2 * 1024 + 102, 3 * 1024 + 9], dtype=np.int64)
+        w.write_page_set("pc.ram", scattered,
+                         [memoryview(bytes([0x31 + i]) * 4096) for i in range(3)])
         w.write_pages("pc.ram", 4 * 1024, [p[0]])  # the first content of chunk 0
         w.write_pages("pc.ram", 5, [b"\x05" * 4096])  # chunk 0 changes last
         w.finish(DEVICE, b'{"page_size": 4096}')
@@ -451,6 +457,7 @@ def test_early_upload_rewritten_chunks(s3: Seaweed, tmp_path: Path,
     final |= {4 * 1024 + i: p[0][i * 4096 : (i + 1) * 4096] for i in range(1024)}
     final[5] = b"\x05" * 4096
     final[2 * 1024 + 7] = b"\x27" * 4096
+    final |= {int(pg): bytes([0x31 + i]) * 4096 for i, pg in enumerate(scattered)}
     assert rep.chunks == 5  # the meta chunk and chunks 0, 2, 3, 4
     assert rep.early == 3  # 2 (read again after its write), 3 and 4; 0 from the image
     assert rep.restored == 1  # the deleted chunk, from chunk 4 (chunk 0 holds other bytes)

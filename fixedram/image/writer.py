@@ -46,7 +46,7 @@ from fixedram.image.checksum import (
     digests_of,
     write_new,
 )
-from fixedram.image.layout import PAGE_SIZE, block_geometry, index_runs
+from fixedram.image.layout import PAGE_SIZE, block_geometry, index_runs, page_ranges
 from fixedram.image.sparse import SparseBits
 from fixedram.io.files import IOV_MAX, punch_hole, pwritev_all
 from fixedram.stream.encoder import encode
@@ -320,10 +320,16 @@ class MappedRamWriter:
             raise FixedramError(f"pages outside RAM block '{block}' ({blk.npages} pages)")
         if runs is None:
             runs = index_runs(pages)
-        if len(runs) == 1 or self.observer is not None:
-            return sum(self.write_page_views(block, first, list(views[i : i + k]))
-                       for i, first, k in runs)
+        if len(runs) == 1:
+            return self.write_page_views(block, runs[0][1], list(views))
         digests = digest_views(views, n) if self.digests is not None else None
+        # the observer hears of the stretches the pages lie in (layout.page_ranges), not of
+        # each run: pages between them that did not change are only looked at again
+        obs = self.observer
+        spans = page_ranges(pages, runs) if obs is not None else []
+        if obs is not None:
+            for first, k in spans:
+                obs.writing(block, first, k)
         fd, base = self.page_fd, blk.pages_offset
         with self._io:
             for i, first, k in runs:
@@ -333,6 +339,9 @@ class MappedRamWriter:
                 self.digests.store_at(block, pages, digests)
             blk.present.set_at(pages)
             self.pages_written += n
+            if obs is not None:
+                for first, k in spans:
+                    obs.written(block, first, k)
         return n
 
     def zero_pages(self, block: str, first_page: int, npages: int = 1) -> int:
