@@ -36,7 +36,6 @@ from fixedram.image.layout import (
     index_runs,
     one_stretch,
     run_arrays,
-    runs,
 )
 from fixedram.image.libvirt import LibvirtHeader, decompress_payload, is_libvirt, read_header
 from fixedram.image.sparse import SparseArray
@@ -731,18 +730,21 @@ class StreamImage(Image):
         self.block(name)
         return self._where[name].get(first, npages) >= 0
 
-    def _piece_runs(self, name: str, first: int, npages: int) -> Iterator[tuple[int, int]]:
-        """Runs found chunk by chunk of the sparse index (cost follows the data)."""
-        self.block(name)
-        idx = self._where[name]
-        for _, c, lo, hi, at in list(idx.spans(first, npages)):
-            for f, n in runs(c[lo:hi] >= 0):
-                yield at - first + f, n
-
     def _piece_run_arrays(self, name: str, first: int,
                           npages: int) -> tuple[np.ndarray, np.ndarray]:
-        found = np.array(list(self._piece_runs(name, first, npages)), dtype=np.int64)
-        return (found[:, 0], found[:, 1]) if len(found) else run_arrays(found[:0] > 0)
+        """Runs found chunk by chunk of the sparse index, with numpy (cost follows the data,
+        not the number of runs); a run across two chunks of the index comes in both."""
+        self.block(name)
+        starts: list[np.ndarray] = []
+        lengths: list[np.ndarray] = []
+        for _, c, lo, hi, at in list(self._where[name].spans(first, npages)):
+            s, n = run_arrays(c[lo:hi] >= 0)
+            if len(s):
+                starts.append(s + (at - first))
+                lengths.append(n)
+        if not starts:
+            return run_arrays(np.zeros(0, dtype=bool))
+        return np.concatenate(starts), np.concatenate(lengths)
 
     def _read_into(self, blk: BlockInfo, first: int, dest: memoryview) -> None:
         where = self._where[blk.name].get(first, len(dest) // PAGE_SIZE)
