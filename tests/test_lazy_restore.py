@@ -339,10 +339,11 @@ def test_image_failure_after_run(synth: Path, monkeypatch: pytest.MonkeyPatch) -
     from fixedram.errors import ImageError
     from fixedram.io.channel import SocketChannel
 
-    def broken(self: Any, name: str, first: int, view: memoryview) -> None:
+    def broken(self: Any, name: str, *args: Any) -> None:
         raise ImageError("pages of RAM block 'pc.ram': file ends at byte 12345")
 
-    monkeypatch.setattr(postcopy._Server, "_read", broken)
+    monkeypatch.setattr(postcopy._Server, "_read", broken)  # pages asked for
+    monkeypatch.setattr(postcopy._Server, "_read_set", broken)  # pages pushed
     ours, theirs = socket.socketpair()
     fake = FakeDestination(theirs)
     fake.start()

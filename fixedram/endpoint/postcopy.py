@@ -59,7 +59,7 @@ import collections
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -78,7 +78,7 @@ from fixedram.endpoint.source import (
 )
 from fixedram.errors import EndpointError, FixedramError, ImageError, MismatchError
 from fixedram.image import Image
-from fixedram.image.layout import runs
+from fixedram.image.layout import page_groups, runs
 from fixedram.image.reader import PageSlots
 from fixedram.image.sections import ram_section_id
 from fixedram.image.sparse import SparseBits
@@ -421,6 +421,17 @@ class _Server:
         self.bytes_read += len(view)
         self.img.read_into(name, first, view)
 
+    def _read_set(self, name: str, pages: np.ndarray, slots: PageSlots) -> None:
+        """The pages numbered in ``pages`` (increasing, all present) into ``slots`` ``0…``:
+        one read where they are consecutive or lie close
+        (:meth:`~fixedram.image.Image.read_page_set`)."""
+        n, first = len(pages), int(pages[0])
+        if int(pages[-1]) + 1 - first == n:
+            self.reads += self.img.read_slots(name, first, n, slots)
+        else:
+            self.reads += self.img.read_page_set(name, pages, slots)
+        self.bytes_read += n * PS
+
     def _section(self, body: list[Buffer]) -> None:
         """One PART section around ``body``; its first record names its block."""
         self.write([encode(SectionPart(self.sid)), *body, *part_end(self.sid)])
@@ -465,64 +476,86 @@ class _Server:
 
     # -- background push -----------------------------------------------------------------
 
-    def _pieces(self) -> list[tuple[str, int, int, bool]]:
-        """``(block, first, npages, prefetch)`` pieces of at most a batch: the record's pages
-        in its order (``prefetch``; absent pages included), then every present page."""
+    def _pieces(self) -> list[tuple[str, int, int]]:
+        """``(block, first, npages)`` pieces of at most a batch of the working-set record's
+        pages, in its order (absent pages included)."""
         out = []
         if self.prefetch is not None:
             for name, first, n in self.prefetch.runs():
                 for p in range(first, first + n, PUSH_BATCH_PAGES):
-                    out.append((name, p, min(PUSH_BATCH_PAGES, first + n - p), True))
-        for name in self.img.blocks:
-            for first, n in self.img.runs(name):
-                for p in range(first, first + n, PUSH_BATCH_PAGES):
-                    out.append((name, p, min(PUSH_BATCH_PAGES, first + n - p), False))
+                    out.append((name, p, min(PUSH_BATCH_PAGES, first + n - p)))
         return out
 
+    def _rest(self) -> Iterator[tuple[str, np.ndarray]]:
+        """Every page with data, a batch's worth at a time whatever their runs, in file
+        order (:func:`~fixedram.image.layout.page_groups` over the bitmap: memory bounded
+        at any RAM size, no Python per run)."""
+        for name in self.img.blocks:
+            for pages in page_groups(self.img.run_arrays(name), PUSH_BATCH_PAGES):
+                yield name, pages
+
+    def _buffers(self) -> tuple[memoryview, tuple[PageRecords, PageSlots]]:
+        """A batch's read buffer and record buffer, made by the first batch."""
+        if self._bufs is None:
+            self._bufs = (memoryview(bytearray(PUSH_BATCH_PAGES * PS)),
+                          record_buffer(PUSH_BATCH_PAGES))
+        return self._bufs
+
     def _batch(self, i: int) -> int:
-        """Send one PART section of at most :data:`PUSH_BATCH_PAGES` unsent pages from
-        ``pieces[i:]``, all prefetch or all not; the index of the next piece.
+        """Send one PART section of at most :data:`PUSH_BATCH_PAGES` unsent pages of the
+        record's ``pieces[i:]``; the index of the next piece.
 
         The batch's pages are laid out header+page after header+page in one record buffer
         (framed by the encoder, no per-page Python), instead of two small buffers per page.
         """
-        if self._bufs is None:
-            self._bufs = (memoryview(bytearray(PUSH_BATCH_PAGES * PS)),
-                          record_buffer(PUSH_BATCH_PAGES))
-        pieces, (buf, (recs, slots)) = self.pieces, self._bufs
+        pieces, (buf, (recs, slots)) = self.pieces, self._buffers()
         body: list[Buffer] = []
         used = taken = 0
-        kind = pieces[i][3]
         self.enc.forget_block()  # the section's first record of a block names it
         while i < len(pieces):
-            name, first, n, pre = pieces[i]
-            if pre != kind or (taken and taken + n > PUSH_BATCH_PAGES):
+            name, first, n = pieces[i]
+            if taken and taken + n > PUSH_BATCH_PAGES:
                 break
             i += 1
             taken += n
             unsent = ~self.sent[name].get(first, n)
-            if pre:
-                pres = self.img.present_range(name, first, n)
-                for off, k in runs(unsent & ~pres):
-                    body.append(self.enc.zero_run(name, (first + off) * PS, k))
-                    self.zero_prefetched += k
-                unsent &= pres
+            pres = self.img.present_range(name, first, n)
+            for off, k in runs(unsent & ~pres):
+                body.append(self.enc.zero_run(name, (first + off) * PS, k))
+                self.zero_prefetched += k
+            unsent &= pres
             for off, k in runs(unsent):
                 view = buf[: k * PS]
                 self._read(name, first + off, view)
                 slots.array[used : used + k] = np.frombuffer(view, np.uint8).reshape(k, PS)
                 body += self.enc.page_records_at(name, (first + off) * PS, used, k, recs)
                 self.pages_pushed += k
-                if pre:
-                    self.pages_prefetched += k
+                self.pages_prefetched += k
                 used += k
             self.sent[name].set(first, n)
-            if pre:
-                self.rp.cursor += n
+            self.rp.cursor += n
         if body:
             self._section(body)
-        self._clock(kind)[1] += used * PS
+        self._clock(True)[1] += used * PS
         return i
+
+    def _push(self, name: str, pages: np.ndarray) -> None:
+        """Send the pages numbered in ``pages`` (increasing, with data) that were not sent
+        yet, in one PART section: read into the record buffer's slots (one read where they
+        are consecutive or lie close, :meth:`~fixedram.image.Image.read_page_set`), their
+        headers framed by the encoder in one numpy step."""
+        pages = pages[~self.sent[name].get_at(pages)]
+        n = len(pages)
+        if not n:
+            return
+        _, (recs, slots) = self._buffers()
+        self._read_set(name, pages, slots)
+        self.enc.forget_block()
+        body = self.enc.page_set_records(name, pages.astype(np.uint64) * np.uint64(PS), recs)
+        self._section([body])
+        self.sent[name].set_at(pages)
+        self.pages_pushed += n
+        self._clock(False)[1] += n * PS
 
     def _clock(self, prefetch: bool) -> list[float]:
         """``[start, bytes sent]`` of the prefetch's or the rest's throttle, started when
@@ -538,7 +571,7 @@ class _Server:
         (``docs/working-set.md``, "Prefetch before and after RUN").
         """
         i = 0
-        while i < len(self.pieces) and self.pieces[i][3] and self.rp.cursor < BEFORE_RUN_PAGES:
+        while i < len(self.pieces) and self.rp.cursor < BEFORE_RUN_PAGES:
             self._pace(True)
             i = self._batch(i)
         self.next_piece = i
@@ -571,12 +604,16 @@ class _Server:
         i = self.next_piece
         while i < len(self.pieces):
             self.serve_requests()
-            pre = self.pieces[i][3]
-            if not pre and self.learn:
+            self._pace(True)
+            i = self._batch(i)
+            self.progress.tick()
+        for name, pages in self._rest():
+            self.serve_requests()
+            if self.learn:
                 self._learn()
                 self.learn = False
-            self._pace(pre)
-            i = self._batch(i)
+            self._pace(False)
+            self._push(name, pages)
             self.progress.tick()
         self.serve_requests()
 
