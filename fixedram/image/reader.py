@@ -372,13 +372,13 @@ class Image:
 
     def count_present(self, name: str) -> int:
         """Number of pages of block ``name`` the image holds data for (bounded memory)."""
-        return sum(n for _, n in self.runs(name))
+        return sum(int(lengths.sum()) for _, lengths in self.run_arrays(name))
 
     def last_present(self, name: str) -> int:
         """Index of the last page of block ``name`` with data, or -1 (bounded memory)."""
         last = -1
-        for f, n in self.runs(name):
-            last = f + n - 1
+        for starts, lengths in self.run_arrays(name):
+            last = int(starts[-1] + lengths[-1]) - 1
         return last
 
     def read_into(self, name: str, first_page: int, dest: memoryview) -> None:
