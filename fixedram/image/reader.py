@@ -35,6 +35,7 @@ from fixedram.image.layout import (
     bitmap_to_bools,
     index_runs,
     one_stretch,
+    page_groups,
     run_arrays,
 )
 from fixedram.image.libvirt import LibvirtHeader, decompress_payload, is_libvirt, read_header
@@ -405,6 +406,22 @@ class Image:
                 view = buf[: k * PAGE_SIZE]
                 self._read_into(blk, p, view)
                 yield p, view
+
+    def page_sets(self, name: str) -> Iterator[tuple[np.ndarray, PageSlots]]:
+        """The pages with data of block ``name``, :data:`READ_CHUNK` of them at a time
+        whatever their runs: ``(page numbers, slots)``, slot ``i`` holding page
+        ``pages[i]``. Consecutive pages come in one read, scattered ones gathered
+        (:meth:`read_page_set`): a guest whose pages with data lie between zero pages costs
+        no Python per run. The slots are reused: valid until the next iteration."""
+        per = READ_CHUNK // PAGE_SIZE
+        slots = PageSlots(bytearray(per * PAGE_SIZE), 0, PAGE_SIZE, per)
+        for pages in page_groups(self.run_arrays(name), per):
+            n, first = len(pages), int(pages[0])
+            if int(pages[-1]) + 1 - first == n:
+                self.read_slots(name, first, n, slots)
+            else:
+                self.read_page_set(name, pages, slots)
+            yield pages, slots
 
     def read(self, name: str, first_page: int, npages: int) -> bytearray:
         """Pages ``[first_page, first_page + npages)`` of block ``name``; zeros where absent."""

@@ -46,7 +46,6 @@ from fixedram.image.checksum import (
     Geometry,
     compute,
     digest_views,
-    digests_of,
     extent_digest,
     find,
     page_digest_array,
@@ -137,9 +136,9 @@ def verify_pages(img: Image, cs: Checksums,
     for s in cs.blocks:
         if s.name in skip or s.name not in img.blocks:
             continue
-        for first, data in img.iter_data(s.name):
-            check.piece(s.name, first, data)
-            read += len(data) // PAGE_SIZE
+        for pages, slots in img.page_sets(s.name):
+            check.pages_at(s.name, pages, slots.views[: len(pages)])
+            read += len(pages)
         checked += len(s.extents)
         for e in check.bad_extents(s.name):
             probs.append(_bad_extent(img.where, s.name, e, cs.extent_shift, s.length,
@@ -269,7 +268,7 @@ def add_checksums(path: str | os.PathLike[str], *, force: bool = False) -> AddRe
 class PageCheck:
     """Checks page data as it is read, against the extension, extent by extent.
 
-    :meth:`piece` / :meth:`pages` are given every page with data (in any order, each once);
+    :meth:`pages` / :meth:`pages_at` are given every page with data (in any order, each once);
     an extent is compared as soon as all its pages with data (the bitmap says which) were
     given, and its page digests dropped. :meth:`block_done` compares what is left (pages
     never given count as zero pages, extents without data must have the all-zero digest)
@@ -289,12 +288,6 @@ class PageCheck:
         if st is None and name in self.sums:
             st = self._blocks[name] = _ExtentCheck(self.img, name, self.cs.extent_shift)
         return st
-
-    def piece(self, name: str, first_page: int, data: memoryview) -> None:
-        """Digest the whole pages of ``data``, pages ``first_page…`` of block ``name``."""
-        st = self._block(name)
-        if st is not None:
-            st.add(first_page, digests_of([data]))
 
     def add(self, name: str, first_page: int, digests: np.ndarray) -> None:
         """Pages ``first_page…`` of block ``name`` have the page ``digests`` given."""
@@ -443,8 +436,8 @@ def block_extent_digests(img: Image, name: str, shift: int) -> np.ndarray:
     """Extent digests of block ``name`` (extents of ``2**shift`` bytes), reading its pages
     with data once; memory: the digests of one extent's pages, plus 8 bytes per extent."""
     st = _ExtentCheck(img, name, shift)
-    for first, data in img.iter_data(name):
-        st.add(first, digests_of([data]))
+    for pages, slots in img.page_sets(name):
+        st.add_at(pages, digest_views(slots.views, len(pages)))
     return st.finish()
 
 
