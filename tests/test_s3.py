@@ -438,10 +438,13 @@ def test_early_upload_rewritten_chunks(s3: Seaweed, tmp_path: Path,
         t.join(60)
         w.zero_pages("pc.ram", 1024, 1024)  # chunk 1: no data any more
         # scattered pages (a multifd packet of a guest with zero pages between its others)
-        # into chunk 2, taken already, and chunk 3
-        scattered = np.array([2 * 1024 + 100, 2 * 1024 + 102, 3 * 1024 + 9], dtype=np.int64)
-        w.write_page_set("pc.ram", scattered,
-                         [memoryview(bytes([0x31 + i]) * 4096) for i in range(3)])
+        # into chunk 2, taken already: far apart (the observer hears of each run; chunk 3
+        # too) and close together (of the stretch they lie in)
+        scattered = np.array([2 * 1024 + 100, 3 * 1024 + 9, 2 * 1024 + 500, 2 * 1024 + 502,
+                              2 * 1024 + 504], dtype=np.int64)
+        views = [memoryview(bytes([0x31 + i]) * 4096) for i in range(len(scattered))]
+        w.write_page_set("pc.ram", scattered[:2], views[:2])
+        w.write_page_set("pc.ram", scattered[2:], views[2:])
         w.write_pages("pc.ram", 4 * 1024, [p[0]])  # the first content of chunk 0
         w.write_pages("pc.ram", 5, [b"\x05" * 4096])  # chunk 0 changes last
         w.finish(DEVICE, b'{"page_size": 4096}')

@@ -12,6 +12,7 @@ also for ``verify``, ``analyze`` and ``extract``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -395,6 +397,42 @@ def test_page_groups_match_pages() -> None:
             assert np.array_equal(gaps, np.flatnonzero(~present))
     assert list(page_groups([], 128)) == []
     assert [(a.tolist(), b.tolist()) for a, b in gap_arrays([], 5)] == [([0], [5])]
+
+
+def test_chunks_with_data_match_runs() -> None:
+    """The S3 upload's chunks with data (found with numpy from run arrays) are the chunks
+    some run lies in, each once and in order: runs within a chunk, across many chunks, and
+    cut in two where a bitmap piece ends."""
+    import numpy as np
+
+    from fixedram.image.chunked import _chunks_with_data
+
+    class Runs:
+        def __init__(self, runs: list[tuple[int, int]], piece: int) -> None:
+            self.runs, self.piece = runs, piece
+
+        def run_arrays(self, name: str) -> Any:
+            cut: list[tuple[int, int]] = []
+            for f, n in self.runs:  # as an image gives them: a piece of the bitmap at a time
+                p = f
+                while p < f + n:
+                    end = min(f + n, (p // self.piece + 1) * self.piece)
+                    cut.append((p, end - p))
+                    p = end
+            for _, g in itertools.groupby(cut, key=lambda r: r[0] // self.piece):
+                a = np.array(list(g), dtype=np.int64)
+                yield a[:, 0], a[:, 1]
+
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        runs, p = [], int(rng.integers(0, 50))
+        for _ in range(int(rng.integers(0, 40))):
+            n = int(rng.choice([1, 2, 5, 300, 5000]))
+            runs.append((p, n))
+            p += n + int(rng.integers(1, 3000))
+        cpages, piece = int(rng.choice([1, 3, 64, 1024])), int(rng.choice([64, 4096, 1 << 20]))
+        want = sorted({c for f, n in runs for c in range(f // cpages, (f + n - 1) // cpages + 1)})
+        assert list(_chunks_with_data(Runs(runs, piece), "pc.ram", cpages)) == want
 
 
 def test_sparse_bits_and_digests_match_dense() -> None:

@@ -617,7 +617,8 @@ def test_scattered_pages_one_stream(every: int, direct: bool, tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("kind", ["interleaved", "pages-only"])
-def test_scattered_legacy_stream(kind: str, tmp_path: Path) -> None:
+def test_scattered_legacy_stream(kind: str, tmp_path: Path,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """A legacy stream whose pages with data are scattered, written as QEMU writes them
     over one connection (page and zero records in turn) or with its zero pages left out:
     opened (its index built from whole stretches of records), sent as one stream, every
@@ -638,7 +639,8 @@ def test_scattered_legacy_stream(kind: str, tmp_path: Path) -> None:
         encode,
     )
 
-    wanted = {i: bytes([i % 251 + 1]) * PS for i in range(0, 6000, 2)}
+    # every other page, then a run of 1000 (consecutive records in the file)
+    wanted = {i: bytes([i % 251 + 1]) * PS for i in [*range(0, 6000, 2), *range(6000, 7000)]}
     legacy = tmp_path / "legacy.stream"
     if kind == "pages-only":
         src = tmp_path / "src.img"
@@ -651,7 +653,7 @@ def test_scattered_legacy_stream(kind: str, tmp_path: Path) -> None:
                encode(SectionStart(2, "ram", 0, 4)), encode(MemSize(128 << 20)),
                encode(RamBlock("pc.ram", 128 << 20)), eos, encode(SectionPart(2))]
         out += [enc.encode(Page("pc.ram", i * PS, wanted[i]) if i in wanted else
-                           Zero("pc.ram", i * PS)) for i in range(6000)]
+                           Zero("pc.ram", i * PS)) for i in range(7000)]
         out += [eos, encode(SectionEnd(2)), eos, device_blob(), encode(EndOfFile()),
                 encode(VMDescription(vmdesc()))]
         legacy.write_bytes(b"".join(out))
@@ -668,9 +670,23 @@ def test_scattered_legacy_stream(kind: str, tmp_path: Path) -> None:
     assert report.preadv_calls <= len(wanted) // 256 + 4  # gathered, not a read per page
     # into a file descriptor (records as the file stores them, by sendfile), for a
     # destination whose RAM may hold data: every page of the block exactly once
+    send_module = sys.modules["fixedram.endpoint.send"]  # (the package's `send` is the function)
+    files = []
+    real_sendfile = send_module.sendfile_all
+
+    def sendfile_all(out_fd: int, in_fd: int, offset: int, count: int) -> int:
+        files.append(count)
+        return real_sendfile(out_fd, in_fd, offset, count)
+
+    monkeypatch.setattr(send_module, "sendfile_all", sendfile_all)
     out = tmp_path / "sent.stream"
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT, 0o600)
-    send(legacy, FdChannel(os.open(os.devnull, os.O_RDONLY), fd), fresh=False)
+    ch = FdChannel(os.open(os.devnull, os.O_RDONLY), os.open(out, os.O_WRONLY | os.O_CREAT,
+                                                             0o600))
+    try:
+        send(legacy, ch, fresh=False)
+    finally:
+        ch.close()
+    assert sum(files) >= 512 * (PS + 8)  # most of the run went out from the file
     dec = StreamDecoder()
     records = [r for r in dec.feed(out.read_bytes()) + dec.feed_eof()
                if isinstance(r, Page | Zero) and r.block == "pc.ram"]

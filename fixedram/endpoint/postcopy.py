@@ -17,9 +17,11 @@ background. The stream (``docs/protocol.md`` §8)::
     | PART ram: requested pages first, else a batch of unsent pages, EOS  (repeated)
     | END ram: EOS | EOF                                         -- wait for SHUT
 
-Pages are read at their fixed offset in the image (one positional read per run of pages;
-adjacent requests merged into one run). Every page with data is sent exactly once, as a PAGE
-record; a page already sent is never sent again, even when QEMU asks for it (it is on its way).
+Pages are read at their fixed offset in the image: requested ones with one positional read
+per run (adjacent requests merged into one run), pushed ones a batch of 256 pages with data at
+a time whatever their runs (one read where they are consecutive or lie close). Every page
+with data is sent exactly once, as a PAGE record; a page already sent is never sent again,
+even when QEMU asks for it (it is on its way).
 
 **Working set** (``docs/working-set.md``): the image's recorded working set, if any, is
 pushed first, in its order and at full speed (absent pages of it as ZERO records; its

@@ -4,7 +4,7 @@
 the stream a QEMU started with ``-incoming`` loads, QEMU 7.2 and 10 alike::
 
     QEVM 3 | CONFIGURATION (machine, no mapped-ram) | START ram: MEM_SIZE, blocks, EOS
-    | PART ram: PAGE/ZERO records for every page of every block, EOS   (one per block)
+    | PART ram: PAGE records, then ZERO records, EOS               (one per block)
     | [SWITCHOVER_START: machine types >= 10.0 only] | END ram: EOS
     | device state (stored blob, verbatim) | EOF | VMDESCRIPTION (stored, or empty)
 
@@ -12,20 +12,23 @@ Pages with data go out as PAGE records. Pages without data go out as ZERO record
 in blocks of guest RAM (larger than :data:`FRESH_MIN_BLOCK`) of a fresh destination, which
 already reads as zero there (``docs/fresh-destination.md``): the stream, and the time of a
 restore, follow the data, not the RAM size. The image's bitmap is walked in bounded pieces
-(:meth:`~fixedram.image.Image.runs`), so memory does not follow the RAM size either.
+(:meth:`~fixedram.image.Image.run_arrays`), so memory does not follow the RAM size either.
 
-A run of pages is sent in pieces of at most 1 MiB: one ``preadv`` puts a piece's pages
-straight into the page slots of a buffer laid out as ``header|page|header|page…``, one
-numpy assignment writes the headers (:class:`~fixedram.stream.encoder.PageRecords`), and
-the piece goes out as one buffer; runs of zero pages are encoded as one numpy array. No
-Python runs per page. With ``direct_io`` pages are read through an O_DIRECT descriptor (no
-page cache). A legacy stream image holds its pages as the records the stream carries
-(header, page, header, page...): where the channel writes to a descriptor, each stretch of
-such records goes out from the file by ``sendfile`` after a header of ours for its first
-(:meth:`~fixedram.stream.StreamEncoder.stored_page_records`), with no copy through
-fixedram. A mapped-ram image is still read into record buffers: measured, sending its
-pages from a mapping of the file cost more CPU than reading them (mapping and unmapping
-4 KiB page-cache pages costs about what copying them does).
+A block's pages with data go out a record buffer's worth (1 MiB) at a time whatever their
+runs: one ``preadv`` puts consecutive pages straight into the page slots of a buffer laid
+out as ``header|page|header|page…`` (scattered ones are gathered from one read of the
+stretch they lie in, :meth:`~fixedram.image.Image.read_page_set`), one numpy assignment
+writes the headers (:class:`~fixedram.stream.encoder.PageRecords`), and the group goes out
+as one buffer; then the ZERO records its pages without data need, 64 Ki of them encoded in
+one numpy step (a record names its page: QEMU takes them in any order). No Python runs per
+page or per run. With ``direct_io`` pages are read through an O_DIRECT descriptor (no page
+cache), run by run where the runs are long. A legacy stream image holds its pages as the
+records the stream carries (header, page, header, page...): where the channel writes to a
+descriptor, each stretch of such records goes out from the file by ``sendfile`` after a
+header of ours for its first (:meth:`~fixedram.stream.StreamEncoder.stored_page_records`),
+with no copy through fixedram. A mapped-ram image is still read into record buffers:
+measured, sending its pages from a mapping of the file cost more CPU than reading them
+(mapping and unmapping 4 KiB page-cache pages costs about what copying them does).
 
 :func:`validate` makes every check that can refuse the image before the first byte goes
 out: QEMU stops at the first inconsistency and cannot be reused after a failed load.
@@ -102,10 +105,12 @@ _STORED_PIECE = 1 << 16
 class SendReport:
     """What :func:`send` did.
 
-    ``pages_sent`` pages went out as PAGE records and ``zero_pages`` as ZERO records;
-    ``preadv_calls`` counts the positioned reads of page data (one per piece of at most
-    1 MiB of a run of pages; a legacy stream image needs one more wherever the file breaks
-    a piece's records apart); ``bytes_received`` is what the destination sent back
+    ``pages_sent`` pages went out as PAGE records; ``zero_pages`` is every other page (as
+    ZERO records, or, for a fresh destination's guest RAM, not sent at all);
+    ``preadv_calls`` counts the reads of page data (one per record buffer of consecutive
+    pages or of scattered pages lying close together, else one per run; a legacy stream
+    image needs one more wherever the file breaks a piece's records apart);
+    ``bytes_received`` is what the destination sent back
     (nothing, in plain precopy); ``direct_io``: page data was read with O_DIRECT.
     """
 
@@ -425,23 +430,27 @@ def _absent(out: _Sender, enc: StreamEncoder, img: Image, blk: BlockInfo) -> Non
     any size, no Python per run)."""
     for pages in page_groups(gap_arrays(img.run_arrays(blk.name), blk.npages), _ZERO_PIECE):
         out.add([enc.zero_pages(blk.name, pages)])
+        out.zero_pages += len(pages)
         out.maybe_flush()
 
 
 def _send_block(out: _Sender, enc: StreamEncoder, reader: _PieceReader, blk: BlockInfo,
                 sid: int, check: PageCheck | None, skip: bool) -> None:
     """One PART section with every page of ``blk``: its pages with data, a record buffer's
-    worth at a time whatever their runs (:func:`_send_groups`), or from an image read with
-    O_DIRECT whose runs are long, piece by piece of each run (:func:`_send_read`); then,
-    unless ``skip`` (:func:`skips_absent`), a ZERO record for each page without data. A
-    record names its page, so QEMU loads them in any order (``docs/protocol.md`` §4)."""
+    worth at a time whatever their runs (:func:`_send_groups`), or, from an image read with
+    O_DIRECT whose runs are long or an image not in a file (an object image), piece by
+    piece of each run (:func:`_send_read`); then, unless ``skip`` (:func:`skips_absent`), a
+    ZERO record for each page without data. A record names its page, so QEMU loads them in
+    any order (``docs/protocol.md`` §7.2). The pages without data count as done as the
+    pages with data pass them (``skip``) or as their ZERO records go out."""
     out.add([encode(SectionPart(sid))])
     if reader.grouped and (not reader.img.direct or _scattered(reader.img, blk)):
-        cursor = _send_groups(out, enc, reader, blk, check)
+        cursor = _send_groups(out, enc, reader, blk, check, skip)
     else:
-        cursor = _send_read(out, enc, reader, blk, check)
-    out.zero_pages += blk.npages - cursor  # the pages without data after the last run
-    if not skip:
+        cursor = _send_read(out, enc, reader, blk, check, skip)
+    if skip:
+        out.zero_pages += blk.npages - cursor  # the pages without data after the last run
+    else:
         _absent(out, enc, reader.img, blk)
     if check is not None:  # a bad extent stops the stream before the device state
         check.block_done(blk.name)
@@ -473,13 +482,12 @@ def _scattered(img: Image, blk: BlockInfo) -> bool:
 
 
 def _send_groups(out: _Sender, enc: StreamEncoder, reader: _PieceReader, blk: BlockInfo,
-                 check: PageCheck | None) -> int:
+                 check: PageCheck | None, skip: bool) -> int:
     """The pages of ``blk`` with data, a record buffer's worth at a time whatever their runs
-    (:meth:`_PieceReader.groups`; a fresh destination needs no ZERO records between them):
-    consecutive pages are read as one piece (or, from a legacy stream image, go out as the
-    file stores them: :func:`_stored_run`), scattered ones gathered
-    (:meth:`~fixedram.image.Image.read_page_set`); one numpy header assignment and one write
-    per group.
+    (:meth:`_PieceReader.groups`): consecutive pages are read as one piece (or, from a
+    legacy stream image, go out as the file stores them: :func:`_stored_run`), scattered
+    ones gathered (:meth:`~fixedram.image.Image.read_page_set`); one numpy header assignment
+    and one write per group. With ``skip``, the pages without data passed count as done.
     Returns the page after the last group."""
     recs, slots = reader.pairs[0]
     name = blk.name
@@ -493,7 +501,8 @@ def _send_groups(out: _Sender, enc: StreamEncoder, reader: _PieceReader, blk: Bl
             _stored_run(out, enc, reader.img, name, *stored)
             stored = (0, 0)
         if consecutive and reader.stored:  # as the file stores them, in long pieces
-            out.zero_pages += first - cursor
+            if skip:
+                out.zero_pages += first - cursor
             stored = (stored[0] if stored[1] else first, stored[1] + n)
             cursor = first + n
             continue
@@ -512,7 +521,8 @@ def _send_groups(out: _Sender, enc: StreamEncoder, reader: _PieceReader, blk: Bl
             data = bytes(data)
         out.add([data])
         out.pages_sent += n
-        out.zero_pages += int(pages[-1]) + 1 - cursor - n  # the pages without data passed
+        if skip:  # the pages without data passed
+            out.zero_pages += int(pages[-1]) + 1 - cursor - n
         cursor = int(pages[-1]) + 1
         if small:
             out.maybe_flush()
@@ -524,16 +534,17 @@ def _send_groups(out: _Sender, enc: StreamEncoder, reader: _PieceReader, blk: Bl
 
 
 def _send_read(out: _Sender, enc: StreamEncoder, reader: _PieceReader, blk: BlockInfo,
-               check: PageCheck | None) -> int:
+               check: PageCheck | None, skip: bool) -> int:
     """The runs of pages of ``blk`` read piece by piece into record buffers (one read, one
-    numpy header assignment and one write per piece). Returns the page after the last
-    run."""
+    numpy header assignment and one write per piece). With ``skip``, the pages without data
+    passed count as done. Returns the page after the last run."""
     cursor = 0
     for first, npages, (recs, slots), nreads in reader.pieces(blk.name):
         out.reads += nreads
         if check is not None:
             check.pages(blk.name, first, slots.views[:npages])
-        out.zero_pages += first - cursor  # the pages without data passed
+        if skip:  # the pages without data passed
+            out.zero_pages += first - cursor
         data: Buffer = enc.page_records(blk.name, first * PS, npages, recs)
         small = len(data) < _SMALL_PIECE
         if small:  # copy, to batch it with the next pieces into one write

@@ -289,12 +289,6 @@ class PageCheck:
             st = self._blocks[name] = _ExtentCheck(self.img, name, self.cs.extent_shift)
         return st
 
-    def add(self, name: str, first_page: int, digests: np.ndarray) -> None:
-        """Pages ``first_page…`` of block ``name`` have the page ``digests`` given."""
-        st = self._block(name)
-        if st is not None:
-            st.add(first_page, digests)
-
     def pages(self, name: str, first_page: int, views: Sequence[memoryview]) -> None:
         """Digest pages given as one view each (``send``'s page slots)."""
         st = self._block(name)

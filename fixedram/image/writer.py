@@ -321,7 +321,7 @@ class MappedRamWriter:
         if runs is None:
             runs = index_runs(pages)
         if len(runs) == 1:
-            return self.write_page_views(block, runs[0][1], list(views))
+            return self.write_page_views(block, runs[0][1], list(views[:n]))
         digests = digest_views(views, n) if self.digests is not None else None
         # the observer hears of the stretches the pages lie in (layout.page_ranges), not of
         # each run: pages between them that did not change are only looked at again
