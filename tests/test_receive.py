@@ -180,9 +180,11 @@ def test_writer_layout_and_zero_punch(tmp_path: Path) -> None:
         os.close(fd)
 
 
-def test_writer_page_sets_match_per_run(tmp_path: Path) -> None:
+def test_writer_page_sets_match_per_run(tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Scattered writes and zeroing in one call each (``write_page_set``, ``zero_page_set``)
-    leave the same file, counters and checksums as the same operations run by run."""
+    leave the same file, counters and checksums as the same operations run by run, also
+    when the kernel writes only part of a run at a time."""
     rng = np.random.default_rng(9)
     blocks = [RamBlock("pc.ram", 160 << 20), RamBlock("pc.rom", 128 << 10)]
     ops: list[tuple[str, np.ndarray, int]] = []
@@ -190,10 +192,22 @@ def test_writer_page_sets_match_per_run(tmp_path: Path) -> None:
         pages = np.unique(rng.integers(0, 40960, size=int(rng.integers(2, 300))))
         ops.append(("zero" if k % 3 == 2 else "write", pages, k))
     ops.append(("write", np.array([0, 2, 4, 31]), 99))
+    ops.append(("write", np.array([100, 101, 102, 103, 300, 301, 302, 900]), 98))
+    real_pwritev = os.pwritev
+
+    def short_pwritev(fd: int, bufs: Any, offset: int) -> int:
+        """Writes all but the last 100 bytes of more than two pages."""
+        data = b"".join(bytes(b) for b in bufs)
+        if len(data) <= 2 * PAGE_SIZE:
+            return real_pwritev(fd, bufs, offset)
+        return os.pwrite(fd, data[:-100], offset)
+
     files = []
-    for batched in (False, True):
-        path = tmp_path / f"{batched}.img"
+    for batched, short in ((False, False), (True, False), (True, True)):
+        path = tmp_path / f"{batched}-{short}.img"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        if short:
+            monkeypatch.setattr(os, "pwritev", short_pwritev)
         try:
             w = MappedRamWriter(fd)
             w.begin(Configuration("pc-q35-10.0"), blocks)
@@ -215,10 +229,11 @@ def test_writer_page_sets_match_per_run(tmp_path: Path) -> None:
             w.finish(DEVICE, b'{"page_size": 4096}', parts=1)
         finally:
             os.close(fd)
+            monkeypatch.undo()
         files.append((path.read_bytes(), counters))
-    assert files[0][1] == files[1][1] and files[0][1][1] > 0
-    assert files[0][0] == files[1][0]
-    assert verify_image(tmp_path / "True.img").status == "ok"
+    assert files[0][1] == files[1][1] == files[2][1] and files[0][1][1] > 0
+    assert files[0][0] == files[1][0] == files[2][0]
+    assert verify_image(tmp_path / "True-True.img").status == "ok"
 
 
 def synthetic_stream(return_path: bool = False) -> bytes:

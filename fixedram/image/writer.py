@@ -331,9 +331,14 @@ class MappedRamWriter:
             for first, k in spans:
                 obs.writing(block, first, k)
         fd, base = self.page_fd, blk.pages_offset
+        pwritev = os.pwritev
         with self._io:
             for i, first, k in runs:
-                _pwrite_pages(fd, views[i : i + k], base + first * PAGE_SIZE)
+                at = base + first * PAGE_SIZE
+                # one pwritev per run; a short write or a run of more than IOV_MAX pages
+                # goes the careful way
+                if k > IOV_MAX or pwritev(fd, views[i : i + k], at) != k * PAGE_SIZE:
+                    _pwrite_pages(fd, views[i : i + k], at)
         with self._lock:
             if self.digests is not None and digests is not None:
                 self.digests.store_at(block, pages, digests)
