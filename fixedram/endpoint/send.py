@@ -105,11 +105,12 @@ _STORED_PIECE = 1 << 16
 class SendReport:
     """What :func:`send` did.
 
-    ``pages_sent`` pages went out as PAGE records; ``zero_pages`` is every other page (as
-    ZERO records, or, for a fresh destination's guest RAM, not sent at all);
-    ``preadv_calls`` counts the reads of page data (one per record buffer of consecutive
-    pages or of scattered pages lying close together, else one per run; a legacy stream
-    image needs one more wherever the file breaks a piece's records apart);
+    ``pages_sent`` pages went out as PAGE records; ``zero_pages`` counts all the other pages
+    (sent as ZERO records or, for a fresh destination's guest RAM, not sent at all);
+    ``preadv_calls`` counts the reads of page data: one per record buffer's worth of pages
+    (consecutive ones, or scattered ones lying close together), else one per run or 1 MiB
+    piece of a run; from a legacy stream image, one per stretch of its records sent as
+    stored, and one more wherever the file breaks a piece's records apart;
     ``bytes_received`` is what the destination sent back
     (nothing, in plain precopy); ``direct_io``: page data was read with O_DIRECT.
     """
