@@ -85,7 +85,7 @@ from fixedram.endpoint.source import (
 )
 from fixedram.errors import EndpointError, ImageError, MismatchError
 from fixedram.image import Image
-from fixedram.image.layout import gap_arrays, index_runs, page_groups
+from fixedram.image.layout import index_runs, page_groups
 from fixedram.image.reader import BlockInfo, DirectIO, PageSlots
 from fixedram.image.sections import ram_section_id
 from fixedram.io.channel import SocketChannel, connect, writev_all
@@ -205,8 +205,7 @@ def _plan(img: Image, blocks: Sequence[BlockInfo], zero_in_packets: bool) -> Ite
         for pages in page_groups(img.run_arrays(blk.name), PER_PACKET):
             yield _Packet(blk, name, pages, _EMPTY, index_runs(pages))
         if zero_in_packets:
-            gaps = gap_arrays(img.run_arrays(blk.name), blk.npages)
-            for pages in page_groups(gaps, PER_PACKET):
+            for pages in img.absent_groups(blk.name, PER_PACKET):
                 yield _Packet(blk, name, _EMPTY, pages)
 
 
@@ -625,8 +624,7 @@ def _main_part(img: Image, msock: socket.socket, zero_records: bool, fresh: bool
         # a fresh destination: ZERO records for the blocks whose pages without data are
         # not skipped (a zero list entry would not clear a page QEMU has not received)
         if zero_records or (fresh and not skips_absent(blk, fresh)):
-            for pages in page_groups(gap_arrays(img.run_arrays(blk.name), blk.npages),
-                                     1 << 16):
+            for pages in img.absent_groups(blk.name, 1 << 16):
                 zero_main += len(pages)
                 mid.append(enc.zero_pages(blk.name, pages))
                 pending += len(mid[-1])

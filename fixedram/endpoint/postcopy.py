@@ -427,12 +427,8 @@ class _Server:
         """The pages numbered in ``pages`` (increasing, all present) into ``slots`` ``0…``:
         one read where they are consecutive or lie close
         (:meth:`~fixedram.image.Image.read_page_set`)."""
-        n, first = len(pages), int(pages[0])
-        if int(pages[-1]) + 1 - first == n:
-            self.reads += self.img.read_slots(name, first, n, slots)
-        else:
-            self.reads += self.img.read_page_set(name, pages, slots)
-        self.bytes_read += n * PS
+        self.reads += self.img.read_page_set(name, pages, slots)
+        self.bytes_read += len(pages) * PS
 
     def _section(self, body: list[Buffer]) -> None:
         """One PART section around ``body``; its first record names its block."""

@@ -66,7 +66,7 @@ from fixedram.endpoint.source import (
 from fixedram.errors import EndpointError, MismatchError
 from fixedram.image import Image
 from fixedram.image.check import require_restorable
-from fixedram.image.layout import gap_arrays, page_groups, page_ranges
+from fixedram.image.layout import page_groups, page_ranges
 from fixedram.image.reader import READ_CHUNK, BlockInfo, DirectIO, PageSlots
 from fixedram.image.sections import ram_section_id
 from fixedram.io.channel import Buffer, Channel, sendfile_all, write_fd
@@ -429,7 +429,7 @@ def _absent(out: _Sender, enc: StreamEncoder, img: Image, blk: BlockInfo) -> Non
     """A ZERO record for every page of ``blk`` the image holds no data for, in pieces of
     :data:`_ZERO_PIECE` pages whatever their runs (one numpy step each: bounded memory at
     any size, no Python per run)."""
-    for pages in page_groups(gap_arrays(img.run_arrays(blk.name), blk.npages), _ZERO_PIECE):
+    for pages in img.absent_groups(blk.name, _ZERO_PIECE):
         out.add([enc.zero_pages(blk.name, pages)])
         out.zero_pages += len(pages)
         out.maybe_flush()
@@ -507,16 +507,11 @@ def _send_groups(out: _Sender, enc: StreamEncoder, reader: _PieceReader, blk: Bl
             stored = (stored[0] if stored[1] else first, stored[1] + n)
             cursor = first + n
             continue
-        if consecutive:
-            out.reads += reader.img.read_slots(name, first, n, slots)
-            if check is not None:
-                check.pages(name, first, slots.views[:n])
-            data: Buffer = enc.page_records(name, first * PS, n, recs)
-        else:
-            out.reads += reader.img.read_page_set(name, pages, slots)
-            if check is not None:
-                check.pages_at(name, pages, slots.views[:n])
-            data = enc.page_set_records(name, pages.astype(np.uint64) * np.uint64(PS), recs)
+        out.reads += reader.img.read_page_set(name, pages, slots)
+        if check is not None:
+            check.pages_at(name, pages, slots.views[:n])
+        data: Buffer = enc.page_set_records(name, pages.astype(np.uint64) * np.uint64(PS),
+                                            recs)
         small = len(data) < _SMALL_PIECE
         if small:  # copy, to batch it with the next groups into one write
             data = bytes(data)

@@ -11,7 +11,7 @@ same and live here:
   :func:`stream_tail` (END section, device state, EOF, VM description);
 * which pages go out at all: :func:`skips_absent` (a fresh destination needs nothing for
   pages without data, ``docs/fresh-destination.md``; the pages without data themselves
-  are :func:`~fixedram.image.layout.gap_arrays` of the image's runs);
+  come from :meth:`~fixedram.image.Image.absent_groups`);
 * the return path: :func:`is_bidirectional` and :class:`ReturnPathReader`, which reads
   what the destination sends back until it closes (and drops it, unless told what to do
   with it);

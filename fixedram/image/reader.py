@@ -33,6 +33,7 @@ from fixedram.image.layout import (
     bitmap_bytes,
     bitmap_run_arrays,
     bitmap_to_bools,
+    gap_arrays,
     index_runs,
     one_stretch,
     page_groups,
@@ -416,12 +417,15 @@ class Image:
         per = READ_CHUNK // PAGE_SIZE
         slots = PageSlots(bytearray(per * PAGE_SIZE), 0, PAGE_SIZE, per)
         for pages in page_groups(self.run_arrays(name), per):
-            n, first = len(pages), int(pages[0])
-            if int(pages[-1]) + 1 - first == n:
-                self.read_slots(name, first, n, slots)
-            else:
-                self.read_page_set(name, pages, slots)
+            self.read_page_set(name, pages, slots)
             yield pages, slots
+
+    def absent_groups(self, name: str, size: int) -> Iterator[np.ndarray]:
+        """The page numbers of block ``name``'s pages without data, ``size`` at a time
+        (:func:`~fixedram.image.layout.gap_arrays` of :meth:`run_arrays`: numpy steps,
+        bounded memory, no Python per gap)."""
+        npages = self.block(name).npages
+        return page_groups(gap_arrays(self.run_arrays(name), npages), size)
 
     def read(self, name: str, first_page: int, npages: int) -> bytearray:
         """Pages ``[first_page, first_page + npages)`` of block ``name``; zeros where absent."""
@@ -477,11 +481,14 @@ class Image:
         necessarily consecutive) into slots ``0..``: one read of the stretch of the file
         they lie in when it is at most :data:`SPAN_BYTES` wide and
         :func:`~fixedram.image.layout.one_stretch` (gaps included) and one numpy
-        copy into the slots, else one read per run of consecutive pages. Returns the
-        number of reads. The stretch is read into a buffer the image keeps: one caller at
-        a time."""
+        copy into the slots, else one read per run of consecutive pages; consecutive
+        pages straight into the slots (:meth:`read_slots`). Returns the number of reads.
+        The stretch is read into a buffer the image keeps: one caller at a time."""
         n = len(pages)
         assert 0 < n <= slots.count
+        first = int(pages[0])
+        if int(pages[-1]) + 1 - first == n:
+            return self.read_slots(name, first, n, slots)
         where = self._places(name, pages) if self.pages_in_file else None
         if where is not None:
             lo, hi = int(where.min()), int(where.max()) + PAGE_SIZE

@@ -131,6 +131,8 @@ def mapped_configuration(cfg: Configuration) -> Configuration:
 
 def _pwrite_pages(fd: int, pages: Sequence[memoryview], at: int) -> None:
     """Write one-page views at ``at`` onwards: one ``pwritev`` per :data:`IOV_MAX` pages."""
+    if len(pages) <= IOV_MAX and os.pwritev(fd, pages, at) == len(pages) * PAGE_SIZE:
+        return  # the usual case: one call wrote them all (else the careful way, again)
     for i in range(0, len(pages), IOV_MAX):
         group = pages[i : i + IOV_MAX]
         want = len(group) * PAGE_SIZE
@@ -331,14 +333,9 @@ class MappedRamWriter:
             for first, k in spans:
                 obs.writing(block, first, k)
         fd, base = self.page_fd, blk.pages_offset
-        pwritev = os.pwritev
         with self._io:
             for i, first, k in runs:
-                at = base + first * PAGE_SIZE
-                # one pwritev per run; a short write or a run of more than IOV_MAX pages
-                # goes the careful way
-                if k > IOV_MAX or pwritev(fd, views[i : i + k], at) != k * PAGE_SIZE:
-                    _pwrite_pages(fd, views[i : i + k], at)
+                _pwrite_pages(fd, views[i : i + k], base + first * PAGE_SIZE)
         with self._lock:
             if self.digests is not None and digests is not None:
                 self.digests.store_at(block, pages, digests)
