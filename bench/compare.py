@@ -12,6 +12,11 @@ QMP monitor. Usage (as root: page caches are dropped)::
     .venv/bin/python -m bench.compare --base /tmp/base                   # tmpfs, 2 GiB guest
     .venv/bin/python -m bench.compare --base /tmp/base --dir /var/tmp/frc --multifd
     .venv/bin/python -m bench.compare --base /tmp/base --lazy 256M,2G,4G
+    .venv/bin/python -m bench.compare --base /tmp/base --proxy 2   # proxy restores, 2 channels
+
+``--proxy N`` restores one image saved by this checkout (``save --via proxy``: fixedram's
+own image, with checksums) through the proxy with N channels (0: one stream), QEMU alone
+loading a mapped-ram image of the same guest next to it.
 
 The checkouts run with their own ``fixedram`` package (``PYTHONPATH``) and this venv.
 """
@@ -127,6 +132,57 @@ def native(args: argparse.Namespace, roots: dict[str, Path], qemu: Any, accel: s
     return res
 
 
+def proxy(args: argparse.Namespace, roots: dict[str, Path], qemu: Any, accel: str,
+          kernel: Path) -> dict[str, list[tuple[float, float, float]]]:
+    """Proxy restores of fixedram's own image: (wall, CPU, own) per run, by who ran it."""
+    d = Path(args.dir)
+    d.mkdir(parents=True, exist_ok=True)
+    socks = Path(tempfile.mkdtemp(prefix="frc-", dir="/tmp"))
+    work = Path(tempfile.mkdtemp(prefix="fixedram-compare-"))
+    ctl = socks / "src.qmp"
+    src = Guest(qemu, work, name="src", mem=args.mem, accel=accel, kernel=kernel,
+                append=f"mib={args.data_mib} rate=0 gens=1 hb=100",
+                extra_args=["-qmp", f"unix:{ctl},server=on,wait=off"])
+    res: dict[str, list[tuple[float, float, float]]] = {}
+    img, qimg = d / "proxy.img", d / "qemu.img"
+    caps = {"mapped-ram": True, "multifd": False}
+    try:
+        with src:
+            src.wait_heartbeat(gen_at_least=1, timeout=600)
+            src.stop()
+            fixedram(ROOT, ["save", "--qmp", str(ctl), "--via", "proxy", str(img)])
+            src.cont()
+            src.stop()
+            src.set_migration(caps=caps)
+            src.migrate(f"file:{qimg}")
+            src.wait_migration(600)
+        for i in range(args.repeat):
+            order = ["qemu", *roots]
+            order = order[i % len(order):] + order[:i % len(order)]
+            for who in order:
+                dst = Guest.like(src, name="dst", incoming=True)
+                dst.extra_args = ("-qmp", f"unix:{socks / 'dst.qmp'},server=on,wait=off")
+                with dst:
+                    if who == "qemu":
+                        t = time.monotonic()
+                        dst.migrate_incoming(f"file:{qimg}", caps=caps)
+                        dst.wait_incoming(600)
+                        res.setdefault("restore qemu", []).append((time.monotonic() - t, 0, 0))
+                    else:
+                        w, c, rep = fixedram(roots[who], [
+                            "restore", "--qmp", str(socks / "dst.qmp"), "--via", "proxy",
+                            "--channels", str(args.proxy), "--paused", str(img)])
+                        res.setdefault(f"restore {who}", []).append(
+                            (w, c, w - (rep.get("load_time") or 0)))
+    finally:
+        src.kill()
+        img.unlink(missing_ok=True)
+        qimg.unlink(missing_ok=True)
+        shutil.rmtree(socks, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    return res
+
+
 def lazy(args: argparse.Namespace, roots: dict[str, Path], qemu: Any, accel: str,
          kernel: Path) -> dict[str, list[tuple[float, float, float]]]:
     """Lazy restores: (time to running, wall, 0) per run, by RAM size and checkout."""
@@ -188,13 +244,16 @@ def main() -> None:
     ap.add_argument("--multifd", action="store_true",
                     help="multifd, 2 channels, direct-io (else one channel)")
     ap.add_argument("--lazy", metavar="SIZES", help="lazy restores at these RAM sizes instead")
+    ap.add_argument("--proxy", metavar="CHANNELS", type=int,
+                    help="proxy restores of fixedram's image with this many channels instead")
     args = ap.parse_args()
     compile_package()
     roots = {"base": args.base.resolve(), "this": ROOT}
     qemu = find_qemu("10")
     accel = choose_accel(qemu)
     kernel = build_guest()
-    res = (lazy if args.lazy else native)(args, roots, qemu, accel, kernel)
+    run = lazy if args.lazy else proxy if args.proxy is not None else native
+    res = run(args, roots, qemu, accel, kernel)
     med = statistics.median
     print(f"`python -m bench.compare {' '.join(sys.argv[1:])}`: medians of {args.repeat}")
     for k, v in res.items():
@@ -204,7 +263,8 @@ def main() -> None:
             continue
         ref = med(x[0] for x in res["save qemu" if k.startswith("save") else "restore qemu"])
         w = med(x[0] for x in v)
-        print(f"  {k:14s} wall {w:6.3f} s  vs QEMU alone {ref / w:.2f}x  fixedram CPU "
+        print(f"  {k:14s} wall {w:6.3f} s ({min(x[0] for x in v):.3f}-{max(x[0] for x in v):.3f})"
+              f"  vs QEMU alone {ref / w:.2f}x  fixedram CPU "
               f"{med(x[1] for x in v):5.2f} s  fixedram's own {med(x[2] for x in v) * 1000:4.0f}"
               " ms")
 

@@ -419,3 +419,64 @@ def test_scattered_pages_send_to_receive(zero: str, direct: bool, tmp_path: Path
         assert (a.present("pc.ram") == b.present("pc.ram")).all()
         assert a.read("pc.ram", 0, 4096) == b.read("pc.ram", 0, 4096)
     assert verify_image(tmp_path / "dst.img").status == "ok"
+
+
+def _send_to_receive(src: Path, dst: Path, tmp: Path) -> Any:
+    """``send_multifd`` of ``src`` over two channels into ``receive_listening`` writing
+    ``dst``; returns the receive's report (raises what the send raised)."""
+    lst = listen(f"unix:{tmp}/c.sock")
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["report"] = receive_listening(lst, dst, channels=2)
+        except BaseException as e:  # the send's failure shows in the receive too
+            result["error"] = e
+
+    th = threading.Thread(target=run)
+    th.start()
+    try:
+        send_multifd(src, lst.address, 2)
+    finally:
+        th.join(60)
+        lst.close()
+    assert "error" not in result, result.get("error")
+    return result["report"]
+
+
+def test_checked_send_of_runs_and_scattered_pages(tmp_path: Path) -> None:
+    """An image with checksums whose pages lie both in long runs (sent from the file, checked
+    by the check thread) and scattered among zero pages (gathered and checked by the
+    sending thread), both at once on the same checks: every page arrives, and a flipped
+    byte in either kind stops the send naming its extent."""
+    from synth_images import write_mapped_image
+
+    from fixedram.commands.convert import convert
+
+    rng = np.random.default_rng(11)
+    pages = {i: rng.bytes(PAGE_SIZE) for i in range(0, 6000, 2)}  # scattered
+    pages.update({i: rng.bytes(PAGE_SIZE) for i in range(6000, 12000)})  # one run
+    qemu = tmp_path / "qemu.img"
+    write_mapped_image(qemu, {"pc.ram": 64 << 20}, {"pc.ram": pages})
+    src = tmp_path / "src.img"
+    convert(qemu, src)  # with checksums
+    got = _send_to_receive(src, tmp_path / "dst.img", tmp_path)
+    assert got.pages_written == len(pages)
+    with open_image(src) as a, open_image(tmp_path / "dst.img") as b:
+        assert a.read("pc.ram", 0, 16384) == b.read("pc.ram", 0, 16384)
+        m = a.blocks["pc.ram"].mapped
+        assert m is not None
+    for page in (1000, 9000):  # scattered, in the run
+        at = m.pages_offset + page * PAGE_SIZE + 5
+        with open(src, "r+b") as f:
+            f.seek(at)
+            byte = f.read(1)
+            f.seek(at)
+            f.write(bytes([byte[0] ^ 1]))
+        ext = page * PAGE_SIZE >> 20 << 20
+        with pytest.raises(FixedramError, match=f"'pc.ram' offset 0x{ext:x}-"):
+            _send_to_receive(src, tmp_path / "bad.img", tmp_path)
+        with open(src, "r+b") as f:
+            f.seek(at)
+            f.write(byte)
+        assert not (tmp_path / "bad.img").exists()

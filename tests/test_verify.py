@@ -410,6 +410,49 @@ def test_send_checks_pages_inline(tmp_path: Path) -> None:
     assert out.stat().st_size == 0
 
 
+def test_whole_extents_in_any_order(tmp_path: Path) -> None:
+    """Extents whose every page holds data, one short of a page, a few pages, and the
+    block's last extent whole: the extent digests come out the same whether the pages are
+    given consecutive in pieces across extent ends or one by one in random order, and equal
+    the checksums written; a flip in a whole extent, the last one included, is found."""
+    from fixedram.commands.convert import convert
+    from fixedram.image.check import check_metadata
+    from fixedram.image.verify import _ExtentCheck
+
+    rng = np.random.default_rng(9)
+    # extents of 256 pages: 0 and 2 whole, 1 whole but for page 300, 4 a few pages, 7 (the
+    # block's last) whole
+    data = [*range(0, 300), *range(301, 768), *range(1024, 1031), *range(1792, 2048)]
+    qemu, img = tmp_path / "qemu.mr", tmp_path / "whole.mr"
+    write_mapped_image(qemu, BLOCKS, {"pc.ram": {i: rng.bytes(PS) for i in data}})
+    convert(qemu, img)
+    assert verify_image(img).status == "ok"
+    with open_image(img) as im:
+        cs = check_metadata(im)
+        assert cs is not None
+        want = cs.by_name()["pc.ram"].extents
+        pages = np.array(data, dtype=np.int64)
+        digests = ck.digests_of([im.read("pc.ram", 0, 2048)])[pages]
+        pieces = _ExtentCheck(im, "pc.ram", cs.extent_shift)
+        for a in range(0, len(pages), 100):  # pieces in order, across extent ends
+            part = pages[a : a + 100]
+            if (np.diff(part) == 1).all():
+                pieces.add(int(part[0]), digests[a : a + 100])
+            else:
+                pieces.add_at(part, digests[a : a + 100])
+        order = rng.permutation(len(pages))
+        one_by_one = _ExtentCheck(im, "pc.ram", cs.extent_shift)
+        one_by_one.add_at(pages[order], digests[order])
+        assert (pieces.finish() == want).all() and (one_by_one.finish() == want).all()
+        m = im.blocks["pc.ram"].mapped
+        assert m is not None
+    for page in (600, 2047):
+        flip(img, m.pages_offset + page * PS + 9)
+        assert_bad_extent(fixedram("verify", str(img)), "pc.ram", page)
+        flip(img, m.pages_offset + page * PS + 9)
+    assert verify_image(img).status == "ok"
+
+
 def test_writer_digests_follow_rewrites(tmp_path: Path) -> None:
     """Pages rewritten and zeroed while writing: the checksums describe the final content."""
     img = tmp_path / "w.mr"
