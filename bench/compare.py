@@ -58,6 +58,20 @@ def fixedram(root: Path, args: list[str]) -> tuple[float, float, dict[str, Any]]
     return wall, ru.ru_utime + ru.ru_stime, json.loads(out)
 
 
+def _source(args: argparse.Namespace, qemu: Any, accel: str,
+            kernel: Path) -> tuple[Path, Path, Path, Guest]:
+    """The image directory, a socket directory, a work directory and the source guest
+    (``--mem``, ``--data-mib`` stamped, QMP on ``src.qmp`` in the socket directory)."""
+    d = Path(args.dir)
+    d.mkdir(parents=True, exist_ok=True)
+    socks = Path(tempfile.mkdtemp(prefix="frc-", dir="/tmp"))
+    work = Path(tempfile.mkdtemp(prefix="fixedram-compare-"))
+    src = Guest(qemu, work, name="src", mem=args.mem, accel=accel, kernel=kernel,
+                append=f"mib={args.data_mib} rate=0 gens=1 hb=100",
+                extra_args=["-qmp", f"unix:{socks / 'src.qmp'},server=on,wait=off"])
+    return d, socks, work, src
+
+
 def native(args: argparse.Namespace, roots: dict[str, Path], qemu: Any, accel: str,
            kernel: Path) -> dict[str, list[tuple[float, float, float]]]:
     """Native save and restore: (wall, CPU, own) per run, by who ran it."""
@@ -68,14 +82,8 @@ def native(args: argparse.Namespace, roots: dict[str, Path], qemu: Any, accel: s
     else:
         caps, params, opts = {"mapped-ram": True, "multifd": False}, {"direct-io": False}, \
             ["--channels", "0"]
-    d = Path(args.dir)
-    d.mkdir(parents=True, exist_ok=True)
-    socks = Path(tempfile.mkdtemp(prefix="frc-", dir="/tmp"))
-    work = Path(tempfile.mkdtemp(prefix="fixedram-compare-"))
+    d, socks, work, src = _source(args, qemu, accel, kernel)
     ctl = socks / "src.qmp"
-    src = Guest(qemu, work, name="src", mem=args.mem, accel=accel, kernel=kernel,
-                append=f"mib={args.data_mib} rate=0 gens=1 hb=100",
-                extra_args=["-qmp", f"unix:{ctl},server=on,wait=off"])
     res: dict[str, list[tuple[float, float, float]]] = {}
     qimg = d / "qemu.img"
     try:
@@ -135,14 +143,8 @@ def native(args: argparse.Namespace, roots: dict[str, Path], qemu: Any, accel: s
 def proxy(args: argparse.Namespace, roots: dict[str, Path], qemu: Any, accel: str,
           kernel: Path) -> dict[str, list[tuple[float, float, float]]]:
     """Proxy restores of fixedram's own image: (wall, CPU, own) per run, by who ran it."""
-    d = Path(args.dir)
-    d.mkdir(parents=True, exist_ok=True)
-    socks = Path(tempfile.mkdtemp(prefix="frc-", dir="/tmp"))
-    work = Path(tempfile.mkdtemp(prefix="fixedram-compare-"))
+    d, socks, work, src = _source(args, qemu, accel, kernel)
     ctl = socks / "src.qmp"
-    src = Guest(qemu, work, name="src", mem=args.mem, accel=accel, kernel=kernel,
-                append=f"mib={args.data_mib} rate=0 gens=1 hb=100",
-                extra_args=["-qmp", f"unix:{ctl},server=on,wait=off"])
     res: dict[str, list[tuple[float, float, float]]] = {}
     img, qimg = d / "proxy.img", d / "qemu.img"
     caps = {"mapped-ram": True, "multifd": False}
