@@ -1,4 +1,4 @@
-"""Before and after: native save/restore and lazy restore of two fixedram checkouts, paired.
+"""Before and after: native save/restore, lazy and proxy restores of two fixedram checkouts.
 
 On a shared machine single timings vary by tens of percent, so this runs QEMU alone, the
 fixedram of ``--base`` (another checkout, e.g. ``git worktree add /tmp/base main``) and this
@@ -16,7 +16,9 @@ QMP monitor. Usage (as root: page caches are dropped)::
 
 ``--proxy N`` restores one image saved by this checkout (``save --via proxy``: fixedram's
 own image, with checksums) through the proxy with N channels (0: one stream), QEMU alone
-loading a mapped-ram image of the same guest next to it.
+loading a mapped-ram image of the same guest next to it. There ``load_time`` runs from
+``migrate-incoming`` until QEMU has loaded every page fixedram sent, so "fixedram's own"
+is its start-up, checks and ending only.
 
 The checkouts run with their own ``fixedram`` package (``PYTHONPATH``) and this venv.
 """
@@ -162,6 +164,7 @@ def proxy(args: argparse.Namespace, roots: dict[str, Path], qemu: Any, accel: st
             order = ["qemu", *roots]
             order = order[i % len(order):] + order[:i % len(order)]
             for who in order:
+                drop_caches()
                 dst = Guest.like(src, name="dst", incoming=True)
                 dst.extra_args = ("-qmp", f"unix:{socks / 'dst.qmp'},server=on,wait=off")
                 with dst:
@@ -243,12 +246,15 @@ def main() -> None:
     ap.add_argument("--data-mib", type=int, default=1536)
     ap.add_argument("--dir", default="/dev/shm/fixedram-compare", help="where images go")
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--multifd", action="store_true",
-                    help="multifd, 2 channels, direct-io (else one channel)")
-    ap.add_argument("--lazy", metavar="SIZES", help="lazy restores at these RAM sizes instead")
-    ap.add_argument("--proxy", metavar="CHANNELS", type=int,
-                    help="proxy restores of fixedram's image with this many channels instead")
+    how = ap.add_mutually_exclusive_group()
+    how.add_argument("--multifd", action="store_true",
+                     help="multifd, 2 channels, direct-io (else one channel)")
+    how.add_argument("--lazy", metavar="SIZES", help="lazy restores at these RAM sizes instead")
+    how.add_argument("--proxy", metavar="CHANNELS", type=int,
+                     help="proxy restores of fixedram's image with this many channels instead")
     args = ap.parse_args()
+    if args.proxy is not None and not 0 <= args.proxy <= 255:
+        ap.error("--proxy takes 0 (one stream) to 255 channels")
     compile_package()
     roots = {"base": args.base.resolve(), "this": ROOT}
     qemu = find_qemu("10")

@@ -433,22 +433,27 @@ def _send_to_receive(src: Path, dst: Path, tmp: Path) -> Any:
         except BaseException as e:  # the send's failure shows in the receive too
             result["error"] = e
 
-    th = threading.Thread(target=run)
+    th = threading.Thread(target=run, daemon=True)
     th.start()
     try:
         send_multifd(src, lst.address, 2)
-    finally:
+    except BaseException:
+        lst.close()  # wakes a receiver still waiting for connections
         th.join(60)
-        lst.close()
+        assert not th.is_alive()
+        raise
+    th.join(60)
+    lst.close()
+    assert not th.is_alive()
     assert "error" not in result, result.get("error")
     return result["report"]
 
 
 def test_checked_send_of_runs_and_scattered_pages(tmp_path: Path) -> None:
-    """An image with checksums whose pages lie both in long runs (sent from the file, checked
-    by the check thread) and scattered among zero pages (gathered and checked by the
-    sending thread), both at once on the same checks: every page arrives, and a flipped
-    byte in either kind stops the send naming its extent."""
+    """An image with checksums whose pages lie both in long runs (read into the sender's
+    check buffer and digested, then sent from the file by ``sendfile``) and scattered among
+    zero pages (gathered into the packet buffer, digested there and sent from it): every
+    page arrives, and a flipped byte in either kind stops the send naming its extent."""
     from synth_images import write_mapped_image
 
     from fixedram.commands.convert import convert
