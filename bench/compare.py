@@ -74,6 +74,30 @@ def _source(args: argparse.Namespace, qemu: Any, accel: str,
     return d, socks, work, src
 
 
+def _restores(src: Guest, socks: Path, order: list[str], roots: dict[str, Path],
+              res: dict[str, list[tuple[float, float, float]]], qimg: Path,
+              caps: dict[str, bool], params: dict[str, Any] | None, img: Path,
+              opts: list[str]) -> None:
+    """One restore by each of ``order`` into a fresh destination like ``src``, the page
+    cache dropped first: "qemu" loads ``qimg`` itself (``caps``, ``params``), a checkout
+    runs ``fixedram restore OPTS --paused IMG``; (wall, CPU, own) appended to ``res``."""
+    for who in order:
+        drop_caches()
+        dst = Guest.like(src, name="dst", incoming=True)
+        dst.extra_args = ("-qmp", f"unix:{socks / 'dst.qmp'},server=on,wait=off")
+        with dst:
+            if who == "qemu":
+                t = time.monotonic()
+                dst.migrate_incoming(f"file:{qimg}", caps=caps, params=params)
+                dst.wait_incoming(600)
+                res.setdefault("restore qemu", []).append((time.monotonic() - t, 0, 0))
+            else:
+                w, c, rep = fixedram(roots[who], ["restore", "--qmp", str(socks / "dst.qmp"),
+                                                  *opts, "--paused", str(img)])
+                res.setdefault(f"restore {who}", []).append(
+                    (w, c, w - (rep.get("load_time") or 0)))
+
+
 def native(args: argparse.Namespace, roots: dict[str, Path], qemu: Any, accel: str,
            kernel: Path) -> dict[str, list[tuple[float, float, float]]]:
     """Native save and restore: (wall, CPU, own) per run, by who ran it."""
@@ -116,24 +140,8 @@ def native(args: argparse.Namespace, roots: dict[str, Path], qemu: Any, accel: s
                         img.unlink()
                     src.cont()
                     src.stop()
-                for who in order:
-                    drop_caches()
-                    dst = Guest.like(src, name="dst", incoming=True)
-                    dst.extra_args = ("-qmp", f"unix:{socks / 'dst.qmp'},server=on,wait=off")
-                    with dst:
-                        if who == "qemu":
-                            t = time.monotonic()
-                            dst.migrate_incoming(f"file:{qimg}", caps=caps,
-                                                 params=params if args.multifd else None)
-                            dst.wait_incoming(600)
-                            res.setdefault("restore qemu", []).append(
-                                (time.monotonic() - t, 0, 0))
-                        else:
-                            w, c, rep = fixedram(roots[who], [
-                                "restore", "--qmp", str(socks / "dst.qmp"), "--via", "native",
-                                *opts, "--paused", str(qimg)])
-                            res.setdefault(f"restore {who}", []).append(
-                                (w, c, w - (rep.get("load_time") or 0)))
+                _restores(src, socks, order, roots, res, qimg, caps,
+                          params if args.multifd else None, qimg, ["--via", "native", *opts])
     finally:
         src.kill()
         qimg.unlink(missing_ok=True)
@@ -163,22 +171,8 @@ def proxy(args: argparse.Namespace, roots: dict[str, Path], qemu: Any, accel: st
         for i in range(args.repeat):
             order = ["qemu", *roots]
             order = order[i % len(order):] + order[:i % len(order)]
-            for who in order:
-                drop_caches()
-                dst = Guest.like(src, name="dst", incoming=True)
-                dst.extra_args = ("-qmp", f"unix:{socks / 'dst.qmp'},server=on,wait=off")
-                with dst:
-                    if who == "qemu":
-                        t = time.monotonic()
-                        dst.migrate_incoming(f"file:{qimg}", caps=caps)
-                        dst.wait_incoming(600)
-                        res.setdefault("restore qemu", []).append((time.monotonic() - t, 0, 0))
-                    else:
-                        w, c, rep = fixedram(roots[who], [
-                            "restore", "--qmp", str(socks / "dst.qmp"), "--via", "proxy",
-                            "--channels", str(args.proxy), "--paused", str(img)])
-                        res.setdefault(f"restore {who}", []).append(
-                            (w, c, w - (rep.get("load_time") or 0)))
+            _restores(src, socks, order, roots, res, qimg, caps, None, img,
+                      ["--via", "proxy", "--channels", str(args.proxy)])
     finally:
         src.kill()
         img.unlink(missing_ok=True)
