@@ -26,6 +26,7 @@ The checkouts run with their own ``fixedram`` package (``PYTHONPATH``) and this 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +62,12 @@ def fixedram(root: Path, args: list[str]) -> tuple[float, float, dict[str, Any]]
     return wall, ru.ru_utime + ru.ru_stime, json.loads(out)
 
 
+@contextlib.contextmanager
 def _source(args: argparse.Namespace, qemu: Any, accel: str,
-            kernel: Path) -> tuple[Path, Path, Path, Guest]:
-    """The image directory, a socket directory, a work directory and the source guest
-    (``--mem``, ``--data-mib`` stamped, QMP on ``src.qmp`` in the socket directory)."""
+            kernel: Path) -> Iterator[tuple[Path, Path, Guest]]:
+    """The image directory, a socket directory and the source guest (``--mem``,
+    ``--data-mib`` stamped, QMP on ``src.qmp`` in the socket directory), not started;
+    afterwards the guest is killed and the socket and work directories removed."""
     d = Path(args.dir)
     d.mkdir(parents=True, exist_ok=True)
     socks = Path(tempfile.mkdtemp(prefix="frc-", dir="/tmp"))
@@ -71,7 +75,12 @@ def _source(args: argparse.Namespace, qemu: Any, accel: str,
     src = Guest(qemu, work, name="src", mem=args.mem, accel=accel, kernel=kernel,
                 append=f"mib={args.data_mib} rate=0 gens=1 hb=100",
                 extra_args=["-qmp", f"unix:{socks / 'src.qmp'},server=on,wait=off"])
-    return d, socks, work, src
+    try:
+        yield d, socks, src
+    finally:
+        src.kill()
+        shutil.rmtree(socks, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _restores(src: Guest, socks: Path, order: list[str], roots: dict[str, Path],
@@ -108,77 +117,71 @@ def native(args: argparse.Namespace, roots: dict[str, Path], qemu: Any, accel: s
     else:
         caps, params, opts = {"mapped-ram": True, "multifd": False}, {"direct-io": False}, \
             ["--channels", "0"]
-    d, socks, work, src = _source(args, qemu, accel, kernel)
-    ctl = socks / "src.qmp"
     res: dict[str, list[tuple[float, float, float]]] = {}
-    qimg = d / "qemu.img"
-    try:
-        with src:
-            src.wait_heartbeat(gen_at_least=1, timeout=600)
-            src.stop()
-            for i in range(args.repeat):
-                order = ["qemu", *roots]
-                order = order[i % len(order):] + order[:i % len(order)]
-                for who in order:
-                    drop_caches()
-                    if who == "qemu":
-                        qimg.unlink(missing_ok=True)
-                        src.set_migration(caps=caps, params=params)
-                        t = time.monotonic()
-                        src.migrate(f"file:{qimg}")
-                        src.wait_migration(600)
-                        subprocess.run(["sync"], check=True)
-                        res.setdefault("save qemu", []).append((time.monotonic() - t, 0, 0))
-                        src.set_migration(caps={"mapped-ram": False, "multifd": False},
-                                          params={"direct-io": False})
-                    else:
-                        img = d / f"{who}.img"
-                        w, c, rep = fixedram(roots[who], ["save", "--qmp", str(ctl), "--via",
-                                                          "native", *opts, str(img)])
-                        res.setdefault(f"save {who}", []).append(
-                            (w, c, w - (rep.get("qemu_total_time") or 0)))
-                        img.unlink()
-                    src.cont()
-                    src.stop()
-                _restores(src, socks, order, roots, res, qimg, caps,
-                          params if args.multifd else None, qimg, ["--via", "native", *opts])
-    finally:
-        src.kill()
-        qimg.unlink(missing_ok=True)
-        shutil.rmtree(socks, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
+    with _source(args, qemu, accel, kernel) as (d, socks, src):
+        ctl = socks / "src.qmp"
+        qimg = d / "qemu.img"
+        try:
+            with src:
+                src.wait_heartbeat(gen_at_least=1, timeout=600)
+                src.stop()
+                for i in range(args.repeat):
+                    order = ["qemu", *roots]
+                    order = order[i % len(order):] + order[:i % len(order)]
+                    for who in order:
+                        drop_caches()
+                        if who == "qemu":
+                            qimg.unlink(missing_ok=True)
+                            src.set_migration(caps=caps, params=params)
+                            t = time.monotonic()
+                            src.migrate(f"file:{qimg}")
+                            src.wait_migration(600)
+                            subprocess.run(["sync"], check=True)
+                            res.setdefault("save qemu", []).append((time.monotonic() - t, 0, 0))
+                            src.set_migration(caps={"mapped-ram": False, "multifd": False},
+                                              params={"direct-io": False})
+                        else:
+                            img = d / f"{who}.img"
+                            w, c, rep = fixedram(roots[who], ["save", "--qmp", str(ctl), "--via",
+                                                              "native", *opts, str(img)])
+                            res.setdefault(f"save {who}", []).append(
+                                (w, c, w - (rep.get("qemu_total_time") or 0)))
+                            img.unlink()
+                        src.cont()
+                        src.stop()
+                    _restores(src, socks, order, roots, res, qimg, caps,
+                              params if args.multifd else None, qimg, ["--via", "native", *opts])
+        finally:
+            qimg.unlink(missing_ok=True)
     return res
 
 
 def proxy(args: argparse.Namespace, roots: dict[str, Path], qemu: Any, accel: str,
           kernel: Path) -> dict[str, list[tuple[float, float, float]]]:
     """Proxy restores of fixedram's own image: (wall, CPU, own) per run, by who ran it."""
-    d, socks, work, src = _source(args, qemu, accel, kernel)
-    ctl = socks / "src.qmp"
     res: dict[str, list[tuple[float, float, float]]] = {}
-    img, qimg = d / "proxy.img", d / "qemu.img"
     caps = {"mapped-ram": True, "multifd": False}
-    try:
-        with src:
-            src.wait_heartbeat(gen_at_least=1, timeout=600)
-            src.stop()
-            fixedram(ROOT, ["save", "--qmp", str(ctl), "--via", "proxy", str(img)])
-            src.cont()
-            src.stop()
-            src.set_migration(caps=caps)
-            src.migrate(f"file:{qimg}")
-            src.wait_migration(600)
-        for i in range(args.repeat):
-            order = ["qemu", *roots]
-            order = order[i % len(order):] + order[:i % len(order)]
-            _restores(src, socks, order, roots, res, qimg, caps, None, img,
-                      ["--via", "proxy", "--channels", str(args.proxy)])
-    finally:
-        src.kill()
-        img.unlink(missing_ok=True)
-        qimg.unlink(missing_ok=True)
-        shutil.rmtree(socks, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
+    with _source(args, qemu, accel, kernel) as (d, socks, src):
+        ctl = socks / "src.qmp"
+        img, qimg = d / "proxy.img", d / "qemu.img"
+        try:
+            with src:
+                src.wait_heartbeat(gen_at_least=1, timeout=600)
+                src.stop()
+                fixedram(ROOT, ["save", "--qmp", str(ctl), "--via", "proxy", str(img)])
+                src.cont()
+                src.stop()
+                src.set_migration(caps=caps)
+                src.migrate(f"file:{qimg}")
+                src.wait_migration(600)
+            for i in range(args.repeat):
+                order = ["qemu", *roots]
+                order = order[i % len(order):] + order[:i % len(order)]
+                _restores(src, socks, order, roots, res, qimg, caps, None, img,
+                          ["--via", "proxy", "--channels", str(args.proxy)])
+        finally:
+            img.unlink(missing_ok=True)
+            qimg.unlink(missing_ok=True)
     return res
 
 
