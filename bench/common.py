@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import compileall
+import contextlib
 import os
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import fixedram
 from fixedram.io.files import drop_cached
 
-__all__ = ["FIXEDRAM", "compile_package", "cpu_seconds", "drop_cache"]
+__all__ = ["FIXEDRAM", "compile_package", "cpu_seconds", "children_cpu_seconds", "drop_cache",
+           "start_server", "steady_memory"]
 
 
 def _command() -> list[str]:
@@ -31,6 +37,19 @@ def compile_package() -> None:
     compileall.compile_dir(str(Path(fixedram.__file__).parent), quiet=1)
 
 
+def start_server(path: Path) -> subprocess.Popen[str]:
+    """``fixedram serve --socket PATH`` (the resident server, docs/resident-server.md), once
+    it listens."""
+    p = subprocess.Popen([*FIXEDRAM, "serve", "--socket", str(path)], stderr=subprocess.PIPE,
+                         text=True)
+    assert p.stderr is not None
+    line = p.stderr.readline()
+    if not line.startswith("fixedram: serving on"):
+        p.kill()
+        raise RuntimeError(f"fixedram serve failed: {line}{p.stderr.read()}")
+    return p
+
+
 def drop_cache(path: Path) -> None:
     """Make the next read of ``path`` cold where the kernel lets us: its clean pages leave
     the page cache (no privilege needed; a no-op on tmpfs), dirty ones are written first."""
@@ -47,3 +66,70 @@ def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     tck = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / tck
+
+
+def children_cpu_seconds(pid: int) -> float:
+    """cutime + cstime of a process: the CPU seconds of its children it has waited for (a
+    resident server's commands, once each has exited and been reaped)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
+#: The smallest block order the kernel's free page reporting hands back to the host.
+REPORTING_ORDER = Path("/sys/module/page_reporting/parameters/page_reporting_order")
+
+
+@contextlib.contextmanager
+def steady_memory(warm_bytes: int, hold: bool = True) -> Iterator[dict[str, Any]]:
+    """Hold off free page reporting while a benchmark runs, with ``warm_bytes`` of free memory
+    touched once first; yields what was done, for the results.
+
+    A guest kernel with free page reporting (virtio-balloon) hands freed memory back to its
+    host within seconds, and the next first touch of each such page costs a host page
+    fault. On the 2-core development VM that made touching 2 GiB of fresh memory take
+    11.7-15.4 s against 0.16-0.21 s once reporting was held off and the memory touched, and
+    one QEMU load of a 1.5 GiB image take 18.7 s against 0.27 s for the next: which save or
+    restore pays it (QEMU's guest RAM, a tmpfs image) is an accident of timing, the same for
+    QEMU alone as for fixedram, and it swamped the ratios. Where the kernel has the knob and
+    it is writable (root), no block is reported while the benchmark runs (the smallest
+    order reported is set above the largest the buddy allocator has), ``warm_bytes`` (at
+    most the available memory less 1.5 GiB) is touched and freed so that the host backs it
+    again, and the old order is put back at the end. ``hold=False`` leaves reporting alone.
+    """
+    info: dict[str, Any] = {"page_reporting": "left on" if hold is False else "no such knob"}
+    old = None
+    if hold and REPORTING_ORDER.exists():
+        try:
+            old = REPORTING_ORDER.read_text().strip()
+            orders = len(Path("/proc/buddyinfo").read_text().splitlines()[0].split()) - 4
+            REPORTING_ORDER.write_text(f"{orders}\n")
+        except OSError as e:
+            old = None
+            info["page_reporting"] = f"left on ({e.strerror})"
+        else:
+            info["page_reporting"] = f"held off (order {old} -> {orders})"
+    try:
+        if old is not None:
+            avail = next(int(line.split()[1]) << 10 for line in
+                         Path("/proc/meminfo").read_text().splitlines()
+                         if line.startswith("MemAvailable:"))
+            want = max(0, min(warm_bytes, avail - (3 << 29)))
+            t = time.monotonic()
+            _touch(want)
+            info.update(warmed_gib=round(want / (1 << 30), 1),
+                        warm_seconds=round(time.monotonic() - t, 1))
+        yield info
+    finally:
+        if old is not None:
+            REPORTING_ORDER.write_text(f"{old}\n")
+
+
+def _touch(nbytes: int) -> None:
+    """Write one byte of every page of ``nbytes`` of fresh memory, then free it all."""
+    piece = 256 << 20
+    held = []
+    for _ in range(nbytes // piece):
+        b = bytearray(piece)  # calloc: untouched zero pages until written
+        b[::4096] = b"\x01" * (piece // 4096)
+        held.append(b)
+    del held

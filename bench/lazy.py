@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import FIXEDRAM, compile_package
+from bench.common import FIXEDRAM, compile_package, start_server
 from fixedram.testing.guest import build_guest
 from fixedram.testing.vm import Guest, choose_accel, find_qemu, parse_mem_size
 
@@ -64,18 +64,6 @@ SERVER_METHODS: dict[str, list[str]] = {
     "lazy (server)": METHODS["lazy"],
 }
 QEMU_ALONE = "qemu native"
-
-
-def start_server(path: Path) -> subprocess.Popen[str]:
-    """``fixedram serve --socket PATH``, once it listens."""
-    p = subprocess.Popen([*FIXEDRAM, "serve", "--socket", str(path)], stderr=subprocess.PIPE,
-                         text=True)
-    assert p.stderr is not None
-    line = p.stderr.readline()
-    if not line.startswith("fixedram: serving on"):
-        p.kill()
-        raise RuntimeError(f"fixedram serve failed: {line}{p.stderr.read()}")
-    return p
 
 
 def qemu_alone(dst: Guest, img: Path) -> tuple[float, float]:

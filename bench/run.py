@@ -9,6 +9,18 @@ so the ratios compare like with like. Usage::
     .venv/bin/python -m bench.run --mem 512M --data-mib 256 --targets tmpfs   # quick
     .venv/bin/python -m bench.run --repeat 3            # medians of 3 runs (the README's)
     .venv/bin/python -m bench.run --layout alternate --targets tmpfs   # scattered data
+    .venv/bin/python -m bench.run --server --targets tmpfs   # also through fixedram serve
+
+Run as root, the benchmark holds off the kernel's free page reporting for its run and
+first touches ``--warm-gib`` of free memory (``bench.common.steady_memory``: on a VM that
+hands freed memory back to its host, whichever QEMU or tmpfs write touches such memory
+first pays a host page fault per page, 5-7 s per GiB on the development VM, at random);
+``--keep-page-reporting`` leaves it on.
+
+``--server`` runs every fixedram method a second time through a resident server
+(``fixedram serve``, docs/resident-server.md; started by the benchmark on a private socket),
+as row "METHOD (server)": the same work without Python's start-up and imports in the
+command's time. Its CPU seconds are the server's and its command children's; no RSS.
 
 ``--layout alternate`` keeps every other page of the data and leaves the rest zero (runs
 of one page, as in a guest whose freed pages were zeroed or returned to the host): the
@@ -37,7 +49,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import FIXEDRAM, compile_package, cpu_seconds
+from bench.common import (
+    FIXEDRAM,
+    children_cpu_seconds,
+    compile_package,
+    cpu_seconds,
+    start_server,
+    steady_memory,
+)
 from fixedram.image.reader import open_image
 from fixedram.testing.guest import PAGE_BASE, PAGE_SIZE, build_guest
 from fixedram.testing.vm import Guest, choose_accel, find_qemu
@@ -114,10 +133,34 @@ def drop_caches() -> None:
         pass
 
 
-def run_fixedram(args: list[str]) -> dict[str, Any]:
-    """Run a fixedram command; return wall time, its CPU seconds and peak RSS, and its JSON."""
+class Server:
+    """A resident server (``fixedram serve``) on a private socket, for ``--server``."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="frsrv-", dir="/tmp"))
+        self.socket = self.dir / "sock"
+        self.proc = start_server(self.socket)
+
+    def cpu(self) -> float:
+        """CPU seconds of the server and of the commands it has run and reaped."""
+        return cpu_seconds(self.proc.pid) + children_cpu_seconds(self.proc.pid)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def run_fixedram(args: list[str], server: Server | None = None) -> dict[str, Any]:
+    """Run a fixedram command (through ``server``, if given); return wall time, its CPU
+    seconds and peak RSS (none through a server), and its JSON."""
+    env = {k: v for k, v in os.environ.items() if k != "FIXEDRAM_SERVER"}
+    if server is not None:
+        env["FIXEDRAM_SERVER"] = str(server.socket)
+        cpu0 = server.cpu()
     t = time.monotonic()
-    proc = subprocess.Popen([*FIXEDRAM, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([*FIXEDRAM, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env)
     out, err = b"", b""
     _, status, ru = os.wait4(proc.pid, 0)
     wall = time.monotonic() - t
@@ -126,8 +169,11 @@ def run_fixedram(args: list[str]) -> dict[str, Any]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise RuntimeError(f"fixedram {' '.join(args)} failed: {err.decode().strip()}")
+    report = json.loads(out) if out.strip() else {}
+    if server is not None:  # the command's child has been reaped when its client exits
+        return {"wall": wall, "cpu": server.cpu() - cpu0, "report": report}
     return {"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "rss_mib": ru.ru_maxrss / 1024,
-            "report": json.loads(out) if out.strip() else {}}
+            "report": report}
 
 
 def allocated(path: Path) -> int:
@@ -175,7 +221,7 @@ def bench_ceilings(target: Path, size_mib: int) -> dict[str, float]:
 
 
 def bench_target(name: str, target: Path, args: argparse.Namespace, qemu: Any, accel: str,
-                 kernel: Path) -> dict[str, Any]:
+                 kernel: Path, server: Server | None = None, turn: int = 0) -> dict[str, Any]:
     target.mkdir(parents=True, exist_ok=True)
     socks = Path(tempfile.mkdtemp(prefix="frb-", dir="/tmp"))
     runs = Path(tempfile.mkdtemp(prefix="fixedram-bench-"))
@@ -197,6 +243,11 @@ def bench_target(name: str, target: Path, args: argparse.Namespace, qemu: Any, a
     def needed(save: str) -> bool:
         """A save runs when it is wanted or a wanted restore loads its image."""
         return wanted(save) or any(wanted(m) for m, (k, _) in RESTORES.items() if k == save)
+
+    def turns(via: tuple[Server | None, ...]) -> tuple[Server | None, ...]:
+        """A method's fresh and server runs take turns going first from run to run (the
+        first QEMU to touch memory after a while can pay more for it on this VM)."""
+        return via[::-1] if turn % 2 else via
 
     def ctl(n: str) -> list[str]:
         return ["-qmp", f"unix:{socks / n}.qmp,server=on,wait=off"]
@@ -238,51 +289,63 @@ def bench_target(name: str, target: Path, args: argparse.Namespace, qemu: Any, a
             for method, opts in FIXEDRAM_SAVES.items():
                 if not needed(method):
                     continue
-                img = target / (method.replace(" ", "_") + ".img")
-                img.unlink(missing_ok=True)
-                if is_disk:
-                    drop_caches()
-                cpu0 = cpu_seconds(src.pid or 0)
-                r = run_fixedram(["save", "--qmp", str(socks / "src.qmp"), *opts,
-                                  "--no-progress", "--json", str(img)])
-                cpu = cpu_seconds(src.pid or 0) - cpu0
-                out["save"][method] = {"wall": r["wall"], "wall_sync": r["wall"],
-                                       "qemu_cpu": cpu, "fixedram_cpu": r["cpu"],
-                                       "fixedram_rss_mib": r["rss_mib"],
-                                       # QEMU's own total-time of the migration
-                                       "qemu_part": r["report"].get("qemu_total_time"),
-                                       "apparent": img.stat().st_size, "allocated": allocated(img)}
-                keep(method, img)
-                src.cont()
-                src.stop()
-                src.set_migration(caps=ALL_CAPS_OFF, params={"direct-io": False})
+                # the fresh command's image is the one the restores load
+                for srv in turns((None, server) if server is not None and wanted(method)
+                                 else (None,)):
+                    key = method if srv is None else f"{method} (server)"
+                    img = target / (key.replace(" ", "_").replace("(", "").replace(")", "")
+                                    + ".img")
+                    img.unlink(missing_ok=True)
+                    if is_disk:
+                        drop_caches()
+                    cpu0 = cpu_seconds(src.pid or 0)
+                    r = run_fixedram(["save", "--qmp", str(socks / "src.qmp"), *opts,
+                                      "--no-progress", "--json", str(img)], srv)
+                    cpu = cpu_seconds(src.pid or 0) - cpu0
+                    out["save"][key] = {"wall": r["wall"], "wall_sync": r["wall"],
+                                        "qemu_cpu": cpu, "fixedram_cpu": r["cpu"],
+                                        "fixedram_rss_mib": r.get("rss_mib"),
+                                        # QEMU's own total-time of the migration
+                                        "qemu_part": r["report"].get("qemu_total_time"),
+                                        "apparent": img.stat().st_size,
+                                        "allocated": allocated(img)}
+                    if srv is None:
+                        keep(method, img)
+                    elif not args.keep:
+                        img.unlink()
+                    src.cont()
+                    src.stop()
+                    src.set_migration(caps=ALL_CAPS_OFF, params={"direct-io": False})
         for method, (image_key, how) in RESTORES.items():
             if not wanted(method) or image_key not in images:
                 continue
             img = images[image_key]
-            if is_disk:
-                drop_caches()
-            dst = Guest.like(src, name="dst", incoming=True)
-            dst.extra_args = tuple(ctl("dst"))
-            with dst:
-                cpu0 = cpu_seconds(dst.pid or 0)
-                if isinstance(how, tuple):
-                    caps, params = how
-                    t = time.monotonic()
-                    dst.migrate_incoming(f"file:{img}", caps=caps or None, params=params or None)
-                    dst.wait_incoming(600)
-                    wall = time.monotonic() - t
-                    entry: dict[str, Any] = {"wall": wall}
-                else:
-                    r = run_fixedram(["restore", "--qmp", str(socks / "dst.qmp"), *how,
-                                      "--paused", "--no-progress", "--json", str(img)])
-                    entry = {"wall": r["wall"], "fixedram_cpu": r["cpu"],
-                             "fixedram_rss_mib": r["rss_mib"],
-                             # migrate-incoming until the load was seen complete
-                             "qemu_part": r["report"].get("load_time")}
-                entry["qemu_cpu"] = cpu_seconds(dst.pid or 0) - cpu0
-                entry["status"] = dst.status()
-                out["restore"][method] = entry
+            for srv in turns((None,) if isinstance(how, tuple) or server is None
+                             else (None, server)):
+                if is_disk:
+                    drop_caches()
+                dst = Guest.like(src, name="dst", incoming=True)
+                dst.extra_args = tuple(ctl("dst"))
+                with dst:
+                    cpu0 = cpu_seconds(dst.pid or 0)
+                    if isinstance(how, tuple):
+                        caps, params = how
+                        t = time.monotonic()
+                        dst.migrate_incoming(f"file:{img}", caps=caps or None,
+                                             params=params or None)
+                        dst.wait_incoming(600)
+                        wall = time.monotonic() - t
+                        entry: dict[str, Any] = {"wall": wall}
+                    else:
+                        r = run_fixedram(["restore", "--qmp", str(socks / "dst.qmp"), *how,
+                                          "--paused", "--no-progress", "--json", str(img)], srv)
+                        entry = {"wall": r["wall"], "fixedram_cpu": r["cpu"],
+                                 "fixedram_rss_mib": r.get("rss_mib"),
+                                 # migrate-incoming until the load was seen complete
+                                 "qemu_part": r["report"].get("load_time")}
+                    entry["qemu_cpu"] = cpu_seconds(dst.pid or 0) - cpu0
+                    entry["status"] = dst.status()
+                    out["restore"][method if srv is None else f"{method} (server)"] = entry
         data = args.data_mib // 2 if args.layout == "alternate" else args.data_mib
         out["dd"] = bench_dd(target, data)
         out["ceilings"] = bench_ceilings(target, data)
@@ -357,11 +420,20 @@ def _ratio(best: float, wall: float) -> str:
     return "-" if math.isnan(best) else f"{best / wall:.2f}x"
 
 
+def _rss(v: dict[str, Any]) -> str:
+    """A row's peak RSS of fixedram in MiB, "-" through a resident server (not measured)."""
+    rss = v.get("fixedram_rss_mib", 0)
+    return "-" if rss is None else f"{rss:.0f}"
+
+
 def table(res: dict[str, Any], data_mib: int) -> str:
     """Ratios: each method's throughput against dd and against QEMU's best mapped-ram."""
     lines = [f"`{res['command']}` on {res['date']}: {res['machine']['cores']} cores, "
              f"QEMU {res['machine']['qemu']} ({res['machine']['accel']}), guest {res['mem']}; "
-             + (f"medians of {res['repeat']} runs" if res.get("repeat", 1) > 1 else "one run")]
+             + (f"medians of {res['repeat']} runs" if res.get("repeat", 1) > 1 else "one run")
+             + (f"; free page reporting {res['memory']['page_reporting']}"
+                + (f", {res['memory']['warmed_gib']} GiB touched first"
+                   if "warmed_gib" in res["memory"] else "") if "memory" in res else "")]
     for t in res["targets"]:
         dd = t["dd"]
         saves = t["save"]
@@ -379,7 +451,7 @@ def table(res: dict[str, Any], data_mib: int) -> str:
             lines.append(
                 f"| {k} | {w:.2f} | {data_mib / w:.0f} | {dd['dd write direct'] / w:.2f}x "
                 f"| {_ratio(best_q, w)} | {v['qemu_cpu']:.2f} | {v.get('fixedram_cpu', 0):.2f} "
-                f"| {v.get('fixedram_rss_mib', 0):.0f} | {v['apparent'] / MIB:.0f} / "
+                f"| {_rss(v)} | {v['apparent'] / MIB:.0f} / "
                 f"{v['allocated'] / MIB:.0f} |")
         if t.get("ceilings"):
             lines.append(f"\n## what one Python endpoint can move, {t['target']} "
@@ -409,7 +481,7 @@ def table(res: dict[str, Any], data_mib: int) -> str:
             w = v["wall"]
             lines.append(f"| {k} | {w:.2f} | {data_mib / w:.0f} | {dd['dd read direct'] / w:.2f}x "
                          f"| {_ratio(best_l, w)} | {v['qemu_cpu']:.2f} "
-                         f"| {v.get('fixedram_cpu', 0):.2f} | {v.get('fixedram_rss_mib', 0):.0f} |")
+                         f"| {v.get('fixedram_cpu', 0):.2f} | {_rss(v)} |")
         lines += native_pairs(t)
     return "\n".join(lines)
 
@@ -420,13 +492,15 @@ def native_pairs(t: dict[str, Any]) -> list[str]:
     rows = []
     for kind, pairs in NATIVE_PAIRS.items():
         key = "wall_sync" if kind == "save" else "wall"
-        for ours, theirs in pairs.items():
-            a, b = t[kind].get(ours), t[kind].get(theirs)
-            if a is None or b is None:
-                continue
-            own = a[key] - a["qemu_part"] if a.get("qemu_part") is not None else float("nan")
-            rows.append(f"| {ours} | {theirs} | {b[key]:.2f} | {a[key]:.2f} "
-                        f"| {b[key] / a[key]:.2f}x | {own * 1000:.0f} |")
+        for ours_, theirs in pairs.items():
+            for ours in (ours_, f"{ours_} (server)"):
+                a, b = t[kind].get(ours), t[kind].get(theirs)
+                if a is None or b is None:
+                    continue
+                own = (a[key] - a["qemu_part"] if a.get("qemu_part") is not None
+                       else float("nan"))
+                rows.append(f"| {ours} | {theirs} | {b[key]:.2f} | {a[key]:.2f} "
+                            f"| {b[key] / a[key]:.2f}x | {own * 1000:.0f} |")
     if not rows:
         return []
     return [f"\n## native through fixedram vs QEMU alone, {t['target']}",
@@ -471,6 +545,14 @@ def main() -> None:
                     "(restores also save the image they load)")
     ap.add_argument("--layout", choices=("dense", "alternate"), default="dense",
                     help="the data as written (dense), or every other page of it (alternate)")
+    ap.add_argument("--keep-page-reporting", action="store_true",
+                    help="leave the kernel's free page reporting on (bench/common.py, "
+                    "steady_memory)")
+    ap.add_argument("--warm-gib", type=float, default=12.0,
+                    help="GiB of free memory touched once before the run (default 12)")
+    ap.add_argument("--server", action="store_true",
+                    help="also run every fixedram method through a resident server "
+                    "(fixedram serve)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
     data_mib = args.data_mib // 2 if args.layout == "alternate" else args.data_mib
@@ -489,14 +571,24 @@ def main() -> None:
         "targets": [],
     }
     dirs = {"disk": Path(args.disk_dir), "tmpfs": Path(args.tmpfs_dir)}
-    for name in args.targets.split(","):
-        runs = []
-        for i in range(args.repeat):
-            print(f"bench: {name} ({i + 1}/{args.repeat}) ...", file=sys.stderr)
-            runs.append(bench_target(name, dirs[name], args, qemu, accel, kernel))
-            if not args.keep:
-                shutil.rmtree(dirs[name], ignore_errors=True)
-        res["targets"].append(median_of(runs))
+    server = Server() if args.server else None
+    try:
+        with steady_memory(int(args.warm_gib * (1 << 30)),
+                           hold=not args.keep_page_reporting) as memory:
+            res["memory"] = memory
+            print(f"bench: memory: {memory}", file=sys.stderr)
+            for name in args.targets.split(","):
+                runs = []
+                for i in range(args.repeat):
+                    print(f"bench: {name} ({i + 1}/{args.repeat}) ...", file=sys.stderr)
+                    runs.append(bench_target(name, dirs[name], args, qemu, accel, kernel,
+                                             server, i))
+                    if not args.keep:
+                        shutil.rmtree(dirs[name], ignore_errors=True)
+                res["targets"].append(median_of(runs))
+    finally:
+        if server is not None:
+            server.close()
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -12,7 +12,11 @@ restored and saved again; every figure is from this run on this machine:
 * **restore**: ``fixedram restore --via proxy s3://…`` into a fresh QEMU (cold chunk
   cache, until the guest runs; two multifd channels, the default, and one stream,
   ``--channels 0``, the two taking turns going first) against parallel GETs of the same
-  objects (the chunks the manifest names). Goal >= 0.8.
+  objects (the chunks the manifest names). Goal >= 0.8. The client library's time counts
+  neither Python's start-up nor its imports; the same restore, and fixedram's read of the
+  image (``send s3://… >/dev/null``), also run through a resident server (``fixedram
+  serve``, docs/resident-server.md, started here on a private socket), which takes them
+  out of fixedram's time too.
 * **re-save**: the guest runs until its workload has rewritten its dirty region (the
   changed share of RAM is counted page by page between two local saves), then is saved to
   the same key again: bytes uploaded against the first save's (goal <= 10 %).
@@ -59,7 +63,14 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import FIXEDRAM, compile_package, cpu_seconds
+from bench.common import (
+    FIXEDRAM,
+    children_cpu_seconds,
+    compile_package,
+    cpu_seconds,
+    start_server,
+    steady_memory,
+)
 from fixedram.image import open_image
 from fixedram.image.chunked import CHUNK_SIZE, WORKERS, chunk_name
 from fixedram.image.layout import PAGE_SIZE
@@ -86,17 +97,32 @@ def cpu_since(before: dict[str, float], pids: dict[str, int]) -> dict[str, float
     return {k: cpu_seconds(p) - before[k] for k, p in pids.items()}
 
 
+def _server_cpu(server: subprocess.Popen[str] | None) -> float:
+    """CPU seconds of a resident server and of the commands it has run and reaped."""
+    if server is None:
+        return 0.0
+    return cpu_seconds(server.pid) + children_cpu_seconds(server.pid)
+
+
 def run(args: list[str], env: dict[str, str], watch: Guest | None = None,
-        discard: bool = False, others: dict[str, int] | None = None) -> dict[str, Any]:
+        discard: bool = False, others: dict[str, int] | None = None,
+        server: tuple[Path, subprocess.Popen[str]] | None = None) -> dict[str, Any]:
     """Run ``fixedram ARGS``: wall seconds, CPU seconds (user + system, the child's own),
     its JSON report, and with ``watch`` the time until that guest runs (polled on the
     harness's QMP monitor every 2 ms, as bench/lazy.py does); ``discard``: its standard
     output goes to /dev/null; ``others``: processes (name: pid) whose CPU seconds
     meanwhile go into ``cpu_of`` (with ``watch``: until that guest runs, as
-    ``time_to_running``; the guest's own running is not QEMU's load)."""
+    ``time_to_running``; the guest's own running is not QEMU's load). ``server``: (socket,
+    process) of a resident server the command goes through; its CPU seconds then add the
+    server's and its command child's."""
     others = others or {}
+    env = {k: v for k, v in env.items() if k != "FIXEDRAM_SERVER"}
+    if server is not None:
+        env["FIXEDRAM_SERVER"] = str(server[0])
+    srv = server[1] if server is not None else None
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         c0 = cpu_of(others)
+        s0 = _server_cpu(srv)
         t = time.monotonic()
         p = subprocess.Popen([*FIXEDRAM, *args], stdout=subprocess.DEVNULL if discard else out,
                              stderr=err, env=env)
@@ -118,7 +144,7 @@ def run(args: list[str], env: dict[str, str], watch: Guest | None = None,
         if p.returncode:
             raise RuntimeError(f"fixedram {shlex.join(args)} failed: "
                                f"{err.read().decode(errors='replace').strip()}")
-        return {"wall": wall, "cpu": ru.ru_utime + ru.ru_stime,
+        return {"wall": wall, "cpu": ru.ru_utime + ru.ru_stime + _server_cpu(srv) - s0,
                 "time_to_running": ttr if ttr is not None else wall, "cpu_of": spent,
                 "report": json.loads(out.read()) if "--json" in args else {}}
 
@@ -288,8 +314,13 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                                                 shlex.join(sys.argv[1:])]).strip()}
     sw = Seaweed(work / "weed")
     src: Guest | None = None
+    fx: subprocess.Popen[str] | None = None
     try:
         sw.start()
+        # a resident server (docs/resident-server.md) for the same read and restore without
+        # Python's start-up and imports: the client library's figures have none either
+        fx = start_server(socks / "fixedram.sock")
+        resident = (socks / "fixedram.sock", fx)
         assert sw.proc is not None
         server = {"server": sw.proc.pid}
         import boto3
@@ -337,14 +368,17 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             + [f".fixedram/chunks/{n}" + (".zst" if c == "zstd" else "")
                for b in man["blocks"] for _, n, c, _ in b["chunks"]]))
 
-        def restore(extra: list[str], image: str, name: str) -> dict[str, Any]:
+        def restore(extra: list[str], image: str, name: str,
+                    through: tuple[Path, subprocess.Popen[str]] | None = None,
+                    ) -> dict[str, Any]:
             dst = Guest.like(src, name=name, incoming=True)  # type: ignore[arg-type]
             dctl = socks / f"{name}.qmp"
             dst.extra_args = ("-qmp", f"unix:{dctl},server=on,wait=off")
             with dst:
                 assert dst.pid is not None
                 r = run(["restore", "--qmp", str(dctl), "--json", "--no-progress", *extra,
-                         image], env(), watch=dst, others={**server, "qemu": dst.pid})
+                         image], env(), watch=dst, others={**server, "qemu": dst.pid},
+                        server=through)
                 dst.wait_heartbeat(after=src.heartbeats()[-1].n, timeout=120)  # type: ignore[union-attr]
             return r
 
@@ -353,13 +387,15 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             # the two full restores from S3 take turns going first: the first restore
             # after a while pays more for QEMU's first touches of memory on this host
             s3_full = [("restore_s3", ["--via", "proxy"], url),
-                       ("restore_s3_one", ["--via", "proxy", "--channels", "0"], url)]
+                       ("restore_s3_one", ["--via", "proxy", "--channels", "0"], url),
+                       ("restore_s3_server", ["--via", "proxy"], url)]
             for key, extra, image in (*(s3_full[::-1] if i % 2 else s3_full),
                                       ("restore_local", ["--via", "proxy"], str(img1)),
                                       ("lazy_s3", ["--lazy"], url),
                                       ("lazy_local", ["--lazy"], str(img1))):
-                got = restore(extra, image, f"dst-{key}-{i}")
-                want = {"restore_s3": 2, "restore_s3_one": 0}.get(key)
+                got = restore(extra, image, f"dst-{key}-{i}",
+                              resident if key.endswith("_server") else None)
+                want = {"restore_s3": 2, "restore_s3_one": 0, "restore_s3_server": 2}.get(key)
                 if want is not None and got["report"].get("channels") != want:
                     raise RuntimeError(f"{key}: restored over {got['report'].get('channels')} "
                                        f"channels, not {want} (can QEMU reach the socket?)")
@@ -369,6 +405,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                     run_client(["get", lib, str(keys)], env(), server))
             res.setdefault("send_s3", []).append(run(["send", url], env(), discard=True,
                                                      others=server))
+            res.setdefault("send_s3_server", []).append(
+                run(["send", url], env(), discard=True, others=server, server=resident))
         print("# the guest runs on, then the re-save ...", file=sys.stderr, flush=True)
         gen = src.heartbeats()[-1].gen
         src.cont()
@@ -381,6 +419,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if src is not None:
             src.kill()
+        if fx is not None:
+            fx.terminate()
+            fx.wait(30)
         sw.stop()
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(socks, ignore_errors=True)
@@ -437,10 +478,18 @@ def table(r: dict[str, Any]) -> str:
         *([("&nbsp;&nbsp;the same restore as one stream (`--channels 0`)",
             rate(m("restore_s3_one", "wall")), "", f"{get_o / m('restore_s3_one', 'wall'):.2f}x",
             "")] if "restore_s3_one" in r else []),
+        *([("&nbsp;&nbsp;the same restore through a resident server (`fixedram serve`)",
+            rate(m("restore_s3_server", "wall")), "",
+            f"{get_o / m('restore_s3_server', 'wall'):.2f}x", "")]
+          if "restore_s3_server" in r else []),
         ("&nbsp;&nbsp;restore from a local image (proxy)", f"{m('restore_local', 'wall'):.2f} s",
          "", f"S3: {m('restore_local', 'wall') / rst_s:.2f}x of local", ""),
         ("fixedram's read of the image: `send s3://… >/dev/null`", rate(snd_s),
          f"obstore GETs {rate(get_o)}", f"{get_o / snd_s:.2f}x", ">= 0.8x"),
+        *([("&nbsp;&nbsp;the same read through a resident server",
+            rate(m("send_s3_server", "wall")), "",
+            f"{get_o / m('send_s3_server', 'wall'):.2f}x", "")]
+          if "send_s3_server" in r else []),
         (f"re-save after {100 * r['changed_pages'] / r['guest_pages']:.1f} % of RAM changed",
          f"{up2['uploaded_bytes'] / MIB:.1f} MiB uploaded ({up2['uploaded']} chunks, "
          f"{up2['reused']} reused)", f"first save: {up1['uploaded_bytes'] / MIB:.1f} MiB",
@@ -469,8 +518,10 @@ def table(r: dict[str, Any]) -> str:
             f"`weed mini` on loopback, {r['workers']} requests in flight, "
             f"{r['chunk_size'] >> 20} MiB chunks; load average "
             f"{r['load_before'][0]:.1f} before, {r['load_after'][0]:.1f} after "
-            "(2 cores, shared)" + (f"; medians of {len(r['restore_s3'])} restores."
-                                  if len(r["restore_s3"]) > 1 else "."))
+            "(2 cores, shared)"
+            + (f"; free page reporting {r['memory']['page_reporting']}" if "memory" in r else "")
+            + (f"; medians of {len(r['restore_s3'])} restores."
+               if len(r["restore_s3"]) > 1 else "."))
     lines = [head, "", "| | fixedram | client library alone | ratio | goal |",
              "|---|---|---|---|---|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -521,6 +572,11 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="restores of each kind (median)")
     ap.add_argument("--dir", default="/var/tmp",
                     help="where the server's data, images and staging go (default /var/tmp)")
+    ap.add_argument("--keep-page-reporting", action="store_true",
+                    help="leave the kernel's free page reporting on (bench/common.py, "
+                    "steady_memory)")
+    ap.add_argument("--warm-gib", type=float, default=8.0,
+                    help="GiB of free memory touched once before the run (default 8)")
     ap.add_argument("--table", metavar="RESULTS.json", type=Path,
                     help="only print the table of an earlier run's results")
     args = ap.parse_args()
@@ -529,7 +585,11 @@ def main() -> None:
         print(table(json.loads(args.table.read_text())))
         return
     parse_mem_size(args.mem)
-    r = bench(args)
+    with steady_memory(int(args.warm_gib * (1 << 30)),
+                       hold=not args.keep_page_reporting) as memory:
+        print(f"# memory: {memory}", file=sys.stderr, flush=True)
+        r = bench(args)
+    r["memory"] = memory
     stamp = time.strftime("%Y%m%d-%H%M%S")
     dest = ROOT / "bench" / "results" / f"s3-{stamp}"
     dest.parent.mkdir(exist_ok=True)
