@@ -115,7 +115,11 @@ def steady_memory(warm_bytes: int, hold: bool = True) -> Iterator[dict[str, Any]
                          if line.startswith("MemAvailable:"))
             want = max(0, min(warm_bytes, avail - (3 << 29)))
             t = time.monotonic()
-            _touch(want)
+            # in a child: the benchmark's own peak RSS stays small, and with it that of the
+            # commands it starts (a child's peak RSS starts from its parent's at fork)
+            subprocess.run([sys.executable, "-c",
+                            f"from bench.common import _touch; _touch({want})"],
+                           cwd=Path(__file__).resolve().parent.parent, check=True)
             info.update(warmed_gib=round(want / (1 << 30), 1),
                         warm_seconds=round(time.monotonic() - t, 1))
         yield info

@@ -27,6 +27,8 @@ alternate within the same minutes; ``--methods REGEX`` picks some::
 
     .venv/bin/python -m bench.lazy --server --sizes 256M,2G --methods 'native|lazy'
 
+Run as root, free page reporting is held off for the run and ``--warm-gib`` of free memory
+touched first (``bench.common.steady_memory``; ``--keep-page-reporting`` leaves it on).
 Writes ``bench/results/lazy-<stamp>.json`` and prints a table. Not run by the tests.
 """
 
@@ -46,7 +48,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import FIXEDRAM, compile_package, start_server
+from bench.common import FIXEDRAM, compile_package, start_server, steady_memory
 from fixedram.testing.guest import build_guest
 from fixedram.testing.vm import Guest, choose_accel, find_qemu, parse_mem_size
 
@@ -180,6 +182,11 @@ def main() -> None:
                     help="also through a resident server (fixedram serve), and QEMU alone")
     ap.add_argument("--methods", default=None, metavar="REGEX",
                     help="only the methods matching REGEX")
+    ap.add_argument("--keep-page-reporting", action="store_true",
+                    help="leave the kernel's free page reporting on (bench/common.py, "
+                    "steady_memory)")
+    ap.add_argument("--warm-gib", type=float, default=8.0,
+                    help="GiB of free memory touched once before the run (default 8)")
     args = ap.parse_args()
     compile_package()
     qemu = find_qemu("10")
@@ -192,10 +199,14 @@ def main() -> None:
     server = sockdir / "sock" if args.server else None
     srv = start_server(server) if server is not None else None
     try:
-        for mem in args.sizes.split(","):
-            print(f"# {mem} ...", file=sys.stderr, flush=True)
-            results["sizes"].append(bench_size(mem, workdir, args.dir, qemu, accel, kernel,
-                                               args.repeat, server, args.methods))
+        with steady_memory(int(args.warm_gib * (1 << 30)),
+                           hold=not args.keep_page_reporting) as memory:
+            results["memory"] = memory
+            print(f"# memory: {memory}", file=sys.stderr, flush=True)
+            for mem in args.sizes.split(","):
+                print(f"# {mem} ...", file=sys.stderr, flush=True)
+                results["sizes"].append(bench_size(mem, workdir, args.dir, qemu, accel, kernel,
+                                                   args.repeat, server, args.methods))
     finally:
         if srv is not None:
             srv.terminate()
@@ -207,7 +218,8 @@ def main() -> None:
     dest.parent.mkdir(exist_ok=True)
     dest.write_text(json.dumps(results, indent=2))
     med = statistics.median
-    print(f"QEMU {results['qemu']} ({accel}); medians of {args.repeat}; image on {args.dir}")
+    print(f"QEMU {results['qemu']} ({accel}); medians of {args.repeat}; image on {args.dir}; "
+          f"free page reporting {results['memory']['page_reporting']}")
     print(f"{'RAM':>6} {'data':>7} {'method':<20} {'to running':>11} {'total':>8} "
           f"{'on demand':>10}  (native: wall less QEMU's load)")
     for s in results["sizes"]:

@@ -32,6 +32,8 @@ restored and saved again; every figure is from this run on this machine:
 * **zstd**: level 1 on this guest's data chunks: size kept and CPU per GiB, what the
   upload decided per chunk.
 
+Run as root, free page reporting is held off for the run and ``--warm-gib`` of free memory
+touched first (``bench.common.steady_memory``; ``--keep-page-reporting`` leaves it on).
 Usage::
 
     nice -n 10 .venv/bin/python -m bench.s3                 # 1 GiB guest, 512 MiB data
