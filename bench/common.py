@@ -15,7 +15,7 @@ from typing import Any
 import fixedram
 from fixedram.io.files import drop_cached
 
-__all__ = ["FIXEDRAM", "compile_package", "cpu_seconds", "children_cpu_seconds", "drop_cache",
+__all__ = ["FIXEDRAM", "compile_package", "cpu_seconds", "served_cpu_seconds", "drop_cache",
            "start_server", "steady_memory"]
 
 
@@ -68,11 +68,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / tck
 
 
-def children_cpu_seconds(pid: int) -> float:
-    """cutime + cstime of a process: the CPU seconds of its children it has waited for (a
-    resident server's commands, once each has exited and been reaped)."""
+def served_cpu_seconds(pid: int) -> float:
+    """utime + stime + cutime + cstime of a process: its own CPU seconds and those of the
+    children it has waited for (a resident server and the commands it has run, once each
+    has exited and been reaped)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 #: The smallest block order the kernel's free page reporting hands back to the host.

@@ -51,9 +51,9 @@ from typing import Any
 
 from bench.common import (
     FIXEDRAM,
-    children_cpu_seconds,
     compile_package,
     cpu_seconds,
+    served_cpu_seconds,
     start_server,
     steady_memory,
 )
@@ -143,7 +143,7 @@ class Server:
 
     def cpu(self) -> float:
         """CPU seconds of the server and of the commands it has run and reaped."""
-        return cpu_seconds(self.proc.pid) + children_cpu_seconds(self.proc.pid)
+        return served_cpu_seconds(self.proc.pid)
 
     def close(self) -> None:
         self.proc.terminate()

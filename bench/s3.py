@@ -67,9 +67,9 @@ import numpy as np
 
 from bench.common import (
     FIXEDRAM,
-    children_cpu_seconds,
     compile_package,
     cpu_seconds,
+    served_cpu_seconds,
     start_server,
     steady_memory,
 )
@@ -103,7 +103,7 @@ def _server_cpu(server: subprocess.Popen[str] | None) -> float:
     """CPU seconds of a resident server and of the commands it has run and reaped."""
     if server is None:
         return 0.0
-    return cpu_seconds(server.pid) + children_cpu_seconds(server.pid)
+    return served_cpu_seconds(server.pid)
 
 
 def run(args: list[str], env: dict[str, str], watch: Guest | None = None,
