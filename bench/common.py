@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import argparse
 import compileall
 import contextlib
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import fixedram
 from fixedram.io.files import drop_cached
 
-__all__ = ["FIXEDRAM", "compile_package", "cpu_seconds", "served_cpu_seconds", "drop_cache",
-           "start_server", "steady_memory"]
+__all__ = ["FIXEDRAM", "ResidentServer", "add_memory_args", "command_env", "compile_package",
+           "cpu_seconds", "drop_cache", "memory_of", "served_cpu_seconds", "start_server",
+           "steady_memory"]
 
 
 def _command() -> list[str]:
@@ -50,6 +55,37 @@ def start_server(path: Path) -> subprocess.Popen[str]:
     return p
 
 
+class ResidentServer:
+    """A resident server on a private socket, for the benchmarks' rows "through the server".
+
+    :meth:`env` gives a command's environment (through this server, or, for ``None``, as
+    a fresh process); :meth:`cpu` the CPU seconds of the server and of every command it has
+    run and reaped: the server reaps a command's child before it answers the client, so
+    the difference around one command, plus the client's own, is that command's CPU.
+    """
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="frsrv-", dir="/tmp"))
+        self.socket = self.dir / "sock"
+        self.proc = start_server(self.socket)
+
+    def cpu(self) -> float:
+        return served_cpu_seconds(self.proc.pid)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def command_env(base: Mapping[str, str], server: ResidentServer | None) -> dict[str, str]:
+    """``base`` for a fixedram command sent to ``server``, or run as a fresh process."""
+    env = {k: v for k, v in base.items() if k != "FIXEDRAM_SERVER"}
+    if server is not None:
+        env["FIXEDRAM_SERVER"] = str(server.socket)
+    return env
+
+
 def drop_cache(path: Path) -> None:
     """Make the next read of ``path`` cold where the kernel lets us: its clean pages leave
     the page cache (no privilege needed; a no-op on tmpfs), dirty ones are written first."""
@@ -80,6 +116,28 @@ def served_cpu_seconds(pid: int) -> float:
 REPORTING_ORDER = Path("/sys/module/page_reporting/parameters/page_reporting_order")
 
 
+def add_memory_args(ap: argparse.ArgumentParser, warm_gib: float) -> None:
+    """The options of :func:`steady_memory` on a benchmark's command line."""
+    ap.add_argument("--keep-page-reporting", action="store_true",
+                    help="leave the kernel's free page reporting on (bench.common.steady_memory)")
+    ap.add_argument("--warm-gib", type=float, default=warm_gib,
+                    help=f"GiB of free memory touched once before the run (default {warm_gib:g})")
+
+
+def memory_of(args: argparse.Namespace) -> contextlib.AbstractContextManager[dict[str, Any]]:
+    """:func:`steady_memory` as the options of :func:`add_memory_args` ask."""
+    return steady_memory(int(args.warm_gib * (1 << 30)), hold=not args.keep_page_reporting)
+
+
+def _hold_signals() -> dict[int, Any]:
+    """SIGTERM and SIGHUP raise SystemExit, so that ``finally`` blocks run (the knob is put
+    back) when a benchmark is stopped that way; returns the old handlers."""
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    return {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+
+
 @contextlib.contextmanager
 def steady_memory(warm_bytes: int, hold: bool = True) -> Iterator[dict[str, Any]]:
     """Hold off free page reporting while a benchmark runs, with ``warm_bytes`` of free memory
@@ -94,46 +152,63 @@ def steady_memory(warm_bytes: int, hold: bool = True) -> Iterator[dict[str, Any]
     QEMU alone as for fixedram, and it swamped the ratios. Where the kernel has the knob and
     it is writable (root), no block is reported while the benchmark runs (the smallest
     order reported is set above the largest the buddy allocator has), ``warm_bytes`` (at
-    most the available memory less 1.5 GiB) is touched and freed so that the host backs it
-    again, and the old order is put back at the end. ``hold=False`` leaves reporting alone.
+    most the available memory less 1.5 GiB, in 256 MiB pieces) is touched and freed in a
+    child process so that the host backs it again, and the old order is put back at the end
+    (also when the benchmark is stopped by SIGINT, SIGTERM or SIGHUP). A knob already set
+    above the largest order (another benchmark holding it) is left as it is.
+    ``hold=False`` leaves reporting alone.
     """
-    info: dict[str, Any] = {"page_reporting": "left on" if hold is False else "no such knob"}
-    old = None
-    if hold and REPORTING_ORDER.exists():
-        try:
-            old = REPORTING_ORDER.read_text().strip()
-            orders = len(Path("/proc/buddyinfo").read_text().splitlines()[0].split()) - 4
-            REPORTING_ORDER.write_text(f"{orders}\n")
-        except OSError as e:
-            old = None
-            info["page_reporting"] = f"left on ({e.strerror})"
-        else:
-            info["page_reporting"] = f"held off (order {old} -> {orders})"
+    info: dict[str, Any] = {"page_reporting": "left on" if not hold else "no such knob"}
+    if not hold or not REPORTING_ORDER.exists():
+        yield info
+        return
+    orders = len(Path("/proc/buddyinfo").read_text().splitlines()[0].split()) - 4
     try:
-        if old is not None:
+        old = REPORTING_ORDER.read_text().strip()
+    except OSError as e:
+        info["page_reporting"] = f"left on ({e.strerror})"
+        yield info
+        return
+    handlers = _hold_signals()
+    restore = int(old) < orders
+    try:
+        if restore:
+            try:
+                REPORTING_ORDER.write_text(f"{orders}\n")
+            except OSError as e:
+                restore = False
+                info["page_reporting"] = f"left on ({e.strerror})"
+        now = REPORTING_ORDER.read_text().strip()
+        if int(now) >= orders:
+            info["page_reporting"] = f"held off (order {old} -> {now})"
             avail = next(int(line.split()[1]) << 10 for line in
                          Path("/proc/meminfo").read_text().splitlines()
                          if line.startswith("MemAvailable:"))
-            want = max(0, min(warm_bytes, avail - (3 << 29)))
+            pieces = max(0, min(warm_bytes, avail - (3 << 29))) >> 28
             t = time.monotonic()
             # in a child: the benchmark's own peak RSS stays small, and with it that of the
             # commands it starts (a child's peak RSS starts from its parent's at fork)
             subprocess.run([sys.executable, "-c",
-                            f"from bench.common import _touch; _touch({want})"],
+                            f"from bench.common import _touch; _touch({pieces})"],
                            cwd=Path(__file__).resolve().parent.parent, check=True)
-            info.update(warmed_gib=round(want / (1 << 30), 1),
-                        warm_seconds=round(time.monotonic() - t, 1))
+            info.update(warmed_gib=pieces / 4, warm_seconds=round(time.monotonic() - t, 1))
+        elif restore:
+            info["page_reporting"] = f"left on (order {now} kept by the kernel)"
         yield info
     finally:
-        if old is not None:
-            REPORTING_ORDER.write_text(f"{old}\n")
+        try:
+            if restore:
+                REPORTING_ORDER.write_text(f"{old}\n")
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
 
 
-def _touch(nbytes: int) -> None:
-    """Write one byte of every page of ``nbytes`` of fresh memory, then free it all."""
+def _touch(pieces: int) -> None:
+    """Write one byte of every page of ``pieces`` x 256 MiB of fresh memory, then free it."""
     piece = 256 << 20
     held = []
-    for _ in range(nbytes // piece):
+    for _ in range(pieces):
         b = bytearray(piece)  # calloc: untouched zero pages until written
         b[::4096] = b"\x01" * (piece // 4096)
         held.append(b)

@@ -40,7 +40,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.common import FIXEDRAM, compile_package, steady_memory
+from bench.common import FIXEDRAM, add_memory_args, compile_package, memory_of
 from bench.run import drop_caches
 from fixedram.testing.guest import build_guest
 from fixedram.testing.vm import Guest, choose_accel, find_qemu, parse_mem_size
@@ -250,11 +250,7 @@ def main() -> None:
     how.add_argument("--lazy", metavar="SIZES", help="lazy restores at these RAM sizes instead")
     how.add_argument("--proxy", metavar="CHANNELS", type=int,
                      help="proxy restores of fixedram's image with this many channels instead")
-    ap.add_argument("--keep-page-reporting", action="store_true",
-                    help="leave the kernel's free page reporting on (bench/common.py, "
-                    "steady_memory)")
-    ap.add_argument("--warm-gib", type=float, default=8.0,
-                    help="GiB of free memory touched once before the run (default 8)")
+    add_memory_args(ap, 8.0)
     args = ap.parse_args()
     if args.proxy is not None and not 0 <= args.proxy <= 255:
         ap.error("--proxy takes 0 (one stream) to 255 channels")
@@ -264,10 +260,10 @@ def main() -> None:
     accel = choose_accel(qemu)
     kernel = build_guest()
     run = lazy if args.lazy else proxy if args.proxy is not None else native
-    with steady_memory(int(args.warm_gib * (1 << 30)),
-                       hold=not args.keep_page_reporting) as memory:
+    with memory_of(args) as memory:
         print(f"# memory: {memory}", file=sys.stderr, flush=True)
         res = run(args, roots, qemu, accel, kernel)
+    print(f"free page reporting {memory['page_reporting']}")
     med = statistics.median
     print(f"`python -m bench.compare {' '.join(sys.argv[1:])}`: medians of {args.repeat}")
     for k, v in res.items():

@@ -48,7 +48,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import FIXEDRAM, compile_package, start_server, steady_memory
+from bench.common import (
+    FIXEDRAM,
+    ResidentServer,
+    add_memory_args,
+    command_env,
+    compile_package,
+    memory_of,
+)
 from fixedram.testing.guest import build_guest
 from fixedram.testing.vm import Guest, choose_accel, find_qemu, parse_mem_size
 
@@ -89,13 +96,11 @@ def run(args: list[str]) -> tuple[float, dict[str, Any]]:
 
 
 def run_watched(dst: Guest, args: list[str],
-                server: Path | None = None) -> tuple[float, float, dict[str, Any]]:
+                server: ResidentServer | None = None) -> tuple[float, float, dict[str, Any]]:
     """Run a fixedram restore (through the resident server at ``server``, if given); wall
     time, time until ``dst`` runs (polled from outside on the harness's own QMP monitor, the
     same way for every method), and the JSON report."""
-    env = {k: v for k, v in os.environ.items() if k != "FIXEDRAM_SERVER"}
-    if server is not None:
-        env["FIXEDRAM_SERVER"] = str(server)
+    env = command_env(os.environ, server)
     t = time.monotonic()
     p = subprocess.Popen([*FIXEDRAM, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, env=env)
@@ -113,7 +118,7 @@ def run_watched(dst: Guest, args: list[str],
 
 
 def bench_size(mem: str, workdir: Path, imgdir: Path, qemu: Any, accel: str, kernel: Path,
-               repeat: int, server: Path | None = None,
+               repeat: int, server: ResidentServer | None = None,
                pick: str | None = None) -> dict[str, Any]:
     """Save one guest of ``mem`` RAM, restore it ``repeat`` times by every method (those
     matching ``pick``; with ``server``, the server's and QEMU's alone too)."""
@@ -182,11 +187,7 @@ def main() -> None:
                     help="also through a resident server (fixedram serve), and QEMU alone")
     ap.add_argument("--methods", default=None, metavar="REGEX",
                     help="only the methods matching REGEX")
-    ap.add_argument("--keep-page-reporting", action="store_true",
-                    help="leave the kernel's free page reporting on (bench/common.py, "
-                    "steady_memory)")
-    ap.add_argument("--warm-gib", type=float, default=8.0,
-                    help="GiB of free memory touched once before the run (default 8)")
+    add_memory_args(ap, 8.0)
     args = ap.parse_args()
     compile_package()
     qemu = find_qemu("10")
@@ -195,12 +196,9 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="fixedram-bench-lazy-"))
     results: dict[str, Any] = {"host": platform.node(), "qemu": qemu.version_str,
                                "accel": accel, "image_dir": str(args.dir), "sizes": []}
-    sockdir = Path(tempfile.mkdtemp(prefix="frs-", dir="/tmp"))
-    server = sockdir / "sock" if args.server else None
-    srv = start_server(server) if server is not None else None
+    server = ResidentServer() if args.server else None
     try:
-        with steady_memory(int(args.warm_gib * (1 << 30)),
-                           hold=not args.keep_page_reporting) as memory:
+        with memory_of(args) as memory:
             results["memory"] = memory
             print(f"# memory: {memory}", file=sys.stderr, flush=True)
             for mem in args.sizes.split(","):
@@ -208,11 +206,9 @@ def main() -> None:
                 results["sizes"].append(bench_size(mem, workdir, args.dir, qemu, accel, kernel,
                                                    args.repeat, server, args.methods))
     finally:
-        if srv is not None:
-            srv.terminate()
-            srv.wait()
+        if server is not None:
+            server.close()
         shutil.rmtree(workdir, ignore_errors=True)
-        shutil.rmtree(sockdir, ignore_errors=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     dest = ROOT / "bench" / "results" / f"lazy-{stamp}.json"
     dest.parent.mkdir(exist_ok=True)

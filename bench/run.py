@@ -12,15 +12,14 @@ so the ratios compare like with like. Usage::
     .venv/bin/python -m bench.run --server --targets tmpfs   # also through fixedram serve
 
 Run as root, the benchmark holds off the kernel's free page reporting for its run and
-first touches ``--warm-gib`` of free memory (``bench.common.steady_memory``: on a VM that
-hands freed memory back to its host, whichever QEMU or tmpfs write touches such memory
-first pays a host page fault per page, 5-7 s per GiB on the development VM, at random);
+first touches ``--warm-gib`` of free memory (``bench.common.steady_memory`` says why);
 ``--keep-page-reporting`` leaves it on.
 
 ``--server`` runs every fixedram method a second time through a resident server
 (``fixedram serve``, docs/resident-server.md; started by the benchmark on a private socket),
 as row "METHOD (server)": the same work without Python's start-up and imports in the
-command's time. Its CPU seconds are the server's and its command children's; no RSS.
+command's time. Its CPU seconds are the client's, the server's and the command child's; no
+RSS. ``--only`` matches the method names without " (server)".
 
 ``--layout alternate`` keeps every other page of the data and leaves the rest zero (runs
 of one page, as in a guest whose freed pages were zeroed or returned to the host): the
@@ -51,11 +50,12 @@ from typing import Any
 
 from bench.common import (
     FIXEDRAM,
+    ResidentServer,
+    add_memory_args,
+    command_env,
     compile_package,
     cpu_seconds,
-    served_cpu_seconds,
-    start_server,
-    steady_memory,
+    memory_of,
 )
 from fixedram.image.reader import open_image
 from fixedram.testing.guest import PAGE_BASE, PAGE_SIZE, build_guest
@@ -133,34 +133,14 @@ def drop_caches() -> None:
         pass
 
 
-class Server:
-    """A resident server (``fixedram serve``) on a private socket, for ``--server``."""
-
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="frsrv-", dir="/tmp"))
-        self.socket = self.dir / "sock"
-        self.proc = start_server(self.socket)
-
-    def cpu(self) -> float:
-        """CPU seconds of the server and of the commands it has run and reaped."""
-        return served_cpu_seconds(self.proc.pid)
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def run_fixedram(args: list[str], server: Server | None = None) -> dict[str, Any]:
+def run_fixedram(args: list[str], server: ResidentServer | None = None) -> dict[str, Any]:
     """Run a fixedram command (through ``server``, if given); return wall time, its CPU
-    seconds and peak RSS (none through a server), and its JSON."""
-    env = {k: v for k, v in os.environ.items() if k != "FIXEDRAM_SERVER"}
-    if server is not None:
-        env["FIXEDRAM_SERVER"] = str(server.socket)
-        cpu0 = server.cpu()
+    seconds (through a server: the client's, the server's and the command child's) and peak
+    RSS (none through a server), and its JSON."""
+    cpu0 = server.cpu() if server is not None else 0.0
     t = time.monotonic()
     proc = subprocess.Popen([*FIXEDRAM, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=env)
+                            env=command_env(os.environ, server))
     out, err = b"", b""
     _, status, ru = os.wait4(proc.pid, 0)
     wall = time.monotonic() - t
@@ -170,10 +150,10 @@ def run_fixedram(args: list[str], server: Server | None = None) -> dict[str, Any
     if proc.returncode:
         raise RuntimeError(f"fixedram {' '.join(args)} failed: {err.decode().strip()}")
     report = json.loads(out) if out.strip() else {}
+    cpu = ru.ru_utime + ru.ru_stime
     if server is not None:  # the command's child has been reaped when its client exits
-        return {"wall": wall, "cpu": server.cpu() - cpu0, "report": report}
-    return {"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "rss_mib": ru.ru_maxrss / 1024,
-            "report": report}
+        return {"wall": wall, "cpu": cpu + server.cpu() - cpu0, "report": report}
+    return {"wall": wall, "cpu": cpu, "rss_mib": ru.ru_maxrss / 1024, "report": report}
 
 
 def allocated(path: Path) -> int:
@@ -221,7 +201,8 @@ def bench_ceilings(target: Path, size_mib: int) -> dict[str, float]:
 
 
 def bench_target(name: str, target: Path, args: argparse.Namespace, qemu: Any, accel: str,
-                 kernel: Path, server: Server | None = None, turn: int = 0) -> dict[str, Any]:
+                 kernel: Path, server: ResidentServer | None = None,
+                 turn: int = 0) -> dict[str, Any]:
     target.mkdir(parents=True, exist_ok=True)
     socks = Path(tempfile.mkdtemp(prefix="frb-", dir="/tmp"))
     runs = Path(tempfile.mkdtemp(prefix="fixedram-bench-"))
@@ -244,9 +225,9 @@ def bench_target(name: str, target: Path, args: argparse.Namespace, qemu: Any, a
         """A save runs when it is wanted or a wanted restore loads its image."""
         return wanted(save) or any(wanted(m) for m, (k, _) in RESTORES.items() if k == save)
 
-    def turns(via: tuple[Server | None, ...]) -> tuple[Server | None, ...]:
+    def turns(via: tuple[ResidentServer | None, ...]) -> tuple[ResidentServer | None, ...]:
         """A method's fresh and server runs take turns going first from run to run (the
-        first QEMU to touch memory after a while can pay more for it on this VM)."""
+        fresh one first in the odd-numbered runs: an even ``--repeat`` balances them)."""
         return via[::-1] if turn % 2 else via
 
     def ctl(n: str) -> list[str]:
@@ -545,11 +526,7 @@ def main() -> None:
                     "(restores also save the image they load)")
     ap.add_argument("--layout", choices=("dense", "alternate"), default="dense",
                     help="the data as written (dense), or every other page of it (alternate)")
-    ap.add_argument("--keep-page-reporting", action="store_true",
-                    help="leave the kernel's free page reporting on (bench/common.py, "
-                    "steady_memory)")
-    ap.add_argument("--warm-gib", type=float, default=12.0,
-                    help="GiB of free memory touched once before the run (default 12)")
+    add_memory_args(ap, 12.0)
     ap.add_argument("--server", action="store_true",
                     help="also run every fixedram method through a resident server "
                     "(fixedram serve)")
@@ -571,10 +548,9 @@ def main() -> None:
         "targets": [],
     }
     dirs = {"disk": Path(args.disk_dir), "tmpfs": Path(args.tmpfs_dir)}
-    server = Server() if args.server else None
+    server = ResidentServer() if args.server else None
     try:
-        with steady_memory(int(args.warm_gib * (1 << 30)),
-                           hold=not args.keep_page_reporting) as memory:
+        with memory_of(args) as memory:
             res["memory"] = memory
             print(f"bench: memory: {memory}", file=sys.stderr)
             for name in args.targets.split(","):

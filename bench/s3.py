@@ -11,7 +11,7 @@ restored and saved again; every figure is from this run on this machine:
   by boto3. Ratio: the client's time over fixedram's (goal >= 0.8).
 * **restore**: ``fixedram restore --via proxy s3://…`` into a fresh QEMU (cold chunk
   cache, until the guest runs; two multifd channels, the default, and one stream,
-  ``--channels 0``, the two taking turns going first) against parallel GETs of the same
+  ``--channels 0``, their order reversed every other round) against parallel GETs of the same
   objects (the chunks the manifest names). Goal >= 0.8. The client library's time counts
   neither Python's start-up nor its imports; the same restore, and fixedram's read of the
   image (``send s3://… >/dev/null``), also run through a resident server (``fixedram
@@ -67,11 +67,12 @@ import numpy as np
 
 from bench.common import (
     FIXEDRAM,
+    ResidentServer,
+    add_memory_args,
+    command_env,
     compile_package,
     cpu_seconds,
-    served_cpu_seconds,
-    start_server,
-    steady_memory,
+    memory_of,
 )
 from fixedram.image import open_image
 from fixedram.image.chunked import CHUNK_SIZE, WORKERS, chunk_name
@@ -99,32 +100,22 @@ def cpu_since(before: dict[str, float], pids: dict[str, int]) -> dict[str, float
     return {k: cpu_seconds(p) - before[k] for k, p in pids.items()}
 
 
-def _server_cpu(server: subprocess.Popen[str] | None) -> float:
-    """CPU seconds of a resident server and of the commands it has run and reaped."""
-    if server is None:
-        return 0.0
-    return served_cpu_seconds(server.pid)
-
-
 def run(args: list[str], env: dict[str, str], watch: Guest | None = None,
         discard: bool = False, others: dict[str, int] | None = None,
-        server: tuple[Path, subprocess.Popen[str]] | None = None) -> dict[str, Any]:
+        server: ResidentServer | None = None) -> dict[str, Any]:
     """Run ``fixedram ARGS``: wall seconds, CPU seconds (user + system, the child's own),
     its JSON report, and with ``watch`` the time until that guest runs (polled on the
     harness's QMP monitor every 2 ms, as bench/lazy.py does); ``discard``: its standard
     output goes to /dev/null; ``others``: processes (name: pid) whose CPU seconds
     meanwhile go into ``cpu_of`` (with ``watch``: until that guest runs, as
-    ``time_to_running``; the guest's own running is not QEMU's load). ``server``: (socket,
-    process) of a resident server the command goes through; its CPU seconds then add the
-    server's and its command child's."""
+    ``time_to_running``; the guest's own running is not QEMU's load). ``server``: a resident
+    server the command goes through; its CPU seconds then add the server's and the command
+    child's."""
     others = others or {}
-    env = {k: v for k, v in env.items() if k != "FIXEDRAM_SERVER"}
-    if server is not None:
-        env["FIXEDRAM_SERVER"] = str(server[0])
-    srv = server[1] if server is not None else None
+    env = command_env(env, server)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         c0 = cpu_of(others)
-        s0 = _server_cpu(srv)
+        s0 = server.cpu() if server is not None else 0.0
         t = time.monotonic()
         p = subprocess.Popen([*FIXEDRAM, *args], stdout=subprocess.DEVNULL if discard else out,
                              stderr=err, env=env)
@@ -146,7 +137,8 @@ def run(args: list[str], env: dict[str, str], watch: Guest | None = None,
         if p.returncode:
             raise RuntimeError(f"fixedram {shlex.join(args)} failed: "
                                f"{err.read().decode(errors='replace').strip()}")
-        return {"wall": wall, "cpu": ru.ru_utime + ru.ru_stime + _server_cpu(srv) - s0,
+        return {"wall": wall,
+                "cpu": ru.ru_utime + ru.ru_stime + (server.cpu() - s0 if server else 0.0),
                 "time_to_running": ttr if ttr is not None else wall, "cpu_of": spent,
                 "report": json.loads(out.read()) if "--json" in args else {}}
 
@@ -316,13 +308,12 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                                                 shlex.join(sys.argv[1:])]).strip()}
     sw = Seaweed(work / "weed")
     src: Guest | None = None
-    fx: subprocess.Popen[str] | None = None
+    resident: ResidentServer | None = None
     try:
         sw.start()
         # a resident server (docs/resident-server.md) for the same read and restore without
         # Python's start-up and imports: the client library's figures have none either
-        fx = start_server(socks / "fixedram.sock")
-        resident = (socks / "fixedram.sock", fx)
+        resident = ResidentServer()
         assert sw.proc is not None
         server = {"server": sw.proc.pid}
         import boto3
@@ -371,7 +362,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                for b in man["blocks"] for _, n, c, _ in b["chunks"]]))
 
         def restore(extra: list[str], image: str, name: str,
-                    through: tuple[Path, subprocess.Popen[str]] | None = None,
+                    through: ResidentServer | None = None,
                     ) -> dict[str, Any]:
             dst = Guest.like(src, name=name, incoming=True)  # type: ignore[arg-type]
             dctl = socks / f"{name}.qmp"
@@ -386,8 +377,9 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
         for i in range(args.repeat):
             print(f"# restores, round {i + 1} ...", file=sys.stderr, flush=True)
-            # the two full restores from S3 take turns going first: the first restore
-            # after a while pays more for QEMU's first touches of memory on this host
+            # the full restores from S3 take turns going first (the order reversed every
+            # other round): with free page reporting on, the first restore after a while
+            # pays more for QEMU's first touches of memory on this host
             s3_full = [("restore_s3", ["--via", "proxy"], url),
                        ("restore_s3_one", ["--via", "proxy", "--channels", "0"], url),
                        ("restore_s3_server", ["--via", "proxy"], url)]
@@ -421,9 +413,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if src is not None:
             src.kill()
-        if fx is not None:
-            fx.terminate()
-            fx.wait(30)
+        if resident is not None:
+            resident.close()
         sw.stop()
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(socks, ignore_errors=True)
@@ -574,11 +565,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="restores of each kind (median)")
     ap.add_argument("--dir", default="/var/tmp",
                     help="where the server's data, images and staging go (default /var/tmp)")
-    ap.add_argument("--keep-page-reporting", action="store_true",
-                    help="leave the kernel's free page reporting on (bench/common.py, "
-                    "steady_memory)")
-    ap.add_argument("--warm-gib", type=float, default=8.0,
-                    help="GiB of free memory touched once before the run (default 8)")
+    add_memory_args(ap, 8.0)
     ap.add_argument("--table", metavar="RESULTS.json", type=Path,
                     help="only print the table of an earlier run's results")
     args = ap.parse_args()
@@ -587,8 +574,7 @@ def main() -> None:
         print(table(json.loads(args.table.read_text())))
         return
     parse_mem_size(args.mem)
-    with steady_memory(int(args.warm_gib * (1 << 30)),
-                       hold=not args.keep_page_reporting) as memory:
+    with memory_of(args) as memory:
         print(f"# memory: {memory}", file=sys.stderr, flush=True)
         r = bench(args)
     r["memory"] = memory

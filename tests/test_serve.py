@@ -182,11 +182,18 @@ def test_no_server_is_one_line(tmp_path: Path) -> None:
     assert r.stderr.count("\n") == 1, r.stderr
 
 
+def _default_sigint() -> None:
+    """SIGINT as a terminal's command line gets it, whatever the test run inherited: a job
+    started in the background has it ignored, and an ignored signal stays ignored across
+    ``exec`` (Python then installs no KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _receive(server: Path | None, img: Path) -> subprocess.Popen[str]:
     """``fixedram receive IMG`` reading its stream from a pipe the test holds open."""
     return subprocess.Popen([PY, "-m", "fixedram", "receive", str(img)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(server))
+                            env=_env(server), preexec_fn=_default_sigint)
 
 
 def _children(pid: int) -> list[int]:
