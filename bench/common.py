@@ -56,12 +56,12 @@ def start_server(path: Path) -> subprocess.Popen[str]:
 
 
 class ResidentServer:
-    """A resident server on a private socket, for the benchmarks' rows "through the server".
+    """A resident server on a private socket, for the benchmarks' rows "through the server"
+    (a command's environment for it: :func:`command_env`).
 
-    :meth:`env` gives a command's environment (through this server, or, for ``None``, as
-    a fresh process); :meth:`cpu` the CPU seconds of the server and of every command it has
-    run and reaped: the server reaps a command's child before it answers the client, so
-    the difference around one command, plus the client's own, is that command's CPU.
+    :meth:`cpu` gives the CPU seconds of the server and of every command it has run and
+    reaped: the server reaps a command's child before it answers the client, so the
+    difference around one command, plus the client's own, is that command's CPU.
     """
 
     def __init__(self) -> None:
