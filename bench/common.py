@@ -67,15 +67,25 @@ class ResidentServer:
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="frsrv-", dir="/tmp"))
         self.socket = self.dir / "sock"
-        self.proc = start_server(self.socket)
+        try:
+            self.proc = start_server(self.socket)
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
 
     def cpu(self) -> float:
         return served_cpu_seconds(self.proc.pid)
 
     def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def command_env(base: Mapping[str, str], server: ResidentServer | None) -> dict[str, str]:
@@ -169,8 +179,8 @@ def steady_memory(warm_bytes: int, hold: bool = True) -> Iterator[dict[str, Any]
         info["page_reporting"] = f"left on ({e.strerror})"
         yield info
         return
-    handlers = _hold_signals()
     restore = int(old) < orders
+    handlers = _hold_signals()
     try:
         if restore:
             try:
@@ -194,14 +204,19 @@ def steady_memory(warm_bytes: int, hold: bool = True) -> Iterator[dict[str, Any]
             info.update(warmed_gib=pieces / 4, warm_seconds=round(time.monotonic() - t, 1))
         elif restore:
             info["page_reporting"] = f"left on (order {now} kept by the kernel)"
+        elif not info["page_reporting"].startswith("left on"):
+            info["page_reporting"] = f"left on (order {now})"
         yield info
     finally:
+        # no second signal between here and the old handlers: the knob goes back first
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, list(handlers))
         try:
             if restore:
                 REPORTING_ORDER.write_text(f"{old}\n")
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _touch(pieces: int) -> None:

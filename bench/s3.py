@@ -413,9 +413,11 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if src is not None:
             src.kill()
-        if resident is not None:
-            resident.close()
-        sw.stop()
+        try:
+            if resident is not None:
+                resident.close()
+        finally:
+            sw.stop()
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(socks, ignore_errors=True)
     res["load_after"] = os.getloadavg()
