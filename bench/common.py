@@ -20,8 +20,8 @@ import fixedram
 from fixedram.io.files import drop_cached
 
 __all__ = ["FIXEDRAM", "ResidentServer", "add_memory_args", "command_env", "compile_package",
-           "cpu_seconds", "drop_cache", "memory_of", "served_cpu_seconds", "start_server",
-           "steady_memory"]
+           "cpu_seconds", "describe_memory", "drop_cache", "memory_of", "served_cpu_seconds",
+           "start_server", "steady_memory"]
 
 
 def _command() -> list[str]:
@@ -137,6 +137,14 @@ def add_memory_args(ap: argparse.ArgumentParser, warm_gib: float) -> None:
 def memory_of(args: argparse.Namespace) -> contextlib.AbstractContextManager[dict[str, Any]]:
     """:func:`steady_memory` as the options of :func:`add_memory_args` ask."""
     return steady_memory(int(args.warm_gib * (1 << 30)), hold=not args.keep_page_reporting)
+
+
+def describe_memory(info: dict[str, Any]) -> str:
+    """What :func:`steady_memory` did, as the results' headers say it."""
+    text = f"free page reporting {info['page_reporting']}"
+    if "warmed_gib" in info:
+        text += f", {info['warmed_gib']} GiB touched first"
+    return text
 
 
 def _hold_signals() -> dict[int, Any]:

@@ -40,7 +40,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.common import FIXEDRAM, add_memory_args, compile_package, memory_of
+from bench.common import FIXEDRAM, add_memory_args, compile_package, describe_memory, memory_of
 from bench.run import drop_caches
 from fixedram.testing.guest import build_guest
 from fixedram.testing.vm import Guest, choose_accel, find_qemu, parse_mem_size
@@ -263,7 +263,7 @@ def main() -> None:
     with memory_of(args) as memory:
         print(f"# memory: {memory}", file=sys.stderr, flush=True)
         res = run(args, roots, qemu, accel, kernel)
-    print(f"free page reporting {memory['page_reporting']}")
+    print(describe_memory(memory))
     med = statistics.median
     print(f"`python -m bench.compare {' '.join(sys.argv[1:])}`: medians of {args.repeat}")
     for k, v in res.items():

@@ -54,6 +54,7 @@ from bench.common import (
     add_memory_args,
     command_env,
     compile_package,
+    describe_memory,
     memory_of,
 )
 from fixedram.testing.guest import build_guest
@@ -215,7 +216,7 @@ def main() -> None:
     dest.write_text(json.dumps(results, indent=2))
     med = statistics.median
     print(f"QEMU {results['qemu']} ({accel}); medians of {args.repeat}; image on {args.dir}; "
-          f"free page reporting {results['memory']['page_reporting']}")
+          f"{describe_memory(results['memory'])}")
     print(f"{'RAM':>6} {'data':>7} {'method':<20} {'to running':>11} {'total':>8} "
           f"{'on demand':>10}  (native: wall less QEMU's load)")
     for s in results["sizes"]:

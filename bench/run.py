@@ -55,6 +55,7 @@ from bench.common import (
     command_env,
     compile_package,
     cpu_seconds,
+    describe_memory,
     memory_of,
 )
 from fixedram.image.reader import open_image
@@ -412,9 +413,7 @@ def table(res: dict[str, Any], data_mib: int) -> str:
     lines = [f"`{res['command']}` on {res['date']}: {res['machine']['cores']} cores, "
              f"QEMU {res['machine']['qemu']} ({res['machine']['accel']}), guest {res['mem']}; "
              + (f"medians of {res['repeat']} runs" if res.get("repeat", 1) > 1 else "one run")
-             + (f"; free page reporting {res['memory']['page_reporting']}"
-                + (f", {res['memory']['warmed_gib']} GiB touched first"
-                   if "warmed_gib" in res["memory"] else "") if "memory" in res else "")]
+             + (f"; {describe_memory(res['memory'])}" if "memory" in res else "")]
     for t in res["targets"]:
         dd = t["dd"]
         saves = t["save"]

@@ -72,6 +72,7 @@ from bench.common import (
     command_env,
     compile_package,
     cpu_seconds,
+    describe_memory,
     memory_of,
 )
 from fixedram.image import open_image
@@ -514,7 +515,7 @@ def table(r: dict[str, Any]) -> str:
             f"{r['chunk_size'] >> 20} MiB chunks; load average "
             f"{r['load_before'][0]:.1f} before, {r['load_after'][0]:.1f} after "
             "(2 cores, shared)"
-            + (f"; free page reporting {r['memory']['page_reporting']}" if "memory" in r else "")
+            + (f"; {describe_memory(r['memory'])}" if "memory" in r else "")
             + (f"; medians of {len(r['restore_s3'])} restores."
                if len(r["restore_s3"]) > 1 else "."))
     lines = [head, "", "| | fixedram | client library alone | ratio | goal |",
