@@ -139,8 +139,11 @@ def memory_of(args: argparse.Namespace) -> contextlib.AbstractContextManager[dic
     return steady_memory(int(args.warm_gib * (1 << 30)), hold=not args.keep_page_reporting)
 
 
-def describe_memory(info: dict[str, Any]) -> str:
-    """What :func:`steady_memory` did, as the results' headers say it."""
+def describe_memory(info: dict[str, Any] | None) -> str:
+    """What :func:`steady_memory` did, as the results' headers say it (None: results from
+    before benchmarks recorded it)."""
+    if info is None:
+        return "free page reporting not recorded"
     text = f"free page reporting {info['page_reporting']}"
     if "warmed_gib" in info:
         text += f", {info['warmed_gib']} GiB touched first"

@@ -28,6 +28,9 @@ Usage (as root; libvirt and its Python binding from ``scripts/setup.sh --libvirt
     .venv/bin/python -m bench.libvirt                          # 1 GiB guest, 256 MiB data, 5 rounds
     .venv/bin/python -m bench.libvirt --mem 256 --data 64 --repeat 1   # quick
 
+Free page reporting is held off for the run and ``--warm-gib`` of free memory touched first
+(``bench.common.steady_memory``; ``--keep-page-reporting`` leaves it on).
+
 Prints the command and a markdown table of medians (as the README shows it) and writes
 ``bench/results/libvirt-<stamp>.json``. Not run by the tests.
 """
@@ -43,7 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import FIXEDRAM, compile_package
+from bench.common import FIXEDRAM, add_memory_args, compile_package, describe_memory, memory_of
 from fixedram.testing.guest import build_guest
 from fixedram.testing.libvirt import Libvirtd, domain_xml
 from fixedram.testing.vm import parse_heartbeats
@@ -98,10 +101,12 @@ def main() -> None:
     ap.add_argument("--data", type=int, default=256, help="stamped data, MiB")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--dir", default="/var/tmp", help="where the images go")
+    add_memory_args(ap, 8.0)
     args = ap.parse_args()
     compile_package()
     results: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS}
-    with tempfile.TemporaryDirectory(prefix="fr-lvbench-") as tmp, \
+    with memory_of(args) as memory, \
+            tempfile.TemporaryDirectory(prefix="fr-lvbench-") as tmp, \
             tempfile.TemporaryDirectory(prefix="fr-lvbench-img-", dir=args.dir) as imgdir:
         work = Path(tmp)
         log = work / "serial.log"
@@ -138,7 +143,8 @@ def main() -> None:
     print(f"`python -m bench.libvirt --mem {args.mem} --data {args.data} --repeat "
           f"{args.repeat}`: a {args.mem} MiB TCG guest with {args.data} MiB of data, saved "
           f"running; medians of {args.repeat} rounds, wall seconds of each command; every "
-          "image fsynced and dropped from the page cache before its restore\n")
+          "image fsynced and dropped from the page cache before its restore; "
+          f"{describe_memory(memory)}\n")
     print("| method | save s | fsync after save s | restore s | image MiB (allocated) |\n"
           "|---|---|---|---|---|")
     for m, rows in results.items():
@@ -148,7 +154,8 @@ def main() -> None:
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"libvirt-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+    path.write_text(json.dumps({"args": vars(args), "memory": memory, "results": results},
+                               indent=2))
     print(f"wrote {path}")
 
 

@@ -16,6 +16,9 @@ checks every page it reads), *running* is fixedram's ``time_to_running``. *Fetch
 sum of the restores' ``bytes_fetched`` (GET bytes fixedram counted, meta chunk included,
 the manifest not); *requests* are QEMU's page requests (median).
 
+Run as root, free page reporting is held off for the run and ``--warm-gib`` of free memory
+touched first (``bench.common.steady_memory``; ``--keep-page-reporting`` leaves it on).
+
 Usage::
 
     .venv/bin/python -m bench.s3fanout                 # 256M guest, 8 at once
@@ -39,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import compile_package
+from bench.common import add_memory_args, compile_package, describe_memory, memory_of
 from bench.touchguest import lazy_restores, save, touch_guest
 from fixedram.testing.seaweed import TEST_BUCKET, Seaweed
 from fixedram.testing.vm import Guest, choose_accel, find_qemu
@@ -63,6 +66,7 @@ def main() -> None:
     ap.add_argument("--mem", default="256M", help="guest RAM")
     ap.add_argument("--touch", type=int, default=32, help="MiB the workload reads")
     ap.add_argument("--fanout", type=int, default=8, help="concurrent restores")
+    add_memory_args(ap, 8.0)
     args = ap.parse_args()
     compile_package()
     qemu = find_qemu("10")
@@ -79,11 +83,11 @@ def main() -> None:
         return sw.env(FIXEDRAM_CHUNK_CACHE=str(work / f"cache{next(caches)}"),
                       FIXEDRAM_STAGING=str(work))
 
-    src = touch_guest(qemu, work, args.mem, args.touch)
     try:
-        sw.start()
-        sw.client().create_bucket(Bucket=TEST_BUCKET)
-        with src:
+        with memory_of(args) as memory, touch_guest(qemu, work, args.mem, args.touch) as src:
+            res["memory"] = memory
+            sw.start()
+            sw.client().create_bucket(Bucket=TEST_BUCKET)
             src.wait_heartbeat(gen_at_least=1, timeout=300)
             res["stored_bytes"] = save(src, url, env())["upload"]["uploaded_bytes"]
             last_hb = src.heartbeats()[-1].n
@@ -116,7 +120,8 @@ def report(res: dict[str, Any]) -> None:
     n = res["fanout"]
     print(f"`{res['command']}`: QEMU {res['qemu']} ({res['accel']}), {res['mem']} Linux guest, "
           f"touch workload {res['touch_mib']} MiB, one `weed mini` on loopback, "
-          f"{os.cpu_count()} CPUs; image {res['stored_bytes'] / 2**20:.0f} MiB stored. "
+          f"{os.cpu_count()} CPUs; {describe_memory(res.get('memory'))}; "
+          f"image {res['stored_bytes'] / 2**20:.0f} MiB stored. "
           "Times in s from the start of each `fixedram restore`; for "
           f"{n} at once: median / max.\n")
     print(f"| record | fetched, 1 | fetched, {n} at once (ratio) | requests 1 / {n} "

@@ -16,6 +16,8 @@ fails or exceeds ``--timeout`` is recorded as such and the series goes on. Usage
 
 Writes ``bench/results/scale-<stamp>.{json,md,png}`` (chart: time and peak RSS against RAM
 size) and prints the table. Not run by the tests. Images go to ``--dir`` (sparse files).
+Run as root, free page reporting is held off for the run and ``--warm-gib`` of free memory
+touched first (``bench.common.steady_memory``; ``--keep-page-reporting`` leaves it on).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import FIXEDRAM, compile_package
+from bench.common import FIXEDRAM, add_memory_args, compile_package, describe_memory, memory_of
 from fixedram.testing.guest import build_guest
 from fixedram.testing.vm import Guest, choose_accel, find_qemu, parse_mem_size
 
@@ -221,7 +223,7 @@ def table(res: dict[str, Any]) -> str:
         names += [n for n in s["paths"] if n not in names]
     lines = [f"`{res['command']}` on {res['date']}: {res['cores']} cores, QEMU {res['qemu']} "
              f"({res['accel']}), {res['data_mib']} MiB of data in every guest; "
-             "wall s / fixedram peak RSS MiB",
+             f"{describe_memory(res.get('memory'))}; wall s / fixedram peak RSS MiB",
              "", "| path | " + " | ".join(s["mem"] for s in sizes) + " |",
              "|---|" + "---|" * len(sizes)]
     for n in names:
@@ -292,6 +294,7 @@ def main() -> None:
                     help="seconds per path before it is recorded as timed out")
     ap.add_argument("--keep", action="store_true", help="keep the images")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    add_memory_args(ap, 8.0)
     args = ap.parse_args()
     compile_package()
     qemu = find_qemu("10")
@@ -301,8 +304,10 @@ def main() -> None:
         "command": " ".join(["python -m bench.scale", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cores": os.cpu_count(),
         "qemu": qemu.version_str, "accel": accel, "data_mib": args.data_mib, "sizes": []}
-    for mem in args.sizes.split(","):
-        res["sizes"].append(bench_size(mem, args, qemu, accel, kernel))
+    with memory_of(args) as memory:
+        res["memory"] = memory
+        for mem in args.sizes.split(","):
+            res["sizes"].append(bench_size(mem, args, qemu, accel, kernel))
     outdir = Path(args.out)
     outdir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

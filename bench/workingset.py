@@ -24,6 +24,9 @@ The Linux test guest (``fixedram/testing/guest/linux.py``) runs its touch worklo
    in 1 (``bench/touchguest.py`` runs the restores of both parts); its pages must check
    and its heartbeat resume.
 
+Run as root, free page reporting is held off for the run and ``--warm-gib`` of free memory
+touched first (``bench.common.steady_memory``; ``--keep-page-reporting`` leaves it on).
+
 Usage::
 
     .venv/bin/python -m bench.workingset                      # 256M guest, 8-way fan-out
@@ -49,7 +52,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import compile_package, drop_cache
+from bench.common import (
+    add_memory_args,
+    compile_package,
+    describe_memory,
+    drop_cache,
+    memory_of,
+)
 from bench.touchguest import lazy_restores, save, touch_guest
 from fixedram.testing.vm import Guest, choose_accel, find_qemu
 
@@ -103,6 +112,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="restores without and with")
     ap.add_argument("--fanout", type=int, default=8, help="concurrent restores (0: skip)")
     ap.add_argument("--dir", type=Path, default=None, help="where the image goes")
+    add_memory_args(ap, 8.0)
     args = ap.parse_args()
     compile_package()
     qemu = find_qemu("10")
@@ -116,9 +126,9 @@ def main() -> None:
                            "mem": args.mem, "touch_mib": args.touch, "push_rates": rates,
                            "prefetch_rate": args.prefetch_rate, "image_dir": str(imgdir),
                            "command": " ".join(["python -m bench.workingset", *sys.argv[1:]])}
-    src = touch_guest(qemu, work, args.mem, args.touch)
     try:
-        with src:
+        with memory_of(args) as memory, touch_guest(qemu, work, args.mem, args.touch) as src:
+            res["memory"] = memory
             src.wait_heartbeat(gen_at_least=1, timeout=300)
             save(src, str(img))
             last_hb = src.heartbeats()[-1].n
@@ -169,7 +179,8 @@ def _served(rs: list[dict[str, Any]], n: int) -> str:
 def report(res: dict[str, Any]) -> None:
     """Print the results as markdown tables, with the command that made them."""
     print(f"`{res['command']}`: QEMU {res['qemu']} ({res['accel']}), {res['mem']} Linux guest, "
-          f"touch workload {res['touch_mib']} MiB, image on disk; medians of "
+          f"touch workload {res['touch_mib']} MiB, image on disk; "
+          f"{describe_memory(res.get('memory'))}; medians of "
           f"{len(next(iter(res['restores'].values()))['with'])} restores (recording: 1)."
           " Times in s from the start of `fixedram restore`.\n")
     print("| push rate | restore | requests | prefetched | first 10 / 100 / 1000 served "

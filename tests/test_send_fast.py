@@ -40,6 +40,7 @@ from fixedram.image.reader import PageSlots
 from fixedram.image.sections import ram_section_id
 from fixedram.io.channel import Channel, FdChannel, SocketChannel
 from fixedram.qmp.client import QMP
+from fixedram.qmp.progress import Progress
 from fixedram.qmp.restore import restore
 from fixedram.stream import (
     CommandRecord,
@@ -369,8 +370,15 @@ def test_restore_proxy_direct_io(qemu_image: Callable[[Any], Any], shm_dir: Path
             with pytest.raises(FixedramError, match="does not support O_DIRECT"):
                 restore(q, path, via="proxy", paused=True, direct_io="required")
             assert q.status() == "inmigrate"
-        rep = restore(q, path, via="proxy", paused=True, direct_io="required")
+        samples: list[Progress] = []
+        rep = restore(q, path, via="proxy", paused=True, direct_io="required",
+                      progress=samples.append)
         assert rep.via == "proxy" and rep.status == "paused"
+        # the sender's statistics as progress: the last sample has every page accounted for
+        assert samples and all(p.phase == "restore" for p in samples)
+        last = samples[-1]
+        assert last.total_bytes == last.done_bytes == rep.ram_size, (last, rep)
+        assert last.remaining_bytes == 0 and last.pages == rep.pages
         _compare_ram(dst, case, shm_dir, "rdio")
         _check_runs_on(dst, case)
 

@@ -51,7 +51,7 @@ from fixedram.qmp.common import (
     incoming_blocks,
     read_facts,
 )
-from fixedram.qmp.progress import Progress
+from fixedram.qmp.progress import Progress, from_send_stats
 from fixedram.qmp.transport import ExecTransport, FdTransport, UnixConnect
 
 __all__ = ["LazyRestoreReport", "lazy_restore"]
@@ -62,7 +62,6 @@ _Way = FdTransport | UnixConnect | ExecTransport
 
 _FD_NAME = "fixedram-lazy"
 _POLL = 0.005
-_PAGE = 4096
 
 
 @dataclass
@@ -102,13 +101,8 @@ class LazyRestoreReport:
 
 def _lazy_progress(progress: ProgressFn) -> Callable[[Any], None]:
     def cb(s: Any) -> None:
-        mbps = s.bytes_sent * 8 / s.elapsed / 1e6 if s.elapsed > 0 else None
-        progress(Progress(
-            phase="lazy restore", status="postcopy-active" if s.running else "setup",
-            done_bytes=s.pages_done * _PAGE, total_bytes=s.pages_total * _PAGE,
-            pages=s.pages_done, mbps=mbps,
-            remaining_bytes=(s.pages_total - s.pages_done) * _PAGE,
-        ))
+        progress(from_send_stats(s, phase="lazy restore", pages=s.pages_done,
+                                 status="postcopy-active" if s.running else "setup"))
     return cb
 
 

@@ -11,9 +11,10 @@ import sys
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from fixedram.stream.format import TARGET_PAGE_SIZE
 from fixedram.units import format_size
 
-__all__ = ["Progress", "ProgressBar", "from_query_migrate"]
+__all__ = ["Progress", "ProgressBar", "from_query_migrate", "from_send_stats"]
 
 
 @dataclass
@@ -47,6 +48,18 @@ def from_query_migrate(info: dict[str, Any], phase: str = "save") -> Progress:
         remaining_bytes=int(remaining) if remaining is not None else None,
         dirty_pages_rate=int(ram["dirty-pages-rate"]) if "dirty-pages-rate" in ram else None,
         sync_pass=int(ram["dirty-sync-count"]) if "dirty-sync-count" in ram else None,
+    )
+
+
+def from_send_stats(s: Any, *, phase: str, status: str, pages: int) -> Progress:
+    """A :class:`Progress` from the statistics of fixedram's own sender (``bytes_sent``,
+    ``pages_done``, ``pages_total``, ``elapsed``: a full restore's or a lazy restore's);
+    ``pages``: the pages to show as transferred."""
+    mbps = s.bytes_sent * 8 / s.elapsed / 1e6 if s.elapsed > 0 else None
+    return Progress(
+        phase=phase, status=status, done_bytes=s.pages_done * TARGET_PAGE_SIZE,
+        total_bytes=s.pages_total * TARGET_PAGE_SIZE, pages=pages, mbps=mbps,
+        remaining_bytes=(s.pages_total - s.pages_done) * TARGET_PAGE_SIZE,
     )
 
 

@@ -54,7 +54,7 @@ from fixedram.qmp.common import (
     ram_with_data,
     read_facts,
 )
-from fixedram.qmp.progress import Progress
+from fixedram.qmp.progress import Progress, from_send_stats
 from fixedram.qmp.transport import FdTransport, Transport, UnixConnect
 from fixedram.versions import MAPPED_RAM
 
@@ -128,12 +128,7 @@ def choose_restore_via(version: tuple[int, int, int], image_format: str, via: Vi
 
 def _send_progress(progress: ProgressFn) -> Callable[[Any], None]:
     def cb(s: Any) -> None:
-        mbps = s.bytes_sent * 8 / s.elapsed / 1e6 if s.elapsed > 0 else None
-        progress(Progress(
-            phase="restore", status="active", done_bytes=s.pages_done * _PAGE,
-            total_bytes=s.pages_total * _PAGE, pages=s.pages_sent, mbps=mbps,
-            remaining_bytes=(s.pages_total - s.pages_done) * _PAGE,
-        ))
+        progress(from_send_stats(s, phase="restore", status="active", pages=s.pages_sent))
     return cb
 
 
