@@ -14,12 +14,15 @@ record it decodes comes here, where two pieces turn them into few, large writes:
 - :class:`WriteQueue` performs the operations of one feed as one batch, in stream order
   (a page re-sent, or zeroed after it had data, ends as the last record says).
   Buffered writes run inline: they only copy into the page cache, work a writer thread
-  would do on the same (shared) cores plus a hand-over per feed; measured with QEMU on 2
-  cores, inline writes save ~20 % of the wall time. Each buffered batch's range is then
-  handed to writeback, which starts at once rather than at the final fsync. O_DIRECT
-  writes wait for the device: they run in a writer thread, overlapping the receive of
-  the next bytes, through a page-aligned stage buffer (pages in the stream are not
-  aligned).
+  would do on the same (shared) cores plus a hand-over per feed. Measured with QEMU on 2
+  cores, inline writes saved ~20 % of the wall time in an earlier measurement; with the
+  host's free page reporting held off they were 2-10 % faster and took 5-20 % less of
+  fixedram's CPU (one connection into tmpfs, medians of 5, two runs each way); against a
+  peer that only sends, a writer thread was ~10 % faster for 5-15 % more CPU. Each
+  buffered batch's range is then handed to writeback, which starts at once rather than
+  at the final fsync. O_DIRECT writes wait for the device: they run in a writer thread,
+  overlapping the receive of the next bytes, through a page-aligned stage buffer (pages
+  in the stream are not aligned).
 
 Page data is not copied on its way to the write (only into the O_DIRECT stage): the
 operations hold views of the decoder's buffers, and the decoder reuses those per feed
