@@ -11,7 +11,10 @@ start-up), apparent and allocated size of the image. Methods:
   restore``;
 * ``fixedram native`` / ``fixedram proxy``: ``fixedram save --libvirt --via native|proxy``
   (a libvirt sparse image) and ``fixedram restore --libvirt``;
-* ``fixedram -> virsh``: ``fixedram save --libvirt`` and ``virsh restore`` of its image.
+* ``fixedram -> virsh``: ``fixedram save --libvirt`` and ``virsh restore`` of its image;
+* with ``--server``, each fixedram method again with its fixedram commands sent to a resident
+  server (``fixedram serve``, started here on a private socket; docs/resident-server.md):
+  rows ``... (server)``, without Python's start-up and imports.
 
 Fairness: between a save and its restore, every image is fsynced (the time that takes is
 the ``fsync`` column: what a save left to write before its image was durable, about nothing
@@ -27,6 +30,7 @@ Usage (as root; libvirt and its Python binding from ``scripts/setup.sh --libvirt
 
     .venv/bin/python -m bench.libvirt                          # 1 GiB guest, 256 MiB data, 5 rounds
     .venv/bin/python -m bench.libvirt --mem 256 --data 64 --repeat 1   # quick
+    .venv/bin/python -m bench.libvirt --server                 # and through a resident server
 
 Free page reporting is held off for the run and ``--warm-gib`` of free memory touched first
 (``bench.common.steady_memory``; ``--keep-page-reporting`` leaves it on).
@@ -38,6 +42,7 @@ Prints the command and a markdown table of medians (as the README shows it) and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -46,7 +51,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import FIXEDRAM, add_memory_args, compile_package, describe_memory, memory_of
+from bench.common import (
+    FIXEDRAM,
+    ResidentServer,
+    add_memory_args,
+    command_env,
+    compile_package,
+    describe_memory,
+    memory_of,
+)
 from fixedram.testing.guest import build_guest
 from fixedram.testing.libvirt import Libvirtd, domain_xml
 from fixedram.testing.vm import parse_heartbeats
@@ -63,9 +76,13 @@ METHODS = {
 }
 
 
-def _timed(argv: list[str]) -> float:
+#: ``--server``: fixedram's commands of each fixedram method again, sent to a resident server
+SERVED = " (server)"
+
+
+def _timed(argv: list[str], env: dict[str, str] | None = None) -> float:
     t = time.monotonic()
-    r = subprocess.run(argv, capture_output=True, text=True, check=False)
+    r = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
     if r.returncode:
         raise SystemExit(f"{' '.join(argv)}: {r.stderr.strip()}")
     return time.monotonic() - t
@@ -101,13 +118,23 @@ def main() -> None:
     ap.add_argument("--data", type=int, default=256, help="stamped data, MiB")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--dir", default="/var/tmp", help="where the images go")
+    ap.add_argument("--server", action="store_true", help="also every fixedram method through "
+                    "a resident server (fixedram serve, started here on a private socket)")
     add_memory_args(ap, 8.0)
     args = ap.parse_args()
     compile_package()
-    results: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS}
+    methods = dict(METHODS)
+    if args.server:
+        methods.update({m + SERVED: v for m, v in METHODS.items() if "fixedram" in v})
+    results: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
     with memory_of(args) as memory, \
             tempfile.TemporaryDirectory(prefix="fr-lvbench-") as tmp, \
-            tempfile.TemporaryDirectory(prefix="fr-lvbench-img-", dir=args.dir) as imgdir:
+            tempfile.TemporaryDirectory(prefix="fr-lvbench-img-", dir=args.dir) as imgdir, \
+            contextlib.ExitStack() as stack:
+        server = None
+        if args.server:
+            server = ResidentServer()
+            stack.callback(server.close)
         work = Path(tmp)
         log = work / "serial.log"
         xml = work / "dom.xml"
@@ -118,20 +145,21 @@ def main() -> None:
             d.virsh("create", str(xml))
             _wait_idle(log, 1)
             for rnd in range(args.repeat):
-                for method, (saver, opts, restorer) in METHODS.items():
+                for method, (saver, opts, restorer) in methods.items():
+                    env = command_env(os.environ, server if method.endswith(SERVED) else None)
                     img = Path(imgdir) / f"{rnd}-{method.replace(' ', '_')}.sav"
                     if saver == "virsh":
                         t_save = _timed([*virsh, "save", NAME, str(img), *opts])
                     else:
                         t_save = _timed([*FIXEDRAM, "save", "--libvirt", NAME, "--connect",
-                                         d.uri, *opts, str(img)])
+                                         d.uri, *opts, str(img)], env)
                     st = img.stat()
                     t_sync = _sync_and_drop(img)
                     if restorer == "virsh":
                         t_restore = _timed([*virsh, "restore", str(img)])
                     else:
                         t_restore = _timed([*FIXEDRAM, "restore", "--libvirt", "--connect",
-                                            d.uri, str(img)])
+                                            d.uri, str(img)], env)
                     if d.virsh("domstate", NAME).strip() != "running":
                         raise SystemExit(f"{method}: the domain is not running after restore")
                     results[method].append({"save": t_save, "fsync": t_sync,
@@ -141,10 +169,10 @@ def main() -> None:
                     img.unlink()
             d.virsh("destroy", NAME)
     print(f"`python -m bench.libvirt --mem {args.mem} --data {args.data} --repeat "
-          f"{args.repeat}`: a {args.mem} MiB TCG guest with {args.data} MiB of data, saved "
-          f"running; medians of {args.repeat} rounds, wall seconds of each command; every "
-          "image fsynced and dropped from the page cache before its restore; "
-          f"{describe_memory(memory)}\n")
+          f"{args.repeat}{' --server' if args.server else ''}`: a {args.mem} MiB TCG guest "
+          f"with {args.data} MiB of data, saved running; medians of {args.repeat} rounds, "
+          "wall seconds of each command; every image fsynced and dropped from the page cache "
+          f"before its restore; {describe_memory(memory)}\n")
     print("| method | save s | fsync after save s | restore s | image MiB (allocated) |\n"
           "|---|---|---|---|---|")
     for m, rows in results.items():
