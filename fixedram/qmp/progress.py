@@ -11,7 +11,6 @@ import sys
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from fixedram.stream.format import TARGET_PAGE_SIZE
 from fixedram.units import format_size
 
 __all__ = ["Progress", "ProgressBar", "from_query_migrate", "from_send_stats"]
@@ -55,6 +54,10 @@ def from_send_stats(s: Any, *, phase: str, status: str, pages: int) -> Progress:
     """A :class:`Progress` from the statistics of fixedram's own sender (``bytes_sent``,
     ``pages_done``, ``pages_total``, ``elapsed``: a full restore's or a lazy restore's);
     ``pages``: the pages to show as transferred."""
+    # imported here: a native save imports this module before ``migrate``, and the stream
+    # codec only while QEMU writes (docs/qmp.md, start-up); a sender has loaded it already
+    from fixedram.stream.format import TARGET_PAGE_SIZE
+
     mbps = s.bytes_sent * 8 / s.elapsed / 1e6 if s.elapsed > 0 else None
     return Progress(
         phase=phase, status=status, done_bytes=s.pages_done * TARGET_PAGE_SIZE,
