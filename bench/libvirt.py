@@ -47,6 +47,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -168,8 +169,8 @@ def main() -> None:
                                             "allocated": st.st_blocks * 512})
                     img.unlink()
             d.virsh("destroy", NAME)
-    print(f"`python -m bench.libvirt --mem {args.mem} --data {args.data} --repeat "
-          f"{args.repeat}{' --server' if args.server else ''}`: a {args.mem} MiB TCG guest "
+    command = " ".join(["python -m bench.libvirt", *sys.argv[1:]])
+    print(f"`{command}`: a {args.mem} MiB TCG guest "
           f"with {args.data} MiB of data, saved running; medians of {args.repeat} rounds, "
           "wall seconds of each command; every image fsynced and dropped from the page cache "
           f"before its restore; {describe_memory(memory)}\n")

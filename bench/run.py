@@ -413,7 +413,7 @@ def table(res: dict[str, Any], data_mib: int) -> str:
     lines = [f"`{res['command']}` on {res['date']}: {res['machine']['cores']} cores, "
              f"QEMU {res['machine']['qemu']} ({res['machine']['accel']}), guest {res['mem']}; "
              + (f"medians of {res['repeat']} runs" if res.get("repeat", 1) > 1 else "one run")
-             + (f"; {describe_memory(res['memory'])}" if "memory" in res else "")]
+             + f"; {describe_memory(res.get('memory'))}"]
     for t in res["targets"]:
         dd = t["dd"]
         saves = t["save"]

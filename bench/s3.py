@@ -515,7 +515,7 @@ def table(r: dict[str, Any]) -> str:
             f"{r['chunk_size'] >> 20} MiB chunks; load average "
             f"{r['load_before'][0]:.1f} before, {r['load_after'][0]:.1f} after "
             "(2 cores, shared)"
-            + (f"; {describe_memory(r['memory'])}" if "memory" in r else "")
+            + f"; {describe_memory(r.get('memory'))}"
             + (f"; medians of {len(r['restore_s3'])} restores."
                if len(r["restore_s3"]) > 1 else "."))
     lines = [head, "", "| | fixedram | client library alone | ratio | goal |",

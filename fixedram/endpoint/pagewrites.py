@@ -14,11 +14,9 @@ record it decodes comes here, where two pieces turn them into few, large writes:
 - :class:`WriteQueue` performs the operations of one feed as one batch, in stream order
   (a page re-sent, or zeroed after it had data, ends as the last record says).
   Buffered writes run inline: they only copy into the page cache, work a writer thread
-  would do on the same (shared) cores plus a hand-over per feed. Measured with QEMU on 2
-  cores, inline writes saved ~20 % of the wall time in an earlier measurement; with the
-  host's free page reporting held off they were 2-10 % faster and took 5-20 % less of
-  fixedram's CPU (one connection into tmpfs, medians of 5, two runs each way); against a
-  peer that only sends, a writer thread was ~10 % faster for 5-15 % more CPU. Each
+  would do on the same (shared) cores plus a hand-over per feed: with QEMU as the source on
+  2 cores, a writer thread was 2-10 % slower and took 5-20 % more of fixedram's CPU (one
+  connection into tmpfs); it was faster only against a peer that did nothing but send. Each
   buffered batch's range is then handed to writeback, which starts at once rather than
   at the final fsync. O_DIRECT writes wait for the device: they run in a writer thread,
   overlapping the receive of the next bytes, through a page-aligned stage buffer (pages

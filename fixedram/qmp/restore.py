@@ -40,6 +40,7 @@ from typing import Any, Literal
 from fixedram._lazy import load_now
 from fixedram._lazy import numpy as np
 from fixedram.errors import MismatchError, VMError
+from fixedram.image.layout import PAGE_SIZE
 from fixedram.image.reader import DirectIO, image_location
 from fixedram.io.files import open_direct, warn_no_direct_io
 from fixedram.qmp.client import QMP
@@ -64,7 +65,6 @@ Via = Literal["auto", "native", "proxy"]
 ProgressFn = Callable[[Progress], None]
 
 _FD_NAME = "fixedram-restore"
-_PAGE = 4096
 
 
 @dataclass
@@ -217,8 +217,9 @@ def restore(
                                             f"(status {r.run}/{r.status})").run
             t_load = time.monotonic() - load.started
             if progress is not None and watch.worker is None:  # native: QEMU reports none
-                progress(Progress(phase="restore", status="completed", done_bytes=pages * _PAGE,
-                                  total_bytes=pages * _PAGE, pages=pages))
+                progress(Progress(phase="restore", status="completed",
+                                  done_bytes=pages * PAGE_SIZE,
+                                  total_bytes=pages * PAGE_SIZE, pages=pages))
             report = watch.worker.outcome() if watch.worker is not None else None
         except BaseException:
             abandon(watch.worker, load.way)
@@ -228,7 +229,7 @@ def restore(
             watch.close()
             load.close()
     final = _run_state(qmp, st, paused)
-    nbytes = pages * _PAGE
+    nbytes = pages * PAGE_SIZE
     return RestoreReport(
         image=str(path),
         via=how,
@@ -240,7 +241,7 @@ def restore(
         bytes=nbytes,
         bytes_sent=report.bytes_sent if report is not None else None,
         pages=pages,
-        zero_pages=img.ram_size // _PAGE - pages,
+        zero_pages=img.ram_size // PAGE_SIZE - pages,
         ram_size=img.ram_size,
         mb_per_s=nbytes / t_load / 1e6 if t_load > 0 else 0.0,
         status=final,
