@@ -31,6 +31,8 @@ with atheris.instrument_imports():
 
 from targets import run_multifd, run_stream  # noqa: E402
 
+#: scratch files of the inputs, under TMPDIR; left there when libFuzzer ends the process
+#: (it exits without Python's clean-up)
 WORK = Path(tempfile.mkdtemp(prefix="fixedram-atheris-stream-"))
 HEAVY = os.environ.get("FIXEDRAM_FUZZ_HEAVY") == "1"
 TRACE = os.environ.get("FIXEDRAM_FUZZ_TRACE", "1") == "1"

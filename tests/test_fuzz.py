@@ -297,9 +297,12 @@ def test_atheris_short_run(script: str, dirs: list[str], corpus: Path, tmp_path:
     import atheris  # noqa: F401  (a dev dependency: the run must happen, not be skipped)
     work = tmp_path / "new"
     work.mkdir()
+    # the script's scratch directory goes under TMPDIR: here, into this test's directory
+    # (libFuzzer leaves the process without running Python's clean-up)
     r = subprocess.run([sys.executable, str(FUZZ / script), str(work),
                         *(str(corpus / d) for d in dirs), "-runs=300", "-max_len=262144",
                         f"-artifact_prefix={tmp_path}/"],
-                       capture_output=True, text=True, timeout=240, check=False)
+                       capture_output=True, text=True, timeout=240, check=False,
+                       env={**os.environ, "TMPDIR": str(tmp_path)})
     assert r.returncode == 0, r.stderr[-4000:]
     assert "Done 300 runs" in r.stderr

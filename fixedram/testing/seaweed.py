@@ -114,8 +114,10 @@ class Seaweed:
     def start(self, timeout: float = 30.0) -> Seaweed:
         """Start the server and wait until S3 answers and, started again over data it holds
         already, serves an object of it (its S3 port answers before its volumes are back)."""
-        args = [str(weed_binary()), "mini", f"-dir={self.data}", "-ip=127.0.0.1",
-                "-ip.bind=127.0.0.1", "-master.telemetry=false", "-admin.ui=false",
+        # -logdir: weed's own log files go beside its data, not into /tmp
+        args = [str(weed_binary()), f"-logdir={self.root}", "mini", f"-dir={self.data}",
+                "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
+                "-admin.ui=false",
                 "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
                 f"-s3.config={self.config}",
                 f"-filer.localSocket={self.root}/filer.sock",
